@@ -1,0 +1,5 @@
+//! kilnd: the kiln daemon.
+
+fn main() -> anyhow::Result<()> {
+    Ok(())
+}

@@ -1,0 +1,8 @@
+//! kiln-shared: the types that kilnd and kiln agree on.
+//!
+//! Only serde and thiserror live here, so the dashboard and the daemon can share the
+//! protocol, the `build.yml` spec types and the digest/reference newtypes without
+//! pulling in tokio, hyper, ratatui or bollard.
+
+pub mod digest;
+pub mod reference;

@@ -1,0 +1,1 @@
+//! kiln-tests: helpers for the end-to-end tests of the real binaries.
