@@ -1,0 +1,134 @@
+//! Streaming blob writes: bytes go to a temp file inside the cache while their sha256 is
+//! computed; only a verified, fsynced blob is renamed to `blobs/sha256/<hex>`.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use kiln_shared::digest::Digest;
+use sha2::{Digest as _, Sha256};
+
+use super::CacheError;
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// A blob being written. Dropping it unfinished removes its temp file.
+///
+/// Temp files are named `blob-<pid>-<n>` under `.kiln/tmp`, so `fsck` can tell the
+/// leftovers of a dead process from the writes of a live one.
+#[derive(Debug)]
+pub struct BlobWriter {
+    file: Option<io::BufWriter<File>>,
+    path: PathBuf,
+    blobs: PathBuf,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl BlobWriter {
+    pub(super) fn create(tmp: &Path, blobs: &Path) -> Result<Self, CacheError> {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = tmp.join(format!("blob-{}-{n}", std::process::id()));
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(CacheError::io(&path))?;
+        Ok(BlobWriter {
+            file: Some(io::BufWriter::with_capacity(256 * 1024, file)),
+            path,
+            blobs: blobs.to_owned(),
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The temp file being written.
+    pub fn temp_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends bytes.
+    pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<(), CacheError> {
+        let Some(file) = self.file.as_mut() else {
+            return Err(CacheError::Invalid("blob writer already finished".into()));
+        };
+        file.write_all(bytes).map_err(CacheError::io(&self.path))?;
+        self.hasher.update(bytes);
+        self.size += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// The digest of what was written so far, without finishing.
+    pub fn current_digest(&self) -> Digest {
+        Digest::from_sha256_bytes(&self.hasher.clone().finalize().into())
+    }
+
+    /// Verifies the digest (and size, when given), makes the blob durable and visible
+    /// under its digest, and returns the digest. On any mismatch nothing becomes visible
+    /// and the temp file is removed. A blob that already exists is kept (its mtime is
+    /// refreshed, so a concurrent garbage collection sees it as new).
+    pub fn finish(
+        mut self,
+        expected: Option<&Digest>,
+        expected_size: Option<u64>,
+    ) -> Result<Digest, CacheError> {
+        let Some(file) = self.file.take() else {
+            return Err(CacheError::Invalid("blob writer already finished".into()));
+        };
+        let actual = Digest::from_sha256_bytes(&self.hasher.clone().finalize().into());
+        if let Some(expected_size) = expected_size
+            && expected_size != self.size
+        {
+            return Err(CacheError::SizeMismatch {
+                expected: expected_size,
+                actual: self.size,
+            });
+        }
+        if let Some(expected) = expected
+            && *expected != actual
+        {
+            return Err(CacheError::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        let file = file
+            .into_inner()
+            .map_err(|e| CacheError::io(&self.path)(e.into_error()))?;
+        let target = self.blobs.join(actual.hex());
+        if target.exists() {
+            touch(&target)?;
+            return Ok(actual);
+        }
+        file.sync_all().map_err(CacheError::io(&self.path))?;
+        drop(file);
+        fs::rename(&self.path, &target).map_err(CacheError::io(&target))?;
+        File::open(&self.blobs)
+            .and_then(|d| d.sync_all())
+            .map_err(CacheError::io(&self.blobs))?;
+        Ok(actual)
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        // Finished or not, the temp path is gone afterwards (renamed, or removed here).
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+fn touch(path: &Path) -> Result<(), CacheError> {
+    let f = File::options()
+        .append(true)
+        .open(path)
+        .map_err(CacheError::io(path))?;
+    f.set_modified(std::time::SystemTime::now())
+        .map_err(CacheError::io(path))
+}

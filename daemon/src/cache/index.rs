@@ -1,0 +1,257 @@
+//! `index.json`: the named references of the cache, read through an in-memory view that is
+//! reloaded only when the file changes, and written only under the writer lock.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+use kiln_shared::digest::Digest;
+use kiln_shared::reference::ImageRef;
+
+use super::{Cache, CacheError, write_atomic};
+use crate::oci::{
+    ANNOTATION_REF_NAME, AnyManifest, Descriptor, ImageIndex, OCI_INDEX, Platform, is_index,
+};
+
+/// Index and manifest documents are small; anything above this is refused when read into
+/// memory.
+pub const MANIFEST_LIMIT: u64 = 4 * 1024 * 1024;
+
+/// What identifies one version of `index.json` on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl FileKey {
+    fn of(m: &fs::Metadata) -> Self {
+        FileKey {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        }
+    }
+}
+
+/// A parsed `index.json` with its references by name.
+#[derive(Debug)]
+pub struct IndexView {
+    key: Option<FileKey>,
+    index: ImageIndex,
+    by_name: HashMap<String, usize>,
+}
+
+impl IndexView {
+    pub(super) fn empty() -> Self {
+        IndexView {
+            key: None,
+            index: ImageIndex::new(),
+            by_name: HashMap::new(),
+        }
+    }
+
+    fn new(index: ImageIndex, key: Option<FileKey>) -> Self {
+        let by_name = index
+            .manifests
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| d.ref_name().map(|n| (n.to_owned(), i)))
+            .collect();
+        IndexView {
+            key,
+            index,
+            by_name,
+        }
+    }
+
+    /// The whole index.
+    pub fn index(&self) -> &ImageIndex {
+        &self.index
+    }
+
+    /// The descriptor a full reference name (`docker.io/org/image:tag`) points at.
+    pub fn get(&self, name: &str) -> Option<&Descriptor> {
+        self.by_name.get(name).map(|&i| &self.index.manifests[i])
+    }
+
+    /// Every (name, descriptor) pair, in index order.
+    pub fn refs(&self) -> impl Iterator<Item = (&str, &Descriptor)> {
+        self.index
+            .manifests
+            .iter()
+            .filter_map(|d| d.ref_name().map(|n| (n, d)))
+    }
+}
+
+impl Cache {
+    /// The current `index.json`, re-read only if the file changed since last time (a stat
+    /// per call), so other processes' writes (LinuxKit's too) are seen.
+    pub fn index(&self) -> Result<Arc<IndexView>, CacheError> {
+        let path = self.root.join("index.json");
+        let meta = fs::metadata(&path).map_err(CacheError::io(&path))?;
+        let key = FileKey::of(&meta);
+        {
+            let view = self.view.read().unwrap_or_else(|p| p.into_inner());
+            if view.key == Some(key) {
+                return Ok(Arc::clone(&view));
+            }
+        }
+        let (index, key) = self.read_index_file()?;
+        let view = Arc::new(IndexView::new(index, Some(key)));
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&view);
+        Ok(view)
+    }
+
+    fn read_index_file(&self) -> Result<(ImageIndex, FileKey), CacheError> {
+        let path = self.root.join("index.json");
+        // Open once and stat the open file, so the key belongs to the bytes read even if
+        // a writer renames a new file into place meanwhile.
+        let file = fs::File::open(&path).map_err(CacheError::io(&path))?;
+        let meta = file.metadata().map_err(CacheError::io(&path))?;
+        let bytes = io::read_to_string(file).map_err(CacheError::io(&path))?;
+        let index: ImageIndex =
+            serde_json::from_str(&bytes).map_err(|source| CacheError::Json {
+                path: path.clone(),
+                source,
+            })?;
+        Ok((index, FileKey::of(&meta)))
+    }
+
+    pub(super) fn write_index(&self, index: &ImageIndex) -> Result<(), CacheError> {
+        let bytes = serde_json::to_vec(index).map_err(|source| CacheError::Json {
+            path: self.root.join("index.json"),
+            source,
+        })?;
+        write_atomic(&self.root, "index.json", &bytes)
+    }
+
+    /// Changes `index.json` under the writer lock: reads the file afresh, applies `f`,
+    /// checks that every descriptor names a blob on disk, and replaces the file
+    /// atomically. If `f` fails, nothing is written.
+    pub fn update_index<R>(
+        &self,
+        f: impl FnOnce(&mut ImageIndex) -> Result<R, CacheError>,
+    ) -> Result<R, CacheError> {
+        let _lock = self.lock()?;
+        self.update_index_locked(f)
+    }
+
+    /// As [`Cache::update_index`], for a caller that already holds the lock (gc).
+    pub fn update_index_locked<R>(
+        &self,
+        f: impl FnOnce(&mut ImageIndex) -> Result<R, CacheError>,
+    ) -> Result<R, CacheError> {
+        let (mut index, _) = self.read_index_file()?;
+        let result = f(&mut index)?;
+        for d in &index.manifests {
+            if self.blob_size(&d.digest)?.is_none() {
+                return Err(CacheError::DanglingReference {
+                    name: d.ref_name().unwrap_or("<unnamed>").to_owned(),
+                    digest: d.digest.clone(),
+                });
+            }
+        }
+        self.write_index(&index)?;
+        // Refresh the view now rather than at the next read.
+        self.index()?;
+        Ok(result)
+    }
+
+    /// Points the full reference `name` at `desc` (replacing what it named before).
+    pub fn set_ref(&self, name: &str, desc: Descriptor) -> Result<(), CacheError> {
+        self.update_index(|index| {
+            set_ref_in(index, name, desc);
+            Ok(())
+        })
+    }
+
+    /// Removes the reference `name`; returns whether it existed.
+    pub fn remove_ref(&self, name: &str) -> Result<bool, CacheError> {
+        self.update_index(|index| {
+            let before = index.manifests.len();
+            index.manifests.retain(|d| d.ref_name() != Some(name));
+            Ok(index.manifests.len() != before)
+        })
+    }
+
+    /// Reads and parses a manifest or index blob.
+    pub fn read_manifest(&self, digest: &Digest) -> Result<AnyManifest, CacheError> {
+        let bytes = self.read_blob(digest, MANIFEST_LIMIT)?;
+        serde_json::from_slice(&bytes).map_err(|source| CacheError::Json {
+            path: self.blob_path(digest),
+            source,
+        })
+    }
+
+    /// Lands one architecture's image of a package: `image:tag-<arch>` names `manifest`,
+    /// and the multi-arch index `image:tag` gains it, replacing the entry of the same
+    /// os/architecture/variant. Entries are kept sorted by platform so the same set of
+    /// images always gives the same index digest. Returns the new index's descriptor.
+    pub fn merge_arch(
+        &self,
+        image: &ImageRef,
+        arch_suffix: &str,
+        platform: Platform,
+        manifest: Descriptor,
+    ) -> Result<Descriptor, CacheError> {
+        let index_name = image.cache_name();
+        let arch_name = format!("{index_name}-{arch_suffix}");
+        let mut entry = manifest;
+        entry.annotations.remove(ANNOTATION_REF_NAME);
+        entry.platform = Some(platform.clone());
+        self.update_index(|index| {
+            let mut image_index = match find_ref(index, &index_name) {
+                Some(d) if is_index(&d.media_type) => {
+                    let bytes = self.read_blob(&d.digest, MANIFEST_LIMIT)?;
+                    serde_json::from_slice::<ImageIndex>(&bytes).map_err(|source| {
+                        CacheError::Json {
+                            path: self.blob_path(&d.digest),
+                            source,
+                        }
+                    })?
+                }
+                _ => ImageIndex::new(),
+            };
+            image_index
+                .manifests
+                .retain(|d| !d.platform.as_ref().is_some_and(|p| p.same_slot(&platform)));
+            image_index.manifests.push(entry.clone());
+            image_index
+                .manifests
+                .sort_by(|a, b| a.platform.cmp(&b.platform));
+            let bytes = serde_json::to_vec(&image_index).map_err(|source| CacheError::Json {
+                path: self.root.join("index.json"),
+                source,
+            })?;
+            let digest = self.put_blob(&bytes)?;
+            let index_desc = Descriptor::new(OCI_INDEX, digest, bytes.len() as u64);
+            set_ref_in(index, &arch_name, entry);
+            set_ref_in(index, &index_name, index_desc.clone());
+            Ok(index_desc)
+        })
+    }
+}
+
+fn find_ref<'a>(index: &'a ImageIndex, name: &str) -> Option<&'a Descriptor> {
+    index.manifests.iter().find(|d| d.ref_name() == Some(name))
+}
+
+/// Sets `name` to `desc` inside an index being updated, in place if it exists.
+pub(crate) fn set_ref_in(index: &mut ImageIndex, name: &str, mut desc: Descriptor) {
+    desc.annotations
+        .insert(ANNOTATION_REF_NAME.to_owned(), name.to_owned());
+    match index
+        .manifests
+        .iter_mut()
+        .find(|d| d.ref_name() == Some(name))
+    {
+        Some(slot) => *slot = desc,
+        None => index.manifests.push(desc),
+    }
+}

@@ -1,0 +1,241 @@
+//! The cache: one OCI image-layout directory, shareable with LinuxKit's
+//! `~/.linuxkit/cache`.
+//!
+//! Layout: `oci-layout`, `index.json`, `blobs/sha256/<hex>`, plus kiln's own scratch space
+//! under `.kiln/` (temp files of writes in progress). Invariants, which every write keeps
+//! and `fsck` checks:
+//! - a blob file's name is the sha256 of its bytes: blobs are written to a temp file,
+//!   verified, fsynced and renamed into place, and the directory is fsynced;
+//! - `index.json` never names a blob that is not on disk: it is replaced atomically
+//!   (write a temp file, fsync, rename, fsync the directory) after its blobs are durable;
+//! - writers of `index.json` hold a POSIX `fcntl` lock on `<cache>/.lock`, as LinuxKit
+//!   does, so both tools can share one cache.
+//!
+//! A crash at any instant therefore leaves the old state or the new one, plus at most some
+//! temp files under `.kiln/tmp` that `fsck --repair` removes.
+
+mod blob;
+mod index;
+mod lock;
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use kiln_shared::digest::Digest;
+
+pub use blob::BlobWriter;
+pub use index::IndexView;
+pub use lock::CacheLock;
+
+use crate::oci::OCI_LAYOUT_VERSION;
+
+/// What went wrong in the cache, with the path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cache {path} is not an OCI image layout: {reason}")]
+    NotALayout { path: PathBuf, reason: String },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("blob digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("blob size mismatch: expected {expected} bytes, got {actual}")]
+    SizeMismatch { expected: u64, actual: u64 },
+    #[error("blob {0} is not in the cache")]
+    BlobUnknown(Digest),
+    #[error("blob {digest} is {size} bytes, more than the {limit} bytes kiln reads into memory")]
+    BlobTooLarge {
+        digest: Digest,
+        size: u64,
+        limit: u64,
+    },
+    #[error("index.json would name {digest} ({name}), which is not in the cache")]
+    DanglingReference { name: String, digest: Digest },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl CacheError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> CacheError {
+        let path = path.into();
+        move |source| CacheError::Io { path, source }
+    }
+}
+
+/// An open cache directory. Cheap to share (`Arc<Cache>`); all methods take `&self`.
+#[derive(Debug)]
+pub struct Cache {
+    root: PathBuf,
+    blobs: PathBuf,
+    tmp: PathBuf,
+    /// fcntl locks belong to the process, not the thread: this mutex serialises the
+    /// writers inside this process, the fcntl lock those of other processes.
+    writers: Mutex<()>,
+    view: RwLock<Arc<IndexView>>,
+}
+
+impl Cache {
+    /// Opens the cache at `root`, creating an empty layout if the directory is missing or
+    /// empty. A directory that holds something else is refused.
+    pub fn open(root: &Path) -> Result<Cache, CacheError> {
+        fs::create_dir_all(root).map_err(CacheError::io(root))?;
+        let root = fs::canonicalize(root).map_err(CacheError::io(root))?;
+        let layout = root.join("oci-layout");
+        match fs::read(&layout) {
+            Ok(bytes) => {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&bytes).map_err(|source| CacheError::Json {
+                        path: layout.clone(),
+                        source,
+                    })?;
+                if v.get("imageLayoutVersion")
+                    .and_then(|v| v.as_str())
+                    .is_none()
+                {
+                    return Err(CacheError::NotALayout {
+                        path: root,
+                        reason: "oci-layout has no imageLayoutVersion".into(),
+                    });
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let foreign = fs::read_dir(&root)
+                    .map_err(CacheError::io(&root))?
+                    .filter_map(Result::ok)
+                    .any(|e| {
+                        let n = e.file_name();
+                        !matches!(n.to_str(), Some("blobs" | "index.json" | ".kiln" | ".lock"))
+                    });
+                if foreign {
+                    return Err(CacheError::NotALayout {
+                        path: root,
+                        reason: "the directory is not empty and has no oci-layout file; \
+                                 choose an empty or new directory with --cache"
+                            .into(),
+                    });
+                }
+                let body = format!("{{\"imageLayoutVersion\":\"{OCI_LAYOUT_VERSION}\"}}");
+                write_atomic(&root, "oci-layout", body.as_bytes())?;
+            }
+            Err(e) => return Err(CacheError::io(&layout)(e)),
+        }
+        let blobs = root.join("blobs").join("sha256");
+        let tmp = root.join(".kiln").join("tmp");
+        fs::create_dir_all(&blobs).map_err(CacheError::io(&blobs))?;
+        fs::create_dir_all(&tmp).map_err(CacheError::io(&tmp))?;
+        let cache = Cache {
+            view: RwLock::new(Arc::new(IndexView::empty())),
+            root,
+            blobs,
+            tmp,
+            writers: Mutex::new(()),
+        };
+        if !cache.root.join("index.json").exists() {
+            let _lock = cache.lock()?;
+            if !cache.root.join("index.json").exists() {
+                cache.write_index(&crate::oci::ImageIndex::new())?;
+            }
+        }
+        cache.index()?;
+        Ok(cache)
+    }
+
+    /// The cache directory (canonical).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where kiln keeps temp files of writes in progress (same filesystem as the blobs).
+    pub fn tmp_dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// The directory holding `sha256` blobs.
+    pub fn blobs_dir(&self) -> &Path {
+        &self.blobs
+    }
+
+    /// The path of a blob, whether or not it exists.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.blobs.join(digest.hex())
+    }
+
+    /// The size of a blob, or `None` if the cache does not hold it.
+    pub fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, CacheError> {
+        let path = self.blob_path(digest);
+        match fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some(m.len())),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CacheError::io(path)(e)),
+        }
+    }
+
+    /// Reads a whole blob (a manifest, index or config) into memory; refuses blobs larger
+    /// than `limit` bytes.
+    pub fn read_blob(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>, CacheError> {
+        let path = self.blob_path(digest);
+        let size = self
+            .blob_size(digest)?
+            .ok_or_else(|| CacheError::BlobUnknown(digest.clone()))?;
+        if size > limit {
+            return Err(CacheError::BlobTooLarge {
+                digest: digest.clone(),
+                size,
+                limit,
+            });
+        }
+        fs::read(&path).map_err(CacheError::io(path))
+    }
+
+    /// Starts writing a blob; see [`BlobWriter`].
+    pub fn blob_writer(&self) -> Result<BlobWriter, CacheError> {
+        BlobWriter::create(&self.tmp, &self.blobs)
+    }
+
+    /// Writes a whole blob held in memory and returns its digest.
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<Digest, CacheError> {
+        let mut w = self.blob_writer()?;
+        w.write_bytes(bytes)?;
+        w.finish(None, None)
+    }
+
+    /// Takes the cache's writer lock: the in-process mutex, then the fcntl lock on
+    /// `<cache>/.lock`. Blocks until both are held.
+    pub fn lock(&self) -> Result<CacheLock<'_>, CacheError> {
+        CacheLock::acquire(&self.writers, &self.root.join(".lock"))
+    }
+}
+
+/// Writes `dir/name` atomically: a temp file beside it, fsync, rename, fsync the
+/// directory.
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), CacheError> {
+    use std::io::Write;
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let target = dir.join(name);
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &target)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(CacheError::io(target))
+}
+
+#[cfg(test)]
+mod tests;

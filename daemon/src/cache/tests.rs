@@ -1,0 +1,225 @@
+use std::process::Command;
+
+use super::*;
+use crate::oci::{Descriptor, OCI_MANIFEST, Platform};
+use kiln_shared::reference::ImageRef;
+
+fn cache() -> (tempfile::TempDir, Cache) {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&dir.path().join("c")).unwrap();
+    (dir, cache)
+}
+
+fn tmp_files(cache: &Cache) -> usize {
+    fs::read_dir(cache.tmp_dir()).unwrap().count()
+}
+
+#[test]
+fn open_creates_an_empty_layout_and_reopens_it() {
+    let (dir, cache) = cache();
+    let root = cache.root().to_owned();
+    assert_eq!(
+        fs::read_to_string(root.join("oci-layout")).unwrap(),
+        r#"{"imageLayoutVersion":"1.0.0"}"#
+    );
+    assert!(cache.index().unwrap().index().manifests.is_empty());
+    drop(cache);
+    Cache::open(&root).unwrap();
+    drop(dir);
+}
+
+#[test]
+fn open_refuses_a_directory_that_is_not_a_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("notes.txt"), "mine").unwrap();
+    let err = Cache::open(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("not an OCI image layout"), "{err}");
+    assert!(!dir.path().join("oci-layout").exists());
+}
+
+#[test]
+fn blobs_are_verified_before_they_become_visible() {
+    let (_dir, cache) = cache();
+    let d = cache.put_blob(b"hello").unwrap();
+    assert_eq!(
+        d.to_string(),
+        "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+    );
+    assert_eq!(cache.read_blob(&d, 100).unwrap(), b"hello");
+
+    let mut w = cache.blob_writer().unwrap();
+    w.write_bytes(b"other").unwrap();
+    let err = w.finish(Some(&d), None).unwrap_err();
+    assert!(matches!(err, CacheError::DigestMismatch { .. }), "{err}");
+
+    let mut w = cache.blob_writer().unwrap();
+    w.write_bytes(b"hello").unwrap();
+    let err = w.finish(Some(&d), Some(4)).unwrap_err();
+    assert!(matches!(err, CacheError::SizeMismatch { .. }), "{err}");
+
+    let mut w = cache.blob_writer().unwrap();
+    w.write_bytes(b"dropped").unwrap();
+    drop(w);
+
+    assert_eq!(fs::read_dir(cache.blobs_dir()).unwrap().count(), 1);
+    assert_eq!(tmp_files(&cache), 0);
+    assert!(matches!(
+        cache.read_blob(&d, 2),
+        Err(CacheError::BlobTooLarge { .. })
+    ));
+}
+
+#[test]
+fn index_never_names_a_missing_blob() {
+    let (_dir, cache) = cache();
+    let missing = Digest::from_sha256_bytes(&[7; 32]);
+    let err = cache
+        .set_ref(
+            "docker.io/a/b:c",
+            Descriptor::new(OCI_MANIFEST, missing.clone(), 1),
+        )
+        .unwrap_err();
+    assert!(matches!(err, CacheError::DanglingReference { .. }), "{err}");
+    assert!(cache.index().unwrap().get("docker.io/a/b:c").is_none());
+
+    let d = cache.put_blob(b"{}").unwrap();
+    cache
+        .set_ref(
+            "docker.io/a/b:c",
+            Descriptor::new(OCI_MANIFEST, d.clone(), 2),
+        )
+        .unwrap();
+    assert_eq!(
+        cache
+            .index()
+            .unwrap()
+            .get("docker.io/a/b:c")
+            .unwrap()
+            .digest,
+        d
+    );
+    assert!(cache.remove_ref("docker.io/a/b:c").unwrap());
+    assert!(!cache.remove_ref("docker.io/a/b:c").unwrap());
+}
+
+#[test]
+fn merge_arch_replaces_the_same_platform_and_is_deterministic() {
+    let (_dir, cache) = cache();
+    let image: ImageRef = "org/img:t1".parse().unwrap();
+    let m1 = cache.put_blob(br#"{"m":1}"#).unwrap();
+    let m2 = cache.put_blob(br#"{"m":2}"#).unwrap();
+    let m3 = cache.put_blob(br#"{"m":3}"#).unwrap();
+    let arm = Platform::linux("arm64", None);
+    let amd = Platform::linux("amd64", None);
+    cache
+        .merge_arch(
+            &image,
+            "arm64",
+            arm.clone(),
+            Descriptor::new(OCI_MANIFEST, m1, 7),
+        )
+        .unwrap();
+    let both = cache
+        .merge_arch(
+            &image,
+            "amd64",
+            amd.clone(),
+            Descriptor::new(OCI_MANIFEST, m2.clone(), 7),
+        )
+        .unwrap();
+    let replaced = cache
+        .merge_arch(
+            &image,
+            "arm64",
+            arm.clone(),
+            Descriptor::new(OCI_MANIFEST, m3.clone(), 7),
+        )
+        .unwrap();
+    assert_ne!(both.digest, replaced.digest);
+
+    let view = cache.index().unwrap();
+    assert_eq!(
+        view.get("docker.io/org/img:t1").unwrap().digest,
+        replaced.digest
+    );
+    assert_eq!(view.get("docker.io/org/img:t1-arm64").unwrap().digest, m3);
+    assert_eq!(view.get("docker.io/org/img:t1-amd64").unwrap().digest, m2);
+    let idx = cache.read_manifest(&replaced.digest).unwrap();
+    let plats: Vec<_> = idx
+        .manifests
+        .iter()
+        .map(|d| d.platform.clone().unwrap().architecture)
+        .collect();
+    assert_eq!(plats, ["amd64", "arm64"]);
+
+    // The same images merged in another order into another cache give the same digest.
+    let (_dir2, other) = self::cache();
+    for (body, suffix, p) in [(r#"{"m":2}"#, "amd64", &amd), (r#"{"m":3}"#, "arm64", &arm)] {
+        let d = other.put_blob(body.as_bytes()).unwrap();
+        other
+            .merge_arch(
+                &image,
+                suffix,
+                p.clone(),
+                Descriptor::new(OCI_MANIFEST, d, 7),
+            )
+            .unwrap();
+    }
+    assert_eq!(
+        other
+            .index()
+            .unwrap()
+            .get("docker.io/org/img:t1")
+            .unwrap()
+            .digest,
+        replaced.digest
+    );
+}
+
+#[test]
+fn the_view_follows_writes_by_other_processes() {
+    let (_dir, cache) = cache();
+    let d = cache.put_blob(b"x").unwrap();
+    assert!(cache.index().unwrap().get("docker.io/a/b:c").is_none());
+    // Another writer (LinuxKit, another kilnd) replaces index.json.
+    let body = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{d}","size":1,"annotations":{{"org.opencontainers.image.ref.name":"docker.io/a/b:c"}}}}]}}"#
+    );
+    write_atomic(cache.root(), "index.json", body.as_bytes()).unwrap();
+    assert_eq!(
+        cache
+            .index()
+            .unwrap()
+            .get("docker.io/a/b:c")
+            .unwrap()
+            .digest,
+        d
+    );
+}
+
+#[test]
+fn the_lock_excludes_other_processes() {
+    let (_dir, cache) = cache();
+    let probe = r#"
+import fcntl, sys
+f = open(sys.argv[1], "r+")
+try:
+    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("free")
+except OSError:
+    print("held")
+"#;
+    let try_lock = || {
+        let out = Command::new("python3")
+            .args(["-c", probe])
+            .arg(cache.root().join(".lock"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let lock = cache.lock().unwrap();
+    assert_eq!(try_lock(), "held");
+    drop(lock);
+    assert_eq!(try_lock(), "free");
+}
