@@ -2,4 +2,5 @@
 //! work on a cache or a workspace without a running daemon.
 
 pub mod cache;
+pub mod config;
 pub mod oci;

@@ -1,0 +1,298 @@
+//! kilnd's configuration: command-line flags, `KILN_*` environment variables and
+//! `kiln.toml`, merged in that order of precedence over the defaults, then validated into
+//! the [`Config`] the rest of the daemon uses.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// The registry's default port.
+pub const DEFAULT_PORT: u16 = 5000;
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// kilnd: watches container packages, builds them into an OCI cache, serves it as a
+/// registry on localhost:5000.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kilnd", version, about, long_about = None)]
+pub struct Args {
+    /// Workspace roots to watch (directories holding packages). Default: the current
+    /// directory.
+    #[arg(value_name = "ROOT")]
+    pub roots: Vec<PathBuf>,
+
+    /// The OCI image-layout cache directory [default: $XDG_CACHE_HOME/kiln]
+    #[arg(long, env = "KILN_CACHE", value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+
+    /// Address for the registry to listen on (repeatable; port 0 picks a free port)
+    /// [default: 127.0.0.1:5000 and [::1]:5000]
+    #[arg(long, env = "KILN_LISTEN", value_name = "ADDR", value_delimiter = ',')]
+    pub listen: Vec<SocketAddr>,
+
+    /// Host name the registry answers to besides loopback names (repeatable); needed when
+    /// listening on a non-loopback address.
+    #[arg(
+        long = "allow-host",
+        env = "KILN_ALLOW_HOST",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub allow_hosts: Vec<String>,
+
+    /// The control socket [default: $XDG_RUNTIME_DIR/kiln/kilnd.sock, else
+    /// <cache>/kilnd.sock]
+    #[arg(long, env = "KILN_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Write the bound addresses here (JSON) once kilnd is ready.
+    #[arg(long, env = "KILN_READY_FILE", value_name = "PATH")]
+    pub ready_file: Option<PathBuf>,
+
+    /// Configuration file [default: kiln.toml at the first root, if present]
+    #[arg(long, env = "KILN_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// `kiln.toml`, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub cache: FileCache,
+    #[serde(default)]
+    pub registry: FileRegistry,
+    #[serde(default)]
+    pub api: FileApi,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCache {
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRegistry {
+    pub listen: Option<Vec<String>>,
+    #[serde(rename = "allow-hosts")]
+    pub allow_hosts: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileApi {
+    pub socket: Option<PathBuf>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub roots: Vec<PathBuf>,
+    pub cache: PathBuf,
+    /// Addresses to bind, and whether they are kilnd's defaults (a default that cannot be
+    /// bound, such as `[::1]` on a host without IPv6, is a warning, not an error).
+    pub listen: Vec<SocketAddr>,
+    pub listen_is_default: bool,
+    pub allow_hosts: Vec<String>,
+    pub socket: PathBuf,
+    pub ready_file: Option<PathBuf>,
+    pub config_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Merges flags and environment (already in `args`) over `kiln.toml` over defaults.
+    pub fn load(args: Args) -> Result<Config, ConfigError> {
+        let cwd = std::env::current_dir()
+            .map_err(|e| ConfigError::Invalid(format!("cannot read the current directory: {e}")))?;
+        let roots: Vec<PathBuf> = if args.roots.is_empty() {
+            vec![cwd.clone()]
+        } else {
+            args.roots.iter().map(|r| cwd.join(r)).collect()
+        };
+        for root in &roots {
+            if !root.is_dir() {
+                return Err(ConfigError::Invalid(format!(
+                    "workspace root {} is not a directory",
+                    root.display()
+                )));
+            }
+        }
+        let (file, config_file) = match &args.config {
+            Some(path) => (read_file_config(path)?, Some(path.clone())),
+            None => {
+                let path = roots[0].join("kiln.toml");
+                if path.exists() {
+                    (read_file_config(&path)?, Some(path))
+                } else {
+                    (FileConfig::default(), None)
+                }
+            }
+        };
+        let base = config_file
+            .as_ref()
+            .and_then(|p| p.parent())
+            .map_or(cwd.clone(), Path::to_path_buf);
+
+        let cache = match (args.cache, file.cache.dir) {
+            (Some(dir), _) => cwd.join(dir),
+            (None, Some(dir)) => base.join(dir),
+            (None, None) => default_cache_dir()?,
+        };
+
+        let (listen, listen_is_default) = if !args.listen.is_empty() {
+            (args.listen, false)
+        } else if let Some(list) = file.registry.listen {
+            let parsed = list
+                .iter()
+                .map(|s| {
+                    s.parse::<SocketAddr>().map_err(|e| ConfigError::Parse {
+                        path: config_file.clone().unwrap_or_default(),
+                        message: format!(
+                            "registry.listen: {s:?} is not an address such as 127.0.0.1:5000: {e}"
+                        ),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            (parsed, false)
+        } else {
+            (
+                vec![
+                    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT),
+                    SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), DEFAULT_PORT),
+                ],
+                true,
+            )
+        };
+        if listen.is_empty() {
+            return Err(ConfigError::Invalid(
+                "registry.listen is empty: give at least one address".into(),
+            ));
+        }
+
+        let allow_hosts = if args.allow_hosts.is_empty() {
+            file.registry.allow_hosts.unwrap_or_default()
+        } else {
+            args.allow_hosts
+        };
+
+        let socket = match (args.socket, file.api.socket) {
+            (Some(p), _) => cwd.join(p),
+            (None, Some(p)) => base.join(p),
+            (None, None) => default_socket(&cache),
+        };
+
+        Ok(Config {
+            roots,
+            cache,
+            listen,
+            listen_is_default,
+            allow_hosts,
+            socket,
+            ready_file: args.ready_file.map(|p| cwd.join(p)),
+            config_file,
+        })
+    }
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
+pub fn default_cache_dir() -> Result<PathBuf, ConfigError> {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir).join("kiln"));
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => Ok(PathBuf::from(home).join(".cache").join("kiln")),
+        None => Err(ConfigError::Invalid(
+            "neither XDG_CACHE_HOME nor HOME is set: give the cache directory with --cache".into(),
+        )),
+    }
+}
+
+/// `$XDG_RUNTIME_DIR/kiln/kilnd.sock`, else `<cache>/kilnd.sock`.
+pub fn default_socket(cache: &Path) -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("kiln").join("kilnd.sock"),
+        None => cache.join("kilnd.sock"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("kilnd").chain(v.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn flags_win_over_the_file_which_wins_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(
+            root.join("kiln.toml"),
+            "[cache]\ndir = \"c\"\n[registry]\nlisten = [\"127.0.0.1:6000\"]\nallow-hosts = [\"box\"]\n",
+        )
+        .unwrap();
+        let r = root.to_str().unwrap();
+        let c = Config::load(args(&[r])).unwrap();
+        assert_eq!(c.cache, root.join("c"));
+        assert_eq!(c.listen, ["127.0.0.1:6000".parse().unwrap()]);
+        assert!(!c.listen_is_default);
+        assert_eq!(c.allow_hosts, ["box"]);
+
+        let c = Config::load(args(&[r, "--listen", "127.0.0.1:0", "--cache", "/x/y"])).unwrap();
+        assert_eq!(c.cache, PathBuf::from("/x/y"));
+        assert_eq!(c.listen, ["127.0.0.1:0".parse().unwrap()]);
+    }
+
+    #[test]
+    fn defaults_listen_on_loopback_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config::load(args(&[dir.path().to_str().unwrap(), "--cache", "/c"])).unwrap();
+        assert!(c.listen_is_default);
+        assert!(
+            c.listen
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 5000)
+        );
+    }
+
+    #[test]
+    fn bad_files_say_where() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("kiln.toml"), "[cache]\nsize = 3\n").unwrap();
+        let err = Config::load(args(&[dir.path().to_str().unwrap()])).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("kiln.toml") && msg.contains("size"), "{msg}");
+
+        let err = Config::load(args(&["/definitely/not/here"])).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+    }
+}
