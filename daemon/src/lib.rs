@@ -3,4 +3,5 @@
 
 pub mod cache;
 pub mod config;
+pub mod daemon;
 pub mod oci;
