@@ -5,3 +5,4 @@ pub mod cache;
 pub mod config;
 pub mod daemon;
 pub mod oci;
+pub mod schedule;
