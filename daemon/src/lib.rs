@@ -6,3 +6,4 @@ pub mod config;
 pub mod daemon;
 pub mod oci;
 pub mod schedule;
+pub mod watch;
