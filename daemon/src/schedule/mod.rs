@@ -62,6 +62,7 @@ pub enum SchedEvent {
     Queued {
         key: TargetKey,
         tag: Tag,
+        build_id: String,
     },
     Started {
         key: TargetKey,
@@ -71,7 +72,7 @@ pub enum SchedEvent {
     Finished {
         key: TargetKey,
         tag: Tag,
-        build_id: Option<String>,
+        build_id: String,
         outcome: Outcome,
         duration: Duration,
     },
@@ -185,6 +186,7 @@ impl Scheduler {
 
 struct Queued {
     job: Job,
+    build_id: String,
     waiters: Vec<oneshot::Sender<Outcome>>,
     since: Instant,
 }
@@ -262,12 +264,16 @@ impl Actor {
                 self.finish_queued(old, format!("superseded by tag {}", job.tag));
             }
         }
+        let build_id = format!("b{}", self.next_id);
+        self.next_id += 1;
         (self.events)(SchedEvent::Queued {
             key: job.key.clone(),
             tag: job.tag.clone(),
+            build_id: build_id.clone(),
         });
         self.queued.push_back(Queued {
             job,
+            build_id,
             waiters: Vec::new(),
             since: Instant::now(),
         });
@@ -317,7 +323,7 @@ impl Actor {
         (self.events)(SchedEvent::Finished {
             key: q.job.key.clone(),
             tag: q.job.tag.clone(),
-            build_id: None,
+            build_id: q.build_id,
             outcome: outcome.clone(),
             duration: q.since.elapsed(),
         });
@@ -338,7 +344,7 @@ impl Actor {
         (self.events)(SchedEvent::Finished {
             key: key.clone(),
             tag: r.tag.clone(),
-            build_id: Some(r.build_id),
+            build_id: r.build_id,
             outcome: outcome.clone(),
             duration: r.started.elapsed(),
         });
@@ -391,7 +397,7 @@ impl Actor {
                     (self.events)(SchedEvent::Finished {
                         key: q.job.key.clone(),
                         tag: q.job.tag.clone(),
-                        build_id: None,
+                        build_id: q.build_id,
                         outcome: outcome.clone(),
                         duration: q.since.elapsed(),
                     });
@@ -411,8 +417,7 @@ impl Actor {
     }
 
     fn start(&mut self, q: Queued) {
-        let build_id = format!("b{}", self.next_id);
-        self.next_id += 1;
+        let build_id = q.build_id;
         let cancel = CancellationToken::new();
         (self.events)(SchedEvent::Started {
             key: q.job.key.clone(),
