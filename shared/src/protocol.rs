@@ -601,6 +601,17 @@ pub struct VersionInfo {
     pub daemon_version: String,
 }
 
+/// What kilnd writes to its `--ready-file` once its API and registry listen; `kiln up`
+/// waits for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ready {
+    /// The registry's bound addresses.
+    pub registry: Vec<String>,
+    /// The control socket.
+    pub socket: PathBuf,
+    pub pid: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -800,6 +811,7 @@ mod tests {
             "error": ErrorBody { error: "no package \"x\"".into() },
             "version": VersionInfo { protocol: PROTOCOL_VERSION, daemon_version: "0.1.0".into() },
             "stream_event": StreamItem::Event { seq: 7, event: Event::WatchRecovered },
+            "ready": Ready { registry: vec!["127.0.0.1:5000".into(), "[::1]:5000".into()], socket: "/run/user/1/kiln/kilnd.sock".into(), pid: 4321 },
         });
         insta::assert_json_snapshot!("requests", items);
     }
