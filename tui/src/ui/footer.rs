@@ -9,12 +9,11 @@ use ratatui::widgets::Paragraph;
 use super::{bold, dim};
 use crate::app::{Input, Model};
 
-const KEYS: [(&str, &str); 11] = [
+const KEYS: [(&str, &str); 10] = [
     ("↑↓", "move"),
     ("←→", "arch"),
     ("⏎", "log"),
-    ("r", "build"),
-    ("R", "force"),
+    ("r/R", "build"),
     ("c", "cancel"),
     ("g", "gc"),
     ("f", "filter"),

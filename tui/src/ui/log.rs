@@ -9,7 +9,7 @@ use ratatui::Frame;
 use ratatui::layout::Rect;
 use ratatui::style::{Color, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Paragraph};
+use ratatui::widgets::{Block, Paragraph, Wrap};
 
 use super::{border, dim};
 use crate::app::{Focus, Model};
@@ -68,10 +68,14 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
             .selected
             .as_ref()
             .and_then(|n| model.snapshot.as_ref()?.packages.get(n)?.error.clone());
-        match selected_error {
-            Some(e) => vec![Line::styled(e, Style::new().fg(Color::Red))],
-            None => vec![Line::styled("Enter opens the selected build's log", dim())],
+        if let Some(e) = selected_error {
+            let para = Paragraph::new(Line::styled(e, Style::new().fg(Color::Red)))
+                .wrap(Wrap { trim: false })
+                .block(block);
+            frame.render_widget(para, area);
+            return;
         }
+        vec![Line::styled("Enter opens the selected build's log", dim())]
     } else {
         let range = visible(model, height);
         let mut out = Vec::with_capacity(height);
