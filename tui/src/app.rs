@@ -395,6 +395,14 @@ pub fn update(model: &mut Model, msg: Msg) -> Vec<Cmd> {
 fn on_stream(model: &mut Model, item: StreamItem, cmds: &mut Vec<Cmd>) -> bool {
     match item {
         StreamItem::Snapshot { snapshot } => {
+            if model
+                .snapshot
+                .as_ref()
+                .is_some_and(|old| old.pid != snapshot.pid)
+            {
+                // Another kilnd (a restart): its build ids mean other builds.
+                model.log = LogPane::default();
+            }
             model.snapshot = Some(*snapshot);
             model.conn = Conn::Connected;
         }

@@ -404,3 +404,36 @@ fn resize_is_remembered_for_layout() {
     update(&mut m, Msg::Resize(100, 40));
     assert_eq!(m.area, Rect::new(0, 0, 100, 40));
 }
+
+#[test]
+fn a_restarted_kilnd_closes_the_log_of_the_old_one() {
+    let mut m = model();
+    update(&mut m, key(KeyCode::Enter));
+    update(
+        &mut m,
+        Msg::Disconnected {
+            error: "x".into(),
+            attempt: 1,
+        },
+    );
+    let mut same = snapshot();
+    update(
+        &mut m,
+        Msg::Stream(StreamItem::Snapshot {
+            snapshot: Box::new(same.clone()),
+        }),
+    );
+    assert_eq!(
+        m.log.build,
+        Some("b1".into()),
+        "a fresh snapshot of the same kilnd keeps it"
+    );
+    same.pid += 1;
+    update(
+        &mut m,
+        Msg::Stream(StreamItem::Snapshot {
+            snapshot: Box::new(same),
+        }),
+    );
+    assert_eq!(m.log.build, None);
+}

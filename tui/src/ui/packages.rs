@@ -121,7 +121,7 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
     widths.extend(
         archs
             .iter()
-            .map(|a| Constraint::Length(u16::try_from(a.len().max(9)).unwrap_or(9))),
+            .map(|a| Constraint::Length(u16::try_from(a.len().max(10)).unwrap_or(10))),
     );
     widths.extend([Constraint::Length(7), Constraint::Length(12)]);
     let table = Table::new(body, widths)
