@@ -21,16 +21,16 @@ use tokio::net::UnixStream;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
-        "cannot reach kilnd at {socket}: {source}; start it with `kiln up [DIR]` or pass --socket"
+        "cannot reach kilnd at {socket}: {error}; start it with `kiln up [DIR]` or pass --socket"
     )]
     Connect {
         socket: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("talking to kilnd at {socket} failed: {source}")]
+    #[error("talking to kilnd at {socket} failed: {error}")]
     Http {
         socket: PathBuf,
-        source: hyper::Error,
+        error: hyper::Error,
     },
     #[error("kilnd answered {status}: {message}")]
     Status { status: StatusCode, message: String },
@@ -94,13 +94,13 @@ impl Client {
         let stream =
             UnixStream::connect(&self.socket)
                 .await
-                .map_err(|source| ClientError::Connect {
+                .map_err(|error| ClientError::Connect {
                     socket: self.socket.clone(),
-                    source,
+                    error,
                 })?;
-        let http = |source| ClientError::Http {
+        let http = |error| ClientError::Http {
             socket: self.socket.clone(),
-            source,
+            error,
         };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -189,9 +189,9 @@ async fn collect(resp: hyper::Response<Incoming>, socket: &Path) -> Result<Bytes
         .into_body()
         .collect()
         .await
-        .map_err(|source| ClientError::Http {
+        .map_err(|error| ClientError::Http {
             socket: socket.to_owned(),
-            source,
+            error,
         })?
         .to_bytes())
 }
@@ -242,10 +242,10 @@ impl Lines {
             }
             match self.body.frame().await {
                 None => self.done = true,
-                Some(Err(source)) => {
+                Some(Err(error)) => {
                     return Err(ClientError::Http {
                         socket: self.socket.clone(),
-                        source,
+                        error,
                     });
                 }
                 Some(Ok(frame)) => {

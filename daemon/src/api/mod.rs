@@ -26,10 +26,10 @@ use crate::bus::Bus;
 /// Why the API could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("cannot create the socket directory {path}: {source}")]
+    #[error("cannot create the socket directory {path}: {error}")]
     CreateDir {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "a kilnd already answers on {path}: stop it (or use `kiln` with it), or pass another --socket"
@@ -37,25 +37,25 @@ pub enum ApiError {
     InUse { path: PathBuf },
     #[error("{path} exists and is not a socket: remove it or pass another --socket")]
     NotASocket { path: PathBuf },
-    #[error("cannot remove the stale socket {path}: {source}")]
+    #[error("cannot remove the stale socket {path}: {error}")]
     RemoveStale {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}: {error}")]
     Bind {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot make {path} private (mode 0600): {source}")]
+    #[error("cannot make {path} private (mode 0600): {error}")]
     Permissions {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("accepting a connection on {path} failed: {source}")]
+    #[error("accepting a connection on {path} failed: {error}")]
     Accept {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -150,7 +150,7 @@ impl Api {
                     Err(e) if is_transient(&e) => {
                         tracing::warn!(error = %e, "accepting an API connection failed; continuing");
                     }
-                    Err(source) => break Err(ApiError::Accept { path: self.path.clone(), source }),
+                    Err(error) => break Err(ApiError::Accept { path: self.path.clone(), error }),
                 }
             }
         };

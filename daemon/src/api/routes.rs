@@ -233,18 +233,18 @@ async fn control<T: Serialize>(
     make: impl FnOnce(Reply<T>) -> ControlRequest,
 ) -> Answer {
     let (tx, rx) = oneshot::channel();
-    let unavailable = || {
+    state.control().send(make(tx)).await.map_err(|_| {
         Failure(
             StatusCode::SERVICE_UNAVAILABLE,
             "kilnd is shutting down and takes no more requests".into(),
         )
-    };
-    state
-        .control()
-        .send(make(tx))
-        .await
-        .map_err(|_| unavailable())?;
-    let answer = rx.await.map_err(|_| unavailable())??;
+    })?;
+    let answer = rx.await.map_err(|_| {
+        Failure(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "kilnd dropped the request without answering it: see kilnd's log".into(),
+        )
+    })??;
     Ok(json(StatusCode::OK, &answer))
 }
 

@@ -16,9 +16,9 @@ pub(super) async fn bind(path: &Path) -> Result<UnixListener, ApiError> {
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|source| ApiError::CreateDir {
+            .map_err(|error| ApiError::CreateDir {
                 path: dir.to_owned(),
-                source,
+                error,
             })?;
     }
     match std::fs::symlink_metadata(path) {
@@ -29,9 +29,9 @@ pub(super) async fn bind(path: &Path) -> Result<UnixListener, ApiError> {
                 });
             }
             tracing::info!(path = %path.display(), "removing a stale kilnd socket");
-            std::fs::remove_file(path).map_err(|source| ApiError::RemoveStale {
+            std::fs::remove_file(path).map_err(|error| ApiError::RemoveStale {
                 path: path.to_owned(),
-                source,
+                error,
             })?;
         }
         Ok(_) => {
@@ -41,14 +41,14 @@ pub(super) async fn bind(path: &Path) -> Result<UnixListener, ApiError> {
         }
         Err(_) => {}
     }
-    let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+    let listener = UnixListener::bind(path).map_err(|error| ApiError::Bind {
         path: path.to_owned(),
-        source,
+        error,
     })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|error| {
         ApiError::Permissions {
             path: path.to_owned(),
-            source,
+            error,
         }
     })?;
     Ok(listener)

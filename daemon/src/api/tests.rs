@@ -77,6 +77,10 @@ async fn fake_core(mut requests: mpsc::Receiver<ControlRequest>) {
                 let _ = reply.send(answer);
             }
             ControlRequest::Cancel { req, reply } => {
+                if req.package.as_deref() == Some("drop/me") {
+                    drop(reply);
+                    continue;
+                }
                 let _ = reply.send(Ok(CancelResponse {
                     cancelled: req.build.into_iter().collect(),
                 }));
@@ -249,6 +253,16 @@ async fn control_requests_reach_the_core_and_map_its_errors() {
     // An empty body is an empty request: cancel everything.
     let (status, _) = call(&s.socket, Method::POST, "/api/v1/cancel", "").await;
     assert_eq!(status, StatusCode::OK);
+
+    let (status, body) = call(
+        &s.socket,
+        Method::POST,
+        "/api/v1/cancel",
+        r#"{"package":"drop/me"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(body.contains("without answering"), "{body}");
 
     let (status, body) = call(&s.socket, Method::POST, "/api/v1/gc", "").await;
     assert_eq!(status, StatusCode::CONFLICT);
