@@ -1,5 +1,6 @@
-//! View snapshot tests on ratatui's TestBackend, and the log-flood test. The fixtures
-//! (testing.rs) fix every time, duration and digest, so the screens are stable.
+//! View snapshot tests on ratatui's TestBackend, and the log-flood test. Durations,
+//! clock times, hashes (digests and tags) and socket paths are filtered out of the
+//! snapshots, so a fixture's timing or content hash changing does not churn them.
 
 use crossterm::event::KeyCode;
 use ratatui::Terminal;
@@ -8,6 +9,96 @@ use ratatui::backend::TestBackend;
 use super::*;
 use crate::app::{LOG_CAPACITY, Model, Msg, update};
 use crate::testing::*;
+
+/// Asserts a screen snapshot with the unstable parts masked.
+macro_rules! assert_screen {
+    ($name:literal, $screen:expr) => {
+        insta::assert_snapshot!($name, redact(&$screen))
+    };
+    ($screen:expr) => {
+        insta::assert_snapshot!(redact(&$screen))
+    };
+}
+
+/// Masks hashes (digests, tags: 12+ lowercase hex digits) with `#`, durations
+/// (`850ms`, `1.5s`, `2m03s`, `1h02m`) with `~` and clock times (`HH:MM:SS`) with `9`,
+/// keeping every character in its column so the layout stays reviewable.
+fn redact(screen: &str) -> String {
+    fn is_duration(t: &str) -> bool {
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if let Some(n) = t.strip_suffix("ms") {
+            return digits(n);
+        }
+        if let Some((h, m)) = t.split_once('h') {
+            return digits(h) && m.len() == 3 && m.ends_with('m') && digits(&m[..2]);
+        }
+        if let Some((m, s)) = t.split_once('m') {
+            return digits(m) && s.len() == 3 && s.ends_with('s') && digits(&s[..2]);
+        }
+        if let Some(n) = t.strip_suffix('s') {
+            let (a, b) = n.split_once('.').unwrap_or((n, "0"));
+            return digits(a) && digits(b);
+        }
+        false
+    }
+    let mut out = String::with_capacity(screen.len());
+    for line in screen.lines() {
+        let chars: Vec<char> = line.chars().collect();
+        let mut masked = chars.clone();
+        // Clock times.
+        for i in 0..chars.len().saturating_sub(7) {
+            let w = &chars[i..i + 8];
+            let d = |j: usize| w[j].is_ascii_digit();
+            if d(0) && d(1) && w[2] == ':' && d(3) && d(4) && w[5] == ':' && d(6) && d(7) {
+                for c in &mut masked[i..i + 8] {
+                    if *c != ':' {
+                        *c = '9';
+                    }
+                }
+            }
+        }
+        // Tokens of letters, digits and dots.
+        let mut i = 0;
+        while i < chars.len() {
+            if !(chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
+                i += 1;
+            }
+            let token: String = chars[start..i].iter().collect();
+            let hash = token.len() >= 12
+                && token
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            let mask = if hash {
+                Some('#')
+            } else if is_duration(&token) {
+                Some('~')
+            } else {
+                None
+            };
+            if let Some(m) = mask {
+                for c in &mut masked[start..i] {
+                    *c = m;
+                }
+            }
+        }
+        out.extend(masked);
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn redaction_keeps_columns() {
+    assert_eq!(
+        redact("│ab 4f2a9c1be07d 2.3s 800ms 2m03s 1h02m 12s 21:13:20 UTC x1.5"),
+        "│ab ############ ~~~~ ~~~~~ ~~~~~ ~~~~~ ~~~ 99:99:99 UTC x1.5\n"
+    );
+}
 
 fn render(model: &Model, w: u16, h: u16) -> String {
     let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
@@ -31,14 +122,14 @@ fn screen(t: &Terminal<TestBackend>) -> String {
 
 #[test]
 fn dashboard_80x24() {
-    insta::assert_snapshot!(render(&model(), 80, 24));
+    assert_screen!(render(&model(), 80, 24));
 }
 
 #[test]
 fn dashboard_120x32() {
     let mut m = model();
     update(&mut m, Msg::Resize(120, 32));
-    insta::assert_snapshot!(render(&m, 120, 32));
+    assert_screen!(render(&m, 120, 32));
 }
 
 #[test]
@@ -58,7 +149,7 @@ fn log_open_with_a_search() {
     update(&mut m, ch('/'));
     type_text(&mut m, "output 25");
     update(&mut m, key(KeyCode::Enter));
-    insta::assert_snapshot!(render(&m, 80, 24));
+    assert_screen!(render(&m, 80, 24));
 }
 
 #[test]
@@ -67,7 +158,7 @@ fn package_error_shows_in_the_log_pane() {
     for _ in 0..3 {
         update(&mut m, ch('j'));
     }
-    insta::assert_snapshot!(render(&m, 80, 24));
+    assert_screen!(render(&m, 80, 24));
 }
 
 #[test]
@@ -75,14 +166,14 @@ fn filter_prompt() {
     let mut m = model();
     update(&mut m, ch('f'));
     type_text(&mut m, "hel");
-    insta::assert_snapshot!(render(&m, 80, 24));
+    assert_screen!(render(&m, 80, 24));
 }
 
 #[test]
 fn help_overlay() {
     let mut m = model();
     update(&mut m, ch('?'));
-    insta::assert_snapshot!(render(&m, 80, 24));
+    assert_screen!(render(&m, 80, 24));
 }
 
 #[test]
@@ -91,7 +182,7 @@ fn connecting_then_disconnected() {
         "/run/user/0/kiln/kilnd.sock".into(),
         ratatui::layout::Rect::new(0, 0, 80, 24),
     );
-    insta::assert_snapshot!("connecting", render(&m, 80, 24));
+    assert_screen!("connecting", render(&m, 80, 24));
     update(
         &mut m,
         Msg::Disconnected {
@@ -99,7 +190,7 @@ fn connecting_then_disconnected() {
             attempt: 3,
         },
     );
-    insta::assert_snapshot!("disconnected", render(&m, 80, 24));
+    assert_screen!("disconnected", render(&m, 80, 24));
 }
 
 #[test]
