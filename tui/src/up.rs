@@ -107,6 +107,9 @@ pub async fn ensure(client: &Client, dir: &Path) -> anyhow::Result<Started> {
             && let Ok(ready) = serde_json::from_str::<Ready>(&text)
         {
             let _ = std::fs::remove_file(&ready_path);
+            // Reap kilnd if it exits while this kiln still runs (the dashboard), so it
+            // does not linger as a zombie; once kiln exits, init adopts it.
+            std::thread::spawn(move || child.wait());
             return Ok(Started::Started {
                 ready,
                 log: log_path,
