@@ -140,3 +140,57 @@ fn tail(path: &Path, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_daemon::api::Api;
+    use kiln_daemon::bus::Bus;
+    use kiln_shared::protocol::Snapshot;
+
+    async fn daemon_for(root: &Path, socket: &Path) {
+        let bus = Bus::new(Snapshot::new("0.1.0", 99, vec![root.to_owned()], vec![]));
+        let (control, _requests) = tokio::sync::mpsc::channel(1);
+        let api = Api::bind(socket).await.unwrap();
+        tokio::spawn(async move {
+            let _keep = _requests;
+            api.serve(bus, control, std::future::pending()).await
+        });
+    }
+
+    #[tokio::test]
+    async fn a_kilnd_for_the_same_workspace_is_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        std::fs::create_dir(&ws).unwrap();
+        let socket = dir.path().join("k.sock");
+        daemon_for(&ws.canonicalize().unwrap(), &socket).await;
+        // A relative or non-canonical spelling of the same directory matches.
+        let spelled = dir.path().join("ws/../ws");
+        let r = ensure(&Client::new(&socket), &spelled).await.unwrap();
+        assert!(matches!(r, Started::AlreadyRunning));
+    }
+
+    #[tokio::test]
+    async fn a_kilnd_for_another_workspace_is_not_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("k.sock");
+        daemon_for(Path::new("/elsewhere"), &socket).await;
+        let e = ensure(&Client::new(&socket), dir.path()).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("a kilnd for /elsewhere already runs"), "{msg}");
+        assert!(msg.contains("pid 99") && msg.contains("--socket"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_workspace_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = ensure(
+            &Client::new(dir.path().join("k.sock")),
+            &dir.path().join("nope"),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("cannot open the workspace"), "{e}");
+    }
+}
