@@ -304,3 +304,110 @@ pub async fn gc(client: &Client) -> anyhow::Result<Outcome> {
     );
     Ok(Outcome::Success)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_daemon::api::{Api, ControlRequest};
+    use kiln_daemon::bus::Bus;
+    use kiln_shared::protocol::{QueuedBuild, RunningBuild};
+    use tokio::sync::mpsc;
+
+    use crate::testing::{T0, summary, tag};
+
+    /// The real API, and a test double for the daemon core that queues one build per
+    /// request and publishes its lifecycle, failing packages named `*/broken`.
+    async fn server() -> (tempfile::TempDir, Client) {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("k.sock");
+        let bus = Bus::new(crate::testing::snapshot());
+        let (control, mut requests) = mpsc::channel(4);
+        let core_bus = bus.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Some(r) = requests.recv().await {
+                let ControlRequest::Build { req, reply } = r else {
+                    continue;
+                };
+                n += 1;
+                let id = BuildId(format!("t{n}"));
+                let arch = req.arch.clone().unwrap_or_else(|| "amd64".into());
+                let q = QueuedBuild {
+                    id: id.clone(),
+                    package: req.package.clone(),
+                    arch: arch.clone(),
+                    tag: tag("4f2a9c1be07d3355"),
+                    reason: "requested".into(),
+                };
+                let _ = reply.send(Ok(BuildResponse {
+                    builds: vec![q.clone()],
+                    up_to_date: vec![],
+                }));
+                core_bus.publish(Event::Queued { build: q.clone() });
+                core_bus.publish(Event::Started {
+                    build: RunningBuild {
+                        id: id.clone(),
+                        package: q.package.clone(),
+                        arch: arch.clone(),
+                        tag: q.tag.clone(),
+                        builder: "native".into(),
+                        started_at_ms: T0,
+                        progress: None,
+                    },
+                });
+                let (outcome, event): (_, fn(String, String, BuildSummary) -> Event) =
+                    if req.package.ends_with("/broken") {
+                        (BuildOutcome::Failed, |package, arch, summary| {
+                            Event::Failed {
+                                package,
+                                arch,
+                                summary,
+                            }
+                        })
+                    } else {
+                        (BuildOutcome::Ok, |package, arch, summary| Event::Finished {
+                            package,
+                            arch,
+                            summary,
+                        })
+                    };
+                core_bus.publish(event(q.package, arch, summary(&id.0, outcome, 1200)));
+            }
+        });
+        let api = Api::bind(&socket).await.unwrap();
+        tokio::spawn(api.serve(bus, control, std::future::pending()));
+        (dir, Client::new(socket))
+    }
+
+    #[tokio::test]
+    async fn build_waits_for_the_outcome() {
+        let (_dir, client) = server().await;
+        let ok = build(
+            &client,
+            BuildRequest {
+                package: "linuxkit/alpine".into(),
+                arch: None,
+                force: true,
+            },
+        )
+        .await
+        .unwrap();
+        assert!(matches!(ok, Outcome::Success));
+        let failed = build(
+            &client,
+            BuildRequest {
+                package: "linuxkit/broken".into(),
+                arch: None,
+                force: false,
+            },
+        )
+        .await
+        .unwrap();
+        assert!(matches!(failed, Outcome::Failure));
+    }
+
+    #[test]
+    fn plain_status() {
+        insta::assert_snapshot!(render_status(&crate::testing::snapshot()));
+    }
+}
