@@ -1,6 +1,8 @@
 //! kiln-daemon: the library behind `kilnd`, also used by `kiln` for the commands that
 //! work on a cache or a workspace without a running daemon.
 
+pub mod api;
+pub mod bus;
 pub mod cache;
 pub mod config;
 pub mod daemon;

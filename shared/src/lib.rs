@@ -5,4 +5,5 @@
 //! pulling in tokio, hyper, ratatui or bollard.
 
 pub mod digest;
+pub mod protocol;
 pub mod reference;
