@@ -1,0 +1,3 @@
+//! kiln-daemon's integration tests: real git repositories, real file systems.
+
+mod workspace;
