@@ -16,7 +16,7 @@ struct Repo {
 }
 
 fn git_in(dir: &Path, args: &[&str]) -> std::process::Output {
-    let out = Command::new("git")
+    Command::new("git")
         .arg("-C")
         .arg(dir)
         .args(args)
@@ -26,8 +26,7 @@ fn git_in(dir: &Path, args: &[&str]) -> std::process::Output {
         .env("GIT_COMMITTER_NAME", "t")
         .env("GIT_COMMITTER_EMAIL", "t@t")
         .output()
-        .unwrap();
-    out
+        .unwrap()
 }
 
 fn git(dir: &Path, args: &[&str]) -> String {
@@ -394,7 +393,7 @@ fn head_moves_and_only_the_edited_package_is_read() {
         .map(|i| r.package(&format!("p{i}"), &format!("image: p{i}\n")))
         .collect();
     r.commit();
-    let ws = Workspace::discover(&[r.root.clone()]);
+    let ws = Workspace::discover(std::slice::from_ref(&r.root));
     assert_eq!(ws.packages.len(), 5);
     let pkgs: Vec<Package> = ws.packages.values().map(|p| p.clone().unwrap()).collect();
     let mut t = Tagger::new();
@@ -472,7 +471,7 @@ fn show_tag_templates_and_bad_packages() {
         format!("linuxkit/a:v1-{}", tree.trim())
     );
 
-    let ws = Workspace::discover(&[r.root.clone()]);
+    let ws = Workspace::discover(std::slice::from_ref(&r.root));
     let keys: Vec<_> = ws.packages.keys().cloned().collect();
     assert_eq!(
         keys,
@@ -497,7 +496,7 @@ fn show_tag_templates_and_bad_packages() {
     // Deleted during a scan.
     let a = ws.packages[&p].as_ref().unwrap().clone();
     fs::remove_dir_all(&p).unwrap();
-    t.invalidate(&[p.clone()]);
+    t.invalidate(std::slice::from_ref(&p));
     assert!(
         matches!(t.tag(&a), Err(TagError::Vanished { .. })),
         "{:?}",
@@ -509,7 +508,7 @@ fn show_tag_templates_and_bad_packages() {
 fn workspace_reload() {
     let r = Repo::new();
     let a = r.package("a", "image: a\n");
-    let mut ws = Workspace::discover(&[r.root.clone()]);
+    let mut ws = Workspace::discover(std::slice::from_ref(&r.root));
     assert_eq!(ws.packages.len(), 1);
     let b = r.package("sub/b", "image: b\n");
     assert_eq!(ws.reload(&[r.root.join("sub")]), vec![b.clone()]);
