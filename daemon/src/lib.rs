@@ -9,3 +9,4 @@ pub mod daemon;
 pub mod oci;
 pub mod schedule;
 pub mod watch;
+pub mod workspace;

@@ -7,3 +7,4 @@
 pub mod digest;
 pub mod protocol;
 pub mod reference;
+pub mod spec;
