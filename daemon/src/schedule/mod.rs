@@ -88,15 +88,17 @@ pub trait Runner: Send + Sync + 'static {
 }
 
 enum Cmd {
-    Submit(Vec<Job>),
+    Submit {
+        jobs: Vec<Job>,
+        reply: oneshot::Sender<Vec<String>>,
+    },
     Wait {
         key: TargetKey,
         tag: Tag,
         reply: oneshot::Sender<Option<oneshot::Receiver<Outcome>>>,
     },
     Cancel {
-        package: Option<String>,
-        arch: Option<String>,
+        filter: CancelFilter,
         reply: oneshot::Sender<usize>,
     },
     Done {
@@ -114,6 +116,22 @@ pub struct Scheduler {
 impl fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Scheduler")
+    }
+}
+
+/// Which builds to cancel: every field that is set must match; nothing set matches all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CancelFilter {
+    pub build_id: Option<String>,
+    pub package: Option<String>,
+    pub arch: Option<String>,
+}
+
+impl CancelFilter {
+    fn matches(&self, key: &TargetKey, build_id: &str) -> bool {
+        self.build_id.as_deref().is_none_or(|b| b == build_id)
+            && self.package.as_deref().is_none_or(|p| p == key.package)
+            && self.arch.as_deref().is_none_or(|a| a == key.arch)
     }
 }
 
@@ -144,9 +162,16 @@ impl Scheduler {
         Scheduler { tx }
     }
 
-    /// Queues jobs (in the order given, which should be dependency order).
-    pub async fn submit(&self, jobs: Vec<Job>) -> Result<(), Stopped> {
-        self.tx.send(Cmd::Submit(jobs)).await.map_err(|_| Stopped)
+    /// Queues jobs (in the order given, which should be dependency order). Returns the
+    /// build id of each job: a new one, or that of the same build already queued or
+    /// running.
+    pub async fn submit(&self, jobs: Vec<Job>) -> Result<Vec<String>, Stopped> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Submit { jobs, reply })
+            .await
+            .map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
     }
 
     /// Joins the build of `key` at `tag`, if one is queued or running: the receiver gets
@@ -164,20 +189,12 @@ impl Scheduler {
         rx.await.map_err(|_| Stopped)
     }
 
-    /// Cancels the queued and running builds of a package (all of them with `None`),
-    /// optionally of one architecture. Returns how many were cancelled.
-    pub async fn cancel(
-        &self,
-        package: Option<String>,
-        arch: Option<String>,
-    ) -> Result<usize, Stopped> {
+    /// Cancels the queued and running builds that `filter` matches. Returns how many
+    /// were cancelled.
+    pub async fn cancel(&self, filter: CancelFilter) -> Result<usize, Stopped> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Cmd::Cancel {
-                package,
-                arch,
-                reply,
-            })
+            .send(Cmd::Cancel { filter, reply })
             .await
             .map_err(|_| Stopped)?;
         rx.await.map_err(|_| Stopped)
@@ -223,16 +240,15 @@ impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         while let Some(cmd) = rx.recv().await {
             match cmd {
-                Cmd::Submit(jobs) => jobs.into_iter().for_each(|j| self.submit(j)),
+                Cmd::Submit { jobs, reply } => {
+                    let ids = jobs.into_iter().map(|j| self.submit(j)).collect();
+                    let _ = reply.send(ids);
+                }
                 Cmd::Wait { key, tag, reply } => {
                     let _ = reply.send(self.waiter(&key, &tag));
                 }
-                Cmd::Cancel {
-                    package,
-                    arch,
-                    reply,
-                } => {
-                    let n = self.cancel(package.as_deref(), arch.as_deref());
+                Cmd::Cancel { filter, reply } => {
+                    let n = self.cancel(&filter);
                     let _ = reply.send(n);
                 }
                 Cmd::Done { key, result } => self.done(key, result),
@@ -245,10 +261,10 @@ impl Actor {
         }
     }
 
-    fn submit(&mut self, job: Job) {
+    fn submit(&mut self, job: Job) -> String {
         if let Some(r) = self.running.get_mut(&job.key) {
             if r.tag == job.tag && r.cancelled.is_none() {
-                return; // already building this content
+                return r.build_id.clone(); // already building this content
             }
             if r.cancelled.is_none() {
                 r.cancelled = Some(format!("superseded by tag {}", job.tag));
@@ -258,7 +274,7 @@ impl Actor {
         if let Some(pos) = self.queued.iter().position(|q| q.job.key == job.key) {
             if self.queued[pos].job.tag == job.tag {
                 self.queued[pos].job.force |= job.force;
-                return;
+                return self.queued[pos].build_id.clone();
             }
             if let Some(old) = self.queued.remove(pos) {
                 self.finish_queued(old, format!("superseded by tag {}", job.tag));
@@ -273,10 +289,11 @@ impl Actor {
         });
         self.queued.push_back(Queued {
             job,
-            build_id,
+            build_id: build_id.clone(),
             waiters: Vec::new(),
             since: Instant::now(),
         });
+        build_id
     }
 
     fn waiter(&mut self, key: &TargetKey, tag: &Tag) -> Option<oneshot::Receiver<Outcome>> {
@@ -296,20 +313,23 @@ impl Actor {
         Some(rx)
     }
 
-    fn cancel(&mut self, package: Option<&str>, arch: Option<&str>) -> usize {
-        let matches = |k: &TargetKey| {
-            package.is_none_or(|p| p == k.package) && arch.is_none_or(|a| a == k.arch)
-        };
+    fn cancel(&mut self, filter: &CancelFilter) -> usize {
         let mut n = 0;
-        for r in self.running.iter_mut().filter(|(k, _)| matches(k)) {
+        for r in self
+            .running
+            .iter_mut()
+            .filter(|(k, r)| filter.matches(k, &r.build_id))
+        {
             if r.1.cancelled.is_none() {
                 r.1.cancelled = Some("cancelled by request".into());
                 r.1.cancel.cancel();
                 n += 1;
             }
         }
-        let (gone, kept): (Vec<_>, Vec<_>) =
-            self.queued.drain(..).partition(|q| matches(&q.job.key));
+        let (gone, kept): (Vec<_>, Vec<_>) = self
+            .queued
+            .drain(..)
+            .partition(|q| filter.matches(&q.job.key, &q.build_id));
         self.queued = kept.into();
         for q in gone {
             n += 1;

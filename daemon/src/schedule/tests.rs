@@ -80,6 +80,14 @@ fn job(p: &str, a: &str, t: &str) -> Job {
     }
 }
 
+/// A filter that matches nothing: a round trip through the actor.
+fn nothing() -> CancelFilter {
+    CancelFilter {
+        package: Some("nothing".into()),
+        ..CancelFilter::default()
+    }
+}
+
 fn desc(n: u8) -> Descriptor {
     Descriptor::new(OCI_MANIFEST, Digest::from_sha256_bytes(&[n; 32]), 1)
 }
@@ -119,7 +127,7 @@ async fn concurrency_is_bounded_and_queue_order_kept() {
         ("amd64", "arm64")
     );
     // A round trip through the actor proves it had the chance to start a third one.
-    h.sched.cancel(Some("nothing".into()), None).await.unwrap();
+    h.sched.cancel(nothing()).await.unwrap();
     assert!(h.no_start_pending());
     p1.finish.send(Ok(desc(1))).unwrap();
     let p3 = h.started.recv().await.unwrap();
@@ -137,17 +145,19 @@ async fn concurrency_is_bounded_and_queue_order_kept() {
 #[tokio::test]
 async fn the_same_target_is_not_queued_twice() {
     let mut h = harness(1);
-    h.sched.submit(vec![job("a", "amd64", "1")]).await.unwrap();
-    h.sched
+    let first = h.sched.submit(vec![job("a", "amd64", "1")]).await.unwrap();
+    let again = h
+        .sched
         .submit(vec![job("a", "amd64", "1"), job("a", "amd64", "1")])
         .await
         .unwrap();
+    assert_eq!(again, [first[0].clone(), first[0].clone()]);
     let p = h.started.recv().await.unwrap();
-    h.sched.cancel(Some("nothing".into()), None).await.unwrap();
+    h.sched.cancel(nothing()).await.unwrap();
     assert!(h.no_start_pending());
     p.finish.send(Ok(desc(1))).unwrap();
     assert_eq!(h.next_finished().await.2, Outcome::Built(desc(1)));
-    h.sched.cancel(Some("nothing".into()), None).await.unwrap();
+    h.sched.cancel(nothing()).await.unwrap();
     assert!(h.no_start_pending());
 }
 
@@ -290,8 +300,37 @@ async fn cancel_stops_queued_and_running_builds_of_a_package() {
         .await
         .unwrap();
     let running = h.started.recv().await.unwrap();
-    assert_eq!(h.sched.cancel(Some("a".into()), None).await.unwrap(), 2);
+    assert_eq!(
+        h.sched
+            .cancel(CancelFilter {
+                package: Some("a".into()),
+                ..CancelFilter::default()
+            })
+            .await
+            .unwrap(),
+        2
+    );
     running.cancel.cancelled().await;
     let next = h.started.recv().await.unwrap();
     assert_eq!(next.job.key, key("b", "amd64"));
+}
+
+#[tokio::test]
+async fn cancel_by_build_id() {
+    let mut h = harness(1);
+    let ids = h
+        .sched
+        .submit(vec![job("a", "amd64", "1"), job("a", "arm64", "1")])
+        .await
+        .unwrap();
+    let running = h.started.recv().await.unwrap();
+    let by_id = |id: &str| CancelFilter {
+        build_id: Some(id.to_owned()),
+        ..CancelFilter::default()
+    };
+    assert_eq!(h.sched.cancel(by_id(&ids[1])).await.unwrap(), 1);
+    assert_eq!(h.sched.cancel(by_id("b999")).await.unwrap(), 0);
+    assert!(!running.cancel.is_cancelled());
+    assert_eq!(h.sched.cancel(by_id(&ids[0])).await.unwrap(), 1);
+    running.cancel.cancelled().await;
 }
