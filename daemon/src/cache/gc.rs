@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use kiln_shared::digest::Digest;
 
 use super::stats::format_size;
-use super::{Cache, CacheError, stats};
+use super::{Cache, CacheError};
 use crate::oci::{AnyManifest, Descriptor, is_index, is_manifest};
 
 /// How old an unreferenced blob must be before gc removes it, by default: long enough for
@@ -703,7 +703,7 @@ mod tests {
         cache.flush_usage().unwrap();
         cache.touch_ref_at("docker.io/o/c:1", now); // not flushed: gc still sees it
 
-        let total = stats::stats(&cache).unwrap().blob_bytes;
+        let total = crate::cache::stats(&cache).unwrap().blob_bytes;
         let cap = total - 1000;
         let report = gc(
             &cache,
