@@ -281,13 +281,21 @@ pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
             .filter(|&&i| !roots[i].named)
             .map(|&i| &roots[i].digest)
             .collect();
-        cache.update_index_locked(|index| {
-            index.manifests.retain(|d| match d.ref_name() {
-                Some(n) => !named.contains(n),
-                None => !unnamed.contains(&d.digest),
-            });
-            Ok(())
-        })?;
+        cache
+            .update_index_locked(|index| {
+                index.manifests.retain(|d| match d.ref_name() {
+                    Some(n) => !named.contains(n),
+                    None => !unnamed.contains(&d.digest),
+                });
+                Ok(())
+            })
+            .map_err(|e| match e {
+                CacheError::DanglingReference { name, digest } => CacheError::Invalid(format!(
+                    "gc could not drop references: index.json names {digest} ({name}), which is \
+                 not in the cache; nothing was removed. Run `kiln fsck --repair` first."
+                )),
+                e => e,
+            })?;
         let forget: Vec<String> = named.iter().map(|s| (*s).to_owned()).collect();
         if let Err(e) = cache.flush_usage_locked(&forget) {
             // Usage is advisory; the references are gone either way.
@@ -850,5 +858,27 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("GiB"), "{err}");
+    }
+
+    #[test]
+    fn a_dangling_reference_stops_gc_before_it_drops_anything() {
+        let (_dir, cache) = cache();
+        let (a, _) = image(&cache, Some("docker.io/o/a:1"), 1, 1000, None);
+        image(&cache, Some("docker.io/o/b:1"), 2, 1000, None);
+        fs::remove_file(cache.blob_path(&a.digest)).unwrap();
+        // Without a cap, gc sweeps around the dangling entry.
+        gc(&cache, GcOptions::default()).unwrap();
+        // Under a cap, b goes first (a was used recently) and a is kept: dangling.
+        cache.touch_ref("docker.io/o/a:1");
+        let err = gc(
+            &cache,
+            GcOptions {
+                max_size: Some(500),
+                ..GcOptions::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("kiln fsck --repair"), "{err}");
+        assert_eq!(cache.index().unwrap().index().manifests.len(), 2);
     }
 }

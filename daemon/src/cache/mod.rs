@@ -13,6 +13,10 @@
 //!
 //! A crash at any instant therefore leaves the old state or the new one, plus at most some
 //! temp files under `.kiln/tmp` that `fsck --repair` removes.
+//!
+//! Maintenance lives beside the core: `fsck` (checks and repairs), `gc` (mark and sweep,
+//! LRU under a size cap, using `.kiln/trash/` to remove blobs safely), `usage` (last use
+//! of each reference, `.kiln/usage.json`) and `stats` (sizes for the dashboard).
 
 mod blob;
 mod fsck;
