@@ -5,6 +5,8 @@ use std::fmt;
 use std::fs;
 use std::io;
 
+use kiln_shared::digest::Digest;
+
 use super::{Cache, CacheError};
 
 /// The cache's size at one moment.
@@ -44,6 +46,11 @@ pub fn stats(cache: &Cache) -> Result<CacheStats, CacheError> {
     let dir = cache.blobs_dir();
     for entry in fs::read_dir(dir).map_err(CacheError::io(dir))? {
         let entry = entry.map_err(CacheError::io(dir))?;
+        // Only blobs: other tools may stage writes here under other names.
+        let name = entry.file_name();
+        if name.to_str().is_none_or(|n| Digest::from_hex(n).is_err()) {
+            continue;
+        }
         match entry.metadata() {
             Ok(m) if m.is_file() => {
                 out.blobs += 1;

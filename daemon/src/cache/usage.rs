@@ -85,7 +85,8 @@ impl Cache {
     }
 
     /// As [`Cache::flush_usage`] under a lock the caller holds; also forgets the records
-    /// of `forget` (references gc dropped). Writes only if something changed.
+    /// of `forget` (references gc dropped) and of names no longer in `index.json`. Writes
+    /// only if something changed.
     pub(super) fn flush_usage_locked(&self, forget: &[String]) -> Result<bool, CacheError> {
         let pending =
             std::mem::take(&mut *self.usage.pending.lock().unwrap_or_else(|p| p.into_inner()));
@@ -103,6 +104,12 @@ impl Cache {
             for name in forget {
                 changed |= file.last_used_ms.remove(name).is_some();
             }
+            // Names no longer in index.json (removed, or dropped by another tool) are
+            // forgotten, so the file does not grow forever.
+            let view = self.index()?;
+            let before = file.last_used_ms.len();
+            file.last_used_ms.retain(|name, _| view.get(name).is_some());
+            changed |= file.last_used_ms.len() != before;
             if changed {
                 let bytes = serde_json::to_vec(&file).map_err(|source| CacheError::Json {
                     path: self.usage_path(),
@@ -159,12 +166,18 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::{Descriptor, OCI_MANIFEST};
 
     #[test]
     fn uses_are_kept_in_memory_until_flushed_and_merged_across_processes() {
         let dir = tempfile::tempdir().unwrap();
         let a = Cache::open(dir.path()).unwrap();
         let b = Cache::open(dir.path()).unwrap();
+        let blob = a.put_blob(b"{}").unwrap();
+        for name in ["docker.io/a/x:1", "docker.io/a/y:1"] {
+            a.set_ref(name, Descriptor::new(OCI_MANIFEST, blob.clone(), 2))
+                .unwrap();
+        }
         assert!(
             !a.flush_usage().unwrap(),
             "nothing recorded, nothing written"
@@ -194,12 +207,22 @@ mod tests {
         a.flush_usage_locked(&["docker.io/a/y:1".to_owned()])
             .unwrap();
         assert!(!a.last_used().unwrap().contains_key("docker.io/a/y:1"));
+        drop(_lock);
+
+        // A name removed from index.json is forgotten at the next flush.
+        a.remove_ref("docker.io/a/x:1").unwrap();
+        a.touch_ref("docker.io/a/gone:1");
+        a.flush_usage().unwrap();
+        assert!(a.last_used().unwrap().is_empty());
     }
 
     #[test]
     fn a_damaged_usage_file_is_ignored_and_rewritten() {
         let dir = tempfile::tempdir().unwrap();
         let c = Cache::open(dir.path()).unwrap();
+        let blob = c.put_blob(b"{}").unwrap();
+        c.set_ref("docker.io/a/x:1", Descriptor::new(OCI_MANIFEST, blob, 2))
+            .unwrap();
         fs::write(c.usage_path(), "{not json").unwrap();
         assert!(c.last_used().unwrap().is_empty());
         c.touch_ref("docker.io/a/x:1");
