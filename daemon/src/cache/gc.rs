@@ -173,25 +173,9 @@ pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
         });
     }
 
-    let mut refcount: HashMap<&Digest, u32> = HashMap::new();
-    for r in &roots {
-        for d in &r.reach {
-            *refcount.entry(d).or_insert(0) += 1;
-        }
-    }
-    // Bytes that survive a sweep: referenced, or too young to remove.
-    let survives = |d: &Digest, refcount: &HashMap<&Digest, u32>| {
-        blobs.get(d).is_some_and(|b| b.mtime >= cutoff) || refcount.get(d).is_some_and(|&n| n > 0)
-    };
-    let mut projected: u64 = blobs
-        .iter()
-        .filter(|(d, _)| survives(d, &refcount))
-        .map(|(_, b)| b.size)
-        .sum();
-
-    let mut dropped: Vec<usize> = Vec::new();
+    let mut refs = Refs::new(&roots, &blobs, cutoff);
     if let Some(cap) = opts.max_size
-        && projected > cap
+        && refs.projected > cap
     {
         let usage = cache.last_used()?;
         let last_used = |r: &Root| {
@@ -205,69 +189,39 @@ pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
         order.sort_by(|&a, &b| {
             (last_used(&roots[a]), &roots[a].key).cmp(&(last_used(&roots[b]), &roots[b].key))
         });
-        let initially_reachable: HashSet<Digest> = refcount.keys().map(|d| (*d).clone()).collect();
-        let mut is_dropped = vec![false; roots.len()];
-        let drop_root = |i: usize,
-                         refcount: &mut HashMap<&Digest, u32>,
-                         projected: &mut u64,
-                         is_dropped: &mut Vec<bool>,
-                         dropped: &mut Vec<usize>| {
-            is_dropped[i] = true;
-            dropped.push(i);
-            for d in &roots[i].reach {
-                if let Some(n) = refcount.get_mut(d) {
-                    *n -= 1;
-                    if *n == 0
-                        && let Some(b) = blobs.get(d)
-                        && b.mtime < cutoff
-                    {
-                        *projected -= b.size;
-                    }
-                }
-            }
-        };
-        for &i in &order {
-            if projected <= cap {
+        // Artifacts about a kept image (signatures, SBOMs) go with the image, never on
+        // their own.
+        let attached: Vec<usize> = (0..roots.len())
+            .filter(|&i| {
+                roots[i]
+                    .subject
+                    .as_ref()
+                    .is_some_and(|s| refs.is_reachable(s))
+            })
+            .collect();
+        for i in order {
+            if refs.projected <= cap {
                 break;
             }
-            // An artifact about a kept image (a signature, an SBOM) goes with the image,
-            // never on its own.
-            let attached = roots[i]
-                .subject
-                .as_ref()
-                .is_some_and(|s| initially_reachable.contains(s));
-            if is_dropped[i] || attached {
+            if refs.is_dropped[i] || attached.contains(&i) {
                 continue;
             }
-            drop_root(
-                i,
-                &mut refcount,
-                &mut projected,
-                &mut is_dropped,
-                &mut dropped,
-            );
-            // Artifacts about an image that is now gone go with it.
-            loop {
-                let orphan = (0..roots.len()).find(|&j| {
-                    !is_dropped[j]
-                        && roots[j].subject.as_ref().is_some_and(|s| {
-                            initially_reachable.contains(s)
-                                && refcount.get(s).copied().unwrap_or(0) == 0
-                        })
-                });
-                match orphan {
-                    Some(j) => drop_root(
-                        j,
-                        &mut refcount,
-                        &mut projected,
-                        &mut is_dropped,
-                        &mut dropped,
-                    ),
-                    None => break,
-                }
+            refs.drop_root(i);
+            // Artifacts about an image that is now gone go with it (and theirs with them).
+            while let Some(&j) = attached.iter().find(|&&j| {
+                !refs.is_dropped[j]
+                    && roots[j]
+                        .subject
+                        .as_ref()
+                        .is_some_and(|s| !refs.is_reachable(s))
+            }) {
+                refs.drop_root(j);
             }
         }
     }
+    let Refs {
+        refcount, dropped, ..
+    } = refs;
 
     let refs_dropped: Vec<String> = dropped.iter().map(|&i| roots[i].key.clone()).collect();
     if !opts.dry_run && !dropped.is_empty() {
@@ -349,6 +303,64 @@ pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
         report.still_over = Some(cap);
     }
     Ok(report)
+}
+
+/// How many roots reach each blob, and what a sweep would leave, as roots are dropped.
+struct Refs<'a> {
+    roots: &'a [Root],
+    blobs: &'a HashMap<Digest, BlobFile>,
+    cutoff: SystemTime,
+    refcount: HashMap<&'a Digest, u32>,
+    /// Bytes that survive a sweep: referenced, or too young to remove.
+    projected: u64,
+    is_dropped: Vec<bool>,
+    /// Dropped roots, in order.
+    dropped: Vec<usize>,
+}
+
+impl<'a> Refs<'a> {
+    fn new(roots: &'a [Root], blobs: &'a HashMap<Digest, BlobFile>, cutoff: SystemTime) -> Self {
+        let mut refcount: HashMap<&Digest, u32> = HashMap::new();
+        for r in roots {
+            for d in &r.reach {
+                *refcount.entry(d).or_insert(0) += 1;
+            }
+        }
+        let projected = blobs
+            .iter()
+            .filter(|(d, b)| b.mtime >= cutoff || refcount.contains_key(d))
+            .map(|(_, b)| b.size)
+            .sum();
+        Refs {
+            roots,
+            blobs,
+            cutoff,
+            refcount,
+            projected,
+            is_dropped: vec![false; roots.len()],
+            dropped: Vec::new(),
+        }
+    }
+
+    fn is_reachable(&self, d: &Digest) -> bool {
+        self.refcount.get(d).is_some_and(|&n| n > 0)
+    }
+
+    fn drop_root(&mut self, i: usize) {
+        self.is_dropped[i] = true;
+        self.dropped.push(i);
+        for d in &self.roots[i].reach {
+            if let Some(n) = self.refcount.get_mut(d) {
+                *n -= 1;
+                if *n == 0
+                    && let Some(b) = self.blobs.get(d)
+                    && b.mtime < self.cutoff
+                {
+                    self.projected -= b.size;
+                }
+            }
+        }
+    }
 }
 
 enum Removal {
