@@ -69,8 +69,35 @@ pub enum Command {
         #[arg(long, value_name = "ID", conflicts_with_all = ["package", "arch"])]
         build: Option<String>,
     },
-    /// Collect garbage in the running kilnd's cache.
-    Gc,
+    /// Collect garbage: through the running kilnd, or directly on a cache when none runs
+    /// or when --cache or --max-size is given.
+    Gc {
+        /// The cache directory [default: kilnd's, $XDG_CACHE_HOME/kiln]
+        #[arg(long, env = "KILN_CACHE", value_name = "DIR")]
+        cache: Option<PathBuf>,
+        /// Drop references, least recently used first, until the cache fits (e.g. 10G,
+        /// 500MiB).
+        #[arg(long, value_name = "SIZE")]
+        max_size: Option<String>,
+        /// Say what would be freed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Check the cache: every blob hashes to its name, every reference resolves, and
+    /// leftovers of interrupted writes are listed.
+    Fsck {
+        /// The cache directory [default: $XDG_CACHE_HOME/kiln]
+        #[arg(long, env = "KILN_CACHE", value_name = "DIR")]
+        cache: Option<PathBuf>,
+        /// Remove leftovers and corrupt blobs, and drop references whose images are broken.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Print `org/image:tag` for each package directory, as `linuxkit pkg show-tag`.
+    ShowTag {
+        #[arg(required = true, value_name = "DIR")]
+        dirs: Vec<PathBuf>,
+    },
     /// Print a shell completion script.
     Completions {
         /// bash, zsh, fish, elvish or powershell

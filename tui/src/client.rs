@@ -55,16 +55,13 @@ pub fn default_socket() -> PathBuf {
     kiln_shared::protocol::default_socket_path(runtime, default_cache_dir())
 }
 
-/// kilnd's default cache directory: `$KILN_CACHE`, `$XDG_CACHE_HOME/kiln`, `~/.cache/kiln`.
+/// kilnd's default cache directory: `$KILN_CACHE`, else kilnd's own default
+/// (`$XDG_CACHE_HOME/kiln`, `~/.cache/kiln`).
 pub fn default_cache_dir() -> PathBuf {
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    env("KILN_CACHE")
-        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("kiln")))
-        .or_else(|| env("HOME").map(|h| h.join(".cache").join("kiln")))
+    std::env::var_os("KILN_CACHE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| kiln_daemon::config::default_cache_dir().ok())
         .unwrap_or_else(|| std::env::temp_dir().join("kiln-cache"))
 }
 

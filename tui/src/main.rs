@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod commands;
 mod dashboard;
+mod standalone;
 #[cfg(test)]
 mod testing;
 mod ui;
@@ -162,10 +163,29 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             )
             .await
         }
-        Some(Command::Gc) => commands::gc(&client).await,
+        Some(Command::Gc {
+            cache,
+            max_size,
+            dry_run,
+        }) => {
+            if cache.is_none() && max_size.is_none() && !dry_run && kilnd_answers(&client).await {
+                commands::gc(&client).await
+            } else {
+                standalone::run_gc(&standalone::cache_dir(cache)?, max_size.as_deref(), dry_run)
+            }
+        }
+        Some(Command::Fsck { cache, repair }) => {
+            standalone::run_fsck(&standalone::cache_dir(cache)?, repair)
+        }
+        Some(Command::ShowTag { dirs }) => Ok(standalone::show_tags(&dirs)),
         Some(Command::Completions { shell }) => {
             clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());
             Ok(Outcome::Success)
         }
     }
+}
+
+/// Whether a kilnd answers on the client's socket.
+async fn kilnd_answers(client: &Client) -> bool {
+    !matches!(client.state().await, Err(e) if e.is_unreachable())
 }
