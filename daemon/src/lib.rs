@@ -3,4 +3,5 @@
 
 pub mod cache;
 pub mod config;
+pub mod docker_build;
 pub mod oci;
