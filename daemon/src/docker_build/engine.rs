@@ -133,6 +133,8 @@ pub fn parse_engine_flag(flag: &str) -> Result<(String, String), EngineError> {
 pub struct Engine {
     endpoint: Endpoint,
     docker: Docker,
+    /// The client with the API version agreed with the engine, once known.
+    negotiated: Arc<Mutex<Option<Docker>>>,
 }
 
 impl Engine {
@@ -157,7 +159,11 @@ impl Engine {
             endpoint: endpoint.clone(),
             detail: e.to_string(),
         })?;
-        Ok(Engine { endpoint, docker })
+        Ok(Engine {
+            endpoint,
+            docker,
+            negotiated: Arc::default(),
+        })
     }
 
     /// Connects to the engine at `endpoint` (default: `DOCKER_HOST`, else the local
@@ -168,18 +174,33 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Asks the engine for its API version and returns a client that speaks the lower of
-    /// its and bollard's (a 20.10 engine refuses bollard's newer default). This is also
-    /// the reachability check, made before each build.
+    /// A client that speaks the lower of the engine's API version and bollard's (a 20.10
+    /// engine refuses bollard's newer default). The first call asks the engine (and is the
+    /// reachability check); later calls reuse the answer until [`Engine::forget_version`].
     pub async fn client(&self) -> Result<Docker, EngineError> {
+        if let Some(d) = self.lock_negotiated().as_ref() {
+            return Ok(d.clone());
+        }
         let unreachable = |detail: String| EngineError::Unreachable {
             endpoint: self.endpoint.clone(),
             detail,
         };
-        tokio::time::timeout(CONNECT_TIMEOUT, self.docker.clone().negotiate_version())
+        let docker = tokio::time::timeout(CONNECT_TIMEOUT, self.docker.clone().negotiate_version())
             .await
             .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|e| unreachable(error_chain(&e)))
+            .map_err(|e| unreachable(error_chain(&e)))?;
+        *self.lock_negotiated() = Some(docker.clone());
+        Ok(docker)
+    }
+
+    /// Makes the next [`Engine::client`] ask the engine again (after the engine went
+    /// away: it may come back as another version).
+    pub fn forget_version(&self) {
+        *self.lock_negotiated() = None;
+    }
+
+    fn lock_negotiated(&self) -> std::sync::MutexGuard<'_, Option<Docker>> {
+        self.negotiated.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn endpoint(&self) -> &Endpoint {

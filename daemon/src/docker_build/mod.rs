@@ -375,6 +375,12 @@ pub async fn build_arch(
         engine, &docker, &query, ctx, &mut emit, &cancel, &image, &arch,
     )
     .await;
+    if matches!(
+        result,
+        Err(DockerBuildError::EngineLost { .. } | DockerBuildError::Engine { .. })
+    ) {
+        engine.forget_version();
+    }
     let result = match result {
         Ok((image_id, steps)) => {
             emit(LogSource::Kiln, None, format!("pushing {reference}"));
@@ -410,13 +416,18 @@ pub async fn build_arch(
         }
     }
     let (image_id, steps, push) = result?;
-    let manifest = fetch_manifest(push_to, &build.image.repo.to_string(), &tag)
-        .await
-        .map_err(|message| DockerBuildError::Manifest {
-            image: image.clone(),
-            arch: arch.clone(),
-            message,
-        })?;
+    // The engine's last push message names the manifest; ask the registry only if it
+    // did not (an engine that words it otherwise).
+    let manifest = match &push.manifest {
+        Some(d) => d.clone(),
+        None => fetch_manifest(push_to, &build.image.repo.to_string(), &tag)
+            .await
+            .map_err(|message| DockerBuildError::Manifest {
+                image: image.clone(),
+                arch: arch.clone(),
+                message,
+            })?,
+    };
     let outcome = BuildOutcome {
         manifest,
         image_id,

@@ -25,6 +25,21 @@ pub struct PushStats {
     pub pushed: usize,
     /// Layers the registry already had.
     pub existing: usize,
+    /// The manifest the engine pushed, from its final message
+    /// (`<tag>: digest: sha256:... size: N`); the engine (20.10) always pushes a Docker
+    /// v2 schema 2 manifest.
+    pub manifest: Option<Descriptor>,
+}
+
+/// Reads the engine's last push message, `<tag>: digest: sha256:<hex> size: <n>`.
+fn parse_pushed(status: &str, tag: &str) -> Option<Descriptor> {
+    let rest = status.strip_prefix(tag)?.strip_prefix(": digest: ")?;
+    let (digest, size) = rest.split_once(" size: ")?;
+    Some(Descriptor::new(
+        DOCKER_MANIFEST,
+        digest.parse().ok()?,
+        size.trim().parse().ok()?,
+    ))
 }
 
 /// Pushes `repo:tag` (where `repo` starts with the registry's `host:port/`). Progress
@@ -55,7 +70,11 @@ pub(crate) async fn push(
         match s.as_str() {
             "Pushed" => stats.pushed += 1,
             "Layer already exists" => stats.existing += 1,
-            _ => {}
+            _ => {
+                if let Some(d) = parse_pushed(&s, tag) {
+                    stats.manifest = Some(d);
+                }
+            }
         }
         status(s);
     }
@@ -131,4 +150,26 @@ pub async fn fetch_manifest(registry: &str, repo: &str, tag: &str) -> Result<Des
         .or(content_type)
         .unwrap_or_else(|| DOCKER_MANIFEST.to_owned());
     Ok(Descriptor::new(media_type, digest, body.len() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_pushed_digest() {
+        let d = parse_pushed(
+            "t1-arm64: digest: sha256:65a707faae850851664e0e9a550d0d98a6b6a3c0b10be857db04047bf22e5f49 size: 734",
+            "t1-arm64",
+        )
+        .unwrap();
+        assert_eq!(d.media_type, DOCKER_MANIFEST);
+        assert_eq!(d.size, 734);
+        assert_eq!(
+            d.digest.hex(),
+            "65a707faae850851664e0e9a550d0d98a6b6a3c0b10be857db04047bf22e5f49"
+        );
+        assert!(parse_pushed("other: digest: sha256:00 size: 1", "t1-arm64").is_none());
+        assert!(parse_pushed("t1-arm64: digest: nonsense size: 1", "t1-arm64").is_none());
+    }
 }
