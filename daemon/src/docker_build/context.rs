@@ -413,7 +413,11 @@ fn walk(
         let excluded = !always.contains(&name) && ignore.excludes(&name);
         let ft = meta.file_type();
         if ft.is_dir() {
-            if excluded && !ignore.has_exclusions() {
+            let holds_always = always.iter().any(|a| {
+                a.strip_prefix(name.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+            });
+            if excluded && !ignore.has_exclusions() && !holds_always {
                 continue;
             }
             out.push(Entry {
@@ -653,6 +657,12 @@ mod tests {
         write(d.path(), "Dockerfile.out", "FROM scratch\nCOPY x /\n");
         let ctx = BuildContext::scan(&pkg, Path::new("build/Dockerfile.alt"), &[]).unwrap();
         assert_eq!(ctx.dockerfile_name(), "build/Dockerfile.alt");
+        // Sent even when .dockerignore excludes its directory.
+        write(&pkg, "build/other", "x");
+        write(&pkg, ".dockerignore", "build\n");
+        let ctx = BuildContext::scan(&pkg, Path::new("build/Dockerfile.alt"), &[]).unwrap();
+        let names: Vec<_> = ctx.names().collect();
+        assert_eq!(names, [".dockerignore", "build/Dockerfile.alt"]);
         let ctx = BuildContext::scan(&pkg, &d.path().join("Dockerfile.out"), &[]).unwrap();
         assert_eq!(ctx.dockerfile_name(), OUTSIDE_DOCKERFILE_NAME);
         let entries = tar_names(&ctx);

@@ -543,6 +543,43 @@ async fn a_failing_step_names_itself_and_its_output() {
     assert!(err.to_string().contains("FROM"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_that_fails_says_where_and_leaves_nothing() {
+    let registry = Registry::start();
+    let base = push_base(&registry);
+    let id = run_id("push");
+    let engine = engine().await;
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "Dockerfile", &format!("FROM {base}\nCOPY f /f\n"));
+    write(d.path(), "f", &id);
+    let build = package(&id, "t1", "amd64", d.path(), vec![]);
+    // A loopback port with no registry behind it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let nowhere = format!("127.0.0.1:{port}");
+    let (_l, mut log) = collector();
+    let err = build_arch(
+        &engine,
+        &build,
+        &nowhere,
+        &mut log,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, DockerBuildError::Push { .. }), "{err:?}");
+    assert!(msg.contains(&nowhere) && msg.contains("refused"), "{msg}");
+    assert_eq!(
+        labelled_images(&id),
+        Vec::<String>::new(),
+        "the built image was removed"
+    );
+}
+
 /// Waits until no process runs `needle` (the engine stopped the step), with a deadline.
 fn wait_no_process(needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
