@@ -337,8 +337,18 @@ pub async fn build_arch(
         build.dockerfile.clone(),
         build.extra_sources.clone(),
     );
-    let ctx = tokio::task::spawn_blocking(move || BuildContext::scan(&dir, &df, &extra))
-        .await
+    let (repo, tag) = push_reference(build, push_to);
+    let reference = format!("{repo}:{tag}");
+    // While the context is scanned, remove what an earlier build that lost its engine may
+    // have left under this name (building over it would leave a dangling image).
+    let (scanned, stale) = tokio::join!(
+        tokio::task::spawn_blocking(move || BuildContext::scan(&dir, &df, &extra)),
+        push::remove_local(&docker, &reference),
+    );
+    if let Err(e) = stale {
+        tracing::debug!(%reference, error = %e, "cannot remove a stale tag before building");
+    }
+    let ctx = scanned
         .map_err(|e| DockerBuildError::Context {
             image: image.clone(),
             arch: arch.clone(),
@@ -352,8 +362,6 @@ pub async fn build_arch(
             arch: arch.clone(),
             source,
         })?;
-    let (repo, tag) = push_reference(build, push_to);
-    let reference = format!("{repo}:{tag}");
     emit(
         LogSource::Kiln,
         None,
@@ -375,25 +383,25 @@ pub async fn build_arch(
         engine, &docker, &query, ctx, &mut emit, &cancel, &image, &arch,
     )
     .await;
-    if matches!(
-        result,
-        Err(DockerBuildError::EngineLost { .. } | DockerBuildError::Engine { .. })
-    ) {
-        engine.forget_version();
-    }
     let result = match result {
         Ok((image_id, steps)) => {
             emit(LogSource::Kiln, None, format!("pushing {reference}"));
             let mut status = |s: String| emit(LogSource::Kiln, None, format!("push: {s}"));
             let pushed = tokio::select! {
-                r = push::push(&docker, &repo, &tag, &mut status) => r.map_err(|message| {
-                    DockerBuildError::Push {
+                r = push::push(&docker, &repo, &tag, &mut status) => r.map_err(|e| match e {
+                    push::PushError::Engine(message) => DockerBuildError::Push {
                         image: image.clone(),
                         arch: arch.clone(),
                         endpoint: endpoint.clone(),
                         registry: push_to.to_owned(),
                         message,
-                    }
+                    },
+                    push::PushError::Connection(detail) => DockerBuildError::EngineLost {
+                        image: image.clone(),
+                        arch: arch.clone(),
+                        endpoint: endpoint.clone(),
+                        detail: format!("while pushing: {detail}"),
+                    },
                 }),
                 () = cancel.cancelled() => Err(cancelled()),
             };
@@ -401,6 +409,12 @@ pub async fn build_arch(
         }
         Err(e) => Err(e),
     };
+    if matches!(
+        result,
+        Err(DockerBuildError::EngineLost { .. } | DockerBuildError::Engine { .. })
+    ) {
+        engine.forget_version();
+    }
     // Clean up in the engine before reporting (the guard covers a dropped future).
     match push::remove_local(&docker, &reference).await {
         Ok(()) => {

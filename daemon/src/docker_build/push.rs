@@ -42,14 +42,23 @@ fn parse_pushed(status: &str, tag: &str) -> Option<Descriptor> {
     ))
 }
 
+/// Why a push failed.
+#[derive(Debug)]
+pub(crate) enum PushError {
+    /// The engine reported an error (the registry refused, could not be reached, ...).
+    Engine(String),
+    /// The connection to the engine itself failed.
+    Connection(String),
+}
+
 /// Pushes `repo:tag` (where `repo` starts with the registry's `host:port/`). Progress
-/// lines go to `status`; the error is the engine's message.
+/// lines go to `status`.
 pub(crate) async fn push(
     docker: &Docker,
     repo: &str,
     tag: &str,
     status: &mut (dyn FnMut(String) + Send),
-) -> Result<PushStats, String> {
+) -> Result<PushStats, PushError> {
     let options = PushImageOptions {
         tag: Some(tag.to_owned()),
         platform: None,
@@ -57,9 +66,15 @@ pub(crate) async fn push(
     let mut stream = docker.push_image(repo, Some(options), None);
     let mut stats = PushStats::default();
     while let Some(item) = stream.next().await {
-        let info = item.map_err(|e| error_chain(&e))?;
+        let info = item.map_err(|e| match e {
+            bollard::errors::Error::DockerResponseServerError { message, .. }
+            | bollard::errors::Error::DockerStreamError { error: message } => {
+                PushError::Engine(message)
+            }
+            other => PushError::Connection(error_chain(&other)),
+        })?;
         if let Some(e) = info.error_detail.and_then(|d| d.message).or(info.error) {
-            return Err(e);
+            return Err(PushError::Engine(e));
         }
         let Some(s) = info.status else { continue };
         // Per-layer progress ("Pushing" with a byte count) is noise in a log.

@@ -580,6 +580,33 @@ async fn a_push_that_fails_says_where_and_leaves_nothing() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_left_by_an_earlier_build_leaves_no_dangling_image() {
+    let registry = Registry::start();
+    let base = push_base(&registry);
+    let id = run_id("stale");
+    let engine = engine().await;
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "Dockerfile", &format!("FROM {base}\nCOPY f /f\n"));
+    write(d.path(), "f", "left behind\n");
+    let build = package(&id, "t1", "amd64", d.path(), vec![]);
+    let reference = format!("{}/kiln/hello:t1-amd64", registry.addr);
+    // What a build whose engine went away after tagging leaves.
+    run(Command::new(DOCKER)
+        .env("DOCKER_BUILDKIT", "1")
+        .args(["build", "-q", "--network", "none", "--label"])
+        .arg(format!("kiln.test.run={id}"))
+        .args(["-t", &reference])
+        .arg(d.path()));
+    assert_eq!(labelled_images(&id).len(), 1);
+    write(d.path(), "f", "new content\n");
+    let (_l, mut log) = collector();
+    build_arch(&engine, &build, &registry.addr, &mut log, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(labelled_images(&id), Vec::<String>::new());
+}
+
 /// Waits until no process runs `needle` (the engine stopped the step), with a deadline.
 fn wait_no_process(needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
