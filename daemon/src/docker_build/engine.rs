@@ -320,6 +320,15 @@ impl Engines {
         })
     }
 
+    /// As [`Engines::new`], from `kiln.toml`'s table of platform = endpoint entries.
+    pub fn from_table(
+        default: Option<&str>,
+        table: &BTreeMap<String, String>,
+    ) -> Result<Engines, EngineError> {
+        let flags: Vec<String> = table.iter().map(|(p, e)| format!("{p}={e}")).collect();
+        Engines::new(default, &flags)
+    }
+
     /// The configured per-platform endpoints.
     pub fn per_platform(&self) -> &BTreeMap<String, String> {
         &self.per_platform
@@ -416,6 +425,11 @@ mod tests {
             engines.engine_for("linux/amd64").unwrap().endpoint(),
             &Endpoint::Unix("/var/run/docker.sock".into())
         );
+        let table = BTreeMap::from([("linux/arm64".to_owned(), "tcp://h:1".to_owned())]);
+        let from_toml = Engines::from_table(None, &table).unwrap();
+        assert_eq!(from_toml.per_platform()["linux/arm64"], "tcp://h:1");
+        let bad = BTreeMap::from([("arm64".to_owned(), "tcp://h:1".to_owned())]);
+        assert!(Engines::from_table(None, &bad).is_err());
         let a = engines.engine_for("linux/arm64").unwrap();
         let b = engines.engine_for("linux/arm64").unwrap();
         assert!(Arc::ptr_eq(&a, &b), "one client per endpoint");

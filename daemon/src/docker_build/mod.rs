@@ -212,6 +212,17 @@ impl BuildLog {
         self.lines.iter()
     }
 
+    /// Writes [`BuildLog::to_text`] to `path` atomically (a temp file beside it, then a
+    /// rename), so a reader sees the old log or the new one.
+    pub fn save(&self, path: &std::path::Path) -> io::Result<()> {
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        io::Write::write_all(&mut tmp, self.to_text().as_bytes())?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    }
+
     /// The log as text, one line per entry (`[step] text`), for the cache directory.
     pub fn to_text(&self) -> String {
         let mut s = String::new();
@@ -716,6 +727,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("[1/1] RUN x | line 4"), "{text}");
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("logs/build.log");
+        log.save(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         let mut log = BuildLog::new(100, 10);
         log.push(LogLine {
             at_ms: 0,

@@ -601,9 +601,15 @@ async fn a_tag_left_by_an_earlier_build_leaves_no_dangling_image() {
     assert_eq!(labelled_images(&id).len(), 1);
     write(d.path(), "f", "new content\n");
     let (_l, mut log) = collector();
-    build_arch(&engine, &build, &registry.addr, &mut log, CancellationToken::new())
-        .await
-        .unwrap();
+    build_arch(
+        &engine,
+        &build,
+        &registry.addr,
+        &mut log,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(labelled_images(&id), Vec::<String>::new());
 }
 
