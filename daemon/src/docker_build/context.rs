@@ -225,11 +225,10 @@ impl BuildContext {
                 kept.push(e);
             }
         }
+        // An excluded directory is not sent even when an exception re-includes something
+        // inside it (as Docker does): the unpacking side creates the missing parents.
         kept.retain(|e| {
-            e.name == dockerfile_name
-                || e.name == ".dockerignore"
-                || !ignore.excludes(&e.name)
-                || (matches!(e.kind, Kind::Dir) && ignore.has_exclusions())
+            e.name == dockerfile_name || e.name == ".dockerignore" || !ignore.excludes(&e.name)
         });
         kept.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(BuildContext {
@@ -519,7 +518,6 @@ mod tests {
                 ".dockerignore",
                 "Dockerfile",
                 "a.txt",
-                "secret",
                 "secret/public",
                 "sub",
                 "sub/b.log"

@@ -368,7 +368,9 @@ async fn builds_amd64_and_arm64_and_pushes_them() {
             "FROM {base}\nARG PKG_IMAGE\nRUN uname -m > /built-on && echo \"$PKG_IMAGE\" > /pkg-image\nCOPY . /ctx/\n"
         ),
     );
-    write(&pkg, ".dockerignore", "secret.txt\n");
+    write(&pkg, ".dockerignore", "secret.txt\ndocs\n!docs/keep.txt\n");
+    write(&pkg, "docs/keep.txt", "kept by an exception\n");
+    write(&pkg, "docs/drop.txt", "excluded\n");
     write(&pkg, "hello.txt", "hello 1\n");
     write(&pkg, "secret.txt", "do not send\n");
     write(d.path(), "shared/lib.txt", "shared\n");
@@ -423,7 +425,7 @@ async fn builds_amd64_and_arm64_and_pushes_them() {
             &reference,
             "sh",
             "-c",
-            "uname -m; cat /built-on /pkg-image; ls /ctx /ctx/vendor",
+            "uname -m; cat /built-on /pkg-image; ls /ctx /ctx/vendor /ctx/docs",
         ]);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[0], uname, "{out}");
@@ -434,6 +436,7 @@ async fn builds_amd64_and_arm64_and_pushes_them() {
             "{out}"
         );
         assert!(!out.contains("secret.txt"), ".dockerignore: {out}");
+        assert!(out.contains("keep.txt") && !out.contains("drop.txt"), "{out}");
         docker(&["rmi", &reference]);
     }
     assert!(
