@@ -297,12 +297,22 @@ impl Drop for TagGuard {
         {
             let reference = std::mem::take(&mut self.reference);
             rt.spawn(async move {
-                if let Err(e) = push::remove_local(&docker, &reference).await {
+                if let Err(e) = remove_bounded(&docker, &reference).await {
                     tracing::warn!(%reference, error = %e, "cannot remove an abandoned build's image");
                 }
             });
         }
     }
+}
+
+/// How long removing a tag may take before kiln gives up on it (an engine that accepts
+/// connections but does not answer).
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn remove_bounded(docker: &bollard::Docker, reference: &str) -> Result<(), String> {
+    tokio::time::timeout(CLEANUP_TIMEOUT, push::remove_local(docker, reference))
+        .await
+        .map_err(|_| format!("no answer within {CLEANUP_TIMEOUT:?}"))?
 }
 
 /// Builds `build` for its arch on `engine`, has the engine push the image to the registry
@@ -354,7 +364,7 @@ pub async fn build_arch(
     // have left under this name (building over it would leave a dangling image).
     let (scanned, stale) = tokio::join!(
         tokio::task::spawn_blocking(move || BuildContext::scan(&dir, &df, &extra)),
-        push::remove_local(&docker, &reference),
+        remove_bounded(&docker, &reference),
     );
     if let Err(e) = stale {
         tracing::debug!(%reference, error = %e, "cannot remove a stale tag before building");
@@ -427,18 +437,13 @@ pub async fn build_arch(
         engine.forget_version();
     }
     // Clean up in the engine before reporting (the guard covers a dropped future).
-    match push::remove_local(&docker, &reference).await {
-        Ok(()) => {
-            guard.docker = None;
-        }
-        Err(e) => {
-            guard.docker = None;
-            emit(
-                LogSource::Kiln,
-                None,
-                format!("warning: cannot remove {reference} from the engine: {e}"),
-            );
-        }
+    guard.docker = None;
+    if let Err(e) = remove_bounded(&docker, &reference).await {
+        emit(
+            LogSource::Kiln,
+            None,
+            format!("warning: cannot remove {reference} from the engine: {e}"),
+        );
     }
     let (image_id, steps, push) = result?;
     // The engine's last push message names the manifest; ask the registry only if it

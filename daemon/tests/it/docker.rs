@@ -436,7 +436,10 @@ async fn builds_amd64_and_arm64_and_pushes_them() {
             "{out}"
         );
         assert!(!out.contains("secret.txt"), ".dockerignore: {out}");
-        assert!(out.contains("keep.txt") && !out.contains("drop.txt"), "{out}");
+        assert!(
+            out.contains("keep.txt") && !out.contains("drop.txt"),
+            "{out}"
+        );
         docker(&["rmi", &reference]);
     }
     assert!(
