@@ -635,6 +635,34 @@ fn wait_no_process(needle: &str) {
     }
 }
 
+/// Waits until a process runs `needle` (the step really runs in the engine), with a
+/// deadline.
+async fn wait_process(needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new("pgrep").args(["-f", needle]).output().unwrap();
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no process runs {needle:?} 60s after its step started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A log sink that wakes the returned `Notify` when the step prints "started".
+fn on_started() -> (Arc<tokio::sync::Notify>, impl FnMut(LogLine) + Send) {
+    let started = Arc::new(tokio::sync::Notify::new());
+    let notify = Arc::clone(&started);
+    (started, move |l: LogLine| {
+        if l.text == "started" {
+            notify.notify_one();
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_stops_the_engine_build_and_leaves_nothing() {
     let registry = Registry::start();
@@ -651,19 +679,51 @@ async fn cancelling_stops_the_engine_build_and_leaves_nothing() {
     );
     let build = package(&id, "t1", "amd64", d.path(), vec![]);
     let cancel = CancellationToken::new();
-    let trigger = cancel.clone();
-    let mut log = move |l: LogLine| {
-        if l.text == "started" {
-            trigger.cancel();
-        }
-    };
+    let (started, mut log) = on_started();
+    let needle = format!("sleep {secs}");
     let t0 = Instant::now();
-    let err = build_arch(&engine, &build, &registry.addr, &mut log, cancel)
-        .await
-        .unwrap_err();
+    let (result, ()) = tokio::join!(
+        build_arch(&engine, &build, &registry.addr, &mut log, cancel.clone()),
+        async {
+            started.notified().await;
+            wait_process(&needle).await;
+            cancel.cancel();
+        }
+    );
+    let err = result.unwrap_err();
     assert!(matches!(err, DockerBuildError::Cancelled { .. }), "{err:?}");
     assert!(t0.elapsed() < Duration::from_secs(secs as u64));
-    wait_no_process(&format!("sleep {secs}"));
+    wait_no_process(&needle);
+    assert_eq!(labelled_images(&id), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_build_future_stops_the_engine_build() {
+    let registry = Registry::start();
+    let base = push_base(&registry);
+    let id = run_id("drop");
+    let engine = engine().await;
+    let d = tempfile::tempdir().unwrap();
+    let secs = 1500 + std::process::id() % 600;
+    write(
+        d.path(),
+        "Dockerfile",
+        &format!("FROM {base}\nRUN echo started && sleep {secs}\n"),
+    );
+    let build = package(&id, "t1", "arm64", d.path(), vec![]);
+    let (started, mut log) = on_started();
+    let needle = format!("sleep {secs}");
+    tokio::select! {
+        r = build_arch(&engine, &build, &registry.addr, &mut log, CancellationToken::new()) => {
+            panic!("the build ended on its own: {r:?}")
+        }
+        () = async {
+            started.notified().await;
+            wait_process(&needle).await;
+        } => {}
+    }
+    // The build future is gone: its connection closed, and the engine stops the step.
+    wait_no_process(&needle);
     assert_eq!(labelled_images(&id), Vec::<String>::new());
 }
 
@@ -709,21 +769,23 @@ async fn an_engine_that_goes_away_mid_build_is_reported() {
         &format!("FROM {base}\nRUN echo started && sleep {secs}\n"),
     );
     let build = package(&id, "t1", "amd64", d.path(), vec![]);
-    let trigger = cut.clone();
-    let mut log = move |l: LogLine| {
-        if l.text == "started" {
-            trigger.cancel();
+    let (started, mut log) = on_started();
+    let needle = format!("sleep {secs}");
+    let (result, ()) = tokio::join!(
+        build_arch(
+            &engine,
+            &build,
+            &registry.addr,
+            &mut log,
+            CancellationToken::new(),
+        ),
+        async {
+            started.notified().await;
+            wait_process(&needle).await;
+            cut.cancel();
         }
-    };
-    let err = build_arch(
-        &engine,
-        &build,
-        &registry.addr,
-        &mut log,
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap_err();
+    );
+    let err = result.unwrap_err();
     let msg = err.to_string();
     assert!(
         matches!(err, DockerBuildError::EngineLost { .. }),
@@ -734,7 +796,7 @@ async fn an_engine_that_goes_away_mid_build_is_reported() {
         "{msg}"
     );
     // The engine saw its client go and stopped the build.
-    wait_no_process(&format!("sleep {secs}"));
+    wait_no_process(&needle);
     assert_eq!(labelled_images(&id), Vec::<String>::new());
 }
 
