@@ -619,6 +619,52 @@ async fn a_tag_left_by_an_earlier_build_leaves_no_dangling_image() {
     assert_eq!(labelled_images(&id), Vec::<String>::new());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_network_is_none_unless_the_package_asks_for_it() {
+    let registry = Registry::start();
+    let base = push_base(&registry);
+    let id = run_id("net");
+    let engine = engine().await;
+    let d = tempfile::tempdir().unwrap();
+    // The RUN step fails unless it sees only the loopback interface (network none), or
+    // more than it (the host's network), as the build arg asks.
+    write(
+        d.path(),
+        "Dockerfile",
+        &format!(
+            "FROM {base}\nARG EXPECT\nRUN n=$(/bin/busybox grep -c : /proc/net/dev); echo \"$n interfaces\"; \
+             if [ \"$EXPECT\" = none ]; then [ $n -eq 1 ]; else [ $n -gt 1 ]; fi\n"
+        ),
+    );
+    for (network, expect) in [(false, "none"), (true, "host")] {
+        let mut build = package(&id, expect, "amd64", d.path(), vec![]);
+        build.network = network;
+        build.no_cache = true;
+        build.build_args.insert("EXPECT".into(), expect.into());
+        let (lines, mut log) = collector();
+        let r = build_arch(
+            &engine,
+            &build,
+            &registry.addr,
+            &mut log,
+            CancellationToken::new(),
+        )
+        .await;
+        let seen: Vec<String> = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| l.text.clone())
+            .collect();
+        assert!(r.is_ok(), "network {expect}: {r:?}\n{}", seen.join("\n"));
+        assert!(
+            seen.iter().any(|l| l.ends_with(" interfaces")),
+            "no_cache ran the step: {seen:?}"
+        );
+    }
+    assert_eq!(labelled_images(&id), Vec::<String>::new());
+}
+
 /// Waits until no process runs `needle` (the engine stopped the step), with a deadline.
 fn wait_no_process(needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
