@@ -344,6 +344,17 @@ pub async fn build_arch(
         arch: arch.clone(),
     };
 
+    if push_to.starts_with('[') || push_to.contains('/') || !push_to.contains(':') {
+        return Err(DockerBuildError::Push {
+            image: image.clone(),
+            arch: arch.clone(),
+            endpoint: endpoint.clone(),
+            registry: push_to.to_owned(),
+            message: "the engine needs the registry as HOST:PORT with an IPv4 address or a \
+                      name (image references cannot hold IPv6 literals); use 127.0.0.1:PORT"
+                .into(),
+        });
+    }
     let docker = tokio::select! {
         r = engine.client() => r.map_err(|source| DockerBuildError::Engine {
             image: image.clone(),
@@ -711,6 +722,23 @@ mod tests {
         assert!(query.contains("networkmode=host"), "{query}");
         assert!(query.contains("platform=linux%2Farm%2Fv7"), "{query}");
         assert!(!query.contains("nocache"), "{query}");
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_registry_address_is_refused_up_front() {
+        // No engine listens there: the address is refused before any engine call.
+        let engine = Engine::new(Some("tcp://127.0.0.1:1")).unwrap();
+        let mut log = |_: LogLine| {};
+        for bad in ["[::1]:5000", "127.0.0.1", "host:5000/path"] {
+            let err = build_arch(&engine, &sample(), bad, &mut log, CancellationToken::new())
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, DockerBuildError::Push { .. }),
+                "{bad}: {err:?}"
+            );
+            assert!(err.to_string().contains("127.0.0.1:PORT"), "{err}");
+        }
     }
 
     #[test]
