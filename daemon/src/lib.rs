@@ -6,6 +6,7 @@ pub mod bus;
 pub mod cache;
 pub mod config;
 pub mod daemon;
+pub mod docker_build;
 pub mod oci;
 pub mod schedule;
 pub mod watch;
