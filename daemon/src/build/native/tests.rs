@@ -366,7 +366,8 @@ fn refuses_archives_it_cannot_read_and_a_base_with_onbuild() {
 
 #[test]
 fn instruction_errors_name_file_line_and_arch() {
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         (
             "FROM scratch\nCOPY missing /x\n",
             &[],
