@@ -141,6 +141,44 @@ impl BaseResolver for CacheResolver {
     }
 }
 
+/// Resolves workspace packages by repository name (whatever tag the `FROM` line has, or
+/// none) to the tag the workspace builds, then anything else as [`CacheResolver`] does.
+#[derive(Debug, Clone, Default)]
+pub struct WorkspaceResolver {
+    /// Repository (`org/image`) -> the package's current reference.
+    pub packages: BTreeMap<String, ImageRef>,
+}
+
+impl BaseResolver for WorkspaceResolver {
+    fn resolve(
+        &self,
+        cache: &Cache,
+        name: &str,
+        platform: &Platform,
+    ) -> Result<Descriptor, String> {
+        let repo = repository_of(name);
+        let Some(r) = self.packages.get(repo) else {
+            return CacheResolver.resolve(cache, name, platform);
+        };
+        let index = cache.index().map_err(|e| e.to_string())?;
+        let desc = index.get(&r.cache_name()).cloned().ok_or_else(|| {
+            format!("workspace package {r} is not built yet; build it before its dependents")
+        })?;
+        pick_platform(cache, name, desc, platform)
+    }
+}
+
+/// `org/image` of `docker.io/org/image:tag@sha256:...`.
+pub fn repository_of(name: &str) -> &str {
+    let name = name.split('@').next().unwrap_or(name);
+    let name = name.strip_prefix("docker.io/").unwrap_or(name);
+    let slash = name.rfind('/').map_or(0, |i| i + 1);
+    match name[slash..].find(':') {
+        Some(i) => &name[..slash + i],
+        None => name,
+    }
+}
+
 /// The `index.json` names a `FROM` name may have.
 pub fn cache_names(name: &str) -> Vec<String> {
     let last = name.rsplit('/').next().unwrap_or(name);

@@ -608,3 +608,51 @@ fn shell_forms_use_the_shell_and_config_fields_are_set() {
     assert_eq!(c["author"], "me");
     assert_eq!(c["history"].as_array().unwrap().len(), 9);
 }
+
+#[test]
+fn the_examples_build_natively_and_reproducibly() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let input = |pkg: &str, tag: &str| NativeBuild {
+        context: examples.join(pkg),
+        dockerfile: examples.join(pkg).join("Dockerfile"),
+        extra_sources: Vec::new(),
+        image: format!("kiln/{pkg}:{tag}").parse().unwrap(),
+        arches: vec![("amd64".into(), None), ("arm64".into(), None)],
+        build_args: BTreeMap::new(),
+        labels: BTreeMap::new(),
+        source_date_epoch: 0,
+        target: None,
+    };
+    let mut resolver = WorkspaceResolver::default();
+    resolver
+        .packages
+        .insert("kiln/hello".into(), "kiln/hello:dev".parse().unwrap());
+    let mut digests = Vec::new();
+    for _ in 0..2 {
+        let (_d, cache) = new_cache();
+        let mut log = |_: String| {};
+        let hello = build(&cache, &input("hello", "dev"), &resolver, &mut log).unwrap();
+        let site = build(&cache, &input("hello-site", "dev"), &resolver, &mut log).unwrap();
+        let m = manifest(&cache, &site.per_arch[1].1);
+        assert_eq!(
+            m.layers.len(),
+            3,
+            "hello's 2 layers, then the COPY (WORKDIR /srv/www exists: no layer)"
+        );
+        let motd = entries(&cache, &m.layers[1]);
+        assert_eq!(motd[1].5, "Welcome to hello on arm64, built by kiln.\n");
+        let c = config(&cache, &m);
+        assert_eq!(c["config"]["Env"][1], "HELLO_CONF=/etc/hello/hello.conf");
+        assert_eq!(c["config"]["WorkingDir"], "/srv/www");
+        digests.push((hello.index.digest, site.index.digest));
+    }
+    assert_eq!(digests[0], digests[1]);
+    assert_eq!(
+        repository_of("docker.io/kiln/hello:1@sha256:00"),
+        "kiln/hello"
+    );
+    assert_eq!(
+        repository_of("localhost:5000/kiln/hello"),
+        "localhost:5000/kiln/hello"
+    );
+}
