@@ -215,6 +215,11 @@ fn assert_same_config(native: &serde_json::Value, docker: &serde_json::Value) {
         serde_json::Value::Array(a) if a.is_empty() => serde_json::Value::Null,
         v => v.clone(),
     };
+    assert_eq!(
+        native["RootFS"]["Layers"].as_array().map(Vec::len),
+        docker["RootFS"]["Layers"].as_array().map(Vec::len),
+        "number of layers"
+    );
     for f in CONFIG_FIELDS {
         assert_eq!(
             norm(&native["Config"][f]),
@@ -380,6 +385,8 @@ fn a_package_on_top_of_a_native_base_matches_docker_build() {
          COPY f /etc\n\
          USER app\n\
          WORKDIR /var/app\n\
+         WORKDIR /tmp\n\
+         COPY --chown=1:1 nothing* /tmp/\n\
          ENTRYPOINT [\"/bin/x\"]\n",
     )
     .unwrap();

@@ -574,7 +574,13 @@ impl Run<'_, '_> {
                         changed.insert(p);
                     }
                 }
-                self.commit_layer(i, st, changed, format!("WORKDIR /{wd}"), line, log)?;
+                if wd.is_empty() {
+                    self.history(st, "WORKDIR /".into(), true);
+                } else {
+                    // BuildKit makes the directory with a file operation, which is a
+                    // layer even when the directory exists (then an empty one).
+                    self.commit_layer(i, st, changed, format!("WORKDIR /{wd}"), line, log)?;
+                }
             }
             Instruction::User(u) => {
                 let u = self.x(st, u, line)?;
@@ -863,7 +869,8 @@ impl Run<'_, '_> {
     }
 
     /// Writes the layer of `changed` (plus parent directories) when the stage is in the
-    /// target's chain; records history either way.
+    /// target's chain; records history either way. Nothing changed gives an empty layer
+    /// (a tar of two zero blocks), as BuildKit exports for a no-op file operation.
     fn commit_layer(
         &mut self,
         i: usize,
@@ -873,10 +880,6 @@ impl Run<'_, '_> {
         line: usize,
         log: &mut dyn FnMut(String),
     ) -> Result<(), NativeError> {
-        if changed.is_empty() {
-            self.history(st, created_by, true);
-            return Ok(());
-        }
         if !self.in_chain[i] {
             self.history(st, created_by, false);
             return Ok(());
