@@ -636,12 +636,18 @@ fn the_examples_build_natively_and_reproducibly() {
         let m = manifest(&cache, &site.per_arch[1].1);
         assert_eq!(
             m.layers.len(),
-            3,
-            "hello's 2 layers, then the COPY (WORKDIR /srv/www exists: no layer)"
+            4,
+            "hello's 2 layers, the COPY, and WORKDIR's (empty, as BuildKit's) layer"
         );
+        assert!(entries(&cache, &m.layers[3]).is_empty());
         let motd = entries(&cache, &m.layers[1]);
         assert_eq!(motd[1].5, "Welcome to hello on arm64, built by kiln.\n");
         let c = config(&cache, &m);
+        assert_eq!(
+            c["rootfs"]["diff_ids"][3],
+            "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef",
+            "the well-known empty tar"
+        );
         assert_eq!(c["config"]["Env"][1], "HELLO_CONF=/etc/hello/hello.conf");
         assert_eq!(c["config"]["WorkingDir"], "/srv/www");
         digests.push((hello.index.digest, site.index.digest));
