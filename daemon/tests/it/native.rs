@@ -255,6 +255,9 @@ COPY dir /opt/dir
 COPY dir/ /opt/contents/
 COPY ["link-to-file", "/srv/linked"]
 COPY --chmod=0600 conf/ /etc/app/
+ADD bundle.tar.gz /opt/bundle/
+ADD plain.tar /opt/plain
+ADD notes.txt.gz /opt/
 WORKDIR /srv/work
 COPY rel.txt .
 USER 1000:1000
@@ -283,6 +286,33 @@ CMD ["--version"]
     write(root, "dir/ignored", b"x", 0o644);
     write(root, "conf/app.conf", b"k=v\n", 0o644);
     fs::create_dir_all(root.join("dir/empty")).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, mode, uid, body) in [
+        ("bin/", 0o750, 42, &b""[..]),
+        ("bin/tool", 0o755, 42, b"#!/bin/sh\n"),
+        ("share/doc", 0o444, 0, b"doc"),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(mode);
+        h.set_uid(uid);
+        h.set_gid(uid + 1);
+        h.set_mtime(1_600_000_000);
+        h.set_size(body.len() as u64);
+        h.set_entry_type(if path.ends_with('/') {
+            tar::EntryType::Directory
+        } else {
+            tar::EntryType::Regular
+        });
+        b.append_data(&mut h, path, body).unwrap();
+    }
+    let tar_bytes = b.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, &tar_bytes).unwrap();
+    fs::write(root.join("bundle.tar.gz"), gz.finish().unwrap()).unwrap();
+    fs::write(root.join("plain.tar"), &tar_bytes).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, b"not a tar").unwrap();
+    fs::write(root.join("notes.txt.gz"), gz.finish().unwrap()).unwrap();
     fs::set_permissions(root.join("dir/sub"), fs::Permissions::from_mode(0o750)).unwrap();
     std::os::unix::fs::symlink("sub/g", root.join("dir/link")).unwrap();
     std::os::unix::fs::symlink("single.txt", root.join("link-to-file")).unwrap();
@@ -329,6 +359,15 @@ fn native_images_match_docker_build_and_run() {
         assert!(tree.contains_key("opt/dir/empty"));
         assert!(!tree.contains_key("opt/dir/ignored"));
         assert!(!tree.contains_key("srv/README.md"));
+        assert_eq!(
+            tree["opt/bundle/bin/tool"].2, 42,
+            "ADD keeps the archive's owners"
+        );
+        assert_eq!(tree["opt/plain/share/doc"].1, 0o444);
+        assert_eq!(
+            tree["opt/notes.txt.gz"].0, 'f',
+            "a gzip that is not a tar is copied"
+        );
         let config = inspect(&n);
         assert_eq!(config["Config"]["Env"][1], "GREETING=hi world");
         assert_eq!(config["Config"]["Labels"]["org.example.arch"], arch);
