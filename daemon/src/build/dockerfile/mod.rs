@@ -11,6 +11,9 @@
 
 pub mod lex;
 mod parse;
+mod refs;
+
+pub use refs::{host_platform, platform_args};
 
 use std::fmt;
 use std::path::{Path, PathBuf};

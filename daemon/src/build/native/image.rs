@@ -206,21 +206,6 @@ pub fn platform_string(p: &Platform) -> String {
     }
 }
 
-/// The platform kilnd runs on, as Go names it (`BUILDPLATFORM`).
-pub fn build_platform() -> Platform {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "arm" => "arm",
-        "powerpc64" => "ppc64le",
-        "riscv64" => "riscv64",
-        "s390x" => "s390x",
-        other => other,
-    };
-    Platform::linux(arch, None)
-}
-
 /// RFC 3339 UTC time of a Unix timestamp, as Go's `time.Time` marshals it.
 pub fn rfc3339(epoch: i64) -> String {
     let days = epoch.div_euclid(86_400);

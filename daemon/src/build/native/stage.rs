@@ -12,14 +12,14 @@ use sha2::{Digest as _, Sha256};
 
 use super::copy::{self, CopyError, CopyOpts};
 use super::image::{
-    HealthConfig, History, ImageConfig, build_platform, parse_go_duration, parse_platform,
-    platform_string, rfc3339,
+    HealthConfig, History, ImageConfig, parse_go_duration, parse_platform, rfc3339,
 };
 use super::layer::{Layer, write_layer};
 use super::refuse::is_octal_mode;
 use super::tree::{Content, Kind, Node, Tree, clean, join, parent};
 use super::{BaseResolver, NativeBuild, NativeError, Refusal, context};
 use crate::build::dockerfile::lex::expand;
+use crate::build::dockerfile::platform_args;
 use crate::build::dockerfile::{
     CommandLine, CopyArgs, Dockerfile, Healthcheck, Instruction, Located,
 };
@@ -179,21 +179,7 @@ impl Run<'_, '_> {
 
     fn run(&mut self, log: &mut dyn FnMut(String)) -> Result<Descriptor, NativeError> {
         let target_platform = self.platform.clone();
-        let host = build_platform();
-        let variant = target_platform.variant.clone().unwrap_or_default();
-        self.auto = vec![
-            ("TARGETPLATFORM".into(), platform_string(&target_platform)),
-            ("TARGETOS".into(), target_platform.os.clone()),
-            ("TARGETARCH".into(), target_platform.architecture.clone()),
-            ("TARGETVARIANT".into(), variant),
-            ("BUILDPLATFORM".into(), platform_string(&host)),
-            ("BUILDOS".into(), host.os.clone()),
-            ("BUILDARCH".into(), host.architecture.clone()),
-            (
-                "BUILDVARIANT".into(),
-                host.variant.clone().unwrap_or_default(),
-            ),
-        ];
+        self.auto = platform_args(&target_platform);
         self.global = self
             .auto
             .iter()
