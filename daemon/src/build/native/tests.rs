@@ -662,3 +662,26 @@ fn the_examples_build_natively_and_reproducibly() {
         "localhost:5000/kiln/hello"
     );
 }
+
+#[test]
+fn long_names_and_link_targets_survive() {
+    let long_dir = "d".repeat(60);
+    let long_file = format!("{long_dir}/{}", "f".repeat(90));
+    let target = format!("../{}", "t".repeat(120));
+    let pkg = Pkg::new("FROM scratch\nCOPY tree /tree/\n");
+    pkg.file(&format!("tree/{long_file}"), "long", 0o644);
+    std::os::unix::fs::symlink(&target, pkg.root().join("tree/link")).unwrap();
+    let (_d, cache) = new_cache();
+    let out = build_in(&cache, &pkg.input("kiln/long:t")).unwrap();
+    let m = manifest(&cache, &out.per_arch[0].1);
+    let got = entries(&cache, &m.layers[0]);
+    assert_eq!(
+        got,
+        vec![
+            e("tree/", 'd', 0o755, 0, ""),
+            e(&format!("tree/{long_dir}/"), 'd', 0o755, 0, ""),
+            e(&format!("tree/{long_file}"), 'f', 0o644, 0, "long"),
+            e("tree/link", 'l', 0o777, 0, &target),
+        ]
+    );
+}
