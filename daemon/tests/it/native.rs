@@ -426,10 +426,13 @@ fn a_package_on_top_of_a_native_base_matches_docker_build() {
          WORKDIR /var/app\n\
          WORKDIR /tmp\n\
          COPY --chown=1:1 nothing* /tmp/\n\
+         COPY . /ctx\n\
+         COPY . /tmp/ctx2/\n\
          ENTRYPOINT [\"/bin/x\"]\n",
     )
     .unwrap();
     write(&top, "f", b"file", 0o644);
+    fs::set_permissions(&top, fs::Permissions::from_mode(0o700)).unwrap();
 
     let cache = Cache::open(&tmp.path().join("cache")).unwrap();
     native(&cache, &base, "kiln-test/base:t", &[]);

@@ -240,8 +240,15 @@ pub fn read_context(dir: &Path, extra: &[(PathBuf, String)]) -> Result<Tree, Con
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ignore::default(),
         Err(e) => return Err(io_err(&dir.join(".dockerignore"))(e)),
     };
-    let meta = fs::metadata(dir).map_err(io_err(dir))?;
-    let mut tree = Tree::new(Node::dir(meta.permissions().mode() & 0o7777, 0, 0, 0));
+    if !fs::metadata(dir).map_err(io_err(dir))?.is_dir() {
+        return Err(ContextError::Invalid(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
+    // The context's root arrives in BuildKit as a 0755 directory, whatever the mode of
+    // the package directory (checked against `docker build` in tests/it/native.rs).
+    let mut tree = Tree::new(Node::dir(0o755, 0, 0, 0));
     walk(&mut tree, dir, "", Some(&ignore))?;
     for (src, dst) in extra {
         let dst = clean(dst);
