@@ -183,7 +183,7 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<Dockerfile, DockerfileErr
     }
     if df.stages.is_empty() {
         return Err(cx.err(
-            0,
+            lines.len().max(1),
             "the Dockerfile has no FROM instruction: a build needs at least one stage",
         ));
     }

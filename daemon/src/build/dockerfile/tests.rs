@@ -207,7 +207,7 @@ fn malformed_dockerfiles_get_line_numbers() {
         ),
         (
             "# just a comment\n",
-            "pkg/Dockerfile:0: the Dockerfile has no FROM instruction: a build needs at least one stage",
+            "pkg/Dockerfile:2: the Dockerfile has no FROM instruction: a build needs at least one stage",
         ),
         (
             "FROM a b\n",
