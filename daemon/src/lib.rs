@@ -2,6 +2,7 @@
 //! work on a cache or a workspace without a running daemon.
 
 pub mod api;
+pub mod build;
 pub mod bus;
 pub mod cache;
 pub mod config;

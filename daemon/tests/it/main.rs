@@ -7,4 +7,5 @@
 
 mod cache;
 mod docker;
+mod native;
 mod workspace;
