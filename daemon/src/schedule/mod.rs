@@ -44,12 +44,27 @@ pub struct Job {
     pub after: Vec<(TargetKey, Tag)>,
     /// Build even if the cache holds the target (the runner decides what that means).
     pub force: bool,
+    /// Why it was queued ("files changed", "requested", "pulled"), for display.
+    pub reason: String,
+    /// Which builder will run it (`native`, `docker`), for display.
+    pub builder: String,
+}
+
+/// What a successful build produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Built {
+    /// The architecture's image manifest, now in the cache.
+    pub manifest: Descriptor,
+    /// Steps answered by the builder's cache, and steps in all.
+    pub cache_hits: u32,
+    pub steps: u32,
 }
 
 /// How a build ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // rare, short-lived values
 pub enum Outcome {
-    Built(Descriptor),
+    Built(Built),
     Failed(String),
     Cancelled(String),
 }
@@ -79,7 +94,7 @@ pub enum SchedEvent {
 }
 
 /// A boxed build future.
-pub type RunFuture = Pin<Box<dyn Future<Output = Result<Descriptor, String>> + Send>>;
+pub type RunFuture = Pin<Box<dyn Future<Output = Result<Built, String>> + Send>>;
 
 /// Runs one build. `cancel` fires when the build is superseded or cancelled; the runner
 /// must then stop its work (abort the engine build) and return.
@@ -99,11 +114,11 @@ enum Cmd {
     },
     Cancel {
         filter: CancelFilter,
-        reply: oneshot::Sender<usize>,
+        reply: oneshot::Sender<Vec<String>>,
     },
     Done {
         key: TargetKey,
-        result: Result<Descriptor, String>,
+        result: Result<Built, String>,
     },
 }
 
@@ -189,9 +204,8 @@ impl Scheduler {
         rx.await.map_err(|_| Stopped)
     }
 
-    /// Cancels the queued and running builds that `filter` matches. Returns how many
-    /// were cancelled.
-    pub async fn cancel(&self, filter: CancelFilter) -> Result<usize, Stopped> {
+    /// Cancels the queued and running builds that `filter` matches. Returns their ids.
+    pub async fn cancel(&self, filter: CancelFilter) -> Result<Vec<String>, Stopped> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Cancel { filter, reply })
@@ -313,8 +327,8 @@ impl Actor {
         Some(rx)
     }
 
-    fn cancel(&mut self, filter: &CancelFilter) -> usize {
-        let mut n = 0;
+    fn cancel(&mut self, filter: &CancelFilter) -> Vec<String> {
+        let mut ids = Vec::new();
         for r in self
             .running
             .iter_mut()
@@ -323,7 +337,7 @@ impl Actor {
             if r.1.cancelled.is_none() {
                 r.1.cancelled = Some("cancelled by request".into());
                 r.1.cancel.cancel();
-                n += 1;
+                ids.push(r.1.build_id.clone());
             }
         }
         let (gone, kept): (Vec<_>, Vec<_>) = self
@@ -332,10 +346,10 @@ impl Actor {
             .partition(|q| filter.matches(&q.job.key, &q.build_id));
         self.queued = kept.into();
         for q in gone {
-            n += 1;
+            ids.push(q.build_id.clone());
             self.finish_queued(q, "cancelled by request".into());
         }
-        n
+        ids
     }
 
     fn finish_queued(&mut self, q: Queued, reason: String) {
@@ -352,13 +366,13 @@ impl Actor {
         }
     }
 
-    fn done(&mut self, key: TargetKey, result: Result<Descriptor, String>) {
+    fn done(&mut self, key: TargetKey, result: Result<Built, String>) {
         let Some(r) = self.running.remove(&key) else {
             return;
         };
         let outcome = match (result, r.cancelled) {
             (_, Some(reason)) => Outcome::Cancelled(reason),
-            (Ok(desc), None) => Outcome::Built(desc),
+            (Ok(built), None) => Outcome::Built(built),
             (Err(e), None) => Outcome::Failed(e),
         };
         (self.events)(SchedEvent::Finished {

@@ -11,7 +11,7 @@ use crate::oci::OCI_MANIFEST;
 /// A build in progress in the test runner: the test ends it by sending the result.
 struct Pending {
     job: Job,
-    finish: oneshot::Sender<Result<Descriptor, String>>,
+    finish: oneshot::Sender<Result<Built, String>>,
     cancel: CancellationToken,
 }
 
@@ -77,6 +77,8 @@ fn job(p: &str, a: &str, t: &str) -> Job {
         tag: tag(t),
         after: vec![],
         force: false,
+        reason: "test".into(),
+        builder: "hand".into(),
     }
 }
 
@@ -88,8 +90,12 @@ fn nothing() -> CancelFilter {
     }
 }
 
-fn desc(n: u8) -> Descriptor {
-    Descriptor::new(OCI_MANIFEST, Digest::from_sha256_bytes(&[n; 32]), 1)
+fn desc(n: u8) -> Built {
+    Built {
+        manifest: Descriptor::new(OCI_MANIFEST, Digest::from_sha256_bytes(&[n; 32]), 1),
+        cache_hits: 0,
+        steps: 1,
+    }
 }
 
 impl Harness {
@@ -307,7 +313,8 @@ async fn cancel_stops_queued_and_running_builds_of_a_package() {
                 ..CancelFilter::default()
             })
             .await
-            .unwrap(),
+            .unwrap()
+            .len(),
         2
     );
     running.cancel.cancelled().await;
@@ -328,9 +335,15 @@ async fn cancel_by_build_id() {
         build_id: Some(id.to_owned()),
         ..CancelFilter::default()
     };
-    assert_eq!(h.sched.cancel(by_id(&ids[1])).await.unwrap(), 1);
-    assert_eq!(h.sched.cancel(by_id("b999")).await.unwrap(), 0);
+    assert_eq!(
+        h.sched.cancel(by_id(&ids[1])).await.unwrap(),
+        [ids[1].clone()]
+    );
+    assert!(h.sched.cancel(by_id("b999")).await.unwrap().is_empty());
     assert!(!running.cancel.is_cancelled());
-    assert_eq!(h.sched.cancel(by_id(&ids[0])).await.unwrap(), 1);
+    assert_eq!(
+        h.sched.cancel(by_id(&ids[0])).await.unwrap(),
+        [ids[0].clone()]
+    );
     running.cancel.cancelled().await;
 }
