@@ -1,6 +1,6 @@
 //! Times kiln's docker builder on a package whose one `COPY` source changes: each
 //! iteration changes the file and builds every arch at once through
-//! `kiln_daemon::docker_build::build_arch`, pushing into a registry, until each arch's
+//! `kiln_daemon::build::docker::build_arch`, pushing into a registry, until each arch's
 //! manifest is served. Driven by `scripts/bench-build`, which also times the by-hand loop.
 //!
 //! Usage: bench_build --registry HOST:PORT --package DIR [--iterations N]
@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use kiln_daemon::docker_build::{DockerBuild, Engine, LogLine, build_arch};
+use kiln_daemon::build::docker::{DockerBuild, Engine, LogLine, build_arch};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]

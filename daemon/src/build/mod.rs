@@ -2,5 +2,6 @@
 //! `dockerfile` is the parser both builders share; `native` builds Dockerfiles without
 //! `RUN` in-process, deterministically.
 
+pub mod docker;
 pub mod dockerfile;
 pub mod native;

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use kiln_daemon::docker_build::{
+use kiln_daemon::build::docker::{
     DockerBuild, DockerBuildError, Engine, LinuxkitInfo, LogLine, LogSource, build_arch,
     linuxkit_build_args, linuxkit_labels,
 };
