@@ -28,7 +28,9 @@ impl Workspace {
         };
         for root in ws.roots.clone() {
             for dir in ws.find(&root) {
-                let pkg = Package::load(&dir, &root);
+                // The walk follows no symlinks, so a directory under a canonical root
+                // is canonical.
+                let pkg = Package::load_canonical(dir.clone(), root.clone());
                 ws.packages.insert(dir, pkg);
             }
         }
@@ -92,7 +94,7 @@ impl Workspace {
             }
             if dir.is_dir() {
                 for d in self.find(&dir) {
-                    let pkg = Package::load(&d, &root);
+                    let pkg = Package::load_canonical(d.clone(), root.clone());
                     self.packages.insert(d.clone(), pkg);
                     touched.push(d);
                 }

@@ -98,7 +98,10 @@ impl Memo {
         let content = if meta.file_type().is_symlink() {
             std::fs::read_link(path)?.into_os_string().into_vec()
         } else {
-            std::fs::read(path)?
+            use std::io::Read;
+            let mut buf = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+            std::fs::File::open(path)?.read_to_end(&mut buf)?;
+            buf
         };
         let mut oid = [0u8; 40];
         oid.copy_from_slice(blob_oid(&content).as_bytes());
@@ -131,6 +134,8 @@ struct Cached {
 #[derive(Debug, Default)]
 pub struct Tagger {
     repos: HashMap<PathBuf, Repo>,
+    /// Directory to the top of its work tree (`None`: not in git).
+    tops: HashMap<PathBuf, Option<PathBuf>>,
     memo: Memo,
     cache: HashMap<PathBuf, Cached>,
 }
@@ -164,8 +169,9 @@ impl Tagger {
     /// The value of `{{.Hash}}` for the package (cached until [`Tagger::invalidate`]
     /// names one of its paths, or the git repository's HEAD or index changes).
     pub fn hash(&mut self, pkg: &Package) -> Result<String, TagError> {
-        let mut tops = vec![find_top(&pkg.dir)];
-        tops.extend(pkg.extra_sources.iter().map(|(s, _)| find_top(s)));
+        let mut tops = vec![self.top(&pkg.dir)];
+        let srcs: Vec<PathBuf> = pkg.extra_sources.iter().map(|(s, _)| s.clone()).collect();
+        tops.extend(srcs.iter().map(|s| self.top(s)));
         for top in tops.into_iter().flatten() {
             self.sync_repo(&top).map_err(|source| TagError::Git {
                 dir: pkg.dir.clone(),
@@ -188,21 +194,38 @@ impl Tagger {
         hash
     }
 
+    /// The top of the work tree holding `dir`, remembered.
+    fn top(&mut self, dir: &Path) -> Option<PathBuf> {
+        if let Some(t) = self.tops.get(dir) {
+            return t.clone();
+        }
+        let t = find_top(dir);
+        self.tops.insert(dir.to_owned(), t.clone());
+        t
+    }
+
     /// Forgets the hashes that `paths` (created, changed or removed files or
     /// directories) may change. Returns the package directories forgotten.
     pub fn invalidate(&mut self, paths: &[PathBuf]) -> Vec<PathBuf> {
+        // A repository created or removed changes which work tree a directory is in.
+        if paths
+            .iter()
+            .any(|p| p.file_name() == Some(OsStr::new(".git")))
+        {
+            self.tops.clear();
+        }
         let mut gone = Vec::new();
         self.cache.retain(|dir, c| {
             let hit = paths.iter().any(|p| {
                 let deps = std::iter::once(dir).chain(c.sources.iter().map(|(s, _)| s));
                 let mut deps = deps;
                 deps.any(|d| {
-                    p.starts_with(d)
+                    under(p, d)
                         // A directory above the package (removed, renamed) or a
                         // .gitignore above it (changes what is untracked).
-                        || d.starts_with(p)
+                        || under(d, p)
                         || (p.file_name() == Some(OsStr::new(".gitignore"))
-                            && p.parent().is_some_and(|pp| d.starts_with(pp)))
+                            && p.parent().is_some_and(|pp| under(d, pp)))
                 })
             });
             if hit {
@@ -245,13 +268,13 @@ impl Tagger {
         if !dir.is_dir() {
             return Err(TagError::Vanished { dir: dir.clone() });
         }
-        let Some(top) = find_top(dir) else {
+        let Some(top) = self.top(dir) else {
             return self.plain_hash(pkg);
         };
         // Every tree (package and sources) must be at HEAD for a git hash.
         let mut trees = Vec::new();
         for d in std::iter::once(dir).chain(pkg.extra_sources.iter().map(|(s, _)| s)) {
-            let tree = find_top(d).and_then(|t| {
+            let tree = self.top(d).and_then(|t| {
                 let r = self.repos.get(&t)?;
                 let rel = r.rel(d)?;
                 r.tree_hash(&rel).map(|h| (t.clone(), rel, h.to_owned()))
@@ -412,6 +435,13 @@ impl Tagger {
     }
 }
 
+/// Whether `p` is `dir` or below it (bytewise: `Path::starts_with` is slow).
+fn under(p: &Path, dir: &Path) -> bool {
+    let (p, d) = (p.as_os_str().as_bytes(), dir.as_os_str().as_bytes());
+    let d = d.strip_suffix(b"/").unwrap_or(d);
+    p.starts_with(d) && (p.len() == d.len() || p[d.len()] == b'/')
+}
+
 /// The result of scanning one directory of a repository.
 #[derive(Debug)]
 struct GitScan {
@@ -512,42 +542,46 @@ struct Walk<'a> {
 }
 
 impl Walk<'_> {
-    fn dir(&mut self, d: &Path) -> Result<(), TagError> {
+    /// Scans directory `d`; `Ok(true)` if it is a nested repository (not the root),
+    /// which git does not look into.
+    fn dir(&mut self, d: &Path) -> Result<bool, TagError> {
         let rd = std::fs::read_dir(d).map_err(|e| io(self.pkg_dir, d, &e))?;
+        let mut entries = Vec::new();
         for entry in rd {
             let entry = entry.map_err(|e| io(self.pkg_dir, d, &e))?;
-            let name = entry.file_name();
-            if name == ".git" {
+            if entry.file_name() == ".git" {
+                if d != self.root {
+                    return Ok(true);
+                }
                 continue;
             }
+            entries.push(entry);
+        }
+        for entry in entries {
             let path = entry.path();
             let ft = entry.file_type().map_err(|e| io(self.pkg_dir, &path, &e))?;
             let Some(rrel) = self.repo.rel(&path) else {
                 continue;
             };
-            let rel_here = || {
-                let s = if self.rel_len == 0 {
-                    0
-                } else {
-                    self.rel_len + 1
-                };
-                rrel[s..].to_vec()
+            let strip = if self.rel_len == 0 {
+                0
+            } else {
+                self.rel_len + 1
             };
+            let rel_here = || rrel[strip..].to_vec();
             if ft.is_dir() {
-                if path.join(".git").symlink_metadata().is_ok() {
-                    // A nested repository or a submodule: git does not look inside;
-                    // untracked, it is listed as `dir/`.
-                    if !self.repo.index.contains_key(&rrel) && !self.repo.is_ignored(&path, true) {
+                if self.repo.is_ignored(&path, true) {
+                    continue;
+                }
+                if self.dir(&path)? {
+                    // A nested repository or a submodule: untracked, git lists it
+                    // as `dir/`.
+                    if !self.repo.index.contains_key(&rrel) {
                         let mut n = rel_here();
                         n.push(b'/');
                         self.untracked.push(n);
                     }
-                    continue;
                 }
-                if self.repo.is_ignored(&path, true) {
-                    continue;
-                }
-                self.dir(&path)?;
                 continue;
             }
             if !ft.is_file() && !ft.is_symlink() {
@@ -568,7 +602,7 @@ impl Walk<'_> {
             }
             self.work.insert(rrel, w);
         }
-        Ok(())
+        Ok(false)
     }
 }
 
