@@ -20,9 +20,12 @@ fn main() -> anyhow::Result<()> {
     let discovered = t0.elapsed();
     let mut tagger = Tagger::new();
     let mut dirty = 0;
+    let mut pkgs = Vec::new();
     for p in ws.packages.values() {
-        let p = p.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let tag = tagger.tag(p).map_err(|e| anyhow::anyhow!("{e}"))?;
+        pkgs.push(p.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?);
+    }
+    for tag in tagger.tag_all(&pkgs) {
+        let tag = tag.map_err(|e| anyhow::anyhow!("{e}"))?;
         dirty += usize::from(tag.as_str().contains("dirty"));
     }
     let cold = t0.elapsed();

@@ -87,6 +87,15 @@ struct Memo {
 const RACY_NS: i128 = 2_000_000_000;
 
 impl Memo {
+    fn sums_of(content: &[u8]) -> std::io::Result<Sums> {
+        let mut oid = [0u8; 40];
+        oid.copy_from_slice(blob_oid(content).as_bytes());
+        Ok(Sums {
+            oid,
+            sha256: Sha256::digest(content).into(),
+        })
+    }
+
     fn sums(&mut self, path: &Path, meta: &std::fs::Metadata) -> std::io::Result<Sums> {
         let stamp = Stamp::of(meta);
         if let Some((s, sums)) = self.files.get(path) {
@@ -99,16 +108,19 @@ impl Memo {
             std::fs::read_link(path)?.into_os_string().into_vec()
         } else {
             use std::io::Read;
+            // Sized from the lstat already made; `take` avoids std's own fstat+lseek.
             let mut buf = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-            std::fs::File::open(path)?.read_to_end(&mut buf)?;
+            std::fs::File::open(path)?
+                .take(meta.len().saturating_add(1))
+                .read_to_end(&mut buf)?;
+            if buf.len() as u64 != meta.len() {
+                // Changed while read: hash what is there now, remember nothing.
+                self.files.remove(path);
+                return Self::sums_of(&std::fs::read(path)?);
+            }
             buf
         };
-        let mut oid = [0u8; 40];
-        oid.copy_from_slice(blob_oid(&content).as_bytes());
-        let sums = Sums {
-            oid,
-            sha256: Sha256::digest(&content).into(),
-        };
+        let sums = Self::sums_of(&content)?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i128);
@@ -153,12 +165,7 @@ impl Tagger {
     /// The package's tag: its hash through the `tag` template.
     pub fn tag(&mut self, pkg: &Package) -> Result<Tag, TagError> {
         let hash = self.hash(pkg)?;
-        let tag = pkg.spec.tag.render(&hash);
-        tag.parse().map_err(|_| TagError::BadTag {
-            dir: pkg.dir.clone(),
-            template: pkg.spec.tag.source().to_owned(),
-            tag,
-        })
+        render(pkg, &hash)
     }
 
     /// `org/image:tag`.
@@ -169,14 +176,67 @@ impl Tagger {
     /// The value of `{{.Hash}}` for the package (cached until [`Tagger::invalidate`]
     /// names one of its paths, or the git repository's HEAD or index changes).
     pub fn hash(&mut self, pkg: &Package) -> Result<String, TagError> {
-        let mut tops = vec![self.top(&pkg.dir)];
-        let srcs: Vec<PathBuf> = pkg.extra_sources.iter().map(|(s, _)| s.clone()).collect();
-        tops.extend(srcs.iter().map(|s| self.top(s)));
-        for top in tops.into_iter().flatten() {
-            self.sync_repo(&top).map_err(|source| TagError::Git {
-                dir: pkg.dir.clone(),
-                source,
-            })?;
+        let mut errors = HashMap::new();
+        self.sync(&[pkg], &mut errors);
+        self.hash_synced(pkg, &errors)
+    }
+
+    /// The tags of many packages, each repository checked once (for a whole
+    /// workspace, this is much cheaper than [`Tagger::tag`] one by one).
+    pub fn tag_all(&mut self, pkgs: &[&Package]) -> Vec<Result<Tag, TagError>> {
+        let mut errors = HashMap::new();
+        self.sync(pkgs, &mut errors);
+        pkgs.iter()
+            .map(|p| {
+                let hash = self.hash_synced(p, &errors)?;
+                render(p, &hash)
+            })
+            .collect()
+    }
+
+    /// Brings the repositories of `pkgs` up to date, once each, and starts a scan.
+    fn sync(&mut self, pkgs: &[&Package], errors: &mut HashMap<PathBuf, GitError>) {
+        let mut seen = std::collections::HashSet::new();
+        for pkg in pkgs {
+            let dirs = std::iter::once(&pkg.dir).chain(pkg.extra_sources.iter().map(|(s, _)| s));
+            let tops: Vec<PathBuf> = dirs.filter_map(|d| self.top(d)).collect();
+            for top in tops {
+                if !seen.insert(top.clone()) {
+                    continue;
+                }
+                match self.sync_repo(&top) {
+                    Ok(()) => {
+                        if let Some(r) = self.repos.get_mut(&top) {
+                            r.begin_scan();
+                        }
+                    }
+                    Err(e) => {
+                        errors.insert(top, e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn hash_synced(
+        &mut self,
+        pkg: &Package,
+        errors: &HashMap<PathBuf, GitError>,
+    ) -> Result<String, TagError> {
+        let dirs = std::iter::once(&pkg.dir).chain(pkg.extra_sources.iter().map(|(s, _)| s));
+        for d in dirs {
+            if let Some(e) = self
+                .tops
+                .get(d)
+                .cloned()
+                .flatten()
+                .and_then(|t| errors.get(&t))
+            {
+                return Err(TagError::Git {
+                    dir: pkg.dir.clone(),
+                    source: e.clone(),
+                });
+            }
         }
         if let Some(c) = self.cache.get(&pkg.dir) {
             if c.sources == pkg.extra_sources {
@@ -265,9 +325,6 @@ impl Tagger {
 
     fn compute(&mut self, pkg: &Package) -> Result<String, TagError> {
         let dir = &pkg.dir;
-        if !dir.is_dir() {
-            return Err(TagError::Vanished { dir: dir.clone() });
-        }
         let Some(top) = self.top(dir) else {
             return self.plain_hash(pkg);
         };
@@ -336,7 +393,6 @@ impl Tagger {
                 dir: pkg_dir.to_owned(),
             });
         };
-        repo.begin_scan();
         let mut walk = Walk {
             repo,
             memo,
@@ -433,6 +489,16 @@ impl Tagger {
         hex.truncate(40);
         Ok(hex)
     }
+}
+
+/// The tag for a hash, through the package's template.
+fn render(pkg: &Package, hash: &str) -> Result<Tag, TagError> {
+    let tag = pkg.spec.tag.render(hash);
+    tag.parse().map_err(|_| TagError::BadTag {
+        dir: pkg.dir.clone(),
+        template: pkg.spec.tag.source().to_owned(),
+        tag,
+    })
 }
 
 /// Whether `p` is `dir` or below it (bytewise: `Path::starts_with` is slow).

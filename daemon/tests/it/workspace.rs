@@ -519,3 +519,29 @@ fn workspace_reload() {
     assert_eq!(ws.reload(&[r.root.join("sub")]), vec![b]);
     assert_eq!(ws.packages.len(), 1);
 }
+
+#[test]
+fn uncommitted_package_and_tag_all() {
+    let r = Repo::new();
+    let a = r.package("a", "image: a\n");
+    r.commit();
+    // LinuxKit refuses a package that HEAD does not have; kiln hashes its content.
+    let b = r.package("b", "image: b\n");
+    let pa = r.load(&a);
+    let pb = r.load(&b);
+    let mut t = Tagger::new();
+    let tags = t.tag_all(&[&pa, &pb]);
+    assert_eq!(tags[0].as_ref().unwrap().as_str(), lk_hash(&a, &[]));
+    let first_b = tags[1].as_ref().unwrap().to_string();
+    assert_eq!(first_b.len(), 40);
+    r.write("b/src/main.c", "changed\n");
+    t.invalidate(&[b.join("src/main.c")]);
+    let second_b = t.tag(&pb).unwrap().to_string();
+    assert_ne!(first_b, second_b);
+    // Committed, it gets LinuxKit's tag.
+    r.commit();
+    assert_eq!(t.tag(&pb).unwrap().as_str(), lk_hash(&b, &[]));
+
+    fn send<T: Send>(_: &T) {}
+    send(&t);
+}
