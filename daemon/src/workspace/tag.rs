@@ -403,7 +403,7 @@ impl Tagger {
             untracked: Vec::new(),
         };
         match std::fs::symlink_metadata(dir) {
-            Err(e) if e.kind() == ErrorKind::NotFound => {
+            Err(e) if e.kind() == ErrorKind::NotFound && dir == pkg_dir => {
                 return Err(TagError::Vanished {
                     dir: pkg_dir.to_owned(),
                 });

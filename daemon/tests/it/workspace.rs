@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kiln_daemon::workspace::{Package, TagError, Tagger, Workspace, show_tag};
+use kiln_daemon::workspace::{Package, TagError, Tagger, Workspace, show_tag, show_tags};
 use sha1::Digest as _;
 
 struct Repo {
@@ -384,6 +384,15 @@ fn extra_sources() {
     assert_ne!(both(&mut t, &r, &p), sd);
     r.write("lib/x.c", "x\n");
     assert_eq!(both(&mut t, &r, &p), clean);
+
+    // A source removed after the package was loaded: an error naming it.
+    let pkg = r.load(&p);
+    fs::remove_dir_all(&tools).unwrap();
+    assert_eq!(t.invalidate(std::slice::from_ref(&tools)), vec![p.clone()]);
+    match t.tag(&pkg) {
+        Err(TagError::Io { path, .. }) => assert_eq!(path, tools),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -450,6 +459,13 @@ fn outside_git() {
     r.write("a/src/main.c", "int main() { return 0; }\n");
     assert_eq!(both(&mut t, &r, &p), first);
     assert_eq!(show_tag(&p).unwrap().to_string(), format!("me/a:{first}"));
+    let many = show_tags(&[p.clone(), r.root.clone()]);
+    assert_eq!(
+        many[0].as_ref().unwrap().to_string(),
+        format!("me/a:{first}")
+    );
+    let e = many[1].as_ref().unwrap_err().to_string();
+    assert!(e.contains("no build.yml here"), "{e}");
 }
 
 #[test]
@@ -518,6 +534,18 @@ fn workspace_reload() {
     fs::remove_dir_all(r.root.join("sub")).unwrap();
     assert_eq!(ws.reload(&[r.root.join("sub")]), vec![b]);
     assert_eq!(ws.packages.len(), 1);
+
+    // The Dockerfile goes and comes back.
+    r.write("a/build.yml", "image: a\n");
+    ws.reload(&[a.join("build.yml")]);
+    assert!(ws.packages[&a].is_ok());
+    fs::remove_file(a.join("Dockerfile")).unwrap();
+    assert_eq!(ws.reload(&[a.join("Dockerfile")]), vec![a.clone()]);
+    let e = ws.packages[&a].as_ref().unwrap_err().to_string();
+    assert!(e.contains("does not exist: create it"), "{e}");
+    r.write("a/Dockerfile", "FROM scratch\n");
+    assert_eq!(ws.reload(&[a.join("Dockerfile")]), vec![a.clone()]);
+    assert!(ws.packages[&a].is_ok());
 }
 
 #[test]
