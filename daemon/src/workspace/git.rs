@@ -86,6 +86,11 @@ pub struct Repo {
     pub git_dir: PathBuf,
     common_dir: PathBuf,
     pub filemode: bool,
+    /// Whether git may convert content between work tree and blob (a
+    /// `.gitattributes` in HEAD, `info/attributes`, or `core.autocrlf`): then a
+    /// content mismatch is confirmed with `git diff`.
+    pub converts: bool,
+    autocrlf: bool,
     watch: Vec<(PathBuf, Option<Stamp>)>,
     /// HEAD's commit, `None` while the branch is unborn.
     pub head: Option<String>,
@@ -173,6 +178,14 @@ impl Repo {
         let filemode = git(top, &["config", "--bool", "core.fileMode"])
             .map(|o| String::from_utf8_lossy(&o.stdout).trim() != "false")
             .unwrap_or(true);
+        let autocrlf = git(top, &["config", "core.autocrlf"])
+            .map(|o| {
+                let v = String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .to_ascii_lowercase();
+                !v.is_empty() && v != "false"
+            })
+            .unwrap_or(false);
         let top = PathBuf::from(t);
         let mut excludes = GitignoreBuilder::new(&top);
         // A missing info/exclude is normal.
@@ -184,6 +197,8 @@ impl Repo {
             git_dir: PathBuf::from(g),
             common_dir: PathBuf::from(c),
             filemode,
+            converts: autocrlf,
+            autocrlf,
             watch: Vec::new(),
             head: None,
             root_tree: None,
@@ -259,6 +274,9 @@ impl Repo {
                 }
             }
             diff_keys(&self.tree, &tree, &mut changed);
+            self.converts = self.autocrlf
+                || self.git_dir.join("info/attributes").exists()
+                || tree.keys().any(|k| k.ends_with(b".gitattributes"));
             self.tree = tree;
             self.root_tree = root_tree;
             self.head = head;
@@ -289,6 +307,32 @@ impl Repo {
         changed.sort();
         changed.dedup();
         Ok(Some(changed))
+    }
+
+    /// LinuxKit's tracked-change check (git.go `isDirty`):
+    /// `git diff --no-ext-diff --exit-code --quiet HEAD -- DIR`.
+    pub fn diff_quiet(&self, rel: &[u8]) -> Result<bool, GitError> {
+        let dir = self.abs(rel);
+        let spec = dir.to_string_lossy();
+        let args = [
+            "diff",
+            "--no-ext-diff",
+            "--exit-code",
+            "--quiet",
+            "HEAD",
+            "--",
+            &spec,
+        ];
+        let out = git(&self.top, &args)?;
+        match out.status.code() {
+            Some(0) => Ok(false),
+            Some(1) => Ok(true),
+            _ => Err(GitError {
+                dir: self.top.clone(),
+                args: args.join(" "),
+                message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            }),
+        }
     }
 
     /// The repo-relative path of `abs` (which must be inside the work tree).

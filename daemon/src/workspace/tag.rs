@@ -437,13 +437,27 @@ impl Tagger {
                     // Not visited: in an ignored directory, or missing.
                     None => work_file(memo, &repo.abs(p), pkg_dir)?,
                 };
-                let same = w.is_some_and(|w| {
-                    let mode_ok = w.mode == e.mode
-                        || (!filemode && w.mode != MODE_LINK && e.mode != MODE_LINK);
-                    mode_ok && w.oid[..] == *e.oid.as_bytes()
-                });
-                if !same {
+                let Some(w) = w else {
                     dirty = true;
+                    break;
+                };
+                let mode_ok =
+                    w.mode == e.mode || (!filemode && w.mode != MODE_LINK && e.mode != MODE_LINK);
+                if !mode_ok {
+                    dirty = true;
+                    break;
+                }
+                if w.oid[..] != *e.oid.as_bytes() {
+                    if !repo.converts {
+                        dirty = true;
+                        break;
+                    }
+                    // Attributes or autocrlf: git compares the cleaned content,
+                    // which only git knows. Ask it, once for this directory.
+                    dirty = repo.diff_quiet(rel).map_err(|source| TagError::Git {
+                        dir: pkg_dir.to_owned(),
+                        source,
+                    })?;
                     break;
                 }
             }
@@ -478,12 +492,12 @@ impl Tagger {
     /// The hash outside git: paths, kinds, modes and contents, sorted.
     fn plain_hash(&mut self, pkg: &Package) -> Result<String, TagError> {
         let mut h = Sha256::new();
-        plain_tree(&mut self.memo, &mut h, &pkg.dir, &pkg.dir, &pkg.dir, "")?;
+        plain_tree(&mut self.memo, &mut h, &pkg.dir, &pkg.dir, &pkg.dir, b"")?;
         for (src, dst) in &pkg.extra_sources {
             h.update(b"extra-source\0");
             h.update(dst.as_bytes());
             h.update(b"\0");
-            plain_tree(&mut self.memo, &mut h, &pkg.dir, src, src, "")?;
+            plain_tree(&mut self.memo, &mut h, &pkg.dir, src, src, b"")?;
         }
         let mut hex = hex::encode(h.finalize());
         hex.truncate(40);
@@ -713,7 +727,7 @@ fn plain_tree(
     pkg_dir: &Path,
     root: &Path,
     d: &Path,
-    prefix: &str,
+    prefix: &[u8],
 ) -> Result<(), TagError> {
     let rd = std::fs::read_dir(d).map_err(|e| io(pkg_dir, d, &e))?;
     let mut entries = Vec::new();
@@ -728,11 +742,16 @@ fn plain_tree(
         }
         let path = d.join(&name);
         let meta = std::fs::symlink_metadata(&path).map_err(|e| io(pkg_dir, &path, &e))?;
-        let rel = format!("{prefix}{}", name.to_string_lossy());
+        // Names as bytes: no two names may share an entry.
+        let mut rel = prefix.to_vec();
+        rel.extend_from_slice(name.as_bytes());
         let ft = meta.file_type();
         if ft.is_dir() {
-            h.update(format!("dir {rel}\0").as_bytes());
-            plain_tree(memo, h, pkg_dir, root, &path, &format!("{rel}/"))?;
+            h.update(b"dir ");
+            h.update(&rel);
+            h.update(b"\0");
+            rel.push(b'/');
+            plain_tree(memo, h, pkg_dir, root, &path, &rel)?;
         } else if ft.is_file() || ft.is_symlink() {
             if ft.is_symlink() {
                 check_symlink(pkg_dir, root, &path)?;
@@ -740,7 +759,9 @@ fn plain_tree(
             let sums = memo
                 .sums(&path, &meta)
                 .map_err(|e| io(pkg_dir, &path, &e))?;
-            h.update(format!("{:o} {rel}\0", git_mode(&meta)).as_bytes());
+            h.update(format!("{:o} ", git_mode(&meta)).as_bytes());
+            h.update(&rel);
+            h.update(b"\0");
             h.update(sums.sha256);
         }
     }

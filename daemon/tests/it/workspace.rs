@@ -573,3 +573,21 @@ fn uncommitted_package_and_tag_all() {
     fn send<T: Send>(_: &T) {}
     send(&t);
 }
+
+#[test]
+fn attributes_that_convert_content() {
+    let r = Repo::new();
+    let p = r.package("a", "image: a\n");
+    r.write(".gitattributes", "*.txt text\n");
+    r.write("a/crlf.txt", "one\r\ntwo\r\n");
+    r.commit();
+    // The blob has LF, the work tree CRLF: git says clean, and so must kiln.
+    let mut t = Tagger::new();
+    let clean = both(&mut t, &r, &p);
+    assert_eq!(clean, lk_hash(&p, &[]));
+    assert!(!clean.contains("dirty"));
+    r.write("a/crlf.txt", "one\r\nthree\r\n");
+    let d = both(&mut t, &r, &p);
+    assert_eq!(d, lk_hash(&p, &[]));
+    assert!(d.contains("-dirty-"));
+}
