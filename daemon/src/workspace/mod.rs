@@ -5,6 +5,13 @@
 //! The tag of one package is a function of that package's files, its extra sources
 //! and its repository's HEAD and index; a workspace-level fold (a package that
 //! `FROM`s another) can be layered on [`Tagger::hash`].
+//!
+//! Use: `Workspace::discover(roots)`, then `Tagger::tag_all` over the packages. When
+//! the watcher reports changed paths (canonical, under the canonical roots), call
+//! `Workspace::reload(paths)` (packages added, removed or re-read) and
+//! `Tagger::invalidate(paths)` (hashes forgotten), then tag the packages both return.
+//! A commit, checkout or `git add` is noticed by the tagger itself (it stats HEAD, the
+//! refs and the index on every call and diffs what changed).
 
 pub mod discover;
 pub mod git;
