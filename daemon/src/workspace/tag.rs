@@ -674,8 +674,27 @@ impl Walk<'_> {
             if ft.is_symlink() {
                 check_symlink(self.pkg_dir, self.root, &path)?;
             }
-            let Some(w) = work_file(self.memo, &path, self.pkg_dir)? else {
-                continue;
+            let known = if tracked && ft.is_file() {
+                let meta = entry.metadata().map_err(|e| io(self.pkg_dir, &path, &e))?;
+                // SHA-1 repositories only: their ids are 40 hex.
+                let oid = self.repo.index_oid_if_unchanged(&rrel, &meta);
+                oid.filter(|o| o.len() == 40).map(|oid| {
+                    let mut w = WorkFile {
+                        mode: git_mode(&meta),
+                        oid: [0; 40],
+                    };
+                    w.oid.copy_from_slice(oid.as_bytes());
+                    w
+                })
+            } else {
+                None
+            };
+            let w = match known {
+                Some(w) => w,
+                None => match work_file(self.memo, &path, self.pkg_dir)? {
+                    Some(w) => w,
+                    None => continue,
+                },
             };
             if !tracked {
                 self.untracked.push(rel_here());

@@ -591,3 +591,40 @@ fn attributes_that_convert_content() {
     assert_eq!(d, lk_hash(&p, &[]));
     assert!(d.contains("-dirty-"));
 }
+
+#[test]
+fn index_stat_data_spares_reads_but_not_changes() {
+    let r = Repo::new();
+    let p = r.package("a", "image: a\n");
+    r.commit();
+    // Age the files past the racy window, and let git record their stat data.
+    let old = std::process::Command::new("touch")
+        .args(["-d", "-1 minute"])
+        .args(["a/build.yml", "a/Dockerfile", "a/src/main.c"])
+        .current_dir(&r.root)
+        .status()
+        .unwrap();
+    assert!(old.success());
+    git(&r.root, &["update-index", "-q", "--refresh"]);
+    let mut t = Tagger::new();
+    let clean = t.tag(&r.load(&p)).unwrap().to_string();
+    assert_eq!(clean, lk_hash(&p, &[]));
+    assert_eq!(
+        t.files_read(),
+        0,
+        "clean files matching the index are not read"
+    );
+
+    // Same size, mtime set back: the ctime still tells.
+    r.write("a/src/main.c", "int main() { return 7; }\n");
+    let back = std::process::Command::new("touch")
+        .args(["-d", "-1 minute", "a/src/main.c"])
+        .current_dir(&r.root)
+        .status()
+        .unwrap();
+    assert!(back.success());
+    t.invalidate(&[p.join("src/main.c")]);
+    let d = t.tag(&r.load(&p)).unwrap().to_string();
+    assert_eq!(d, lk_hash(&p, &[]));
+    assert!(d.contains("-dirty-"));
+}
