@@ -86,6 +86,8 @@ pub struct Repo {
     pub git_dir: PathBuf,
     common_dir: PathBuf,
     pub filemode: bool,
+    /// `core.quotePath` (default on): how `git ls-files` prints names.
+    pub quote_path: bool,
     /// Whether git may convert content between work tree and blob (a
     /// `.gitattributes` in HEAD, `info/attributes`, or `core.autocrlf`): then a
     /// content mismatch is confirmed with `git diff`.
@@ -181,6 +183,9 @@ impl Repo {
         let filemode = git(top, &["config", "--bool", "core.fileMode"])
             .map(|o| String::from_utf8_lossy(&o.stdout).trim() != "false")
             .unwrap_or(true);
+        let quote_path = git(top, &["config", "--bool", "core.quotePath"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() != "false")
+            .unwrap_or(true);
         let autocrlf = git(top, &["config", "core.autocrlf"])
             .map(|o| {
                 let v = String::from_utf8_lossy(&o.stdout)
@@ -200,6 +205,7 @@ impl Repo {
             git_dir: PathBuf::from(g),
             common_dir: PathBuf::from(c),
             filemode,
+            quote_path,
             converts: autocrlf,
             autocrlf,
             watch: Vec::new(),
@@ -599,10 +605,11 @@ pub fn blob_oid(content: &[u8]) -> String {
 
 /// How `git ls-files` prints a path with `core.quotePath` on (git's `quote_c_style`):
 /// quoted, with C escapes, if it holds `"`, `\`, a control byte or a byte >= 0x80.
-pub fn quote_path(name: &[u8]) -> Vec<u8> {
-    let needs = name
-        .iter()
-        .any(|&b| b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b));
+/// With `core.quotePath` off (`quote_high` false), bytes >= 0x80 pass through.
+pub fn quote_path(name: &[u8], quote_high: bool) -> Vec<u8> {
+    let special =
+        |b: u8| b == b'"' || b == b'\\' || b < 0x20 || b == 0x7f || (quote_high && b > 0x7f);
+    let needs = name.iter().any(|&b| special(b));
     if !needs {
         return name.to_vec();
     }
@@ -622,7 +629,7 @@ pub fn quote_path(name: &[u8]) -> Vec<u8> {
         };
         match esc {
             Some(e) => out.extend_from_slice(&[b'\\', e]),
-            None if !(0x20..0x7f).contains(&b) => {
+            None if special(b) => {
                 out.extend_from_slice(format!("\\{b:03o}").as_bytes());
             }
             None => out.push(b),
@@ -638,10 +645,16 @@ mod tests {
 
     #[test]
     fn quoting_matches_git() {
-        assert_eq!(quote_path(b"a b"), b"a b");
-        assert_eq!(quote_path("é".as_bytes()), br#""\303\251""#);
-        assert_eq!(quote_path(b"a\tb\"c\\"), br#""a\tb\"c\\""#);
-        assert_eq!(quote_path(b"\x7f\x01"), br#""\177\001""#);
+        assert_eq!(quote_path(b"a b", true), b"a b");
+        assert_eq!(quote_path("é".as_bytes(), true), br#""\303\251""#);
+        assert_eq!(quote_path(b"a\tb\"c\\", true), br#""a\tb\"c\\""#);
+        assert_eq!(quote_path(b"\x7f\x01", true), br#""\177\001""#);
+        assert_eq!(quote_path("é".as_bytes(), false), "é".as_bytes());
+        // `git -c core.quotePath=false ls-files` prints "q\"é" as `"q\"é"`.
+        assert_eq!(
+            quote_path("q\"é".as_bytes(), false),
+            "\"q\\\"é\"".as_bytes()
+        );
     }
 
     #[test]

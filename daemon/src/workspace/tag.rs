@@ -486,6 +486,7 @@ impl Tagger {
             dirty,
             tracked,
             untracked,
+            quote_high: repo.quote_path,
         })
     }
 
@@ -530,6 +531,8 @@ struct GitScan {
     tracked: Vec<Vec<u8>>,
     /// `git ls-files --others --exclude-standard`: sorted, nested repositories as `dir/`.
     untracked: Vec<Vec<u8>>,
+    /// `core.quotePath`.
+    quote_high: bool,
 }
 
 /// A work-tree file as git would record it.
@@ -713,13 +716,13 @@ impl Walk<'_> {
 fn linuxkit_content_hash(pkg_dir: &Path, dir: &Path, scan: &GitScan) -> Result<[u8; 32], TagError> {
     let mut tracked = Vec::new();
     for n in &scan.tracked {
-        tracked.extend_from_slice(&quote_path(n));
+        tracked.extend_from_slice(&quote_path(n, scan.quote_high));
         tracked.push(b'\n');
     }
     let mut all = tracked;
     all.push(b'\n');
     for n in &scan.untracked {
-        all.extend_from_slice(&quote_path(n));
+        all.extend_from_slice(&quote_path(n, scan.quote_high));
         all.push(b'\n');
     }
     let mut h = Sha256::new();
