@@ -664,6 +664,23 @@ mod tests {
     }
 
     #[test]
+    fn json_round_trip() {
+        let json = serde_json::json!({
+            "image": "a", "org": "o", "tag": "x-{{.Hash}}", "dockerfile": "d/Dockerfile",
+            "arches": ["s390x"], "extra-sources": ["../l:/l"], "gitrepo": "g",
+            "network": true, "disable-cache": true, "config": {"net": "host"},
+            "buildArgs": ["A=1"],
+            "depends": {"docker-images": {"target": "t.tar", "from-file": "f"}}
+        });
+        let spec: BuildSpec = serde_json::from_value(json.clone()).unwrap();
+        let back = serde_json::to_value(&spec).unwrap();
+        let again: BuildSpec = serde_json::from_value(back).unwrap();
+        assert_eq!(spec, again);
+        assert_eq!(spec.tag.render("h"), "x-h");
+        assert_eq!(spec.repo_name().unwrap().as_str(), "o/a");
+    }
+
+    #[test]
     fn arches_and_images() {
         assert_eq!("arm64".parse::<Arch>().unwrap().platform(), "linux/arm64");
         assert!("x86_64".parse::<Arch>().is_err());

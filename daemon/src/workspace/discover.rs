@@ -28,7 +28,9 @@ impl Workspace {
         };
         for root in ws.roots.clone() {
             for dir in ws.find(&root) {
-                let pkg = Package::load(&dir, &root);
+                // The walk follows no symlinks, so a directory under a canonical root
+                // is canonical.
+                let pkg = Package::load_canonical(dir.clone(), root.clone());
                 ws.packages.insert(dir, pkg);
             }
         }
@@ -66,8 +68,9 @@ impl Workspace {
     }
 
     /// Re-reads the packages that `paths` may have created, changed or removed: a
-    /// `build.yml` itself, or a directory (rescanned). Returns the package
-    /// directories added, changed or removed.
+    /// `build.yml`, a directory (rescanned), a package's Dockerfile or extra source,
+    /// anything in a broken package. Returns the package directories added, changed
+    /// or removed (a package whose directory is gone is dropped).
     pub fn reload(&mut self, paths: &[PathBuf]) -> Vec<PathBuf> {
         let mut touched = Vec::new();
         for p in paths {
@@ -90,9 +93,29 @@ impl Workspace {
                 self.packages.remove(&d);
                 touched.push(d);
             }
+            // Packages that name the changed path: their Dockerfile or an extra
+            // source; and broken packages, whose error may be gone.
+            let affected: Vec<PathBuf> = self
+                .packages
+                .iter()
+                .filter(|(d, pkg)| match pkg {
+                    Err(_) => p.starts_with(d),
+                    Ok(pkg) => {
+                        *p == pkg.dockerfile
+                            || *p == d.join(pkg.spec.dockerfile.as_str())
+                            || pkg.extra_sources.iter().any(|(s, _)| s.starts_with(p))
+                    }
+                })
+                .map(|(d, _)| d.clone())
+                .collect();
+            for d in affected {
+                let pkg = Package::load_canonical(d.clone(), root.clone());
+                self.packages.insert(d.clone(), pkg);
+                touched.push(d);
+            }
             if dir.is_dir() {
                 for d in self.find(&dir) {
-                    let pkg = Package::load(&d, &root);
+                    let pkg = Package::load_canonical(d.clone(), root.clone());
                     self.packages.insert(d.clone(), pkg);
                     touched.push(d);
                 }

@@ -86,6 +86,13 @@ pub struct Repo {
     pub git_dir: PathBuf,
     common_dir: PathBuf,
     pub filemode: bool,
+    /// `core.quotePath` (default on): how `git ls-files` prints names.
+    pub quote_path: bool,
+    /// Whether git may convert content between work tree and blob (a
+    /// `.gitattributes` in HEAD, `info/attributes`, or `core.autocrlf`): then a
+    /// content mismatch is confirmed with `git diff`.
+    pub converts: bool,
+    autocrlf: bool,
     watch: Vec<(PathBuf, Option<Stamp>)>,
     /// HEAD's commit, `None` while the branch is unborn.
     pub head: Option<String>,
@@ -94,6 +101,9 @@ pub struct Repo {
     pub tree: BTreeMap<Vec<u8>, TreeEntry>,
     /// Repo-relative path to index entry, in index (byte) order.
     pub index: BTreeMap<Vec<u8>, IndexEntry>,
+    /// The stat data git recorded per index entry (stage 0), and the index's mtime.
+    index_stats: HashMap<Vec<u8>, IndexStat>,
+    index_mtime_ns: i128,
     excludes: Gitignore,
     global: Gitignore,
     /// Per directory: the `.gitignore` stamp, its matcher, and the scan that checked it.
@@ -173,6 +183,17 @@ impl Repo {
         let filemode = git(top, &["config", "--bool", "core.fileMode"])
             .map(|o| String::from_utf8_lossy(&o.stdout).trim() != "false")
             .unwrap_or(true);
+        let quote_path = git(top, &["config", "--bool", "core.quotePath"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() != "false")
+            .unwrap_or(true);
+        let autocrlf = git(top, &["config", "core.autocrlf"])
+            .map(|o| {
+                let v = String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .to_ascii_lowercase();
+                !v.is_empty() && v != "false"
+            })
+            .unwrap_or(false);
         let top = PathBuf::from(t);
         let mut excludes = GitignoreBuilder::new(&top);
         // A missing info/exclude is normal.
@@ -184,11 +205,16 @@ impl Repo {
             git_dir: PathBuf::from(g),
             common_dir: PathBuf::from(c),
             filemode,
+            quote_path,
+            converts: autocrlf,
+            autocrlf,
             watch: Vec::new(),
             head: None,
             root_tree: None,
             tree: BTreeMap::new(),
             index: BTreeMap::new(),
+            index_stats: HashMap::new(),
+            index_mtime_ns: 0,
             excludes,
             global,
             dir_ignores: HashMap::new(),
@@ -259,16 +285,31 @@ impl Repo {
                 }
             }
             diff_keys(&self.tree, &tree, &mut changed);
+            self.converts = self.autocrlf
+                || self.git_dir.join("info/attributes").exists()
+                || tree.keys().any(|k| k.ends_with(b".gitattributes"));
             self.tree = tree;
             self.root_tree = root_tree;
             self.head = head;
         }
 
-        let out = git_ok(&self.top, &["ls-files", "-s", "-z"])?;
+        // With --debug each record is followed by five lines of stat data, which
+        // let a file whose lstat matches skip being read (as git itself does).
+        let out = git_ok(&self.top, &["ls-files", "-s", "-z", "--debug"])?;
         let mut index: BTreeMap<Vec<u8>, IndexEntry> = BTreeMap::new();
-        for rec in out.split(|&b| b == 0).filter(|r| !r.is_empty()) {
+        let mut stats = HashMap::new();
+        let mut prev: Option<Vec<u8>> = None;
+        for chunk in out.split(|&b| b == 0).filter(|r| !r.is_empty()) {
+            let (debug, rec) = split_debug(chunk, prev.is_some());
+            if let (Some(p), Some(st)) = (prev.take(), debug.and_then(parse_index_stat)) {
+                stats.insert(p, st);
+            }
+            if rec.is_empty() {
+                continue;
+            }
             // "<mode> <oid> <stage>\t<path>"
             let (mode, oid, path) = parse_record(rec, &self.top, "ls-files")?;
+            prev = Some(path.clone());
             index
                 .entry(path)
                 .and_modify(|e| e.stages += 1)
@@ -280,6 +321,8 @@ impl Repo {
         }
         diff_keys(&self.index, &index, &mut changed);
         self.index = index;
+        self.index_stats = stats;
+        self.index_mtime_ns = Stamp::lstat(&self.git_dir.join("index")).map_or(0, |s| s.mtime_ns);
         if excludes_changed {
             let mut b = GitignoreBuilder::new(&self.top);
             let _ = b.add(self.git_dir.join("info/exclude"));
@@ -289,6 +332,49 @@ impl Repo {
         changed.sort();
         changed.dedup();
         Ok(Some(changed))
+    }
+
+    /// The blob id of a tracked work-tree file whose `lstat` matches what the index
+    /// recorded, without reading it; `None` when git itself would have to look
+    /// (no stat data, a different stat, or a "racily clean" entry no older than the
+    /// index file).
+    pub fn index_oid_if_unchanged(&self, rel: &[u8], meta: &std::fs::Metadata) -> Option<&str> {
+        let st = self.index_stats.get(rel)?;
+        let now = Stamp::of(meta);
+        let same = st.size == now.size
+            && st.mtime_ns == now.mtime_ns
+            && st.ctime_ns == now.ctime_ns
+            && st.ino == now.ino;
+        if !same || st.mtime_ns >= self.index_mtime_ns {
+            return None;
+        }
+        self.index.get(rel).map(|e| e.oid.as_str())
+    }
+
+    /// LinuxKit's tracked-change check (git.go `isDirty`):
+    /// `git diff --no-ext-diff --exit-code --quiet HEAD -- DIR`.
+    pub fn diff_quiet(&self, rel: &[u8]) -> Result<bool, GitError> {
+        let dir = self.abs(rel);
+        let spec = dir.to_string_lossy();
+        let args = [
+            "diff",
+            "--no-ext-diff",
+            "--exit-code",
+            "--quiet",
+            "HEAD",
+            "--",
+            &spec,
+        ];
+        let out = git(&self.top, &args)?;
+        match out.status.code() {
+            Some(0) => Ok(false),
+            Some(1) => Ok(true),
+            _ => Err(GitError {
+                dir: self.top.clone(),
+                args: args.join(" "),
+                message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            }),
+        }
     }
 
     /// The repo-relative path of `abs` (which must be inside the work tree).
@@ -405,6 +491,63 @@ impl Repo {
     }
 }
 
+/// What `git ls-files --debug` shows of an entry's stat data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexStat {
+    pub ctime_ns: i128,
+    pub mtime_ns: i128,
+    pub ino: u64,
+    pub size: u64,
+}
+
+/// Splits a `ls-files -z --debug` chunk into the five debug lines of the previous
+/// record (if one is expected) and the next record.
+fn split_debug(chunk: &[u8], expect_debug: bool) -> (Option<&[u8]>, &[u8]) {
+    if !expect_debug {
+        return (None, chunk);
+    }
+    let mut end = 0;
+    for _ in 0..5 {
+        match chunk[end..].iter().position(|&b| b == b'\n') {
+            Some(i) => end += i + 1,
+            None => return (None, &chunk[chunk.len()..]),
+        }
+    }
+    (Some(&chunk[..end]), &chunk[end..])
+}
+
+/// Parses "  ctime: S:NS\n  mtime: S:NS\n  dev: D\tino: I\n  uid: U\tgid: G\n  size: Z\tflags: F\n".
+fn parse_index_stat(debug: &[u8]) -> Option<IndexStat> {
+    let text = std::str::from_utf8(debug).ok()?;
+    let mut st = IndexStat {
+        ctime_ns: -1,
+        mtime_ns: -1,
+        ino: 0,
+        size: 0,
+    };
+    let time = |v: &str| -> Option<i128> {
+        let (s, ns) = v.split_once(':')?;
+        Some(s.parse::<i128>().ok()? * 1_000_000_000 + ns.parse::<i128>().ok()?)
+    };
+    let mut seen = 0;
+    for field in text
+        .split(['\n', '\t'])
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+    {
+        let (k, v) = field.split_once(": ")?;
+        match k {
+            "ctime" => st.ctime_ns = time(v)?,
+            "mtime" => st.mtime_ns = time(v)?,
+            "ino" => st.ino = v.parse().ok()?,
+            "size" => st.size = v.parse().ok()?,
+            _ => continue,
+        }
+        seen += 1;
+    }
+    (seen == 4).then_some(st)
+}
+
 /// `rel/` (or empty for the top).
 pub fn dir_prefix(rel: &[u8]) -> Vec<u8> {
     let mut p = rel.to_vec();
@@ -462,10 +605,11 @@ pub fn blob_oid(content: &[u8]) -> String {
 
 /// How `git ls-files` prints a path with `core.quotePath` on (git's `quote_c_style`):
 /// quoted, with C escapes, if it holds `"`, `\`, a control byte or a byte >= 0x80.
-pub fn quote_path(name: &[u8]) -> Vec<u8> {
-    let needs = name
-        .iter()
-        .any(|&b| b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b));
+/// With `core.quotePath` off (`quote_high` false), bytes >= 0x80 pass through.
+pub fn quote_path(name: &[u8], quote_high: bool) -> Vec<u8> {
+    let special =
+        |b: u8| b == b'"' || b == b'\\' || b < 0x20 || b == 0x7f || (quote_high && b > 0x7f);
+    let needs = name.iter().any(|&b| special(b));
     if !needs {
         return name.to_vec();
     }
@@ -485,7 +629,7 @@ pub fn quote_path(name: &[u8]) -> Vec<u8> {
         };
         match esc {
             Some(e) => out.extend_from_slice(&[b'\\', e]),
-            None if !(0x20..0x7f).contains(&b) => {
+            None if special(b) => {
                 out.extend_from_slice(format!("\\{b:03o}").as_bytes());
             }
             None => out.push(b),
@@ -501,10 +645,41 @@ mod tests {
 
     #[test]
     fn quoting_matches_git() {
-        assert_eq!(quote_path(b"a b"), b"a b");
-        assert_eq!(quote_path("é".as_bytes()), br#""\303\251""#);
-        assert_eq!(quote_path(b"a\tb\"c\\"), br#""a\tb\"c\\""#);
-        assert_eq!(quote_path(b"\x7f\x01"), br#""\177\001""#);
+        assert_eq!(quote_path(b"a b", true), b"a b");
+        assert_eq!(quote_path("é".as_bytes(), true), br#""\303\251""#);
+        assert_eq!(quote_path(b"a\tb\"c\\", true), br#""a\tb\"c\\""#);
+        assert_eq!(quote_path(b"\x7f\x01", true), br#""\177\001""#);
+        assert_eq!(quote_path("é".as_bytes(), false), "é".as_bytes());
+        // `git -c core.quotePath=false ls-files` prints "q\"é" as `"q\"é"`.
+        assert_eq!(
+            quote_path("q\"é".as_bytes(), false),
+            "\"q\\\"é\"".as_bytes()
+        );
+    }
+
+    #[test]
+    fn index_debug_records() {
+        let out = b"100644 45b983be36b73c0788dc9cbcb76cbb80fc7bb057 0\tp/a\0  ctime: 1795341848:369572139\n  mtime: 1795341848:369572138\n  dev: 65024\tino: 10018852\n  uid: 0\tgid: 0\n  size: 3\tflags: 0\n100644 587be6b4c3f93f93c489c0111bba5596147a26cb 0\tp/\n\0  ctime: 1:2\n  mtime: 3:4\n  dev: 0\tino: 5\n  uid: 0\tgid: 0\n  size: 6\tflags: 0\n";
+        let chunks: Vec<&[u8]> = out.split(|&b| b == 0).collect();
+        let (d, rec) = split_debug(chunks[0], false);
+        assert!(d.is_none() && rec.ends_with(b"\tp/a"));
+        let (d, rec) = split_debug(chunks[1], true);
+        let st = parse_index_stat(d.unwrap()).unwrap();
+        assert_eq!(
+            st,
+            IndexStat {
+                ctime_ns: 1_795_341_848_369_572_139,
+                mtime_ns: 1_795_341_848_369_572_138,
+                ino: 10018852,
+                size: 3
+            }
+        );
+        // A path with a newline survives.
+        assert!(rec.ends_with(b"\tp/\n"));
+        let (d, rec) = split_debug(chunks[2], true);
+        assert_eq!(parse_index_stat(d.unwrap()).unwrap().size, 6);
+        assert!(rec.is_empty());
+        assert!(parse_index_stat(b"  ctime: x\n").is_none());
     }
 
     #[test]

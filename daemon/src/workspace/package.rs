@@ -90,6 +90,12 @@ impl Package {
             Err(e) => return Err(io_err(dir, &e)),
         };
         let root = std::fs::canonicalize(root).map_err(|e| io_err(root, &e))?;
+        Package::load_canonical(dir, root)
+    }
+
+    /// [`Package::load`] for a `dir` and `root` that are already canonical (as the
+    /// workspace walk gives them: it follows no symlinks).
+    pub fn load_canonical(dir: PathBuf, root: PathBuf) -> Result<Package, PackageError> {
         let file = dir.join(BUILD_YML);
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
@@ -111,7 +117,15 @@ impl Package {
             reason,
         };
         let dockerfile = clean_abs(&dir.join(spec.dockerfile.as_str()));
-        let real = std::fs::canonicalize(&dockerfile).map_err(|e| {
+        // A plain file named directly in the package needs no symlink resolution.
+        let direct = dockerfile.parent() == Some(dir.as_path())
+            && dockerfile.symlink_metadata().is_ok_and(|m| m.is_file());
+        let resolved = if direct {
+            Ok(dockerfile.clone())
+        } else {
+            std::fs::canonicalize(&dockerfile)
+        };
+        let real = resolved.map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 df_err(format!(
                     "{} does not exist: create it or set `dockerfile` in build.yml",

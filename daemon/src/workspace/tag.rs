@@ -87,6 +87,15 @@ struct Memo {
 const RACY_NS: i128 = 2_000_000_000;
 
 impl Memo {
+    fn sums_of(content: &[u8]) -> std::io::Result<Sums> {
+        let mut oid = [0u8; 40];
+        oid.copy_from_slice(blob_oid(content).as_bytes());
+        Ok(Sums {
+            oid,
+            sha256: Sha256::digest(content).into(),
+        })
+    }
+
     fn sums(&mut self, path: &Path, meta: &std::fs::Metadata) -> std::io::Result<Sums> {
         let stamp = Stamp::of(meta);
         if let Some((s, sums)) = self.files.get(path) {
@@ -98,14 +107,20 @@ impl Memo {
         let content = if meta.file_type().is_symlink() {
             std::fs::read_link(path)?.into_os_string().into_vec()
         } else {
-            std::fs::read(path)?
+            use std::io::Read;
+            // Sized from the lstat already made; `take` avoids std's own fstat+lseek.
+            let mut buf = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+            std::fs::File::open(path)?
+                .take(meta.len().saturating_add(1))
+                .read_to_end(&mut buf)?;
+            if buf.len() as u64 != meta.len() {
+                // Changed while read: hash what is there now, remember nothing.
+                self.files.remove(path);
+                return Self::sums_of(&std::fs::read(path)?);
+            }
+            buf
         };
-        let mut oid = [0u8; 40];
-        oid.copy_from_slice(blob_oid(&content).as_bytes());
-        let sums = Sums {
-            oid,
-            sha256: Sha256::digest(&content).into(),
-        };
+        let sums = Self::sums_of(&content)?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i128);
@@ -131,6 +146,8 @@ struct Cached {
 #[derive(Debug, Default)]
 pub struct Tagger {
     repos: HashMap<PathBuf, Repo>,
+    /// Directory to the top of its work tree (`None`: not in git).
+    tops: HashMap<PathBuf, Option<PathBuf>>,
     memo: Memo,
     cache: HashMap<PathBuf, Cached>,
 }
@@ -148,12 +165,7 @@ impl Tagger {
     /// The package's tag: its hash through the `tag` template.
     pub fn tag(&mut self, pkg: &Package) -> Result<Tag, TagError> {
         let hash = self.hash(pkg)?;
-        let tag = pkg.spec.tag.render(&hash);
-        tag.parse().map_err(|_| TagError::BadTag {
-            dir: pkg.dir.clone(),
-            template: pkg.spec.tag.source().to_owned(),
-            tag,
-        })
+        render(pkg, &hash)
     }
 
     /// `org/image:tag`.
@@ -164,13 +176,67 @@ impl Tagger {
     /// The value of `{{.Hash}}` for the package (cached until [`Tagger::invalidate`]
     /// names one of its paths, or the git repository's HEAD or index changes).
     pub fn hash(&mut self, pkg: &Package) -> Result<String, TagError> {
-        let mut tops = vec![find_top(&pkg.dir)];
-        tops.extend(pkg.extra_sources.iter().map(|(s, _)| find_top(s)));
-        for top in tops.into_iter().flatten() {
-            self.sync_repo(&top).map_err(|source| TagError::Git {
-                dir: pkg.dir.clone(),
-                source,
-            })?;
+        let mut errors = HashMap::new();
+        self.sync(&[pkg], &mut errors);
+        self.hash_synced(pkg, &errors)
+    }
+
+    /// The tags of many packages, each repository checked once (for a whole
+    /// workspace, this is much cheaper than [`Tagger::tag`] one by one).
+    pub fn tag_all(&mut self, pkgs: &[&Package]) -> Vec<Result<Tag, TagError>> {
+        let mut errors = HashMap::new();
+        self.sync(pkgs, &mut errors);
+        pkgs.iter()
+            .map(|p| {
+                let hash = self.hash_synced(p, &errors)?;
+                render(p, &hash)
+            })
+            .collect()
+    }
+
+    /// Brings the repositories of `pkgs` up to date, once each, and starts a scan.
+    fn sync(&mut self, pkgs: &[&Package], errors: &mut HashMap<PathBuf, GitError>) {
+        let mut seen = std::collections::HashSet::new();
+        for pkg in pkgs {
+            let dirs = std::iter::once(&pkg.dir).chain(pkg.extra_sources.iter().map(|(s, _)| s));
+            let tops: Vec<PathBuf> = dirs.filter_map(|d| self.top(d)).collect();
+            for top in tops {
+                if !seen.insert(top.clone()) {
+                    continue;
+                }
+                match self.sync_repo(&top) {
+                    Ok(()) => {
+                        if let Some(r) = self.repos.get_mut(&top) {
+                            r.begin_scan();
+                        }
+                    }
+                    Err(e) => {
+                        errors.insert(top, e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn hash_synced(
+        &mut self,
+        pkg: &Package,
+        errors: &HashMap<PathBuf, GitError>,
+    ) -> Result<String, TagError> {
+        let dirs = std::iter::once(&pkg.dir).chain(pkg.extra_sources.iter().map(|(s, _)| s));
+        for d in dirs {
+            if let Some(e) = self
+                .tops
+                .get(d)
+                .cloned()
+                .flatten()
+                .and_then(|t| errors.get(&t))
+            {
+                return Err(TagError::Git {
+                    dir: pkg.dir.clone(),
+                    source: e.clone(),
+                });
+            }
         }
         if let Some(c) = self.cache.get(&pkg.dir) {
             if c.sources == pkg.extra_sources {
@@ -188,21 +254,38 @@ impl Tagger {
         hash
     }
 
+    /// The top of the work tree holding `dir`, remembered.
+    fn top(&mut self, dir: &Path) -> Option<PathBuf> {
+        if let Some(t) = self.tops.get(dir) {
+            return t.clone();
+        }
+        let t = find_top(dir);
+        self.tops.insert(dir.to_owned(), t.clone());
+        t
+    }
+
     /// Forgets the hashes that `paths` (created, changed or removed files or
     /// directories) may change. Returns the package directories forgotten.
     pub fn invalidate(&mut self, paths: &[PathBuf]) -> Vec<PathBuf> {
+        // A repository created or removed changes which work tree a directory is in.
+        if paths
+            .iter()
+            .any(|p| p.file_name() == Some(OsStr::new(".git")))
+        {
+            self.tops.clear();
+        }
         let mut gone = Vec::new();
         self.cache.retain(|dir, c| {
             let hit = paths.iter().any(|p| {
                 let deps = std::iter::once(dir).chain(c.sources.iter().map(|(s, _)| s));
                 let mut deps = deps;
                 deps.any(|d| {
-                    p.starts_with(d)
+                    under(p, d)
                         // A directory above the package (removed, renamed) or a
                         // .gitignore above it (changes what is untracked).
-                        || d.starts_with(p)
+                        || under(d, p)
                         || (p.file_name() == Some(OsStr::new(".gitignore"))
-                            && p.parent().is_some_and(|pp| d.starts_with(pp)))
+                            && p.parent().is_some_and(|pp| under(d, pp)))
                 })
             });
             if hit {
@@ -242,16 +325,13 @@ impl Tagger {
 
     fn compute(&mut self, pkg: &Package) -> Result<String, TagError> {
         let dir = &pkg.dir;
-        if !dir.is_dir() {
-            return Err(TagError::Vanished { dir: dir.clone() });
-        }
-        let Some(top) = find_top(dir) else {
+        let Some(top) = self.top(dir) else {
             return self.plain_hash(pkg);
         };
         // Every tree (package and sources) must be at HEAD for a git hash.
         let mut trees = Vec::new();
         for d in std::iter::once(dir).chain(pkg.extra_sources.iter().map(|(s, _)| s)) {
-            let tree = find_top(d).and_then(|t| {
+            let tree = self.top(d).and_then(|t| {
                 let r = self.repos.get(&t)?;
                 let rel = r.rel(d)?;
                 r.tree_hash(&rel).map(|h| (t.clone(), rel, h.to_owned()))
@@ -313,7 +393,6 @@ impl Tagger {
                 dir: pkg_dir.to_owned(),
             });
         };
-        repo.begin_scan();
         let mut walk = Walk {
             repo,
             memo,
@@ -324,7 +403,7 @@ impl Tagger {
             untracked: Vec::new(),
         };
         match std::fs::symlink_metadata(dir) {
-            Err(e) if e.kind() == ErrorKind::NotFound => {
+            Err(e) if e.kind() == ErrorKind::NotFound && dir == pkg_dir => {
                 return Err(TagError::Vanished {
                     dir: pkg_dir.to_owned(),
                 });
@@ -358,13 +437,27 @@ impl Tagger {
                     // Not visited: in an ignored directory, or missing.
                     None => work_file(memo, &repo.abs(p), pkg_dir)?,
                 };
-                let same = w.is_some_and(|w| {
-                    let mode_ok = w.mode == e.mode
-                        || (!filemode && w.mode != MODE_LINK && e.mode != MODE_LINK);
-                    mode_ok && w.oid[..] == *e.oid.as_bytes()
-                });
-                if !same {
+                let Some(w) = w else {
                     dirty = true;
+                    break;
+                };
+                let mode_ok =
+                    w.mode == e.mode || (!filemode && w.mode != MODE_LINK && e.mode != MODE_LINK);
+                if !mode_ok {
+                    dirty = true;
+                    break;
+                }
+                if w.oid[..] != *e.oid.as_bytes() {
+                    if !repo.converts {
+                        dirty = true;
+                        break;
+                    }
+                    // Attributes or autocrlf: git compares the cleaned content,
+                    // which only git knows. Ask it, once for this directory.
+                    dirty = repo.diff_quiet(rel).map_err(|source| TagError::Git {
+                        dir: pkg_dir.to_owned(),
+                        source,
+                    })?;
                     break;
                 }
             }
@@ -393,23 +486,41 @@ impl Tagger {
             dirty,
             tracked,
             untracked,
+            quote_high: repo.quote_path,
         })
     }
 
     /// The hash outside git: paths, kinds, modes and contents, sorted.
     fn plain_hash(&mut self, pkg: &Package) -> Result<String, TagError> {
         let mut h = Sha256::new();
-        plain_tree(&mut self.memo, &mut h, &pkg.dir, &pkg.dir, &pkg.dir, "")?;
+        plain_tree(&mut self.memo, &mut h, &pkg.dir, &pkg.dir, &pkg.dir, b"")?;
         for (src, dst) in &pkg.extra_sources {
             h.update(b"extra-source\0");
             h.update(dst.as_bytes());
             h.update(b"\0");
-            plain_tree(&mut self.memo, &mut h, &pkg.dir, src, src, "")?;
+            plain_tree(&mut self.memo, &mut h, &pkg.dir, src, src, b"")?;
         }
         let mut hex = hex::encode(h.finalize());
         hex.truncate(40);
         Ok(hex)
     }
+}
+
+/// The tag for a hash, through the package's template.
+fn render(pkg: &Package, hash: &str) -> Result<Tag, TagError> {
+    let tag = pkg.spec.tag.render(hash);
+    tag.parse().map_err(|_| TagError::BadTag {
+        dir: pkg.dir.clone(),
+        template: pkg.spec.tag.source().to_owned(),
+        tag,
+    })
+}
+
+/// Whether `p` is `dir` or below it (bytewise: `Path::starts_with` is slow).
+fn under(p: &Path, dir: &Path) -> bool {
+    let (p, d) = (p.as_os_str().as_bytes(), dir.as_os_str().as_bytes());
+    let d = d.strip_suffix(b"/").unwrap_or(d);
+    p.starts_with(d) && (p.len() == d.len() || p[d.len()] == b'/')
 }
 
 /// The result of scanning one directory of a repository.
@@ -420,6 +531,8 @@ struct GitScan {
     tracked: Vec<Vec<u8>>,
     /// `git ls-files --others --exclude-standard`: sorted, nested repositories as `dir/`.
     untracked: Vec<Vec<u8>>,
+    /// `core.quotePath`.
+    quote_high: bool,
 }
 
 /// A work-tree file as git would record it.
@@ -512,42 +625,46 @@ struct Walk<'a> {
 }
 
 impl Walk<'_> {
-    fn dir(&mut self, d: &Path) -> Result<(), TagError> {
+    /// Scans directory `d`; `Ok(true)` if it is a nested repository (not the root),
+    /// which git does not look into.
+    fn dir(&mut self, d: &Path) -> Result<bool, TagError> {
         let rd = std::fs::read_dir(d).map_err(|e| io(self.pkg_dir, d, &e))?;
+        let mut entries = Vec::new();
         for entry in rd {
             let entry = entry.map_err(|e| io(self.pkg_dir, d, &e))?;
-            let name = entry.file_name();
-            if name == ".git" {
+            if entry.file_name() == ".git" {
+                if d != self.root {
+                    return Ok(true);
+                }
                 continue;
             }
+            entries.push(entry);
+        }
+        for entry in entries {
             let path = entry.path();
             let ft = entry.file_type().map_err(|e| io(self.pkg_dir, &path, &e))?;
             let Some(rrel) = self.repo.rel(&path) else {
                 continue;
             };
-            let rel_here = || {
-                let s = if self.rel_len == 0 {
-                    0
-                } else {
-                    self.rel_len + 1
-                };
-                rrel[s..].to_vec()
+            let strip = if self.rel_len == 0 {
+                0
+            } else {
+                self.rel_len + 1
             };
+            let rel_here = || rrel[strip..].to_vec();
             if ft.is_dir() {
-                if path.join(".git").symlink_metadata().is_ok() {
-                    // A nested repository or a submodule: git does not look inside;
-                    // untracked, it is listed as `dir/`.
-                    if !self.repo.index.contains_key(&rrel) && !self.repo.is_ignored(&path, true) {
+                if self.repo.is_ignored(&path, true) {
+                    continue;
+                }
+                if self.dir(&path)? {
+                    // A nested repository or a submodule: untracked, git lists it
+                    // as `dir/`.
+                    if !self.repo.index.contains_key(&rrel) {
                         let mut n = rel_here();
                         n.push(b'/');
                         self.untracked.push(n);
                     }
-                    continue;
                 }
-                if self.repo.is_ignored(&path, true) {
-                    continue;
-                }
-                self.dir(&path)?;
                 continue;
             }
             if !ft.is_file() && !ft.is_symlink() {
@@ -560,15 +677,34 @@ impl Walk<'_> {
             if ft.is_symlink() {
                 check_symlink(self.pkg_dir, self.root, &path)?;
             }
-            let Some(w) = work_file(self.memo, &path, self.pkg_dir)? else {
-                continue;
+            let known = if tracked && ft.is_file() {
+                let meta = entry.metadata().map_err(|e| io(self.pkg_dir, &path, &e))?;
+                // SHA-1 repositories only: their ids are 40 hex.
+                let oid = self.repo.index_oid_if_unchanged(&rrel, &meta);
+                oid.filter(|o| o.len() == 40).map(|oid| {
+                    let mut w = WorkFile {
+                        mode: git_mode(&meta),
+                        oid: [0; 40],
+                    };
+                    w.oid.copy_from_slice(oid.as_bytes());
+                    w
+                })
+            } else {
+                None
+            };
+            let w = match known {
+                Some(w) => w,
+                None => match work_file(self.memo, &path, self.pkg_dir)? {
+                    Some(w) => w,
+                    None => continue,
+                },
             };
             if !tracked {
                 self.untracked.push(rel_here());
             }
             self.work.insert(rrel, w);
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -580,13 +716,13 @@ impl Walk<'_> {
 fn linuxkit_content_hash(pkg_dir: &Path, dir: &Path, scan: &GitScan) -> Result<[u8; 32], TagError> {
     let mut tracked = Vec::new();
     for n in &scan.tracked {
-        tracked.extend_from_slice(&quote_path(n));
+        tracked.extend_from_slice(&quote_path(n, scan.quote_high));
         tracked.push(b'\n');
     }
     let mut all = tracked;
     all.push(b'\n');
     for n in &scan.untracked {
-        all.extend_from_slice(&quote_path(n));
+        all.extend_from_slice(&quote_path(n, scan.quote_high));
         all.push(b'\n');
     }
     let mut h = Sha256::new();
@@ -613,7 +749,7 @@ fn plain_tree(
     pkg_dir: &Path,
     root: &Path,
     d: &Path,
-    prefix: &str,
+    prefix: &[u8],
 ) -> Result<(), TagError> {
     let rd = std::fs::read_dir(d).map_err(|e| io(pkg_dir, d, &e))?;
     let mut entries = Vec::new();
@@ -628,11 +764,16 @@ fn plain_tree(
         }
         let path = d.join(&name);
         let meta = std::fs::symlink_metadata(&path).map_err(|e| io(pkg_dir, &path, &e))?;
-        let rel = format!("{prefix}{}", name.to_string_lossy());
+        // Names as bytes: no two names may share an entry.
+        let mut rel = prefix.to_vec();
+        rel.extend_from_slice(name.as_bytes());
         let ft = meta.file_type();
         if ft.is_dir() {
-            h.update(format!("dir {rel}\0").as_bytes());
-            plain_tree(memo, h, pkg_dir, root, &path, &format!("{rel}/"))?;
+            h.update(b"dir ");
+            h.update(&rel);
+            h.update(b"\0");
+            rel.push(b'/');
+            plain_tree(memo, h, pkg_dir, root, &path, &rel)?;
         } else if ft.is_file() || ft.is_symlink() {
             if ft.is_symlink() {
                 check_symlink(pkg_dir, root, &path)?;
@@ -640,7 +781,9 @@ fn plain_tree(
             let sums = memo
                 .sums(&path, &meta)
                 .map_err(|e| io(pkg_dir, &path, &e))?;
-            h.update(format!("{:o} {rel}\0", git_mode(&meta)).as_bytes());
+            h.update(format!("{:o} ", git_mode(&meta)).as_bytes());
+            h.update(&rel);
+            h.update(b"\0");
             h.update(sums.sha256);
         }
     }

@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kiln_daemon::workspace::{Package, TagError, Tagger, Workspace, show_tag};
+use kiln_daemon::workspace::{Package, TagError, Tagger, Workspace, show_tag, show_tags};
 use sha1::Digest as _;
 
 struct Repo {
@@ -317,6 +317,15 @@ fn quoted_names_nested_repos_and_package_at_top() {
     // skipped; kiln matches it.
     r.write("données/é.txt", "2\n");
     assert_eq!(both(&mut t, &r, &p), lk_hash(&p, &[]));
+    // With core.quotePath off, LinuxKit does read it.
+    git(&r.root, &["config", "core.quotePath", "false"]);
+    let unquoted = Tagger::new().tag(&r.load(&p)).unwrap().to_string();
+    assert_eq!(unquoted, lk_hash(&p, &[]));
+    r.write("données/é.txt", "3\n");
+    let unquoted3 = Tagger::new().tag(&r.load(&p)).unwrap().to_string();
+    assert_eq!(unquoted3, lk_hash(&p, &[]));
+    assert_ne!(unquoted3, unquoted);
+    git(&r.root, &["config", "core.quotePath", "true"]);
     r.write("données/é.txt", "1\n");
 
     // An untracked nested repository makes the package dirty.
@@ -384,6 +393,15 @@ fn extra_sources() {
     assert_ne!(both(&mut t, &r, &p), sd);
     r.write("lib/x.c", "x\n");
     assert_eq!(both(&mut t, &r, &p), clean);
+
+    // A source removed after the package was loaded: an error naming it.
+    let pkg = r.load(&p);
+    fs::remove_dir_all(&tools).unwrap();
+    assert_eq!(t.invalidate(std::slice::from_ref(&tools)), vec![p.clone()]);
+    match t.tag(&pkg) {
+        Err(TagError::Io { path, .. }) => assert_eq!(path, tools),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -450,6 +468,13 @@ fn outside_git() {
     r.write("a/src/main.c", "int main() { return 0; }\n");
     assert_eq!(both(&mut t, &r, &p), first);
     assert_eq!(show_tag(&p).unwrap().to_string(), format!("me/a:{first}"));
+    let many = show_tags(&[p.clone(), r.root.clone()]);
+    assert_eq!(
+        many[0].as_ref().unwrap().to_string(),
+        format!("me/a:{first}")
+    );
+    let e = many[1].as_ref().unwrap_err().to_string();
+    assert!(e.contains("no build.yml here"), "{e}");
 }
 
 #[test]
@@ -518,4 +543,98 @@ fn workspace_reload() {
     fs::remove_dir_all(r.root.join("sub")).unwrap();
     assert_eq!(ws.reload(&[r.root.join("sub")]), vec![b]);
     assert_eq!(ws.packages.len(), 1);
+
+    // The Dockerfile goes and comes back.
+    r.write("a/build.yml", "image: a\n");
+    ws.reload(&[a.join("build.yml")]);
+    assert!(ws.packages[&a].is_ok());
+    fs::remove_file(a.join("Dockerfile")).unwrap();
+    assert_eq!(ws.reload(&[a.join("Dockerfile")]), vec![a.clone()]);
+    let e = ws.packages[&a].as_ref().unwrap_err().to_string();
+    assert!(e.contains("does not exist: create it"), "{e}");
+    r.write("a/Dockerfile", "FROM scratch\n");
+    assert_eq!(ws.reload(&[a.join("Dockerfile")]), vec![a.clone()]);
+    assert!(ws.packages[&a].is_ok());
+}
+
+#[test]
+fn uncommitted_package_and_tag_all() {
+    let r = Repo::new();
+    let a = r.package("a", "image: a\n");
+    r.commit();
+    // LinuxKit refuses a package that HEAD does not have; kiln hashes its content.
+    let b = r.package("b", "image: b\n");
+    let pa = r.load(&a);
+    let pb = r.load(&b);
+    let mut t = Tagger::new();
+    let tags = t.tag_all(&[&pa, &pb]);
+    assert_eq!(tags[0].as_ref().unwrap().as_str(), lk_hash(&a, &[]));
+    let first_b = tags[1].as_ref().unwrap().to_string();
+    assert_eq!(first_b.len(), 40);
+    r.write("b/src/main.c", "changed\n");
+    t.invalidate(&[b.join("src/main.c")]);
+    let second_b = t.tag(&pb).unwrap().to_string();
+    assert_ne!(first_b, second_b);
+    // Committed, it gets LinuxKit's tag.
+    r.commit();
+    assert_eq!(t.tag(&pb).unwrap().as_str(), lk_hash(&b, &[]));
+
+    fn send<T: Send>(_: &T) {}
+    send(&t);
+}
+
+#[test]
+fn attributes_that_convert_content() {
+    let r = Repo::new();
+    let p = r.package("a", "image: a\n");
+    r.write(".gitattributes", "*.txt text\n");
+    r.write("a/crlf.txt", "one\r\ntwo\r\n");
+    r.commit();
+    // The blob has LF, the work tree CRLF: git says clean, and so must kiln.
+    let mut t = Tagger::new();
+    let clean = both(&mut t, &r, &p);
+    assert_eq!(clean, lk_hash(&p, &[]));
+    assert!(!clean.contains("dirty"));
+    r.write("a/crlf.txt", "one\r\nthree\r\n");
+    let d = both(&mut t, &r, &p);
+    assert_eq!(d, lk_hash(&p, &[]));
+    assert!(d.contains("-dirty-"));
+}
+
+#[test]
+fn index_stat_data_spares_reads_but_not_changes() {
+    let r = Repo::new();
+    let p = r.package("a", "image: a\n");
+    r.commit();
+    // Age the files past the racy window, and let git record their stat data.
+    let old = std::process::Command::new("touch")
+        .args(["-d", "-1 minute"])
+        .args(["a/build.yml", "a/Dockerfile", "a/src/main.c"])
+        .current_dir(&r.root)
+        .status()
+        .unwrap();
+    assert!(old.success());
+    git(&r.root, &["update-index", "-q", "--refresh"]);
+    let mut t = Tagger::new();
+    let clean = t.tag(&r.load(&p)).unwrap().to_string();
+    assert_eq!(clean, lk_hash(&p, &[]));
+    assert_eq!(
+        t.files_read(),
+        0,
+        "clean files matching the index are not read"
+    );
+
+    // Same size, mtime set back: the ctime still tells.
+    r.write("a/src/main.c", "int main() { return 7; }\n");
+    let back = std::process::Command::new("touch")
+        .args(["-d", "-1 minute", "a/src/main.c"])
+        .current_dir(&r.root)
+        .status()
+        .unwrap();
+    assert!(back.success());
+    t.invalidate(&[p.join("src/main.c")]);
+    let d = t.tag(&r.load(&p)).unwrap().to_string();
+    // Not compared with `git diff`: a git built without nanosecond stat compares
+    // ctime in whole seconds and may miss this change within the same second.
+    assert_eq!(d, format!("{clean}-dirty-{}", &lk_content_hash(&p)[..7]));
 }
