@@ -5,8 +5,14 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use clap::Parser;
+use kiln_shared::reference::Tag;
 use serde::Deserialize;
+
+use crate::cache::parse_size;
+use crate::plan::BuilderMode;
 
 /// The registry's default port.
 pub const DEFAULT_PORT: u16 = 5000;
@@ -67,6 +73,42 @@ pub struct Args {
     /// Configuration file [default: kiln.toml at the first root, if present]
     #[arg(long, env = "KILN_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// Builds at once [default: the number of cores]
+    #[arg(long, short = 'j', env = "KILN_JOBS", value_name = "N")]
+    pub jobs: Option<usize>,
+
+    /// Which builder builds packages: auto (native when the Dockerfile needs no RUN,
+    /// else docker), native or docker [default: auto]
+    #[arg(long, env = "KILN_BUILDER", value_name = "BUILDER")]
+    pub builder: Option<String>,
+
+    /// A Docker engine for a platform, as PLATFORM=ENDPOINT (repeatable), e.g.
+    /// linux/arm64=tcp://arm-host:2375. Other platforms use DOCKER_HOST or the local
+    /// socket.
+    #[arg(
+        long = "engine",
+        env = "KILN_ENGINE",
+        value_name = "PLATFORM=ENDPOINT",
+        value_delimiter = ','
+    )]
+    pub engines: Vec<String>,
+
+    /// Quiet window that folds a burst of file events into one change, in ms [default: 50]
+    #[arg(long, env = "KILN_QUIET_MS", value_name = "MS")]
+    pub quiet_ms: Option<u64>,
+
+    /// The moving tag that follows each package's newest successful build [default: dev]
+    #[arg(long, env = "KILN_DEV_TAG", value_name = "TAG")]
+    pub dev_tag: Option<String>,
+
+    /// How long a pull of a tag being built waits for the build, in seconds [default: 120]
+    #[arg(long, env = "KILN_PULL_WAIT", value_name = "SECONDS")]
+    pub pull_wait: Option<u64>,
+
+    /// Size cap of the cache for garbage collection (e.g. 20G) [default: none]
+    #[arg(long, env = "KILN_MAX_SIZE", value_name = "SIZE")]
+    pub max_size: Option<String>,
 }
 
 /// `kiln.toml`, as written.
@@ -79,12 +121,38 @@ pub struct FileConfig {
     pub registry: FileRegistry,
     #[serde(default)]
     pub api: FileApi,
+    #[serde(default)]
+    pub build: FileBuild,
+    #[serde(default)]
+    pub watch: FileWatch,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileCache {
     pub dir: Option<PathBuf>,
+    #[serde(rename = "max-size")]
+    pub max_size: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBuild {
+    pub jobs: Option<usize>,
+    pub builder: Option<String>,
+    /// Platform -> engine endpoint.
+    pub engines: Option<std::collections::BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileWatch {
+    #[serde(rename = "quiet-ms")]
+    pub quiet_ms: Option<u64>,
+    #[serde(rename = "dev-tag")]
+    pub dev_tag: Option<String>,
+    #[serde(rename = "pull-wait")]
+    pub pull_wait: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -114,6 +182,14 @@ pub struct Config {
     pub socket: PathBuf,
     pub ready_file: Option<PathBuf>,
     pub config_file: Option<PathBuf>,
+    pub jobs: usize,
+    pub builder: BuilderMode,
+    /// `PLATFORM=ENDPOINT` entries, file first, flags after (later ones win).
+    pub engines: Vec<String>,
+    pub quiet: Duration,
+    pub dev_tag: Tag,
+    pub pull_wait: Duration,
+    pub max_size: Option<u64>,
 }
 
 impl Config {
@@ -198,6 +274,46 @@ impl Config {
             (None, None) => default_socket(&cache),
         };
 
+        let file_err = |message: String| ConfigError::Parse {
+            path: config_file.clone().unwrap_or_default(),
+            message,
+        };
+        let builder = match (args.builder, file.build.builder) {
+            (Some(b), _) => b.parse().map_err(ConfigError::Invalid)?,
+            (None, Some(b)) => b
+                .parse()
+                .map_err(|e| file_err(format!("build.builder: {e}")))?,
+            (None, None) => BuilderMode::Auto,
+        };
+        let mut engines: Vec<String> = file
+            .build
+            .engines
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(p, e)| format!("{p}={e}"))
+            .collect();
+        engines.extend(args.engines);
+        let dev_tag = args
+            .dev_tag
+            .or(file.watch.dev_tag)
+            .unwrap_or_else(|| "dev".into());
+        let dev_tag: Tag = dev_tag
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("dev tag: {e}")))?;
+        let max_size = args
+            .max_size
+            .or(file.cache.max_size)
+            .map(|s| parse_size(&s))
+            .transpose()
+            .map_err(|e| ConfigError::Invalid(format!("max-size: {e}")))?;
+        let jobs = args
+            .jobs
+            .or(file.build.jobs)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        if jobs == 0 {
+            return Err(ConfigError::Invalid("jobs must be at least 1".into()));
+        }
+
         Ok(Config {
             roots,
             cache,
@@ -207,6 +323,13 @@ impl Config {
             socket,
             ready_file: args.ready_file.map(|p| cwd.join(p)),
             config_file,
+            jobs,
+            builder,
+            engines,
+            quiet: Duration::from_millis(args.quiet_ms.or(file.watch.quiet_ms).unwrap_or(50)),
+            dev_tag,
+            pull_wait: Duration::from_secs(args.pull_wait.or(file.watch.pull_wait).unwrap_or(120)),
+            max_size,
         })
     }
 }

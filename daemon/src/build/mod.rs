@@ -5,3 +5,4 @@
 pub mod docker;
 pub mod dockerfile;
 pub mod native;
+pub mod runner;

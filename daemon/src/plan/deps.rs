@@ -47,9 +47,7 @@ pub fn followed(pkg: &Package, repos: &BTreeSet<String>) -> Result<Vec<String>, 
 
 /// Orders packages so that dependencies come first. Packages in a cycle (or depending on
 /// one) are returned apart, each with a message naming the cycle.
-pub fn order(
-    deps: &BTreeMap<String, Vec<String>>,
-) -> (Vec<String>, BTreeMap<String, String>) {
+pub fn order(deps: &BTreeMap<String, Vec<String>>) -> (Vec<String>, BTreeMap<String, String>) {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
         Visiting,

@@ -12,7 +12,7 @@ pub mod deps;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use kiln_shared::protocol::{
     BuildId, BuildRequest, BuildResponse, CancelRequest, CancelResponse, Event, GcResponse,
@@ -86,7 +86,11 @@ impl Planned {
     }
 
     pub fn archs(&self) -> Vec<String> {
-        self.pkg.arches.iter().map(|a| a.as_str().to_owned()).collect()
+        self.pkg
+            .arches
+            .iter()
+            .map(|a| a.as_str().to_owned())
+            .collect()
     }
 }
 
@@ -344,9 +348,10 @@ impl Planner {
                     }
                 }
                 Err(e) => {
-                    let name = dir
-                        .file_name()
-                        .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+                    let name = dir.file_name().map_or_else(
+                        || dir.display().to_string(),
+                        |n| n.to_string_lossy().into_owned(),
+                    );
                     errors.insert(dir.clone(), (name, e.to_string()));
                 }
             }
@@ -361,7 +366,10 @@ impl Planner {
                 .clone();
             match deps {
                 Ok(d) => {
-                    graph.insert(name.clone(), d.into_iter().filter(|r| repos.contains(r)).collect());
+                    graph.insert(
+                        name.clone(),
+                        d.into_iter().filter(|r| repos.contains(r)).collect(),
+                    );
                 }
                 Err(e) => {
                     errors.insert(p.dir.clone(), (name.clone(), e));
@@ -377,7 +385,9 @@ impl Planner {
         }
         let mut planned: BTreeMap<String, Arc<Planned>> = BTreeMap::new();
         for name in order {
-            let Some(p) = by_repo.get(&name) else { continue };
+            let Some(p) = by_repo.get(&name) else {
+                continue;
+            };
             if errors.contains_key(&p.dir) {
                 continue;
             }
@@ -399,7 +409,10 @@ impl Planner {
             if let Some(d) = missing {
                 errors.insert(
                     p.dir.clone(),
-                    (name.clone(), format!("depends on {d}, which cannot be built")),
+                    (
+                        name.clone(),
+                        format!("depends on {d}, which cannot be built"),
+                    ),
                 );
                 continue;
             }
@@ -407,7 +420,10 @@ impl Planner {
             let tag: Tag = match rendered.parse() {
                 Ok(t) => t,
                 Err(e) => {
-                    errors.insert(p.dir.clone(), (name.clone(), format!("{}: {e}", p.build_yml().display())));
+                    errors.insert(
+                        p.dir.clone(),
+                        (name.clone(), format!("{}: {e}", p.build_yml().display())),
+                    );
                     continue;
                 }
             };
@@ -484,7 +500,9 @@ impl Planner {
                                 removed_blobs: report.blobs_removed,
                                 freed_bytes: report.bytes_freed,
                             };
-                            bus.publish(Event::GcFinished { gc: summary.clone() });
+                            bus.publish(Event::GcFinished {
+                                gc: summary.clone(),
+                            });
                             Ok(GcResponse { gc: summary })
                         }
                         Ok(Err(e)) => Err(ControlError::Failed(e.to_string())),
@@ -629,7 +647,10 @@ pub fn point_dev(cache: &Cache, image: &ImageRef, dev: &Tag) {
         return;
     };
     let dev_name = ImageRef::new(image.repo.clone(), dev.clone()).cache_name();
-    if index.get(&dev_name).is_some_and(|d| d.digest == desc.digest) {
+    if index
+        .get(&dev_name)
+        .is_some_and(|d| d.digest == desc.digest)
+    {
         return;
     }
     let mut desc = desc;
@@ -638,6 +659,3 @@ pub fn point_dev(cache: &Cache, image: &ImageRef, dev: &Tag) {
         tracing::warn!("cannot move {dev_name}: {e}");
     }
 }
-
-/// How long a pull waits for builds, at most.
-pub const DEFAULT_PULL_WAIT: Duration = Duration::from_secs(120);

@@ -78,11 +78,13 @@ pub enum SchedEvent {
         key: TargetKey,
         tag: Tag,
         build_id: String,
+        reason: String,
     },
     Started {
         key: TargetKey,
         tag: Tag,
         build_id: String,
+        builder: String,
     },
     Finished {
         key: TargetKey,
@@ -300,6 +302,7 @@ impl Actor {
             key: job.key.clone(),
             tag: job.tag.clone(),
             build_id: build_id.clone(),
+            reason: job.reason.clone(),
         });
         self.queued.push_back(Queued {
             job,
@@ -457,6 +460,7 @@ impl Actor {
             key: q.job.key.clone(),
             tag: q.job.tag.clone(),
             build_id: build_id.clone(),
+            builder: q.job.builder.clone(),
         });
         let key = q.job.key.clone();
         self.running.insert(

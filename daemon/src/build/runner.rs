@@ -1,0 +1,393 @@
+//! The build runner: what the queue calls to build one target. It picks up the package as
+//! planned, runs the native or the docker builder for one architecture, lands the image in
+//! the cache (the package's index gains the arch), moves the `dev` tag, and keeps the log:
+//! live on the bus and, when done, in `<cache>/.kiln/logs/`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln_shared::protocol::BuildId;
+use kiln_shared::reference::Tag;
+use tokio_util::sync::CancellationToken;
+
+use crate::build::docker::{
+    self, DockerBuild, Engines, LinuxkitInfo, linuxkit_build_args, linuxkit_labels,
+    platform_for_arch,
+};
+use crate::build::dockerfile::Dockerfile;
+use crate::build::native::{self, NativeBuild, WorkspaceResolver, cache_names, pick_platform};
+use crate::bus::Bus;
+use crate::cache::Cache;
+use crate::oci::Platform;
+use crate::plan::deps::build_args;
+use crate::plan::{BuilderKind, PackageTable, Planned, arch_ref, point_dev};
+use crate::schedule::{Built, Job, RunFuture, Runner};
+use crate::workspace::git::find_top;
+
+/// Builds targets for the queue.
+#[derive(Clone)]
+pub struct BuildRunner {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cache: Arc<Cache>,
+    bus: Bus,
+    table: Arc<PackageTable>,
+    engines: Arc<Engines>,
+    /// kilnd's registry as the engine reaches it (`127.0.0.1:PORT`).
+    registry: Option<String>,
+    dev_tag: Tag,
+}
+
+impl std::fmt::Debug for BuildRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BuildRunner")
+    }
+}
+
+impl BuildRunner {
+    pub fn new(
+        cache: Arc<Cache>,
+        bus: Bus,
+        table: Arc<PackageTable>,
+        engines: Arc<Engines>,
+        registry: Option<String>,
+        dev_tag: Tag,
+    ) -> Self {
+        BuildRunner {
+            inner: Arc::new(Inner {
+                cache,
+                bus,
+                table,
+                engines,
+                registry,
+                dev_tag,
+            }),
+        }
+    }
+}
+
+impl Runner for BuildRunner {
+    fn run(&self, job: Job, build_id: String, cancel: CancellationToken) -> RunFuture {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            let id = BuildId(build_id);
+            let mut log = Log {
+                bus: inner.bus.clone(),
+                id: id.clone(),
+                lines: Vec::new(),
+            };
+            let result = inner.build(&job, &mut log, cancel).await;
+            if let Err(e) = &result {
+                log.line(&format!("error: {e}"));
+            }
+            inner.save_log(&job, &log.lines);
+            result
+        })
+    }
+}
+
+/// A build's log: live on the bus, kept (bounded) for the cache directory.
+struct Log {
+    bus: Bus,
+    id: BuildId,
+    lines: Vec<String>,
+}
+
+/// Lines kept for the log file in the cache.
+const LOG_FILE_LINES: usize = 10_000;
+
+impl Log {
+    fn line(&mut self, text: &str) {
+        self.bus.log_line(&self.id, text);
+        if self.lines.len() == LOG_FILE_LINES {
+            self.lines.remove(0);
+        }
+        self.lines.push(text.to_owned());
+    }
+}
+
+impl Inner {
+    async fn build(
+        &self,
+        job: &Job,
+        log: &mut Log,
+        cancel: CancellationToken,
+    ) -> Result<Built, String> {
+        let planned = self
+            .table
+            .read()
+            .ok()
+            .and_then(|t| t.get(&job.key.package).cloned())
+            .ok_or_else(|| format!("package {} is no longer in the workspace", job.key.package))?;
+        if planned.tag != job.tag {
+            return Err(format!(
+                "superseded: {} is now at tag {}",
+                job.key.package, planned.tag
+            ));
+        }
+        let image = planned.image();
+        let arch = job.key.arch.clone();
+        if !job.force
+            && let Some(d) = self
+                .cache
+                .index()
+                .ok()
+                .and_then(|i| i.get(&arch_ref(&image, &arch)).cloned())
+        {
+            log.line(&format!("{image} ({arch}) is already in the cache"));
+            return Ok(Built {
+                manifest: d,
+                cache_hits: 0,
+                steps: 0,
+            });
+        }
+        log.line(&format!(
+            "building {image} for linux/{arch} with the {} builder",
+            planned.builder.as_str()
+        ));
+        let built = match planned.builder {
+            BuilderKind::Native => self.native(&planned, &arch, log).await?,
+            BuilderKind::Docker => self.docker(&planned, &arch, log, cancel).await?,
+        };
+        // Move `dev` only if no newer tag was planned meanwhile.
+        let current = self
+            .table
+            .read()
+            .ok()
+            .and_then(|t| t.get(&job.key.package).map(|p| p.tag == job.tag))
+            .unwrap_or(false);
+        if current {
+            let cache = Arc::clone(&self.cache);
+            let dev = self.dev_tag.clone();
+            let image = image.clone();
+            let _ = tokio::task::spawn_blocking(move || point_dev(&cache, &image, &dev)).await;
+        }
+        log.line(&format!("{image} ({arch}): {}", built.manifest.digest));
+        Ok(built)
+    }
+
+    async fn native(&self, p: &Planned, arch: &str, log: &mut Log) -> Result<Built, String> {
+        let input = NativeBuild {
+            context: p.pkg.dir.clone(),
+            dockerfile: p.pkg.dockerfile.clone(),
+            extra_sources: p.pkg.extra_sources.clone(),
+            image: p.image(),
+            arches: vec![(arch.to_owned(), None)],
+            build_args: linuxkit_build_args(&linuxkit_info(p), &build_args(&p.pkg)),
+            labels: linuxkit_labels(&linuxkit_info(p)),
+            source_date_epoch: source_date_epoch(),
+            target: None,
+        };
+        let resolver = WorkspaceResolver {
+            packages: p
+                .deps
+                .iter()
+                .filter_map(|(repo, tag)| {
+                    Some((
+                        repo.clone(),
+                        kiln_shared::reference::ImageRef::new(repo.parse().ok()?, tag.clone()),
+                    ))
+                })
+                .collect(),
+        };
+        let cache = Arc::clone(&self.cache);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut sink = |line: String| {
+                let _ = tx.send(line);
+            };
+            native::build(&cache, &input, &resolver, &mut sink)
+        });
+        let mut steps = 0u32;
+        while let Some(line) = rx.recv().await {
+            steps += 1;
+            log.line(&line);
+        }
+        let out = task
+            .await
+            .map_err(|e| format!("the native build stopped: {e}"))?
+            .map_err(|e| e.to_string())?;
+        let manifest = out
+            .per_arch
+            .into_iter()
+            .next()
+            .map(|(_, d)| d)
+            .ok_or_else(|| "the native builder produced no image".to_owned())?;
+        Ok(Built {
+            manifest,
+            cache_hits: 0,
+            steps,
+        })
+    }
+
+    async fn docker(
+        &self,
+        p: &Planned,
+        arch: &str,
+        log: &mut Log,
+        cancel: CancellationToken,
+    ) -> Result<Built, String> {
+        let registry = self.registry.clone().ok_or_else(|| {
+            "the docker builder pushes into kilnd's registry, which listens on no IPv4 \
+             loopback address: add --listen 127.0.0.1:PORT"
+                .to_owned()
+        })?;
+        let platform = platform_for_arch(arch);
+        let engine = self
+            .engines
+            .engine_for(&format!("linux/{arch}"))
+            .map_err(|e| e.to_string())?;
+        let info = linuxkit_info(p);
+        let args = linuxkit_build_args(&info, &build_args(&p.pkg));
+        let dockerfile = self.pin_bases(p, &platform, &args, &registry)?;
+        let build = DockerBuild {
+            context_dir: p.pkg.dir.clone(),
+            dockerfile: dockerfile
+                .as_ref()
+                .map_or_else(|| p.pkg.dockerfile.clone(), |t| t.path().to_owned()),
+            extra_sources: p.pkg.extra_sources.clone(),
+            image: p.image(),
+            arch: arch.to_owned(),
+            build_args: args,
+            labels: linuxkit_labels(&info),
+            network: p.pkg.spec.network,
+            no_cache: p.pkg.spec.disable_cache,
+        };
+        let mut lines = Vec::new();
+        let mut sink = |l: docker::LogLine| lines.push(l);
+        let result = docker::build_arch(&engine, &build, &registry, &mut sink, cancel).await;
+        for l in &lines {
+            match &l.step {
+                Some(step) if l.text != *step => log.line(&format!("{step}: {}", l.text)),
+                _ => log.line(&l.text),
+            }
+        }
+        let outcome = result.map_err(|e| e.to_string())?;
+        let cache = Arc::clone(&self.cache);
+        let image = p.image();
+        let suffix = arch.to_owned();
+        let manifest = outcome.manifest.clone();
+        tokio::task::spawn_blocking(move || cache.merge_arch(&image, &suffix, platform, manifest))
+            .await
+            .map_err(|e| format!("landing the image stopped: {e}"))?
+            .map_err(|e| e.to_string())?;
+        Ok(Built {
+            manifest: outcome.manifest,
+            cache_hits: u32::try_from(outcome.cache_hits).unwrap_or(u32::MAX),
+            steps: u32::try_from(outcome.cache_hits + outcome.steps_run).unwrap_or(u32::MAX),
+        })
+    }
+
+    /// The engine must pull every base image from kilnd's registry, pinned by digest to
+    /// the right content (DESIGN decision 2): a `FROM` naming a workspace package follows
+    /// its current tag; any other name the cache holds is served from the cache. Writes a
+    /// rewritten Dockerfile when something was pinned.
+    fn pin_bases(
+        &self,
+        p: &Planned,
+        platform: &Platform,
+        args: &BTreeMap<String, String>,
+        registry: &str,
+    ) -> Result<Option<tempfile::NamedTempFile>, String> {
+        let df = Dockerfile::read(&p.pkg.dockerfile).map_err(|e| e.to_string())?;
+        let text = std::fs::read_to_string(&p.pkg.dockerfile)
+            .map_err(|e| format!("{}: {e}", p.pkg.dockerfile.display()))?;
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        let index = self.cache.index().map_err(|e| e.to_string())?;
+        let deps: BTreeMap<&str, &Tag> = p.deps.iter().map(|(r, t)| (r.as_str(), t)).collect();
+        let mut changed = false;
+        for r in df
+            .image_references(args, platform)
+            .map_err(|e| e.to_string())?
+        {
+            let name = r.value.strip_prefix("docker.io/").unwrap_or(&r.value);
+            let (repo, desc) = if let Some(tag) = deps.get(name) {
+                let full = format!("docker.io/{name}:{tag}");
+                let d = index.get(&full).cloned().ok_or_else(|| {
+                    format!("{name}:{tag} is not in the cache yet; it must be built first")
+                })?;
+                (name.to_owned(), d)
+            } else if let Some((full, d)) = cache_names(name)
+                .into_iter()
+                .find_map(|n| index.get(&n).cloned().map(|d| (n, d)))
+            {
+                let repo = native::repository_of(&full)
+                    .trim_start_matches("docker.io/")
+                    .to_owned();
+                (repo, d)
+            } else {
+                continue; // not ours: the engine resolves it as usual
+            };
+            // Check the platform is there before the engine finds out.
+            pick_platform(&self.cache, name, desc.clone(), platform)?;
+            let pinned = format!("{registry}/{repo}@{}", desc.digest);
+            let Some(line) = lines.get_mut(r.line.saturating_sub(1)) else {
+                continue;
+            };
+            if !line.contains(&r.value) {
+                return Err(format!(
+                    "{}:{}: cannot pin {} to kilnd's registry: write the image name literally on that line",
+                    p.pkg.dockerfile.display(),
+                    r.line,
+                    r.value
+                ));
+            }
+            *line = line.replacen(&r.value, &pinned, 1);
+            changed = true;
+        }
+        if !changed {
+            return Ok(None);
+        }
+        let mut tmp = tempfile::Builder::new()
+            .prefix("Dockerfile-")
+            .tempfile_in(self.cache.tmp_dir())
+            .map_err(|e| format!("cannot write the pinned Dockerfile: {e}"))?;
+        use std::io::Write;
+        tmp.write_all((lines.join("\n") + "\n").as_bytes())
+            .map_err(|e| format!("cannot write the pinned Dockerfile: {e}"))?;
+        Ok(Some(tmp))
+    }
+
+    fn save_log(&self, job: &Job, lines: &[String]) {
+        let dir = self
+            .cache
+            .root()
+            .join(".kiln")
+            .join("logs")
+            .join(&job.key.package);
+        let path: PathBuf = dir.join(format!("{}-{}.log", job.tag, job.key.arch));
+        let body = lines.join("\n") + "\n";
+        if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, body)) {
+            tracing::warn!("cannot keep the build log {}: {e}", path.display());
+        }
+    }
+}
+
+/// `SOURCE_DATE_EPOCH` for native layers (default 0).
+fn source_date_epoch() -> i64 {
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What LinuxKit's automatic build args and labels need to know of a package.
+fn linuxkit_info(p: &Planned) -> LinuxkitInfo {
+    LinuxkitInfo {
+        image: p.pkg.repo.to_string(),
+        pkg_hash: p.tag.to_string(),
+        git_repo: p.pkg.spec.gitrepo.clone(),
+        in_git: find_top(&p.pkg.dir).is_some(),
+        clean_commit: None,
+        go_pkg_version: None,
+        config_json: p
+            .pkg
+            .spec
+            .config
+            .as_ref()
+            .and_then(|c| serde_json::to_string(c).ok()),
+    }
+}
