@@ -4,3 +4,4 @@
 pub mod cache;
 pub mod config;
 pub mod oci;
+pub mod registry;
