@@ -47,7 +47,9 @@ pub enum OciError {
     Unsupported(String),
     #[error("{method} is not allowed on {what}")]
     MethodNotAllowed { method: String, what: &'static str },
-    #[error("no registry endpoint at {0:?}: the OCI API lives under /v2/")]
+    #[error(
+        "no registry endpoint at {0:?}: the OCI API has /v2/<name>/manifests/<reference>, /v2/<name>/blobs/<digest>, /v2/<name>/blobs/uploads/, /v2/<name>/tags/list, /v2/<name>/referrers/<digest> and /v2/_catalog"
+    )]
     NotFound(String),
     #[error("{0}")]
     TooLarge(String),

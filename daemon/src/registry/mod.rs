@@ -116,3 +116,6 @@ impl std::fmt::Debug for Hooks {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests;
