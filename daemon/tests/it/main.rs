@@ -1,0 +1,3 @@
+//! kiln-daemon's integration tests: one binary, a module per area.
+
+mod registry;
