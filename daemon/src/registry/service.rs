@@ -172,7 +172,7 @@ impl Service {
                     Method::GET => self.upload_status(&repo, id).await,
                     Method::PATCH => self.patch_upload(&repo, id, &parts.headers, body).await,
                     Method::PUT => self.finish_upload(&repo, id, q, &parts.headers, body).await,
-                    Method::DELETE => self.cancel_upload(&repo, id),
+                    Method::DELETE => self.cancel_upload(&repo, id).await,
                     _ => Err(not_allowed("blob uploads")),
                 }
             }
@@ -586,8 +586,7 @@ impl Service {
     }
 
     async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<Resp, OciError> {
-        let slot = self.session(repo, id)?;
-        let session = slot.lock().await;
+        let session = self.session(repo, id).await?;
         upload_accepted(repo, id, &session, StatusCode::NO_CONTENT)
     }
 
@@ -602,8 +601,7 @@ impl Service {
         B: Body<Data = Bytes> + Send + Unpin,
         B::Error: std::fmt::Display,
     {
-        let slot = self.session(repo, id)?;
-        let mut session = slot.lock().await;
+        let mut session = self.session(repo, id).await?;
         session.touch();
         let expected = self.chunk_expectation(repo, id, &session, headers)?;
         let result = write_body(&mut session.writer, body).await;
@@ -667,7 +665,6 @@ impl Service {
         B: Body<Data = Bytes> + Send + Unpin,
         B::Error: std::fmt::Display,
     {
-        let slot = self.session(repo, id)?;
         let digest = match query::param(q, "digest") {
             Some(d) => parse_digest(&d)?,
             None => {
@@ -676,7 +673,7 @@ impl Service {
                 ));
             }
         };
-        let mut session = slot.lock().await;
+        let mut session = self.session(repo, id).await?;
         session.touch();
         let expected = self.chunk_expectation(repo, id, &session, headers)?;
         // From here on the session ends, whatever happens.
@@ -687,22 +684,30 @@ impl Service {
         blob_created(repo, &digest)
     }
 
-    fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<Resp, OciError> {
-        self.session(repo, id)?;
+    async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<Resp, OciError> {
+        let mut session = self.session(repo, id).await?;
         self.uploads.remove(id);
+        // Drops the writer, and with it the temp file, now.
+        session.writer = None;
         let mut r = Response::new(RegBody::empty());
         *r.status_mut() = StatusCode::NO_CONTENT;
         Ok(r)
     }
 
-    fn session(
+    /// The live session `id` of `repo`, locked for this request. A session that
+    /// finished or failed while this request waited for it is unknown.
+    async fn session(
         &self,
         repo: &RepoName,
         id: &str,
-    ) -> Result<Arc<tokio::sync::Mutex<Session>>, OciError> {
-        self.uploads
-            .get(repo.as_str(), id)
-            .ok_or_else(|| OciError::BlobUploadUnknown(id.to_owned()))
+    ) -> Result<tokio::sync::OwnedMutexGuard<Session>, OciError> {
+        let unknown = || OciError::BlobUploadUnknown(id.to_owned());
+        let slot = self.uploads.get(id).ok_or_else(unknown)?;
+        let session = slot.lock_owned().await;
+        if session.repo != repo.as_str() || session.writer.is_none() {
+            return Err(unknown());
+        }
+        Ok(session)
     }
 
     async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Resp, OciError> {

@@ -76,19 +76,13 @@ impl Uploads {
         (id, slot)
     }
 
-    /// The session `id`, if it exists and belongs to `repo`.
-    pub fn get(&self, repo: &str, id: &str) -> Option<Slot> {
+    /// The session `id`, if it exists. (The caller checks, under the session's lock,
+    /// that it belongs to the repository of the request.)
+    pub fn get(&self, id: &str) -> Option<Slot> {
         if !valid_id(id) {
             return None;
         }
-        let slot = self.map().get(id).cloned()?;
-        // A session busy with another request is checked by that request's owner; here
-        // only the repository matters, which never changes.
-        let owner_ok = match slot.try_lock() {
-            Ok(s) => s.repo == repo,
-            Err(_) => true,
-        };
-        owner_ok.then_some(slot)
+        self.map().get(id).cloned()
     }
 
     /// Forgets a session; its writer (and temp file) goes when the last holder drops it.
@@ -149,7 +143,7 @@ mod tests {
     use crate::cache::Cache;
 
     #[tokio::test]
-    async fn sessions_are_bound_to_their_repo_and_expire() {
+    async fn sessions_have_unguessable_ids_and_expire() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path()).unwrap();
         let uploads = Uploads::new(Duration::ZERO);
@@ -173,9 +167,9 @@ mod tests {
             .to_owned();
         assert!(tmp.exists());
         drop(slot);
-        assert!(uploads.get("a/b", &id).is_some());
-        assert!(uploads.get("a/c", &id).is_none());
-        assert!(uploads.get("a/b", "../../etc/passwd").is_none());
+        assert!(uploads.get(&id).is_some());
+        assert_eq!(uploads.get(&id).unwrap().lock().await.repo, "a/b");
+        assert!(uploads.get("../../etc/passwd").is_none());
         let (id2, _) = uploads.start("a/b", cache.blob_writer().unwrap());
         assert_ne!(id, id2);
         // A zero ttl: everything not in use is abandoned.
