@@ -7,6 +7,7 @@
 
 mod docker;
 mod oci_client;
+mod raw;
 mod skopeo;
 
 use std::io::Write;
