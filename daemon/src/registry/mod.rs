@@ -51,9 +51,12 @@ pub const DEFAULT_PORT: u16 = 5000;
 pub struct RegistryConfig {
     /// Addresses to listen on (port 0: any free port). Default: 127.0.0.1:5000 and
     /// [::1]:5000. A non-loopback address is used only when listed here; its IP is then
-    /// also an accepted Host. (If [::1] cannot be bound because the machine has no IPv6,
-    /// the registry warns and serves on the others.)
+    /// also an accepted Host.
     pub listen: Vec<SocketAddr>,
+    /// Whether `listen` is the default list rather than the user's: then an address the
+    /// machine does not have (`[::1]` without IPv6) is skipped with a warning instead of
+    /// failing, as long as another one is bound.
+    pub listen_is_default: bool,
     /// Host names (or IP literals) besides loopback ones that requests may carry in
     /// their Host header.
     pub allowed_hosts: Vec<String>,
@@ -68,8 +71,20 @@ impl Default for RegistryConfig {
                 SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT)),
                 SocketAddr::from((Ipv6Addr::LOCALHOST, DEFAULT_PORT)),
             ],
+            listen_is_default: true,
             allowed_hosts: Vec::new(),
             upload_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl From<&crate::config::Config> for RegistryConfig {
+    fn from(c: &crate::config::Config) -> Self {
+        RegistryConfig {
+            listen: c.listen.clone(),
+            listen_is_default: c.listen_is_default,
+            allowed_hosts: c.allow_hosts.clone(),
+            ..RegistryConfig::default()
         }
     }
 }

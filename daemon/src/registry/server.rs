@@ -1,7 +1,7 @@
 //! Listening sockets and the connection loop: HTTP/1.1 with keep-alive, one task per
 //! connection, all of them owned by the serving future (dropping it closes everything).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +24,8 @@ pub struct Registry {
     cfg: RegistryConfig,
 }
 
-/// Binds every configured address. Fails if one cannot be bound, except an IPv6
-/// loopback address on a machine without IPv6 while another address is bound.
+/// Binds every configured address. Fails if one cannot be bound, except, for the default
+/// addresses, one the machine does not have (`[::1]` without IPv6) while another is bound.
 pub async fn bind(cfg: RegistryConfig) -> Result<Registry, RegistryError> {
     if cfg.listen.is_empty() {
         return Err(RegistryError::NoAddress);
@@ -36,7 +36,7 @@ pub async fn bind(cfg: RegistryConfig) -> Result<Registry, RegistryError> {
         match TcpListener::bind(addr).await {
             Ok(l) => listeners.push(l),
             Err(e)
-                if addr.ip() == IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+                if cfg.listen_is_default
                     && matches!(
                         e.raw_os_error(),
                         Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
@@ -54,7 +54,7 @@ pub async fn bind(cfg: RegistryConfig) -> Result<Registry, RegistryError> {
         };
     }
     for (addr, e) in skipped {
-        tracing::warn!(%addr, error = %e, "IPv6 loopback unavailable; registry not listening there");
+        tracing::warn!(%addr, error = %e, "default registry address unavailable; not listening there");
     }
     let addrs = listeners
         .iter()
@@ -153,5 +153,73 @@ async fn accept_loop(listener: TcpListener, service: Arc<Service>) {
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(listen: &[&str], default: bool) -> RegistryConfig {
+        RegistryConfig {
+            listen: listen.iter().map(|a| a.parse().unwrap()).collect(),
+            listen_is_default: default,
+            ..RegistryConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn binds_port_zero_and_reports_real_ports() {
+        let reg = bind(cfg(&["127.0.0.1:0", "127.0.0.2:0"], false))
+            .await
+            .unwrap();
+        let addrs = reg.local_addrs();
+        assert_eq!(addrs.len(), 2);
+        assert!(addrs.iter().all(|a| a.port() != 0));
+        // The port is taken now: binding it again fails and says where.
+        let err = bind(cfg(&[&addrs[0].to_string()], false))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::Bind { addr, .. } if addr == addrs[0]),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--listen"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_default_address_is_skipped_an_explicit_one_fails() {
+        // 192.0.2.1 (TEST-NET-1) is on no interface here.
+        let reg = bind(cfg(&["127.0.0.1:0", "192.0.2.1:0"], true))
+            .await
+            .unwrap();
+        assert_eq!(reg.local_addrs().len(), 1);
+        let err = bind(cfg(&["127.0.0.1:0", "192.0.2.1:0"], false))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Bind { .. }), "{err}");
+        let err = bind(cfg(&["192.0.2.1:0"], true)).await.unwrap_err();
+        assert!(matches!(err, RegistryError::Bind { .. }), "{err}");
+        assert!(matches!(
+            bind(cfg(&[], false)).await,
+            Err(RegistryError::NoAddress)
+        ));
+    }
+
+    #[tokio::test]
+    async fn configured_addresses_are_accepted_hosts() {
+        let reg = bind(cfg(&["127.0.0.1:0"], false)).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(Cache::open(dir.path()).unwrap());
+        let svc = reg.service(cache, Hooks::default());
+        let req = |host: &str| {
+            http::Request::get("/v2/")
+                .header("host", host)
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap()
+        };
+        let peer = reg.local_addrs()[0];
+        assert_eq!(svc.handle(req("127.0.0.1"), peer).await.status(), 200);
+        assert_eq!(svc.handle(req("example.com"), peer).await.status(), 403);
     }
 }
