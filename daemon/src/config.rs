@@ -237,10 +237,8 @@ pub fn default_cache_dir() -> Result<PathBuf, ConfigError> {
 
 /// `$XDG_RUNTIME_DIR/kiln/kilnd.sock`, else `<cache>/kilnd.sock`.
 pub fn default_socket(cache: &Path) -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        Some(dir) => PathBuf::from(dir).join("kiln").join("kilnd.sock"),
-        None => cache.join("kilnd.sock"),
-    }
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
+    kiln_shared::protocol::default_socket_path(runtime, cache.to_owned())
 }
 
 #[cfg(test)]

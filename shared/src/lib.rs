@@ -5,4 +5,6 @@
 //! pulling in tokio, hyper, ratatui or bollard.
 
 pub mod digest;
+pub mod protocol;
 pub mod reference;
+pub mod spec;

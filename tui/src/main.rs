@@ -1,5 +1,191 @@
 //! kiln: the dashboard and command line for kilnd.
+//!
+//! Exit codes: 0 success, 1 failure, 2 usage.
 
-fn main() -> anyhow::Result<()> {
-    Ok(())
+mod app;
+mod cli;
+mod client;
+mod commands;
+mod dashboard;
+mod standalone;
+#[cfg(test)]
+mod testing;
+mod ui;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{CommandFactory, Parser};
+use kiln_shared::protocol::{BuildId, BuildRequest, CancelRequest};
+
+use crate::cli::{Cli, Command};
+use crate::client::Client;
+use crate::commands::Outcome;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version print to stdout and succeed; usage errors exit 2.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let log = init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kiln: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::Failure) => ExitCode::FAILURE,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("kiln: {e:#}");
+            if let Some(log) = log {
+                tracing::debug!(log = %log.display(), "error reported");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to a file (never to the terminal the dashboard draws on):
+/// `<state dir>/kiln.log`, level from `KILN_LOG` (default `info`).
+fn init_logging() -> Option<PathBuf> {
+    let dir = up::state_dir();
+    std::fs::create_dir_all(&dir).ok()?;
+    let path = dir.join("kiln.log");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .ok()?;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init()
+        .ok()?;
+    Some(path)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let client = Client::new(cli.socket.unwrap_or_else(client::default_socket));
+    match cli.command {
+        None | Some(Command::Dashboard) => {
+            dashboard::run(client).await?;
+            Ok(Outcome::Success)
+        }
+        Some(Command::Up { dir, no_dashboard }) => {
+            let dir = match dir {
+                Some(d) => d,
+                None => std::env::current_dir().context("cannot read the current directory")?,
+            };
+            match up::ensure(&client, &dir).await? {
+                up::Started::AlreadyRunning => {
+                    tracing::info!("kilnd already runs for {}", dir.display());
+                    if no_dashboard {
+                        println!(
+                            "kilnd already runs for {} on {}",
+                            dir.display(),
+                            client.socket().display()
+                        );
+                    }
+                }
+                up::Started::Started { ready, log } => {
+                    tracing::info!(pid = ready.pid, "started kilnd");
+                    if no_dashboard {
+                        println!(
+                            "kilnd (pid {}) serves {} on {}; registry {}; log {}",
+                            ready.pid,
+                            dir.display(),
+                            ready.socket.display(),
+                            ready.registry.join(" "),
+                            log.display()
+                        );
+                    }
+                }
+            }
+            if !no_dashboard {
+                dashboard::run(client).await?;
+            }
+            Ok(Outcome::Success)
+        }
+        Some(Command::Status { json }) => commands::status(&client, json).await,
+        Some(Command::Build {
+            package,
+            arch,
+            force,
+        }) => {
+            commands::build(
+                &client,
+                BuildRequest {
+                    package,
+                    arch,
+                    force,
+                },
+            )
+            .await
+        }
+        Some(Command::Logs {
+            package,
+            arch,
+            follow,
+        }) => commands::logs(&client, &package, arch.as_deref(), follow).await,
+        Some(Command::Cancel {
+            package,
+            arch,
+            build,
+        }) => {
+            commands::cancel(
+                &client,
+                CancelRequest {
+                    build: build.map(BuildId),
+                    package,
+                    arch,
+                },
+            )
+            .await
+        }
+        Some(Command::Gc {
+            cache,
+            max_size,
+            dry_run,
+        }) => {
+            if cache.is_none() && max_size.is_none() && !dry_run && kilnd_answers(&client).await {
+                commands::gc(&client).await
+            } else {
+                standalone::run_gc(&standalone::cache_dir(cache)?, max_size.as_deref(), dry_run)
+            }
+        }
+        Some(Command::Fsck { cache, repair }) => {
+            standalone::run_fsck(&standalone::cache_dir(cache)?, repair)
+        }
+        Some(Command::ShowTag { dirs }) => Ok(standalone::show_tags(&dirs)),
+        Some(Command::Completions { shell }) => {
+            clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());
+            Ok(Outcome::Success)
+        }
+    }
+}
+
+/// Whether a kilnd answers on the client's socket.
+async fn kilnd_answers(client: &Client) -> bool {
+    !matches!(client.state().await, Err(e) if e.is_unreachable())
 }

@@ -103,8 +103,7 @@ impl BlobWriter {
             .into_inner()
             .map_err(|e| CacheError::io(&self.path)(e.into_error()))?;
         let target = self.blobs.join(actual.hex());
-        if target.exists() {
-            touch(&target)?;
+        if refresh_existing(&target)? {
             return Ok(actual);
         }
         file.sync_all().map_err(CacheError::io(&self.path))?;
@@ -124,11 +123,23 @@ impl Drop for BlobWriter {
     }
 }
 
-fn touch(path: &Path) -> Result<(), CacheError> {
-    let f = File::options()
-        .append(true)
-        .open(path)
-        .map_err(CacheError::io(path))?;
+/// Refreshes the mtime of an existing blob so a concurrent garbage collection keeps it,
+/// and tells whether it is still in place afterwards. gc moves a blob to its trash before
+/// deleting it and re-checks the mtime there: a touch that lands before that move is seen
+/// by gc (which restores the blob), and a touch that lands after it is followed by the
+/// check below, which then sees the blob gone and lets the caller install its own copy.
+fn refresh_existing(path: &Path) -> Result<bool, CacheError> {
+    let f = match File::options().append(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(CacheError::io(path)(e)),
+    };
     f.set_modified(std::time::SystemTime::now())
-        .map_err(CacheError::io(path))
+        .map_err(CacheError::io(path))?;
+    drop(f);
+    match fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(CacheError::io(path)(e)),
+    }
 }

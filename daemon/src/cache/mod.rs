@@ -13,10 +13,18 @@
 //!
 //! A crash at any instant therefore leaves the old state or the new one, plus at most some
 //! temp files under `.kiln/tmp` that `fsck --repair` removes.
+//!
+//! Maintenance lives beside the core: `fsck` (checks and repairs), `gc` (mark and sweep,
+//! LRU under a size cap, using `.kiln/trash/` to remove blobs safely), `usage` (last use
+//! of each reference, `.kiln/usage.json`) and `stats` (sizes for the dashboard).
 
 mod blob;
+mod fsck;
+mod gc;
 mod index;
 mod lock;
+mod stats;
+mod usage;
 
 use std::fs;
 use std::io;
@@ -26,8 +34,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use kiln_shared::digest::Digest;
 
 pub use blob::BlobWriter;
+pub use fsck::{BadReference, CorruptBlob, FsckReport, Leftover, Problem, fsck};
+pub use gc::{DEFAULT_GRACE, GcOptions, GcReport, SizeError, gc, parse_size};
 pub use index::IndexView;
 pub use lock::CacheLock;
+pub use stats::{CacheStats, format_size, stats};
 
 use crate::oci::OCI_LAYOUT_VERSION;
 
@@ -83,6 +94,8 @@ pub struct Cache {
     /// writers inside this process, the fcntl lock those of other processes.
     writers: Mutex<()>,
     view: RwLock<Arc<IndexView>>,
+    /// When each reference was last used (LRU for gc), kept in memory until flushed.
+    usage: usage::Usage,
 }
 
 impl Cache {
@@ -140,6 +153,7 @@ impl Cache {
             blobs,
             tmp,
             writers: Mutex::new(()),
+            usage: usage::Usage::default(),
         };
         if !cache.root.join("index.json").exists() {
             let _lock = cache.lock()?;

@@ -1,0 +1,703 @@
+//! From text to [`Dockerfile`]: directives, logical lines, then one parse function per
+//! instruction, following BuildKit's `frontend/dockerfile/parser` and `instructions`.
+
+use std::path::Path;
+
+use super::{
+    ArgDecl, CommandLine, CopyArgs, Dockerfile, DockerfileError, Healthcheck, Instruction, Located,
+    Stage,
+};
+
+struct Ctx<'a> {
+    path: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn err(&self, line: usize, message: impl Into<String>) -> DockerfileError {
+        DockerfileError {
+            path: self.path.to_owned(),
+            line,
+            message: message.into(),
+        }
+    }
+}
+
+/// One logical line: the instruction keyword (lowercase), flags, the rest, and where it is.
+struct Logical {
+    line: usize,
+    text: String,
+    keyword: String,
+    flags: Vec<String>,
+    rest: String,
+}
+
+pub(super) fn parse(path: &Path, text: &str) -> Result<Dockerfile, DockerfileError> {
+    let cx = Ctx { path };
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let lines: Vec<&str> = text
+        .split('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .collect();
+
+    // Parser directives: only at the very top; the first line that is not one ends them.
+    let mut escape = '\\';
+    let mut syntax = None;
+    let mut seen: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let Some((key, value)) = directive(lines[i]) else {
+            break;
+        };
+        let line = i + 1;
+        if matches!(key.as_str(), "escape" | "syntax" | "check") {
+            if seen.contains(&key) {
+                return Err(cx.err(line, format!("only one {key} parser directive can be used")));
+            }
+            seen.push(key.clone());
+        }
+        match key.as_str() {
+            "escape" => {
+                escape = match value.as_str() {
+                    "\\" => '\\',
+                    "`" => '`',
+                    _ => {
+                        return Err(cx.err(
+                            line,
+                            format!("invalid escape token '{value}': it must be ` or \\"),
+                        ));
+                    }
+                }
+            }
+            "syntax" => {
+                syntax = Some(Located {
+                    line,
+                    text: lines[i].to_owned(),
+                    value,
+                })
+            }
+            // `check` configures linting, which does not change the build; unknown
+            // directives are comments.
+            _ => {}
+        }
+        i += 1;
+    }
+
+    let mut logical = Vec::new();
+    while i < lines.len() {
+        let raw = lines[i];
+        i += 1;
+        let start = i;
+        let stripped = raw.trim_start();
+        if stripped.starts_with('#') || stripped.trim().is_empty() {
+            continue;
+        }
+        let (mut joined, mut cont) = trim_continuation(stripped, escape);
+        while cont && i < lines.len() {
+            let l = lines[i];
+            i += 1;
+            if l.trim_start().starts_with('#') || l.trim().is_empty() {
+                continue;
+            }
+            let (part, c) = trim_continuation(l, escape);
+            joined.push_str(&part);
+            cont = c;
+        }
+        if joined.trim().is_empty() {
+            continue;
+        }
+        let trimmed = joined.trim();
+        let (keyword, rest) = match trimmed.find(char::is_whitespace) {
+            Some(p) => (&trimmed[..p], trimmed[p..].trim_start()),
+            None => (trimmed, ""),
+        };
+        let (rest, flags) = extract_flags(rest);
+        let l = Logical {
+            line: start,
+            text: trimmed.to_owned(),
+            keyword: keyword.to_ascii_lowercase(),
+            flags,
+            rest: rest.trim_end().to_owned(),
+        };
+        // Heredoc bodies follow the line that opens them; skip them so the rest of the
+        // file parses, and let the builder refuse the instruction by its line.
+        if matches!(l.keyword.as_str(), "run" | "copy" | "add") {
+            for (name, strip_tabs) in heredoc_names(&l.rest) {
+                loop {
+                    let Some(body) = lines.get(i) else {
+                        return Err(cx.err(
+                            l.line,
+                            format!("unterminated heredoc: no line \"{name}\" ends it"),
+                        ));
+                    };
+                    i += 1;
+                    let body = if strip_tabs {
+                        body.trim_start_matches('\t')
+                    } else {
+                        body
+                    };
+                    if body == name {
+                        break;
+                    }
+                }
+            }
+        }
+        logical.push(l);
+    }
+
+    let mut df = Dockerfile {
+        path: path.to_owned(),
+        escape,
+        syntax,
+        global_args: Vec::new(),
+        stages: Vec::new(),
+    };
+    for l in logical {
+        if l.keyword == "from" {
+            df.stages.push(parse_from(&cx, &l)?);
+            continue;
+        }
+        let ins = parse_instruction(&cx, &l, escape)?;
+        match df.stages.last_mut() {
+            Some(stage) => stage.instructions.push(Located {
+                line: l.line,
+                text: l.text,
+                value: ins,
+            }),
+            None => match ins {
+                Instruction::Arg(args) => df.global_args.push(Located {
+                    line: l.line,
+                    text: l.text,
+                    value: args,
+                }),
+                other => {
+                    return Err(cx.err(
+                        l.line,
+                        format!(
+                            "{} comes before the first FROM: only ARG may precede FROM",
+                            other.keyword()
+                        ),
+                    ));
+                }
+            },
+        }
+    }
+    if df.stages.is_empty() {
+        return Err(cx.err(
+            lines.len().max(1),
+            "the Dockerfile has no FROM instruction: a build needs at least one stage",
+        ));
+    }
+    Ok(df)
+}
+
+/// `# key=value` at the top of the file.
+fn directive(line: &str) -> Option<(String, String)> {
+    let rest = line.trim_start().strip_prefix('#')?.trim_start();
+    let key_len = rest
+        .char_indices()
+        .find(|&(i, c)| !(c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit())))
+        .map_or(rest.len(), |(i, _)| i);
+    if key_len == 0 {
+        return None;
+    }
+    let (key, after) = rest.split_at(key_len);
+    let value = after.trim_start().strip_prefix('=')?.trim();
+    if value.is_empty() {
+        return None;
+    }
+    Some((key.to_ascii_lowercase(), value.to_owned()))
+}
+
+fn trim_continuation(line: &str, escape: char) -> (String, bool) {
+    let t = line.trim_end_matches([' ', '\t']);
+    match t.strip_suffix(escape) {
+        Some(s) => (s.to_owned(), true),
+        None => (line.to_owned(), false),
+    }
+}
+
+/// Leading `--flag[=value]` words (quotes removed), and the rest of the line.
+fn extract_flags(rest: &str) -> (String, Vec<String>) {
+    let mut flags = Vec::new();
+    let mut s = rest;
+    loop {
+        let t = s.trim_start();
+        if !t.starts_with("--") {
+            return (t.to_owned(), flags);
+        }
+        let mut word = String::new();
+        let mut quote = None;
+        let mut end = t.len();
+        let mut chars = t.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            match quote {
+                Some(q) if c == q => quote = None,
+                Some(_) if c == '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        word.push(n);
+                    }
+                }
+                Some(_) => word.push(c),
+                None if c.is_whitespace() => {
+                    end = i;
+                    break;
+                }
+                None if c == '\'' || c == '"' => quote = Some(c),
+                None if c == '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        word.push(n);
+                    }
+                }
+                None => word.push(c),
+            }
+        }
+        s = &t[end..];
+        if word == "--" {
+            return (s.trim_start().to_owned(), flags);
+        }
+        flags.push(word);
+    }
+}
+
+/// Words split on whitespace with quotes and escapes kept in the word (BuildKit's
+/// `parseWords`, used by ENV, LABEL and ARG).
+fn words_keep_quotes(rest: &str, escape: char) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut blank_ok = false;
+    let mut quote: Option<char> = None;
+    let mut chars = rest.chars().peekable();
+    while let Some(c) = chars.next() {
+        if let Some(q) = quote {
+            if c == q {
+                quote = None;
+                word.push(c);
+                continue;
+            }
+            if c == escape && q != '\'' {
+                word.push(c);
+                if let Some(n) = chars.next() {
+                    word.push(n);
+                }
+                continue;
+            }
+            word.push(c);
+            continue;
+        }
+        if c.is_whitespace() {
+            if in_word && (blank_ok || !word.is_empty()) {
+                words.push(std::mem::take(&mut word));
+            }
+            in_word = false;
+            blank_ok = false;
+            continue;
+        }
+        in_word = true;
+        if c == '\'' || c == '"' {
+            quote = Some(c);
+            blank_ok = true;
+            word.push(c);
+            continue;
+        }
+        if c == escape {
+            if chars.peek().is_none() {
+                continue;
+            }
+            word.push(c);
+            if let Some(n) = chars.next() {
+                word.push(n);
+            }
+            continue;
+        }
+        word.push(c);
+    }
+    if in_word && (blank_ok || !word.is_empty()) {
+        words.push(word);
+    }
+    words
+}
+
+fn heredoc_names(rest: &str) -> Vec<(String, bool)> {
+    rest.split_whitespace()
+        .filter_map(|w| {
+            let w = w.trim_start_matches(|c: char| c.is_ascii_digit());
+            let w = w.strip_prefix("<<")?;
+            let (w, strip) = match w.strip_prefix('-') {
+                Some(w) => (w, true),
+                None => (w, false),
+            };
+            let name: String = w
+                .trim_matches(|c| c == '"' || c == '\'')
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            (!name.is_empty()).then_some((name, strip))
+        })
+        .collect()
+}
+
+/// Parsed `--flags` of one instruction.
+struct Flags {
+    values: Vec<(String, Option<String>)>,
+}
+
+impl Flags {
+    fn parse(
+        cx: &Ctx<'_>,
+        l: &Logical,
+        allowed: &[&str],
+        bools: &[&str],
+    ) -> Result<Flags, DockerfileError> {
+        let mut values: Vec<(String, Option<String>)> = Vec::new();
+        for f in &l.flags {
+            let body = f.trim_start_matches('-');
+            let (name, value) = match body.split_once('=') {
+                Some((n, v)) => (n.to_ascii_lowercase(), Some(v.to_owned())),
+                None => (body.to_ascii_lowercase(), None),
+            };
+            if !allowed.contains(&name.as_str()) {
+                return Err(cx.err(
+                    l.line,
+                    format!(
+                        "unknown flag --{name} on {}",
+                        l.keyword.to_ascii_uppercase()
+                    ),
+                ));
+            }
+            if values.iter().any(|(n, _)| *n == name) && name != "exclude" {
+                return Err(cx.err(l.line, format!("duplicate flag specified: --{name}")));
+            }
+            if value.is_none() && !bools.contains(&name.as_str()) {
+                return Err(cx.err(l.line, format!("missing a value on flag --{name}")));
+            }
+            values.push((name, value));
+        }
+        Ok(Flags { values })
+    }
+
+    fn take(&mut self, name: &str) -> Option<String> {
+        let i = self.values.iter().position(|(n, _)| n == name)?;
+        self.values.remove(i).1
+    }
+}
+
+fn parse_from(cx: &Ctx<'_>, l: &Logical) -> Result<Stage, DockerfileError> {
+    let mut flags = Flags::parse(cx, l, &["platform"], &[])?;
+    let words: Vec<&str> = l.rest.split_whitespace().collect();
+    let (base, name) = match words.as_slice() {
+        [base] => (*base, None),
+        [base, as_, name] if as_.eq_ignore_ascii_case("as") => (*base, Some(*name)),
+        _ => {
+            return Err(cx.err(
+                l.line,
+                "FROM requires either one or three arguments: FROM <image> [AS <name>]",
+            ));
+        }
+    };
+    if let Some(name) = name {
+        let ok = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !ok {
+            return Err(cx.err(
+                l.line,
+                format!(
+                    "invalid stage name {name:?}: start with a letter, then letters, digits, '_', '.' or '-'"
+                ),
+            ));
+        }
+    }
+    Ok(Stage {
+        line: l.line,
+        base: base.to_owned(),
+        name: name.map(str::to_ascii_lowercase),
+        platform: flags.take("platform"),
+        text: l.text.clone(),
+        instructions: Vec::new(),
+    })
+}
+
+fn parse_instruction(
+    cx: &Ctx<'_>,
+    l: &Logical,
+    escape: char,
+) -> Result<Instruction, DockerfileError> {
+    let upper = l.keyword.to_ascii_uppercase();
+    let no_flags = |cx: &Ctx<'_>| Flags::parse(cx, l, &[], &[]).map(|_| ());
+    let one_string = |cx: &Ctx<'_>| -> Result<String, DockerfileError> {
+        no_flags(cx)?;
+        if l.rest.is_empty() {
+            return Err(cx.err(l.line, format!("{upper} requires exactly one argument")));
+        }
+        Ok(l.rest.clone())
+    };
+    Ok(match l.keyword.as_str() {
+        "env" | "label" => {
+            no_flags(cx)?;
+            Instruction::from_pairs(&l.keyword, name_values(cx, l, &upper, escape)?)
+        }
+        "arg" => {
+            no_flags(cx)?;
+            let words = words_keep_quotes(&l.rest, escape);
+            if words.is_empty() {
+                return Err(cx.err(l.line, "ARG requires at least one argument"));
+            }
+            let mut decls = Vec::new();
+            for w in words {
+                let (name, default) = match w.split_once('=') {
+                    Some((n, d)) => (n.to_owned(), Some(d.to_owned())),
+                    None => (w, None),
+                };
+                if name.is_empty() {
+                    return Err(cx.err(l.line, "ARG names cannot be empty"));
+                }
+                decls.push(ArgDecl { name, default });
+            }
+            Instruction::Arg(decls)
+        }
+        "copy" | "add" => {
+            let is_add = l.keyword == "add";
+            let allowed: &[&str] = if is_add {
+                &[
+                    "chown",
+                    "chmod",
+                    "link",
+                    "checksum",
+                    "keep-git-dir",
+                    "exclude",
+                    "unpack",
+                ]
+            } else {
+                &["from", "chown", "chmod", "link", "parents", "exclude"]
+            };
+            let mut flags = Flags::parse(
+                cx,
+                l,
+                allowed,
+                &["link", "parents", "keep-git-dir", "unpack"],
+            )?;
+            let mut words = json_or_words(&l.rest);
+            if words.len() < 2 {
+                let heredoc = words.first().is_some_and(|w| w.starts_with("<<"));
+                if !heredoc {
+                    return Err(cx.err(
+                        l.line,
+                        format!(
+                            "{upper} requires at least two arguments, but only {} provided: the destination could not be determined",
+                            if words.is_empty() { "none was".to_owned() } else { "one was".to_owned() }
+                        ),
+                    ));
+                }
+            }
+            let dest = if words.len() >= 2 {
+                words.pop().unwrap_or_default()
+            } else {
+                String::new()
+            };
+            let heredoc = words.iter().any(|w| {
+                w.trim_start_matches(|c: char| c.is_ascii_digit())
+                    .starts_with("<<")
+            });
+            let args = CopyArgs {
+                sources: words,
+                dest,
+                from: flags.take("from"),
+                chown: flags.take("chown"),
+                chmod: flags.take("chmod"),
+                other_flags: std::mem::take(&mut flags.values),
+                heredoc,
+            };
+            if is_add {
+                Instruction::Add(args)
+            } else {
+                Instruction::Copy(args)
+            }
+        }
+        "workdir" => Instruction::Workdir(one_string(cx)?),
+        "user" => Instruction::User(one_string(cx)?),
+        "stopsignal" => Instruction::StopSignal(one_string(cx)?),
+        "maintainer" => Instruction::Maintainer(one_string(cx)?),
+        "expose" => {
+            no_flags(cx)?;
+            let ports: Vec<String> = l.rest.split_whitespace().map(str::to_owned).collect();
+            if ports.is_empty() {
+                return Err(cx.err(l.line, "EXPOSE requires at least one argument"));
+            }
+            Instruction::Expose(ports)
+        }
+        "volume" => {
+            no_flags(cx)?;
+            let v = json_or_words(&l.rest);
+            if v.is_empty() || v.iter().any(|p| p.trim().is_empty()) {
+                return Err(cx.err(l.line, "VOLUME specified can not be an empty string"));
+            }
+            Instruction::Volume(v)
+        }
+        "entrypoint" | "cmd" => {
+            no_flags(cx)?;
+            let c = command_line(&l.rest);
+            if l.keyword == "cmd" {
+                Instruction::Cmd(c)
+            } else {
+                Instruction::Entrypoint(c)
+            }
+        }
+        "shell" => {
+            no_flags(cx)?;
+            match json_array(&l.rest) {
+                Some(v) if !v.is_empty() => Instruction::Shell(v),
+                _ => {
+                    return Err(cx.err(
+                        l.line,
+                        "SHELL requires the arguments to be in JSON form, such as [\"/bin/sh\", \"-c\"]",
+                    ));
+                }
+            }
+        }
+        "healthcheck" => {
+            let mut flags = Flags::parse(
+                cx,
+                l,
+                &[
+                    "interval",
+                    "timeout",
+                    "start-period",
+                    "start-interval",
+                    "retries",
+                ],
+                &[],
+            )?;
+            let (kind, rest) = match l.rest.find(char::is_whitespace) {
+                Some(p) => (&l.rest[..p], l.rest[p..].trim_start()),
+                None => (l.rest.as_str(), ""),
+            };
+            match kind.to_ascii_uppercase().as_str() {
+                "NONE" => {
+                    if !rest.is_empty() || !flags.values.is_empty() {
+                        return Err(
+                            cx.err(l.line, "HEALTHCHECK NONE takes no arguments and no flags")
+                        );
+                    }
+                    Instruction::Healthcheck(Healthcheck::None)
+                }
+                "CMD" => {
+                    if rest.is_empty() {
+                        return Err(cx.err(l.line, "HEALTHCHECK CMD requires a command"));
+                    }
+                    Instruction::Healthcheck(Healthcheck::Check {
+                        test: command_line(rest),
+                        interval: flags.take("interval"),
+                        timeout: flags.take("timeout"),
+                        start_period: flags.take("start-period"),
+                        start_interval: flags.take("start-interval"),
+                        retries: flags.take("retries"),
+                    })
+                }
+                _ => {
+                    return Err(cx.err(
+                        l.line,
+                        format!("HEALTHCHECK expects CMD or NONE, not {kind:?}"),
+                    ));
+                }
+            }
+        }
+        "onbuild" => {
+            no_flags(cx)?;
+            let sub = l
+                .rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_ascii_uppercase();
+            match sub.as_str() {
+                "" => return Err(cx.err(l.line, "ONBUILD requires an instruction")),
+                "ONBUILD" => {
+                    return Err(cx.err(
+                        l.line,
+                        "chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed",
+                    ));
+                }
+                "FROM" | "MAINTAINER" => {
+                    return Err(
+                        cx.err(l.line, format!("{sub} isn't allowed as an ONBUILD trigger"))
+                    );
+                }
+                _ => Instruction::OnBuild(l.rest.clone()),
+            }
+        }
+        "run" => {
+            Flags::parse(cx, l, &["mount", "network", "security"], &[])?;
+            Instruction::Run {
+                heredoc: !heredoc_names(&l.rest).is_empty(),
+            }
+        }
+        _ => {
+            return Err(cx.err(
+                l.line,
+                format!("unknown instruction: {}", l.keyword.to_ascii_uppercase()),
+            ));
+        }
+    })
+}
+
+impl Instruction {
+    fn from_pairs(keyword: &str, pairs: Vec<(String, String)>) -> Instruction {
+        if keyword == "env" {
+            Instruction::Env(pairs)
+        } else {
+            Instruction::Label(pairs)
+        }
+    }
+}
+
+/// `KEY name=value ...` or the legacy `KEY name value`.
+fn name_values(
+    cx: &Ctx<'_>,
+    l: &Logical,
+    upper: &str,
+    escape: char,
+) -> Result<Vec<(String, String)>, DockerfileError> {
+    let words = words_keep_quotes(&l.rest, escape);
+    let Some(first) = words.first() else {
+        return Err(cx.err(l.line, format!("{upper} requires at least one argument")));
+    };
+    if !first.contains('=') {
+        let mut parts = l.rest.splitn(2, char::is_whitespace);
+        let name = parts.next().unwrap_or_default();
+        let value = parts.next().map(str::trim_start).unwrap_or_default();
+        if value.is_empty() {
+            return Err(cx.err(l.line, format!("{upper} must have two arguments")));
+        }
+        return Ok(vec![(name.to_owned(), value.to_owned())]);
+    }
+    words
+        .into_iter()
+        .map(|w| match w.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => Err(cx.err(
+                l.line,
+                format!("syntax error - can't find = in {w:?}: it must be of the form name=value"),
+            )),
+        })
+        .collect()
+}
+
+fn json_array(rest: &str) -> Option<Vec<String>> {
+    if !rest.trim_start().starts_with('[') {
+        return None;
+    }
+    serde_json::from_str::<Vec<String>>(rest.trim()).ok()
+}
+
+fn json_or_words(rest: &str) -> Vec<String> {
+    json_array(rest).unwrap_or_else(|| rest.split_whitespace().map(str::to_owned).collect())
+}
+
+fn command_line(rest: &str) -> CommandLine {
+    match json_array(rest) {
+        Some(v) => CommandLine::Exec(v),
+        None => CommandLine::Shell(rest.to_owned()),
+    }
+}

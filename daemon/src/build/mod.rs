@@ -1,0 +1,6 @@
+//! Builders: what turns a target (package, tag, arch) into an image in the cache.
+//! `dockerfile` is the parser both builders share; `native` builds Dockerfiles without
+//! `RUN` in-process, deterministically.
+
+pub mod dockerfile;
+pub mod native;

@@ -1,0 +1,416 @@
+//! The build context as a [`Tree`]: the package directory (minus what `.dockerignore`
+//! excludes) plus the package's extra sources, with owners reset to 0:0 as the docker
+//! CLI does when it sends a context. Also Go's `filepath.Match`, used by `.dockerignore`
+//! and by wildcard sources of `COPY`.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::tree::{Content, Kind, Node, Tree, clean, join, parent};
+
+/// Go's `filepath.Match` on one path component: `*`, `?`, `[...]` (with `^` or `!`
+/// negation and ranges), `\` escapes. Returns an error for a malformed pattern.
+pub fn match_component(pattern: &str, name: &str) -> Result<bool, String> {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    match_at(&p, &n).map_err(|()| format!("syntax error in pattern {pattern:?}"))
+}
+
+fn match_at(p: &[char], n: &[char]) -> Result<bool, ()> {
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    loop {
+        if pi < p.len() {
+            match p[pi] {
+                '*' => {
+                    star = Some((pi, ni));
+                    pi += 1;
+                    continue;
+                }
+                '?' if ni < n.len() => {
+                    pi += 1;
+                    ni += 1;
+                    continue;
+                }
+                '[' if ni < n.len() => {
+                    let (ok, next) = class(p, pi, n[ni])?;
+                    if ok {
+                        pi = next;
+                        ni += 1;
+                        continue;
+                    }
+                }
+                '\\' => {
+                    let Some(&c) = p.get(pi + 1) else {
+                        return Err(());
+                    };
+                    if ni < n.len() && n[ni] == c {
+                        pi += 2;
+                        ni += 1;
+                        continue;
+                    }
+                }
+                c if c != '?' && c != '[' && ni < n.len() && n[ni] == c => {
+                    pi += 1;
+                    ni += 1;
+                    continue;
+                }
+                _ => {}
+            }
+        } else if ni == n.len() {
+            return Ok(true);
+        }
+        // Mismatch: backtrack to the last star, letting it eat one more character.
+        match star {
+            Some((sp, sn)) if sn < n.len() => {
+                star = Some((sp, sn + 1));
+                pi = sp + 1;
+                ni = sn + 1;
+            }
+            _ => {
+                // Go still reports malformed classes later in the pattern.
+                check_rest(&p[pi.min(p.len())..])?;
+                return Ok(false);
+            }
+        }
+    }
+}
+
+fn check_rest(p: &[char]) -> Result<(), ()> {
+    let mut i = 0;
+    while i < p.len() {
+        match p[i] {
+            '\\' if i + 1 >= p.len() => return Err(()),
+            '\\' => i += 2,
+            '[' => {
+                let (_, next) = class(p, i, '\0')?;
+                i = next;
+            }
+            _ => i += 1,
+        }
+    }
+    Ok(())
+}
+
+/// Matches `c` against the class starting at `p[start] == '['`; returns the index after
+/// the closing `]`.
+fn class(p: &[char], start: usize, c: char) -> Result<(bool, usize), ()> {
+    let mut i = start + 1;
+    let negate = matches!(p.get(i), Some('^' | '!'));
+    if negate {
+        i += 1;
+    }
+    let mut matched = false;
+    let mut first = true;
+    loop {
+        let Some(&ch) = p.get(i) else {
+            return Err(());
+        };
+        if ch == ']' && !first {
+            i += 1;
+            break;
+        }
+        first = false;
+        let lo = if ch == '\\' {
+            i += 1;
+            *p.get(i).ok_or(())?
+        } else {
+            ch
+        };
+        i += 1;
+        let mut hi = lo;
+        if p.get(i) == Some(&'-') && p.get(i + 1).is_some_and(|&x| x != ']') {
+            i += 1;
+            hi = if p[i] == '\\' {
+                i += 1;
+                *p.get(i).ok_or(())?
+            } else {
+                p[i]
+            };
+            i += 1;
+        }
+        if lo <= c && c <= hi {
+            matched = true;
+        }
+    }
+    Ok((matched != negate, i))
+}
+
+pub fn has_wildcard(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// `.dockerignore` rules, as moby's `patternmatcher`: patterns are cleaned paths from the
+/// context root, `**` matches any number of components, a pattern also excludes
+/// everything below what it matches, `!` re-includes, the last matching rule wins.
+#[derive(Debug, Default, Clone)]
+pub struct Ignore {
+    rules: Vec<(Vec<String>, bool)>,
+}
+
+impl Ignore {
+    pub fn parse(text: &str) -> Result<Ignore, String> {
+        let mut rules = Vec::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (pat, exclude) = match line.strip_prefix('!') {
+                Some(p) => (p.trim(), false),
+                None => (line, true),
+            };
+            let cleaned = clean(pat);
+            if cleaned.is_empty() {
+                continue;
+            }
+            let comps: Vec<String> = cleaned.split('/').map(str::to_owned).collect();
+            for c in &comps {
+                if c != "**" {
+                    match_component(c, "")
+                        .map_err(|e| format!(".dockerignore: {e} in line {line:?}"))?;
+                }
+            }
+            rules.push((comps, exclude));
+        }
+        Ok(Ignore { rules })
+    }
+
+    pub fn has_exceptions(&self) -> bool {
+        self.rules.iter().any(|(_, ex)| !ex)
+    }
+
+    /// Whether `path` (relative, cleaned) is excluded from the context.
+    pub fn excluded(&self, path: &str) -> bool {
+        let comps: Vec<&str> = path.split('/').collect();
+        let mut excluded = false;
+        for (pat, exclude) in &self.rules {
+            // A pattern matches the path or any of its parents.
+            let hit = (1..=comps.len()).any(|k| glob_components(pat, &comps[..k]));
+            if hit {
+                excluded = *exclude;
+            }
+        }
+        excluded
+    }
+}
+
+fn glob_components(pat: &[String], comps: &[&str]) -> bool {
+    match pat.split_first() {
+        None => comps.is_empty(),
+        Some((first, rest)) if first == "**" => {
+            (0..=comps.len()).any(|k| glob_components(rest, &comps[k..]))
+        }
+        Some((first, rest)) => match comps.split_first() {
+            Some((c, crest)) => {
+                match_component(first, c).unwrap_or(false) && glob_components(rest, crest)
+            }
+            None => false,
+        },
+    }
+}
+
+/// Why the context could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error("build context {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ContextError + '_ {
+    move |source| ContextError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Reads the context: `dir` minus `.dockerignore`d paths, then each extra source (an
+/// absolute file or directory) placed at its destination inside the context.
+pub fn read_context(dir: &Path, extra: &[(PathBuf, String)]) -> Result<Tree, ContextError> {
+    let ignore = match fs::read_to_string(dir.join(".dockerignore")) {
+        Ok(t) => Ignore::parse(&t).map_err(ContextError::Invalid)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ignore::default(),
+        Err(e) => return Err(io_err(&dir.join(".dockerignore"))(e)),
+    };
+    if !fs::metadata(dir).map_err(io_err(dir))?.is_dir() {
+        return Err(ContextError::Invalid(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
+    // The context's root arrives in BuildKit as a 0755 directory, whatever the mode of
+    // the package directory (checked against `docker build` in tests/it/native.rs).
+    let mut tree = Tree::new(Node::dir(0o755, 0, 0, 0));
+    walk(&mut tree, dir, "", Some(&ignore))?;
+    for (src, dst) in extra {
+        let dst = clean(dst);
+        tree.mkdir_all(parent(&dst), 0o755, 0, 0, 0)
+            .map_err(|e| ContextError::Invalid(format!("extra source {}: {e}", src.display())))?;
+        let m = fs::symlink_metadata(src).map_err(io_err(src))?;
+        if dst.is_empty() {
+            if !m.is_dir() {
+                return Err(ContextError::Invalid(format!(
+                    "extra source {} is a file and cannot replace the context root",
+                    src.display()
+                )));
+            }
+        } else {
+            tree.insert(&dst, node_of(src, &m)?);
+        }
+        if m.is_dir() {
+            walk(&mut tree, src, &dst, None)?;
+        }
+    }
+    Ok(tree)
+}
+
+fn node_of(path: &Path, m: &fs::Metadata) -> Result<Node, ContextError> {
+    let ft = m.file_type();
+    let kind = if ft.is_dir() {
+        Kind::Dir
+    } else if ft.is_symlink() {
+        let t = fs::read_link(path).map_err(io_err(path))?;
+        Kind::Symlink(t.to_string_lossy().into_owned())
+    } else if ft.is_file() {
+        Kind::File {
+            content: Content::Path(path.to_owned()),
+            size: m.len(),
+        }
+    } else {
+        return Err(ContextError::Invalid(format!(
+            "{}: sockets, FIFOs and devices cannot be part of a build context",
+            path.display()
+        )));
+    };
+    Ok(Node {
+        kind,
+        mode: m.mode() & 0o7777,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+    })
+}
+
+fn walk(
+    tree: &mut Tree,
+    dir: &Path,
+    at: &str,
+    ignore: Option<&Ignore>,
+) -> Result<(), ContextError> {
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(io_err(dir))?;
+    names.sort();
+    for name in names {
+        let Some(name_str) = name.to_str() else {
+            return Err(ContextError::Invalid(format!(
+                "{}: a file name is not UTF-8",
+                dir.join(&name).display()
+            )));
+        };
+        let rel = join(at, name_str);
+        let path = dir.join(&name);
+        let excluded = ignore.is_some_and(|i| i.excluded(&rel));
+        let m = fs::symlink_metadata(&path).map_err(io_err(&path))?;
+        if excluded && !(m.is_dir() && ignore.is_some_and(Ignore::has_exceptions)) {
+            continue;
+        }
+        if m.file_type().is_socket_like() {
+            continue;
+        }
+        if !excluded {
+            tree.insert(&rel, node_of(&path, &m)?);
+        }
+        if m.is_dir() {
+            walk(tree, &path, &rel, ignore)?;
+            if excluded && !tree.descendants(&rel).is_empty() {
+                // A re-included path below an excluded directory: the directory comes
+                // with it, as moby's walker keeps the parents of what it sends.
+                tree.insert(&rel, node_of(&path, &m)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+trait SocketLike {
+    fn is_socket_like(&self) -> bool;
+}
+
+impl SocketLike for fs::FileType {
+    fn is_socket_like(&self) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        self.is_socket()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_like_go_filepath_match() {
+        let m = |p, n| match_component(p, n).unwrap();
+        assert!(m("*.txt", "a.txt"));
+        assert!(!m("*.txt", "a.txt.bak"));
+        assert!(m("a?c", "abc"));
+        assert!(m("[a-c]x", "bx"));
+        assert!(!m("[^a-c]x", "bx"));
+        assert!(m("[!a-c]x", "dx"));
+        assert!(m("\\*", "*"));
+        assert!(m("*", ""));
+        assert!(m("a*b*c", "axxbyyc"));
+        assert!(!m("a*b*c", "axxbyy"));
+        assert!(match_component("[a-", "x").is_err());
+        assert!(match_component("x\\", "x").is_err());
+    }
+
+    #[test]
+    fn dockerignore_rules() {
+        let i = Ignore::parse("# c\n/target\n**/*.o\n*.md\n!README.md\nsub/*/tmp\n").unwrap();
+        assert!(i.excluded("target"));
+        assert!(i.excluded("target/debug/x"));
+        assert!(i.excluded("a/b/c.o"));
+        assert!(i.excluded("x.o"));
+        assert!(i.excluded("NOTES.md"));
+        assert!(!i.excluded("README.md"));
+        assert!(!i.excluded("docs/NOTES.md"), "*.md is anchored at the root");
+        assert!(i.excluded("sub/a/tmp/f"));
+        assert!(!i.excluded("sub/tmp"));
+        assert!(i.has_exceptions());
+    }
+
+    #[test]
+    fn reads_a_context_with_ignores_and_extra_sources() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("pkg");
+        fs::create_dir_all(root.join("keep/sub")).unwrap();
+        fs::create_dir_all(root.join("skip")).unwrap();
+        fs::write(root.join("keep/sub/f"), "x").unwrap();
+        fs::write(root.join("skip/f"), "x").unwrap();
+        fs::write(root.join("skip/keepme"), "x").unwrap();
+        fs::write(root.join(".dockerignore"), "skip\n!skip/keepme\n").unwrap();
+        std::os::unix::fs::symlink("keep/sub", root.join("link")).unwrap();
+        let extra = d.path().join("extra");
+        fs::create_dir_all(&extra).unwrap();
+        fs::write(extra.join("e"), "e").unwrap();
+        let t = read_context(&root, &[(extra.clone(), "vendor/extra".into())]).unwrap();
+        assert!(t.get("keep/sub/f").is_some());
+        assert!(t.get("skip/f").is_none());
+        assert!(t.get("skip/keepme").is_some());
+        assert!(t.get("skip").unwrap().is_dir());
+        assert!(matches!(&t.get("link").unwrap().kind, Kind::Symlink(s) if s == "keep/sub"));
+        assert!(t.get("vendor/extra/e").is_some());
+        assert_eq!(t.get("keep/sub/f").unwrap().uid, 0);
+    }
+}

@@ -1,0 +1,331 @@
+//! `COPY` and `ADD` of local sources, applied to trees with the semantics of BuildKit's
+//! file operations (tonistiigi/fsutil `copy`): wildcard sources, the source followed if it
+//! is a symlink, directory contents copied rather than the directory, a destination that
+//! is an existing directory receiving the source by name, parent directories created
+//! 0755, modes kept unless `--chmod`, owners from `--chown` (else kept: 0:0 for the
+//! context), and local tar archives unpacked by `ADD`.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{self, Read};
+use std::sync::Arc;
+
+use super::context::{has_wildcard, match_component};
+use super::tree::{Kind, Node, Tree, base_name, clean, join, parent};
+
+/// Options of one COPY/ADD.
+#[derive(Debug, Clone)]
+pub struct CopyOpts {
+    pub chown: Option<(u64, u64)>,
+    pub chmod: Option<u32>,
+    pub epoch: i64,
+    /// ADD: unpack local tar archives.
+    pub unpack: bool,
+    /// Sources come from the build context: a symlink leading out of it is an error.
+    pub confine: bool,
+}
+
+/// What a COPY or ADD could not do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyError {
+    /// Not possible as asked (a message for the user, without location).
+    Failed(String),
+    /// An archive the native builder cannot read: the build must use docker.
+    Unsupported(String),
+}
+
+impl From<String> for CopyError {
+    fn from(s: String) -> Self {
+        CopyError::Failed(s)
+    }
+}
+
+/// Copies `src_pattern` (from `src`) to `dest` (in `dst`); `dest_dir` when the destination
+/// was written with a trailing `/` (or is `.`). Paths written go into `changed`.
+#[allow(clippy::too_many_arguments)]
+pub fn copy(
+    dst: &mut Tree,
+    src: &Tree,
+    src_pattern: &str,
+    dest: &str,
+    dest_dir: bool,
+    opts: &CopyOpts,
+    spool: &Arc<File>,
+    changed: &mut BTreeSet<String>,
+) -> Result<(), CopyError> {
+    let pattern = clean(src_pattern);
+    let matches = if has_wildcard(&pattern) {
+        wildcard_matches(src, &pattern, opts.confine)?
+    } else {
+        vec![pattern.clone()]
+    };
+    let (uid, gid) = opts.chown.unwrap_or((0, 0));
+    let dest_r = dst
+        .resolve(dest, true, false)
+        .map_err(|e| format!("destination /{dest}: {e}"))?;
+    let ensure = if dest_dir {
+        dest_r.as_str()
+    } else {
+        parent(&dest_r)
+    };
+    for p in dst
+        .mkdir_all(ensure, 0o755, uid, gid, opts.epoch)
+        .map_err(|e| format!("destination /{dest}: {e}"))?
+    {
+        changed.insert(p);
+    }
+    for m in matches {
+        let followed = src.resolve(&m, true, opts.confine).map_err(|e| match e {
+            super::tree::ResolveError::Escapes { link, target } => format!(
+                "source {m}: symlink {link} points to {target}, outside the build context; \
+                 copy what it points to into the package instead"
+            ),
+            e => format!("source {m}: {e}"),
+        })?;
+        let Some(node) = src.get(&followed) else {
+            return Err(CopyError::Failed(if opts.confine {
+                format!("{m}: not found in the build context (or excluded by .dockerignore)")
+            } else {
+                format!("/{m}: not found in the source stage or image")
+            }));
+        };
+        if opts.unpack
+            && matches!(node.kind, Kind::File { .. })
+            && let Some(archive) = open_archive(node, &m)?
+        {
+            if opts.chown.is_some() || opts.chmod.is_some() {
+                return Err(CopyError::Unsupported(format!(
+                    "ADD --chown/--chmod of the archive {m}: how they apply to unpacked files \
+                     differs between BuildKit versions"
+                )));
+            }
+            unpack(dst, &dest_r, archive, opts, spool, changed)
+                .map_err(|e| format!("unpacking {m}: {e}"))?;
+            continue;
+        }
+        let mut dest_path = dest_r.clone();
+        if !node.is_dir() && dst.get(&dest_path).is_some_and(Node::is_dir) {
+            dest_path = join(&dest_path, base_name(&m));
+        }
+        for p in dst
+            .mkdir_all(parent(&dest_path), 0o755, uid, gid, opts.epoch)
+            .map_err(|e| format!("destination /{dest_path}: {e}"))?
+        {
+            changed.insert(p);
+        }
+        copy_node(dst, src, &followed, &dest_path, false, opts, changed)?;
+    }
+    Ok(())
+}
+
+fn copy_node(
+    dst: &mut Tree,
+    src: &Tree,
+    sp: &str,
+    dp: &str,
+    overwrite_meta: bool,
+    opts: &CopyOpts,
+    changed: &mut BTreeSet<String>,
+) -> Result<(), CopyError> {
+    let Some(node) = src.get(sp) else {
+        return Ok(());
+    };
+    let meta = |n: &Node| {
+        let mut out = n.clone();
+        if let Some(m) = opts.chmod
+            && !matches!(n.kind, Kind::Symlink(_))
+        {
+            out.mode = m;
+        }
+        if let Some((u, g)) = opts.chown {
+            out.uid = u;
+            out.gid = g;
+        }
+        out.mtime = opts.epoch;
+        out
+    };
+    match &node.kind {
+        Kind::Dir => {
+            let created = match dst.get(dp) {
+                None => true,
+                Some(d) if d.is_dir() => false,
+                Some(_) => {
+                    return Err(CopyError::Failed(format!(
+                        "cannot copy directory /{sp} onto /{dp}, which is not a directory"
+                    )));
+                }
+            };
+            if created {
+                dst.insert(dp, meta(node));
+            }
+            for child in src.children(sp) {
+                copy_node(
+                    dst,
+                    src,
+                    &join(sp, &child),
+                    &join(dp, &child),
+                    true,
+                    opts,
+                    changed,
+                )?;
+            }
+            if created || overwrite_meta {
+                dst.insert(dp, meta(node));
+                changed.insert(dp.to_owned());
+            }
+        }
+        _ => {
+            if dst.get(dp).is_some_and(Node::is_dir) {
+                return Err(CopyError::Failed(format!(
+                    "cannot overwrite directory /{dp} with the non-directory /{sp}"
+                )));
+            }
+            let mut n = meta(node);
+            if matches!(n.kind, Kind::Symlink(_)) {
+                n.mode = 0o777;
+            }
+            dst.insert(dp, n);
+            changed.insert(dp.to_owned());
+        }
+    }
+    Ok(())
+}
+
+/// Matches a pattern component by component against the tree, in sorted order.
+fn wildcard_matches(src: &Tree, pattern: &str, confine: bool) -> Result<Vec<String>, CopyError> {
+    let mut current = vec![String::new()];
+    for comp in pattern.split('/') {
+        let mut next = Vec::new();
+        for dir in &current {
+            let real = src
+                .resolve(dir, true, confine)
+                .map_err(|e| format!("source {pattern}: {e}"))?;
+            if !src.get(&real).is_some_and(Node::is_dir) {
+                continue;
+            }
+            if has_wildcard(comp) {
+                for child in src.children(&real) {
+                    if match_component(comp, &child)? {
+                        next.push(join(dir, &child));
+                    }
+                }
+            } else if src.get(&join(&real, comp)).is_some() {
+                next.push(join(dir, comp));
+            }
+        }
+        current = next;
+    }
+    Ok(current)
+}
+
+/// Opens a file node as a tar stream if it is a tar archive (plain or gzip-compressed);
+/// `None` when it is not an archive (ADD then copies it as a file).
+fn open_archive<'a>(node: &'a Node, name: &str) -> Result<Option<Box<dyn Read + 'a>>, CopyError> {
+    let io_err = |e: io::Error| CopyError::Failed(format!("reading {name}: {e}"));
+    let mut head = [0u8; 6];
+    let n = read_full(&mut node.open().map_err(io_err)?, &mut head).map_err(io_err)?;
+    let head = &head[..n];
+    let kind = if head.starts_with(&[0x1f, 0x8b]) {
+        "gzip"
+    } else if head.starts_with(b"BZh") {
+        "bzip2"
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        "xz"
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        "zstd"
+    } else {
+        "plain"
+    };
+    let stream: Box<dyn Read + 'a> = match kind {
+        "gzip" => Box::new(flate2::read::MultiGzDecoder::new(
+            node.open().map_err(io_err)?,
+        )),
+        "plain" => node.open().map_err(io_err)?,
+        other => {
+            return Err(CopyError::Unsupported(format!(
+                "ADD {name}: the file is {other}-compressed; the native builder unpacks only \
+                 plain and gzip-compressed tar archives"
+            )));
+        }
+    };
+    // Docker unpacks only what reads as a tar archive: a valid first header.
+    let mut probe = stream;
+    let mut block = vec![0u8; 512];
+    let n = read_full(&mut probe, &mut block).unwrap_or(0);
+    let is_tar = n == 512 && {
+        let mut h = tar::Header::new_old();
+        h.as_mut_bytes().copy_from_slice(&block);
+        h.cksum().ok() == Some(checksum(&block))
+    };
+    if !is_tar {
+        return Ok(None);
+    }
+    let fresh: Box<dyn Read + 'a> = match kind {
+        "gzip" => Box::new(flate2::read::MultiGzDecoder::new(
+            node.open().map_err(io_err)?,
+        )),
+        _ => node.open().map_err(io_err)?,
+    };
+    Ok(Some(fresh))
+}
+
+fn checksum(block: &[u8]) -> u32 {
+    block
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(b)
+            }
+        })
+        .sum()
+}
+
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+fn unpack(
+    dst: &mut Tree,
+    dest: &str,
+    archive: Box<dyn Read + '_>,
+    opts: &CopyOpts,
+    spool: &Arc<File>,
+    changed: &mut BTreeSet<String>,
+) -> Result<(), String> {
+    for p in dst
+        .mkdir_all(dest, 0o755, 0, 0, opts.epoch)
+        .map_err(|e| e.to_string())?
+    {
+        changed.insert(p);
+    }
+    let mut staged = Tree::new(Node::dir(0o755, 0, 0, opts.epoch));
+    staged
+        .apply_layer(archive, Some(spool), &|_| true)
+        .map_err(|e| e.to_string())?;
+    for path in staged.descendants("") {
+        let Some(node) = staged.get(&path) else {
+            continue;
+        };
+        let mut node = node.clone();
+        node.mtime = opts.epoch;
+        let target = join(dest, &path);
+        if !node.is_dir() && dst.get(&target).is_some_and(Node::is_dir) {
+            return Err(format!(
+                "the archive's /{path} would replace the directory /{target}"
+            ));
+        }
+        dst.insert(&target, node);
+        changed.insert(target);
+    }
+    Ok(())
+}

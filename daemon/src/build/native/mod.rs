@@ -1,0 +1,290 @@
+//! The native builder: builds a Dockerfile that needs no container (no `RUN`) in-process,
+//! for any architecture without emulation, into the cache, deterministically: the same
+//! inputs give byte-identical layers, configs, manifests and digests on every run and
+//! machine.
+//!
+//! `build` walks the stages the target needs, applies each instruction to an image
+//! config and, for `COPY`/`ADD`/`WORKDIR`, to an in-memory tree of the stage's root
+//! filesystem; every `COPY`/`ADD` (and a `WORKDIR` that creates a directory, as BuildKit
+//! does) becomes one layer holding the paths it changed and their parent directories.
+//! Each arch's config and OCI manifest land in the cache with `Cache::merge_arch`, exactly
+//! where the docker builder's output lands.
+
+mod context;
+mod copy;
+mod image;
+mod layer;
+mod refuse;
+mod stage;
+mod tree;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use kiln_shared::reference::ImageRef;
+
+use crate::build::dockerfile::{Dockerfile, DockerfileError};
+use crate::cache::{Cache, CacheError};
+use crate::oci::{Descriptor, Platform, is_index, is_manifest};
+
+pub use context::{ContextError, Ignore, match_component};
+pub use image::{ImageConfig, RunConfig};
+pub use layer::{CHUNK, LEVEL, Layer, LayerError};
+pub use refuse::{Refusal, native_supports};
+
+/// What to build: the lead maps a workspace package to this.
+#[derive(Debug, Clone)]
+pub struct NativeBuild {
+    /// The build context (the package directory).
+    pub context: PathBuf,
+    pub dockerfile: PathBuf,
+    /// Files or directories from outside the package, placed in the context:
+    /// (absolute source, destination path inside the context).
+    pub extra_sources: Vec<(PathBuf, String)>,
+    /// `org/image:tag`.
+    pub image: ImageRef,
+    /// (architecture, variant), e.g. ("amd64", None), ("arm", Some("v7")).
+    pub arches: Vec<(String, Option<String>)>,
+    pub build_args: BTreeMap<String, String>,
+    /// Labels added to the final image's config (as `docker build --label`).
+    pub labels: BTreeMap<String, String>,
+    /// `SOURCE_DATE_EPOCH`: every mtime and `created` time (default 0).
+    pub source_date_epoch: i64,
+    /// The stage to build (`--target`); the last stage when `None`.
+    pub target: Option<String>,
+}
+
+/// What a build produced.
+#[derive(Debug, Clone)]
+pub struct BuildOutput {
+    /// The multi-arch index `image:tag` now names.
+    pub index: Descriptor,
+    /// Each arch's manifest, by arch suffix (`image:tag-<suffix>`).
+    pub per_arch: Vec<(String, Descriptor)>,
+}
+
+/// Why a native build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NativeError {
+    #[error(transparent)]
+    Dockerfile(#[from] DockerfileError),
+    /// The Dockerfile needs something the native builder cannot do exactly.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// An instruction failed (a missing source, an unknown user, ...).
+    #[error("{}:{line}: {message} ({arch})", path.display())]
+    Instruction {
+        path: PathBuf,
+        line: usize,
+        arch: String,
+        message: String,
+    },
+    #[error("build context: {0}")]
+    Context(#[from] ContextError),
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Finds the image a `FROM` (or `COPY --from`) names, for one platform.
+pub trait BaseResolver: Sync {
+    /// The single-platform manifest for `name` (as written after expansion, e.g.
+    /// `alpine:3.20`, `org/pkg:tag`, `name@sha256:...`) at `platform`; the manifest and
+    /// its blobs must be in `cache`. The error says what is missing and what to do.
+    fn resolve(&self, cache: &Cache, name: &str, platform: &Platform)
+    -> Result<Descriptor, String>;
+}
+
+/// Resolves names through the cache's `index.json` (`docker.io/<name>`, `library/` for
+/// single-component names, tag `latest` by default, `@sha256:` digests), picking the
+/// platform's manifest from an index.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheResolver;
+
+impl BaseResolver for CacheResolver {
+    fn resolve(
+        &self,
+        cache: &Cache,
+        name: &str,
+        platform: &Platform,
+    ) -> Result<Descriptor, String> {
+        let desc = if let Some((_, digest)) = name.split_once('@') {
+            let digest: kiln_shared::digest::Digest =
+                digest.parse().map_err(|e| format!("{name}: {e}"))?;
+            let manifest = cache.read_manifest(&digest).map_err(|e| e.to_string())?;
+            let media_type = manifest
+                .media_type
+                .clone()
+                .unwrap_or_else(|| crate::oci::OCI_MANIFEST.to_owned());
+            let size = cache
+                .blob_size(&digest)
+                .map_err(|e| e.to_string())?
+                .unwrap_or(0);
+            Descriptor::new(media_type, digest, size)
+        } else {
+            let index = cache.index().map_err(|e| e.to_string())?;
+            let candidates = cache_names(name);
+            candidates
+                .iter()
+                .find_map(|c| index.get(c).cloned())
+                .ok_or_else(|| {
+                    format!(
+                        "{name} is not in the cache (looked for {}); build or pull it first",
+                        candidates.join(", ")
+                    )
+                })?
+        };
+        pick_platform(cache, name, desc, platform)
+    }
+}
+
+/// Resolves workspace packages by repository name (whatever tag the `FROM` line has, or
+/// none) to the tag the workspace builds, then anything else as [`CacheResolver`] does.
+#[derive(Debug, Clone, Default)]
+pub struct WorkspaceResolver {
+    /// Repository (`org/image`) -> the package's current reference.
+    pub packages: BTreeMap<String, ImageRef>,
+}
+
+impl BaseResolver for WorkspaceResolver {
+    fn resolve(
+        &self,
+        cache: &Cache,
+        name: &str,
+        platform: &Platform,
+    ) -> Result<Descriptor, String> {
+        let repo = repository_of(name);
+        let Some(r) = self.packages.get(repo) else {
+            return CacheResolver.resolve(cache, name, platform);
+        };
+        let index = cache.index().map_err(|e| e.to_string())?;
+        let desc = index.get(&r.cache_name()).cloned().ok_or_else(|| {
+            format!("workspace package {r} is not built yet; build it before its dependents")
+        })?;
+        pick_platform(cache, name, desc, platform)
+    }
+}
+
+/// `org/image` of `docker.io/org/image:tag@sha256:...`.
+pub fn repository_of(name: &str) -> &str {
+    let name = name.split('@').next().unwrap_or(name);
+    let name = name.strip_prefix("docker.io/").unwrap_or(name);
+    let slash = name.rfind('/').map_or(0, |i| i + 1);
+    match name[slash..].find(':') {
+        Some(i) => &name[..slash + i],
+        None => name,
+    }
+}
+
+/// The `index.json` names a `FROM` name may have.
+pub fn cache_names(name: &str) -> Vec<String> {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    let name = if last.contains(':') {
+        name.to_owned()
+    } else {
+        format!("{name}:latest")
+    };
+    let first = name.split('/').next().unwrap_or_default();
+    let has_domain =
+        name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    if has_domain {
+        return vec![name];
+    }
+    let mut v = vec![format!("docker.io/{name}")];
+    if !name.contains('/') {
+        v.push(format!("docker.io/library/{name}"));
+    }
+    v.push(name);
+    v
+}
+
+/// From an index, the manifest for `platform` (an arm64 variant of `v8` or none match
+/// each other); a manifest is taken as it is.
+pub fn pick_platform(
+    cache: &Cache,
+    name: &str,
+    desc: Descriptor,
+    platform: &Platform,
+) -> Result<Descriptor, String> {
+    if is_manifest(&desc.media_type) {
+        return Ok(desc);
+    }
+    if !is_index(&desc.media_type) {
+        return Err(format!("{name} is a {}, not an image", desc.media_type));
+    }
+    let index = cache
+        .read_manifest(&desc.digest)
+        .map_err(|e| e.to_string())?;
+    let norm = |v: Option<&str>, arch: &str| match (arch, v) {
+        ("arm64", Some("v8")) => None,
+        (_, v) => v.map(str::to_owned),
+    };
+    index
+        .manifests
+        .iter()
+        .find(|m| {
+            m.platform.as_ref().is_some_and(|p| {
+                p.os == platform.os
+                    && p.architecture == platform.architecture
+                    && norm(p.variant.as_deref(), &p.architecture)
+                        == norm(platform.variant.as_deref(), &platform.architecture)
+            })
+        })
+        .cloned()
+        .ok_or_else(|| {
+            format!(
+                "{name} has no image for {}; build it for that platform first",
+                image::platform_string(platform)
+            )
+        })
+}
+
+/// The suffix of an arch's reference (`image:tag-<suffix>`): the architecture, with the
+/// variant appended when there is one (`arm-v7`).
+pub fn arch_suffix(arch: &str, variant: Option<&str>) -> String {
+    match variant {
+        Some(v) => format!("{arch}-{v}"),
+        None => arch.to_owned(),
+    }
+}
+
+/// Builds `input` for each of its arches into `cache` and lands the result under
+/// `input.image` (and `image:tag-<arch>`). `log` receives one line per step.
+pub fn build(
+    cache: &Cache,
+    input: &NativeBuild,
+    resolver: &dyn BaseResolver,
+    log: &mut dyn FnMut(String),
+) -> Result<BuildOutput, NativeError> {
+    let df = Dockerfile::read(&input.dockerfile)?;
+    native_supports(&df)?;
+    if input.arches.is_empty() {
+        return Err(NativeError::Invalid(format!(
+            "{}: no architectures to build",
+            input.image
+        )));
+    }
+    let mut shared = stage::Shared::new(cache, &df, input, resolver);
+    let mut built = Vec::new();
+    for (arch, variant) in &input.arches {
+        let platform = Platform::linux(arch, variant.as_deref());
+        let suffix = arch_suffix(arch, variant.as_deref());
+        let manifest = shared.build_platform(&platform, &suffix, log)?;
+        built.push((suffix, platform, manifest));
+    }
+    let mut index = None;
+    let mut per_arch = Vec::new();
+    for (suffix, platform, manifest) in built {
+        index = Some(cache.merge_arch(&input.image, &suffix, platform, manifest.clone())?);
+        per_arch.push((suffix, manifest));
+    }
+    let index = index.ok_or_else(|| NativeError::Invalid("no architecture was built".into()))?;
+    log(format!("{} -> {}", input.image, index.digest));
+    Ok(BuildOutput { index, per_arch })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,91 @@
+//! What the native builder refuses, decided from the parsed Dockerfile alone, so that
+//! `auto` can pick the docker builder before building anything.
+
+use std::path::PathBuf;
+
+use crate::build::dockerfile::{CopyArgs, Dockerfile, Instruction};
+
+/// An instruction the native builder cannot do exactly.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{}:{line}: {what}; the native builder cannot do this, use the docker builder (--builder docker)",
+    path.display()
+)]
+pub struct Refusal {
+    pub path: PathBuf,
+    pub line: usize,
+    /// What is refused and why, e.g. "RUN needs a container to run commands".
+    pub what: String,
+}
+
+/// `Ok` when the native builder can build `df` (as far as the Dockerfile alone tells;
+/// a base image with ONBUILD triggers or an ADD of an xz archive is refused when found),
+/// else the first refused line.
+pub fn native_supports(df: &Dockerfile) -> Result<(), Refusal> {
+    let refuse = |line: usize, what: String| Refusal {
+        path: df.path.clone(),
+        line,
+        what,
+    };
+    if let Some(syntax) = &df.syntax {
+        let v = syntax.value.as_str();
+        let known = ["docker/dockerfile", "docker.io/docker/dockerfile"];
+        let base = v.split(['@', ':']).next().unwrap_or(v);
+        if !known.contains(&base) {
+            return Err(refuse(
+                syntax.line,
+                format!("# syntax={v} selects a custom frontend"),
+            ));
+        }
+    }
+    for stage in &df.stages {
+        for l in &stage.instructions {
+            let what = match &l.value {
+                Instruction::Run { .. } => Some("RUN needs a container to run commands".to_owned()),
+                Instruction::Copy(c) => copy_refusal("COPY", c),
+                Instruction::Add(c) => copy_refusal("ADD", c).or_else(|| {
+                    c.sources
+                        .iter()
+                        .find(|s| is_remote(s))
+                        .map(|s| format!("ADD {s} downloads from the network"))
+                }),
+                _ => None,
+            };
+            if let Some(what) = what {
+                return Err(refuse(l.line, what));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn copy_refusal(keyword: &str, c: &CopyArgs) -> Option<String> {
+    if c.heredoc {
+        return Some(format!("{keyword} with a heredoc (<<) is not supported"));
+    }
+    if let Some((flag, _)) = c.other_flags.first() {
+        return Some(format!("{keyword} --{flag} is not supported"));
+    }
+    if let Some(m) = &c.chmod
+        && !m.contains('$')
+        && !is_octal_mode(m)
+    {
+        return Some(format!(
+            "{keyword} --chmod={m} is not an octal mode (symbolic modes are not supported)"
+        ));
+    }
+    None
+}
+
+pub(super) fn is_octal_mode(m: &str) -> bool {
+    !m.is_empty() && m.len() <= 4 && m.bytes().all(|b| (b'0'..=b'7').contains(&b))
+}
+
+fn is_remote(s: &str) -> bool {
+    let lower = s.to_ascii_lowercase();
+    lower.starts_with("http://")
+        || lower.starts_with("https://")
+        || lower.starts_with("git@")
+        || lower.starts_with("git://")
+        || lower.starts_with("ssh://")
+}

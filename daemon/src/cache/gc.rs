@@ -1,0 +1,896 @@
+//! Garbage collection: mark every blob reachable from `index.json`, sweep the rest, and
+//! over a size cap drop references least recently used first.
+//!
+//! Safety with other processes:
+//! - gc holds the writer lock throughout, so `index.json` cannot change under it (LinuxKit
+//!   takes the same lock);
+//! - blobs are written without the lock (uploads, builds in flight) and become referenced
+//!   later, so an unreferenced blob younger than the grace period is kept; a blob write
+//!   that finds its blob already present refreshes its mtime;
+//! - a blob is first renamed into `.kiln/trash/`, then its mtime is checked again there:
+//!   a writer that refreshed it meanwhile gets it back, and a writer that refreshes it
+//!   after the move finds it gone and installs its own copy (see `blob.rs`);
+//! - readers that have a blob open keep reading it after it is unlinked (the inode lives
+//!   until the last descriptor closes).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use kiln_shared::digest::Digest;
+
+use super::stats::format_size;
+use super::{Cache, CacheError};
+use crate::oci::{AnyManifest, Descriptor, is_index, is_manifest};
+
+/// How old an unreferenced blob must be before gc removes it, by default: long enough for
+/// a push or a build to reference what it uploaded.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10 * 60);
+
+/// What `gc` should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcOptions {
+    /// Drop references, least recently used first, until the blobs fit in this many bytes.
+    pub max_size: Option<u64>,
+    /// Unreferenced blobs modified more recently than this are kept.
+    pub grace: Duration,
+    /// Report what would be freed, change nothing.
+    pub dry_run: bool,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            max_size: None,
+            grace: DEFAULT_GRACE,
+            dry_run: false,
+        }
+    }
+}
+
+/// What `gc` did (or, in a dry run, would do).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GcReport {
+    pub dry_run: bool,
+    /// References dropped to get under the size cap, least recently used first (names, or
+    /// digests for unnamed `index.json` entries).
+    pub refs_dropped: Vec<String>,
+    pub blobs_removed: u64,
+    pub bytes_freed: u64,
+    /// Bytes held by blobs before and after.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    /// Unreferenced blobs kept because they are younger than the grace period.
+    pub young_kept: u64,
+    pub young_bytes: u64,
+    pub grace: Duration,
+    /// The cap, when one was given and the cache could not be brought under it (what is
+    /// left is referenced by nothing gc may drop, or is within the grace period).
+    pub still_over: Option<u64>,
+}
+
+impl fmt::Display for GcReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verb = if self.dry_run { "would free" } else { "freed" };
+        write!(
+            f,
+            "{verb} {}: {} blob{}, {} reference{} ({} -> {})",
+            format_size(self.bytes_freed),
+            self.blobs_removed,
+            plural(self.blobs_removed),
+            self.refs_dropped.len(),
+            plural(self.refs_dropped.len() as u64),
+            format_size(self.bytes_before),
+            format_size(self.bytes_after),
+        )?;
+        let verb = if self.dry_run {
+            "would drop"
+        } else {
+            "dropped"
+        };
+        for name in &self.refs_dropped {
+            write!(f, "\n  {verb} {name}")?;
+        }
+        if self.young_kept > 0 {
+            write!(
+                f,
+                "\n  kept {} unreferenced blob{} ({}) written in the last {}s; they may belong to a push or build in progress",
+                self.young_kept,
+                plural(self.young_kept),
+                format_size(self.young_bytes),
+                self.grace.as_secs()
+            )?;
+        }
+        if let Some(cap) = self.still_over {
+            write!(
+                f,
+                "\n  still over the cap of {}: what remains is in use or too recent to remove",
+                format_size(cap)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn plural(n: u64) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// A blob file as listed at the start of gc.
+#[derive(Debug, Clone, Copy)]
+struct BlobFile {
+    size: u64,
+    mtime: SystemTime,
+}
+
+/// One root: an `index.json` entry (entries without a name are keyed by digest).
+#[derive(Debug)]
+struct Root {
+    key: String,
+    named: bool,
+    digest: Digest,
+    reach: Vec<Digest>,
+    /// For a referrer (an artifact with a `subject`): the subject's digest.
+    subject: Option<Digest>,
+}
+
+/// Collects garbage in `cache`; see the module documentation.
+pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
+    let _lock = cache.lock()?;
+    let started = SystemTime::now();
+    let cutoff = started
+        .checked_sub(opts.grace)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let blobs = list_blobs(cache.blobs_dir())?;
+    let bytes_before: u64 = blobs.values().map(|b| b.size).sum();
+
+    let view = cache.index()?;
+    let mut graph = Graph {
+        cache,
+        docs: HashMap::new(),
+    };
+    let mut roots: Vec<Root> = Vec::new();
+    let mut seen_keys = HashSet::new();
+    for d in &view.index().manifests {
+        let (key, named) = match d.ref_name() {
+            Some(n) => (n.to_owned(), true),
+            None => (d.digest.to_string(), false),
+        };
+        if !seen_keys.insert(key.clone()) {
+            continue;
+        }
+        let reach = graph.reach(d)?;
+        let subject = graph.subject_of(d)?;
+        roots.push(Root {
+            key,
+            named,
+            digest: d.digest.clone(),
+            reach,
+            subject,
+        });
+    }
+
+    let mut refs = Refs::new(&roots, &blobs, cutoff);
+    if let Some(cap) = opts.max_size
+        && refs.projected > cap
+    {
+        let usage = cache.last_used()?;
+        let last_used = |r: &Root| {
+            usage
+                .get(&r.key)
+                .copied()
+                .or_else(|| blobs.get(&r.digest).map(|b| b.mtime))
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+        };
+        let mut order: Vec<usize> = (0..roots.len()).collect();
+        order.sort_by(|&a, &b| {
+            (last_used(&roots[a]), &roots[a].key).cmp(&(last_used(&roots[b]), &roots[b].key))
+        });
+        // Artifacts about a kept image (signatures, SBOMs) go with the image, never on
+        // their own.
+        let attached: Vec<usize> = (0..roots.len())
+            .filter(|&i| {
+                roots[i]
+                    .subject
+                    .as_ref()
+                    .is_some_and(|s| refs.is_reachable(s))
+            })
+            .collect();
+        for i in order {
+            if refs.projected <= cap {
+                break;
+            }
+            if refs.is_dropped[i] || attached.contains(&i) {
+                continue;
+            }
+            refs.drop_root(i);
+            // Artifacts about an image that is now gone go with it (and theirs with them).
+            while let Some(&j) = attached.iter().find(|&&j| {
+                !refs.is_dropped[j]
+                    && roots[j]
+                        .subject
+                        .as_ref()
+                        .is_some_and(|s| !refs.is_reachable(s))
+            }) {
+                refs.drop_root(j);
+            }
+        }
+    }
+    let Refs {
+        refcount, dropped, ..
+    } = refs;
+
+    let refs_dropped: Vec<String> = dropped.iter().map(|&i| roots[i].key.clone()).collect();
+    if !opts.dry_run && !dropped.is_empty() {
+        let named: HashSet<&str> = dropped
+            .iter()
+            .filter(|&&i| roots[i].named)
+            .map(|&i| roots[i].key.as_str())
+            .collect();
+        let unnamed: HashSet<&Digest> = dropped
+            .iter()
+            .filter(|&&i| !roots[i].named)
+            .map(|&i| &roots[i].digest)
+            .collect();
+        cache
+            .update_index_locked(|index| {
+                index.manifests.retain(|d| match d.ref_name() {
+                    Some(n) => !named.contains(n),
+                    None => !unnamed.contains(&d.digest),
+                });
+                Ok(())
+            })
+            .map_err(|e| match e {
+                CacheError::DanglingReference { name, digest } => CacheError::Invalid(format!(
+                    "gc could not drop references: index.json names {digest} ({name}), which is \
+                 not in the cache; nothing was removed. Run `kiln fsck --repair` first."
+                )),
+                e => e,
+            })?;
+        let forget: Vec<String> = named.iter().map(|s| (*s).to_owned()).collect();
+        if let Err(e) = cache.flush_usage_locked(&forget) {
+            // Usage is advisory; the references are gone either way.
+            tracing::warn!("gc: could not update the usage file: {e}");
+        }
+        for name in &refs_dropped {
+            tracing::info!(reference = %name, "gc dropped a reference");
+        }
+    }
+
+    let trash = cache.root.join(".kiln").join("trash");
+    if !opts.dry_run {
+        fs::create_dir_all(&trash).map_err(CacheError::io(&trash))?;
+    }
+    let mut report = GcReport {
+        dry_run: opts.dry_run,
+        refs_dropped,
+        bytes_before,
+        grace: opts.grace,
+        ..GcReport::default()
+    };
+    let mut garbage: Vec<(&Digest, &BlobFile)> = blobs
+        .iter()
+        .filter(|(d, _)| refcount.get(d).copied().unwrap_or(0) == 0)
+        .collect();
+    garbage.sort_by_key(|(d, _)| *d);
+    for (digest, b) in garbage {
+        if b.mtime >= cutoff {
+            report.young_kept += 1;
+            report.young_bytes += b.size;
+            continue;
+        }
+        if !opts.dry_run {
+            match remove_blob(cache, &trash, digest, cutoff)? {
+                Removal::Removed => {}
+                Removal::Refreshed => {
+                    report.young_kept += 1;
+                    report.young_bytes += b.size;
+                    continue;
+                }
+                Removal::Gone => continue,
+            }
+        }
+        report.blobs_removed += 1;
+        report.bytes_freed += b.size;
+    }
+    report.bytes_after = bytes_before.saturating_sub(report.bytes_freed);
+    if let Some(cap) = opts.max_size
+        && report.bytes_after > cap
+    {
+        report.still_over = Some(cap);
+    }
+    Ok(report)
+}
+
+/// How many roots reach each blob, and what a sweep would leave, as roots are dropped.
+struct Refs<'a> {
+    roots: &'a [Root],
+    blobs: &'a HashMap<Digest, BlobFile>,
+    cutoff: SystemTime,
+    refcount: HashMap<&'a Digest, u32>,
+    /// Bytes that survive a sweep: referenced, or too young to remove.
+    projected: u64,
+    is_dropped: Vec<bool>,
+    /// Dropped roots, in order.
+    dropped: Vec<usize>,
+}
+
+impl<'a> Refs<'a> {
+    fn new(roots: &'a [Root], blobs: &'a HashMap<Digest, BlobFile>, cutoff: SystemTime) -> Self {
+        let mut refcount: HashMap<&Digest, u32> = HashMap::new();
+        for r in roots {
+            for d in &r.reach {
+                *refcount.entry(d).or_insert(0) += 1;
+            }
+        }
+        let projected = blobs
+            .iter()
+            .filter(|(d, b)| b.mtime >= cutoff || refcount.contains_key(d))
+            .map(|(_, b)| b.size)
+            .sum();
+        Refs {
+            roots,
+            blobs,
+            cutoff,
+            refcount,
+            projected,
+            is_dropped: vec![false; roots.len()],
+            dropped: Vec::new(),
+        }
+    }
+
+    fn is_reachable(&self, d: &Digest) -> bool {
+        self.refcount.get(d).is_some_and(|&n| n > 0)
+    }
+
+    fn drop_root(&mut self, i: usize) {
+        self.is_dropped[i] = true;
+        self.dropped.push(i);
+        for d in &self.roots[i].reach {
+            if let Some(n) = self.refcount.get_mut(d) {
+                *n -= 1;
+                if *n == 0
+                    && let Some(b) = self.blobs.get(d)
+                    && b.mtime < self.cutoff
+                {
+                    self.projected -= b.size;
+                }
+            }
+        }
+    }
+}
+
+enum Removal {
+    Removed,
+    /// A writer refreshed it while gc looked: kept.
+    Refreshed,
+    /// Someone else removed it first.
+    Gone,
+}
+
+/// Removes one unreferenced blob, unless a writer refreshes it meanwhile (module doc).
+fn remove_blob(
+    cache: &Cache,
+    trash: &Path,
+    digest: &Digest,
+    cutoff: SystemTime,
+) -> Result<Removal, CacheError> {
+    let path = cache.blob_path(digest);
+    let parked = trash.join(format!("{}-{}", digest.hex(), std::process::id()));
+    match fs::rename(&path, &parked) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Removal::Gone),
+        Err(e) => return Err(CacheError::io(&path)(e)),
+    }
+    let mtime = fs::metadata(&parked)
+        .and_then(|m| m.modified())
+        .map_err(CacheError::io(&parked))?;
+    if mtime >= cutoff {
+        if path.exists() {
+            // A writer already installed a fresh copy.
+            fs::remove_file(&parked).map_err(CacheError::io(&parked))?;
+        } else {
+            fs::rename(&parked, &path).map_err(CacheError::io(&path))?;
+        }
+        return Ok(Removal::Refreshed);
+    }
+    fs::remove_file(&parked).map_err(CacheError::io(&parked))?;
+    Ok(Removal::Removed)
+}
+
+/// Every `blobs/sha256/<64 hex>` file with its size and mtime; other names are fsck's
+/// business and are left alone.
+fn list_blobs(dir: &Path) -> Result<HashMap<Digest, BlobFile>, CacheError> {
+    let mut out = HashMap::new();
+    for entry in fs::read_dir(dir).map_err(CacheError::io(dir))? {
+        let entry = entry.map_err(CacheError::io(dir))?;
+        let Some(digest) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| Digest::from_hex(n).ok())
+        else {
+            continue;
+        };
+        let meta = match entry.metadata() {
+            Ok(m) if m.is_file() => m,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(CacheError::io(entry.path())(e)),
+        };
+        let mtime = meta.modified().map_err(CacheError::io(entry.path()))?;
+        out.insert(
+            digest,
+            BlobFile {
+                size: meta.len(),
+                mtime,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// The reference graph, each document parsed once.
+struct Graph<'a> {
+    cache: &'a Cache,
+    /// Digest of a manifest or index to what it refers to and its subject; `None` for a
+    /// blob that is not on disk.
+    docs: HashMap<Digest, Option<Doc>>,
+}
+
+/// What a manifest or index refers to.
+struct Doc {
+    children: Vec<Descriptor>,
+    subject: Option<Digest>,
+}
+
+impl Graph<'_> {
+    fn load(&mut self, d: &Descriptor) -> Result<(), CacheError> {
+        if self.docs.contains_key(&d.digest) {
+            return Ok(());
+        }
+        let doc = match self.cache.read_manifest(&d.digest) {
+            Ok(m) => Some(m),
+            // Dangling: nothing to follow (fsck reports it).
+            Err(CacheError::BlobUnknown(_)) => None,
+            Err(e) => {
+                return Err(CacheError::Invalid(format!(
+                    "gc stopped: cannot follow the references of {} ({e}); nothing was removed. \
+                     Run `kiln fsck --repair` first.",
+                    d.digest
+                )));
+            }
+        };
+        let entry = doc.map(|m: AnyManifest| Doc {
+            children: m.children().cloned().collect(),
+            subject: m.subject.map(|s| s.digest),
+        });
+        self.docs.insert(d.digest.clone(), entry);
+        Ok(())
+    }
+
+    /// Every blob reachable from `root`, itself included.
+    fn reach(&mut self, root: &Descriptor) -> Result<Vec<Digest>, CacheError> {
+        let mut seen: HashSet<Digest> = HashSet::new();
+        let mut stack = vec![root.clone()];
+        let mut out = Vec::new();
+        while let Some(d) = stack.pop() {
+            if !seen.insert(d.digest.clone()) {
+                continue;
+            }
+            out.push(d.digest.clone());
+            if is_index(&d.media_type) || is_manifest(&d.media_type) {
+                self.load(&d)?;
+                if let Some(Some(doc)) = self.docs.get(&d.digest) {
+                    stack.extend(doc.children.iter().cloned());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn subject_of(&mut self, d: &Descriptor) -> Result<Option<Digest>, CacheError> {
+        if !(is_index(&d.media_type) || is_manifest(&d.media_type)) {
+            return Ok(None);
+        }
+        self.load(d)?;
+        Ok(self
+            .docs
+            .get(&d.digest)
+            .and_then(|c| c.as_ref())
+            .and_then(|doc| doc.subject.clone()))
+    }
+}
+
+/// Why a size given on the command line is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("empty size: give a number of bytes with an optional unit, e.g. 10G or 500MiB")]
+    Empty,
+    #[error("size {0:?} does not start with a number: expected e.g. 10G, 500MiB, 1.5GB or 1048576")]
+    NoNumber(String),
+    #[error(
+        "size {input:?} has an unknown unit {unit:?}: use B, K/KiB, M/MiB, G/GiB, T/TiB (powers of 1024) or KB, MB, GB, TB (powers of 1000)"
+    )]
+    UnknownUnit { input: String, unit: String },
+    #[error("size {0:?} is too large")]
+    TooLarge(String),
+    #[error("size {0:?} is not a whole number of bytes")]
+    FractionalBytes(String),
+}
+
+/// Parses a size: a number (decimals allowed) and an optional unit, case-insensitive.
+/// `K`, `M`, `G`, `T` and `KiB`.. are powers of 1024 (as `du` and Docker read them);
+/// `KB`, `MB`, `GB`, `TB` are powers of 1000; `B` or nothing is bytes. Fractions of a
+/// byte are rounded down (`1.5K` = 1536).
+pub fn parse_size(input: &str) -> Result<u64, SizeError> {
+    let s = input.trim();
+    if s.is_empty() {
+        return Err(SizeError::Empty);
+    }
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
+        .unwrap_or(s.len());
+    let (number, unit) = (&s[..split], s[split..].trim());
+    let number = number.replace('_', "");
+    let (int, frac) = match number.split_once('.') {
+        Some((i, f)) => (i, f),
+        None => (number.as_str(), ""),
+    };
+    if (int.is_empty() && frac.is_empty())
+        || frac.contains('.')
+        || !int.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(SizeError::NoNumber(input.to_owned()));
+    }
+    let multiplier: u128 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => {
+            return Err(SizeError::UnknownUnit {
+                input: input.to_owned(),
+                unit: unit.to_owned(),
+            });
+        }
+    };
+    if frac.len() > 18 {
+        return Err(SizeError::NoNumber(input.to_owned()));
+    }
+    let too_large = || SizeError::TooLarge(input.to_owned());
+    let int: u128 = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| too_large())?
+    };
+    let frac_value: u128 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse()
+            .map_err(|_| SizeError::NoNumber(input.to_owned()))?
+    };
+    let frac_scale = 10u128.pow(frac.len() as u32);
+    let whole = int.checked_mul(multiplier).ok_or_else(too_large)?;
+    let part = frac_value * multiplier / frac_scale;
+    if multiplier == 1 && frac_value != 0 {
+        return Err(SizeError::FractionalBytes(input.to_owned()));
+    }
+    let total = whole.checked_add(part).ok_or_else(too_large)?;
+    u64::try_from(total).map_err(|_| too_large())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+
+    use super::*;
+    use crate::oci::{OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST};
+
+    fn cache() -> (tempfile::TempDir, Cache) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        (dir, cache)
+    }
+
+    fn age(cache: &Cache, d: &Digest, by: Duration) {
+        File::open(cache.blob_path(d))
+            .unwrap()
+            .set_modified(SystemTime::now() - by)
+            .unwrap();
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A manifest with one layer of `layer_len` bytes (and an optional subject), named
+    /// `name` in index.json when given. Every blob is an hour old.
+    fn image(
+        cache: &Cache,
+        name: Option<&str>,
+        seed: u8,
+        layer_len: usize,
+        subject: Option<&Descriptor>,
+    ) -> (Descriptor, Vec<Digest>) {
+        let layer = vec![seed; layer_len];
+        let layer_d = cache.put_blob(&layer).unwrap();
+        let config = format!(r#"{{"seed":{seed}}}"#);
+        let config_d = cache.put_blob(config.as_bytes()).unwrap();
+        let mut m = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": Descriptor::new(OCI_CONFIG, config_d.clone(), config.len() as u64),
+            "layers": [Descriptor::new(OCI_LAYER_GZIP, layer_d.clone(), layer.len() as u64)],
+        });
+        if let Some(s) = subject {
+            m["subject"] = serde_json::to_value(s).unwrap();
+        }
+        let bytes = serde_json::to_vec(&m).unwrap();
+        let d = cache.put_blob(&bytes).unwrap();
+        let desc = Descriptor::new(OCI_MANIFEST, d.clone(), bytes.len() as u64);
+        match name {
+            Some(n) => cache.set_ref(n, desc.clone()).unwrap(),
+            None => cache
+                .update_index(|i| {
+                    i.manifests.push(desc.clone());
+                    Ok(())
+                })
+                .unwrap(),
+        }
+        let all = vec![d, config_d, layer_d];
+        for b in &all {
+            age(cache, b, HOUR);
+        }
+        (desc, all)
+    }
+
+    fn exists(cache: &Cache, d: &Digest) -> bool {
+        cache.blob_path(d).exists()
+    }
+
+    #[test]
+    fn unreferenced_blobs_go_once_older_than_the_grace_period() {
+        let (_dir, cache) = cache();
+        let (_, kept) = image(&cache, Some("docker.io/a/b:1"), 1, 100, None);
+        let old = cache.put_blob(b"old garbage").unwrap();
+        age(&cache, &old, HOUR);
+        let young = cache.put_blob(b"young garbage").unwrap();
+
+        let dry = gc(
+            &cache,
+            GcOptions {
+                dry_run: true,
+                ..GcOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((dry.blobs_removed, dry.bytes_freed), (1, 11));
+        assert!(exists(&cache, &old), "a dry run removes nothing");
+        assert!(
+            dry.to_string()
+                .starts_with("would free 11 B: 1 blob, 0 references"),
+            "{dry}"
+        );
+
+        let report = gc(&cache, GcOptions::default()).unwrap();
+        assert_eq!((report.blobs_removed, report.bytes_freed), (1, 11));
+        assert_eq!((report.young_kept, report.young_bytes), (1, 13));
+        assert_eq!(report.bytes_after, report.bytes_before - 11);
+        assert!(!exists(&cache, &old));
+        assert!(exists(&cache, &young));
+        assert!(kept.iter().all(|d| exists(&cache, d)));
+        assert!(
+            report
+                .to_string()
+                .contains("kept 1 unreferenced blob (13 B) written in the last 600s"),
+            "{report}"
+        );
+        let empty = fs::read_dir(cache.root().join(".kiln/trash"))
+            .unwrap()
+            .count();
+        assert_eq!(empty, 0, "the trash is emptied");
+
+        // A blob written again is fresh again.
+        age(&cache, &young, HOUR);
+        cache.put_blob(b"young garbage").unwrap();
+        let report = gc(&cache, GcOptions::default()).unwrap();
+        assert_eq!(report.blobs_removed, 0);
+        assert!(exists(&cache, &young));
+    }
+
+    #[test]
+    fn over_the_cap_the_least_recently_used_references_go_first() {
+        let (_dir, cache) = cache();
+        let (_, a) = image(&cache, Some("docker.io/o/a:1"), 1, 1000, None);
+        let (b_desc, b) = image(&cache, Some("docker.io/o/b:1"), 2, 1000, None);
+        let (_, c) = image(&cache, Some("docker.io/o/c:1"), 3, 1000, None);
+        // A second name for b's manifest, and a signature of b, unnamed as the registry
+        // keeps referrers.
+        cache
+            .set_ref("docker.io/o/b:alias", b_desc.clone())
+            .unwrap();
+        let (_, sig) = image(&cache, None, 4, 10, Some(&b_desc));
+        // a has no record: it counts as used when its manifest was written (an hour ago).
+        let now = SystemTime::now();
+        cache.touch_ref_at("docker.io/o/b:1", now - Duration::from_secs(1800));
+        cache.touch_ref_at("docker.io/o/b:alias", now - Duration::from_secs(1700));
+        cache.flush_usage().unwrap();
+        cache.touch_ref_at("docker.io/o/c:1", now); // not flushed: gc still sees it
+
+        let total = crate::cache::stats(&cache).unwrap().blob_bytes;
+        let cap = total - 1000;
+        let report = gc(
+            &cache,
+            GcOptions {
+                max_size: Some(cap),
+                ..GcOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(report.refs_dropped, ["docker.io/o/a:1"], "{report}");
+        assert!(a.iter().all(|d| !exists(&cache, d)));
+        assert!(b.iter().chain(&c).chain(&sig).all(|d| exists(&cache, d)));
+        assert!(report.bytes_after <= cap && report.still_over.is_none());
+
+        // Dropping b's names takes its signature along.
+        let report = gc(
+            &cache,
+            GcOptions {
+                max_size: Some(report.bytes_after - 1),
+                ..GcOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            report.refs_dropped,
+            [
+                "docker.io/o/b:1".to_owned(),
+                "docker.io/o/b:alias".to_owned(),
+                sig[0].to_string()
+            ],
+            "{report}"
+        );
+        assert!(b.iter().chain(&sig).all(|d| !exists(&cache, d)));
+        assert!(c.iter().all(|d| exists(&cache, d)));
+        let view = cache.index().unwrap();
+        assert_eq!(view.index().manifests.len(), 1);
+        assert!(view.get("docker.io/o/c:1").is_some());
+        let usage = cache.last_used().unwrap();
+        assert!(
+            !usage.contains_key("docker.io/o/b:1"),
+            "dropped names are forgotten"
+        );
+
+        // A cap nothing can meet: everything goes, and the report says so.
+        let young = cache.put_blob(b"in flight").unwrap();
+        let report = gc(
+            &cache,
+            GcOptions {
+                max_size: Some(1),
+                ..GcOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(report.refs_dropped, ["docker.io/o/c:1"]);
+        assert_eq!(report.bytes_after, 9);
+        assert!(exists(&cache, &young));
+        assert_eq!(report.still_over, Some(1));
+        assert!(
+            report.to_string().contains("still over the cap of 1 B"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn gc_refuses_to_guess_when_a_manifest_is_unreadable() {
+        let (_dir, cache) = cache();
+        let (desc, blobs) = image(&cache, Some("docker.io/o/a:1"), 1, 10, None);
+        let garbage = cache.put_blob(b"garbage").unwrap();
+        age(&cache, &garbage, HOUR);
+        fs::write(cache.blob_path(&desc.digest), b"{not json").unwrap();
+        let err = gc(&cache, GcOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("kiln fsck --repair"), "{err}");
+        assert!(blobs.iter().chain([&garbage]).all(|d| exists(&cache, d)));
+    }
+
+    #[test]
+    fn a_blob_refreshed_during_removal_is_put_back() {
+        let (_dir, cache) = cache();
+        let d = cache.put_blob(b"racing").unwrap();
+        let trash = cache.root().join(".kiln/trash");
+        fs::create_dir_all(&trash).unwrap();
+        // The listing saw it old, but a writer refreshed it since: gc finds a fresh mtime
+        // once the blob is parked, and restores it.
+        let cutoff = SystemTime::now() - Duration::from_secs(60);
+        assert!(matches!(
+            remove_blob(&cache, &trash, &d, cutoff).unwrap(),
+            Removal::Refreshed
+        ));
+        assert_eq!(cache.read_blob(&d, 100).unwrap(), b"racing");
+        age(&cache, &d, HOUR);
+        assert!(matches!(
+            remove_blob(&cache, &trash, &d, cutoff).unwrap(),
+            Removal::Removed
+        ));
+        assert!(!exists(&cache, &d));
+        assert!(matches!(
+            remove_blob(&cache, &trash, &d, cutoff).unwrap(),
+            Removal::Gone
+        ));
+        // A writer whose blob vanished under it installs its own copy.
+        assert_eq!(cache.put_blob(b"racing").unwrap(), d);
+        assert!(exists(&cache, &d));
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("10g"), Ok(10 << 30));
+        assert_eq!(parse_size("500MiB"), Ok(500 << 20));
+        assert_eq!(parse_size("500 mib"), Ok(500 << 20));
+        assert_eq!(parse_size("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_size("1.5K"), Ok(1536));
+        assert_eq!(parse_size(".5k"), Ok(512));
+        assert_eq!(parse_size("1_000kb"), Ok(1_000_000));
+        assert_eq!(parse_size("12B"), Ok(12));
+        assert_eq!(parse_size("1.0"), Ok(1));
+        assert_eq!(parse_size("16777215T"), Ok(16_777_215 << 40));
+    }
+
+    #[test]
+    fn bad_sizes_say_why() {
+        assert_eq!(parse_size(" "), Err(SizeError::Empty));
+        assert!(matches!(parse_size("G"), Err(SizeError::NoNumber(_))));
+        assert!(matches!(parse_size("-1G"), Err(SizeError::NoNumber(_))));
+        assert!(matches!(parse_size("1.2.3G"), Err(SizeError::NoNumber(_))));
+        assert!(matches!(parse_size("."), Err(SizeError::NoNumber(_))));
+        assert!(matches!(
+            parse_size("1.5"),
+            Err(SizeError::FractionalBytes(_))
+        ));
+        assert!(matches!(
+            parse_size("16777216T"),
+            Err(SizeError::TooLarge(_))
+        ));
+        assert!(matches!(
+            parse_size("99999999999999999999999999999999999999999"),
+            Err(SizeError::TooLarge(_))
+        ));
+        let err = parse_size("10 gigs").unwrap_err();
+        assert!(
+            matches!(&err, SizeError::UnknownUnit { unit, .. } if unit == "gigs"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("GiB"), "{err}");
+    }
+
+    #[test]
+    fn a_dangling_reference_stops_gc_before_it_drops_anything() {
+        let (_dir, cache) = cache();
+        let (a, _) = image(&cache, Some("docker.io/o/a:1"), 1, 1000, None);
+        image(&cache, Some("docker.io/o/b:1"), 2, 1000, None);
+        fs::remove_file(cache.blob_path(&a.digest)).unwrap();
+        // Without a cap, gc sweeps around the dangling entry.
+        gc(&cache, GcOptions::default()).unwrap();
+        // Under a cap, b goes first (a was used recently) and a is kept: dangling.
+        cache.touch_ref("docker.io/o/a:1");
+        let err = gc(
+            &cache,
+            GcOptions {
+                max_size: Some(500),
+                ..GcOptions::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("kiln fsck --repair"), "{err}");
+        assert_eq!(cache.index().unwrap().index().manifests.len(), 2);
+    }
+}

@@ -1,0 +1,134 @@
+//! How big the cache is, for the dashboard and `gc`: one readdir of `blobs/sha256` and a
+//! stat per blob, plus the references of `index.json` (already in memory).
+
+use std::fmt;
+use std::fs;
+use std::io;
+
+use kiln_shared::digest::Digest;
+
+use super::{Cache, CacheError};
+
+/// The cache's size at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheStats {
+    /// Bytes held by blob files.
+    pub blob_bytes: u64,
+    /// Blob files.
+    pub blobs: u64,
+    /// Named references in `index.json` (`org.opencontainers.image.ref.name`).
+    pub refs: u64,
+    /// All entries of `index.json`, named or not (the registry keeps referrers unnamed).
+    pub index_entries: u64,
+}
+
+impl fmt::Display for CacheStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} in {} blobs, {} references",
+            format_size(self.blob_bytes),
+            self.blobs,
+            self.refs
+        )
+    }
+}
+
+/// Measures the cache. Blobs that vanish while being counted (a concurrent gc) are
+/// skipped.
+pub fn stats(cache: &Cache) -> Result<CacheStats, CacheError> {
+    let view = cache.index()?;
+    let mut out = CacheStats {
+        refs: view.refs().count() as u64,
+        index_entries: view.index().manifests.len() as u64,
+        ..CacheStats::default()
+    };
+    let dir = cache.blobs_dir();
+    for entry in fs::read_dir(dir).map_err(CacheError::io(dir))? {
+        let entry = entry.map_err(CacheError::io(dir))?;
+        // Only blobs: other tools may stage writes here under other names.
+        let name = entry.file_name();
+        if name.to_str().is_none_or(|n| Digest::from_hex(n).is_err()) {
+            continue;
+        }
+        match entry.metadata() {
+            Ok(m) if m.is_file() => {
+                out.blobs += 1;
+                out.blob_bytes += m.len();
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(CacheError::io(entry.path())(e)),
+        }
+    }
+    Ok(out)
+}
+
+/// A byte count for people: `512 B`, `1.5 KiB`, `1.2 GiB` (binary units, one decimal).
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    // 1023.96 KiB would print as "1024.0 KiB": show the next unit instead.
+    if value >= 1023.95 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::{Descriptor, OCI_MANIFEST};
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(format_size(0), "0 B");
+        assert_eq!(format_size(1023), "1023 B");
+        assert_eq!(format_size(1024), "1.0 KiB");
+        assert_eq!(format_size(1536), "1.5 KiB");
+        assert_eq!(format_size(1024 * 1024 - 1), "1.0 MiB");
+        assert_eq!(format_size(1_288_490_189), "1.2 GiB");
+        assert_eq!(format_size(u64::MAX), "16.0 EiB");
+    }
+
+    #[test]
+    fn stats_count_blobs_bytes_and_references() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        assert_eq!(stats(&cache).unwrap(), CacheStats::default());
+        let a = cache.put_blob(b"hello").unwrap();
+        cache.put_blob(b"world!").unwrap();
+        cache
+            .set_ref(
+                "docker.io/a/b:1",
+                Descriptor::new(OCI_MANIFEST, a.clone(), 5),
+            )
+            .unwrap();
+        cache
+            .update_index(|i| {
+                i.manifests.push(Descriptor::new(OCI_MANIFEST, a, 5));
+                Ok(())
+            })
+            .unwrap();
+        let s = stats(&cache).unwrap();
+        assert_eq!(
+            s,
+            CacheStats {
+                blob_bytes: 11,
+                blobs: 2,
+                refs: 1,
+                index_entries: 2
+            }
+        );
+        assert_eq!(s.to_string(), "11 B in 2 blobs, 1 references");
+    }
+}

@@ -1,0 +1,807 @@
+//! The `docker` builder: one BuildKit build per (package, tag, arch) on a Docker engine,
+//! exported by having the engine push the image into kilnd's registry as
+//! `org/image:tag-<arch>`; the caller then merges that manifest into the package's index
+//! (`Cache::merge_arch`).
+//!
+//! Docker 20.10 without the containerd image store can export neither OCI layouts nor
+//! multi-platform images, so each platform is built on its own and leaves the engine by
+//! `docker push`; the push sends compressed, hashed layers and skips those the registry
+//! already holds. Nothing stays behind in the engine: the local tag is removed after the
+//! push, and after a failure or cancellation too.
+
+pub mod context;
+pub mod dockerignore;
+pub mod engine;
+pub mod linuxkit;
+pub mod progress;
+pub mod push;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use http_body_util::BodyExt;
+use kiln_shared::reference::ImageRef;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+pub use context::{BuildContext, ContextError};
+pub use engine::{Endpoint, Engine, EngineError, Engines, parse_engine_flag};
+pub use linuxkit::{LinuxkitInfo, go_pkg_version, linuxkit_build_args, linuxkit_labels};
+pub use progress::{LogLine, LogSource};
+pub use push::{PushStats, fetch_manifest};
+
+use crate::oci::{Descriptor, Platform};
+use engine::error_chain;
+use progress::Steps;
+
+/// One architecture's build of a package.
+#[derive(Debug, Clone)]
+pub struct DockerBuild {
+    /// The package directory (the build context).
+    pub context_dir: PathBuf,
+    /// The Dockerfile: absolute, or relative to `context_dir` (`build.yml`'s `dockerfile`
+    /// override, else `Dockerfile`).
+    pub dockerfile: PathBuf,
+    /// `extra-sources`: (absolute source path, destination inside the context).
+    pub extra_sources: Vec<(PathBuf, String)>,
+    /// `org/image:tag`.
+    pub image: ImageRef,
+    /// `amd64`, `arm64`, `riscv64`, ...
+    pub arch: String,
+    /// All build args (see [`linuxkit_build_args`]).
+    pub build_args: BTreeMap<String, String>,
+    /// All labels (see [`linuxkit_labels`]).
+    pub labels: BTreeMap<String, String>,
+    /// `build.yml`'s `network: true`: network mode `host`, else `none`.
+    pub network: bool,
+    /// `build.yml`'s `disable-cache`.
+    pub no_cache: bool,
+}
+
+impl DockerBuild {
+    /// `linux/<arch>` (as BuildKit takes it).
+    pub fn platform_string(&self) -> String {
+        let p = platform_for_arch(&self.arch);
+        match &p.variant {
+            Some(v) => format!("linux/{}/{v}", p.architecture),
+            None => format!("linux/{}", p.architecture),
+        }
+    }
+}
+
+/// The OCI platform kiln records for a LinuxKit arch name (`arm` is `arm/v7`).
+pub fn platform_for_arch(arch: &str) -> Platform {
+    match arch {
+        "arm" => Platform::linux("arm", Some("v7")),
+        a => Platform::linux(a, None),
+    }
+}
+
+/// What a finished build produced.
+#[derive(Debug, Clone)]
+pub struct BuildOutcome {
+    /// The manifest the engine pushed, as the registry serves it at `tag-<arch>`.
+    pub manifest: Descriptor,
+    /// The engine's image id (config digest).
+    pub image_id: Option<String>,
+    pub duration: Duration,
+    /// Steps answered from BuildKit's cache.
+    pub cache_hits: usize,
+    /// Steps that ran.
+    pub steps_run: usize,
+    pub push: PushStats,
+}
+
+/// Why a build failed. Each message names the image, arch and engine and says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerBuildError {
+    #[error("{image} ({arch}): {source}")]
+    Context {
+        image: String,
+        arch: String,
+        #[source]
+        source: ContextError,
+    },
+    #[error("{image} ({arch}): {source}")]
+    Engine {
+        image: String,
+        arch: String,
+        #[source]
+        source: EngineError,
+    },
+    #[error(
+        "{image} ({arch}): the Docker engine at {endpoint} went away during the build \
+         ({detail}); it stopped or restarted. kiln builds again on the next change (or \
+         `kiln build`); check the engine (`docker info`, its log)"
+    )]
+    EngineLost {
+        image: String,
+        arch: String,
+        endpoint: String,
+        detail: String,
+    },
+    #[error("{image} ({arch}): step {step:?} failed: {error}{}", tail_text(.tail))]
+    StepFailed {
+        image: String,
+        arch: String,
+        step: String,
+        error: String,
+        /// The step's last output lines.
+        tail: Vec<String>,
+    },
+    #[error("{image} ({arch}): the build failed on {endpoint}: {message}")]
+    BuildFailed {
+        image: String,
+        arch: String,
+        endpoint: String,
+        message: String,
+    },
+    #[error(
+        "{image} ({arch}): the engine at {endpoint} could not push to the registry at \
+         {registry}: {message}"
+    )]
+    Push {
+        image: String,
+        arch: String,
+        endpoint: String,
+        registry: String,
+        message: String,
+    },
+    #[error("{image} ({arch}): cannot read the pushed manifest back: {message}")]
+    Manifest {
+        image: String,
+        arch: String,
+        message: String,
+    },
+    #[error("{image} ({arch}): cancelled")]
+    Cancelled { image: String, arch: String },
+}
+
+fn tail_text(tail: &[String]) -> String {
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("\n  | {}", tail.join("\n  | "))
+    }
+}
+
+/// A build's log, bounded: the newest lines are kept, up to a number of lines and bytes.
+#[derive(Debug, Clone)]
+pub struct BuildLog {
+    lines: VecDeque<LogLine>,
+    bytes: usize,
+    max_lines: usize,
+    max_bytes: usize,
+    /// Lines dropped from the front.
+    pub dropped: u64,
+}
+
+impl Default for BuildLog {
+    fn default() -> Self {
+        BuildLog::new(10_000, 1024 * 1024)
+    }
+}
+
+impl BuildLog {
+    pub fn new(max_lines: usize, max_bytes: usize) -> Self {
+        BuildLog {
+            lines: VecDeque::new(),
+            bytes: 0,
+            max_lines,
+            max_bytes,
+            dropped: 0,
+        }
+    }
+
+    pub fn push(&mut self, line: LogLine) {
+        self.bytes += line.text.len();
+        self.lines.push_back(line);
+        while self.lines.len() > self.max_lines || self.bytes > self.max_bytes {
+            let Some(old) = self.lines.pop_front() else {
+                break;
+            };
+            self.bytes -= old.text.len();
+            self.dropped += 1;
+        }
+    }
+
+    pub fn lines(&self) -> impl Iterator<Item = &LogLine> {
+        self.lines.iter()
+    }
+
+    /// Writes [`BuildLog::to_text`] to `path` atomically (a temp file beside it, then a
+    /// rename), so a reader sees the old log or the new one.
+    pub fn save(&self, path: &std::path::Path) -> io::Result<()> {
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        io::Write::write_all(&mut tmp, self.to_text().as_bytes())?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    }
+
+    /// The log as text, one line per entry (`[step] text`), for the cache directory.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        if self.dropped > 0 {
+            s.push_str(&format!("[... {} earlier lines dropped]\n", self.dropped));
+        }
+        for l in &self.lines {
+            let secs = l.at_ms as f64 / 1000.0;
+            match (&l.source, &l.step) {
+                (LogSource::Step | LogSource::Kiln, _) | (_, None) => {
+                    s.push_str(&format!("{secs:8.3} {}\n", l.text))
+                }
+                (_, Some(step)) => s.push_str(&format!("{secs:8.3} {step} | {}\n", l.text)),
+            }
+        }
+        s
+    }
+}
+
+/// One JSON message of the engine's build stream.
+#[derive(Debug, Deserialize)]
+struct Message {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    aux: Option<serde_json::Value>,
+    #[serde(default)]
+    stream: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default, rename = "errorDetail")]
+    error_detail: Option<ErrorDetail>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorDetail {
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// Percent-encodes a query value.
+fn q(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The reference the engine builds and pushes: `<push_to>/org/image:tag-<arch>`.
+pub fn push_reference(build: &DockerBuild, push_to: &str) -> (String, String) {
+    (
+        format!("{push_to}/{}", build.image.repo),
+        format!("{}-{}", build.image.tag, build.arch),
+    )
+}
+
+/// Removes a tag left in the engine if the build future is dropped before its own clean-up
+/// ran.
+struct TagGuard {
+    docker: Option<bollard::Docker>,
+    reference: String,
+}
+
+impl Drop for TagGuard {
+    fn drop(&mut self) {
+        if let (Some(docker), Ok(rt)) = (self.docker.take(), tokio::runtime::Handle::try_current())
+        {
+            let reference = std::mem::take(&mut self.reference);
+            rt.spawn(async move {
+                if let Err(e) = remove_bounded(&docker, &reference).await {
+                    tracing::warn!(%reference, error = %e, "cannot remove an abandoned build's image");
+                }
+            });
+        }
+    }
+}
+
+/// How long removing a tag may take before kiln gives up on it (an engine that accepts
+/// connections but does not answer).
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn remove_bounded(docker: &bollard::Docker, reference: &str) -> Result<(), String> {
+    tokio::time::timeout(CLEANUP_TIMEOUT, push::remove_local(docker, reference))
+        .await
+        .map_err(|_| format!("no answer within {CLEANUP_TIMEOUT:?}"))?
+}
+
+/// Builds `build` for its arch on `engine`, has the engine push the image to the registry
+/// at `push_to` (`127.0.0.1:PORT`, kilnd's) as `org/image:tag-<arch>`, removes the local
+/// image, and returns the pushed manifest as that registry serves it. Log lines go to
+/// `log` as they come. Cancelling `cancel` stops the build (the engine aborts it when its
+/// connection closes) and cleans up.
+pub async fn build_arch(
+    engine: &Engine,
+    build: &DockerBuild,
+    push_to: &str,
+    log: &mut (dyn FnMut(LogLine) + Send),
+    cancel: CancellationToken,
+) -> Result<BuildOutcome, DockerBuildError> {
+    let started = Instant::now();
+    let image = build.image.to_string();
+    let arch = build.arch.clone();
+    let endpoint = engine.endpoint().to_string();
+    let mut emit = |source: LogSource, step: Option<String>, text: String| {
+        log(LogLine {
+            at_ms: started.elapsed().as_millis() as u64,
+            source,
+            step,
+            text,
+        })
+    };
+    let cancelled = || DockerBuildError::Cancelled {
+        image: image.clone(),
+        arch: arch.clone(),
+    };
+
+    if push_to.starts_with('[') || push_to.contains('/') || !push_to.contains(':') {
+        return Err(DockerBuildError::Push {
+            image: image.clone(),
+            arch: arch.clone(),
+            endpoint: endpoint.clone(),
+            registry: push_to.to_owned(),
+            message: "the engine needs the registry as HOST:PORT with an IPv4 address or a \
+                      name (image references cannot hold IPv6 literals); use 127.0.0.1:PORT"
+                .into(),
+        });
+    }
+    let docker = tokio::select! {
+        r = engine.client() => r.map_err(|source| DockerBuildError::Engine {
+            image: image.clone(),
+            arch: arch.clone(),
+            source,
+        })?,
+        () = cancel.cancelled() => return Err(cancelled()),
+    };
+
+    let (dir, df, extra) = (
+        build.context_dir.clone(),
+        build.dockerfile.clone(),
+        build.extra_sources.clone(),
+    );
+    let (repo, tag) = push_reference(build, push_to);
+    let reference = format!("{repo}:{tag}");
+    // While the context is scanned, remove what an earlier build that lost its engine may
+    // have left under this name (building over it would leave a dangling image).
+    let (scanned, stale) = tokio::join!(
+        tokio::task::spawn_blocking(move || BuildContext::scan(&dir, &df, &extra)),
+        remove_bounded(&docker, &reference),
+    );
+    if let Err(e) = stale {
+        tracing::debug!(%reference, error = %e, "cannot remove a stale tag before building");
+    }
+    let ctx = scanned
+        .map_err(|e| DockerBuildError::Context {
+            image: image.clone(),
+            arch: arch.clone(),
+            source: ContextError::Io {
+                path: build.context_dir.clone(),
+                source: io::Error::other(e.to_string()),
+            },
+        })?
+        .map_err(|source| DockerBuildError::Context {
+            image: image.clone(),
+            arch: arch.clone(),
+            source,
+        })?;
+    emit(
+        LogSource::Kiln,
+        None,
+        format!(
+            "building {image} for {} on {endpoint} (context: {} entries, {} bytes)",
+            build.platform_string(),
+            ctx.names().count(),
+            ctx.file_bytes()
+        ),
+    );
+
+    let query = build_query(build, &ctx, &reference);
+    // From here on the engine may hold the tag: remove it whatever happens.
+    let mut guard = TagGuard {
+        docker: Some(docker.clone()),
+        reference: reference.clone(),
+    };
+    let result = run_build(
+        engine, &docker, &query, ctx, &mut emit, &cancel, &image, &arch,
+    )
+    .await;
+    let result = match result {
+        Ok((image_id, steps)) => {
+            emit(LogSource::Kiln, None, format!("pushing {reference}"));
+            let mut status = |s: String| emit(LogSource::Kiln, None, format!("push: {s}"));
+            let pushed = tokio::select! {
+                r = push::push(&docker, &repo, &tag, &mut status) => r.map_err(|e| match e {
+                    push::PushError::Engine(message) => DockerBuildError::Push {
+                        image: image.clone(),
+                        arch: arch.clone(),
+                        endpoint: endpoint.clone(),
+                        registry: push_to.to_owned(),
+                        message,
+                    },
+                    push::PushError::Connection(detail) => DockerBuildError::EngineLost {
+                        image: image.clone(),
+                        arch: arch.clone(),
+                        endpoint: endpoint.clone(),
+                        detail: format!("while pushing: {detail}"),
+                    },
+                }),
+                () = cancel.cancelled() => Err(cancelled()),
+            };
+            pushed.map(|push| (image_id, steps, push))
+        }
+        Err(e) => Err(e),
+    };
+    if matches!(
+        result,
+        Err(DockerBuildError::EngineLost { .. } | DockerBuildError::Engine { .. })
+    ) {
+        engine.forget_version();
+    }
+    // Clean up in the engine before reporting (the guard covers a dropped future).
+    guard.docker = None;
+    if let Err(e) = remove_bounded(&docker, &reference).await {
+        emit(
+            LogSource::Kiln,
+            None,
+            format!("warning: cannot remove {reference} from the engine: {e}"),
+        );
+    }
+    let (image_id, steps, push) = result?;
+    // The engine's last push message names the manifest; ask the registry only if it
+    // did not (an engine that words it otherwise).
+    let manifest = match &push.manifest {
+        Some(d) => d.clone(),
+        None => fetch_manifest(push_to, &build.image.repo.to_string(), &tag)
+            .await
+            .map_err(|message| DockerBuildError::Manifest {
+                image: image.clone(),
+                arch: arch.clone(),
+                message,
+            })?,
+    };
+    let outcome = BuildOutcome {
+        manifest,
+        image_id,
+        duration: started.elapsed(),
+        cache_hits: steps.cache_hits(),
+        steps_run: steps.executed(),
+        push,
+    };
+    emit(
+        LogSource::Kiln,
+        None,
+        format!(
+            "built {image} for {} in {:.1}s: {} ({} steps cached, {} run; {} layers pushed, {} already there)",
+            build.platform_string(),
+            outcome.duration.as_secs_f64(),
+            outcome.manifest.digest,
+            outcome.cache_hits,
+            outcome.steps_run,
+            outcome.push.pushed,
+            outcome.push.existing,
+        ),
+    );
+    Ok(outcome)
+}
+
+fn build_query(build: &DockerBuild, ctx: &BuildContext, reference: &str) -> String {
+    let json = |m: &BTreeMap<String, String>| {
+        // A map of strings always serialises.
+        serde_json::to_string(m).unwrap_or_else(|_| "{}".into())
+    };
+    let mut query = format!(
+        "version=2&t={}&dockerfile={}&platform={}&networkmode={}&rm=1&forcerm=1",
+        q(reference),
+        q(ctx.dockerfile_name()),
+        q(&build.platform_string()),
+        if build.network { "host" } else { "none" },
+    );
+    if build.no_cache {
+        query.push_str("&nocache=1");
+    }
+    if !build.build_args.is_empty() {
+        query.push_str(&format!("&buildargs={}", q(&json(&build.build_args))));
+    }
+    if !build.labels.is_empty() {
+        query.push_str(&format!("&labels={}", q(&json(&build.labels))));
+    }
+    query
+}
+
+type Emit<'a> = dyn FnMut(LogSource, Option<String>, String) + Send + 'a;
+
+#[allow(clippy::too_many_arguments)]
+async fn run_build(
+    engine: &Engine,
+    docker: &bollard::Docker,
+    query: &str,
+    ctx: BuildContext,
+    emit: &mut Emit<'_>,
+    cancel: &CancellationToken,
+    image: &str,
+    arch: &str,
+) -> Result<(Option<String>, Steps), DockerBuildError> {
+    let endpoint = engine.endpoint().to_string();
+    let lost = |detail: String| DockerBuildError::EngineLost {
+        image: image.to_owned(),
+        arch: arch.to_owned(),
+        endpoint: endpoint.clone(),
+        detail,
+    };
+    let cancelled = || DockerBuildError::Cancelled {
+        image: image.to_owned(),
+        arch: arch.to_owned(),
+    };
+    let (resp, _conn) = tokio::select! {
+        r = engine.post_build(docker, query, ctx.into_stream()) => r.map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::ConnectionRefused {
+                DockerBuildError::Engine {
+                    image: image.to_owned(),
+                    arch: arch.to_owned(),
+                    source: EngineError::Unreachable { endpoint: engine.endpoint().clone(), detail: e.to_string() },
+                }
+            } else {
+                lost(e.to_string())
+            }
+        })?,
+        () = cancel.cancelled() => return Err(cancelled()),
+    };
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if !status.is_success() {
+        let bytes = tokio::select! {
+            r = body.collect() => r.map(|c| c.to_bytes()).unwrap_or_default(),
+            () = cancel.cancelled() => return Err(cancelled()),
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("message")?.as_str().map(str::to_owned))
+            .unwrap_or_else(|| text.trim().to_owned());
+        return Err(DockerBuildError::BuildFailed {
+            image: image.to_owned(),
+            arch: arch.to_owned(),
+            endpoint,
+            message: format!("{status}: {message}"),
+        });
+    }
+
+    let mut steps = Steps::default();
+    let mut image_id = None;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut error: Option<String> = None;
+    loop {
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            () = cancel.cancelled() => return Err(cancelled()),
+        };
+        let data: Bytes = match frame {
+            None => break,
+            Some(Err(e)) => return Err(lost(error_chain(&e))),
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) => d,
+                Err(_) => continue,
+            },
+        };
+        pending.extend_from_slice(data.chunk());
+        while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            handle_line(&line, &mut steps, &mut image_id, &mut error, emit);
+        }
+    }
+    if !pending.is_empty() {
+        let line = std::mem::take(&mut pending);
+        handle_line(&line, &mut steps, &mut image_id, &mut error, emit);
+    }
+    if let Some(message) = error {
+        if let Some((step, error, tail)) = steps.failed_step() {
+            return Err(DockerBuildError::StepFailed {
+                image: image.to_owned(),
+                arch: arch.to_owned(),
+                step,
+                error,
+                tail,
+            });
+        }
+        return Err(DockerBuildError::BuildFailed {
+            image: image.to_owned(),
+            arch: arch.to_owned(),
+            endpoint,
+            message,
+        });
+    }
+    if image_id.is_none() {
+        return Err(lost(
+            "the connection closed before the engine reported a result".into(),
+        ));
+    }
+    Ok((image_id, steps))
+}
+
+fn handle_line(
+    line: &[u8],
+    steps: &mut Steps,
+    image_id: &mut Option<String>,
+    error: &mut Option<String>,
+    emit: &mut Emit<'_>,
+) {
+    let line = line.trim_ascii();
+    if line.is_empty() {
+        return;
+    }
+    let msg: Message = match serde_json::from_slice(line) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!(error = %e, line = %String::from_utf8_lossy(line), "unexpected build message");
+            return;
+        }
+    };
+    if let Some(e) = msg.error_detail.and_then(|d| d.message).or(msg.error) {
+        emit(LogSource::Kiln, None, format!("error: {e}"));
+        *error = Some(e);
+        return;
+    }
+    match (msg.id.as_deref(), msg.aux) {
+        (Some("moby.buildkit.trace"), Some(serde_json::Value::String(b64))) => {
+            match progress::base64_decode(&b64).and_then(|b| progress::decode_status(&b)) {
+                Ok(status) => {
+                    for (source, step, text) in steps.apply(status) {
+                        emit(source, step, text);
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "undecodable BuildKit trace"),
+            }
+        }
+        (Some("moby.image.id"), Some(aux)) => {
+            if let Some(id) = aux.get("ID").and_then(|v| v.as_str()) {
+                *image_id = Some(id.to_owned());
+            }
+        }
+        _ => {
+            if let Some(s) = msg.stream {
+                for l in s.lines().filter(|l| !l.trim().is_empty()) {
+                    emit(LogSource::Kiln, None, l.to_owned());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> DockerBuild {
+        DockerBuild {
+            context_dir: "/p".into(),
+            dockerfile: "Dockerfile".into(),
+            extra_sources: vec![],
+            image: "kiln/hello:abc".parse().unwrap(),
+            arch: "arm64".into(),
+            build_args: BTreeMap::from([("A".to_owned(), "x y&z".to_owned())]),
+            labels: BTreeMap::from([("org.mobyproject.config".to_owned(), "{\"a\":1}".to_owned())]),
+            network: false,
+            no_cache: true,
+        }
+    }
+
+    #[test]
+    fn query_carries_every_option() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("Dockerfile"), "FROM scratch\n").unwrap();
+        let ctx = BuildContext::scan(d.path(), std::path::Path::new("Dockerfile"), &[]).unwrap();
+        let b = sample();
+        let (repo, tag) = push_reference(&b, "127.0.0.1:5000");
+        assert_eq!(
+            (repo.as_str(), tag.as_str()),
+            ("127.0.0.1:5000/kiln/hello", "abc-arm64")
+        );
+        let query = build_query(&b, &ctx, &format!("{repo}:{tag}"));
+        assert_eq!(
+            query,
+            "version=2&t=127.0.0.1%3A5000%2Fkiln%2Fhello%3Aabc-arm64&dockerfile=Dockerfile\
+             &platform=linux%2Farm64&networkmode=none&rm=1&forcerm=1&nocache=1\
+             &buildargs=%7B%22A%22%3A%22x%20y%26z%22%7D\
+             &labels=%7B%22org.mobyproject.config%22%3A%22%7B%5C%22a%5C%22%3A1%7D%22%7D"
+        );
+        let mut b = sample();
+        b.network = true;
+        b.no_cache = false;
+        b.arch = "arm".into();
+        let query = build_query(&b, &ctx, "r:t");
+        assert!(query.contains("networkmode=host"), "{query}");
+        assert!(query.contains("platform=linux%2Farm%2Fv7"), "{query}");
+        assert!(!query.contains("nocache"), "{query}");
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_registry_address_is_refused_up_front() {
+        // No engine listens there: the address is refused before any engine call.
+        let engine = Engine::new(Some("tcp://127.0.0.1:1")).unwrap();
+        let mut log = |_: LogLine| {};
+        for bad in ["[::1]:5000", "127.0.0.1", "host:5000/path"] {
+            let err = build_arch(&engine, &sample(), bad, &mut log, CancellationToken::new())
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, DockerBuildError::Push { .. }),
+                "{bad}: {err:?}"
+            );
+            assert!(err.to_string().contains("127.0.0.1:PORT"), "{err}");
+        }
+    }
+
+    #[test]
+    fn build_log_is_bounded() {
+        let mut log = BuildLog::new(3, 1000);
+        for i in 0..5 {
+            log.push(LogLine {
+                at_ms: i,
+                source: LogSource::Stdout,
+                step: Some("[1/1] RUN x".into()),
+                text: format!("line {i}"),
+            });
+        }
+        assert_eq!(log.lines().count(), 3);
+        assert_eq!(log.dropped, 2);
+        let text = log.to_text();
+        assert!(
+            text.starts_with("[... 2 earlier lines dropped]\n"),
+            "{text}"
+        );
+        assert!(text.contains("[1/1] RUN x | line 4"), "{text}");
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("logs/build.log");
+        log.save(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        let mut log = BuildLog::new(100, 10);
+        log.push(LogLine {
+            at_ms: 0,
+            source: LogSource::Kiln,
+            step: None,
+            text: "0123456789abc".into(),
+        });
+        assert_eq!(
+            log.lines().count(),
+            0,
+            "a line over the byte budget is dropped"
+        );
+    }
+
+    #[test]
+    fn stream_messages_fold_into_results() {
+        let mut steps = Steps::default();
+        let mut id = None;
+        let mut err = None;
+        let mut lines = Vec::new();
+        let mut emit = |s: LogSource, st: Option<String>, t: String| lines.push((s, st, t));
+        handle_line(
+            br#"{"id":"moby.image.id","aux":{"ID":"sha256:abc"}}"#,
+            &mut steps,
+            &mut id,
+            &mut err,
+            &mut emit,
+        );
+        handle_line(
+            br#"{"errorDetail":{"message":"failed to solve: x"},"error":"failed to solve: x"}"#,
+            &mut steps,
+            &mut id,
+            &mut err,
+            &mut emit,
+        );
+        handle_line(b"not json\n", &mut steps, &mut id, &mut err, &mut emit);
+        assert_eq!(id.as_deref(), Some("sha256:abc"));
+        assert_eq!(err.as_deref(), Some("failed to solve: x"));
+        assert_eq!(lines.len(), 1);
+    }
+}

@@ -1,0 +1,473 @@
+//! The build queue: bounded concurrency, dependency order, no target queued twice, newer
+//! tags superseding older ones, and waiters (a `docker pull` of a tag being built joins
+//! its build).
+//!
+//! One actor task owns all state; callers talk to it through [`Scheduler`]. What a build
+//! does is the [`Runner`]'s business (the docker or the native builder); what happens is
+//! reported through [`SchedEvent`]s.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_shared::reference::Tag;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::oci::Descriptor;
+
+/// One package and architecture: the slot that one build at a time may fill.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TargetKey {
+    /// The package's repository, `org/image`.
+    pub package: String,
+    pub arch: String,
+}
+
+impl fmt::Display for TargetKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.package, self.arch)
+    }
+}
+
+/// A build to do: a target at a tag, after the targets it depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub key: TargetKey,
+    pub tag: Tag,
+    /// Targets (at their tags) whose images this build uses; it starts after they are
+    /// built, and fails if one of them fails. A dependency the queue does not know is
+    /// taken as already built.
+    pub after: Vec<(TargetKey, Tag)>,
+    /// Build even if the cache holds the target (the runner decides what that means).
+    pub force: bool,
+}
+
+/// How a build ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Built(Descriptor),
+    Failed(String),
+    Cancelled(String),
+}
+
+/// What the queue did, for the event bus. (Events are rare; boxing the larger variant
+/// would buy nothing.)
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchedEvent {
+    Queued {
+        key: TargetKey,
+        tag: Tag,
+        build_id: String,
+    },
+    Started {
+        key: TargetKey,
+        tag: Tag,
+        build_id: String,
+    },
+    Finished {
+        key: TargetKey,
+        tag: Tag,
+        build_id: String,
+        outcome: Outcome,
+        duration: Duration,
+    },
+}
+
+/// A boxed build future.
+pub type RunFuture = Pin<Box<dyn Future<Output = Result<Descriptor, String>> + Send>>;
+
+/// Runs one build. `cancel` fires when the build is superseded or cancelled; the runner
+/// must then stop its work (abort the engine build) and return.
+pub trait Runner: Send + Sync + 'static {
+    fn run(&self, job: Job, build_id: String, cancel: CancellationToken) -> RunFuture;
+}
+
+enum Cmd {
+    Submit {
+        jobs: Vec<Job>,
+        reply: oneshot::Sender<Vec<String>>,
+    },
+    Wait {
+        key: TargetKey,
+        tag: Tag,
+        reply: oneshot::Sender<Option<oneshot::Receiver<Outcome>>>,
+    },
+    Cancel {
+        filter: CancelFilter,
+        reply: oneshot::Sender<usize>,
+    },
+    Done {
+        key: TargetKey,
+        result: Result<Descriptor, String>,
+    },
+}
+
+/// The handle to the queue. Cheap to clone.
+#[derive(Clone)]
+pub struct Scheduler {
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Scheduler")
+    }
+}
+
+/// Which builds to cancel: every field that is set must match; nothing set matches all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CancelFilter {
+    pub build_id: Option<String>,
+    pub package: Option<String>,
+    pub arch: Option<String>,
+}
+
+impl CancelFilter {
+    fn matches(&self, key: &TargetKey, build_id: &str) -> bool {
+        self.build_id.as_deref().is_none_or(|b| b == build_id)
+            && self.package.as_deref().is_none_or(|p| p == key.package)
+            && self.arch.as_deref().is_none_or(|a| a == key.arch)
+    }
+}
+
+/// The queue stopped (kilnd is shutting down).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the build queue has stopped (kilnd is shutting down)")]
+pub struct Stopped;
+
+impl Scheduler {
+    /// Starts the queue with at most `jobs` builds at once.
+    pub fn start(
+        runner: Arc<dyn Runner>,
+        jobs: usize,
+        events: impl Fn(SchedEvent) + Send + 'static,
+    ) -> Scheduler {
+        let (tx, rx) = mpsc::channel(1024);
+        let actor = Actor {
+            runner,
+            jobs: jobs.max(1),
+            events: Box::new(events),
+            queued: VecDeque::new(),
+            running: HashMap::new(),
+            finished: HashMap::new(),
+            next_id: 1,
+            tx: tx.clone(),
+        };
+        tokio::spawn(actor.run(rx));
+        Scheduler { tx }
+    }
+
+    /// Queues jobs (in the order given, which should be dependency order). Returns the
+    /// build id of each job: a new one, or that of the same build already queued or
+    /// running.
+    pub async fn submit(&self, jobs: Vec<Job>) -> Result<Vec<String>, Stopped> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Submit { jobs, reply })
+            .await
+            .map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// Joins the build of `key` at `tag`, if one is queued or running: the receiver gets
+    /// its outcome. `None` if the queue has no such build.
+    pub async fn join(
+        &self,
+        key: TargetKey,
+        tag: Tag,
+    ) -> Result<Option<oneshot::Receiver<Outcome>>, Stopped> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Wait { key, tag, reply })
+            .await
+            .map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// Cancels the queued and running builds that `filter` matches. Returns how many
+    /// were cancelled.
+    pub async fn cancel(&self, filter: CancelFilter) -> Result<usize, Stopped> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Cancel { filter, reply })
+            .await
+            .map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+}
+
+struct Queued {
+    job: Job,
+    build_id: String,
+    waiters: Vec<oneshot::Sender<Outcome>>,
+    since: Instant,
+}
+
+struct Running {
+    tag: Tag,
+    build_id: String,
+    cancel: CancellationToken,
+    /// Why it was cancelled, if it was.
+    cancelled: Option<String>,
+    waiters: Vec<oneshot::Sender<Outcome>>,
+    started: Instant,
+}
+
+struct Actor {
+    runner: Arc<dyn Runner>,
+    jobs: usize,
+    events: Box<dyn Fn(SchedEvent) + Send>,
+    queued: VecDeque<Queued>,
+    running: HashMap<TargetKey, Running>,
+    /// The last outcome of each target, for dependency checks.
+    finished: HashMap<TargetKey, (Tag, Outcome)>,
+    next_id: u64,
+    tx: mpsc::Sender<Cmd>,
+}
+
+enum Readiness {
+    Ready,
+    Waiting,
+    Blocked(String),
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        while let Some(cmd) = rx.recv().await {
+            match cmd {
+                Cmd::Submit { jobs, reply } => {
+                    let ids = jobs.into_iter().map(|j| self.submit(j)).collect();
+                    let _ = reply.send(ids);
+                }
+                Cmd::Wait { key, tag, reply } => {
+                    let _ = reply.send(self.waiter(&key, &tag));
+                }
+                Cmd::Cancel { filter, reply } => {
+                    let n = self.cancel(&filter);
+                    let _ = reply.send(n);
+                }
+                Cmd::Done { key, result } => self.done(key, result),
+            }
+            self.dispatch();
+        }
+        // Every handle is gone: stop what runs.
+        for r in self.running.values() {
+            r.cancel.cancel();
+        }
+    }
+
+    fn submit(&mut self, job: Job) -> String {
+        if let Some(r) = self.running.get_mut(&job.key) {
+            if r.tag == job.tag && r.cancelled.is_none() {
+                return r.build_id.clone(); // already building this content
+            }
+            if r.cancelled.is_none() {
+                r.cancelled = Some(format!("superseded by tag {}", job.tag));
+                r.cancel.cancel();
+            }
+        }
+        if let Some(pos) = self.queued.iter().position(|q| q.job.key == job.key) {
+            if self.queued[pos].job.tag == job.tag {
+                self.queued[pos].job.force |= job.force;
+                return self.queued[pos].build_id.clone();
+            }
+            if let Some(old) = self.queued.remove(pos) {
+                self.finish_queued(old, format!("superseded by tag {}", job.tag));
+            }
+        }
+        let build_id = format!("b{}", self.next_id);
+        self.next_id += 1;
+        (self.events)(SchedEvent::Queued {
+            key: job.key.clone(),
+            tag: job.tag.clone(),
+            build_id: build_id.clone(),
+        });
+        self.queued.push_back(Queued {
+            job,
+            build_id: build_id.clone(),
+            waiters: Vec::new(),
+            since: Instant::now(),
+        });
+        build_id
+    }
+
+    fn waiter(&mut self, key: &TargetKey, tag: &Tag) -> Option<oneshot::Receiver<Outcome>> {
+        let (tx, rx) = oneshot::channel();
+        if let Some(r) = self.running.get_mut(key)
+            && r.tag == *tag
+            && r.cancelled.is_none()
+        {
+            r.waiters.push(tx);
+            return Some(rx);
+        }
+        let q = self
+            .queued
+            .iter_mut()
+            .find(|q| q.job.key == *key && q.job.tag == *tag)?;
+        q.waiters.push(tx);
+        Some(rx)
+    }
+
+    fn cancel(&mut self, filter: &CancelFilter) -> usize {
+        let mut n = 0;
+        for r in self
+            .running
+            .iter_mut()
+            .filter(|(k, r)| filter.matches(k, &r.build_id))
+        {
+            if r.1.cancelled.is_none() {
+                r.1.cancelled = Some("cancelled by request".into());
+                r.1.cancel.cancel();
+                n += 1;
+            }
+        }
+        let (gone, kept): (Vec<_>, Vec<_>) = self
+            .queued
+            .drain(..)
+            .partition(|q| filter.matches(&q.job.key, &q.build_id));
+        self.queued = kept.into();
+        for q in gone {
+            n += 1;
+            self.finish_queued(q, "cancelled by request".into());
+        }
+        n
+    }
+
+    fn finish_queued(&mut self, q: Queued, reason: String) {
+        let outcome = Outcome::Cancelled(reason);
+        (self.events)(SchedEvent::Finished {
+            key: q.job.key.clone(),
+            tag: q.job.tag.clone(),
+            build_id: q.build_id,
+            outcome: outcome.clone(),
+            duration: q.since.elapsed(),
+        });
+        for w in q.waiters {
+            let _ = w.send(outcome.clone());
+        }
+    }
+
+    fn done(&mut self, key: TargetKey, result: Result<Descriptor, String>) {
+        let Some(r) = self.running.remove(&key) else {
+            return;
+        };
+        let outcome = match (result, r.cancelled) {
+            (_, Some(reason)) => Outcome::Cancelled(reason),
+            (Ok(desc), None) => Outcome::Built(desc),
+            (Err(e), None) => Outcome::Failed(e),
+        };
+        (self.events)(SchedEvent::Finished {
+            key: key.clone(),
+            tag: r.tag.clone(),
+            build_id: r.build_id,
+            outcome: outcome.clone(),
+            duration: r.started.elapsed(),
+        });
+        for w in r.waiters {
+            let _ = w.send(outcome.clone());
+        }
+        self.finished.insert(key, (r.tag, outcome));
+    }
+
+    fn readiness(&self, job: &Job) -> Readiness {
+        for (dep, tag) in &job.after {
+            let pending = self.running.get(dep).is_some_and(|r| r.tag == *tag)
+                || self
+                    .queued
+                    .iter()
+                    .any(|q| q.job.key == *dep && q.job.tag == *tag);
+            if pending {
+                return Readiness::Waiting;
+            }
+            match self.finished.get(dep) {
+                Some((t, Outcome::Failed(e))) if t == tag => {
+                    return Readiness::Blocked(format!("dependency {dep} failed: {e}"));
+                }
+                Some((t, Outcome::Cancelled(e))) if t == tag => {
+                    return Readiness::Blocked(format!("dependency {dep} was cancelled: {e}"));
+                }
+                _ => {}
+            }
+        }
+        Readiness::Ready
+    }
+
+    /// Starts every queued job that can start, in queue order.
+    fn dispatch(&mut self) {
+        let mut i = 0;
+        while i < self.queued.len() && self.running.len() < self.jobs {
+            let q = &self.queued[i];
+            // One build per target at a time: a superseded build must stop first.
+            if self.running.contains_key(&q.job.key) {
+                i += 1;
+                continue;
+            }
+            match self.readiness(&q.job) {
+                Readiness::Waiting => i += 1,
+                Readiness::Blocked(reason) => {
+                    let Some(q) = self.queued.remove(i) else {
+                        break;
+                    };
+                    let outcome = Outcome::Failed(reason);
+                    (self.events)(SchedEvent::Finished {
+                        key: q.job.key.clone(),
+                        tag: q.job.tag.clone(),
+                        build_id: q.build_id,
+                        outcome: outcome.clone(),
+                        duration: q.since.elapsed(),
+                    });
+                    for w in q.waiters {
+                        let _ = w.send(outcome.clone());
+                    }
+                    self.finished.insert(q.job.key, (q.job.tag, outcome));
+                }
+                Readiness::Ready => {
+                    let Some(q) = self.queued.remove(i) else {
+                        break;
+                    };
+                    self.start(q);
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, q: Queued) {
+        let build_id = q.build_id;
+        let cancel = CancellationToken::new();
+        (self.events)(SchedEvent::Started {
+            key: q.job.key.clone(),
+            tag: q.job.tag.clone(),
+            build_id: build_id.clone(),
+        });
+        let key = q.job.key.clone();
+        self.running.insert(
+            key.clone(),
+            Running {
+                tag: q.job.tag.clone(),
+                build_id: build_id.clone(),
+                cancel: cancel.clone(),
+                cancelled: None,
+                waiters: q.waiters,
+                started: Instant::now(),
+            },
+        );
+        let fut = self.runner.run(q.job, build_id, cancel);
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            // A panicking build is a failed build, not a stuck slot.
+            let result = match tokio::spawn(fut).await {
+                Ok(r) => r,
+                Err(e) => Err(format!("the build task failed: {e}")),
+            };
+            let _ = tx.send(Cmd::Done { key, result }).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

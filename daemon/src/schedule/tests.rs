@@ -1,0 +1,336 @@
+//! The queue's behaviour, driven by a runner whose builds the test finishes by hand.
+
+use std::sync::Mutex;
+
+use kiln_shared::digest::Digest;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::*;
+use crate::oci::OCI_MANIFEST;
+
+/// A build in progress in the test runner: the test ends it by sending the result.
+struct Pending {
+    job: Job,
+    finish: oneshot::Sender<Result<Descriptor, String>>,
+    cancel: CancellationToken,
+}
+
+#[derive(Default)]
+struct HandRunner {
+    started: Mutex<Option<mpsc::UnboundedSender<Pending>>>,
+}
+
+impl Runner for HandRunner {
+    fn run(&self, job: Job, _id: String, cancel: CancellationToken) -> RunFuture {
+        let (finish, rx) = oneshot::channel();
+        let tx = self.started.lock().unwrap().clone().unwrap();
+        tx.send(Pending {
+            job,
+            finish,
+            cancel: cancel.clone(),
+        })
+        .unwrap();
+        Box::pin(async move {
+            tokio::select! {
+                r = rx => r.unwrap_or(Err("test dropped".into())),
+                _ = cancel.cancelled() => Err("aborted".into()),
+            }
+        })
+    }
+}
+
+struct Harness {
+    sched: Scheduler,
+    started: UnboundedReceiver<Pending>,
+    events: UnboundedReceiver<SchedEvent>,
+}
+
+fn harness(jobs: usize) -> Harness {
+    let runner = Arc::new(HandRunner::default());
+    let (stx, started) = mpsc::unbounded_channel();
+    *runner.started.lock().unwrap() = Some(stx);
+    let (etx, events) = mpsc::unbounded_channel();
+    let sched = Scheduler::start(runner, jobs, move |e| {
+        let _ = etx.send(e);
+    });
+    Harness {
+        sched,
+        started,
+        events,
+    }
+}
+
+fn key(p: &str, a: &str) -> TargetKey {
+    TargetKey {
+        package: p.into(),
+        arch: a.into(),
+    }
+}
+
+fn tag(t: &str) -> Tag {
+    t.parse().unwrap()
+}
+
+fn job(p: &str, a: &str, t: &str) -> Job {
+    Job {
+        key: key(p, a),
+        tag: tag(t),
+        after: vec![],
+        force: false,
+    }
+}
+
+/// A filter that matches nothing: a round trip through the actor.
+fn nothing() -> CancelFilter {
+    CancelFilter {
+        package: Some("nothing".into()),
+        ..CancelFilter::default()
+    }
+}
+
+fn desc(n: u8) -> Descriptor {
+    Descriptor::new(OCI_MANIFEST, Digest::from_sha256_bytes(&[n; 32]), 1)
+}
+
+impl Harness {
+    async fn next_finished(&mut self) -> (TargetKey, Tag, Outcome) {
+        loop {
+            if let SchedEvent::Finished {
+                key, tag, outcome, ..
+            } = self.events.recv().await.unwrap()
+            {
+                return (key, tag, outcome);
+            }
+        }
+    }
+
+    fn no_start_pending(&mut self) -> bool {
+        self.started.try_recv().is_err()
+    }
+}
+
+#[tokio::test]
+async fn concurrency_is_bounded_and_queue_order_kept() {
+    let mut h = harness(2);
+    h.sched
+        .submit(vec![
+            job("a", "amd64", "1"),
+            job("a", "arm64", "1"),
+            job("b", "amd64", "1"),
+        ])
+        .await
+        .unwrap();
+    let p1 = h.started.recv().await.unwrap();
+    let p2 = h.started.recv().await.unwrap();
+    assert_eq!(
+        (p1.job.key.arch.as_str(), p2.job.key.arch.as_str()),
+        ("amd64", "arm64")
+    );
+    // A round trip through the actor proves it had the chance to start a third one.
+    h.sched.cancel(nothing()).await.unwrap();
+    assert!(h.no_start_pending());
+    p1.finish.send(Ok(desc(1))).unwrap();
+    let p3 = h.started.recv().await.unwrap();
+    assert_eq!(p3.job.key, key("b", "amd64"));
+    p2.finish.send(Err("boom".into())).unwrap();
+    p3.finish.send(Ok(desc(3))).unwrap();
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        outcomes.push(h.next_finished().await);
+    }
+    assert!(outcomes.contains(&(key("a", "arm64"), tag("1"), Outcome::Failed("boom".into()))));
+    assert!(outcomes.contains(&(key("b", "amd64"), tag("1"), Outcome::Built(desc(3)))));
+}
+
+#[tokio::test]
+async fn the_same_target_is_not_queued_twice() {
+    let mut h = harness(1);
+    let first = h.sched.submit(vec![job("a", "amd64", "1")]).await.unwrap();
+    let again = h
+        .sched
+        .submit(vec![job("a", "amd64", "1"), job("a", "amd64", "1")])
+        .await
+        .unwrap();
+    assert_eq!(again, [first[0].clone(), first[0].clone()]);
+    let p = h.started.recv().await.unwrap();
+    h.sched.cancel(nothing()).await.unwrap();
+    assert!(h.no_start_pending());
+    p.finish.send(Ok(desc(1))).unwrap();
+    assert_eq!(h.next_finished().await.2, Outcome::Built(desc(1)));
+    h.sched.cancel(nothing()).await.unwrap();
+    assert!(h.no_start_pending());
+}
+
+#[tokio::test]
+async fn a_newer_tag_cancels_the_build_in_flight_and_then_builds() {
+    let mut h = harness(2);
+    h.sched.submit(vec![job("a", "amd64", "1")]).await.unwrap();
+    let old = h.started.recv().await.unwrap();
+    h.sched.submit(vec![job("a", "amd64", "2")]).await.unwrap();
+    old.cancel.cancelled().await;
+    let (_, t, outcome) = h.next_finished().await;
+    assert_eq!(t, tag("1"));
+    assert_eq!(outcome, Outcome::Cancelled("superseded by tag 2".into()));
+    let new = h.started.recv().await.unwrap();
+    assert_eq!(new.job.tag, tag("2"));
+    new.finish.send(Ok(desc(2))).unwrap();
+    assert_eq!(h.next_finished().await.2, Outcome::Built(desc(2)));
+}
+
+#[tokio::test]
+async fn a_newer_tag_replaces_a_queued_one() {
+    let mut h = harness(1);
+    h.sched
+        .submit(vec![job("x", "amd64", "1"), job("a", "amd64", "1")])
+        .await
+        .unwrap();
+    let blocker = h.started.recv().await.unwrap();
+    h.sched.submit(vec![job("a", "amd64", "2")]).await.unwrap();
+    let (k, t, outcome) = h.next_finished().await;
+    assert_eq!((k, t), (key("a", "amd64"), tag("1")));
+    assert!(matches!(outcome, Outcome::Cancelled(_)));
+    blocker.finish.send(Ok(desc(9))).unwrap();
+    assert_eq!(h.started.recv().await.unwrap().job.tag, tag("2"));
+}
+
+#[tokio::test]
+async fn dependencies_build_first_and_a_failure_blocks_only_dependents() {
+    let mut h = harness(4);
+    let mut dependent = job("app", "arm64", "7");
+    dependent.after = vec![(key("base", "arm64"), tag("1"))];
+    let mut other = job("app", "amd64", "7");
+    other.after = vec![(key("base", "amd64"), tag("1"))];
+    h.sched
+        .submit(vec![
+            job("base", "arm64", "1"),
+            job("base", "amd64", "1"),
+            dependent,
+            other,
+            job("unrelated", "arm64", "3"),
+        ])
+        .await
+        .unwrap();
+    let mut started = Vec::new();
+    for _ in 0..3 {
+        started.push(h.started.recv().await.unwrap());
+    }
+    let keys: Vec<_> = started.iter().map(|p| p.job.key.clone()).collect();
+    assert!(!keys.iter().any(|k| k.package == "app"), "{keys:?}");
+    let arm = started
+        .iter()
+        .position(|p| p.job.key == key("base", "arm64"))
+        .unwrap();
+    let arm = started.remove(arm);
+    arm.finish.send(Err("compile error".into())).unwrap();
+    loop {
+        let (k, _, outcome) = h.next_finished().await;
+        if k == key("app", "arm64") {
+            assert_eq!(
+                outcome,
+                Outcome::Failed("dependency base (arm64) failed: compile error".into())
+            );
+            break;
+        }
+    }
+    let amd = started
+        .iter()
+        .position(|p| p.job.key == key("base", "amd64"))
+        .unwrap();
+    started.remove(amd).finish.send(Ok(desc(1))).unwrap();
+    let app = h.started.recv().await.unwrap();
+    assert_eq!(app.job.key, key("app", "amd64"));
+}
+
+#[tokio::test]
+async fn waiters_join_a_build_and_unknown_builds_answer_none() {
+    let mut h = harness(1);
+    assert!(
+        h.sched
+            .join(key("a", "amd64"), tag("1"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    h.sched
+        .submit(vec![job("x", "amd64", "1"), job("a", "amd64", "1")])
+        .await
+        .unwrap();
+    // One waiter joins while the build is queued, one while it runs.
+    let queued = h
+        .sched
+        .join(key("a", "amd64"), tag("1"))
+        .await
+        .unwrap()
+        .unwrap();
+    h.started
+        .recv()
+        .await
+        .unwrap()
+        .finish
+        .send(Ok(desc(0)))
+        .unwrap();
+    let p = h.started.recv().await.unwrap();
+    let running = h
+        .sched
+        .join(key("a", "amd64"), tag("1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        h.sched
+            .join(key("a", "amd64"), tag("2"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    p.finish.send(Ok(desc(5))).unwrap();
+    assert_eq!(queued.await.unwrap(), Outcome::Built(desc(5)));
+    assert_eq!(running.await.unwrap(), Outcome::Built(desc(5)));
+}
+
+#[tokio::test]
+async fn cancel_stops_queued_and_running_builds_of_a_package() {
+    let mut h = harness(1);
+    h.sched
+        .submit(vec![
+            job("a", "amd64", "1"),
+            job("a", "arm64", "1"),
+            job("b", "amd64", "1"),
+        ])
+        .await
+        .unwrap();
+    let running = h.started.recv().await.unwrap();
+    assert_eq!(
+        h.sched
+            .cancel(CancelFilter {
+                package: Some("a".into()),
+                ..CancelFilter::default()
+            })
+            .await
+            .unwrap(),
+        2
+    );
+    running.cancel.cancelled().await;
+    let next = h.started.recv().await.unwrap();
+    assert_eq!(next.job.key, key("b", "amd64"));
+}
+
+#[tokio::test]
+async fn cancel_by_build_id() {
+    let mut h = harness(1);
+    let ids = h
+        .sched
+        .submit(vec![job("a", "amd64", "1"), job("a", "arm64", "1")])
+        .await
+        .unwrap();
+    let running = h.started.recv().await.unwrap();
+    let by_id = |id: &str| CancelFilter {
+        build_id: Some(id.to_owned()),
+        ..CancelFilter::default()
+    };
+    assert_eq!(h.sched.cancel(by_id(&ids[1])).await.unwrap(), 1);
+    assert_eq!(h.sched.cancel(by_id("b999")).await.unwrap(), 0);
+    assert!(!running.cancel.is_cancelled());
+    assert_eq!(h.sched.cancel(by_id(&ids[0])).await.unwrap(), 1);
+    running.cancel.cancelled().await;
+}

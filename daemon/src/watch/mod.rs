@@ -1,0 +1,276 @@
+//! Watching the workspace: inotify (through notify) over every root, recursively,
+//! including directories created later; an editor's burst of events folded into one change
+//! after a quiet window; editor temporaries, `.git` internals and kiln's own cache ignored.
+//!
+//! When inotify cannot keep up (its queue overflowed) the change is "everything": a
+//! [`WatchEvent::Rescan`]. When its watch limit is reached the watcher says so, with the
+//! sysctl that raises it, and falls back to polling the roots, so watching never stops in
+//! silence. The [`Watcher`] owns the notify handle; dropping it stops everything.
+
+mod ignore;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::{PollWatcher, RecommendedWatcher, RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+
+pub use self::ignore::is_ignored;
+
+/// How often the fallback poller rescans the roots.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What the watcher reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// Files or directories that changed (created, written, removed, renamed), after the
+    /// quiet window.
+    Changed(BTreeSet<PathBuf>),
+    /// Events were lost (inotify's queue overflowed): everything must be looked at again.
+    Rescan { reason: String },
+    /// Watching is degraded or failed somewhere; the message says what and what to do.
+    Error { message: String },
+}
+
+/// Why the watcher could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("cannot watch {path}: {source}")]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+}
+
+/// Settings of a watcher.
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    pub roots: Vec<PathBuf>,
+    /// Paths whose contents are never reported (kiln's cache, if it lies in a root).
+    pub exclude: Vec<PathBuf>,
+    /// Quiet window that folds a burst of events into one change.
+    pub quiet: Duration,
+}
+
+/// The running watcher. Dropping it stops watching.
+pub struct Watcher {
+    /// Owned so that watching lasts as long as the `Watcher`.
+    _backend: Box<dyn notify::Watcher + Send>,
+    polling: bool,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.polling { "poll" } else { "inotify" };
+        write!(f, "Watcher({kind})")
+    }
+}
+
+type Raw = notify::Result<notify::Event>;
+
+impl Watcher {
+    /// Starts watching; events arrive on the returned receiver.
+    pub fn start(cfg: WatchConfig) -> Result<(Watcher, mpsc::Receiver<WatchEvent>), WatchError> {
+        // Bounded: if kilnd falls behind, the notify thread waits, the kernel queue fills
+        // and overflows, and that is reported as a Rescan: lag is never silent.
+        let (raw_tx, raw_rx) = mpsc::channel::<Raw>(4096);
+        let (out_tx, out_rx) = mpsc::channel(64);
+
+        let handler = {
+            let raw_tx = raw_tx.clone();
+            move |ev: Raw| {
+                let _ = raw_tx.blocking_send(ev);
+            }
+        };
+        let (backend, polling): (Box<dyn notify::Watcher + Send>, bool) =
+            match start_inotify(&cfg.roots, handler) {
+                Ok(w) => (Box::new(w), false),
+                Err(StartError::Limit(message)) => {
+                    let _ = out_tx.try_send(WatchEvent::Error { message });
+                    (Box::new(start_poll(&cfg.roots, raw_tx)?), true)
+                }
+                Err(StartError::Other(e)) => return Err(e),
+            };
+        let task = tokio::spawn(fold(cfg, raw_rx, out_tx));
+        Ok((
+            Watcher {
+                _backend: backend,
+                polling,
+                task,
+            },
+            out_rx,
+        ))
+    }
+
+    /// Whether the watcher fell back to polling.
+    pub fn is_polling(&self) -> bool {
+        self.polling
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+enum StartError {
+    Limit(String),
+    Other(WatchError),
+}
+
+fn limit_message(path: &Path) -> String {
+    let current = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "?".into());
+    format!(
+        "inotify's watch limit is reached (fs.inotify.max_user_watches = {current}) while \
+         watching {}; kiln falls back to rescanning every {}s, which is slower. Raise the \
+         limit with `sysctl fs.inotify.max_user_watches=524288` (and in /etc/sysctl.conf to \
+         keep it), then restart kilnd",
+        path.display(),
+        POLL_INTERVAL.as_secs()
+    )
+}
+
+fn start_inotify(
+    roots: &[PathBuf],
+    handler: impl notify::EventHandler,
+) -> Result<RecommendedWatcher, StartError> {
+    let mut w = RecommendedWatcher::new(handler, notify::Config::default()).map_err(|e| {
+        if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+            StartError::Limit(limit_message(&roots[0]))
+        } else {
+            StartError::Other(WatchError::Watch {
+                path: roots[0].clone(),
+                source: e,
+            })
+        }
+    })?;
+    for root in roots {
+        if let Err(e) = w.watch(root, RecursiveMode::Recursive) {
+            return Err(match e.kind {
+                notify::ErrorKind::MaxFilesWatch => StartError::Limit(limit_message(root)),
+                _ => StartError::Other(WatchError::Watch {
+                    path: root.clone(),
+                    source: e,
+                }),
+            });
+        }
+    }
+    Ok(w)
+}
+
+fn start_poll(roots: &[PathBuf], raw_tx: mpsc::Sender<Raw>) -> Result<PollWatcher, WatchError> {
+    let handler = move |ev: Raw| {
+        let _ = raw_tx.blocking_send(ev);
+    };
+    let cfg = notify::Config::default()
+        .with_poll_interval(POLL_INTERVAL)
+        .with_compare_contents(false);
+    let mut w = PollWatcher::new(handler, cfg).map_err(|source| WatchError::Watch {
+        path: roots[0].clone(),
+        source,
+    })?;
+    for root in roots {
+        w.watch(root, RecursiveMode::Recursive)
+            .map_err(|source| WatchError::Watch {
+                path: root.clone(),
+                source,
+            })?;
+    }
+    Ok(w)
+}
+
+/// Whether an event says something about content (reads and opens do not).
+fn is_change(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Any | EventKind::Other => false,
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
+    }
+}
+
+/// Folds raw events into changes: paths gather until `quiet` passes without a new one
+/// (or 20 quiet windows pass in all, so a never-ending stream still gets through).
+async fn fold(cfg: WatchConfig, mut raw: mpsc::Receiver<Raw>, out: mpsc::Sender<WatchEvent>) {
+    let mut pending: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut first: Option<Instant> = None;
+    let mut last = Instant::now();
+    let mut limit_reported = false;
+    loop {
+        let deadline = first.map(|f| (last + cfg.quiet).min(f + cfg.quiet * 20));
+        let next = tokio::select! {
+            ev = raw.recv() => ev,
+            _ = async { sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => {
+                let batch = std::mem::take(&mut pending);
+                first = None;
+                if !batch.is_empty() && out.send(WatchEvent::Changed(batch)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let Some(ev) = next else { return };
+        let sent = match ev {
+            Ok(ev) if ev.need_rescan() => {
+                out.send(WatchEvent::Rescan {
+                    reason: "inotify's event queue overflowed (fs.inotify.max_queued_events); \
+                             looking at everything again"
+                        .into(),
+                })
+                .await
+            }
+            Ok(ev) => {
+                if is_change(&ev.kind) {
+                    let before = pending.len();
+                    pending.extend(
+                        ev.paths
+                            .into_iter()
+                            .filter(|p| !is_ignored(p, &cfg.roots, &cfg.exclude)),
+                    );
+                    if pending.len() != before {
+                        let now = Instant::now();
+                        first.get_or_insert(now);
+                        last = now;
+                    }
+                }
+                Ok(())
+            }
+            Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
+                // A directory created later could not be watched.
+                if limit_reported {
+                    Ok(())
+                } else {
+                    limit_reported = true;
+                    let path = e.paths.first().cloned().unwrap_or_default();
+                    out.send(WatchEvent::Error {
+                        message: format!(
+                            "{}; until then new directories are not watched",
+                            limit_message(&path)
+                        ),
+                    })
+                    .await
+                }
+            }
+            Err(e) => {
+                out.send(WatchEvent::Error {
+                    message: format!("file watcher: {e}"),
+                })
+                .await
+            }
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

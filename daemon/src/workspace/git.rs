@@ -1,0 +1,519 @@
+//! What kiln needs to know about a git repository to tag packages as LinuxKit does,
+//! read with a handful of `git` processes per repository (never per package) and
+//! re-read only when HEAD, the refs or the index change on disk.
+//!
+//! HEAD's tree (every tree and blob id, from one `git ls-tree -r -t`), the index
+//! (`git ls-files -s`) and the ignore rules (`.gitignore` per directory,
+//! `info/exclude`, `core.excludesFile`) are enough to decide natively what
+//! `git diff HEAD -- PKG` and `git ls-files --others --exclude-standard` would say.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ignore::Match;
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+
+/// A git command failed or said something kiln cannot read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("git {args} in {}: {message}", dir.display())]
+pub struct GitError {
+    pub dir: PathBuf,
+    pub args: String,
+    pub message: String,
+}
+
+/// Enough of a file's `lstat` to notice that it changed (git's own racy-free
+/// heuristics use the same fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Stamp {
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+    pub ino: u64,
+    pub dev: u64,
+    pub mode: u32,
+}
+
+impl Stamp {
+    pub fn of(m: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+            ino: m.ino(),
+            dev: m.dev(),
+            mode: m.mode(),
+        }
+    }
+
+    pub fn lstat(p: &Path) -> Option<Stamp> {
+        std::fs::symlink_metadata(p).ok().map(|m| Stamp::of(&m))
+    }
+}
+
+/// An entry of HEAD's tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeEntry {
+    /// Octal mode: 040000 tree, 100644/100755 file, 120000 symlink, 160000 gitlink.
+    pub mode: u32,
+    pub oid: String,
+}
+
+/// An index entry (all stages of a path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub mode: u32,
+    pub oid: String,
+    /// How many stages the path has (more than one during a merge conflict);
+    /// `git ls-files` prints the path once per stage.
+    pub stages: usize,
+}
+
+pub const MODE_TREE: u32 = 0o040000;
+pub const MODE_FILE: u32 = 0o100644;
+pub const MODE_EXEC: u32 = 0o100755;
+pub const MODE_LINK: u32 = 0o120000;
+pub const MODE_GITLINK: u32 = 0o160000;
+
+/// One repository (one work tree).
+pub struct Repo {
+    /// The top of the work tree (as git prints it).
+    pub top: PathBuf,
+    pub git_dir: PathBuf,
+    common_dir: PathBuf,
+    pub filemode: bool,
+    watch: Vec<(PathBuf, Option<Stamp>)>,
+    /// HEAD's commit, `None` while the branch is unborn.
+    pub head: Option<String>,
+    pub root_tree: Option<String>,
+    /// Repo-relative path (`/`-separated bytes) to entry, trees included.
+    pub tree: BTreeMap<Vec<u8>, TreeEntry>,
+    /// Repo-relative path to index entry, in index (byte) order.
+    pub index: BTreeMap<Vec<u8>, IndexEntry>,
+    excludes: Gitignore,
+    global: Gitignore,
+    /// Per directory: the `.gitignore` stamp, its matcher, and the scan that checked it.
+    dir_ignores: HashMap<PathBuf, (Option<Stamp>, Option<Gitignore>, u64)>,
+    scan: u64,
+}
+
+impl std::fmt::Debug for Repo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repo")
+            .field("top", &self.top)
+            .field("head", &self.head)
+            .finish_non_exhaustive()
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) -> Result<std::process::Output, GitError> {
+    let err = |message: String| GitError {
+        dir: dir.to_owned(),
+        args: args.join(" "),
+        message,
+    };
+    Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_OPTIONAL_LOCKS", "0")
+        .output()
+        .map_err(|e| err(format!("cannot run git: {e}: install git")))
+}
+
+fn git_ok(dir: &Path, args: &[&str]) -> Result<Vec<u8>, GitError> {
+    let out = git(dir, args)?;
+    if !out.status.success() {
+        return Err(GitError {
+            dir: dir.to_owned(),
+            args: args.join(" "),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(out.stdout)
+}
+
+/// The nearest ancestor of `dir` (or `dir`) that holds `.git`, without running git.
+pub fn find_top(dir: &Path) -> Option<PathBuf> {
+    dir.ancestors()
+        .find(|d| d.join(".git").symlink_metadata().is_ok())
+        .map(Path::to_owned)
+}
+
+fn path_of(b: &[u8]) -> PathBuf {
+    PathBuf::from(OsStr::from_bytes(b))
+}
+
+impl Repo {
+    /// Opens the repository whose work tree top is `top`.
+    pub fn open(top: &Path) -> Result<Repo, GitError> {
+        let out = git_ok(
+            top,
+            &[
+                "rev-parse",
+                "--path-format=absolute",
+                "--show-toplevel",
+                "--git-dir",
+                "--git-common-dir",
+            ],
+        )?;
+        let text = String::from_utf8_lossy(&out);
+        let lines: Vec<&str> = text.lines().collect();
+        let [t, g, c] = lines[..] else {
+            return Err(GitError {
+                dir: top.to_owned(),
+                args: "rev-parse".into(),
+                message: format!("unexpected output {text:?}"),
+            });
+        };
+        let filemode = git(top, &["config", "--bool", "core.fileMode"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() != "false")
+            .unwrap_or(true);
+        let top = PathBuf::from(t);
+        let mut excludes = GitignoreBuilder::new(&top);
+        // A missing info/exclude is normal.
+        let _ = excludes.add(Path::new(g).join("info/exclude"));
+        let excludes = excludes.build().unwrap_or_else(|_| Gitignore::empty());
+        let (global, _) = GitignoreBuilder::new(&top).build_global();
+        let mut repo = Repo {
+            top,
+            git_dir: PathBuf::from(g),
+            common_dir: PathBuf::from(c),
+            filemode,
+            watch: Vec::new(),
+            head: None,
+            root_tree: None,
+            tree: BTreeMap::new(),
+            index: BTreeMap::new(),
+            excludes,
+            global,
+            dir_ignores: HashMap::new(),
+            scan: 1,
+        };
+        repo.refresh()?;
+        Ok(repo)
+    }
+
+    /// The files whose change means HEAD, the refs, the index or the repo-wide
+    /// excludes may have changed. Git replaces them by rename, so the inode changes.
+    fn watched_files(&self) -> Vec<PathBuf> {
+        let mut v = vec![
+            self.git_dir.join("HEAD"),
+            self.git_dir.join("index"),
+            self.common_dir.join("packed-refs"),
+            self.git_dir.join("info/exclude"),
+        ];
+        if let Ok(head) = std::fs::read_to_string(self.git_dir.join("HEAD")) {
+            if let Some(r) = head.trim().strip_prefix("ref: ") {
+                v.push(self.common_dir.join(r));
+                v.push(self.git_dir.join(r));
+            }
+        }
+        v
+    }
+
+    /// Re-reads HEAD and the index if their files changed. Returns the repo-relative
+    /// paths whose HEAD or index entry changed (all of them on the first call), or
+    /// `None` if nothing changed.
+    pub fn refresh(&mut self) -> Result<Option<Vec<Vec<u8>>>, GitError> {
+        let now: Vec<(PathBuf, Option<Stamp>)> = self
+            .watched_files()
+            .into_iter()
+            .map(|p| {
+                let s = Stamp::lstat(&p);
+                (p, s)
+            })
+            .collect();
+        if !self.watch.is_empty() && now == self.watch {
+            return Ok(None);
+        }
+        let excludes_changed = self.watch.iter().find(|(p, _)| p.ends_with("info/exclude"))
+            != now.iter().find(|(p, _)| p.ends_with("info/exclude"));
+        self.watch = now;
+        let mut changed = Vec::new();
+
+        // HEAD: `rev-parse` fails while the branch is unborn.
+        let out = git(&self.top, &["rev-parse", "-q", "--verify", "HEAD^{commit}"])?;
+        let head = if out.status.success() {
+            Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            None
+        };
+        if head != self.head || self.root_tree.is_none() && head.is_some() {
+            let mut tree = BTreeMap::new();
+            let mut root_tree = None;
+            if head.is_some() {
+                let out = git_ok(&self.top, &["rev-parse", "HEAD^{tree}"])?;
+                root_tree = Some(String::from_utf8_lossy(&out).trim().to_owned());
+                let out = git_ok(
+                    &self.top,
+                    &["ls-tree", "-r", "-t", "-z", "--full-tree", "HEAD"],
+                )?;
+                for rec in out.split(|&b| b == 0).filter(|r| !r.is_empty()) {
+                    let (mode, oid, path) = parse_record(rec, &self.top, "ls-tree")?;
+                    tree.insert(path, TreeEntry { mode, oid });
+                }
+            }
+            diff_keys(&self.tree, &tree, &mut changed);
+            self.tree = tree;
+            self.root_tree = root_tree;
+            self.head = head;
+        }
+
+        let out = git_ok(&self.top, &["ls-files", "-s", "-z"])?;
+        let mut index: BTreeMap<Vec<u8>, IndexEntry> = BTreeMap::new();
+        for rec in out.split(|&b| b == 0).filter(|r| !r.is_empty()) {
+            // "<mode> <oid> <stage>\t<path>"
+            let (mode, oid, path) = parse_record(rec, &self.top, "ls-files")?;
+            index
+                .entry(path)
+                .and_modify(|e| e.stages += 1)
+                .or_insert(IndexEntry {
+                    mode,
+                    oid,
+                    stages: 1,
+                });
+        }
+        diff_keys(&self.index, &index, &mut changed);
+        self.index = index;
+        if excludes_changed {
+            let mut b = GitignoreBuilder::new(&self.top);
+            let _ = b.add(self.git_dir.join("info/exclude"));
+            self.excludes = b.build().unwrap_or_else(|_| Gitignore::empty());
+            changed.push(Vec::new());
+        }
+        changed.sort();
+        changed.dedup();
+        Ok(Some(changed))
+    }
+
+    /// The repo-relative path of `abs` (which must be inside the work tree).
+    pub fn rel(&self, abs: &Path) -> Option<Vec<u8>> {
+        let r = abs.strip_prefix(&self.top).ok()?;
+        Some(r.as_os_str().as_bytes().to_vec())
+    }
+
+    pub fn abs(&self, rel: &[u8]) -> PathBuf {
+        if rel.is_empty() {
+            self.top.clone()
+        } else {
+            self.top.join(path_of(rel))
+        }
+    }
+
+    /// LinuxKit's `treeHash` (git.go): the tree id of `rel` at HEAD; the commit's
+    /// root tree for the top itself. `None` if HEAD has no tree there.
+    pub fn tree_hash(&self, rel: &[u8]) -> Option<&str> {
+        if rel.is_empty() {
+            return self.root_tree.as_deref();
+        }
+        self.tree.get(rel).map(|e| e.oid.as_str())
+    }
+
+    /// Whether a path (repo-relative, below `dir`) is ignored, given that no parent
+    /// directory is: the deepest `.gitignore` with a match decides, then
+    /// `info/exclude`, then `core.excludesFile` (git's precedence).
+    pub fn is_ignored(&mut self, abs: &Path, is_dir: bool) -> bool {
+        let mut dir = abs.parent();
+        while let Some(d) = dir {
+            if !d.starts_with(&self.top) {
+                break;
+            }
+            match self.dir_ignore(d).map(|g| g.matched(abs, is_dir)) {
+                Some(Match::Ignore(_)) => return true,
+                Some(Match::Whitelist(_)) => return false,
+                _ => {}
+            }
+            dir = d.parent();
+        }
+        match self.excludes.matched(abs, is_dir) {
+            Match::Ignore(_) => return true,
+            Match::Whitelist(_) => return false,
+            Match::None => {}
+        }
+        self.global.matched(abs, is_dir).is_ignore()
+    }
+
+    /// Whether `abs` or any directory between it and the top is ignored.
+    pub fn is_ignored_or_parent(&mut self, abs: &Path, is_dir: bool) -> bool {
+        let Ok(rel) = abs.strip_prefix(&self.top) else {
+            return false;
+        };
+        let mut cur = self.top.clone();
+        let n = rel.components().count();
+        for (i, c) in rel.components().enumerate() {
+            cur.push(c);
+            let last = i + 1 == n;
+            if self.is_ignored(&cur, if last { is_dir } else { true }) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Starts a scan: each `.gitignore` is checked on disk at most once per scan.
+    pub fn begin_scan(&mut self) {
+        self.scan += 1;
+    }
+
+    /// The `.gitignore` matcher of directory `d`, cached by the file's stamp.
+    fn dir_ignore(&mut self, d: &Path) -> Option<&Gitignore> {
+        let scan = self.scan;
+        let checked = matches!(self.dir_ignores.get(d), Some((_, _, s)) if *s == scan);
+        if !checked {
+            let file = d.join(".gitignore");
+            let stamp = Stamp::lstat(&file);
+            match self.dir_ignores.get_mut(d) {
+                Some(e) if e.0 == stamp => e.2 = scan,
+                _ => {
+                    let gi = stamp.map(|_| {
+                        let mut b = GitignoreBuilder::new(d);
+                        let _ = b.add(&file);
+                        b.build().unwrap_or_else(|_| Gitignore::empty())
+                    });
+                    self.dir_ignores.insert(d.to_owned(), (stamp, gi, scan));
+                }
+            }
+        }
+        self.dir_ignores.get(d).and_then(|(_, g, _)| g.as_ref())
+    }
+
+    /// HEAD's entries below `rel` (a directory), in path order.
+    pub fn tree_under<'a>(
+        &'a self,
+        rel: &'a [u8],
+    ) -> impl Iterator<Item = (&'a Vec<u8>, &'a TreeEntry)> + 'a {
+        let start = dir_prefix(rel);
+        self.tree
+            .range(start.clone()..)
+            .take_while(move |(k, _)| k.starts_with(&start))
+    }
+
+    /// Index entries below `rel` (a directory), in index order.
+    pub fn index_under<'a>(
+        &'a self,
+        rel: &'a [u8],
+    ) -> impl Iterator<Item = (&'a Vec<u8>, &'a IndexEntry)> + 'a {
+        let start = dir_prefix(rel);
+        self.index
+            .range(start.clone()..)
+            .take_while(move |(k, _)| k.starts_with(&start))
+    }
+}
+
+/// `rel/` (or empty for the top).
+pub fn dir_prefix(rel: &[u8]) -> Vec<u8> {
+    let mut p = rel.to_vec();
+    if !p.is_empty() {
+        p.push(b'/');
+    }
+    p
+}
+
+fn parse_record(rec: &[u8], top: &Path, what: &str) -> Result<(u32, String, Vec<u8>), GitError> {
+    let bad = || GitError {
+        dir: top.to_owned(),
+        args: what.to_owned(),
+        message: format!("cannot read record {:?}", String::from_utf8_lossy(rec)),
+    };
+    let tab = rec.iter().position(|&b| b == b'\t').ok_or_else(bad)?;
+    let head = std::str::from_utf8(&rec[..tab]).map_err(|_| bad())?;
+    let mut f = head.split(' ');
+    let mode = u32::from_str_radix(f.next().ok_or_else(bad)?, 8).map_err(|_| bad())?;
+    let second = f.next().ok_or_else(bad)?;
+    // ls-tree: "<mode> <type> <oid>"; ls-files -s: "<mode> <oid> <stage>".
+    let oid = if what == "ls-tree" {
+        f.next().ok_or_else(bad)?
+    } else {
+        second
+    };
+    Ok((mode, oid.to_owned(), rec[tab + 1..].to_vec()))
+}
+
+fn diff_keys<V: PartialEq>(
+    old: &BTreeMap<Vec<u8>, V>,
+    new: &BTreeMap<Vec<u8>, V>,
+    out: &mut Vec<Vec<u8>>,
+) {
+    for (k, v) in new {
+        if old.get(k) != Some(v) {
+            out.push(k.clone());
+        }
+    }
+    for k in old.keys() {
+        if !new.contains_key(k) {
+            out.push(k.clone());
+        }
+    }
+}
+
+/// git's blob id of some content: sha1 of `blob <len>\0<content>`.
+pub fn blob_oid(content: &[u8]) -> String {
+    use sha1::{Digest, Sha1};
+    let mut h = Sha1::new();
+    h.update(format!("blob {}\0", content.len()).as_bytes());
+    h.update(content);
+    hex::encode(h.finalize())
+}
+
+/// How `git ls-files` prints a path with `core.quotePath` on (git's `quote_c_style`):
+/// quoted, with C escapes, if it holds `"`, `\`, a control byte or a byte >= 0x80.
+pub fn quote_path(name: &[u8]) -> Vec<u8> {
+    let needs = name
+        .iter()
+        .any(|&b| b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b));
+    if !needs {
+        return name.to_vec();
+    }
+    let mut out = vec![b'"'];
+    for &b in name {
+        let esc: Option<u8> = match b {
+            0x07 => Some(b'a'),
+            0x08 => Some(b'b'),
+            b'\t' => Some(b't'),
+            b'\n' => Some(b'n'),
+            0x0b => Some(b'v'),
+            0x0c => Some(b'f'),
+            b'\r' => Some(b'r'),
+            b'"' => Some(b'"'),
+            b'\\' => Some(b'\\'),
+            _ => None,
+        };
+        match esc {
+            Some(e) => out.extend_from_slice(&[b'\\', e]),
+            None if !(0x20..0x7f).contains(&b) => {
+                out.extend_from_slice(format!("\\{b:03o}").as_bytes());
+            }
+            None => out.push(b),
+        }
+    }
+    out.push(b'"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_matches_git() {
+        assert_eq!(quote_path(b"a b"), b"a b");
+        assert_eq!(quote_path("é".as_bytes()), br#""\303\251""#);
+        assert_eq!(quote_path(b"a\tb\"c\\"), br#""a\tb\"c\\""#);
+        assert_eq!(quote_path(b"\x7f\x01"), br#""\177\001""#);
+    }
+
+    #[test]
+    fn blob_ids_match_git() {
+        // `printf 'hi\n' | git hash-object --stdin`
+        assert_eq!(
+            blob_oid(b"hi\n"),
+            "45b983be36b73c0788dc9cbcb76cbb80fc7bb057"
+        );
+        assert_eq!(blob_oid(b""), "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391");
+    }
+}

@@ -1,0 +1,648 @@
+//! Package tags, as `linuxkit pkg show-tag` computes them (pkglib.go
+//! `NewFromConfig`, git.go `treeHash`, `isDirty`, `contentHash`), with a memo so that
+//! re-tagging after an edit reads only the files of the affected packages.
+//!
+//! In a git repository the hash is the package's tree id at HEAD; with extra sources,
+//! `sha1(tree + tree(src1) + tree(src2) ...)` in hex. When the package differs from
+//! HEAD (a tracked change or an untracked, non-ignored file) LinuxKit appends
+//! `-dirty-` and 7 hex of a sha256 over the contents of `git ls-files` then
+//! `git ls-files --others --exclude-standard`, run in the package directory.
+//!
+//! kiln's one deliberate difference: when an extra source differs from HEAD, LinuxKit
+//! does not notice; kiln appends `-dirty-` and 7 hex of
+//! `sha256(C(pkg) || for each source: "\n" dst "\n" C(src))`, C being LinuxKit's content
+//! hash in hex. When every extra source is clean the tag is LinuxKit's.
+//!
+//! Outside git (or for a package that HEAD does not have yet), the hash is the first
+//! 40 hex of a sha256 over the sorted paths, kinds, modes and contents of the package
+//! and its extra sources: every distinct content has its own tag, a revert gives back
+//! the earlier one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::io::ErrorKind;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use kiln_shared::reference::{ImageRef, Tag};
+use sha2::{Digest, Sha256};
+
+use super::git::{
+    GitError, MODE_EXEC, MODE_FILE, MODE_GITLINK, MODE_LINK, MODE_TREE, Repo, Stamp, blob_oid,
+    find_top, quote_path,
+};
+use super::package::{Package, clean_abs};
+
+/// Why a package has no tag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TagError {
+    #[error("package {}: cannot read {}: {message}", dir.display(), path.display())]
+    Io {
+        dir: PathBuf,
+        path: PathBuf,
+        message: String,
+    },
+    #[error(
+        "package {}: symlink {} points to {target:?}, outside {}: make it a relative link inside",
+        dir.display(), link.display(), root.display()
+    )]
+    SymlinkEscape {
+        dir: PathBuf,
+        link: PathBuf,
+        target: String,
+        root: PathBuf,
+    },
+    #[error("package {}: {source}", dir.display())]
+    Git { dir: PathBuf, source: GitError },
+    #[error("package {} disappeared while it was tagged", dir.display())]
+    Vanished { dir: PathBuf },
+    #[error("package {}: tag template {template:?} gives {tag:?}, which is not a valid tag", dir.display())]
+    BadTag {
+        dir: PathBuf,
+        template: String,
+        tag: String,
+    },
+}
+
+/// The sums of one file's content (or of a symlink's target).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sums {
+    /// git's blob id, hex-encoded into 40 bytes.
+    oid: [u8; 40],
+    sha256: [u8; 32],
+}
+
+/// Content sums keyed by path and `lstat` stamp: a file is read again only when its
+/// size, mtime, ctime, inode or mode changed.
+#[derive(Debug, Default)]
+struct Memo {
+    files: HashMap<PathBuf, (Stamp, Sums)>,
+    /// Files read so far (for tests and benchmarks).
+    reads: u64,
+}
+
+/// Files modified this recently are not memoised: a second write within the
+/// file system's timestamp granularity would keep the stamp (git's "racy" case).
+const RACY_NS: i128 = 2_000_000_000;
+
+impl Memo {
+    fn sums(&mut self, path: &Path, meta: &std::fs::Metadata) -> std::io::Result<Sums> {
+        let stamp = Stamp::of(meta);
+        if let Some((s, sums)) = self.files.get(path) {
+            if *s == stamp {
+                return Ok(*sums);
+            }
+        }
+        self.reads += 1;
+        let content = if meta.file_type().is_symlink() {
+            std::fs::read_link(path)?.into_os_string().into_vec()
+        } else {
+            std::fs::read(path)?
+        };
+        let mut oid = [0u8; 40];
+        oid.copy_from_slice(blob_oid(&content).as_bytes());
+        let sums = Sums {
+            oid,
+            sha256: Sha256::digest(&content).into(),
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        if now - stamp.mtime_ns > RACY_NS && now - stamp.ctime_ns > RACY_NS {
+            self.files.insert(path.to_owned(), (stamp, sums));
+        } else {
+            self.files.remove(path);
+        }
+        Ok(sums)
+    }
+}
+
+use std::os::unix::ffi::OsStringExt;
+
+/// A cached result, with the inputs it depends on.
+#[derive(Debug)]
+struct Cached {
+    sources: Vec<(PathBuf, String)>,
+    hash: Result<String, TagError>,
+}
+
+/// Computes and remembers package hashes. One per daemon; not shared across threads.
+#[derive(Debug, Default)]
+pub struct Tagger {
+    repos: HashMap<PathBuf, Repo>,
+    memo: Memo,
+    cache: HashMap<PathBuf, Cached>,
+}
+
+impl Tagger {
+    pub fn new() -> Tagger {
+        Tagger::default()
+    }
+
+    /// How many files (or symlinks) the tagger has read to hash them.
+    pub fn files_read(&self) -> u64 {
+        self.memo.reads
+    }
+
+    /// The package's tag: its hash through the `tag` template.
+    pub fn tag(&mut self, pkg: &Package) -> Result<Tag, TagError> {
+        let hash = self.hash(pkg)?;
+        let tag = pkg.spec.tag.render(&hash);
+        tag.parse().map_err(|_| TagError::BadTag {
+            dir: pkg.dir.clone(),
+            template: pkg.spec.tag.source().to_owned(),
+            tag,
+        })
+    }
+
+    /// `org/image:tag`.
+    pub fn image_ref(&mut self, pkg: &Package) -> Result<ImageRef, TagError> {
+        Ok(ImageRef::new(pkg.repo.clone(), self.tag(pkg)?))
+    }
+
+    /// The value of `{{.Hash}}` for the package (cached until [`Tagger::invalidate`]
+    /// names one of its paths, or the git repository's HEAD or index changes).
+    pub fn hash(&mut self, pkg: &Package) -> Result<String, TagError> {
+        let mut tops = vec![find_top(&pkg.dir)];
+        tops.extend(pkg.extra_sources.iter().map(|(s, _)| find_top(s)));
+        for top in tops.into_iter().flatten() {
+            self.sync_repo(&top).map_err(|source| TagError::Git {
+                dir: pkg.dir.clone(),
+                source,
+            })?;
+        }
+        if let Some(c) = self.cache.get(&pkg.dir) {
+            if c.sources == pkg.extra_sources {
+                return c.hash.clone();
+            }
+        }
+        let hash = self.compute(pkg);
+        self.cache.insert(
+            pkg.dir.clone(),
+            Cached {
+                sources: pkg.extra_sources.clone(),
+                hash: hash.clone(),
+            },
+        );
+        hash
+    }
+
+    /// Forgets the hashes that `paths` (created, changed or removed files or
+    /// directories) may change. Returns the package directories forgotten.
+    pub fn invalidate(&mut self, paths: &[PathBuf]) -> Vec<PathBuf> {
+        let mut gone = Vec::new();
+        self.cache.retain(|dir, c| {
+            let hit = paths.iter().any(|p| {
+                let deps = std::iter::once(dir).chain(c.sources.iter().map(|(s, _)| s));
+                let mut deps = deps;
+                deps.any(|d| {
+                    p.starts_with(d)
+                        // A directory above the package (removed, renamed) or a
+                        // .gitignore above it (changes what is untracked).
+                        || d.starts_with(p)
+                        || (p.file_name() == Some(OsStr::new(".gitignore"))
+                            && p.parent().is_some_and(|pp| d.starts_with(pp)))
+                })
+            });
+            if hit {
+                gone.push(dir.clone());
+            }
+            !hit
+        });
+        gone.sort();
+        gone
+    }
+
+    /// Opens the repository at `top` or notices that its HEAD or index changed, and
+    /// forgets the hashes of the packages whose entries changed.
+    fn sync_repo(&mut self, top: &Path) -> Result<(), GitError> {
+        let changed = match self.repos.get_mut(top) {
+            Some(r) => r.refresh()?,
+            None => {
+                let r = Repo::open(top)?;
+                // `top` as found on disk may differ from git's spelling; key by both.
+                let key = r.top.clone();
+                self.repos.insert(top.to_owned(), r);
+                if key != top {
+                    tracing::debug!(top = %top.display(), git = %key.display(), "repository top differs");
+                }
+                None
+            }
+        };
+        if let Some(changed) = changed {
+            let Some(r) = self.repos.get(top) else {
+                return Ok(());
+            };
+            let abs: Vec<PathBuf> = changed.iter().map(|p| r.abs(p)).collect();
+            self.invalidate(&abs);
+        }
+        Ok(())
+    }
+
+    fn compute(&mut self, pkg: &Package) -> Result<String, TagError> {
+        let dir = &pkg.dir;
+        if !dir.is_dir() {
+            return Err(TagError::Vanished { dir: dir.clone() });
+        }
+        let Some(top) = find_top(dir) else {
+            return self.plain_hash(pkg);
+        };
+        // Every tree (package and sources) must be at HEAD for a git hash.
+        let mut trees = Vec::new();
+        for d in std::iter::once(dir).chain(pkg.extra_sources.iter().map(|(s, _)| s)) {
+            let tree = find_top(d).and_then(|t| {
+                let r = self.repos.get(&t)?;
+                let rel = r.rel(d)?;
+                r.tree_hash(&rel).map(|h| (t.clone(), rel, h.to_owned()))
+            });
+            match tree {
+                Some(t) => trees.push(t),
+                None => return self.plain_hash(pkg),
+            }
+        }
+        // pkglib.go NewFromConfig: hash = treeHash(pkg); with extra sources,
+        // sha1(hash + treeHash(src1) + ...).
+        let mut hash = trees[0].2.clone();
+        if trees.len() > 1 {
+            use sha1::{Digest as _, Sha1};
+            let joined: String = trees.iter().map(|t| t.2.as_str()).collect();
+            hash = hex::encode(Sha1::digest(joined.as_bytes()));
+        }
+
+        let pkg_scan = self.scan_git(&top, &trees[0].1, dir, dir)?;
+        let mut src_scans = Vec::new();
+        for ((src, dst), (t, rel, _)) in pkg.extra_sources.iter().zip(&trees[1..]) {
+            let s = self.scan_git(t, rel, src, dir)?;
+            src_scans.push((src, dst, s));
+        }
+        let sources_dirty = src_scans.iter().any(|(_, _, s)| s.dirty);
+        if pkg_scan.dirty || sources_dirty {
+            let c = linuxkit_content_hash(dir, dir, &pkg_scan)?;
+            let mut suffix = hex::encode(c);
+            if sources_dirty {
+                // kiln's extension over the extra sources' contents.
+                let mut h = Sha256::new();
+                h.update(suffix.as_bytes());
+                for (src, dst, s) in &src_scans {
+                    h.update(b"\n");
+                    h.update(dst.as_bytes());
+                    h.update(b"\n");
+                    h.update(hex::encode(linuxkit_content_hash(dir, src, s)?).as_bytes());
+                }
+                suffix = hex::encode(h.finalize());
+            }
+            hash.push_str("-dirty-");
+            hash.push_str(&suffix[..7]);
+        }
+        Ok(hash)
+    }
+
+    /// What `git diff HEAD -- DIR` and `git ls-files [--others --exclude-standard]`
+    /// in DIR would say, decided from the repo state and the work tree.
+    fn scan_git(
+        &mut self,
+        top: &Path,
+        rel: &[u8],
+        dir: &Path,
+        pkg_dir: &Path,
+    ) -> Result<GitScan, TagError> {
+        let Tagger { repos, memo, .. } = self;
+        let Some(repo) = repos.get_mut(top) else {
+            return Err(TagError::Vanished {
+                dir: pkg_dir.to_owned(),
+            });
+        };
+        repo.begin_scan();
+        let mut walk = Walk {
+            repo,
+            memo,
+            pkg_dir,
+            root: dir,
+            rel_len: rel.len(),
+            work: BTreeMap::new(),
+            untracked: Vec::new(),
+        };
+        match std::fs::symlink_metadata(dir) {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(TagError::Vanished {
+                    dir: pkg_dir.to_owned(),
+                });
+            }
+            Err(e) => return Err(io(pkg_dir, dir, &e)),
+            Ok(_) => {}
+        }
+        walk.dir(dir)?;
+        let Walk {
+            repo,
+            memo,
+            work,
+            mut untracked,
+            ..
+        } = walk;
+
+        let filemode = repo.filemode;
+        let mut dirty = !untracked.is_empty();
+        // Tracked at HEAD: deleted from the index, missing, or different in the work tree.
+        if !dirty {
+            for (p, e) in repo.tree_under(rel) {
+                if e.mode == MODE_TREE || e.mode == MODE_GITLINK {
+                    continue;
+                }
+                if !repo.index.contains_key(p) {
+                    dirty = true;
+                    break;
+                }
+                let w = match work.get(p) {
+                    Some(w) => Some(*w),
+                    // Not visited: in an ignored directory, or missing.
+                    None => work_file(memo, &repo.abs(p), pkg_dir)?,
+                };
+                let same = w.is_some_and(|w| {
+                    let mode_ok = w.mode == e.mode
+                        || (!filemode && w.mode != MODE_LINK && e.mode != MODE_LINK);
+                    mode_ok && w.oid[..] == *e.oid.as_bytes()
+                });
+                if !same {
+                    dirty = true;
+                    break;
+                }
+            }
+        }
+        // Added to the index but not in HEAD, and present.
+        if !dirty {
+            for (p, e) in repo.index_under(rel) {
+                if e.mode != MODE_GITLINK
+                    && !repo.tree.contains_key(p)
+                    && (work.contains_key(p) || repo.abs(p).symlink_metadata().is_ok())
+                {
+                    dirty = true;
+                    break;
+                }
+            }
+        }
+        let strip = if rel.is_empty() { 0 } else { rel.len() + 1 };
+        let mut tracked = Vec::new();
+        for (p, e) in repo.index_under(rel) {
+            for _ in 0..e.stages {
+                tracked.push(p[strip..].to_vec());
+            }
+        }
+        untracked.sort();
+        Ok(GitScan {
+            dirty,
+            tracked,
+            untracked,
+        })
+    }
+
+    /// The hash outside git: paths, kinds, modes and contents, sorted.
+    fn plain_hash(&mut self, pkg: &Package) -> Result<String, TagError> {
+        let mut h = Sha256::new();
+        plain_tree(&mut self.memo, &mut h, &pkg.dir, &pkg.dir, &pkg.dir, "")?;
+        for (src, dst) in &pkg.extra_sources {
+            h.update(b"extra-source\0");
+            h.update(dst.as_bytes());
+            h.update(b"\0");
+            plain_tree(&mut self.memo, &mut h, &pkg.dir, src, src, "")?;
+        }
+        let mut hex = hex::encode(h.finalize());
+        hex.truncate(40);
+        Ok(hex)
+    }
+}
+
+/// The result of scanning one directory of a repository.
+#[derive(Debug)]
+struct GitScan {
+    dirty: bool,
+    /// `git ls-files` in the directory: names relative to it, in index order.
+    tracked: Vec<Vec<u8>>,
+    /// `git ls-files --others --exclude-standard`: sorted, nested repositories as `dir/`.
+    untracked: Vec<Vec<u8>>,
+}
+
+/// A work-tree file as git would record it.
+#[derive(Debug, Clone, Copy)]
+struct WorkFile {
+    mode: u32,
+    oid: [u8; 40],
+}
+
+fn io(dir: &Path, path: &Path, e: &std::io::Error) -> TagError {
+    if e.kind() == ErrorKind::NotFound && !dir.exists() {
+        return TagError::Vanished {
+            dir: dir.to_owned(),
+        };
+    }
+    TagError::Io {
+        dir: dir.to_owned(),
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Reads one work-tree path as git would (`None` if it is missing or not a file).
+fn work_file(memo: &mut Memo, path: &Path, pkg_dir: &Path) -> Result<Option<WorkFile>, TagError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(pkg_dir, path, &e)),
+    };
+    let ft = meta.file_type();
+    if !ft.is_file() && !ft.is_symlink() {
+        return Ok(None);
+    }
+    let sums = memo.sums(path, &meta).map_err(|e| io(pkg_dir, path, &e))?;
+    Ok(Some(WorkFile {
+        mode: git_mode(&meta),
+        oid: sums.oid,
+    }))
+}
+
+fn git_mode(meta: &std::fs::Metadata) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    if meta.file_type().is_symlink() {
+        MODE_LINK
+    } else if meta.permissions().mode() & 0o100 != 0 {
+        MODE_EXEC
+    } else {
+        MODE_FILE
+    }
+}
+
+/// Checks that a symlink at `link` (inside `root`) points inside `root`.
+fn check_symlink(pkg_dir: &Path, root: &Path, link: &Path) -> Result<(), TagError> {
+    let target = std::fs::read_link(link).map_err(|e| io(pkg_dir, link, &e))?;
+    let escape = || TagError::SymlinkEscape {
+        dir: pkg_dir.to_owned(),
+        link: link.to_owned(),
+        target: target.to_string_lossy().into_owned(),
+        root: root.to_owned(),
+    };
+    if target.is_absolute() {
+        return Err(escape());
+    }
+    let parent = link.parent().unwrap_or(root);
+    // Lexically, like a build context: `..` must not climb above the root.
+    let Ok(rel_parent) = parent.strip_prefix(root) else {
+        return Err(escape());
+    };
+    let mut depth: usize = rel_parent.components().count();
+    for c in target.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                depth = depth.checked_sub(1).ok_or_else(escape)?;
+            }
+            std::path::Component::Normal(_) => depth += 1,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+struct Walk<'a> {
+    repo: &'a mut Repo,
+    memo: &'a mut Memo,
+    pkg_dir: &'a Path,
+    root: &'a Path,
+    rel_len: usize,
+    work: BTreeMap<Vec<u8>, WorkFile>,
+    untracked: Vec<Vec<u8>>,
+}
+
+impl Walk<'_> {
+    fn dir(&mut self, d: &Path) -> Result<(), TagError> {
+        let rd = std::fs::read_dir(d).map_err(|e| io(self.pkg_dir, d, &e))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| io(self.pkg_dir, d, &e))?;
+            let name = entry.file_name();
+            if name == ".git" {
+                continue;
+            }
+            let path = entry.path();
+            let ft = entry.file_type().map_err(|e| io(self.pkg_dir, &path, &e))?;
+            let Some(rrel) = self.repo.rel(&path) else {
+                continue;
+            };
+            let rel_here = || {
+                let s = if self.rel_len == 0 {
+                    0
+                } else {
+                    self.rel_len + 1
+                };
+                rrel[s..].to_vec()
+            };
+            if ft.is_dir() {
+                if path.join(".git").symlink_metadata().is_ok() {
+                    // A nested repository or a submodule: git does not look inside;
+                    // untracked, it is listed as `dir/`.
+                    if !self.repo.index.contains_key(&rrel) && !self.repo.is_ignored(&path, true) {
+                        let mut n = rel_here();
+                        n.push(b'/');
+                        self.untracked.push(n);
+                    }
+                    continue;
+                }
+                if self.repo.is_ignored(&path, true) {
+                    continue;
+                }
+                self.dir(&path)?;
+                continue;
+            }
+            if !ft.is_file() && !ft.is_symlink() {
+                continue;
+            }
+            let tracked = self.repo.index.contains_key(&rrel);
+            if !tracked && self.repo.is_ignored(&path, false) {
+                continue;
+            }
+            if ft.is_symlink() {
+                check_symlink(self.pkg_dir, self.root, &path)?;
+            }
+            let Some(w) = work_file(self.memo, &path, self.pkg_dir)? else {
+                continue;
+            };
+            if !tracked {
+                self.untracked.push(rel_here());
+            }
+            self.work.insert(rrel, w);
+        }
+        Ok(())
+    }
+}
+
+/// LinuxKit's `contentHash` (git.go), step by step: the output of `git ls-files` and
+/// of `git ls-files --exclude-standard --others` joined by a newline, trimmed, split
+/// into lines; each line joined to the directory; skipped if `lstat` fails or it is a
+/// directory or a symlink; otherwise its bytes go into one sha256. Kiln reports an
+/// unreadable file instead of skipping it.
+fn linuxkit_content_hash(pkg_dir: &Path, dir: &Path, scan: &GitScan) -> Result<[u8; 32], TagError> {
+    let mut tracked = Vec::new();
+    for n in &scan.tracked {
+        tracked.extend_from_slice(&quote_path(n));
+        tracked.push(b'\n');
+    }
+    let mut all = tracked;
+    all.push(b'\n');
+    for n in &scan.untracked {
+        all.extend_from_slice(&quote_path(n));
+        all.push(b'\n');
+    }
+    let mut h = Sha256::new();
+    for line in all.trim_ascii().split(|&b| b == b'\n') {
+        // bufio.ScanLines drops a trailing \r.
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let path = clean_abs(&dir.join(OsStr::from_bytes(line)));
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() || meta.file_type().is_symlink() {
+            continue;
+        }
+        let content = std::fs::read(&path).map_err(|e| io(pkg_dir, &path, &e))?;
+        h.update(&content);
+    }
+    Ok(h.finalize().into())
+}
+
+/// One tree of the outside-git hash, in sorted order, `.git` skipped.
+fn plain_tree(
+    memo: &mut Memo,
+    h: &mut Sha256,
+    pkg_dir: &Path,
+    root: &Path,
+    d: &Path,
+    prefix: &str,
+) -> Result<(), TagError> {
+    let rd = std::fs::read_dir(d).map_err(|e| io(pkg_dir, d, &e))?;
+    let mut entries = Vec::new();
+    for e in rd {
+        let e = e.map_err(|e| io(pkg_dir, d, &e))?;
+        entries.push(e.file_name());
+    }
+    entries.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    for name in entries {
+        if name == ".git" {
+            continue;
+        }
+        let path = d.join(&name);
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| io(pkg_dir, &path, &e))?;
+        let rel = format!("{prefix}{}", name.to_string_lossy());
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            h.update(format!("dir {rel}\0").as_bytes());
+            plain_tree(memo, h, pkg_dir, root, &path, &format!("{rel}/"))?;
+        } else if ft.is_file() || ft.is_symlink() {
+            if ft.is_symlink() {
+                check_symlink(pkg_dir, root, &path)?;
+            }
+            let sums = memo
+                .sums(&path, &meta)
+                .map_err(|e| io(pkg_dir, &path, &e))?;
+            h.update(format!("{:o} {rel}\0", git_mode(&meta)).as_bytes());
+            h.update(sums.sha256);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,521 @@
+//! Tags in git repositories made by the tests, each compared with LinuxKit's algorithm
+//! replayed step by step with plain `git` commands, sha1 and sha256 (pkglib.go
+//! `NewFromConfig`, git.go `treeHash`, `isDirty`, `contentHash`).
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kiln_daemon::workspace::{Package, TagError, Tagger, Workspace, show_tag};
+use sha1::Digest as _;
+
+struct Repo {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+}
+
+fn git_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@t")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@t")
+        .output()
+        .unwrap()
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = git_in(dir, args);
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+impl Repo {
+    fn new() -> Repo {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = fs::canonicalize(tmp.path()).unwrap();
+        git(&root, &["init", "-q", "-b", "main"]);
+        Repo { _tmp: tmp, root }
+    }
+
+    fn plain() -> Repo {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = fs::canonicalize(tmp.path()).unwrap();
+        Repo { _tmp: tmp, root }
+    }
+
+    fn write(&self, rel: &str, content: &str) -> PathBuf {
+        let p = self.root.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, content).unwrap();
+        p
+    }
+
+    fn package(&self, rel: &str, yml: &str) -> PathBuf {
+        self.write(&format!("{rel}/build.yml"), yml);
+        self.write(&format!("{rel}/Dockerfile"), "FROM scratch\nCOPY . /\n");
+        self.write(&format!("{rel}/src/main.c"), "int main() { return 0; }\n");
+        if rel == "." {
+            self.root.clone()
+        } else {
+            self.root.join(rel)
+        }
+    }
+
+    fn commit(&self) {
+        git(&self.root, &["add", "-A"]);
+        git(&self.root, &["commit", "-q", "-m", "c", "--allow-empty"]);
+    }
+
+    fn load(&self, dir: &Path) -> Package {
+        Package::load(dir, &self.root).unwrap()
+    }
+}
+
+/// LinuxKit's `treeHash`: `git rev-parse --show-toplevel` equal to the package means
+/// the commit's tree, else `git ls-tree --full-tree HEAD -- PKG`.
+fn lk_tree_hash(path: &Path) -> String {
+    let top = git(
+        path,
+        &[
+            "rev-parse",
+            "--prefix",
+            path.to_str().unwrap(),
+            "--show-toplevel",
+        ],
+    );
+    if Path::new(top.trim()) == path {
+        return git(path, &["show", "--format=%T", "-s", "HEAD"])
+            .trim()
+            .to_owned();
+    }
+    let out = git(
+        path,
+        &[
+            "ls-tree",
+            "--full-tree",
+            "HEAD",
+            "--",
+            path.to_str().unwrap(),
+        ],
+    );
+    // "040000 tree <sha>\t<path>\n"
+    out.split_whitespace().nth(2).unwrap().to_owned()
+}
+
+/// LinuxKit's `isDirty`: `git diff --no-ext-diff --exit-code --quiet HEAD -- PKG`, then
+/// `git ls-files --exclude-standard --others --error-unmatch -- PKG`.
+fn lk_is_dirty(path: &Path) -> bool {
+    let p = path.to_str().unwrap();
+    let diff = git_in(
+        path,
+        &[
+            "diff",
+            "--no-ext-diff",
+            "--exit-code",
+            "--quiet",
+            "HEAD",
+            "--",
+            p,
+        ],
+    );
+    if !diff.status.success() {
+        return true;
+    }
+    git_in(
+        path,
+        &[
+            "ls-files",
+            "--exclude-standard",
+            "--others",
+            "--error-unmatch",
+            "--",
+            p,
+        ],
+    )
+    .status
+    .success()
+}
+
+/// LinuxKit's `contentHash`, line by line.
+fn lk_content_hash(path: &Path) -> String {
+    let tracked = git(path, &["ls-files"]);
+    let untracked = git(path, &["ls-files", "--exclude-standard", "--others"]);
+    let all = [tracked, untracked].join("\n");
+    let mut h = sha2::Sha256::new();
+    for line in all.trim().lines() {
+        let f = if line.is_empty() {
+            path.to_owned()
+        } else {
+            path.join(line)
+        };
+        let Ok(m) = fs::symlink_metadata(&f) else {
+            continue;
+        };
+        if m.is_dir() || m.file_type().is_symlink() {
+            continue;
+        }
+        h.update(fs::read(&f).unwrap());
+    }
+    hex::encode(h.finalize())
+}
+
+/// LinuxKit's hash of a package with the given extra source directories.
+fn lk_hash(pkg: &Path, sources: &[&Path]) -> String {
+    let mut hash = lk_tree_hash(pkg);
+    if !sources.is_empty() {
+        let joined: String = std::iter::once(hash.clone())
+            .chain(sources.iter().map(|s| lk_tree_hash(s)))
+            .collect();
+        hash = hex::encode(sha1::Sha1::digest(joined.as_bytes()));
+    }
+    if lk_is_dirty(pkg) {
+        hash = format!("{hash}-dirty-{}", &lk_content_hash(pkg)[..7]);
+    }
+    hash
+}
+
+fn tag(t: &mut Tagger, r: &Repo, dir: &Path) -> String {
+    let pkg = r.load(dir);
+    t.invalidate(&[dir.to_owned()]);
+    t.tag(&pkg).unwrap().to_string()
+}
+
+/// Tags with a fresh tagger and with a long-lived one, which must agree.
+fn both(t: &mut Tagger, r: &Repo, dir: &Path) -> String {
+    let a = tag(t, r, dir);
+    let b = Tagger::new().tag(&r.load(dir)).unwrap().to_string();
+    assert_eq!(a, b, "memoised and fresh tags differ");
+    a
+}
+
+#[test]
+fn clean_modified_touched_untracked_ignored() {
+    let r = Repo::new();
+    let p = r.package("pkg/a", "image: a\n");
+    r.package("pkg/b", "image: b\n");
+    r.write(".gitignore", "*.o\n/pkg/a/build-out/\n");
+    r.commit();
+    let mut t = Tagger::new();
+
+    let clean = both(&mut t, &r, &p);
+    assert_eq!(clean, lk_hash(&p, &[]));
+    assert_eq!(clean, git(&r.root, &["rev-parse", "HEAD:pkg/a"]).trim());
+
+    // Same bytes, new mtime: not dirty (git compares content).
+    fs::write(p.join("src/main.c"), "int main() { return 0; }\n").unwrap();
+    assert_eq!(both(&mut t, &r, &p), clean);
+
+    // Ignored files do not count, even in an ignored directory.
+    r.write("pkg/a/x.o", "obj");
+    r.write("pkg/a/build-out/y", "out");
+    assert_eq!(both(&mut t, &r, &p), clean);
+
+    // A tracked change.
+    r.write("pkg/a/src/main.c", "int main() { return 1; }\n");
+    let modified = both(&mut t, &r, &p);
+    assert!(
+        modified.starts_with(&format!("{clean}-dirty-")),
+        "{modified}"
+    );
+    assert_eq!(modified, lk_hash(&p, &[]));
+
+    // An untracked file on top.
+    r.write("pkg/a/src/new.h", "#define X 1\n");
+    let untracked = both(&mut t, &r, &p);
+    assert_ne!(untracked, modified);
+    assert_eq!(untracked, lk_hash(&p, &[]));
+
+    // Revert both: the clean tag again.
+    fs::remove_file(p.join("src/new.h")).unwrap();
+    r.write("pkg/a/src/main.c", "int main() { return 0; }\n");
+    assert_eq!(both(&mut t, &r, &p), clean);
+
+    // Only an untracked file.
+    r.write("pkg/a/notes.txt", "n\n");
+    assert_eq!(both(&mut t, &r, &p), lk_hash(&p, &[]));
+    assert_ne!(both(&mut t, &r, &p), clean);
+}
+
+#[test]
+fn staged_deleted_mode_symlink_and_negated_ignores() {
+    let r = Repo::new();
+    let p = r.package("a", "image: a\n");
+    r.write("a/.gitignore", "*.log\n!keep.log\n");
+    r.write("a/z.txt", "z\n");
+    std::os::unix::fs::symlink("src/main.c", p.join("link")).unwrap();
+    r.commit();
+    let mut t = Tagger::new();
+    let clean = both(&mut t, &r, &p);
+    assert_eq!(clean, lk_hash(&p, &[]));
+
+    r.write("a/debug.log", "x");
+    assert_eq!(both(&mut t, &r, &p), clean, "ignored *.log");
+    r.write("a/keep.log", "x");
+    assert_eq!(both(&mut t, &r, &p), lk_hash(&p, &[]), "negated pattern");
+    assert_ne!(both(&mut t, &r, &p), clean);
+    fs::remove_file(p.join("keep.log")).unwrap();
+
+    // Staged new file: tracked order (in the index), not untracked order.
+    r.write("a/b.txt", "b\n");
+    git(&r.root, &["add", "a/b.txt"]);
+    assert_eq!(both(&mut t, &r, &p), lk_hash(&p, &[]));
+    git(&r.root, &["rm", "-q", "--cached", "a/b.txt"]);
+    fs::remove_file(p.join("b.txt")).unwrap();
+    assert_eq!(both(&mut t, &r, &p), clean);
+
+    // Deleted tracked file.
+    fs::remove_file(p.join("z.txt")).unwrap();
+    assert_eq!(both(&mut t, &r, &p), lk_hash(&p, &[]));
+    r.write("a/z.txt", "z\n");
+    assert_eq!(both(&mut t, &r, &p), clean);
+
+    // Mode change only.
+    fs::set_permissions(p.join("z.txt"), fs::Permissions::from_mode(0o755)).unwrap();
+    let m = both(&mut t, &r, &p);
+    assert_eq!(m, lk_hash(&p, &[]));
+    assert_ne!(m, clean);
+    fs::set_permissions(p.join("z.txt"), fs::Permissions::from_mode(0o644)).unwrap();
+
+    // Symlink retargeted (inside the package).
+    fs::remove_file(p.join("link")).unwrap();
+    std::os::unix::fs::symlink("Dockerfile", p.join("link")).unwrap();
+    let l = both(&mut t, &r, &p);
+    assert_eq!(l, lk_hash(&p, &[]));
+    assert_ne!(l, clean);
+
+    // Removed from the index but still on disk.
+    fs::remove_file(p.join("link")).unwrap();
+    std::os::unix::fs::symlink("src/main.c", p.join("link")).unwrap();
+    assert_eq!(both(&mut t, &r, &p), clean);
+    git(&r.root, &["rm", "-q", "--cached", "a/z.txt"]);
+    assert_eq!(both(&mut t, &r, &p), lk_hash(&p, &[]));
+    assert_ne!(both(&mut t, &r, &p), clean);
+}
+
+#[test]
+fn quoted_names_nested_repos_and_package_at_top() {
+    let r = Repo::new();
+    let p = r.package(".", "image: top\n");
+    r.write("données/é.txt", "1\n");
+    r.commit();
+    let mut t = Tagger::new();
+    let clean = both(&mut t, &r, &p);
+    assert_eq!(clean, lk_hash(&p, &[]));
+    assert_eq!(clean, git(&r.root, &["rev-parse", "HEAD^{tree}"]).trim());
+
+    // LinuxKit reads `git ls-files` unquoted: the quoted name fails lstat and is
+    // skipped; kiln matches it.
+    r.write("données/é.txt", "2\n");
+    assert_eq!(both(&mut t, &r, &p), lk_hash(&p, &[]));
+    r.write("données/é.txt", "1\n");
+
+    // An untracked nested repository makes the package dirty.
+    let nested = r.root.join("vendor/lib");
+    fs::create_dir_all(&nested).unwrap();
+    git(&nested, &["init", "-q"]);
+    r.write("vendor/lib/f", "f\n");
+    let n = both(&mut t, &r, &p);
+    assert_eq!(n, lk_hash(&p, &[]));
+    assert_ne!(n, clean);
+}
+
+#[test]
+fn extra_sources() {
+    let r = Repo::new();
+    let p = r.package(
+        "pkg/a",
+        "image: a\nextra-sources:\n  - ../../lib:/lib\n  - ../../tools:/opt/tools\n",
+    );
+    r.write("lib/x.c", "x\n");
+    r.write("tools/t.sh", "t\n");
+    r.commit();
+    let lib = r.root.join("lib");
+    let tools = r.root.join("tools");
+    let mut t = Tagger::new();
+
+    let clean = both(&mut t, &r, &p);
+    assert_eq!(clean, lk_hash(&p, &[&lib, &tools]));
+    assert_eq!(clean.len(), 40);
+
+    // Package dirty, sources clean: LinuxKit's tag.
+    r.write("pkg/a/src/main.c", "changed\n");
+    let pd = both(&mut t, &r, &p);
+    assert_eq!(pd, lk_hash(&p, &[&lib, &tools]));
+
+    // A source dirty too: LinuxKit keeps its tag; kiln must not.
+    let lk_before = lk_hash(&p, &[&lib, &tools]);
+    r.write("lib/x.c", "y\n");
+    assert_eq!(
+        lk_hash(&p, &[&lib, &tools]),
+        lk_before,
+        "LinuxKit misses it"
+    );
+    let both_dirty = both(&mut t, &r, &p);
+    assert_ne!(both_dirty, pd);
+    // kiln's suffix: sha256(C(pkg) || "\n" dst "\n" C(src) ...).
+    let mut h = sha2::Sha256::new();
+    h.update(lk_content_hash(&p).as_bytes());
+    for (src, dst) in [(&lib, "/lib"), (&tools, "/opt/tools")] {
+        h.update(format!("\n{dst}\n{}", lk_content_hash(src)).as_bytes());
+    }
+    let base = lk_before.split("-dirty-").next().unwrap().to_owned();
+    assert_eq!(
+        both_dirty,
+        format!("{base}-dirty-{}", &hex::encode(h.finalize())[..7])
+    );
+
+    // Package clean, source dirty: a dirty tag where LinuxKit gives the clean one.
+    r.write("pkg/a/src/main.c", "int main() { return 0; }\n");
+    let sd = both(&mut t, &r, &p);
+    assert_eq!(lk_hash(&p, &[&lib, &tools]), clean);
+    assert!(sd.starts_with(&format!("{clean}-dirty-")), "{sd}");
+    // Different source contents, different tags; a revert gives back the clean tag.
+    r.write("lib/x.c", "z\n");
+    assert_ne!(both(&mut t, &r, &p), sd);
+    r.write("lib/x.c", "x\n");
+    assert_eq!(both(&mut t, &r, &p), clean);
+}
+
+#[test]
+fn head_moves_and_only_the_edited_package_is_read() {
+    let r = Repo::new();
+    let dirs: Vec<PathBuf> = (0..5)
+        .map(|i| r.package(&format!("p{i}"), &format!("image: p{i}\n")))
+        .collect();
+    r.commit();
+    let ws = Workspace::discover(std::slice::from_ref(&r.root));
+    assert_eq!(ws.packages.len(), 5);
+    let pkgs: Vec<Package> = ws.packages.values().map(|p| p.clone().unwrap()).collect();
+    let mut t = Tagger::new();
+    let before: Vec<String> = pkgs.iter().map(|p| t.tag(p).unwrap().to_string()).collect();
+
+    // Edit one file: only that package is forgotten and re-read.
+    let f = r.write("p2/src/main.c", "edited\n");
+    assert_eq!(t.invalidate(&[f]), vec![dirs[2].clone()]);
+    let reads = t.files_read();
+    let after: Vec<String> = pkgs.iter().map(|p| t.tag(p).unwrap().to_string()).collect();
+    assert!(
+        t.files_read() - reads <= 4,
+        "read {} files",
+        t.files_read() - reads
+    );
+    for i in 0..5 {
+        assert_eq!(after[i] == before[i], i != 2, "package {i}");
+    }
+    assert_eq!(after[2], lk_hash(&dirs[2], &[]));
+
+    // A commit moves HEAD: noticed without being told about any path.
+    r.commit();
+    let committed = t.tag(&pkgs[2]).unwrap().to_string();
+    assert_eq!(committed, lk_hash(&dirs[2], &[]));
+    assert!(!committed.contains("dirty"));
+    assert_ne!(committed, before[2]);
+    // Checkout back: the first tag again.
+    git(&r.root, &["checkout", "-q", "HEAD~1"]);
+    t.invalidate(&[dirs[2].join("src/main.c")]);
+    assert_eq!(t.tag(&pkgs[2]).unwrap().to_string(), before[2]);
+    assert_eq!(t.tag(&pkgs[0]).unwrap().to_string(), before[0]);
+}
+
+#[test]
+fn outside_git() {
+    let r = Repo::plain();
+    let p = r.package("a", "image: a\norg: me\n");
+    let mut t = Tagger::new();
+    let first = both(&mut t, &r, &p);
+    assert_eq!(first.len(), 40);
+    r.write("a/src/main.c", "other\n");
+    let second = both(&mut t, &r, &p);
+    assert_ne!(first, second);
+    // Path, not only content.
+    fs::rename(p.join("src/main.c"), p.join("src/main2.c")).unwrap();
+    let renamed = both(&mut t, &r, &p);
+    assert_ne!(renamed, second);
+    fs::rename(p.join("src/main2.c"), p.join("src/main.c")).unwrap();
+    // Mode.
+    fs::set_permissions(p.join("src/main.c"), fs::Permissions::from_mode(0o755)).unwrap();
+    assert_ne!(both(&mut t, &r, &p), second);
+    fs::set_permissions(p.join("src/main.c"), fs::Permissions::from_mode(0o644)).unwrap();
+    // Revert.
+    r.write("a/src/main.c", "int main() { return 0; }\n");
+    assert_eq!(both(&mut t, &r, &p), first);
+    assert_eq!(show_tag(&p).unwrap().to_string(), format!("me/a:{first}"));
+}
+
+#[test]
+fn show_tag_templates_and_bad_packages() {
+    let r = Repo::new();
+    let p = r.package("a", "image: a\ntag: 'v1-{{.Hash}}'\n");
+    let bad = r.package("bad", "image: b\nnope: 1\n");
+    let esc = r.package("esc", "image: e\n");
+    std::os::unix::fs::symlink("../../etc/passwd", esc.join("pw")).unwrap();
+    let df = r.package("df", "image: d\ndockerfile: ../a/Dockerfile\n");
+    let xs = r.package("xs", "image: x\nextra-sources: ['/etc:/etc']\n");
+    r.write("ignored/build.yml", "image: i\n");
+    r.write(".gitignore", "ignored/\n");
+    r.commit();
+
+    let tree = git(&r.root, &["rev-parse", "HEAD:a"]);
+    assert_eq!(
+        show_tag(&p).unwrap().to_string(),
+        format!("linuxkit/a:v1-{}", tree.trim())
+    );
+
+    let ws = Workspace::discover(std::slice::from_ref(&r.root));
+    let keys: Vec<_> = ws.packages.keys().cloned().collect();
+    assert_eq!(
+        keys,
+        vec![p.clone(), bad.clone(), df.clone(), esc.clone(), xs.clone()]
+    );
+    let e = ws.packages[&bad].as_ref().unwrap_err().to_string();
+    assert!(e.contains("bad/build.yml:2:1: unknown field `nope`"), "{e}");
+    let e = ws.packages[&df].as_ref().unwrap_err().to_string();
+    assert!(e.contains("leaves the package"), "{e}");
+    let e = ws.packages[&xs].as_ref().unwrap_err().to_string();
+    assert!(e.contains("leaves the workspace root"), "{e}");
+
+    let esc_pkg = ws.packages[&esc].as_ref().unwrap();
+    let mut t = Tagger::new();
+    match t.tag(esc_pkg) {
+        Err(TagError::SymlinkEscape { link, .. }) => assert_eq!(link, esc.join("pw")),
+        other => panic!("{other:?}"),
+    }
+    // The others go on.
+    assert!(t.tag(ws.packages[&p].as_ref().unwrap()).is_ok());
+
+    // Deleted during a scan.
+    let a = ws.packages[&p].as_ref().unwrap().clone();
+    fs::remove_dir_all(&p).unwrap();
+    t.invalidate(std::slice::from_ref(&p));
+    assert!(
+        matches!(t.tag(&a), Err(TagError::Vanished { .. })),
+        "{:?}",
+        t.tag(&a)
+    );
+}
+
+#[test]
+fn workspace_reload() {
+    let r = Repo::new();
+    let a = r.package("a", "image: a\n");
+    let mut ws = Workspace::discover(std::slice::from_ref(&r.root));
+    assert_eq!(ws.packages.len(), 1);
+    let b = r.package("sub/b", "image: b\n");
+    assert_eq!(ws.reload(&[r.root.join("sub")]), vec![b.clone()]);
+    r.write("a/build.yml", "image: [\n");
+    assert_eq!(ws.reload(&[a.join("build.yml")]), vec![a.clone()]);
+    assert!(ws.packages[&a].is_err());
+    fs::remove_dir_all(r.root.join("sub")).unwrap();
+    assert_eq!(ws.reload(&[r.root.join("sub")]), vec![b]);
+    assert_eq!(ws.packages.len(), 1);
+}

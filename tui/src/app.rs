@@ -1,0 +1,718 @@
+//! The dashboard's state and its one way to change: messages in, [`update`] changes the
+//! [`Model`] and returns [`Cmd`]s for the outside world (requests to kilnd, log
+//! streams, quitting). The view (`ui`) is a pure function of the model.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::path::PathBuf;
+
+use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseEvent, MouseEventKind};
+use kiln_shared::protocol::{
+    BuildId, BuildRequest, CancelRequest, Event, PackageState, Snapshot, StreamItem, TargetState,
+};
+use ratatui::layout::{Position, Rect};
+
+/// Log lines the dashboard keeps (the newest).
+pub const LOG_CAPACITY: usize = 10_000;
+/// Lines a mouse wheel notch scrolls.
+const WHEEL_LINES: usize = 3;
+
+/// The connection to kilnd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conn {
+    Connecting,
+    Connected,
+    Disconnected { error: String, attempt: u32 },
+}
+
+/// Which pane the arrow keys move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Focus {
+    Packages,
+    Log,
+}
+
+/// What typed characters go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    Keys,
+    Filter,
+    Search,
+}
+
+/// A line at the bottom: the result of the last action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub text: String,
+    pub error: bool,
+}
+
+/// The log pane: one build's lines, the newest [`LOG_CAPACITY`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogPane {
+    /// (package, arch) whose builds the pane follows.
+    pub target: Option<(String, String)>,
+    pub build: Option<BuildId>,
+    pub lines: VecDeque<String>,
+    /// Lines dropped from the front (here or by kilnd).
+    pub dropped: u64,
+    /// Lines scrolled up from the bottom; 0 follows new lines.
+    pub scroll: usize,
+    /// The build's log is complete.
+    pub ended: bool,
+    pub error: Option<String>,
+    /// The last search.
+    pub search: String,
+}
+
+impl LogPane {
+    fn reset(&mut self, target: (String, String), build: BuildId) {
+        let search = std::mem::take(&mut self.search);
+        *self = LogPane {
+            target: Some(target),
+            build: Some(build),
+            search,
+            ..LogPane::default()
+        };
+    }
+
+    fn push(&mut self, lines: Vec<String>) {
+        let added = lines.len();
+        for line in lines {
+            if self.lines.len() == LOG_CAPACITY {
+                self.lines.pop_front();
+                self.dropped += 1;
+            }
+            self.lines.push_back(line);
+        }
+        if self.scroll > 0 {
+            // Keep the lines the reader looks at in place.
+            self.scroll = (self.scroll + added).min(self.lines.len().saturating_sub(1));
+        }
+    }
+
+    fn scroll_by(&mut self, up: isize) {
+        let max = self.lines.len().saturating_sub(1);
+        self.scroll = self.scroll.saturating_add_signed(up).min(max);
+    }
+
+    /// Scrolls to the previous (`back`) or next match of the search before the line now
+    /// at the bottom of the view; true if one was found.
+    fn find(&mut self, back: bool) -> bool {
+        if self.search.is_empty() || self.lines.is_empty() {
+            return false;
+        }
+        let needle = self.search.to_ascii_lowercase();
+        let len = self.lines.len();
+        let bottom = len - 1 - self.scroll.min(len - 1);
+        let hit = |i: &usize| self.lines[*i].to_ascii_lowercase().contains(&needle);
+        let found = if back {
+            (0..bottom)
+                .rev()
+                .find(hit)
+                .or_else(|| (bottom..len).rev().find(hit))
+        } else {
+            (bottom + 1..len)
+                .find(hit)
+                .or_else(|| (0..=bottom).find(hit))
+        };
+        match found {
+            Some(i) => {
+                self.scroll = len - 1 - i;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Everything the dashboard shows.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub socket: PathBuf,
+    pub conn: Conn,
+    pub snapshot: Option<Snapshot>,
+    /// The selected package (by name, so it survives packages coming and going).
+    pub selected: Option<String>,
+    /// The selected architecture column.
+    pub arch: usize,
+    pub focus: Focus,
+    pub input: Input,
+    pub input_buf: String,
+    /// Packages whose name or directory contains this are shown.
+    pub filter: String,
+    pub log: LogPane,
+    pub help: bool,
+    pub notice: Option<Notice>,
+    /// Unix ms, for elapsed times; advanced by [`Msg::Tick`].
+    pub now_ms: u64,
+    /// The terminal size.
+    pub area: Rect,
+    /// Set by `update` when the screen must be redrawn.
+    pub dirty: bool,
+    pub quit: bool,
+}
+
+/// What happens to the dashboard.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Msg {
+    Key(KeyEvent),
+    Mouse(MouseEvent),
+    Resize(u16, u16),
+    /// The event stream is (re)connecting.
+    Connecting,
+    Stream(StreamItem),
+    Disconnected {
+        error: String,
+        attempt: u32,
+    },
+    LogLines {
+        build: BuildId,
+        lines: Vec<String>,
+    },
+    LogEnded {
+        build: BuildId,
+    },
+    LogFailed {
+        build: BuildId,
+        error: String,
+    },
+    /// An action (build, cancel, gc) succeeded or failed.
+    Done(String),
+    Failed(String),
+    Tick(u64),
+}
+
+/// What `update` asks the outside world to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cmd {
+    Quit,
+    /// Drop the event stream and connect again (after a gap in the event numbers).
+    Reconnect,
+    /// Stream this build's log (replacing any other log stream).
+    FollowLog(BuildId),
+    Build(BuildRequest),
+    Cancel(CancelRequest),
+    Gc,
+}
+
+impl Model {
+    pub fn new(socket: PathBuf, area: Rect) -> Self {
+        Model {
+            socket,
+            conn: Conn::Connecting,
+            snapshot: None,
+            selected: None,
+            arch: 0,
+            focus: Focus::Packages,
+            input: Input::Keys,
+            input_buf: String::new(),
+            filter: String::new(),
+            log: LogPane::default(),
+            help: false,
+            notice: None,
+            now_ms: 0,
+            area,
+            dirty: true,
+            quit: false,
+        }
+    }
+
+    /// The packages shown, in order.
+    pub fn rows(&self) -> Vec<&PackageState> {
+        let Some(s) = &self.snapshot else {
+            return Vec::new();
+        };
+        let filter = self.filter.to_lowercase();
+        s.packages
+            .values()
+            .filter(|p| {
+                filter.is_empty()
+                    || p.name.to_lowercase().contains(&filter)
+                    || p.dir.to_string_lossy().to_lowercase().contains(&filter)
+            })
+            .collect()
+    }
+
+    /// The architecture columns: every arch any package lists.
+    pub fn archs(&self) -> Vec<String> {
+        let set: BTreeSet<&String> = self
+            .snapshot
+            .iter()
+            .flat_map(|s| s.packages.values())
+            .flat_map(|p| p.targets.keys())
+            .collect();
+        set.into_iter().cloned().collect()
+    }
+
+    /// The index of the selected row among [`Model::rows`].
+    pub fn selected_row(&self) -> Option<usize> {
+        let rows = self.rows();
+        let name = self.selected.as_deref()?;
+        rows.iter().position(|p| p.name == name)
+    }
+
+    pub fn selected_arch(&self) -> Option<String> {
+        self.archs().get(self.arch).cloned()
+    }
+
+    fn selected_target(&self) -> Option<(&PackageState, String, Option<&TargetState>)> {
+        let name = self.selected.as_deref()?;
+        let p = self.snapshot.as_ref()?.packages.get(name)?;
+        let arch = self.selected_arch()?;
+        let t = p.targets.get(&arch);
+        Some((p, arch, t))
+    }
+
+    /// True while something on screen changes with time (elapsed build times).
+    pub fn animating(&self) -> bool {
+        self.conn == Conn::Connected
+            && self
+                .snapshot
+                .as_ref()
+                .is_some_and(|s| !s.running.is_empty())
+    }
+
+    fn notice(&mut self, text: impl Into<String>, error: bool) {
+        self.notice = Some(Notice {
+            text: text.into(),
+            error,
+        });
+    }
+
+    /// Keeps the selection on a shown package.
+    fn fix_selection(&mut self) {
+        let first = {
+            let rows = self.rows();
+            let ok = self
+                .selected
+                .as_deref()
+                .is_some_and(|n| rows.iter().any(|p| p.name == n));
+            if ok {
+                None
+            } else {
+                Some(rows.first().map(|p| p.name.clone()))
+            }
+        };
+        if let Some(first) = first {
+            self.selected = first;
+        }
+        let n = self.archs().len();
+        if n > 0 && self.arch >= n {
+            self.arch = n - 1;
+        }
+    }
+
+    fn move_selection(&mut self, down: bool) {
+        let next = {
+            let rows = self.rows();
+            if rows.is_empty() {
+                return;
+            }
+            let i = self.selected_row().unwrap_or(0);
+            let j = if down {
+                (i + 1).min(rows.len() - 1)
+            } else {
+                i.saturating_sub(1)
+            };
+            rows[j].name.clone()
+        };
+        self.selected = Some(next);
+    }
+
+    fn log_page(&self) -> usize {
+        usize::from(
+            crate::ui::layout(self.area, self)
+                .log
+                .height
+                .saturating_sub(2),
+        )
+        .max(1)
+    }
+}
+
+/// Applies one message. Sets `model.dirty` when the screen must change.
+pub fn update(model: &mut Model, msg: Msg) -> Vec<Cmd> {
+    let mut cmds = Vec::new();
+    let dirty = match msg {
+        Msg::Key(key) => on_key(model, key, &mut cmds),
+        Msg::Mouse(mouse) => on_mouse(model, mouse),
+        Msg::Resize(w, h) => {
+            model.area = Rect::new(0, 0, w, h);
+            true
+        }
+        Msg::Connecting => {
+            let changed = model.conn != Conn::Connecting;
+            if !matches!(model.conn, Conn::Disconnected { .. }) {
+                model.conn = Conn::Connecting;
+            }
+            changed && model.snapshot.is_none()
+        }
+        Msg::Disconnected { error, attempt } => {
+            model.conn = Conn::Disconnected { error, attempt };
+            true
+        }
+        Msg::Stream(item) => on_stream(model, item, &mut cmds),
+        Msg::LogLines { build, lines } => {
+            if model.log.build.as_ref() == Some(&build) {
+                model.log.push(lines);
+                true
+            } else {
+                false
+            }
+        }
+        Msg::LogEnded { build } => {
+            let ours = model.log.build.as_ref() == Some(&build);
+            if ours {
+                model.log.ended = true;
+            }
+            ours
+        }
+        Msg::LogFailed { build, error } => {
+            let ours = model.log.build.as_ref() == Some(&build);
+            if ours {
+                model.log.error = Some(error);
+                model.log.ended = true;
+            }
+            ours
+        }
+        Msg::Done(text) => {
+            model.notice(text, false);
+            true
+        }
+        Msg::Failed(text) => {
+            model.notice(text, true);
+            true
+        }
+        Msg::Tick(now) => {
+            model.now_ms = now;
+            model.animating()
+        }
+    };
+    model.dirty |= dirty;
+    cmds
+}
+
+fn on_stream(model: &mut Model, item: StreamItem, cmds: &mut Vec<Cmd>) -> bool {
+    match item {
+        StreamItem::Snapshot { snapshot } => {
+            if model
+                .snapshot
+                .as_ref()
+                .is_some_and(|old| old.pid != snapshot.pid)
+            {
+                // Another kilnd (a restart): its build ids mean other builds.
+                model.log = LogPane::default();
+            }
+            model.snapshot = Some(*snapshot);
+            model.conn = Conn::Connected;
+        }
+        StreamItem::Event { seq, event } => {
+            let Some(s) = model.snapshot.as_mut() else {
+                cmds.push(Cmd::Reconnect);
+                return false;
+            };
+            if seq != s.seq + 1 {
+                // Never show a state with a hole in it: start over from a snapshot.
+                tracing::warn!(
+                    expected = s.seq + 1,
+                    got = seq,
+                    "gap in the event stream; reconnecting"
+                );
+                cmds.push(Cmd::Reconnect);
+                return false;
+            }
+            s.apply(&event);
+            follow_new_build(model, &event, cmds);
+        }
+    }
+    model.fix_selection();
+    true
+}
+
+/// When the target whose log is open starts a new build, the pane switches to it.
+fn follow_new_build(model: &mut Model, event: &Event, cmds: &mut Vec<Cmd>) {
+    let (id, package, arch) = match event {
+        Event::Queued { build } => (&build.id, &build.package, &build.arch),
+        Event::Started { build } => (&build.id, &build.package, &build.arch),
+        _ => return,
+    };
+    let ours = model
+        .log
+        .target
+        .as_ref()
+        .is_some_and(|(p, a)| p == package && a == arch);
+    if ours && model.log.build.as_ref() != Some(id) {
+        model.log.reset((package.clone(), arch.clone()), id.clone());
+        cmds.push(Cmd::FollowLog(id.clone()));
+    }
+}
+
+fn on_mouse(model: &mut Model, mouse: MouseEvent) -> bool {
+    let up = match mouse.kind {
+        MouseEventKind::ScrollUp => true,
+        MouseEventKind::ScrollDown => false,
+        _ => return false,
+    };
+    let areas = crate::ui::layout(model.area, model);
+    if areas.log.contains(Position::new(mouse.column, mouse.row)) {
+        #[allow(clippy::cast_possible_wrap)] // WHEEL_LINES is 3.
+        let lines = WHEEL_LINES as isize;
+        model.log.scroll_by(if up { lines } else { -lines });
+    } else {
+        model.move_selection(!up);
+    }
+    true
+}
+
+fn on_key(model: &mut Model, key: KeyEvent, cmds: &mut Vec<Cmd>) -> bool {
+    if key.kind == KeyEventKind::Release {
+        return false;
+    }
+    if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('c') {
+        model.quit = true;
+        cmds.push(Cmd::Quit);
+        return true;
+    }
+    match model.input {
+        Input::Filter | Input::Search => return on_input_key(model, key),
+        Input::Keys => {}
+    }
+    if model.help {
+        // Any key closes the help; q still quits.
+        model.help = false;
+        if key.code == KeyCode::Char('q') {
+            model.quit = true;
+            cmds.push(Cmd::Quit);
+        }
+        return true;
+    }
+    let had_notice = model.notice.take().is_some();
+    let changed = match key.code {
+        KeyCode::Char('q') => {
+            model.quit = true;
+            cmds.push(Cmd::Quit);
+            true
+        }
+        KeyCode::Char('?') => {
+            model.help = true;
+            true
+        }
+        KeyCode::Esc => {
+            if !model.filter.is_empty() {
+                model.filter.clear();
+                model.fix_selection();
+            }
+            model.focus = Focus::Packages;
+            true
+        }
+        KeyCode::Tab | KeyCode::BackTab => {
+            model.focus = match model.focus {
+                Focus::Packages => Focus::Log,
+                Focus::Log => Focus::Packages,
+            };
+            true
+        }
+        KeyCode::Up | KeyCode::Char('k') => {
+            match model.focus {
+                Focus::Packages => model.move_selection(false),
+                Focus::Log => model.log.scroll_by(1),
+            }
+            true
+        }
+        KeyCode::Down | KeyCode::Char('j') => {
+            match model.focus {
+                Focus::Packages => model.move_selection(true),
+                Focus::Log => model.log.scroll_by(-1),
+            }
+            true
+        }
+        KeyCode::Left | KeyCode::Char('h') => {
+            model.arch = model.arch.saturating_sub(1);
+            true
+        }
+        KeyCode::Right | KeyCode::Char('l') => {
+            let n = model.archs().len();
+            model.arch = (model.arch + 1).min(n.saturating_sub(1));
+            true
+        }
+        KeyCode::PageUp => {
+            let page = model.log_page();
+            model
+                .log
+                .scroll_by(isize::try_from(page).unwrap_or(isize::MAX));
+            true
+        }
+        KeyCode::PageDown => {
+            let page = model.log_page();
+            model
+                .log
+                .scroll_by(-isize::try_from(page).unwrap_or(isize::MAX));
+            true
+        }
+        KeyCode::Home => {
+            model.log.scroll = model.log.lines.len().saturating_sub(1);
+            true
+        }
+        KeyCode::End | KeyCode::Char('G') => {
+            model.log.scroll = 0;
+            true
+        }
+        KeyCode::Enter => open_log(model, cmds),
+        KeyCode::Char('r') => build(model, false, cmds),
+        KeyCode::Char('R') => build(model, true, cmds),
+        KeyCode::Char('c') => cancel(model, cmds),
+        KeyCode::Char('g') => {
+            model.notice("collecting garbage…", false);
+            cmds.push(Cmd::Gc);
+            true
+        }
+        KeyCode::Char('f') => {
+            model.input = Input::Filter;
+            model.input_buf = model.filter.clone();
+            true
+        }
+        KeyCode::Char('/') => {
+            model.input = Input::Search;
+            model.input_buf.clear();
+            true
+        }
+        KeyCode::Char('n') => search_again(model, true),
+        KeyCode::Char('N') => search_again(model, false),
+        _ => false,
+    };
+    changed || had_notice
+}
+
+fn search_again(model: &mut Model, back: bool) -> bool {
+    if model.log.search.is_empty() {
+        model.notice("no search yet: press / to search the log", true);
+    } else if !model.log.find(back) {
+        let text = format!("{:?} not found in the log", model.log.search);
+        model.notice(text, true);
+    }
+    true
+}
+
+fn on_input_key(model: &mut Model, key: KeyEvent) -> bool {
+    match key.code {
+        KeyCode::Esc => {
+            if model.input == Input::Filter {
+                model.filter.clear();
+                model.fix_selection();
+            }
+            model.input = Input::Keys;
+            model.input_buf.clear();
+        }
+        KeyCode::Enter => {
+            let text = std::mem::take(&mut model.input_buf);
+            match model.input {
+                Input::Filter => {
+                    model.filter = text;
+                    model.fix_selection();
+                }
+                Input::Search => {
+                    model.log.search = text;
+                    if !model.log.search.is_empty() {
+                        // Search backwards from the bottom: the newest match first.
+                        model.log.scroll = 0;
+                        if !model.log.find(true) {
+                            let t = format!("{:?} not found in the log", model.log.search);
+                            model.notice(t, true);
+                        }
+                    }
+                }
+                Input::Keys => {}
+            }
+            model.input = Input::Keys;
+        }
+        KeyCode::Backspace => {
+            model.input_buf.pop();
+            if model.input == Input::Filter {
+                model.filter = model.input_buf.clone();
+                model.fix_selection();
+            }
+        }
+        KeyCode::Char(c) => {
+            model.input_buf.push(c);
+            if model.input == Input::Filter {
+                model.filter = model.input_buf.clone();
+                model.fix_selection();
+            }
+        }
+        _ => return false,
+    }
+    true
+}
+
+fn open_log(model: &mut Model, cmds: &mut Vec<Cmd>) -> bool {
+    let Some((p, arch, t)) = model.selected_target() else {
+        model.notice("no package selected", true);
+        return true;
+    };
+    let build = t.and_then(|t| {
+        t.build
+            .clone()
+            .or_else(|| t.last.as_ref().map(|l| l.id.clone()))
+    });
+    let name = p.name.clone();
+    let Some(build) = build else {
+        model.notice(
+            format!("{name} {arch} has not been built by this kilnd yet: press r to build it"),
+            true,
+        );
+        return true;
+    };
+    model.log.reset((name, arch), build.clone());
+    cmds.push(Cmd::FollowLog(build));
+    true
+}
+
+fn build(model: &mut Model, force: bool, cmds: &mut Vec<Cmd>) -> bool {
+    let Some((p, arch, _)) = model.selected_target() else {
+        model.notice("no package selected", true);
+        return true;
+    };
+    let package = p.name.clone();
+    model.notice(
+        format!(
+            "{} {package} {arch}…",
+            if force {
+                "force-rebuilding"
+            } else {
+                "building"
+            }
+        ),
+        false,
+    );
+    // Follow the new build's log if the log pane shows this target.
+    cmds.push(Cmd::Build(BuildRequest {
+        package,
+        arch: Some(arch),
+        force,
+    }));
+    true
+}
+
+fn cancel(model: &mut Model, cmds: &mut Vec<Cmd>) -> bool {
+    let Some((p, arch, t)) = model.selected_target() else {
+        model.notice("no package selected", true);
+        return true;
+    };
+    let Some(build) = t.and_then(|t| t.build.clone()) else {
+        let text = format!(
+            "nothing to cancel: {} {arch} is not queued or building",
+            p.name
+        );
+        model.notice(text, true);
+        return true;
+    };
+    cmds.push(Cmd::Cancel(CancelRequest {
+        build: Some(build),
+        package: None,
+        arch: None,
+    }));
+    true
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,413 @@
+//! The commands that talk to a running kilnd: status, build, logs, cancel, gc.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+
+use anyhow::{Context, bail};
+use kiln_shared::protocol::{
+    BuildId, BuildOutcome, BuildRequest, BuildResponse, BuildSummary, CancelRequest,
+    CancelResponse, Event, GcResponse, Snapshot, StreamItem, TargetStatus,
+};
+
+use crate::client::Client;
+use crate::ui::fmt;
+
+/// What a command reports to `main`: success, or a failure already explained.
+pub enum Outcome {
+    Success,
+    Failure,
+}
+
+pub async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {
+    let s = client.state().await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &s)?;
+        writeln!(out)?;
+    } else {
+        out.write_all(render_status(&s).as_bytes())?;
+    }
+    Ok(Outcome::Success)
+}
+
+/// `kiln status` as plain text.
+pub fn render_status(s: &Snapshot) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let roots: Vec<String> = s.roots.iter().map(|r| r.display().to_string()).collect();
+    let _ = writeln!(
+        o,
+        "kilnd {} (pid {}) watching {}; registry {}",
+        s.daemon_version,
+        s.pid,
+        roots.join(" "),
+        if s.registry.is_empty() {
+            "-".to_owned()
+        } else {
+            s.registry.join(" ")
+        }
+    );
+    let width = s.packages.keys().map(String::len).max().unwrap_or(7).max(7);
+    for p in s.packages.values() {
+        let tag = p.tag.as_ref().map_or("-", |t| fmt::short(t.as_str(), 12));
+        let _ = write!(o, "{:<width$}  {tag:<12}", p.name);
+        for (arch, t) in &p.targets {
+            let mut cell = format!("{arch}:{}", format!("{:?}", t.status).to_lowercase());
+            if let (TargetStatus::Building, Some(pr)) = (t.status, &t.progress) {
+                cell.push_str(&format!(" {}/{}", pr.current, pr.total));
+            }
+            if let Some(l) = &t.last {
+                cell.push_str(&format!(" ({})", fmt::duration_ms(l.duration_ms)));
+            }
+            let _ = write!(o, "  {cell}");
+        }
+        if let Some(e) = &p.error {
+            let _ = write!(o, "  error: {e}");
+        }
+        let _ = writeln!(o);
+    }
+    let c = &s.cache;
+    let _ = writeln!(
+        o,
+        "queue {}, building {}; cache {}{}, {} blobs, {} refs, hit ratio {}",
+        s.queue.len(),
+        s.running.len(),
+        fmt::bytes(c.bytes_used),
+        c.bytes_cap
+            .map_or(String::new(), |cap| format!(" / {}", fmt::bytes(cap))),
+        c.blobs,
+        c.references,
+        c.hit_ratio()
+            .map_or("-".to_owned(), |r| format!("{:.0}%", r * 100.0))
+    );
+    if let Some(e) = &s.watch_error {
+        let _ = writeln!(o, "watch error: {e}");
+    }
+    o
+}
+
+/// Where one requested build stands, for `kiln build`.
+struct Tracked {
+    package: String,
+    arch: String,
+    done: Option<BuildSummary>,
+}
+
+pub async fn build(client: &Client, req: BuildRequest) -> anyhow::Result<Outcome> {
+    // Subscribe before asking, so the build's end cannot slip between the two.
+    let mut events = client.events().await?;
+    let resp: BuildResponse = client.post("/build", &req).await?;
+    let tty = std::io::stdout().is_terminal();
+    let mut out = std::io::stdout().lock();
+    for arch in &resp.up_to_date {
+        writeln!(
+            out,
+            "{} {arch}: up to date (--force rebuilds it)",
+            req.package
+        )?;
+    }
+    let mut tracked: BTreeMap<BuildId, Tracked> = resp
+        .builds
+        .iter()
+        .map(|b| {
+            (
+                b.id.clone(),
+                Tracked {
+                    package: b.package.clone(),
+                    arch: b.arch.clone(),
+                    done: None,
+                },
+            )
+        })
+        .collect();
+    for b in &resp.builds {
+        writeln!(out, "{} {}: queued as build {}", b.package, b.arch, b.id)?;
+    }
+    let mut status_line = false;
+    while tracked.values().any(|t| t.done.is_none()) {
+        let Some(item) = events.next_item().await? else {
+            bail!("kilnd closed the event stream before the build finished");
+        };
+        let mut lines = Vec::new();
+        match item {
+            StreamItem::Snapshot { snapshot } => {
+                // After a gap: read the outcome from the state.
+                for (id, t) in &mut tracked {
+                    let target = snapshot
+                        .packages
+                        .get(&t.package)
+                        .and_then(|p| p.targets.get(&t.arch));
+                    if let Some(last) = target
+                        .and_then(|tg| tg.last.as_ref())
+                        .filter(|l| &l.id == id && t.done.is_none())
+                    {
+                        t.done = Some(last.clone());
+                        lines.push(done_line(t, last));
+                    }
+                }
+            }
+            StreamItem::Event { event, .. } => match event {
+                Event::Started { build } if tracked.contains_key(&build.id) => {
+                    lines.push(format!(
+                        "{} {}: building with {}",
+                        build.package, build.arch, build.builder
+                    ));
+                }
+                Event::Progress { build, progress } => {
+                    if let Some(t) = tracked.get(&build) {
+                        let text = format!(
+                            "{} {}: step {}/{} {}",
+                            t.package, t.arch, progress.current, progress.total, progress.step
+                        );
+                        if tty {
+                            write!(out, "\r\x1b[2K{}", fmt::short(&text, 100))?;
+                            out.flush()?;
+                            status_line = true;
+                        } else {
+                            lines.push(text);
+                        }
+                    }
+                }
+                Event::Finished { summary, .. }
+                | Event::Failed { summary, .. }
+                | Event::Cancelled { summary, .. } => {
+                    if let Some(t) = tracked.get_mut(&summary.id) {
+                        lines.push(done_line(t, &summary));
+                        t.done = Some(summary);
+                    }
+                }
+                _ => {}
+            },
+        }
+        for l in lines {
+            if status_line {
+                write!(out, "\r\x1b[2K")?;
+                status_line = false;
+            }
+            writeln!(out, "{l}")?;
+        }
+    }
+    let failed: Vec<&Tracked> = tracked
+        .values()
+        .filter(|t| {
+            t.done
+                .as_ref()
+                .is_some_and(|d| d.outcome != BuildOutcome::Ok)
+        })
+        .collect();
+    for t in &failed {
+        writeln!(
+            out,
+            "see its log: kiln logs {} --arch {}",
+            t.package, t.arch
+        )?;
+    }
+    Ok(if failed.is_empty() {
+        Outcome::Success
+    } else {
+        Outcome::Failure
+    })
+}
+
+fn done_line(t: &Tracked, s: &BuildSummary) -> String {
+    let took = fmt::duration_ms(s.duration_ms);
+    match s.outcome {
+        BuildOutcome::Ok => format!(
+            "{} {}: ok in {took}, {}/{} steps cached, {}",
+            t.package,
+            t.arch,
+            s.cache_hits,
+            s.steps,
+            s.digest
+                .as_ref()
+                .map_or_else(|| "no digest".to_owned(), ToString::to_string)
+        ),
+        BuildOutcome::Failed => format!(
+            "{} {}: failed after {took}: {}",
+            t.package,
+            t.arch,
+            s.error.as_deref().unwrap_or("no reason given")
+        ),
+        BuildOutcome::Cancelled => format!(
+            "{} {}: cancelled after {took}{}",
+            t.package,
+            t.arch,
+            s.error
+                .as_deref()
+                .map_or(String::new(), |e| format!(": {e}"))
+        ),
+    }
+}
+
+pub async fn logs(
+    client: &Client,
+    package: &str,
+    arch: Option<&str>,
+    follow: bool,
+) -> anyhow::Result<Outcome> {
+    let s = client.state().await?;
+    let Some(p) = s.packages.get(package) else {
+        let known: Vec<&str> = s.packages.keys().map(String::as_str).collect();
+        bail!(
+            "no package {package:?} in the workspace; known packages: {}",
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        );
+    };
+    if let Some(a) = arch
+        && !p.targets.contains_key(a)
+    {
+        let archs: Vec<&str> = p.targets.keys().map(String::as_str).collect();
+        bail!(
+            "{package} does not build for {a}; it lists {}",
+            archs.join(", ")
+        );
+    }
+    let Some(build) = s.build_of(package, arch) else {
+        bail!("{package} has no build in this kilnd yet: run `kiln build {package}`");
+    };
+    let mut lines = client
+        .log(&build, follow)
+        .await
+        .with_context(|| format!("reading the log of build {build}"))?;
+    let mut out = std::io::stdout().lock();
+    while let Some(batch) = lines.next_batch(1024).await? {
+        for l in batch {
+            writeln!(out, "{l}")?;
+        }
+        out.flush()?;
+    }
+    Ok(Outcome::Success)
+}
+
+pub async fn cancel(client: &Client, req: CancelRequest) -> anyhow::Result<Outcome> {
+    let r: CancelResponse = client.post("/cancel", &req).await?;
+    if r.cancelled.is_empty() {
+        println!("nothing to cancel");
+    }
+    for id in &r.cancelled {
+        println!("cancelled build {id}");
+    }
+    Ok(Outcome::Success)
+}
+
+pub async fn gc(client: &Client) -> anyhow::Result<Outcome> {
+    let r: GcResponse = client.post("/gc", &serde_json::json!({})).await?;
+    println!(
+        "removed {} blobs, freed {} in {}",
+        r.gc.removed_blobs,
+        fmt::bytes(r.gc.freed_bytes),
+        fmt::duration_ms(r.gc.duration_ms)
+    );
+    Ok(Outcome::Success)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_daemon::api::{Api, ControlRequest};
+    use kiln_daemon::bus::Bus;
+    use kiln_shared::protocol::{QueuedBuild, RunningBuild};
+    use tokio::sync::mpsc;
+
+    use crate::testing::{T0, summary, tag};
+
+    /// The real API, and a test double for the daemon core that queues one build per
+    /// request and publishes its lifecycle, failing packages named `*/broken`.
+    async fn server() -> (tempfile::TempDir, Client) {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("k.sock");
+        let bus = Bus::new(crate::testing::snapshot());
+        let (control, mut requests) = mpsc::channel(4);
+        let core_bus = bus.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Some(r) = requests.recv().await {
+                let ControlRequest::Build { req, reply } = r else {
+                    continue;
+                };
+                n += 1;
+                let id = BuildId(format!("t{n}"));
+                let arch = req.arch.clone().unwrap_or_else(|| "amd64".into());
+                let q = QueuedBuild {
+                    id: id.clone(),
+                    package: req.package.clone(),
+                    arch: arch.clone(),
+                    tag: tag("4f2a9c1be07d3355"),
+                    reason: "requested".into(),
+                };
+                let _ = reply.send(Ok(BuildResponse {
+                    builds: vec![q.clone()],
+                    up_to_date: vec![],
+                }));
+                core_bus.publish(Event::Queued { build: q.clone() });
+                core_bus.publish(Event::Started {
+                    build: RunningBuild {
+                        id: id.clone(),
+                        package: q.package.clone(),
+                        arch: arch.clone(),
+                        tag: q.tag.clone(),
+                        builder: "native".into(),
+                        started_at_ms: T0,
+                        progress: None,
+                    },
+                });
+                let (outcome, event): (_, fn(String, String, BuildSummary) -> Event) =
+                    if req.package.ends_with("/broken") {
+                        (BuildOutcome::Failed, |package, arch, summary| {
+                            Event::Failed {
+                                package,
+                                arch,
+                                summary,
+                            }
+                        })
+                    } else {
+                        (BuildOutcome::Ok, |package, arch, summary| Event::Finished {
+                            package,
+                            arch,
+                            summary,
+                        })
+                    };
+                core_bus.publish(event(q.package, arch, summary(&id.0, outcome, 1200)));
+            }
+        });
+        let api = Api::bind(&socket).await.unwrap();
+        tokio::spawn(api.serve(bus, control, std::future::pending()));
+        (dir, Client::new(socket))
+    }
+
+    #[tokio::test]
+    async fn build_waits_for_the_outcome() {
+        let (_dir, client) = server().await;
+        let ok = build(
+            &client,
+            BuildRequest {
+                package: "linuxkit/alpine".into(),
+                arch: None,
+                force: true,
+            },
+        )
+        .await
+        .unwrap();
+        assert!(matches!(ok, Outcome::Success));
+        let failed = build(
+            &client,
+            BuildRequest {
+                package: "linuxkit/broken".into(),
+                arch: None,
+                force: false,
+            },
+        )
+        .await
+        .unwrap();
+        assert!(matches!(failed, Outcome::Failure));
+    }
+
+    #[test]
+    fn plain_status() {
+        insta::assert_snapshot!(render_status(&crate::testing::snapshot()));
+    }
+}

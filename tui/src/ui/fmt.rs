@@ -1,0 +1,75 @@
+//! Short human forms of sizes, durations, times, tags and digests.
+
+/// `1.5 KiB`, `10.0 MiB`; bytes below 1 KiB as `512 B`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    // Precision loss only affects the last shown digit of sizes above 2^53 bytes.
+    #[allow(clippy::cast_precision_loss)]
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// `850ms`, `1.5s`, `2m03s`, `1h02m`.
+pub fn duration_ms(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{}.{}s", ms / 1000, (ms % 1000) / 100)
+    } else if ms < 3_600_000 {
+        format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000)
+    } else {
+        format!("{}h{:02}m", ms / 3_600_000, (ms % 3_600_000) / 60_000)
+    }
+}
+
+/// `HH:MM:SS` (UTC) of a unix time in ms.
+pub fn clock(unix_ms: u64) -> String {
+    let s = (unix_ms / 1000) % 86_400;
+    format!("{:02}:{:02}:{:02}", s / 3600, (s % 3600) / 60, s % 60)
+}
+
+/// The first `n` characters.
+pub fn short(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(10 << 20), "10.0 MiB");
+        assert_eq!(bytes(1 << 30), "1.0 GiB");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration_ms(850), "850ms");
+        assert_eq!(duration_ms(1500), "1.5s");
+        assert_eq!(duration_ms(123_000), "2m03s");
+        assert_eq!(duration_ms(3_720_000), "1h02m");
+    }
+
+    #[test]
+    fn clocks_and_shorts() {
+        assert_eq!(clock(1_700_000_002_000), "22:13:22");
+        assert_eq!(short("abcdef", 3), "abc");
+        assert_eq!(short("ab", 3), "ab");
+        assert_eq!(short("éèà", 2), "éè");
+    }
+}

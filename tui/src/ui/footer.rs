@@ -1,0 +1,58 @@
+//! The footer: the keys, or the line being typed, or the last action's result.
+
+use ratatui::Frame;
+use ratatui::layout::Rect;
+use ratatui::style::{Color, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::Paragraph;
+
+use super::{bold, dim};
+use crate::app::{Input, Model};
+
+const KEYS: [(&str, &str); 10] = [
+    ("↑↓", "move"),
+    ("←→", "arch"),
+    ("⏎", "log"),
+    ("r/R", "build"),
+    ("c", "cancel"),
+    ("g", "gc"),
+    ("f", "filter"),
+    ("/", "find"),
+    ("?", "help"),
+    ("q", "quit"),
+];
+
+pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
+    let line = match model.input {
+        Input::Filter | Input::Search => {
+            let label = if model.input == Input::Filter {
+                "filter: "
+            } else {
+                "/"
+            };
+            Line::from(vec![
+                Span::styled(label, bold()),
+                Span::raw(model.input_buf.clone()),
+                Span::styled("▏", Style::new().fg(Color::Cyan)),
+                Span::styled("  Enter apply · Esc cancel", dim()),
+            ])
+        }
+        Input::Keys => match &model.notice {
+            Some(n) => Line::styled(
+                n.text.clone(),
+                Style::new().fg(if n.error { Color::Red } else { Color::Green }),
+            ),
+            None => Line::from(
+                KEYS.iter()
+                    .flat_map(|(k, what)| {
+                        [
+                            Span::styled(*k, bold()),
+                            Span::styled(format!(" {what} "), dim()),
+                        ]
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+        },
+    };
+    frame.render_widget(Paragraph::new(line), area);
+}

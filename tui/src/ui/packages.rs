@@ -1,0 +1,138 @@
+//! The packages table: a row per package, a status cell per architecture.
+
+use kiln_shared::protocol::{BuildSummary, PackageState, TargetState, TargetStatus};
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Rect};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Cell, Paragraph, Row, Table, TableState};
+
+use super::{border, dim, fmt};
+use crate::app::{Conn, Focus, Model};
+
+/// A status's glyph and colour.
+pub fn glyph(status: TargetStatus) -> (&'static str, Color) {
+    match status {
+        TargetStatus::Idle => ("·", Color::DarkGray),
+        TargetStatus::Queued => ("◌", Color::Yellow),
+        TargetStatus::Building => ("⟳", Color::Cyan),
+        TargetStatus::Ok => ("✓", Color::Green),
+        TargetStatus::Failed => ("✗", Color::Red),
+        TargetStatus::Cancelled => ("⊘", Color::Magenta),
+    }
+}
+
+fn status_cell(t: Option<&TargetState>, package_error: bool, selected: bool) -> Cell<'static> {
+    let Some(t) = t else {
+        return Cell::from(Span::styled("", dim()));
+    };
+    let (g, color) = glyph(t.status);
+    let word = match (t.status, &t.progress) {
+        (TargetStatus::Building, Some(p)) => format!("{}/{}", p.current, p.total),
+        (TargetStatus::Idle, _) if package_error => "error".to_owned(),
+        (TargetStatus::Cancelled, _) => "cancel".to_owned(),
+        (s, _) => format!("{s:?}").to_lowercase(),
+    };
+    let color = if package_error { Color::Red } else { color };
+    let mut style = Style::new().fg(color);
+    if selected {
+        style = style.add_modifier(Modifier::REVERSED);
+    }
+    Cell::from(Span::styled(format!("{g} {word}"), style))
+}
+
+/// The most recent finished build among a package's targets.
+fn latest(p: &PackageState) -> Option<&BuildSummary> {
+    p.targets
+        .values()
+        .filter_map(|t| t.last.as_ref())
+        .max_by_key(|l| l.finished_at_ms)
+}
+
+pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
+    let focused = model.focus == Focus::Packages;
+    let rows = model.rows();
+    let title = if model.filter.is_empty() {
+        format!(" packages ({}) ", rows.len())
+    } else {
+        format!(" packages ({}) filter {:?} ", rows.len(), model.filter)
+    };
+    let block = Block::bordered().title(title).border_style(border(focused));
+    if model.snapshot.is_none() {
+        let text = match &model.conn {
+            Conn::Disconnected { error, .. } => {
+                format!("disconnected, retrying: {error}")
+            }
+            _ => format!("connecting to kilnd at {}…", model.socket.display()),
+        };
+        frame.render_widget(Paragraph::new(text).style(dim()).block(block), area);
+        return;
+    }
+    if rows.is_empty() {
+        let text = if model.filter.is_empty() {
+            "no packages: kilnd finds directories with a build.yml under its roots"
+        } else {
+            "no package matches the filter (Esc clears it)"
+        };
+        frame.render_widget(Paragraph::new(text).style(dim()).block(block), area);
+        return;
+    }
+    let archs = model.archs();
+    let selected_row = model.selected_row();
+    let mut header = vec![Cell::from("PACKAGE"), Cell::from("TAG")];
+    header.extend(archs.iter().map(|a| Cell::from(a.clone())));
+    header.extend([Cell::from("LAST"), Cell::from("DIGEST")]);
+    let body = rows.iter().enumerate().map(|(i, p)| {
+        let error = p.error.is_some();
+        let name_style = if error {
+            Style::new().fg(Color::Red)
+        } else {
+            Style::new()
+        };
+        let mut cells = vec![
+            Cell::from(Span::styled(p.name.clone(), name_style)),
+            Cell::from(Span::styled(
+                p.tag
+                    .as_ref()
+                    .map_or("-", |t| fmt::short(t.as_str(), 12))
+                    .to_owned(),
+                dim(),
+            )),
+        ];
+        for (j, a) in archs.iter().enumerate() {
+            let sel = focused && selected_row == Some(i) && j == model.arch;
+            cells.push(status_cell(p.targets.get(a), error, sel));
+        }
+        let last = latest(p);
+        cells.push(Cell::from(last.map_or_else(
+            || "-".to_owned(),
+            |l| fmt::duration_ms(l.duration_ms),
+        )));
+        let digest = last
+            .and_then(|l| l.digest.as_ref())
+            .or_else(|| p.targets.values().find_map(|t| t.digest.as_ref()));
+        cells.push(Cell::from(Span::styled(
+            digest.map_or("-", |d| d.short(12)).to_owned(),
+            dim(),
+        )));
+        Row::new(cells)
+    });
+    let mut widths = vec![Constraint::Min(14), Constraint::Length(12)];
+    widths.extend(
+        archs
+            .iter()
+            .map(|a| Constraint::Length(u16::try_from(a.len().max(10)).unwrap_or(10))),
+    );
+    widths.extend([Constraint::Length(7), Constraint::Length(12)]);
+    let table = Table::new(body, widths)
+        .header(Row::new(header).style(dim()))
+        .row_highlight_style(
+            Style::new()
+                .add_modifier(Modifier::BOLD)
+                .bg(Color::Rgb(40, 40, 60)),
+        )
+        .highlight_symbol(Line::from("▶"))
+        .block(block);
+    let mut state = TableState::default().with_selected(selected_row);
+    frame.render_stateful_widget(table, area, &mut state);
+}
