@@ -242,19 +242,26 @@ impl Service {
         let mut view = self.view().await?;
         let (stored, by_tag) = match &reference {
             Reference::Tag(tag) => {
-                let found = view.tag(repo.as_str(), tag.as_str()).cloned();
-                let found = match found {
-                    Some(s) => s,
-                    None => {
-                        view = self.ask_miss_hook(repo, tag).await?;
-                        view.tag(repo.as_str(), tag.as_str())
-                            .cloned()
-                            .ok_or_else(|| manifest_unknown(repo, tag.as_str()))?
-                    }
-                };
-                (found, true)
+                if view.tag(repo.as_str(), tag.as_str()).is_none() {
+                    view = self.ask_miss_hook(repo, tag).await?;
+                }
+                let tagged = view
+                    .tag(repo.as_str(), tag.as_str())
+                    .ok_or_else(|| manifest_unknown(repo, tag.as_str()))?;
+                // For `gc --max-size`: least recently pulled goes first. No I/O.
+                self.cache.touch_ref(&tagged.ref_name);
+                (Arc::clone(&tagged.stored), true)
             }
-            Reference::Digest(d) => (self.manifest_by_digest(&view, repo, d).await?, false),
+            Reference::Digest(d) => {
+                if let Some(name) = view
+                    .repos
+                    .get(repo.as_str())
+                    .and_then(|r| r.untagged.get(d))
+                {
+                    self.cache.touch_ref(name);
+                }
+                (self.manifest_by_digest(&view, repo, d).await?, false)
+            }
         };
         let served = match negotiate(stored.kind(), accepts, by_tag) {
             Negotiated::Serve => stored,

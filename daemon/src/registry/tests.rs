@@ -706,6 +706,7 @@ async fn manifests_by_tag_and_digest_with_negotiation() {
     );
 
     let accept = [("accept", OCI_MANIFEST)];
+    assert!(r.cache.last_used().unwrap().is_empty());
     for uri in [
         "/v2/org/img/manifests/v1".to_owned(),
         format!("/v2/org/img/manifests/{d}"),
@@ -722,6 +723,9 @@ async fn manifests_by_tag_and_digest_with_negotiation() {
         assert!(h.body.is_empty());
         assert_eq!(h.header("content-length"), body.len().to_string());
     }
+    // Pulls by tag are recorded for `gc --max-size`.
+    let used = r.cache.last_used().unwrap();
+    assert_eq!(used.keys().collect::<Vec<_>>(), ["docker.io/org/img:v1"]);
     // registry:2: an OCI manifest only for clients that accept it.
     r.get("/v2/org/img/manifests/v1", &[])
         .await

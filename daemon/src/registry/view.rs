@@ -17,7 +17,7 @@
 //!   so that untagged manifests stay named, hence reachable for gc and for the catalog;
 //!   tools that parse names as `name:tag` should skip names holding `@`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -71,12 +71,20 @@ impl Stored {
     }
 }
 
+/// A tag and the `index.json` name it came from.
+#[derive(Debug)]
+pub struct Tagged {
+    pub stored: Arc<Stored>,
+    /// The reference name as `index.json` spells it, for usage records.
+    pub ref_name: String,
+}
+
 /// A repository's names.
 #[derive(Debug, Default)]
 pub struct Repo {
-    pub tags: BTreeMap<String, Arc<Stored>>,
-    /// Manifests named by digest only (`<repo>@sha256:…`).
-    pub untagged: BTreeSet<Digest>,
+    pub tags: BTreeMap<String, Tagged>,
+    /// Manifests named by digest only (`<repo>@sha256:…`), with their names.
+    pub untagged: BTreeMap<Digest, String>,
 }
 
 /// A referrer of a subject, as the referrers API lists it.
@@ -156,10 +164,15 @@ impl View {
             };
             match parsed {
                 RefName::Tag { repo, tag } => {
-                    view.repos.entry(repo).or_default().tags.insert(tag, stored);
+                    let tagged = Tagged {
+                        stored,
+                        ref_name: name.to_owned(),
+                    };
+                    view.repos.entry(repo).or_default().tags.insert(tag, tagged);
                 }
                 RefName::Digest { repo, digest } => {
-                    view.repos.entry(repo).or_default().untagged.insert(digest);
+                    let untagged = &mut view.repos.entry(repo).or_default().untagged;
+                    untagged.insert(digest, name.to_owned());
                 }
             }
         }
@@ -222,7 +235,7 @@ impl View {
     }
 
     /// The manifest a repository's tag names.
-    pub fn tag(&self, repo: &str, tag: &str) -> Option<&Arc<Stored>> {
+    pub fn tag(&self, repo: &str, tag: &str) -> Option<&Tagged> {
         self.repos.get(repo)?.tags.get(tag)
     }
 
