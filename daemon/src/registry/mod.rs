@@ -14,8 +14,27 @@
 //! - Uploads stream to temp files inside the cache; a blob is visible only once complete
 //!   and verified; idle uploads expire after [`RegistryConfig::upload_ttl`].
 //!
-//! The lead's entry points: [`bind`], [`Registry::local_addrs`], [`Registry::serve`],
-//! and the optional [`Hooks`].
+//! Entry points: [`bind`] (binds now, so a busy port fails at startup), then
+//! [`Registry::local_addrs`] for the ready line, then [`Registry::serve`] with the cache
+//! and the optional [`Hooks`]:
+//!
+//! ```no_run
+//! # async fn kilnd(
+//! #     config: &kiln_daemon::config::Config,
+//! #     cache: std::sync::Arc<kiln_daemon::cache::Cache>,
+//! # ) -> Result<(), kiln_daemon::registry::RegistryError> {
+//! use kiln_daemon::registry::{self, Hooks, RegistryConfig};
+//!
+//! let reg = registry::bind(RegistryConfig::from(config)).await?;
+//! println!("registry on {:?}", reg.local_addrs());
+//! let hooks = Hooks {
+//!     on_pull: Some(std::sync::Arc::new(|pull| tracing::info!(?pull, "pulled"))),
+//!     manifest_miss: None,
+//! };
+//! tokio::spawn(reg.serve(cache, hooks)); // dropping the task stops the registry
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod accept;
 pub mod body;
