@@ -79,7 +79,8 @@ pub struct RegistryConfig {
     /// Host names (or IP literals) besides loopback ones that requests may carry in
     /// their Host header.
     pub allowed_hosts: Vec<String>,
-    /// How long an upload may stay idle before it is dropped with its temp file.
+    /// How long an upload may stay idle (between requests, or within a request body)
+    /// before it is dropped with its temp file.
     pub upload_ttl: Duration,
 }
 

@@ -575,14 +575,14 @@ impl Service {
         if let Some(digest) = digest {
             // Monolithic upload: the whole blob in this request.
             let expected_len = content_length(headers)?;
-            let written = write_body(&mut writer, body).await?;
+            let written = write_body(&mut writer, body, self.uploads.ttl()).await?;
             check_length(expected_len, written)?;
             finish_writer(writer, digest.clone()).await?;
             return blob_created(repo, &digest);
         }
         let has_body = content_length(headers)?.is_some_and(|n| n > 0);
         if has_body {
-            write_body(&mut writer, body).await?;
+            write_body(&mut writer, body, self.uploads.ttl()).await?;
         }
         let Some(w) = writer else {
             return Err(OciError::Internal("blob writer lost".into()));
@@ -611,7 +611,7 @@ impl Service {
         let mut session = self.session(repo, id).await?;
         session.touch();
         let expected = self.chunk_expectation(repo, id, &session, headers)?;
-        let result = write_body(&mut session.writer, body).await;
+        let result = write_body(&mut session.writer, body, self.uploads.ttl()).await;
         let checked = result.and_then(|n| check_length(expected, n));
         if let Err(e) = checked {
             // The session's bytes no longer match what the client believes: drop it.
@@ -685,7 +685,7 @@ impl Service {
         let expected = self.chunk_expectation(repo, id, &session, headers)?;
         // From here on the session ends, whatever happens.
         self.uploads.remove(id);
-        let n = write_body(&mut session.writer, body).await?;
+        let n = write_body(&mut session.writer, body, self.uploads.ttl()).await?;
         check_length(expected, n)?;
         finish_writer(session.writer.take(), digest.clone()).await?;
         blob_created(repo, &digest)
@@ -992,7 +992,13 @@ fn check_length(expected: Option<u64>, got: u64) -> Result<(), OciError> {
 
 /// Streams a request body into the writer in batches, each written off the async
 /// threads. Returns the bytes written. On error the writer is gone (its temp file too).
-async fn write_body<B>(writer: &mut Option<BlobWriter>, mut body: B) -> Result<u64, OciError>
+/// A body that sends nothing for `idle` is abandoned: a client that stalls mid-chunk
+/// cannot keep an upload (and its session lock) alive forever.
+async fn write_body<B>(
+    writer: &mut Option<BlobWriter>,
+    mut body: B,
+    idle: Duration,
+) -> Result<u64, OciError>
 where
     B: Body<Data = Bytes> + Send + Unpin,
     B::Error: std::fmt::Display,
@@ -1006,7 +1012,14 @@ where
     let mut batch: Vec<Bytes> = Vec::new();
     let mut batch_len = 0usize;
     loop {
-        let frame = body.frame().await;
+        let Ok(frame) = tokio::time::timeout(idle, body.frame()).await else {
+            *writer = None;
+            return Err(OciError::BlobUploadInvalid(format!(
+                "the request body stalled for {}s after {} bytes; the upload was dropped",
+                idle.as_secs(),
+                total + batch_len as u64
+            )));
+        };
         let done = match frame {
             None => true,
             Some(Err(e)) => {

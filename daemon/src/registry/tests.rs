@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
@@ -1149,4 +1150,33 @@ async fn miss_hook_and_pull_events() {
     assert_eq!(pulls[0].reference, "buildable");
     assert_eq!(pulls[0].repo.as_str(), "org/img");
     assert_eq!(pulls[0].peer, PEER);
+}
+
+#[tokio::test]
+async fn a_stalled_upload_body_is_dropped() {
+    // The upload ttl is also how long a body may stall.
+    let r = Reg::with(Hooks::default(), Duration::from_millis(200));
+    let before = r.snapshot();
+    let loc = r
+        .req(
+            Method::POST,
+            "/v2/org/img/blobs/uploads/",
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .header("location")
+        .to_owned();
+    // Some bytes, then silence on an open connection.
+    let first = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(Frame::data(
+        Bytes::from_static(b"partial"),
+    ))]);
+    let stalled = first.chain(futures_util::stream::pending());
+    let req = Request::patch(&loc)
+        .header("host", "localhost")
+        .body(StreamBody::new(stalled))
+        .unwrap();
+    r.send(req).await.is_error(400, "BLOB_UPLOAD_INVALID");
+    r.get(&loc, &[]).await.is_error(404, "BLOB_UPLOAD_UNKNOWN");
+    assert_eq!(r.snapshot(), before);
 }
