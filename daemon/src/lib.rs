@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod oci;
 pub mod plan;
+pub mod registry;
 pub mod schedule;
 pub mod watch;
 pub mod workspace;

@@ -8,4 +8,5 @@
 mod cache;
 mod docker;
 mod native;
+mod registry;
 mod workspace;

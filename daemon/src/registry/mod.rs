@@ -1,0 +1,156 @@
+//! The built-in OCI registry: serves the cache over the OCI Distribution API on
+//! loopback (`docker pull localhost:5000/org/image:tag`), and takes pushes into it (the
+//! Docker engine pushes what it builds here).
+//!
+//! Choices a client can notice:
+//! - Names: repository `org/image` and tag `t` are the cache reference
+//!   `docker.io/org/image:t`; manifests pushed by digest only are kept as
+//!   `docker.io/org/image@sha256:…` (see [`view`]).
+//! - Blobs are content-addressed and shared: any blob in the cache is served under any
+//!   repository name (registry:2 would answer BLOB_UNKNOWN for a blob not linked to the
+//!   repository). Cross-repository mounts therefore succeed whenever the blob exists.
+//! - `Accept` negotiation follows registry:2 (see [`accept`]).
+//! - A request whose Host is neither loopback nor configured gets 403 (see [`host`]).
+//! - Uploads stream to temp files inside the cache; a blob is visible only once complete
+//!   and verified; idle uploads expire after [`RegistryConfig::upload_ttl`].
+//!
+//! Entry points: [`bind`] (binds now, so a busy port fails at startup), then
+//! [`Registry::local_addrs`] for the ready line, then [`Registry::serve`] with the cache
+//! and the optional [`Hooks`]:
+//!
+//! ```no_run
+//! # async fn kilnd(
+//! #     config: &kiln_daemon::config::Config,
+//! #     cache: std::sync::Arc<kiln_daemon::cache::Cache>,
+//! # ) -> Result<(), kiln_daemon::registry::RegistryError> {
+//! use kiln_daemon::registry::{self, Hooks, RegistryConfig};
+//!
+//! let reg = registry::bind(RegistryConfig::from(config)).await?;
+//! println!("registry on {:?}", reg.local_addrs());
+//! let hooks = Hooks {
+//!     on_pull: Some(std::sync::Arc::new(|pull| tracing::info!(?pull, "pulled"))),
+//!     manifest_miss: None,
+//! };
+//! tokio::spawn(reg.serve(cache, hooks)); // dropping the task stops the registry
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod accept;
+pub mod body;
+pub mod error;
+pub mod host;
+pub mod manifest;
+mod query;
+pub mod range;
+pub mod route;
+mod server;
+mod service;
+pub mod uploads;
+pub mod view;
+
+use std::future::Future;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_shared::digest::Digest;
+use kiln_shared::reference::{RepoName, Tag};
+
+pub use error::{OciError, RegistryError};
+pub use server::{Registry, bind};
+pub use service::Service;
+
+/// The registry's port when none is configured.
+pub const DEFAULT_PORT: u16 = 5000;
+
+/// How the registry listens and whom it answers.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Addresses to listen on (port 0: any free port). Default: 127.0.0.1:5000 and
+    /// [::1]:5000. A non-loopback address is used only when listed here; its IP is then
+    /// also an accepted Host.
+    pub listen: Vec<SocketAddr>,
+    /// Whether `listen` is the default list rather than the user's: then an address the
+    /// machine does not have (`[::1]` without IPv6) is skipped with a warning instead of
+    /// failing, as long as another one is bound.
+    pub listen_is_default: bool,
+    /// Host names (or IP literals) besides loopback ones that requests may carry in
+    /// their Host header.
+    pub allowed_hosts: Vec<String>,
+    /// How long an upload may stay idle (between requests, or within a request body)
+    /// before it is dropped with its temp file.
+    pub upload_ttl: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            listen: vec![
+                SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT)),
+                SocketAddr::from((Ipv6Addr::LOCALHOST, DEFAULT_PORT)),
+            ],
+            listen_is_default: true,
+            allowed_hosts: Vec::new(),
+            upload_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl From<&crate::config::Config> for RegistryConfig {
+    fn from(c: &crate::config::Config) -> Self {
+        RegistryConfig {
+            listen: c.listen.clone(),
+            listen_is_default: c.listen_is_default,
+            allowed_hosts: c.allow_hosts.clone(),
+            ..RegistryConfig::default()
+        }
+    }
+}
+
+/// A boxed future, for the object-safe hook traits.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Asked when a client requests a tag the cache does not hold (GET or HEAD of a manifest
+/// by tag), before the registry answers MANIFEST_UNKNOWN. The "build on pull" feature
+/// implements it: build `repo:tag` if it is a known package's tag, then answer.
+pub trait ManifestMiss: Send + Sync {
+    /// `Ok(true)`: the cache now holds `docker.io/<repo>:<tag>` (the registry re-reads
+    /// `index.json` and serves it). `Ok(false)`: unknown here, the client gets
+    /// MANIFEST_UNKNOWN. `Err(message)`: the client gets MANIFEST_UNKNOWN with the
+    /// message (say which build failed and where its log is).
+    fn on_miss(&self, repo: RepoName, tag: Tag) -> BoxFuture<'static, Result<bool, String>>;
+}
+
+/// A manifest was served (GET, not HEAD): what the dashboard shows as the last pull.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullEvent {
+    pub repo: RepoName,
+    /// The tag or digest the client asked for.
+    pub reference: String,
+    /// The manifest served.
+    pub digest: Digest,
+    pub media_type: &'static str,
+    pub peer: SocketAddr,
+}
+
+/// Optional callbacks into the rest of kilnd. Both default to none.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    pub manifest_miss: Option<Arc<dyn ManifestMiss>>,
+    /// Called on every manifest GET served; must not block (send on a channel).
+    pub on_pull: Option<Arc<dyn Fn(PullEvent) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("manifest_miss", &self.manifest_miss.is_some())
+            .field("on_pull", &self.on_pull.is_some())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,225 @@
+//! Listening sockets and the connection loop: HTTP/1.1 with keep-alive, one task per
+//! connection, all of them owned by the serving future (dropping it closes everything).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use super::error::RegistryError;
+use super::host::HostGuard;
+use super::service::Service;
+use super::{Hooks, RegistryConfig};
+use crate::cache::Cache;
+
+/// Bound listening sockets, ready to serve.
+#[derive(Debug)]
+pub struct Registry {
+    listeners: Vec<TcpListener>,
+    addrs: Vec<SocketAddr>,
+    cfg: RegistryConfig,
+}
+
+/// Binds every configured address. Fails if one cannot be bound, except, for the default
+/// addresses, one the machine does not have (`[::1]` without IPv6) while another is bound.
+pub async fn bind(cfg: RegistryConfig) -> Result<Registry, RegistryError> {
+    if cfg.listen.is_empty() {
+        return Err(RegistryError::NoAddress);
+    }
+    let mut listeners = Vec::new();
+    let mut skipped = Vec::new();
+    for &addr in &cfg.listen {
+        match TcpListener::bind(addr).await {
+            Ok(l) => listeners.push(l),
+            Err(e)
+                if cfg.listen_is_default
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+                    ) =>
+            {
+                skipped.push((addr, e));
+            }
+            Err(source) => return Err(RegistryError::Bind { addr, source }),
+        }
+    }
+    if listeners.is_empty() {
+        return match skipped.pop() {
+            Some((addr, source)) => Err(RegistryError::Bind { addr, source }),
+            None => Err(RegistryError::NoAddress),
+        };
+    }
+    for (addr, e) in skipped {
+        tracing::warn!(%addr, error = %e, "default registry address unavailable; not listening there");
+    }
+    let addrs = listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| RegistryError::Io {
+            what: "the registry's bound address".into(),
+            source,
+        })?;
+    Ok(Registry {
+        listeners,
+        addrs,
+        cfg,
+    })
+}
+
+impl Registry {
+    /// The addresses actually bound (with the real port when 0 was asked).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// The request handler this registry will use, for in-process tests.
+    pub fn service(&self, cache: Arc<Cache>, hooks: Hooks) -> Arc<Service> {
+        let mut hosts = self.cfg.allowed_hosts.clone();
+        // A configured non-loopback address is reachable by its IP literal.
+        hosts.extend(
+            self.addrs
+                .iter()
+                .filter(|a| !a.ip().is_unspecified())
+                .map(|a| a.ip().to_string()),
+        );
+        Arc::new(Service::new(
+            cache,
+            HostGuard::new(hosts),
+            self.cfg.upload_ttl,
+            hooks,
+        ))
+    }
+
+    /// Serves until the returned future is dropped (which closes the listeners and every
+    /// connection). Errors of single connections are logged, not returned.
+    pub async fn serve(self, cache: Arc<Cache>, hooks: Hooks) {
+        let service = self.service(cache, hooks);
+        let mut tasks = JoinSet::new();
+        for listener in self.listeners {
+            tasks.spawn(accept_loop(listener, Arc::clone(&service)));
+        }
+        let reaper = Arc::clone(&service);
+        tasks.spawn(async move {
+            let period =
+                (reaper.uploads().ttl() / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                reaper.uploads().expire();
+            }
+        });
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn accept_loop(listener: TcpListener, service: Arc<Service>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors, typically: let a connection close
+                        // before accepting again, rather than spinning.
+                        tracing::warn!(error = %e, "registry accept failed");
+                        if conns.join_next().await.is_none() {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = Arc::clone(&service);
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let service = Arc::clone(&service);
+                        async move { Ok::<_, std::convert::Infallible>(service.handle(req, peer).await) }
+                    });
+                    let conn = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(60))
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), svc);
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "registry connection ended with an error");
+                    }
+                });
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(listen: &[&str], default: bool) -> RegistryConfig {
+        RegistryConfig {
+            listen: listen.iter().map(|a| a.parse().unwrap()).collect(),
+            listen_is_default: default,
+            ..RegistryConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn binds_port_zero_and_reports_real_ports() {
+        let reg = bind(cfg(&["127.0.0.1:0", "127.0.0.2:0"], false))
+            .await
+            .unwrap();
+        let addrs = reg.local_addrs();
+        assert_eq!(addrs.len(), 2);
+        assert!(addrs.iter().all(|a| a.port() != 0));
+        // The port is taken now: binding it again fails and says where.
+        let err = bind(cfg(&[&addrs[0].to_string()], false))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::Bind { addr, .. } if addr == addrs[0]),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--listen"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_default_address_is_skipped_an_explicit_one_fails() {
+        // 192.0.2.1 (TEST-NET-1) is on no interface here.
+        let reg = bind(cfg(&["127.0.0.1:0", "192.0.2.1:0"], true))
+            .await
+            .unwrap();
+        assert_eq!(reg.local_addrs().len(), 1);
+        let err = bind(cfg(&["127.0.0.1:0", "192.0.2.1:0"], false))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Bind { .. }), "{err}");
+        let err = bind(cfg(&["192.0.2.1:0"], true)).await.unwrap_err();
+        assert!(matches!(err, RegistryError::Bind { .. }), "{err}");
+        assert!(matches!(
+            bind(cfg(&[], false)).await,
+            Err(RegistryError::NoAddress)
+        ));
+    }
+
+    #[tokio::test]
+    async fn configured_addresses_are_accepted_hosts() {
+        let reg = bind(cfg(&["127.0.0.1:0"], false)).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(Cache::open(dir.path()).unwrap());
+        let svc = reg.service(cache, Hooks::default());
+        let req = |host: &str| {
+            http::Request::get("/v2/")
+                .header("host", host)
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap()
+        };
+        let peer = reg.local_addrs()[0];
+        assert_eq!(svc.handle(req("127.0.0.1"), peer).await.status(), 200);
+        assert_eq!(svc.handle(req("example.com"), peer).await.status(), 403);
+    }
+}
