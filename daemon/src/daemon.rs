@@ -1,19 +1,43 @@
-//! The daemon's lifetime: open the cache, start every service, say when ready, run until
-//! SIGINT or SIGTERM, then shut down cleanly.
+//! The daemon's lifetime: open the cache, bind the registry and the control socket,
+//! discover and plan the workspace, say when ready, then run the event loop (file
+//! changes, control requests, pulls of tags not built yet) until SIGINT or SIGTERM.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use kiln_shared::protocol::{
+    BuildOutcome, BuildSummary, Event, Pull, QueuedBuild, Ready, RunningBuild, Snapshot, StreamItem,
+};
+use kiln_shared::reference::{RepoName, Tag};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
 
+use crate::api::{Api, ApiError};
+use crate::build::docker::{EngineError, Engines};
+use crate::build::runner::BuildRunner;
+use crate::bus::Bus;
 use crate::cache::{Cache, CacheError};
 use crate::config::Config;
+use crate::plan::{PackageTable, PlanConfig, Planner, PullMiss};
+use crate::registry::{BoxFuture, Hooks, ManifestMiss, RegistryConfig, RegistryError};
+use crate::schedule::{Outcome, SchedEvent, Scheduler};
+use crate::watch::{WatchConfig, WatchError, Watcher};
 
 /// Why kilnd stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
     #[error("cannot write the ready file {path}: {source}")]
     ReadyFile {
         path: std::path::PathBuf,
@@ -26,35 +50,334 @@ pub enum DaemonError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// What kilnd writes to `--ready-file` once every service listens.
-#[derive(Debug, Serialize)]
-pub struct Ready {
-    pub registry: Vec<String>,
-    pub socket: String,
-    pub pid: u32,
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Runs kilnd until a termination signal.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let cache_dir = config.cache.clone();
-    let cache = tokio::task::spawn_blocking(move || Cache::open(&cache_dir)).await??;
+    let cache = Arc::new(tokio::task::spawn_blocking(move || Cache::open(&cache_dir)).await??);
     tracing::info!(cache = %cache.root().display(), "cache open");
+
+    let registry = crate::registry::bind(RegistryConfig::from(&config)).await?;
+    let addrs: Vec<String> = registry
+        .local_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    // The engine pushes to an IPv4 loopback address (an image reference cannot hold
+    // `[::1]`), which it treats as a plain-HTTP registry.
+    let push_to = registry
+        .local_addrs()
+        .iter()
+        .find(|a| a.is_ipv4() && a.ip().is_loopback())
+        .map(ToString::to_string);
+
+    let roots: Vec<_> = config
+        .roots
+        .iter()
+        .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
+        .collect();
+    let bus = Bus::new(Snapshot::new(
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        roots.clone(),
+        addrs.clone(),
+    ));
+    let api = Api::bind(&config.socket).await?;
+
+    let table = Arc::new(PackageTable::default());
+    let engines = Arc::new(Engines::new(None, &config.engines)?);
+    let runner = BuildRunner::new(
+        Arc::clone(&cache),
+        bus.clone(),
+        Arc::clone(&table),
+        engines,
+        push_to,
+        config.dev_tag.clone(),
+    );
+    let sched_bus = bus.clone();
+    let sched = Scheduler::start(Arc::new(runner), config.jobs, move |e| {
+        sched_bus.publish(to_event(e));
+    });
+
+    // The registry: pulls are shown, and a pull of a tag not built yet waits for it.
+    let (pull_tx, mut pull_rx) = mpsc::channel::<PullMiss>(64);
+    let pulled_bus = bus.clone();
+    let hooks = Hooks {
+        manifest_miss: Some(Arc::new(BuildOnPull {
+            tx: pull_tx,
+            wait: config.pull_wait,
+        })),
+        on_pull: Some(Arc::new(move |p: crate::registry::PullEvent| {
+            pulled_bus.publish(Event::Pulled {
+                pull: Pull {
+                    reference: if p.reference.starts_with("sha256:") {
+                        format!("{}@{}", p.repo, p.reference)
+                    } else {
+                        format!("{}:{}", p.repo, p.reference)
+                    },
+                    digest: p.digest,
+                    client: Some(p.peer.to_string()),
+                    at_ms: now_ms(),
+                },
+            });
+        })),
+    };
+    tokio::spawn(registry.serve(Arc::clone(&cache), hooks));
+
+    let (control_tx, mut control_rx) = mpsc::channel(64);
+    let (stop_api, api_stopped) = oneshot::channel::<()>();
+    let api_task = tokio::spawn(api.serve(bus.clone(), control_tx, async {
+        let _ = api_stopped.await;
+    }));
+
+    tokio::spawn(cache_stats(
+        Arc::clone(&cache),
+        bus.clone(),
+        config.max_size,
+    ));
+
+    let (_watcher, mut watch_rx) = Watcher::start(WatchConfig {
+        roots: roots.clone(),
+        exclude: vec![cache.root().to_owned()],
+        quiet: config.quiet,
+    })?;
+
+    let mut planner = Planner::new(
+        &roots,
+        Arc::clone(&cache),
+        bus.clone(),
+        sched,
+        table,
+        PlanConfig {
+            builder: config.builder,
+            dev_tag: config.dev_tag.clone(),
+            max_size: config.max_size,
+        },
+    );
+    planner.plan_all("start").await;
 
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    announce(
+        &Ready {
+            registry: addrs,
+            socket: config.socket.clone(),
+            pid: std::process::id(),
+        },
+        config.ready_file.as_deref(),
+    )?;
 
-    let ready = Ready {
-        registry: Vec::new(),
-        socket: config.socket.display().to_string(),
-        pid: std::process::id(),
-    };
-    announce(&ready, config.ready_file.as_deref())?;
-
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    let mut flush = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            Some(ev) = watch_rx.recv() => planner.on_watch(ev).await,
+            Some(req) = control_rx.recv() => planner.on_control(req).await,
+            Some(miss) = pull_rx.recv() => planner.on_pull_miss(miss).await,
+            _ = flush.tick() => flush_usage(&cache).await,
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+        }
     }
+    flush_usage(&cache).await;
+    let _ = stop_api.send(());
+    let _ = api_task.await;
     Ok(())
+}
+
+async fn flush_usage(cache: &Arc<Cache>) {
+    let cache = Arc::clone(cache);
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || cache.flush_usage()).await {
+        tracing::warn!("cannot record reference use: {e}");
+    }
+}
+
+/// The queue's events as the protocol's.
+fn to_event(e: SchedEvent) -> Event {
+    match e {
+        SchedEvent::Queued {
+            key,
+            tag,
+            build_id,
+            reason,
+        } => Event::Queued {
+            build: QueuedBuild {
+                id: build_id.as_str().into(),
+                package: key.package,
+                arch: key.arch,
+                tag,
+                reason,
+            },
+        },
+        SchedEvent::Started {
+            key,
+            tag,
+            build_id,
+            builder,
+        } => Event::Started {
+            build: RunningBuild {
+                id: build_id.as_str().into(),
+                package: key.package,
+                arch: key.arch,
+                tag,
+                builder,
+                started_at_ms: now_ms(),
+                progress: None,
+            },
+        },
+        SchedEvent::Finished {
+            key,
+            tag,
+            build_id,
+            outcome,
+            duration,
+        } => {
+            let mut summary = BuildSummary {
+                id: build_id.as_str().into(),
+                tag,
+                outcome: BuildOutcome::Ok,
+                duration_ms: ms(duration),
+                digest: None,
+                error: None,
+                cache_hits: 0,
+                steps: 0,
+                finished_at_ms: now_ms(),
+            };
+            let (package, arch) = (key.package, key.arch);
+            match outcome {
+                Outcome::Built(b) => {
+                    summary.digest = Some(b.manifest.digest);
+                    summary.cache_hits = b.cache_hits;
+                    summary.steps = b.steps;
+                    Event::Finished {
+                        package,
+                        arch,
+                        summary,
+                    }
+                }
+                Outcome::Failed(e) => {
+                    summary.outcome = BuildOutcome::Failed;
+                    summary.error = Some(e);
+                    Event::Failed {
+                        package,
+                        arch,
+                        summary,
+                    }
+                }
+                Outcome::Cancelled(e) => {
+                    summary.outcome = BuildOutcome::Cancelled;
+                    summary.error = Some(e);
+                    Event::Cancelled {
+                        package,
+                        arch,
+                        summary,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the cache figures on the bus: counts hits (targets served from the cache,
+/// pulls) and misses (builds), and re-reads the cache after builds and collections.
+async fn cache_stats(cache: Arc<Cache>, bus: Bus, cap: Option<u64>) {
+    let hits = AtomicU64::new(0);
+    let misses = AtomicU64::new(0);
+    let mut sub = bus.subscribe();
+    let mut dirty = true;
+    loop {
+        if dirty {
+            let c = Arc::clone(&cache);
+            if let Ok(Ok(s)) = tokio::task::spawn_blocking(move || crate::cache::stats(&c)).await {
+                let mut stats = bus.snapshot().cache;
+                stats.dir = cache.root().to_owned();
+                stats.bytes_used = s.blob_bytes;
+                stats.bytes_cap = cap;
+                stats.blobs = s.blobs;
+                stats.references = s.refs;
+                stats.hits = hits.load(Ordering::Relaxed);
+                stats.misses = misses.load(Ordering::Relaxed);
+                bus.publish(Event::CacheStats { stats });
+            }
+            dirty = false;
+        }
+        let Some(item) = sub.next().await else { return };
+        let StreamItem::Event { event, .. } = item else {
+            continue;
+        };
+        match event {
+            Event::ServedFromCache { .. } | Event::Pulled { .. } => {
+                hits.fetch_add(1, Ordering::Relaxed);
+                dirty = true;
+            }
+            Event::Queued { .. } => {
+                misses.fetch_add(1, Ordering::Relaxed);
+                dirty = true;
+            }
+            Event::Finished { .. } | Event::GcFinished { .. } => dirty = true,
+            _ => {}
+        }
+    }
+}
+
+/// Builds on pull: a manifest request for a workspace package's current tag that the
+/// cache lacks starts (or joins) its builds and answers when they are done.
+struct BuildOnPull {
+    tx: mpsc::Sender<PullMiss>,
+    wait: Duration,
+}
+
+impl ManifestMiss for BuildOnPull {
+    fn on_miss(&self, repo: RepoName, tag: Tag) -> BoxFuture<'static, Result<bool, String>> {
+        let tx = self.tx.clone();
+        let wait = self.wait;
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            let miss = PullMiss {
+                repo: repo.to_string(),
+                tag: tag.to_string(),
+                reply,
+            };
+            if tx.send(miss).await.is_err() {
+                return Err("kilnd is shutting down".into());
+            }
+            let waits = rx.await.map_err(|_| "kilnd is shutting down".to_owned())?;
+            if waits.is_empty() {
+                return Ok(false);
+            }
+            let all = futures_util::future::join_all(waits);
+            let outcomes = tokio::time::timeout(wait, all).await.map_err(|_| {
+                format!(
+                    "the build of {repo}:{tag} is still running after {}s; pull again later, \
+                     or raise kilnd's --pull-wait (`kiln status` shows the build)",
+                    wait.as_secs()
+                )
+            })?;
+            for o in outcomes {
+                match o {
+                    Ok(Outcome::Built(_)) => {}
+                    Ok(Outcome::Failed(e)) => {
+                        return Err(format!(
+                            "the build of {repo}:{tag} failed: {e} (`kiln logs {repo}` shows its log)"
+                        ));
+                    }
+                    Ok(Outcome::Cancelled(e)) => {
+                        return Err(format!("the build of {repo}:{tag} was cancelled: {e}"));
+                    }
+                    Err(_) => return Err("kilnd is shutting down".into()),
+                }
+            }
+            Ok(true)
+        })
+    }
 }
 
 /// Prints the ready line and writes the ready file atomically.
@@ -62,7 +385,7 @@ fn announce(ready: &Ready, file: Option<&Path>) -> Result<(), DaemonError> {
     println!(
         "kilnd ready: registry {} api {}",
         ready.registry.join(" "),
-        ready.socket
+        ready.socket.display()
     );
     if let Some(path) = file {
         let err = |source| DaemonError::ReadyFile {
