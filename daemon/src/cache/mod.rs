@@ -21,6 +21,7 @@
 mod blob;
 mod fsck;
 mod gc;
+mod import;
 mod index;
 mod lock;
 mod stats;
