@@ -119,10 +119,12 @@ fn large(pkg: &Path, work: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&root);
     let cache = Cache::open(&root)?;
     let bytes = dir_bytes(&pkg.join("data"))?;
+    let cpu0 = cpu_seconds()?;
     let t = Instant::now();
     let mut lines = Vec::new();
     build(&cache, &input, &CacheResolver, &mut |l| lines.push(l))?;
     let s = t.elapsed().as_secs_f64();
+    println!("large_cpu_s={:.2}", cpu_seconds()? - cpu0);
     for l in lines.iter().filter(|l| l.contains("layer")) {
         println!("{l}");
     }
@@ -150,6 +152,7 @@ fn gzip_rate(dir: &Path, bytes: usize) -> anyhow::Result<()> {
             .read_to_end(&mut data)?;
     }
     data.truncate(bytes);
+    let cpu0 = cpu_seconds()?;
     let t = Instant::now();
     let mut out = 0usize;
     for chunk in data.chunks(CHUNK) {
@@ -158,7 +161,30 @@ fn gzip_rate(dir: &Path, bytes: usize) -> anyhow::Result<()> {
         out += enc.finish()?.len();
     }
     let s = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds()? - cpu0;
     println!("gzip_one_core_mbps={:.1}", data.len() as f64 / s / 1e6);
+    println!(
+        "gzip_one_core_cpu_mbps={:.1}",
+        data.len() as f64 / cpu / 1e6
+    );
     println!("gzip_ratio={:.3}", out as f64 / data.len() as f64);
     Ok(())
+}
+
+/// CPU time (user + system) of this process so far, from `/proc/self/stat`, in seconds;
+/// `CLK_TCK` comes from the environment (the script passes `getconf CLK_TCK`).
+fn cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc/self/stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    let hz: f64 = std::env::var("CLK_TCK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100.0);
+    Ok(ticks / hz)
 }
