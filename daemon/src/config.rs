@@ -125,6 +125,23 @@ pub struct FileConfig {
     pub build: FileBuild,
     #[serde(default)]
     pub watch: FileWatch,
+    /// Images to import into the cache at start, from OCI image layouts.
+    #[serde(default)]
+    pub import: Vec<Import>,
+}
+
+/// `[[import]]`: an image taken from an OCI image layout (a base image made without a
+/// registry) into the cache, so that a `FROM` can name it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Import {
+    /// The layout directory (relative to kiln.toml).
+    pub layout: PathBuf,
+    /// The reference name inside the layout, e.g. `docker.io/kiln/busybox:latest`.
+    #[serde(rename = "ref")]
+    pub reference: String,
+    /// The name in the cache (`org/image:tag`); default: the same as `ref`.
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -190,6 +207,8 @@ pub struct Config {
     pub dev_tag: Tag,
     pub pull_wait: Duration,
     pub max_size: Option<u64>,
+    /// Images to import at start: (layout, reference inside it, full cache name).
+    pub imports: Vec<(PathBuf, String, String)>,
 }
 
 impl Config {
@@ -314,7 +333,23 @@ impl Config {
             return Err(ConfigError::Invalid("jobs must be at least 1".into()));
         }
 
+        let imports = file
+            .import
+            .into_iter()
+            .map(|i| {
+                let name = match &i.name {
+                    Some(n) => n
+                        .parse::<kiln_shared::reference::ImageRef>()
+                        .map(|r| r.cache_name())
+                        .map_err(|e| file_err(format!("import name: {e}")))?,
+                    None => i.reference.clone(),
+                };
+                Ok((base.join(&i.layout), i.reference, name))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+
         Ok(Config {
+            imports,
             roots,
             cache,
             listen,

@@ -66,6 +66,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let cache = Arc::new(tokio::task::spawn_blocking(move || Cache::open(&cache_dir)).await??);
     tracing::info!(cache = %cache.root().display(), "cache open");
 
+    import_images(&cache, &config.imports).await;
+
     let registry = crate::registry::bind(RegistryConfig::from(&config)).await?;
     let addrs: Vec<String> = registry
         .local_addrs()
@@ -191,6 +193,28 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _ = stop_api.send(());
     let _ = api_task.await;
     Ok(())
+}
+
+/// Imports the configured images (base images made without a registry). A missing
+/// layout is a warning: the packages built on it fail with their own message.
+async fn import_images(cache: &Arc<Cache>, imports: &[(std::path::PathBuf, String, String)]) {
+    for (layout, reference, name) in imports.iter().cloned() {
+        let c = Arc::clone(cache);
+        let r = tokio::task::spawn_blocking(move || {
+            let done = c.import_layout(&layout, &reference, &name);
+            (layout, name, done)
+        })
+        .await;
+        match r {
+            Ok((_, name, Ok(d))) => tracing::info!(image = %name, digest = %d.digest, "imported"),
+            Ok((layout, name, Err(e))) => tracing::warn!(
+                "cannot import {name} from {}: {e}; make the base images with scripts/setup \
+                 (or scripts/base-images)",
+                layout.display()
+            ),
+            Err(e) => tracing::warn!("import stopped: {e}"),
+        }
+    }
 }
 
 async fn flush_usage(cache: &Arc<Cache>) {

@@ -111,21 +111,39 @@ mod tests {
 
         let b = Cache::open(&dir.path().join("b")).unwrap();
         let got = b
-            .import_layout(a.root(), "docker.io/kiln/busybox:latest", "docker.io/base:1")
+            .import_layout(
+                a.root(),
+                "docker.io/kiln/busybox:latest",
+                "docker.io/base:1",
+            )
             .unwrap();
         assert_eq!(got.digest, idx.digest);
-        assert_eq!(b.index().unwrap().get("docker.io/base:1").unwrap().digest, idx.digest);
+        assert_eq!(
+            b.index().unwrap().get("docker.io/base:1").unwrap().digest,
+            idx.digest
+        );
         assert!(crate::cache::fsck(&b, false).unwrap().is_clean());
 
         // A corrupt source blob is refused and names nothing.
         std::fs::write(a.blob_path(&layer), b"LAYER").unwrap();
         let c = Cache::open(&dir.path().join("c")).unwrap();
         let err = c
-            .import_layout(a.root(), "docker.io/kiln/busybox:latest", "docker.io/base:1")
+            .import_layout(
+                a.root(),
+                "docker.io/kiln/busybox:latest",
+                "docker.io/base:1",
+            )
             .unwrap_err();
         assert!(matches!(err, CacheError::DigestMismatch { .. }), "{err}");
         assert!(c.index().unwrap().get("docker.io/base:1").is_none());
-        let missing = c.import_layout(a.root(), "docker.io/nope:1", "x").unwrap_err();
-        assert!(missing.to_string().contains("docker.io/kiln/busybox:latest"), "{missing}");
+        let missing = c
+            .import_layout(a.root(), "docker.io/nope:1", "x")
+            .unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .contains("docker.io/kiln/busybox:latest"),
+            "{missing}"
+        );
     }
 }

@@ -1,0 +1,3 @@
+#!/bin/sh
+cat /srv/greeting
+cat /etc/kiln/base.conf
