@@ -19,6 +19,9 @@ fi
 # step MESSAGE: announce what the script is about to do.
 step() { printf '%s==> %s%s\n' "$_kiln_bold" "$*" "$_kiln_reset"; }
 
+# step_failed MESSAGE: announce that a step failed.
+step_failed() { printf '%s==> FAILED: %s%s\n' "$_kiln_red" "$*" "$_kiln_reset"; }
+
 # note MESSAGE: a detail of the current step.
 note() { printf '    %s\n' "$*"; }
 
