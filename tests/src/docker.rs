@@ -48,11 +48,7 @@ impl PulledImage {
     /// The image's digest as the registry served it (`sha256:...` of the index or manifest).
     pub fn repo_digest(&self) -> String {
         let digests = self.inspect("{{range .RepoDigests}}{{println .}}{{end}}");
-        let repo = self
-            .reference
-            .rsplit_once(':')
-            .filter(|(_, tag)| !tag.contains('/'))
-            .map_or(self.reference.as_str(), |(repo, _)| repo);
+        let repo = repository(&self.reference);
         digests
             .lines()
             .find_map(|l| l.strip_prefix(repo)?.strip_prefix('@').map(str::to_owned))
@@ -60,9 +56,41 @@ impl PulledImage {
     }
 }
 
+/// The repository of a reference: without `@digest` and without `:tag` (a `:` before the
+/// last `/` is a registry's port).
+fn repository(reference: &str) -> &str {
+    let name = reference
+        .split_once('@')
+        .map_or(reference, |(name, _)| name);
+    name.rsplit_once(':')
+        .filter(|(_, tag)| !tag.contains('/'))
+        .map_or(name, |(repo, _)| repo)
+}
+
 impl Drop for PulledImage {
     fn drop(&mut self) {
         // Best effort: a failed test must still report its own failure, not this one.
         let _ = docker().args(["rmi", "--force", &self.reference]).output();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::repository;
+
+    #[test]
+    fn repository_drops_tag_and_digest_but_not_the_port() {
+        for (reference, repo) in [
+            (
+                "127.0.0.1:5000/kiln/busybox:latest",
+                "127.0.0.1:5000/kiln/busybox",
+            ),
+            ("127.0.0.1:5000/kiln/busybox", "127.0.0.1:5000/kiln/busybox"),
+            ("localhost:5000/a/b@sha256:0123", "localhost:5000/a/b"),
+            ("localhost:5000/a/b:t@sha256:0123", "localhost:5000/a/b"),
+            ("busybox:1.36", "busybox"),
+        ] {
+            assert_eq!(repository(reference), repo, "{reference}");
+        }
     }
 }
