@@ -199,6 +199,8 @@ impl Kilnd {
                 command.env_remove(&key);
             }
         }
+        // Its log goes to a file that a failing test prints: no colour codes in it.
+        command.env("NO_COLOR", "1");
         if std::env::var_os("KILN_LOG").is_none() {
             command.env("KILN_LOG", "info,kiln_daemon=debug");
         }

@@ -3,3 +3,4 @@
 //! `scripts/setup`; the harness is the `kiln_tests` library.
 
 mod base_images;
+mod kilnd;
