@@ -474,10 +474,11 @@ mod tests {
         script
     }
 
+    /// Like kilnd: the SIGTERM handler is in place before the ready file says so.
     const WRITE_READY: &str = "mkdir -p \"$cache\"; echo \"roots:$roots cache:$cache\" >&2\n\
+         trap 'echo got TERM >&2; exit 0' TERM\n\
          printf '{\"registry\":[\"127.0.0.1:5123\"],\"socket\":\"%s\",\"pid\":%s}' \"$socket\" $$ > \"$ready.tmp\"\n\
          mv \"$ready.tmp\" \"$ready\"\n\
-         trap 'echo got TERM >&2; exit 0' TERM\n\
          while :; do sleep 1; done";
 
     #[test]
@@ -554,7 +555,7 @@ mod tests {
         let d = Dir::new("fake");
         let bin = fake_kilnd(
             &d,
-            "printf '{\"registry\":[\"127.0.0.1:5123\"],\"socket\":\"%s\",\"pid\":1}' \"$socket\" > \"$ready\"; while :; do sleep 1; done",
+            "printf '{\"registry\":[\"127.0.0.1:5123\"],\"socket\":\"%s\",\"pid\":1}' \"$socket\" > \"$ready.tmp\"; mv \"$ready.tmp\" \"$ready\"; while :; do sleep 1; done",
         );
         let err = Kilnd::try_start(&[d.path()], KilndOptions::default().binary(&bin)).unwrap_err();
         assert!(
