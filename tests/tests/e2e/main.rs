@@ -1,0 +1,6 @@
+//! kiln's end-to-end tests: the real binaries against the real Docker engine, skopeo and
+//! registries, in one test binary (a module per area). The environment comes from
+//! `scripts/setup`; the harness is the `kiln_tests` library.
+
+mod base_images;
+mod kilnd;
