@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use kiln_daemon::cache::{Cache, GcOptions, fsck, gc, parse_size};
-use kiln_daemon::workspace::show_tag;
+use kiln_daemon::plan::show_tags as tags;
 
 use crate::commands::Outcome;
 
@@ -27,11 +27,11 @@ fn open(dir: &Path) -> anyhow::Result<Cache> {
     Cache::open(dir).with_context(|| format!("cannot open the cache {}", dir.display()))
 }
 
-/// `kiln show-tag DIR...`: `org/image:tag` per package, as `linuxkit pkg show-tag`.
+/// `kiln show-tag DIR...`: `org/image:tag` per package, as kilnd tags it.
 pub fn show_tags(dirs: &[PathBuf]) -> Outcome {
     let mut outcome = Outcome::Success;
-    for dir in dirs {
-        match show_tag(dir) {
+    for r in tags(dirs) {
+        match r {
             Ok(r) => println!("{r}"),
             Err(e) => {
                 eprintln!("kiln: {e}");

@@ -322,122 +322,10 @@ impl Planner {
         }
     }
 
-    /// Tags every package (dependencies folded in, in dependency order) and reports the
-    /// broken ones. Blocking: reads files.
+    /// Tags every package and reports the broken ones. Blocking: reads files.
     fn compute(&mut self, affected: &BTreeSet<PathBuf>) -> BTreeMap<String, Arc<Planned>> {
-        let mut errors: BTreeMap<PathBuf, (String, String)> = BTreeMap::new();
-        let mut by_repo: BTreeMap<String, Package> = BTreeMap::new();
-        for (dir, pkg) in &self.ws.packages {
-            match pkg {
-                Ok(p) => {
-                    let name = p.repo.to_string();
-                    if let Some(first) = by_repo.get(&name) {
-                        errors.insert(
-                            dir.clone(),
-                            (
-                                name.clone(),
-                                format!(
-                                    "{}: image {name} is already built from {}; give one of them another image or org",
-                                    p.build_yml().display(),
-                                    first.dir.display()
-                                ),
-                            ),
-                        );
-                    } else {
-                        by_repo.insert(name, p.clone());
-                    }
-                }
-                Err(e) => {
-                    let name = dir.file_name().map_or_else(
-                        || dir.display().to_string(),
-                        |n| n.to_string_lossy().into_owned(),
-                    );
-                    errors.insert(dir.clone(), (name, e.to_string()));
-                }
-            }
-        }
-        let repos: BTreeSet<String> = by_repo.keys().cloned().collect();
-        let mut graph = BTreeMap::new();
-        for (name, p) in &by_repo {
-            let deps = self
-                .deps
-                .entry(p.dir.clone())
-                .or_insert_with(|| deps::followed(p, &repos))
-                .clone();
-            match deps {
-                Ok(d) => {
-                    graph.insert(
-                        name.clone(),
-                        d.into_iter().filter(|r| repos.contains(r)).collect(),
-                    );
-                }
-                Err(e) => {
-                    errors.insert(p.dir.clone(), (name.clone(), e));
-                    graph.insert(name.clone(), Vec::new());
-                }
-            }
-        }
-        let (order, broken) = deps::order(&graph);
-        for (name, why) in broken {
-            if let Some(p) = by_repo.get(&name) {
-                errors.insert(p.dir.clone(), (name, why));
-            }
-        }
-        let mut planned: BTreeMap<String, Arc<Planned>> = BTreeMap::new();
-        for name in order {
-            let Some(p) = by_repo.get(&name) else {
-                continue;
-            };
-            if errors.contains_key(&p.dir) {
-                continue;
-            }
-            let own = match self.tagger.hash(p) {
-                Ok(h) => h,
-                Err(e) => {
-                    errors.insert(p.dir.clone(), (name.clone(), e.to_string()));
-                    continue;
-                }
-            };
-            let mut dep_tags = Vec::new();
-            let mut missing = None;
-            for d in graph.get(&name).into_iter().flatten() {
-                match planned.get(d) {
-                    Some(dp) => dep_tags.push((d.clone(), dp.tag.clone())),
-                    None => missing = Some(d.clone()),
-                }
-            }
-            if let Some(d) = missing {
-                errors.insert(
-                    p.dir.clone(),
-                    (
-                        name.clone(),
-                        format!("depends on {d}, which cannot be built"),
-                    ),
-                );
-                continue;
-            }
-            let rendered = p.spec.tag.render(&deps::fold(&own, &dep_tags));
-            let tag: Tag = match rendered.parse() {
-                Ok(t) => t,
-                Err(e) => {
-                    errors.insert(
-                        p.dir.clone(),
-                        (name.clone(), format!("{}: {e}", p.build_yml().display())),
-                    );
-                    continue;
-                }
-            };
-            let builder = self.choose_builder(p);
-            planned.insert(
-                name,
-                Arc::new(Planned {
-                    pkg: p.clone(),
-                    tag,
-                    deps: dep_tags,
-                    builder,
-                }),
-            );
-        }
+        let (planned, errors) =
+            plan_workspace(&self.ws, &mut self.tagger, &mut self.deps, self.cfg.builder);
         for (dir, (name, error)) in &errors {
             let new = self.errors.get(dir) != Some(error);
             if new || affected.contains(dir) {
@@ -451,17 +339,6 @@ impl Planner {
         }
         self.errors = errors.into_iter().map(|(d, (_, e))| (d, e)).collect();
         planned
-    }
-
-    fn choose_builder(&self, p: &Package) -> BuilderKind {
-        match self.cfg.builder {
-            BuilderMode::Native => BuilderKind::Native,
-            BuilderMode::Docker => BuilderKind::Docker,
-            BuilderMode::Auto => match Dockerfile::read(&p.dockerfile) {
-                Ok(df) if native_supports(&df).is_ok() => BuilderKind::Native,
-                _ => BuilderKind::Docker,
-            },
-        }
     }
 
     /// Answers a control request.
@@ -639,6 +516,145 @@ impl Planner {
     }
 }
 
+/// Broken packages: directory -> (package name, what is wrong).
+pub type PlanErrors = BTreeMap<PathBuf, (String, String)>;
+
+/// Tags every package of a workspace, dependencies folded in, in dependency order, and
+/// says which packages cannot be built and why. `deps` remembers what each package
+/// follows (drop a directory's entry when its Dockerfile or build.yml changes).
+/// Blocking: reads files (the tagger re-reads only what changed).
+pub fn plan_workspace(
+    ws: &Workspace,
+    tagger: &mut Tagger,
+    deps: &mut BTreeMap<PathBuf, Result<Vec<String>, String>>,
+    mode: BuilderMode,
+) -> (BTreeMap<String, Arc<Planned>>, PlanErrors) {
+    let mut errors: BTreeMap<PathBuf, (String, String)> = BTreeMap::new();
+    let mut by_repo: BTreeMap<String, Package> = BTreeMap::new();
+    for (dir, pkg) in &ws.packages {
+        match pkg {
+            Ok(p) => {
+                let name = p.repo.to_string();
+                if let Some(first) = by_repo.get(&name) {
+                    errors.insert(
+                            dir.clone(),
+                            (
+                                name.clone(),
+                                format!(
+                                    "{}: image {name} is already built from {}; give one of them another image or org",
+                                    p.build_yml().display(),
+                                    first.dir.display()
+                                ),
+                            ),
+                        );
+                } else {
+                    by_repo.insert(name, p.clone());
+                }
+            }
+            Err(e) => {
+                let name = dir.file_name().map_or_else(
+                    || dir.display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                );
+                errors.insert(dir.clone(), (name, e.to_string()));
+            }
+        }
+    }
+    let repos: BTreeSet<String> = by_repo.keys().cloned().collect();
+    let mut graph = BTreeMap::new();
+    for (name, p) in &by_repo {
+        let deps = deps
+            .entry(p.dir.clone())
+            .or_insert_with(|| deps::followed(p, &repos))
+            .clone();
+        match deps {
+            Ok(d) => {
+                graph.insert(
+                    name.clone(),
+                    d.into_iter().filter(|r| repos.contains(r)).collect(),
+                );
+            }
+            Err(e) => {
+                errors.insert(p.dir.clone(), (name.clone(), e));
+                graph.insert(name.clone(), Vec::new());
+            }
+        }
+    }
+    let (order, broken) = deps::order(&graph);
+    for (name, why) in broken {
+        if let Some(p) = by_repo.get(&name) {
+            errors.insert(p.dir.clone(), (name, why));
+        }
+    }
+    let mut planned: BTreeMap<String, Arc<Planned>> = BTreeMap::new();
+    for name in order {
+        let Some(p) = by_repo.get(&name) else {
+            continue;
+        };
+        if errors.contains_key(&p.dir) {
+            continue;
+        }
+        let own = match tagger.hash(p) {
+            Ok(h) => h,
+            Err(e) => {
+                errors.insert(p.dir.clone(), (name.clone(), e.to_string()));
+                continue;
+            }
+        };
+        let mut dep_tags = Vec::new();
+        let mut missing = None;
+        for d in graph.get(&name).into_iter().flatten() {
+            match planned.get(d) {
+                Some(dp) => dep_tags.push((d.clone(), dp.tag.clone())),
+                None => missing = Some(d.clone()),
+            }
+        }
+        if let Some(d) = missing {
+            errors.insert(
+                p.dir.clone(),
+                (
+                    name.clone(),
+                    format!("depends on {d}, which cannot be built"),
+                ),
+            );
+            continue;
+        }
+        let rendered = p.spec.tag.render(&deps::fold(&own, &dep_tags));
+        let tag: Tag = match rendered.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                errors.insert(
+                    p.dir.clone(),
+                    (name.clone(), format!("{}: {e}", p.build_yml().display())),
+                );
+                continue;
+            }
+        };
+        let builder = choose_builder(mode, p);
+        planned.insert(
+            name,
+            Arc::new(Planned {
+                pkg: p.clone(),
+                tag,
+                deps: dep_tags,
+                builder,
+            }),
+        );
+    }
+    (planned, errors)
+}
+
+fn choose_builder(mode: BuilderMode, p: &Package) -> BuilderKind {
+    match mode {
+        BuilderMode::Native => BuilderKind::Native,
+        BuilderMode::Docker => BuilderKind::Docker,
+        BuilderMode::Auto => match Dockerfile::read(&p.dockerfile) {
+            Ok(df) if native_supports(&df).is_ok() => BuilderKind::Native,
+            _ => BuilderKind::Docker,
+        },
+    }
+}
+
 /// Points the moving tag (`dev`) of `image`'s repository at `image`'s index, when the
 /// cache has it.
 pub fn point_dev(cache: &Cache, image: &ImageRef, dev: &Tag) {
@@ -657,5 +673,108 @@ pub fn point_dev(cache: &Cache, image: &ImageRef, dev: &Tag) {
     desc.annotations.clear();
     if let Err(e) = cache.set_ref(&dev_name, desc) {
         tracing::warn!("cannot move {dev_name}: {e}");
+    }
+}
+
+/// `kiln show-tag DIR...`: `org/image:tag` of each package as kilnd tags it, the tags of
+/// the workspace packages it follows folded in (otherwise the same as
+/// `linuxkit pkg show-tag`). The workspace is the package's git repository, or its parent
+/// directory outside git.
+pub fn show_tags(dirs: &[PathBuf]) -> Vec<Result<ImageRef, String>> {
+    let mut tagger = Tagger::new();
+    let mut planned_roots: BTreeMap<PathBuf, (BTreeMap<String, Arc<Planned>>, PlanErrors)> =
+        BTreeMap::new();
+    dirs.iter()
+        .map(|dir| {
+            let abs = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            if !abs.join(crate::workspace::BUILD_YML).exists() {
+                return Err(format!(
+                    "{}: no build.yml here: give a package directory",
+                    dir.display()
+                ));
+            }
+            let root = crate::workspace::git::find_top(&abs)
+                .or_else(|| abs.parent().map(std::path::Path::to_path_buf))
+                .unwrap_or_else(|| abs.clone());
+            let (planned, errors) = planned_roots.entry(root.clone()).or_insert_with(|| {
+                let ws = Workspace::discover(std::slice::from_ref(&root));
+                plan_workspace(&ws, &mut tagger, &mut BTreeMap::new(), BuilderMode::Auto)
+            });
+            if let Some((_, e)) = errors.get(&abs) {
+                return Err(e.clone());
+            }
+            planned
+                .values()
+                .find(|p| p.pkg.dir == abs)
+                .map(|p| p.image())
+                .ok_or_else(|| {
+                    format!(
+                        "{}: not a package of the workspace {} (is it ignored by git?)",
+                        dir.display(),
+                        root.display()
+                    )
+                })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(root: &std::path::Path, rel: &str, text: &str) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    #[test]
+    fn a_follower_folds_its_base_tag_and_a_pinned_from_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        write(&ws, "base/build.yml", "org: kiln\nimage: base\n");
+        write(&ws, "base/Dockerfile", "FROM scratch\nCOPY f /f\n");
+        write(&ws, "base/f", "one");
+        write(&ws, "app/build.yml", "org: kiln\nimage: app\n");
+        write(&ws, "app/Dockerfile", "FROM kiln/base\n");
+        write(&ws, "pinned/build.yml", "org: kiln\nimage: pinned\n");
+        write(&ws, "pinned/Dockerfile", "FROM kiln/base:v1\n");
+        let dirs = [ws.join("base"), ws.join("app"), ws.join("pinned")];
+        let tags = |dirs: &[PathBuf]| -> Vec<String> {
+            show_tags(dirs)
+                .into_iter()
+                .map(|r| r.unwrap().tag.to_string())
+                .collect()
+        };
+        let first = tags(&dirs);
+        let own = |d: &PathBuf| crate::workspace::show_tag(d).unwrap().tag.to_string();
+        assert_eq!(first[0], own(&dirs[0]));
+        assert_ne!(first[1], own(&dirs[1]));
+        assert_eq!(first[2], own(&dirs[2]));
+
+        write(&ws, "base/f", "two");
+        let second = tags(&dirs);
+        assert_ne!(second[0], first[0]);
+        assert_ne!(second[1], first[1], "the follower's tag follows its base");
+        assert_eq!(second[2], first[2], "a pinned FROM stays as written");
+
+        write(&ws, "base/f", "one");
+        assert_eq!(tags(&dirs), first, "a revert gives back the earlier tags");
+    }
+
+    #[test]
+    fn a_cycle_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        write(&ws, "a/build.yml", "org: kiln\nimage: a\n");
+        write(&ws, "a/Dockerfile", "FROM kiln/b\n");
+        write(&ws, "b/build.yml", "org: kiln\nimage: b\n");
+        write(&ws, "b/Dockerfile", "FROM kiln/a\n");
+        write(&ws, "c/build.yml", "org: kiln\nimage: c\n");
+        write(&ws, "c/Dockerfile", "FROM scratch\n");
+        let r = show_tags(&[ws.join("a"), ws.join("c")]);
+        let err = r[0].as_ref().unwrap_err();
+        assert!(err.contains("kiln/a -> kiln/b -> kiln/a"), "{err}");
+        assert!(r[1].is_ok());
     }
 }
