@@ -46,6 +46,8 @@ pub enum DaemonError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error("{0}")]
+    Invalid(String),
     #[error("a startup task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -422,4 +424,177 @@ fn announce(ready: &Ready, file: Option<&Path>) -> Result<(), DaemonError> {
         std::fs::rename(&tmp, path).map_err(err)?;
     }
     Ok(())
+}
+
+/// A one-off build without a running kilnd (`kiln build --cache DIR`).
+#[derive(Debug, Clone)]
+pub struct OneOff {
+    pub roots: Vec<std::path::PathBuf>,
+    pub cache: std::path::PathBuf,
+    /// Package directories or `org/image` names.
+    pub packages: Vec<String>,
+    pub arch: Option<String>,
+    pub force: bool,
+    pub builder: crate::plan::BuilderMode,
+    pub engines: Vec<String>,
+    pub jobs: usize,
+    /// Images to import first (kiln.toml's `[[import]]`).
+    pub imports: Vec<(std::path::PathBuf, String, String)>,
+}
+
+/// How one target of a one-off build ended.
+#[derive(Debug, Clone)]
+pub struct OneOffResult {
+    pub package: String,
+    pub arch: String,
+    /// The tag built, when the package could be planned.
+    pub tag: Option<Tag>,
+    pub outcome: Result<Outcome, String>,
+}
+
+/// Builds what `req` asks for into its cache, with kilnd's own planner, queue and
+/// builders, and a registry on a free loopback port for the engine to push to. `line`
+/// receives a line per step as builds start and end.
+pub async fn build_once(
+    req: OneOff,
+    line: impl Fn(String) + Send + Sync + 'static,
+) -> Result<Vec<OneOffResult>, DaemonError> {
+    let cache_dir = req.cache.clone();
+    let cache = Arc::new(tokio::task::spawn_blocking(move || Cache::open(&cache_dir)).await??);
+    import_images(&cache, &req.imports).await;
+    let registry = crate::registry::bind(RegistryConfig {
+        listen: vec![std::net::SocketAddr::from((
+            std::net::Ipv4Addr::LOCALHOST,
+            0,
+        ))],
+        listen_is_default: false,
+        ..RegistryConfig::default()
+    })
+    .await?;
+    let push_to = registry.local_addrs().first().map(ToString::to_string);
+    tokio::spawn(registry.serve(Arc::clone(&cache), Hooks::default()));
+    let roots: Vec<_> = req
+        .roots
+        .iter()
+        .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
+        .collect();
+    let bus = Bus::new(Snapshot::new(
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        roots.clone(),
+        Vec::new(),
+    ));
+    let table = Arc::new(PackageTable::default());
+    let dev_tag: Tag = "dev"
+        .parse()
+        .map_err(|e| DaemonError::Invalid(format!("dev tag: {e}")))?;
+    let runner = BuildRunner::new(
+        Arc::clone(&cache),
+        bus.clone(),
+        Arc::clone(&table),
+        Arc::new(Engines::new(None, &req.engines)?),
+        push_to,
+        dev_tag.clone(),
+    );
+    let line = Arc::new(line);
+    let events_line = Arc::clone(&line);
+    let sched_bus = bus.clone();
+    let sched = Scheduler::start(Arc::new(runner), req.jobs, move |e| {
+        if let Some(text) = describe(&e) {
+            events_line(text);
+        }
+        sched_bus.publish(to_event(e));
+    });
+    let mut planner = Planner::new(
+        &roots,
+        Arc::clone(&cache),
+        bus,
+        sched.clone(),
+        table,
+        PlanConfig {
+            builder: req.builder,
+            dev_tag,
+            max_size: None,
+        },
+    );
+    let errors = tokio::task::block_in_place(|| planner.load());
+    let mut results = Vec::new();
+    let mut waits = Vec::new();
+    for package in &req.packages {
+        let key = std::fs::canonicalize(package).ok();
+        if let Some(e) = key.as_ref().and_then(|k| errors.get(k)) {
+            results.push(OneOffResult {
+                package: package.clone(),
+                arch: req.arch.clone().unwrap_or_default(),
+                tag: None,
+                outcome: Err(e.clone()),
+            });
+            continue;
+        }
+        let response = planner
+            .build_request(kiln_shared::protocol::BuildRequest {
+                package: package.clone(),
+                arch: req.arch.clone(),
+                force: req.force,
+                builder: None,
+            })
+            .await;
+        match response {
+            Ok((r, rxs)) => {
+                for a in r.up_to_date {
+                    line(format!("{package} ({a}) is up to date in the cache"));
+                }
+                waits.extend(r.builds.into_iter().zip(rxs));
+            }
+            Err(e) => results.push(OneOffResult {
+                package: package.clone(),
+                arch: req.arch.clone().unwrap_or_default(),
+                tag: None,
+                outcome: Err(e.to_string()),
+            }),
+        }
+    }
+    for (b, rx) in waits {
+        let outcome = rx.await.map_err(|_| "the build queue stopped".to_owned());
+        results.push(OneOffResult {
+            package: b.package,
+            arch: b.arch,
+            tag: Some(b.tag),
+            outcome,
+        });
+    }
+    flush_usage(&cache).await;
+    Ok(results)
+}
+
+/// A line for a one-off build's progress.
+fn describe(e: &SchedEvent) -> Option<String> {
+    match e {
+        SchedEvent::Queued { .. } => None,
+        SchedEvent::Started {
+            key, tag, builder, ..
+        } => Some(format!(
+            "building {}:{tag} ({}) with {builder}",
+            key.package, key.arch
+        )),
+        SchedEvent::Finished {
+            key,
+            tag,
+            outcome,
+            duration,
+            ..
+        } => Some(match outcome {
+            Outcome::Built(b) => format!(
+                "built {}:{tag} ({}) in {:.1}s: {}",
+                key.package,
+                key.arch,
+                duration.as_secs_f64(),
+                b.manifest.digest
+            ),
+            Outcome::Failed(e) => format!("FAILED {}:{tag} ({}): {e}", key.package, key.arch),
+            Outcome::Cancelled(e) => {
+                format!("cancelled {}:{tag} ({}): {e}", key.package, key.arch)
+            }
+        }),
+    }
 }

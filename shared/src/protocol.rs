@@ -553,6 +553,9 @@ pub struct BuildRequest {
     /// Build even when the tag is in the cache.
     #[serde(default)]
     pub force: bool,
+    /// `native` or `docker` for this build; kilnd's choice for the package when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder: Option<String>,
 }
 
 /// The answer to a [`BuildRequest`].
@@ -803,7 +806,7 @@ mod tests {
     #[test]
     fn wire_format_of_requests_and_stream() {
         let items = serde_json::json!({
-            "build_request": BuildRequest { package: "linuxkit/hello".into(), arch: Some("arm64".into()), force: true },
+            "build_request": BuildRequest { package: "linuxkit/hello".into(), arch: Some("arm64".into()), force: true, builder: None },
             "build_response": BuildResponse { builds: vec![queued("b4", "arm64")], up_to_date: vec!["amd64".into()] },
             "cancel_request": CancelRequest { build: Some("b4".into()), ..CancelRequest::default() },
             "cancel_response": CancelResponse { cancelled: vec!["b4".into()] },
@@ -840,7 +843,8 @@ mod tests {
             BuildRequest {
                 package: "a/b".into(),
                 arch: None,
-                force: false
+                force: false,
+                builder: None,
             }
         );
     }

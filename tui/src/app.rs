@@ -689,6 +689,7 @@ fn build(model: &mut Model, force: bool, cmds: &mut Vec<Cmd>) -> bool {
         package,
         arch: Some(arch),
         force,
+        builder: None,
     }));
     true
 }

@@ -39,16 +39,28 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Build a package now (all its architectures unless --arch) and wait for the result.
+    /// Build packages now (all their architectures unless --arch) and wait for the
+    /// result: through the running kilnd, or without one into --cache DIR.
     Build {
-        /// The package (its image name, `org/image`).
-        package: String,
+        /// Packages: directories or image names (`org/image`).
+        #[arg(required = true, value_name = "PKG")]
+        packages: Vec<String>,
         /// Build only this architecture.
         #[arg(long, value_name = "ARCH")]
         arch: Option<String>,
         /// Build even if the tag is already in the cache.
         #[arg(long)]
         force: bool,
+        /// native or docker [default: kilnd's choice for the package: native when the
+        /// Dockerfile needs no RUN]
+        #[arg(long, value_name = "BUILDER")]
+        builder: Option<String>,
+        /// Build without kilnd, into this cache directory.
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+        /// Without kilnd: a Docker engine for a platform, PLATFORM=ENDPOINT (repeatable).
+        #[arg(long = "engine", value_name = "PLATFORM=ENDPOINT", requires = "cache")]
+        engines: Vec<String>,
     },
     /// Print the log of a package's current or last build.
     Logs {

@@ -345,6 +345,7 @@ mod tests {
             package: "x/y".into(),
             arch: None,
             force: false,
+            builder: None,
         };
         let e = client
             .post::<_, BuildResponse>("/build", &req)

@@ -388,6 +388,7 @@ mod tests {
                 package: "linuxkit/alpine".into(),
                 arch: None,
                 force: true,
+                builder: None,
             },
         )
         .await
@@ -399,6 +400,7 @@ mod tests {
                 package: "linuxkit/broken".into(),
                 arch: None,
                 force: false,
+                builder: None,
             },
         )
         .await

@@ -129,19 +129,34 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Some(Command::Status { json }) => commands::status(&client, json).await,
         Some(Command::Build {
-            package,
+            packages,
             arch,
             force,
+            builder,
+            cache: Some(cache),
+            engines,
+        }) => standalone::build(packages, arch, force, builder, cache, engines).await,
+        Some(Command::Build {
+            packages,
+            arch,
+            force,
+            builder,
+            cache: None,
+            ..
         }) => {
-            commands::build(
-                &client,
-                BuildRequest {
+            let mut outcome = Outcome::Success;
+            for package in packages {
+                let req = BuildRequest {
                     package,
-                    arch,
+                    arch: arch.clone(),
                     force,
-                },
-            )
-            .await
+                    builder: builder.clone(),
+                };
+                if let Outcome::Failure = commands::build(&client, req).await? {
+                    outcome = Outcome::Failure;
+                }
+            }
+            Ok(outcome)
         }
         Some(Command::Logs {
             package,

@@ -144,11 +144,17 @@ impl Inner {
                 steps: 0,
             });
         }
+        // The job names its builder: the package's, or the one a request asked for.
+        let builder = match job.builder.as_str() {
+            "native" => BuilderKind::Native,
+            "docker" => BuilderKind::Docker,
+            _ => planned.builder,
+        };
         log.line(&format!(
             "building {image} for linux/{arch} with the {} builder",
-            planned.builder.as_str()
+            builder.as_str()
         ));
-        let built = match planned.builder {
+        let built = match builder {
             BuilderKind::Native => self.native(&planned, &arch, log).await?,
             BuilderKind::Docker => self.docker(&planned, &arch, log, cancel).await?,
         };

@@ -170,6 +170,17 @@ impl Planner {
         }
     }
 
+    /// Tags the workspace and records the plan without queueing anything (for a one-off
+    /// `kiln build` without kilnd).
+    pub fn load(&mut self) -> BTreeMap<PathBuf, String> {
+        let (planned, errors) =
+            plan_workspace(&self.ws, &mut self.tagger, &mut self.deps, self.cfg.builder);
+        if let Ok(mut t) = self.table.write() {
+            *t = planned;
+        }
+        errors.into_iter().map(|(d, (_, e))| (d, e)).collect()
+    }
+
     /// Plans every package (at start, and after a rescan).
     pub async fn plan_all(&mut self, reason: &str) {
         let all: BTreeSet<PathBuf> = self.ws.packages.keys().cloned().collect();
@@ -345,7 +356,7 @@ impl Planner {
     pub async fn on_control(&mut self, req: ControlRequest) {
         match req {
             ControlRequest::Build { req, reply } => {
-                let r = self.build_request(req).await;
+                let r = self.build_request(req).await.map(|(r, _)| r);
                 let _ = reply.send(r);
             }
             ControlRequest::Cancel { req, reply } => {
@@ -401,7 +412,34 @@ impl Planner {
         table.values().find(|p| p.pkg.dir == dir).cloned()
     }
 
-    async fn build_request(&mut self, req: BuildRequest) -> Result<BuildResponse, ControlError> {
+    /// Queues the builds of the packages `p` follows that the cache lacks for `arch`,
+    /// dependencies first.
+    fn missing_deps(
+        &self,
+        p: &Planned,
+        arch: &str,
+        index: &crate::cache::IndexView,
+        jobs: &mut Vec<Job>,
+    ) {
+        for (repo, _) in &p.deps {
+            let Some(d) = self.find(repo) else { continue };
+            if index.get(&arch_ref(&d.image(), arch)).is_none()
+                && !jobs
+                    .iter()
+                    .any(|j| j.key.package == *repo && j.key.arch == arch)
+            {
+                self.missing_deps(&d, arch, index, jobs);
+                jobs.push(self.job(&d, arch, false, "dependency"));
+            }
+        }
+    }
+
+    /// Queues the builds a request asks for (and the missing builds of the packages it
+    /// follows); returns them, with a receiver of each one's outcome.
+    pub async fn build_request(
+        &mut self,
+        req: BuildRequest,
+    ) -> Result<(BuildResponse, Vec<oneshot::Receiver<Outcome>>), ControlError> {
         let Some(p) = self.find(&req.package) else {
             let known: Vec<String> = self
                 .table
@@ -425,6 +463,13 @@ impl Planner {
             }
             None => p.archs(),
         };
+        if let Some(b) = &req.builder
+            && !matches!(b.as_str(), "native" | "docker")
+        {
+            return Err(ControlError::Invalid(format!(
+                "unknown builder {b:?}: use native or docker"
+            )));
+        }
         let index = self
             .cache
             .index()
@@ -436,15 +481,21 @@ impl Planner {
             if !req.force && index.get(&arch_ref(&image, &arch)).is_some() {
                 up_to_date.push(arch);
             } else {
-                jobs.push(self.job(&p, &arch, req.force, "requested"));
+                self.missing_deps(&p, &arch, &index, &mut jobs);
+                let mut job = self.job(&p, &arch, req.force, "requested");
+                if let Some(b) = &req.builder {
+                    job.builder = b.clone();
+                }
+                jobs.push(job);
             }
         }
-        let ids = self
+        let joined = self
             .sched
-            .submit(jobs.clone())
+            .submit_joined(jobs.clone())
             .await
             .map_err(|e| ControlError::Failed(e.to_string()))?;
-        Ok(BuildResponse {
+        let (ids, waits): (Vec<String>, Vec<_>) = joined.into_iter().unzip();
+        let response = BuildResponse {
             builds: jobs
                 .into_iter()
                 .zip(ids)
@@ -457,7 +508,8 @@ impl Planner {
                 })
                 .collect(),
             up_to_date,
-        })
+        };
+        Ok((response, waits))
     }
 
     async fn cancel_request(&mut self, req: CancelRequest) -> Result<CancelResponse, ControlError> {
@@ -503,15 +555,15 @@ impl Planner {
             })
             .map(|a| self.job(&p, a, false, "pulled"))
             .collect();
-        let mut waits = Vec::new();
-        if !jobs.is_empty() {
-            let _ = self.sched.submit(jobs.clone()).await;
-            for j in jobs {
-                if let Ok(Some(rx)) = self.sched.join(j.key, j.tag).await {
-                    waits.push(rx);
-                }
-            }
-        }
+        let waits = if jobs.is_empty() {
+            Vec::new()
+        } else {
+            self.sched
+                .submit_joined(jobs)
+                .await
+                .map(|j| j.into_iter().map(|(_, rx)| rx).collect())
+                .unwrap_or_default()
+        };
         let _ = miss.reply.send(waits);
     }
 }

@@ -107,7 +107,7 @@ pub trait Runner: Send + Sync + 'static {
 enum Cmd {
     Submit {
         jobs: Vec<Job>,
-        reply: oneshot::Sender<Vec<String>>,
+        reply: oneshot::Sender<Vec<(String, oneshot::Receiver<Outcome>)>>,
     },
     Wait {
         key: TargetKey,
@@ -183,6 +183,20 @@ impl Scheduler {
     /// build id of each job: a new one, or that of the same build already queued or
     /// running.
     pub async fn submit(&self, jobs: Vec<Job>) -> Result<Vec<String>, Stopped> {
+        Ok(self
+            .submit_joined(jobs)
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// As [`Scheduler::submit`], and joins each build in the same step, so that no
+    /// outcome can slip by between queueing and waiting.
+    pub async fn submit_joined(
+        &self,
+        jobs: Vec<Job>,
+    ) -> Result<Vec<(String, oneshot::Receiver<Outcome>)>, Stopped> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Submit { jobs, reply })
@@ -257,8 +271,15 @@ impl Actor {
         while let Some(cmd) = rx.recv().await {
             match cmd {
                 Cmd::Submit { jobs, reply } => {
-                    let ids = jobs.into_iter().map(|j| self.submit(j)).collect();
-                    let _ = reply.send(ids);
+                    let mut joined = Vec::new();
+                    for job in jobs {
+                        let (key, tag) = (job.key.clone(), job.tag.clone());
+                        let id = self.submit(job);
+                        if let Some(rx) = self.waiter(&key, &tag) {
+                            joined.push((id, rx));
+                        }
+                    }
+                    let _ = reply.send(joined);
                 }
                 Cmd::Wait { key, tag, reply } => {
                     let _ = reply.send(self.waiter(&key, &tag));

@@ -194,7 +194,8 @@ fn keys_r_build_shift_r_force_c_cancel_g_gc() {
         vec![Cmd::Build(BuildRequest {
             package: "linuxkit/hello".into(),
             arch: Some("amd64".into()),
-            force: false
+            force: false,
+            builder: None,
         })]
     );
     assert_eq!(
@@ -202,7 +203,8 @@ fn keys_r_build_shift_r_force_c_cancel_g_gc() {
         vec![Cmd::Build(BuildRequest {
             package: "linuxkit/hello".into(),
             arch: Some("amd64".into()),
-            force: true
+            force: true,
+            builder: None,
         })]
     );
     assert_eq!(
