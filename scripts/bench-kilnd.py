@@ -217,7 +217,9 @@ def run(args, hand_n, work, procs, layout):
 
     addr = wait("kilnd's ready file", ready_addr, 60)
     reg = Registry(addr)
-    print(f"kilnd {args.kilnd} (pid {kilnd.pid}), registry {addr}, builder docker, work {work}")
+    quiet = os.environ.get("KILN_QUIET_MS", "50 (default)")
+    print(f"kilnd {args.kilnd} (pid {kilnd.pid}), registry {addr}, builder docker, "
+          f"quiet window {quiet} ms, work {work}")
     t = time.monotonic()
     poll_until(reg, "bench/pkg", tag0, seconds=600)
     print(f"first build (warm-up, both arches): {1000 * (time.monotonic() - t):.0f} ms")
