@@ -262,15 +262,16 @@ impl Inner {
             network: p.pkg.spec.network,
             no_cache: p.pkg.spec.disable_cache,
         };
-        let mut lines = Vec::new();
-        let mut sink = |l: docker::LogLine| lines.push(l);
-        let result = docker::build_arch(&engine, &build, &registry, &mut sink, cancel).await;
-        for l in &lines {
-            match &l.step {
-                Some(step) if l.text != *step => log.line(&format!("{step}: {}", l.text)),
-                _ => log.line(&l.text),
+        // Lines go out as the engine reports them, so a client following the log sees
+        // the build as it runs. Step lines (a step starting, CACHED, DONE, ERROR) name
+        // their step already; output lines get it as a prefix.
+        let mut sink = |l: docker::LogLine| match &l.step {
+            Some(step) if l.source != docker::LogSource::Step && l.text != *step => {
+                log.line(&format!("{step}: {}", l.text));
             }
-        }
+            _ => log.line(&l.text),
+        };
+        let result = docker::build_arch(&engine, &build, &registry, &mut sink, cancel).await;
         let outcome = result.map_err(|e| e.to_string())?;
         let cache = Arc::clone(&self.cache);
         let image = p.image();

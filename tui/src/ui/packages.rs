@@ -1,6 +1,7 @@
 //! The packages table: a row per package, a status cell per architecture.
 
-use kiln_shared::protocol::{BuildSummary, PackageState, TargetState, TargetStatus};
+use kiln_shared::digest::Digest;
+use kiln_shared::protocol::{BuildSummary, TargetState, TargetStatus};
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -41,12 +42,14 @@ fn status_cell(t: Option<&TargetState>, package_error: bool, selected: bool) -> 
     Cell::from(Span::styled(format!("{g} {word}"), style))
 }
 
-/// The most recent finished build among a package's targets.
-fn latest(p: &PackageState) -> Option<&BuildSummary> {
-    p.targets
-        .values()
-        .filter_map(|t| t.last.as_ref())
-        .max_by_key(|l| l.finished_at_ms)
+/// The LAST and DIGEST cells of a row: the selected architecture's target (each arch has
+/// its own image), its last build's duration and the digest in the cache for its tag.
+fn last_and_digest(t: Option<&TargetState>) -> (Option<&BuildSummary>, Option<&Digest>) {
+    let last = t.and_then(|t| t.last.as_ref());
+    let digest = t
+        .and_then(|t| t.digest.as_ref())
+        .or_else(|| last.and_then(|l| l.digest.as_ref()));
+    (last, digest)
 }
 
 pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
@@ -79,8 +82,17 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
     }
     let archs = model.archs();
     let selected_row = model.selected_row();
+    let shown_arch = archs.get(model.arch);
     let mut header = vec![Cell::from("PACKAGE"), Cell::from("TAG")];
-    header.extend(archs.iter().map(|a| Cell::from(a.clone())));
+    // The selected arch's header is underlined: LAST and DIGEST are about it.
+    header.extend(archs.iter().enumerate().map(|(j, a)| {
+        let cell = Cell::from(a.clone());
+        if j == model.arch && archs.len() > 1 {
+            cell.style(Style::new().add_modifier(Modifier::UNDERLINED))
+        } else {
+            cell
+        }
+    }));
     header.extend([Cell::from("LAST"), Cell::from("DIGEST")]);
     let body = rows.iter().enumerate().map(|(i, p)| {
         let error = p.error.is_some();
@@ -103,21 +115,29 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
             let sel = focused && selected_row == Some(i) && j == model.arch;
             cells.push(status_cell(p.targets.get(a), error, sel));
         }
-        let last = latest(p);
+        let (last, digest) = last_and_digest(shown_arch.and_then(|a| p.targets.get(a)));
         cells.push(Cell::from(last.map_or_else(
             || "-".to_owned(),
             |l| fmt::duration_ms(l.duration_ms),
         )));
-        let digest = last
-            .and_then(|l| l.digest.as_ref())
-            .or_else(|| p.targets.values().find_map(|t| t.digest.as_ref()));
         cells.push(Cell::from(Span::styled(
             digest.map_or("-", |d| d.short(12)).to_owned(),
             dim(),
         )));
         Row::new(cells)
     });
-    let mut widths = vec![Constraint::Min(14), Constraint::Length(12)];
+    // The name column is as wide as the longest name (the rest of the width stays free at
+    // the right rather than stretching the names away from their status).
+    let name_width = rows
+        .iter()
+        .map(|p| p.name.chars().count())
+        .max()
+        .unwrap_or(0)
+        .clamp(14, 48);
+    let mut widths = vec![
+        Constraint::Length(u16::try_from(name_width).unwrap_or(14)),
+        Constraint::Length(12),
+    ];
     widths.extend(
         archs
             .iter()

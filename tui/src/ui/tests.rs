@@ -281,3 +281,26 @@ fn ten_thousand_log_lines_a_second_stay_bounded() {
     );
     assert!(m.log.lines.capacity() < 2 * LOG_CAPACITY);
 }
+
+#[test]
+fn last_and_digest_are_the_selected_arch_s() {
+    // linuxkit/init: amd64 failed, arm64 is in the cache as digest c…; each arch is its
+    // own image, so the row shows the selected column's digest, never another arch's.
+    let mut m = model();
+    let init_row = |m: &Model| {
+        render(m, 120, 32)
+            .lines()
+            .find(|l| l.contains("linuxkit/init"))
+            .map(str::to_owned)
+            .unwrap()
+    };
+    let amd64 = init_row(&m);
+    assert!(!amd64.contains("cccccccccccc"), "{amd64}");
+    assert!(
+        amd64.trim_end_matches(['│', ' ']).ends_with(" -"),
+        "{amd64}"
+    );
+    update(&mut m, key(KeyCode::Right));
+    let arm64 = init_row(&m);
+    assert!(arm64.contains("cccccccccccc"), "{arm64}");
+}
