@@ -12,7 +12,7 @@ use kiln_shared::reference::Tag;
 use serde::Deserialize;
 
 use crate::cache::parse_size;
-use crate::plan::BuilderMode;
+use crate::plan::{BuilderMode, Builders};
 
 /// The registry's default port.
 pub const DEFAULT_PORT: u16 = 5000;
@@ -128,6 +128,16 @@ pub struct FileConfig {
     /// Images to import into the cache at start, from OCI image layouts.
     #[serde(default)]
     pub import: Vec<Import>,
+    /// Per-package settings, by image name (`org/image`).
+    #[serde(default)]
+    pub packages: std::collections::BTreeMap<String, FilePackage>,
+}
+
+/// `[packages."org/image"]`: settings of one package (build.yml stays LinuxKit's).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePackage {
+    pub builder: Option<String>,
 }
 
 /// `[[import]]`: an image taken from an OCI image layout (a base image made without a
@@ -200,7 +210,7 @@ pub struct Config {
     pub ready_file: Option<PathBuf>,
     pub config_file: Option<PathBuf>,
     pub jobs: usize,
-    pub builder: BuilderMode,
+    pub builders: Builders,
     /// `PLATFORM=ENDPOINT` entries, file first, flags after (later ones win).
     pub engines: Vec<String>,
     pub quiet: Duration,
@@ -297,12 +307,31 @@ impl Config {
             path: config_file.clone().unwrap_or_default(),
             message,
         };
-        let builder = match (args.builder, file.build.builder) {
-            (Some(b), _) => b.parse().map_err(ConfigError::Invalid)?,
-            (None, Some(b)) => b
-                .parse()
-                .map_err(|e| file_err(format!("build.builder: {e}")))?,
-            (None, None) => BuilderMode::Auto,
+        // `--builder` decides for every package; else kiln.toml, per package first.
+        let builders = match args.builder {
+            Some(b) => Builders {
+                default: b.parse().map_err(ConfigError::Invalid)?,
+                packages: Default::default(),
+            },
+            None => Builders {
+                default: match file.build.builder {
+                    Some(b) => b
+                        .parse()
+                        .map_err(|e| file_err(format!("build.builder: {e}")))?,
+                    None => BuilderMode::Auto,
+                },
+                packages: file
+                    .packages
+                    .iter()
+                    .filter_map(|(name, p)| p.builder.as_ref().map(|b| (name, b)))
+                    .map(|(name, b)| {
+                        let mode = b
+                            .parse()
+                            .map_err(|e| file_err(format!("packages.{name:?}.builder: {e}")))?;
+                        Ok((name.clone(), mode))
+                    })
+                    .collect::<Result<_, ConfigError>>()?,
+            },
         };
         let mut engines: Vec<String> = file
             .build
@@ -359,7 +388,7 @@ impl Config {
             ready_file: args.ready_file.map(|p| cwd.join(p)),
             config_file,
             jobs,
-            builder,
+            builders,
             engines,
             quiet: Duration::from_millis(args.quiet_ms.or(file.watch.quiet_ms).unwrap_or(50)),
             dev_tag,
@@ -438,6 +467,24 @@ mod tests {
                 .iter()
                 .all(|a| a.ip().is_loopback() && a.port() == 5000)
         );
+    }
+
+    #[test]
+    fn builders_per_package_unless_the_flag_decides() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("kiln.toml"),
+            "[build]\nbuilder = \"native\"\n[packages.\"kiln/app\"]\nbuilder = \"docker\"\n",
+        )
+        .unwrap();
+        let r = dir.path().to_str().unwrap();
+        let c = Config::load(args(&[r, "--cache", "/c"])).unwrap();
+        assert_eq!(c.builders.mode_for("kiln/app"), BuilderMode::Docker);
+        assert_eq!(c.builders.mode_for("kiln/other"), BuilderMode::Native);
+        let c = Config::load(args(&[r, "--cache", "/c", "--builder", "auto"])).unwrap();
+        assert_eq!(c.builders.mode_for("kiln/app"), BuilderMode::Auto);
+        let err = Config::load(args(&[r, "--cache", "/c", "--builder", "podman"])).unwrap_err();
+        assert!(err.to_string().contains("auto, native or docker"), "{err}");
     }
 
     #[test]

@@ -162,7 +162,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         sched,
         table,
         PlanConfig {
-            builder: config.builder,
+            builders: config.builders.clone(),
             dev_tag: config.dev_tag.clone(),
             max_size: config.max_size,
         },
@@ -435,7 +435,7 @@ pub struct OneOff {
     pub packages: Vec<String>,
     pub arch: Option<String>,
     pub force: bool,
-    pub builder: crate::plan::BuilderMode,
+    pub builders: crate::plan::Builders,
     pub engines: Vec<String>,
     pub jobs: usize,
     /// Images to import first (kiln.toml's `[[import]]`).
@@ -512,7 +512,7 @@ pub async fn build_once(
         sched.clone(),
         table,
         PlanConfig {
-            builder: req.builder,
+            builders: req.builders,
             dev_tag,
             max_size: None,
         },

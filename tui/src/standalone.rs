@@ -118,7 +118,7 @@ pub async fn build(
             packages,
             arch,
             force,
-            builder: config.builder,
+            builders: config.builders,
             engines: config.engines,
             jobs: config.jobs,
             imports: config.imports,

@@ -54,6 +54,20 @@ impl std::str::FromStr for BuilderMode {
     }
 }
 
+/// The builder of each package: a default, and per-package choices (`kiln.toml`'s
+/// `[packages."org/image"] builder = ...`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Builders {
+    pub default: BuilderMode,
+    pub packages: BTreeMap<String, BuilderMode>,
+}
+
+impl Builders {
+    pub fn mode_for(&self, repo: &str) -> BuilderMode {
+        self.packages.get(repo).copied().unwrap_or(self.default)
+    }
+}
+
 /// The builder chosen for one package.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BuilderKind {
@@ -109,7 +123,7 @@ pub struct PullMiss {
 /// Settings of the planner.
 #[derive(Debug, Clone)]
 pub struct PlanConfig {
-    pub builder: BuilderMode,
+    pub builders: Builders,
     /// The moving tag that follows the newest successful build (`dev`).
     pub dev_tag: Tag,
     /// The size cap for gc (None: only unreferenced blobs go).
@@ -173,8 +187,12 @@ impl Planner {
     /// Tags the workspace and records the plan without queueing anything (for a one-off
     /// `kiln build` without kilnd).
     pub fn load(&mut self) -> BTreeMap<PathBuf, String> {
-        let (planned, errors) =
-            plan_workspace(&self.ws, &mut self.tagger, &mut self.deps, self.cfg.builder);
+        let (planned, errors) = plan_workspace(
+            &self.ws,
+            &mut self.tagger,
+            &mut self.deps,
+            &self.cfg.builders,
+        );
         if let Ok(mut t) = self.table.write() {
             *t = planned;
         }
@@ -335,8 +353,12 @@ impl Planner {
 
     /// Tags every package and reports the broken ones. Blocking: reads files.
     fn compute(&mut self, affected: &BTreeSet<PathBuf>) -> BTreeMap<String, Arc<Planned>> {
-        let (planned, errors) =
-            plan_workspace(&self.ws, &mut self.tagger, &mut self.deps, self.cfg.builder);
+        let (planned, errors) = plan_workspace(
+            &self.ws,
+            &mut self.tagger,
+            &mut self.deps,
+            &self.cfg.builders,
+        );
         for (dir, (name, error)) in &errors {
             let new = self.errors.get(dir) != Some(error);
             if new || affected.contains(dir) {
@@ -579,7 +601,7 @@ pub fn plan_workspace(
     ws: &Workspace,
     tagger: &mut Tagger,
     deps: &mut BTreeMap<PathBuf, Result<Vec<String>, String>>,
-    mode: BuilderMode,
+    builders: &Builders,
 ) -> (BTreeMap<String, Arc<Planned>>, PlanErrors) {
     let mut errors: BTreeMap<PathBuf, (String, String)> = BTreeMap::new();
     let mut by_repo: BTreeMap<String, Package> = BTreeMap::new();
@@ -682,7 +704,7 @@ pub fn plan_workspace(
                 continue;
             }
         };
-        let builder = choose_builder(mode, p);
+        let builder = choose_builder(builders.mode_for(&name), p);
         planned.insert(
             name,
             Arc::new(Planned {
@@ -750,7 +772,7 @@ pub fn show_tags(dirs: &[PathBuf]) -> Vec<Result<ImageRef, String>> {
                 .unwrap_or_else(|| abs.clone());
             let (planned, errors) = planned_roots.entry(root.clone()).or_insert_with(|| {
                 let ws = Workspace::discover(std::slice::from_ref(&root));
-                plan_workspace(&ws, &mut tagger, &mut BTreeMap::new(), BuilderMode::Auto)
+                plan_workspace(&ws, &mut tagger, &mut BTreeMap::new(), &Builders::default())
             });
             if let Some((_, e)) = errors.get(&abs) {
                 return Err(e.clone());
