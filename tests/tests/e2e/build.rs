@@ -177,12 +177,22 @@ fn examples_build_for_both_platforms_rebuild_nothing_again_and_a_base_change_reb
 fn a_failed_arch_blocks_neither_the_other_arch_nor_other_packages_and_keeps_its_log() {
     let ws = Dir::new("ws");
     ws.write("kiln.toml", busybox_kiln_toml());
+    // The temp dir's name in the RUN: the engine's build cache cannot answer it, the
+    // step runs (and logs) in this test.
+    let nonce = ws
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     write_package(
         &ws,
         "picky",
         &["amd64", "arm64"],
-        "FROM kiln/busybox:latest\n\
-         RUN echo \"checking $(uname -m)\" && [ \"$(uname -m)\" != aarch64 ] && uname -m > /arch\n",
+        &format!(
+            "FROM kiln/busybox:latest\n\
+             RUN echo \"checking $(uname -m) for {nonce}\" && [ \"$(uname -m)\" != aarch64 ] && uname -m > /arch\n"
+        ),
     );
     write_package(
         &ws,
@@ -216,7 +226,10 @@ fn a_failed_arch_blocks_neither_the_other_arch_nor_other_packages_and_keeps_its_
     let log = kiln(&kilnd)
         .args(["logs", "kiln/picky", "--arch", "arm64"])
         .stdout();
-    assert!(log.contains("checking aarch64"), "{log}");
+    assert!(
+        log.contains(&format!("checking aarch64 for {nonce}")),
+        "{log}"
+    );
     assert!(
         log.contains("error") || log.contains("exit code"),
         "the log does not say how the build ended:\n{log}"
@@ -224,7 +237,10 @@ fn a_failed_arch_blocks_neither_the_other_arch_nor_other_packages_and_keeps_its_
     let ok_log = kiln(&kilnd)
         .args(["logs", "kiln/picky", "--arch", "amd64"])
         .stdout();
-    assert!(ok_log.contains("checking x86_64"), "{ok_log}");
+    assert!(
+        ok_log.contains(&format!("checking x86_64 for {nonce}")),
+        "{ok_log}"
+    );
 }
 
 #[test]
