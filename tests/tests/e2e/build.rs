@@ -130,6 +130,13 @@ fn examples_build_for_both_platforms_rebuild_nothing_again_and_a_base_change_reb
         }
     }
     assert_eq!(events.queued_since(0), [], "{}", describe(&again));
+    let started: Vec<_> = events
+        .since(0)
+        .into_iter()
+        .filter(|e| matches!(e, kiln_shared::protocol::Event::Started { .. }))
+        .collect();
+    assert_eq!(started, [], "{}", describe(&again));
+    assert!(again.queue.is_empty() && again.running.is_empty());
     let registry = kilnd.registry();
     assert_eq!(registry_digest(&registry, &app), app_digest);
 
