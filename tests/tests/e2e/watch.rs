@@ -528,3 +528,47 @@ fn at_the_inotify_watch_limit_a_save_in_the_same_mtime_second_is_seen() {
     drop(kilnd);
     drop(machine);
 }
+
+/// kilnd issue (a design choice to make, not a slip): the watcher ignores editor
+/// temporaries, but the tag counts them, as LinuxKit's does (an untracked file makes the
+/// package `-dirty-` with a hash over its bytes). So while vim edits a file (its
+/// `.f.txt.swp` exists), a save and its revert give two new dirty tags and two builds
+/// instead of the earlier clean digest, and the swap file's later writes leave the
+/// served tag different from `kiln show-tag`.
+#[test]
+#[ignore = "kilnd issue: editor swap files count in the tag but not as changes (see the doc comment)"]
+fn a_revert_while_an_editor_swap_file_exists_serves_the_earlier_digest() {
+    let ws = Dir::new("ws");
+    ws.git_init();
+    write_package(
+        &ws,
+        "edited",
+        &["amd64"],
+        "FROM scratch\nCOPY f.txt /f.txt\n",
+    );
+    ws.write("edited/f.txt", "v1\n");
+    ws.git_commit_all("v1");
+    let kilnd = Kilnd::start(&[ws.path()], KilndOptions::default());
+    let events = kilnd.events();
+    let v1 = events.wait_built(BUILD_TIMEOUT, "kiln/edited");
+    // vim opens the file: its swap file appears (and is written as the user types).
+    ws.write("edited/.f.txt.swp", "vim swap 1\n");
+    barrier(&ws, &events, "edited/f.txt", "v2\n", "kiln/edited");
+    ws.write("edited/.f.txt.swp", "vim swap 2\n");
+    let mark = events.mark();
+    let v2 = tag_of(&events.snapshot(), "kiln/edited");
+    ws.write("edited/f.txt", "v1\n");
+    let s = events.wait(BUILD_TIMEOUT, "the revert to be handled", |s| {
+        settled(s) && package_ok(s, "kiln/edited") && tag_of(s, "kiln/edited") != v2
+    });
+    assert_eq!(
+        tag_of(&s, "kiln/edited"),
+        tag_of(&v1, "kiln/edited"),
+        "the revert did not give back the earlier tag; queued: {:?}",
+        events.queued_since(mark)
+    );
+    assert_eq!(
+        digests_of(&s, "kiln/edited"),
+        digests_of(&v1, "kiln/edited")
+    );
+}
