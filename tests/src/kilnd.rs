@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::api::{Api, Events};
 use crate::dir::Dir;
+use crate::machine::{self, SharedToken};
 use crate::process::{log_tail, stop_child};
 use crate::wait::try_wait_for;
 
@@ -145,6 +147,8 @@ pub struct Kilnd {
     stderr: PathBuf,
     stdout: PathBuf,
     dir: Dir,
+    /// Held while kilnd runs: no test changes machine-wide settings meanwhile.
+    _machine: SharedToken,
 }
 
 impl Kilnd {
@@ -159,6 +163,7 @@ impl Kilnd {
         roots: &[P],
         options: KilndOptions,
     ) -> Result<Kilnd, KilndError> {
+        let machine = machine::shared();
         let bin = match options.binary {
             Some(b) => b,
             None => target_bin("kilnd"),
@@ -256,6 +261,7 @@ impl Kilnd {
             stderr,
             stdout,
             dir,
+            _machine: machine,
         })
     }
 
@@ -325,6 +331,16 @@ impl Kilnd {
             .take()
             .unwrap_or_else(|| panic!("kilnd (pid {}) was already stopped", self.ready.pid));
         stop_child(&mut child, Duration::from_secs(10))
+    }
+
+    /// A client of its control API.
+    pub fn api(&self) -> Api {
+        Api::new(self.socket())
+    }
+
+    /// Follows its event stream from now on (see [`Events`]).
+    pub fn events(&self) -> Events {
+        self.api().events()
     }
 
     /// A file in kilnd's temp dir (e.g. for a kiln.toml the test passes with `--config`).

@@ -7,15 +7,19 @@
 //!
 //! The environment (engine, qemu, base images) comes from `scripts/setup`.
 
+pub mod api;
 pub mod base;
 pub mod cmd;
 pub mod dir;
 pub mod docker;
 pub mod kilnd;
+pub mod machine;
 pub mod process;
 pub mod registry;
 pub mod wait;
+pub mod workspace;
 
+pub use api::{Api, Events};
 pub use base::{BUSYBOX, BUSYBOX_REPO, busybox_layout, busybox_refs, seed_base_images};
 pub use cmd::{Cmd, Output, cmd, docker, git, skopeo};
 pub use dir::Dir;

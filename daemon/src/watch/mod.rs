@@ -229,13 +229,17 @@ async fn fold(cfg: WatchConfig, mut raw: mpsc::Receiver<Raw>, out: mpsc::Sender<
             }
             Ok(ev) => {
                 if is_change(&ev.kind) {
-                    let before = pending.len();
-                    pending.extend(
-                        ev.paths
-                            .into_iter()
-                            .filter(|p| !is_ignored(p, &cfg.roots, &cfg.exclude)),
-                    );
-                    if pending.len() != before {
+                    // Every relevant event restarts the quiet window, also one on a path
+                    // already pending: a file still being written must not be read (and
+                    // tagged) half-written in the middle of its burst.
+                    let mut relevant = false;
+                    for p in ev.paths {
+                        if !is_ignored(&p, &cfg.roots, &cfg.exclude) {
+                            pending.insert(p);
+                            relevant = true;
+                        }
+                    }
+                    if relevant {
                         let now = Instant::now();
                         first.get_or_insert(now);
                         last = now;

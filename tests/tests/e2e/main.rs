@@ -3,4 +3,6 @@
 //! `scripts/setup`; the harness is the `kiln_tests` library.
 
 mod base_images;
+mod build;
 mod kilnd;
+mod watch;

@@ -1,0 +1,290 @@
+//! The docker-builder issue's acceptance, against the real kilnd, the Docker engine (arm64
+//! under qemu), docker and skopeo: the examples workspace builds for both platforms and
+//! runs; a second kilnd on the same cache builds nothing; a change to the base rebuilds
+//! its dependents and nothing else; a failed arch blocks neither the other arch nor other
+//! packages and keeps its log; a `FROM` cycle is an error naming it.
+
+use std::time::Duration;
+
+use kiln_shared::protocol::{BuildOutcome, Snapshot, TargetStatus};
+use kiln_tests::api::{describe, package_ok};
+use kiln_tests::workspace::{
+    busybox_kiln_toml, copy_examples, index_platforms, registry_digest, registry_manifest,
+    write_package,
+};
+use kiln_tests::{Dir, Kilnd, KilndOptions, PulledImage, cmd, target_bin};
+
+/// Long enough for a few docker builds (arm64 under qemu) on a loaded two-core machine.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(300);
+
+const EXAMPLES: [&str; 5] = [
+    "kiln/app",
+    "kiln/base",
+    "kiln/extras",
+    "kiln/hello",
+    "kiln/hello-site",
+];
+
+fn tag_of(s: &Snapshot, package: &str) -> String {
+    s.packages
+        .get(package)
+        .and_then(|p| p.tag.as_ref())
+        .unwrap_or_else(|| panic!("{package} has no tag:\n{}", describe(s)))
+        .to_string()
+}
+
+fn digests_of(s: &Snapshot, package: &str) -> Vec<(String, String)> {
+    s.packages[package]
+        .targets
+        .iter()
+        .map(|(a, t)| {
+            (
+                a.clone(),
+                t.digest.as_ref().map_or("-".into(), ToString::to_string),
+            )
+        })
+        .collect()
+}
+
+/// `kiln --socket S ARGS...`.
+fn kiln(kilnd: &Kilnd) -> kiln_tests::Cmd {
+    cmd(target_bin("kiln")).arg("--socket").arg(kilnd.socket())
+}
+
+#[test]
+fn examples_build_for_both_platforms_rebuild_nothing_again_and_a_base_change_rebuilds_dependents() {
+    let tmp = Dir::new("examples");
+    let ws = copy_examples(&tmp, "ws");
+    let cache = tmp.join("cache");
+    let mut kilnd = Kilnd::start(&[&ws], KilndOptions::default().cache(&cache));
+    let events = kilnd.events();
+    let first = events.wait(BUILD_TIMEOUT, "every example to be built", |s| {
+        EXAMPLES.iter().all(|p| package_ok(s, p)) && s.queue.is_empty() && s.running.is_empty()
+    });
+    assert_eq!(
+        first
+            .packages
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        EXAMPLES
+    );
+    // app has RUN steps: the docker builder built it.
+    for arch in ["amd64", "arm64"] {
+        let last = first.packages["kiln/app"].targets[arch]
+            .last
+            .as_ref()
+            .unwrap_or_else(|| panic!("app {arch} was not built:\n{}", describe(&first)));
+        assert_eq!(last.outcome, BuildOutcome::Ok);
+    }
+    let registry = kilnd.registry();
+    let app_tag = tag_of(&first, "kiln/app");
+    let app = format!("kiln/app:{app_tag}");
+
+    // The registry serves an index of both platforms, and `dev` is the same image.
+    let index = registry_manifest(&registry, &app);
+    assert_eq!(
+        index_platforms(&index),
+        ["linux/amd64", "linux/arm64"],
+        "{index}"
+    );
+    let app_digest = registry_digest(&registry, &app);
+    assert_eq!(registry_digest(&registry, "kiln/app:dev"), app_digest);
+
+    // Pulled per platform, it runs that platform's binaries (arm64 under qemu), on the
+    // base of the workspace.
+    for (platform, uname) in [("linux/arm64", "aarch64"), ("linux/amd64", "x86_64")] {
+        let image = PulledImage::pull(&format!("{registry}/{app}"), platform);
+        assert_eq!(image.run(&["uname", "-m"]), uname, "{platform}");
+        // Built by a RUN for that platform, on the workspace's base.
+        assert_eq!(image.run(&["cat", "/srv/arch"]), uname, "{platform}");
+        assert!(
+            image
+                .run(&["cat", "/etc/kiln/base.conf"])
+                .contains("hello from kiln/base"),
+            "{platform}"
+        );
+    }
+
+    // A second kilnd on the same cache, nothing changed: everything is served from the
+    // cache, no build is queued, the digests are the same.
+    let (status, _) = kilnd.stop();
+    assert!(status.success(), "{status}");
+    drop(events);
+    drop(kilnd);
+    let kilnd = Kilnd::start(&[&ws], KilndOptions::default().cache(&cache));
+    let events = kilnd.events();
+    let again = events.wait(BUILD_TIMEOUT, "every example to be served", |s| {
+        EXAMPLES.iter().all(|p| package_ok(s, p))
+    });
+    for p in EXAMPLES {
+        assert_eq!(tag_of(&again, p), tag_of(&first, p), "{p}");
+        assert_eq!(digests_of(&again, p), digests_of(&first, p), "{p}");
+        for (arch, t) in &again.packages[p].targets {
+            assert_eq!(
+                t.last,
+                None,
+                "{p} {arch} was built again:\n{}",
+                describe(&again)
+            );
+        }
+    }
+    assert_eq!(events.queued_since(0), [], "{}", describe(&again));
+    let started: Vec<_> = events
+        .since(0)
+        .into_iter()
+        .filter(|e| matches!(e, kiln_shared::protocol::Event::Started { .. }))
+        .collect();
+    assert_eq!(started, [], "{}", describe(&again));
+    assert!(again.queue.is_empty() && again.running.is_empty());
+    let registry = kilnd.registry();
+    assert_eq!(registry_digest(&registry, &app), app_digest);
+
+    // A change to the base: base and what follows it (app, extras) are rebuilt, for both
+    // arches; hello and hello-site are not touched.
+    let mark = events.mark();
+    tmp.write(
+        "ws/base/etc/kiln/base.conf",
+        "# changed by the e2e test\ngreeting = \"hello from the changed base\"\n",
+    );
+    let changed = events.wait(BUILD_TIMEOUT, "base, app and extras to be rebuilt", |s| {
+        ["kiln/base", "kiln/app", "kiln/extras"]
+            .iter()
+            .all(|p| package_ok(s, p) && tag_of(s, p) != tag_of(&first, p))
+            && s.queue.is_empty()
+            && s.running.is_empty()
+    });
+    let mut expected = Vec::new();
+    for p in ["kiln/app", "kiln/base", "kiln/extras"] {
+        for a in ["amd64", "arm64"] {
+            expected.push((p.to_owned(), a.to_owned()));
+        }
+    }
+    assert_eq!(events.queued_targets_since(mark), expected);
+    for p in ["kiln/hello", "kiln/hello-site"] {
+        assert_eq!(tag_of(&changed, p), tag_of(&first, p), "{p}");
+        assert_eq!(digests_of(&changed, p), digests_of(&first, p), "{p}");
+    }
+    // The rebuilt app stands on the changed base.
+    let new_app = format!("{registry}/kiln/app:{}", tag_of(&changed, "kiln/app"));
+    let image = PulledImage::pull(&new_app, "linux/amd64");
+    assert!(
+        image
+            .run(&["cat", "/etc/kiln/base.conf"])
+            .contains("hello from the changed base")
+    );
+    assert_eq!(
+        events.resyncs(),
+        0,
+        "the event recorder lagged: counts may miss events"
+    );
+}
+
+#[test]
+fn a_failed_arch_blocks_neither_the_other_arch_nor_other_packages_and_keeps_its_log() {
+    let ws = Dir::new("ws");
+    ws.write("kiln.toml", busybox_kiln_toml());
+    // The temp dir's name in the RUN: the engine's build cache cannot answer it, the
+    // step runs (and logs) in this test.
+    let nonce = ws
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    write_package(
+        &ws,
+        "picky",
+        &["amd64", "arm64"],
+        &format!(
+            "FROM kiln/busybox:latest\n\
+             RUN echo \"checking $(uname -m) for {nonce}\" && [ \"$(uname -m)\" != aarch64 ] && uname -m > /arch\n"
+        ),
+    );
+    write_package(
+        &ws,
+        "other",
+        &["amd64", "arm64"],
+        "FROM kiln/busybox:latest\nCOPY note /note\n",
+    );
+    ws.write("other/note", "independent\n");
+    let kilnd = Kilnd::start(&[ws.path()], KilndOptions::default());
+    let events = kilnd.events();
+    let s = events.wait_settled(BUILD_TIMEOUT);
+    assert!(package_ok(&s, "kiln/other"), "{}", describe(&s));
+    let picky = &s.packages["kiln/picky"];
+    let amd64 = &picky.targets["amd64"];
+    let arm64 = &picky.targets["arm64"];
+    assert_eq!(amd64.status, TargetStatus::Ok, "{}", describe(&s));
+    assert!(amd64.digest.is_some());
+    assert_eq!(arm64.status, TargetStatus::Failed, "{}", describe(&s));
+    let failed = arm64.last.as_ref().expect("a failed build has a summary");
+    assert_eq!(failed.outcome, BuildOutcome::Failed);
+    let error = failed.error.clone().unwrap_or_default();
+    assert!(!error.is_empty(), "the failure says nothing");
+
+    // The amd64 image is served and runs.
+    let registry = kilnd.registry();
+    let tag = picky.tag.as_ref().unwrap().to_string();
+    let image = PulledImage::pull(&format!("{registry}/kiln/picky:{tag}-amd64"), "linux/amd64");
+    assert_eq!(image.run(&["cat", "/arch"]), "x86_64");
+
+    // The failure's log: the RUN's own output, and the failure.
+    let log = kiln(&kilnd)
+        .args(["logs", "kiln/picky", "--arch", "arm64"])
+        .stdout();
+    assert!(
+        log.contains(&format!("checking aarch64 for {nonce}")),
+        "{log}"
+    );
+    assert!(
+        log.contains("error") || log.contains("exit code"),
+        "the log does not say how the build ended:\n{log}"
+    );
+    let ok_log = kiln(&kilnd)
+        .args(["logs", "kiln/picky", "--arch", "amd64"])
+        .stdout();
+    assert!(
+        ok_log.contains(&format!("checking x86_64 for {nonce}")),
+        "{ok_log}"
+    );
+}
+
+#[test]
+fn a_from_cycle_is_an_error_naming_it_and_other_packages_still_build() {
+    let ws = Dir::new("ws");
+    write_package(&ws, "a", &["amd64"], "FROM kiln/b\nCOPY f /a\n");
+    write_package(&ws, "b", &["amd64"], "FROM kiln/a\nCOPY f /b\n");
+    write_package(&ws, "c", &["amd64", "arm64"], "FROM scratch\nCOPY f /c\n");
+    for p in ["a", "b", "c"] {
+        ws.write(format!("{p}/f"), p);
+    }
+    let kilnd = Kilnd::start(&[ws.path()], KilndOptions::default());
+    let events = kilnd.events();
+    let s = events.wait(BUILD_TIMEOUT, "c built, a and b in error", |s| {
+        package_ok(s, "kiln/c")
+            && ["kiln/a", "kiln/b"]
+                .iter()
+                .all(|p| s.packages.get(*p).is_some_and(|p| p.error.is_some()))
+    });
+    for p in ["kiln/a", "kiln/b"] {
+        let error = s.packages[p].error.as_deref().unwrap_or_default();
+        assert!(error.contains("cycle"), "{p}: {error}");
+        assert!(
+            error.contains("kiln/a") && error.contains("kiln/b"),
+            "{p}: the error does not name the cycle: {error}"
+        );
+    }
+    // Nothing was queued for the packages of the cycle.
+    let queued = events.queued_targets_since(0);
+    assert!(
+        queued.iter().all(|(p, _)| p == "kiln/c"),
+        "{queued:?}\n{}",
+        describe(&s)
+    );
+    let status = kiln(&kilnd).args(["status"]).stdout();
+    assert!(
+        status.contains("cycle"),
+        "kiln status does not show it:\n{status}"
+    );
+}
