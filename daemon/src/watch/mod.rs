@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode, EventKind};
-use notify::{PollWatcher, RecommendedWatcher, RecursiveMode, Watcher as _};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
@@ -56,17 +56,22 @@ pub struct WatchConfig {
     pub quiet: Duration,
 }
 
+/// What watches: inotify, or the fallback poller.
+enum Backend {
+    /// Owned so that watching lasts as long as the `Watcher`.
+    Inotify(#[allow(dead_code)] RecommendedWatcher),
+    Poll(tokio::task::JoinHandle<()>),
+}
+
 /// The running watcher. Dropping it stops watching.
 pub struct Watcher {
-    /// Owned so that watching lasts as long as the `Watcher`.
-    _backend: Box<dyn notify::Watcher + Send>,
-    polling: bool,
+    backend: Backend,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Watcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = if self.polling { "poll" } else { "inotify" };
+        let kind = if self.is_polling() { "poll" } else { "inotify" };
         write!(f, "Watcher({kind})")
     }
 }
@@ -87,35 +92,34 @@ impl Watcher {
                 let _ = raw_tx.blocking_send(ev);
             }
         };
-        let (backend, polling): (Box<dyn notify::Watcher + Send>, bool) =
-            match start_inotify(&cfg.roots, handler) {
-                Ok(w) => (Box::new(w), false),
-                Err(StartError::Limit(message)) => {
-                    let _ = out_tx.try_send(WatchEvent::Error { message });
-                    (Box::new(start_poll(&cfg.roots, raw_tx)?), true)
-                }
-                Err(StartError::Other(e)) => return Err(e),
-            };
+        let backend = match start_inotify(&cfg.roots, handler) {
+            Ok(w) => Backend::Inotify(w),
+            Err(StartError::Limit(message)) => {
+                let _ = out_tx.try_send(WatchEvent::Error { message });
+                Backend::Poll(tokio::spawn(poll(
+                    cfg.roots.clone(),
+                    cfg.exclude.clone(),
+                    raw_tx,
+                )))
+            }
+            Err(StartError::Other(e)) => return Err(e),
+        };
         let task = tokio::spawn(fold(cfg, raw_rx, out_tx));
-        Ok((
-            Watcher {
-                _backend: backend,
-                polling,
-                task,
-            },
-            out_rx,
-        ))
+        Ok((Watcher { backend, task }, out_rx))
     }
 
     /// Whether the watcher fell back to polling.
     pub fn is_polling(&self) -> bool {
-        self.polling
+        matches!(self.backend, Backend::Poll(_))
     }
 }
 
 impl Drop for Watcher {
     fn drop(&mut self) {
         self.task.abort();
+        if let Backend::Poll(p) = &self.backend {
+            p.abort();
+        }
     }
 }
 
@@ -166,25 +170,71 @@ fn start_inotify(
     Ok(w)
 }
 
-fn start_poll(roots: &[PathBuf], raw_tx: mpsc::Sender<Raw>) -> Result<PollWatcher, WatchError> {
-    let handler = move |ev: Raw| {
-        let _ = raw_tx.blocking_send(ev);
-    };
-    let cfg = notify::Config::default()
-        .with_poll_interval(POLL_INTERVAL)
-        .with_compare_contents(false);
-    let mut w = PollWatcher::new(handler, cfg).map_err(|source| WatchError::Watch {
-        path: roots[0].clone(),
-        source,
-    })?;
-    for root in roots {
-        w.watch(root, RecursiveMode::Recursive)
-            .map_err(|source| WatchError::Watch {
-                path: root.clone(),
-                source,
-            })?;
+/// What identifies one version of a file for the poller: size, mtime to the nanosecond,
+/// inode and mode (notify's poller compares whole seconds and misses quick saves).
+type Stamp = (u64, i64, i64, u64, u32);
+
+/// Stats every file under the roots (skipping `.git` and the excluded paths).
+fn scan(roots: &[PathBuf], exclude: &[PathBuf]) -> std::collections::HashMap<PathBuf, Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::HashMap::new();
+    let mut stack: Vec<PathBuf> = roots.to_vec();
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if e.file_name() == ".git" || exclude.iter().any(|x| path.starts_with(x)) {
+                continue;
+            }
+            let Ok(m) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if m.is_dir() {
+                stack.push(path.clone());
+            }
+            out.insert(
+                path,
+                (m.size(), m.mtime(), m.mtime_nsec(), m.ino(), m.mode()),
+            );
+        }
     }
-    Ok(w)
+    out
+}
+
+/// The fallback when inotify cannot watch everything: rescans the roots every
+/// [`POLL_INTERVAL`] and reports what was created, changed or removed.
+async fn poll(roots: Vec<PathBuf>, exclude: Vec<PathBuf>, raw_tx: mpsc::Sender<Raw>) {
+    let scan_now = |roots: Vec<PathBuf>, exclude: Vec<PathBuf>| {
+        tokio::task::spawn_blocking(move || scan(&roots, &exclude))
+    };
+    let Ok(mut before) = scan_now(roots.clone(), exclude.clone()).await else {
+        return;
+    };
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Ok(now) = scan_now(roots.clone(), exclude.clone()).await else {
+            return;
+        };
+        let mut changed: Vec<PathBuf> = now
+            .iter()
+            .filter(|(p, s)| before.get(*p) != Some(*s))
+            .map(|(p, _)| p.clone())
+            .collect();
+        changed.extend(before.keys().filter(|p| !now.contains_key(*p)).cloned());
+        before = now;
+        if changed.is_empty() {
+            continue;
+        }
+        let mut ev = notify::Event::new(EventKind::Modify(notify::event::ModifyKind::Any));
+        ev.paths = changed;
+        if raw_tx.send(Ok(ev)).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Whether an event says something about content (reads and opens do not).

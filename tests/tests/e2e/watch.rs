@@ -502,13 +502,11 @@ fn at_the_inotify_watch_limit_kilnd_says_so_and_polling_still_sees_saves() {
     drop(machine);
 }
 
-/// kilnd bug: the polling fallback (notify's PollWatcher with compare_contents off)
-/// compares modification times in whole seconds, so a save whose mtime falls in the same
-/// second as the one the poller last saw is never noticed (here made deterministic by
-/// giving the saved file an mtime in the same second as before, as `cp -p`, `tar -x` or
-/// `rsync -t` do; two saves within one second around a rescan lose the second the same way).
+/// The polling fallback compares size, mtime to the nanosecond, inode and mode, so a save
+/// whose mtime falls in the same second as before is still seen (made deterministic here
+/// by giving the saved file an mtime in the same second, as `cp -p`, `tar -x` or
+/// `rsync -t` do). notify's own poller, which compares whole seconds, missed it.
 #[test]
-#[ignore = "kilnd bug: the poll fallback misses a save within the same mtime second (see the doc comment)"]
 fn at_the_inotify_watch_limit_a_save_in_the_same_mtime_second_is_seen() {
     let machine = exclusive();
     let ws = old_workspace();
