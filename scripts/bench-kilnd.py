@@ -150,6 +150,8 @@ def main():
     ap.add_argument("--kilnd", default=os.environ.get("KILND", os.path.join(ROOT, "target/debug/kilnd")))
     ap.add_argument("--kiln", default=os.environ.get("KILN", os.path.join(ROOT, "target/debug/kiln")))
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--builder", default="docker", choices=["docker", "native", "auto"],
+                    help="kilnd's builder (default docker: BuildKit through the engine)")
     args = ap.parse_args()
     hand_n = args.saves if args.hand is None else args.hand
 
@@ -203,7 +205,7 @@ def run(args, hand_n, work, procs, layout):
     kilnd = subprocess.Popen(
         [args.kilnd, "--cache", os.path.join(work, "cache"), "--listen", "127.0.0.1:0",
          "--socket", os.path.join(work, "kilnd.sock"), "--ready-file", ready,
-         "--builder", "docker", ws],
+         "--builder", args.builder, ws],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
     procs.append(kilnd)
 
@@ -218,7 +220,7 @@ def run(args, hand_n, work, procs, layout):
     addr = wait("kilnd's ready file", ready_addr, 60)
     reg = Registry(addr)
     quiet = os.environ.get("KILN_QUIET_MS", "50 (default)")
-    print(f"kilnd {args.kilnd} (pid {kilnd.pid}), registry {addr}, builder docker, "
+    print(f"kilnd {args.kilnd} (pid {kilnd.pid}), registry {addr}, builder {args.builder}, "
           f"quiet window {quiet} ms, work {work}")
     t = time.monotonic()
     poll_until(reg, "bench/pkg", tag0, seconds=600)
