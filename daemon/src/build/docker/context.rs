@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use tokio::sync::mpsc;
 
-use super::dockerignore::{DockerIgnore, IgnoreError, go_clean};
+use crate::build::dockerignore::{DockerIgnore, IgnoreError, go_clean};
 
 /// The name under which a Dockerfile that lives outside the package is added.
 pub const OUTSIDE_DOCKERFILE_NAME: &str = ".kiln.Dockerfile";

@@ -10,7 +10,6 @@
 //! push, and after a failure or cancellation too.
 
 pub mod context;
-pub mod dockerignore;
 pub mod engine;
 pub mod linuxkit;
 pub mod progress;

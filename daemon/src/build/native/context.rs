@@ -9,6 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::tree::{Content, Kind, Node, Tree, clean, join, parent};
+use crate::build::dockerignore::DockerIgnore;
 
 /// Go's `filepath.Match` on one path component: `*`, `?`, `[...]` (with `^` or `!`
 /// negation and ranges), `\` escapes. Returns an error for a malformed pattern.
@@ -142,76 +143,6 @@ pub fn has_wildcard(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
-/// `.dockerignore` rules, as moby's `patternmatcher`: patterns are cleaned paths from the
-/// context root, `**` matches any number of components, a pattern also excludes
-/// everything below what it matches, `!` re-includes, the last matching rule wins.
-#[derive(Debug, Default, Clone)]
-pub struct Ignore {
-    rules: Vec<(Vec<String>, bool)>,
-}
-
-impl Ignore {
-    pub fn parse(text: &str) -> Result<Ignore, String> {
-        let mut rules = Vec::new();
-        for line in text.lines() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let (pat, exclude) = match line.strip_prefix('!') {
-                Some(p) => (p.trim(), false),
-                None => (line, true),
-            };
-            let cleaned = clean(pat);
-            if cleaned.is_empty() {
-                continue;
-            }
-            let comps: Vec<String> = cleaned.split('/').map(str::to_owned).collect();
-            for c in &comps {
-                if c != "**" {
-                    match_component(c, "")
-                        .map_err(|e| format!(".dockerignore: {e} in line {line:?}"))?;
-                }
-            }
-            rules.push((comps, exclude));
-        }
-        Ok(Ignore { rules })
-    }
-
-    pub fn has_exceptions(&self) -> bool {
-        self.rules.iter().any(|(_, ex)| !ex)
-    }
-
-    /// Whether `path` (relative, cleaned) is excluded from the context.
-    pub fn excluded(&self, path: &str) -> bool {
-        let comps: Vec<&str> = path.split('/').collect();
-        let mut excluded = false;
-        for (pat, exclude) in &self.rules {
-            // A pattern matches the path or any of its parents.
-            let hit = (1..=comps.len()).any(|k| glob_components(pat, &comps[..k]));
-            if hit {
-                excluded = *exclude;
-            }
-        }
-        excluded
-    }
-}
-
-fn glob_components(pat: &[String], comps: &[&str]) -> bool {
-    match pat.split_first() {
-        None => comps.is_empty(),
-        Some((first, rest)) if first == "**" => {
-            (0..=comps.len()).any(|k| glob_components(rest, &comps[k..]))
-        }
-        Some((first, rest)) => match comps.split_first() {
-            Some((c, crest)) => {
-                match_component(first, c).unwrap_or(false) && glob_components(rest, crest)
-            }
-            None => false,
-        },
-    }
-}
-
 /// Why the context could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ContextError {
@@ -236,8 +167,8 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ContextError + '_ {
 /// absolute file or directory) placed at its destination inside the context.
 pub fn read_context(dir: &Path, extra: &[(PathBuf, String)]) -> Result<Tree, ContextError> {
     let ignore = match fs::read_to_string(dir.join(".dockerignore")) {
-        Ok(t) => Ignore::parse(&t).map_err(ContextError::Invalid)?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ignore::default(),
+        Ok(t) => DockerIgnore::parse(&t).map_err(|e| ContextError::Invalid(e.to_string()))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => DockerIgnore::default(),
         Err(e) => return Err(io_err(&dir.join(".dockerignore"))(e)),
     };
     if !fs::metadata(dir).map_err(io_err(dir))?.is_dir() {
@@ -303,7 +234,7 @@ fn walk(
     tree: &mut Tree,
     dir: &Path,
     at: &str,
-    ignore: Option<&Ignore>,
+    ignore: Option<&DockerIgnore>,
 ) -> Result<(), ContextError> {
     let mut names: Vec<_> = fs::read_dir(dir)
         .map_err(io_err(dir))?
@@ -320,9 +251,9 @@ fn walk(
         };
         let rel = join(at, name_str);
         let path = dir.join(&name);
-        let excluded = ignore.is_some_and(|i| i.excluded(&rel));
+        let excluded = ignore.is_some_and(|i| i.excludes(&rel));
         let m = fs::symlink_metadata(&path).map_err(io_err(&path))?;
-        if excluded && !(m.is_dir() && ignore.is_some_and(Ignore::has_exceptions)) {
+        if excluded && !(m.is_dir() && ignore.is_some_and(DockerIgnore::has_exclusions)) {
             continue;
         }
         if m.file_type().is_socket_like() {
@@ -377,17 +308,17 @@ mod tests {
 
     #[test]
     fn dockerignore_rules() {
-        let i = Ignore::parse("# c\n/target\n**/*.o\n*.md\n!README.md\nsub/*/tmp\n").unwrap();
-        assert!(i.excluded("target"));
-        assert!(i.excluded("target/debug/x"));
-        assert!(i.excluded("a/b/c.o"));
-        assert!(i.excluded("x.o"));
-        assert!(i.excluded("NOTES.md"));
-        assert!(!i.excluded("README.md"));
-        assert!(!i.excluded("docs/NOTES.md"), "*.md is anchored at the root");
-        assert!(i.excluded("sub/a/tmp/f"));
-        assert!(!i.excluded("sub/tmp"));
-        assert!(i.has_exceptions());
+        let i = DockerIgnore::parse("# c\n/target\n**/*.o\n*.md\n!README.md\nsub/*/tmp\n").unwrap();
+        assert!(i.excludes("target"));
+        assert!(i.excludes("target/debug/x"));
+        assert!(i.excludes("a/b/c.o"));
+        assert!(i.excludes("x.o"));
+        assert!(i.excludes("NOTES.md"));
+        assert!(!i.excludes("README.md"));
+        assert!(!i.excludes("docs/NOTES.md"), "*.md is anchored at the root");
+        assert!(i.excludes("sub/a/tmp/f"));
+        assert!(!i.excludes("sub/tmp"));
+        assert!(i.has_exclusions());
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::build::dockerfile::{Dockerfile, DockerfileError};
 use crate::cache::{Cache, CacheError};
 use crate::oci::{Descriptor, Platform, is_index, is_manifest};
 
-pub use context::{ContextError, Ignore, match_component};
+pub use context::{ContextError, match_component};
 pub use image::{ImageConfig, RunConfig};
 pub use layer::{CHUNK, LEVEL, Layer, LayerError};
 pub use refuse::{Refusal, native_supports};
