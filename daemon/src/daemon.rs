@@ -5,10 +5,11 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use kiln_shared::protocol::{
-    BuildOutcome, BuildSummary, Event, Pull, QueuedBuild, Ready, RunningBuild, Snapshot, StreamItem,
+    BuildOutcome, BuildSummary, Event, Pull, QueuedBuild, Ready, RunningBuild, Snapshot,
+    StreamItem, now_ms,
 };
 use kiln_shared::reference::{RepoName, Tag};
 use tokio::signal::unix::{SignalKind, signal};
@@ -50,12 +51,6 @@ pub enum DaemonError {
     Invalid(String),
     #[error("a startup task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn ms(d: Duration) -> u64 {

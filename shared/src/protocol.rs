@@ -33,6 +33,13 @@ pub fn default_socket_path(runtime_dir: Option<PathBuf>, cache_dir: PathBuf) -> 
     }
 }
 
+/// Now, in Unix milliseconds: the time unit of every timestamp in the protocol.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// A build's id, assigned by kilnd (unique for the daemon's lifetime).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]

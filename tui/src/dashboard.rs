@@ -3,7 +3,7 @@
 //! build runs, a one-second tick. It draws only after a message changed the model.
 
 use std::io::Stdout;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use crossterm::event::{DisableMouseCapture, EnableMouseCapture, Event as TermEvent, EventStream};
@@ -12,7 +12,7 @@ use crossterm::terminal::{
     EnterAlternateScreen, LeaveAlternateScreen, disable_raw_mode, enable_raw_mode,
 };
 use futures_util::StreamExt;
-use kiln_shared::protocol::{BuildResponse, CancelResponse, GcResponse};
+use kiln_shared::protocol::{BuildResponse, CancelResponse, GcResponse, now_ms};
 use ratatui::Terminal;
 use ratatui::backend::CrosstermBackend;
 use ratatui::layout::Rect;
@@ -74,12 +74,6 @@ impl Drop for TerminalGuard {
     fn drop(&mut self) {
         restore();
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Connects to the event stream and forwards it, reconnecting with backoff for ever.

@@ -12,11 +12,10 @@ pub mod deps;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use kiln_shared::protocol::{
     BuildId, BuildRequest, BuildResponse, CancelRequest, CancelResponse, Event, GcResponse,
-    GcSummary, PackageInfo, QueuedBuild,
+    GcSummary, PackageInfo, QueuedBuild, now_ms,
 };
 use kiln_shared::reference::{ImageRef, Tag};
 use tokio::sync::oneshot;
@@ -149,12 +148,6 @@ impl std::fmt::Debug for Planner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Planner({} packages)", self.ws.packages.len())
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The cache name of one architecture's image: `docker.io/org/image:tag-<arch>`.
