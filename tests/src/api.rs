@@ -428,3 +428,26 @@ impl Drop for Events {
         }
     }
 }
+
+/// A package's current tag in the snapshot (panics, showing the state, if it has none).
+pub fn tag_of(s: &Snapshot, package: &str) -> String {
+    s.packages
+        .get(package)
+        .and_then(|p| p.tag.as_ref())
+        .unwrap_or_else(|| panic!("{package} has no tag:\n{}", describe(s)))
+        .to_string()
+}
+
+/// (arch, digest or "-") of each target of a package.
+pub fn digests_of(s: &Snapshot, package: &str) -> Vec<(String, String)> {
+    s.packages[package]
+        .targets
+        .iter()
+        .map(|(a, t)| {
+            (
+                a.clone(),
+                t.digest.as_ref().map_or("-".into(), ToString::to_string),
+            )
+        })
+        .collect()
+}

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use kiln_shared::protocol::{BuildOutcome, Snapshot, TargetStatus};
-use kiln_tests::api::{describe, package_ok};
+use kiln_shared::protocol::{BuildOutcome, TargetStatus};
+use kiln_tests::api::{describe, digests_of, package_ok, tag_of};
 use kiln_tests::workspace::{
     busybox_kiln_toml, copy_examples, index_platforms, registry_digest, registry_manifest,
     write_package,
@@ -24,27 +24,6 @@ const EXAMPLES: [&str; 5] = [
     "kiln/hello",
     "kiln/hello-site",
 ];
-
-fn tag_of(s: &Snapshot, package: &str) -> String {
-    s.packages
-        .get(package)
-        .and_then(|p| p.tag.as_ref())
-        .unwrap_or_else(|| panic!("{package} has no tag:\n{}", describe(s)))
-        .to_string()
-}
-
-fn digests_of(s: &Snapshot, package: &str) -> Vec<(String, String)> {
-    s.packages[package]
-        .targets
-        .iter()
-        .map(|(a, t)| {
-            (
-                a.clone(),
-                t.digest.as_ref().map_or("-".into(), ToString::to_string),
-            )
-        })
-        .collect()
-}
 
 /// `kiln --socket S ARGS...`.
 fn kiln(kilnd: &Kilnd) -> kiln_tests::Cmd {

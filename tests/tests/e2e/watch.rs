@@ -11,7 +11,7 @@ use std::fs;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_shared::protocol::{Snapshot, TargetStatus};
-use kiln_tests::api::{describe, package_ok, settled};
+use kiln_tests::api::{describe, digests_of, package_ok, settled, tag_of};
 use kiln_tests::machine::{ExclusiveToken, Sysctl, exclusive};
 use kiln_tests::workspace::{
     busybox_kiln_toml, index_platforms, registry_digest, registry_manifest, write_package,
@@ -20,27 +20,6 @@ use kiln_tests::{Dir, Events, Kilnd, KilndOptions, PulledImage, cmd, docker, tar
 
 /// Long enough for a few docker builds (arm64 under qemu) on a loaded two-core machine.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn tag_of(s: &Snapshot, package: &str) -> String {
-    s.packages
-        .get(package)
-        .and_then(|p| p.tag.as_ref())
-        .unwrap_or_else(|| panic!("{package} has no tag:\n{}", describe(s)))
-        .to_string()
-}
-
-fn digests_of(s: &Snapshot, package: &str) -> Vec<(String, String)> {
-    s.packages[package]
-        .targets
-        .iter()
-        .map(|(a, t)| {
-            (
-                a.clone(),
-                t.digest.as_ref().map_or("-".into(), ToString::to_string),
-            )
-        })
-        .collect()
-}
 
 fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = list
