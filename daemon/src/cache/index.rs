@@ -243,7 +243,7 @@ fn find_ref<'a>(index: &'a ImageIndex, name: &str) -> Option<&'a Descriptor> {
 }
 
 /// Sets `name` to `desc` inside an index being updated, in place if it exists.
-pub(crate) fn set_ref_in(index: &mut ImageIndex, name: &str, mut desc: Descriptor) {
+pub fn set_ref_in(index: &mut ImageIndex, name: &str, mut desc: Descriptor) {
     desc.annotations
         .insert(ANNOTATION_REF_NAME.to_owned(), name.to_owned());
     match index

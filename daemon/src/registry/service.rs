@@ -25,8 +25,8 @@ use super::route::Route;
 use super::uploads::{Session, Uploads};
 use super::view::{self, Stored, View, digest_ref_name, tag_ref_name};
 use super::{Hooks, PullEvent};
-use crate::cache::{BlobWriter, Cache, CacheError};
-use crate::oci::{ANNOTATION_REF_NAME, Descriptor};
+use crate::cache::{BlobWriter, Cache, CacheError, set_ref_in};
+use crate::oci::Descriptor;
 
 const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
 const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
@@ -455,42 +455,18 @@ impl Service {
             .ok_or_else(|| OciError::NameUnknown(repo.to_string()))?;
         let names: Vec<&str> = entry.tags.keys().map(String::as_str).collect();
         let (page, next) = paginate(&names, q)?;
-        let mut r = json_response(
-            StatusCode::OK,
-            Bytes::from(json!({ "name": repo.as_str(), "tags": page }).to_string()),
-        );
-        if let Some((last, n)) = next {
-            let link = format!(
-                "</v2/{repo}/tags/list?last={}&n={n}>; rel=\"next\"",
-                query::encode(last)
-            );
-            r.headers_mut().insert(
-                header::LINK,
-                HeaderValue::from_str(&link).map_err(internal)?,
-            );
-        }
-        Ok(r)
+        paged(
+            json!({ "name": repo.as_str(), "tags": page }),
+            &format!("/v2/{repo}/tags/list"),
+            next,
+        )
     }
 
     async fn catalog(&self, q: Option<&str>) -> Result<Resp, OciError> {
         let view = self.view().await?;
         let names = view.repo_names();
         let (page, next) = paginate(&names, q)?;
-        let mut r = json_response(
-            StatusCode::OK,
-            Bytes::from(json!({ "repositories": page }).to_string()),
-        );
-        if let Some((last, n)) = next {
-            let link = format!(
-                "</v2/_catalog?last={}&n={n}>; rel=\"next\"",
-                query::encode(last)
-            );
-            r.headers_mut().insert(
-                header::LINK,
-                HeaderValue::from_str(&link).map_err(internal)?,
-            );
-        }
-        Ok(r)
+        paged(json!({ "repositories": page }), "/v2/_catalog", next)
     }
 
     async fn referrers(&self, subject: &Digest, q: Option<&str>) -> Result<Resp, OciError> {
@@ -799,7 +775,7 @@ impl Service {
                 .update_index(|index| {
                     match &reference {
                         Reference::Tag(tag) => {
-                            set_ref(index, &tag_ref_name(&repo_s, tag.as_str()), desc);
+                            set_ref_in(index, &tag_ref_name(&repo_s, tag.as_str()), desc);
                             // The tag now keeps it; a digest-only name is redundant.
                             let by_digest = digest_ref_name(&repo_s, &digest);
                             index
@@ -814,7 +790,7 @@ impl Service {
                                     && d.ref_name().is_some_and(|n| n.starts_with(&prefix))
                             });
                             if !tagged {
-                                set_ref(index, &digest_ref_name(&repo_s, &digest), desc);
+                                set_ref_in(index, &digest_ref_name(&repo_s, &digest), desc);
                             }
                         }
                     }
@@ -1136,22 +1112,25 @@ fn upload_accepted(
     Ok(r)
 }
 
-/// Points `name` at `desc` in an index being rewritten.
-fn set_ref(index: &mut crate::oci::ImageIndex, name: &str, mut desc: Descriptor) {
-    desc.annotations
-        .insert(ANNOTATION_REF_NAME.to_owned(), name.to_owned());
-    match index
-        .manifests
-        .iter_mut()
-        .find(|d| d.ref_name() == Some(name))
-    {
-        Some(slot) => *slot = desc,
-        None => index.manifests.push(desc),
-    }
-}
-
 /// One page of names, and the `last` and `n` of the next page if more follow.
 type Page<'a> = (Vec<&'a str>, Option<(&'a str, usize)>);
+
+/// A JSON list page, with the `Link` header to the next page when there is one.
+fn paged(
+    body: serde_json::Value,
+    path: &str,
+    next: Option<(&str, usize)>,
+) -> Result<Resp, OciError> {
+    let mut r = json_response(StatusCode::OK, Bytes::from(body.to_string()));
+    if let Some((last, n)) = next {
+        let link = format!("<{path}?last={}&n={n}>; rel=\"next\"", query::encode(last));
+        r.headers_mut().insert(
+            header::LINK,
+            HeaderValue::from_str(&link).map_err(internal)?,
+        );
+    }
+    Ok(r)
+}
 
 /// Parses `n` and `last` and cuts one page of sorted `names`; returns the page and, if
 /// more follow, the `last` and `n` of the next page.
