@@ -59,11 +59,8 @@ fn ms(d: Duration) -> u64 {
 
 /// Runs kilnd until a termination signal.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
-    let cache_dir = config.cache.clone();
-    let cache = Arc::new(tokio::task::spawn_blocking(move || Cache::open(&cache_dir)).await??);
+    let cache = open_cache(&config.cache, &config.imports).await?;
     tracing::info!(cache = %cache.root().display(), "cache open");
-
-    import_images(&cache, &config.imports).await;
 
     let registry = crate::registry::bind(RegistryConfig::from(&config)).await?;
     let addrs: Vec<String> = registry
@@ -79,33 +76,22 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .find(|a| a.is_ipv4() && a.ip().is_loopback())
         .map(ToString::to_string);
 
-    let roots: Vec<_> = config
-        .roots
-        .iter()
-        .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
-        .collect();
-    let bus = Bus::new(Snapshot::new(
-        env!("CARGO_PKG_VERSION"),
-        std::process::id(),
-        roots.clone(),
+    let Core {
+        bus,
+        table,
+        sched,
+        roots,
+    } = start_queue(
+        &cache,
+        &config.roots,
         addrs.clone(),
-    ));
-    let api = Api::bind(&config.socket).await?;
-
-    let table = Arc::new(PackageTable::default());
-    let engines = Arc::new(Engines::new(None, &config.engines)?);
-    let runner = BuildRunner::new(
-        Arc::clone(&cache),
-        bus.clone(),
-        Arc::clone(&table),
-        engines,
+        &config.engines,
         push_to,
         config.dev_tag.clone(),
-    );
-    let sched_bus = bus.clone();
-    let sched = Scheduler::start(Arc::new(runner), config.jobs, move |e| {
-        sched_bus.publish(to_event(e));
-    });
+        config.jobs,
+        |_| {},
+    )?;
+    let api = Api::bind(&config.socket).await?;
 
     // The registry: pulls are shown, and a pull of a tag not built yet waits for it.
     let (pull_tx, mut pull_rx) = mpsc::channel::<PullMiss>(64);
@@ -212,6 +198,71 @@ async fn import_images(cache: &Arc<Cache>, imports: &[(std::path::PathBuf, Strin
             Err(e) => tracing::warn!("import stopped: {e}"),
         }
     }
+}
+
+/// Opens the cache and imports the configured images into it.
+async fn open_cache(
+    dir: &std::path::Path,
+    imports: &[(std::path::PathBuf, String, String)],
+) -> Result<Arc<Cache>, DaemonError> {
+    let dir = dir.to_owned();
+    let cache = Arc::new(tokio::task::spawn_blocking(move || Cache::open(&dir)).await??);
+    import_images(&cache, imports).await;
+    Ok(cache)
+}
+
+/// What kilnd and a one-off build share: the bus, the plan table and the queue whose
+/// runner builds into the cache.
+struct Core {
+    bus: Bus,
+    table: Arc<PackageTable>,
+    sched: Scheduler,
+    /// The workspace roots, canonical.
+    roots: Vec<std::path::PathBuf>,
+}
+
+/// Starts the bus and the build queue. `on_event` sees each queue event before the bus.
+#[allow(clippy::too_many_arguments)]
+fn start_queue(
+    cache: &Arc<Cache>,
+    roots: &[std::path::PathBuf],
+    registry_addrs: Vec<String>,
+    engines: &[String],
+    push_to: Option<String>,
+    dev_tag: Tag,
+    jobs: usize,
+    on_event: impl Fn(&SchedEvent) + Send + 'static,
+) -> Result<Core, DaemonError> {
+    let roots: Vec<_> = roots
+        .iter()
+        .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
+        .collect();
+    let bus = Bus::new(Snapshot::new(
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        roots.clone(),
+        registry_addrs,
+    ));
+    let table = Arc::new(PackageTable::default());
+    let runner = BuildRunner::new(
+        Arc::clone(cache),
+        bus.clone(),
+        Arc::clone(&table),
+        Arc::new(Engines::new(None, engines)?),
+        push_to,
+        dev_tag,
+    );
+    let sched_bus = bus.clone();
+    let sched = Scheduler::start(Arc::new(runner), jobs, move |e| {
+        on_event(&e);
+        sched_bus.publish(to_event(e));
+    });
+    Ok(Core {
+        bus,
+        table,
+        sched,
+        roots,
+    })
 }
 
 async fn flush_usage(cache: &Arc<Cache>) {
@@ -454,9 +505,7 @@ pub async fn build_once(
     req: OneOff,
     line: impl Fn(String) + Send + Sync + 'static,
 ) -> Result<Vec<OneOffResult>, DaemonError> {
-    let cache_dir = req.cache.clone();
-    let cache = Arc::new(tokio::task::spawn_blocking(move || Cache::open(&cache_dir)).await??);
-    import_images(&cache, &req.imports).await;
+    let cache = open_cache(&req.cache, &req.imports).await?;
     let registry = crate::registry::bind(RegistryConfig {
         listen: vec![std::net::SocketAddr::from((
             std::net::Ipv4Addr::LOCALHOST,
@@ -468,38 +517,30 @@ pub async fn build_once(
     .await?;
     let push_to = registry.local_addrs().first().map(ToString::to_string);
     tokio::spawn(registry.serve(Arc::clone(&cache), Hooks::default()));
-    let roots: Vec<_> = req
-        .roots
-        .iter()
-        .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
-        .collect();
-    let bus = Bus::new(Snapshot::new(
-        env!("CARGO_PKG_VERSION"),
-        std::process::id(),
-        roots.clone(),
-        Vec::new(),
-    ));
-    let table = Arc::new(PackageTable::default());
     let dev_tag: Tag = "dev"
         .parse()
         .map_err(|e| DaemonError::Invalid(format!("dev tag: {e}")))?;
-    let runner = BuildRunner::new(
-        Arc::clone(&cache),
-        bus.clone(),
-        Arc::clone(&table),
-        Arc::new(Engines::new(None, &req.engines)?),
-        push_to,
-        dev_tag.clone(),
-    );
     let line = Arc::new(line);
     let events_line = Arc::clone(&line);
-    let sched_bus = bus.clone();
-    let sched = Scheduler::start(Arc::new(runner), req.jobs, move |e| {
-        if let Some(text) = describe(&e) {
-            events_line(text);
-        }
-        sched_bus.publish(to_event(e));
-    });
+    let Core {
+        bus,
+        table,
+        sched,
+        roots,
+    } = start_queue(
+        &cache,
+        &req.roots,
+        Vec::new(),
+        &req.engines,
+        push_to,
+        dev_tag.clone(),
+        req.jobs,
+        move |e| {
+            if let Some(text) = describe(e) {
+                events_line(text);
+            }
+        },
+    )?;
     let mut planner = Planner::new(
         &roots,
         Arc::clone(&cache),
