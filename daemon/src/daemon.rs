@@ -4,7 +4,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use kiln_shared::protocol::{
@@ -359,43 +358,46 @@ fn to_event(e: SchedEvent) -> Event {
 }
 
 /// Keeps the cache figures on the bus: counts hits (targets served from the cache,
-/// pulls) and misses (builds), and re-reads the cache after builds and collections.
+/// pulls) and misses (builds), and re-reads the cache's size only after builds and
+/// collections, never per pull.
 async fn cache_stats(cache: Arc<Cache>, bus: Bus, cap: Option<u64>) {
-    let hits = AtomicU64::new(0);
-    let misses = AtomicU64::new(0);
+    let mut stats = kiln_shared::protocol::CacheStats {
+        dir: cache.root().to_owned(),
+        bytes_cap: cap,
+        ..Default::default()
+    };
     let mut sub = bus.subscribe();
-    let mut dirty = true;
+    let mut rescan = true;
     loop {
-        if dirty {
+        if rescan {
             let c = Arc::clone(&cache);
             if let Ok(Ok(s)) = tokio::task::spawn_blocking(move || crate::cache::stats(&c)).await {
-                let mut stats = bus.snapshot().cache;
-                stats.dir = cache.root().to_owned();
                 stats.bytes_used = s.blob_bytes;
-                stats.bytes_cap = cap;
                 stats.blobs = s.blobs;
                 stats.references = s.refs;
-                stats.hits = hits.load(Ordering::Relaxed);
-                stats.misses = misses.load(Ordering::Relaxed);
-                bus.publish(Event::CacheStats { stats });
             }
-            dirty = false;
+            rescan = false;
         }
-        let Some(item) = sub.next().await else { return };
-        let StreamItem::Event { event, .. } = item else {
-            continue;
-        };
-        match event {
-            Event::ServedFromCache { .. } | Event::Pulled { .. } => {
-                hits.fetch_add(1, Ordering::Relaxed);
-                dirty = true;
+        bus.publish(Event::CacheStats {
+            stats: stats.clone(),
+        });
+        // Wait for something that changes the figures.
+        loop {
+            let Some(item) = sub.next().await else { return };
+            let StreamItem::Event { event, .. } = item else {
+                continue;
+            };
+            match event {
+                Event::ServedFromCache { .. } | Event::Pulled { .. } => stats.hits += 1,
+                Event::Queued { .. } => stats.misses += 1,
+                Event::Finished { .. } => rescan = true,
+                Event::GcFinished { gc } => {
+                    stats.last_gc = Some(gc);
+                    rescan = true;
+                }
+                _ => continue,
             }
-            Event::Queued { .. } => {
-                misses.fetch_add(1, Ordering::Relaxed);
-                dirty = true;
-            }
-            Event::Finished { .. } | Event::GcFinished { .. } => dirty = true,
-            _ => {}
+            break;
         }
     }
 }
