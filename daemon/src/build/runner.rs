@@ -154,9 +154,12 @@ impl Inner {
             "building {image} for linux/{arch} with the {} builder",
             builder.as_str()
         ));
-        let built = match builder {
-            BuilderKind::Native => self.native(&planned, &arch, log).await?,
-            BuilderKind::Docker => self.docker(&planned, &arch, log, cancel).await?,
+        let (built, engine_tag) = match builder {
+            BuilderKind::Native => (self.native(&planned, &arch, log).await?, None),
+            BuilderKind::Docker => {
+                let (built, tag) = self.docker(&planned, &arch, log, cancel).await?;
+                (built, Some(tag))
+            }
         };
         // Move `dev` only if no newer tag was planned meanwhile.
         let current = self
@@ -170,6 +173,16 @@ impl Inner {
             let dev = self.dev_tag.clone();
             let image = image.clone();
             let _ = tokio::task::spawn_blocking(move || point_dev(&cache, &image, &dev)).await;
+        }
+        // The image is served now; the engine's copy goes before the build counts as
+        // finished, so nothing is left in the engine once it is.
+        if let Some(tag) = engine_tag {
+            let reference = tag.reference().to_owned();
+            if let Err(e) = tag.remove().await {
+                log.line(&format!(
+                    "warning: cannot remove {reference} from the engine: {e}"
+                ));
+            }
         }
         log.line(&format!("{image} ({arch}): {}", built.manifest.digest));
         Ok(built)
@@ -235,7 +248,7 @@ impl Inner {
         arch: &str,
         log: &mut Log,
         cancel: CancellationToken,
-    ) -> Result<Built, String> {
+    ) -> Result<(Built, docker::EngineTag), String> {
         let registry = self.registry.clone().ok_or_else(|| {
             "the docker builder pushes into kilnd's registry, which listens on no IPv4 \
              loopback address: add --listen 127.0.0.1:PORT"
@@ -272,7 +285,7 @@ impl Inner {
             _ => log.line(&l.text),
         };
         let result = docker::build_arch(&engine, &build, &registry, &mut sink, cancel).await;
-        let outcome = result.map_err(|e| e.to_string())?;
+        let (outcome, engine_tag) = result.map_err(|e| e.to_string())?;
         let cache = Arc::clone(&self.cache);
         let image = p.image();
         let suffix = arch.to_owned();
@@ -281,11 +294,12 @@ impl Inner {
             .await
             .map_err(|e| format!("landing the image stopped: {e}"))?
             .map_err(|e| e.to_string())?;
-        Ok(Built {
+        let built = Built {
             manifest: outcome.manifest,
             cache_hits: u32::try_from(outcome.cache_hits).unwrap_or(u32::MAX),
             steps: u32::try_from(outcome.cache_hits + outcome.steps_run).unwrap_or(u32::MAX),
-        })
+        };
+        Ok((built, engine_tag))
     }
 
     /// The engine must pull every base image from kilnd's registry, pinned by digest to

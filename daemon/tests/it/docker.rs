@@ -15,13 +15,29 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kiln_daemon::build::docker::{
-    DockerBuild, DockerBuildError, Engine, LinuxkitInfo, LogLine, LogSource, build_arch,
-    linuxkit_build_args, linuxkit_labels,
+    BuildOutcome, DockerBuild, DockerBuildError, Engine, LinuxkitInfo, LogLine, LogSource,
+    build_arch, linuxkit_build_args, linuxkit_labels,
 };
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
 const DOCKER: &str = "/usr/bin/docker";
+
+/// [`build_arch`], then what kilnd's runner does once the image has landed: the tag the
+/// build left in the engine is removed.
+async fn build_landed(
+    engine: &Engine,
+    build: &DockerBuild,
+    push_to: &str,
+    log: &mut (dyn FnMut(LogLine) + Send),
+    cancel: CancellationToken,
+) -> Result<BuildOutcome, DockerBuildError> {
+    let (outcome, tag) = build_arch(engine, build, push_to, log, cancel).await?;
+    tag.remove()
+        .await
+        .expect("the engine removes the build's tag");
+    Ok(outcome)
+}
 
 /// Runs a command and returns its stdout; panics with its stderr if it fails.
 fn run(cmd: &mut Command) -> String {
@@ -382,14 +398,14 @@ async fn builds_amd64_and_arm64_and_pushes_them() {
     let (amd_lines, mut amd_log) = collector();
     let (_arm_lines, mut arm_log) = collector();
     let (a, b) = tokio::join!(
-        build_arch(
+        build_landed(
             &engine,
             &amd,
             &registry.addr,
             &mut amd_log,
             CancellationToken::new()
         ),
-        build_arch(
+        build_landed(
             &engine,
             &arm,
             &registry.addr,
@@ -456,7 +472,7 @@ async fn builds_amd64_and_arm64_and_pushes_them() {
     write(&pkg, "hello.txt", "hello 2\n");
     let amd = package(&id, "t2", "amd64", &pkg, extra);
     let (again_lines, mut log) = collector();
-    let again = build_arch(
+    let again = build_landed(
         &engine,
         &amd,
         &registry.addr,
@@ -506,7 +522,7 @@ async fn a_failing_step_names_itself_and_its_output() {
     );
     let build = package(&id, "t1", "arm64", d.path(), vec![]);
     let (_l, mut log) = collector();
-    let err = build_arch(
+    let err = build_landed(
         &engine,
         &build,
         &registry.addr,
@@ -533,7 +549,7 @@ async fn a_failing_step_names_itself_and_its_output() {
     // A Dockerfile error is reported as the engine says it.
     write(d.path(), "Dockerfile", "FROM\n");
     let (_l, mut log) = collector();
-    let err = build_arch(
+    let err = build_landed(
         &engine,
         &build,
         &registry.addr,
@@ -567,7 +583,7 @@ async fn a_push_that_fails_says_where_and_leaves_nothing() {
         .port();
     let nowhere = format!("127.0.0.1:{port}");
     let (_l, mut log) = collector();
-    let err = build_arch(
+    let err = build_landed(
         &engine,
         &build,
         &nowhere,
@@ -607,7 +623,7 @@ async fn a_tag_left_by_an_earlier_build_leaves_no_dangling_image() {
     assert_eq!(labelled_images(&id).len(), 1);
     write(d.path(), "f", "new content\n");
     let (_l, mut log) = collector();
-    build_arch(
+    build_landed(
         &engine,
         &build,
         &registry.addr,
@@ -617,6 +633,53 @@ async fn a_tag_left_by_an_earlier_build_leaves_no_dangling_image() {
     .await
     .unwrap();
     assert_eq!(labelled_images(&id), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_keeps_the_tag_until_the_image_has_landed() {
+    let registry = Registry::start();
+    let base = push_base(&registry);
+    let id = run_id("landed");
+    let engine = engine().await;
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "Dockerfile", &format!("FROM {base}\nCOPY f /f\n"));
+    for (i, tag) in ["removed", "dropped"].into_iter().enumerate() {
+        write(d.path(), "f", &format!("content {i}\n"));
+        let build = package(&id, tag, "amd64", d.path(), vec![]);
+        let (_l, mut log) = collector();
+        let (outcome, engine_tag) = build_arch(
+            &engine,
+            &build,
+            &registry.addr,
+            &mut log,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            engine_tag.reference(),
+            format!("{}/kiln/hello:{tag}-amd64", registry.addr)
+        );
+        // Served already: the registry has the manifest while the engine holds the tag.
+        let raw = registry.raw_manifest("kiln/hello", &format!("{tag}-amd64"));
+        assert_eq!(outcome.manifest.digest.hex(), sha256_hex(&raw));
+        assert_eq!(labelled_images(&id).len(), 1, "{tag}");
+        if tag == "removed" {
+            engine_tag.remove().await.unwrap();
+            assert_eq!(labelled_images(&id), Vec::<String>::new());
+        } else {
+            // Dropped unremoved (a landing that failed): removed in the background.
+            drop(engine_tag);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !labelled_images(&id).is_empty() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the dropped tag stays in the engine"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -642,7 +705,7 @@ async fn the_network_is_none_unless_the_package_asks_for_it() {
         build.no_cache = true;
         build.build_args.insert("EXPECT".into(), expect.into());
         let (lines, mut log) = collector();
-        let r = build_arch(
+        let r = build_landed(
             &engine,
             &build,
             &registry.addr,
@@ -729,7 +792,7 @@ async fn cancelling_stops_the_engine_build_and_leaves_nothing() {
     let needle = format!("sleep {secs}");
     let t0 = Instant::now();
     let (result, ()) = tokio::join!(
-        build_arch(&engine, &build, &registry.addr, &mut log, cancel.clone()),
+        build_landed(&engine, &build, &registry.addr, &mut log, cancel.clone()),
         async {
             started.notified().await;
             wait_process(&needle).await;
@@ -760,7 +823,7 @@ async fn dropping_the_build_future_stops_the_engine_build() {
     let (started, mut log) = on_started();
     let needle = format!("sleep {secs}");
     tokio::select! {
-        r = build_arch(&engine, &build, &registry.addr, &mut log, CancellationToken::new()) => {
+        r = build_landed(&engine, &build, &registry.addr, &mut log, CancellationToken::new()) => {
             panic!("the build ended on its own: {r:?}")
         }
         () = async {
@@ -818,7 +881,7 @@ async fn an_engine_that_goes_away_mid_build_is_reported() {
     let (started, mut log) = on_started();
     let needle = format!("sleep {secs}");
     let (result, ()) = tokio::join!(
-        build_arch(
+        build_landed(
             &engine,
             &build,
             &registry.addr,
@@ -859,7 +922,7 @@ async fn an_unreachable_engine_fails_the_build_with_what_to_do() {
         Ok(engine) => {
             let build = package("x", "t1", "amd64", d.path(), vec![]);
             let (_l, mut log) = collector();
-            build_arch(
+            build_landed(
                 &engine,
                 &build,
                 "127.0.0.1:1",

@@ -15,7 +15,7 @@ pub mod linuxkit;
 pub mod progress;
 pub mod push;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -87,6 +87,9 @@ pub struct BuildOutcome {
     /// The engine's image id (config digest).
     pub image_id: Option<String>,
     pub duration: Duration,
+    /// Of `duration`, the time until the engine had built the image (the rest is the
+    /// push).
+    pub build_time: Duration,
     /// Steps answered from BuildKit's cache.
     pub cache_hits: usize,
     /// Steps that ran.
@@ -167,80 +170,6 @@ fn tail_text(tail: &[String]) -> String {
     }
 }
 
-/// A build's log, bounded: the newest lines are kept, up to a number of lines and bytes.
-#[derive(Debug, Clone)]
-pub struct BuildLog {
-    lines: VecDeque<LogLine>,
-    bytes: usize,
-    max_lines: usize,
-    max_bytes: usize,
-    /// Lines dropped from the front.
-    pub dropped: u64,
-}
-
-impl Default for BuildLog {
-    fn default() -> Self {
-        BuildLog::new(10_000, 1024 * 1024)
-    }
-}
-
-impl BuildLog {
-    pub fn new(max_lines: usize, max_bytes: usize) -> Self {
-        BuildLog {
-            lines: VecDeque::new(),
-            bytes: 0,
-            max_lines,
-            max_bytes,
-            dropped: 0,
-        }
-    }
-
-    pub fn push(&mut self, line: LogLine) {
-        self.bytes += line.text.len();
-        self.lines.push_back(line);
-        while self.lines.len() > self.max_lines || self.bytes > self.max_bytes {
-            let Some(old) = self.lines.pop_front() else {
-                break;
-            };
-            self.bytes -= old.text.len();
-            self.dropped += 1;
-        }
-    }
-
-    pub fn lines(&self) -> impl Iterator<Item = &LogLine> {
-        self.lines.iter()
-    }
-
-    /// Writes [`BuildLog::to_text`] to `path` atomically (a temp file beside it, then a
-    /// rename), so a reader sees the old log or the new one.
-    pub fn save(&self, path: &std::path::Path) -> io::Result<()> {
-        let dir = path.parent().unwrap_or(std::path::Path::new("."));
-        std::fs::create_dir_all(dir)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        io::Write::write_all(&mut tmp, self.to_text().as_bytes())?;
-        tmp.persist(path).map_err(|e| e.error)?;
-        Ok(())
-    }
-
-    /// The log as text, one line per entry (`[step] text`), for the cache directory.
-    pub fn to_text(&self) -> String {
-        let mut s = String::new();
-        if self.dropped > 0 {
-            s.push_str(&format!("[... {} earlier lines dropped]\n", self.dropped));
-        }
-        for l in &self.lines {
-            let secs = l.at_ms as f64 / 1000.0;
-            match (&l.source, &l.step) {
-                (LogSource::Step | LogSource::Kiln, _) | (_, None) => {
-                    s.push_str(&format!("{secs:8.3} {}\n", l.text))
-                }
-                (_, Some(step)) => s.push_str(&format!("{secs:8.3} {step} | {}\n", l.text)),
-            }
-        }
-        s
-    }
-}
-
 /// One JSON message of the engine's build stream.
 #[derive(Debug, Deserialize)]
 struct Message {
@@ -283,14 +212,37 @@ pub fn push_reference(build: &DockerBuild, push_to: &str) -> (String, String) {
     )
 }
 
-/// Removes a tag left in the engine if the build future is dropped before its own clean-up
-/// ran.
-struct TagGuard {
+/// The tag a build leaves in the engine (`<registry>/org/image:tag-<arch>`). The image
+/// is served from kilnd's registry as soon as it has landed in the cache; the engine's
+/// copy is then removed by [`EngineTag::remove`], off the path to serving. Dropped
+/// without that (a cancelled or failed build), it is removed in the background.
+pub struct EngineTag {
     docker: Option<bollard::Docker>,
     reference: String,
 }
 
-impl Drop for TagGuard {
+impl std::fmt::Debug for EngineTag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("EngineTag").field(&self.reference).finish()
+    }
+}
+
+impl EngineTag {
+    /// The reference the tag names.
+    pub fn reference(&self) -> &str {
+        &self.reference
+    }
+
+    /// Removes the tag (and what only it used) from the engine.
+    pub async fn remove(mut self) -> Result<(), String> {
+        match self.docker.take() {
+            Some(docker) => remove_bounded(&docker, &self.reference).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for EngineTag {
     fn drop(&mut self) {
         if let (Some(docker), Ok(rt)) = (self.docker.take(), tokio::runtime::Handle::try_current())
         {
@@ -315,17 +267,19 @@ async fn remove_bounded(docker: &bollard::Docker, reference: &str) -> Result<(),
 }
 
 /// Builds `build` for its arch on `engine`, has the engine push the image to the registry
-/// at `push_to` (`127.0.0.1:PORT`, kilnd's) as `org/image:tag-<arch>`, removes the local
-/// image, and returns the pushed manifest as that registry serves it. Log lines go to
-/// `log` as they come. Cancelling `cancel` stops the build (the engine aborts it when its
-/// connection closes) and cleans up.
+/// at `push_to` (`127.0.0.1:PORT`, kilnd's) as `org/image:tag-<arch>`, and returns the
+/// pushed manifest as that registry serves it, with the tag left in the engine: the
+/// caller lands the manifest, then removes the tag ([`EngineTag::remove`]). Log lines go
+/// to `log` as they come. Cancelling `cancel` stops the build (the engine aborts it when
+/// its connection closes); after a failure or cancellation the engine's tag is removed
+/// before this returns.
 pub async fn build_arch(
     engine: &Engine,
     build: &DockerBuild,
     push_to: &str,
     log: &mut (dyn FnMut(LogLine) + Send),
     cancel: CancellationToken,
-) -> Result<BuildOutcome, DockerBuildError> {
+) -> Result<(BuildOutcome, EngineTag), DockerBuildError> {
     let started = Instant::now();
     let image = build.image.to_string();
     let arch = build.arch.clone();
@@ -405,8 +359,8 @@ pub async fn build_arch(
     );
 
     let query = build_query(build, &ctx, &reference);
-    // From here on the engine may hold the tag: remove it whatever happens.
-    let mut guard = TagGuard {
+    // From here on the engine may hold the tag: it is removed whatever happens.
+    let engine_tag = EngineTag {
         docker: Some(docker.clone()),
         reference: reference.clone(),
     };
@@ -414,8 +368,10 @@ pub async fn build_arch(
         engine, &docker, &query, ctx, &mut emit, &cancel, &image, &arch,
     )
     .await;
+    let mut built_at = Duration::ZERO;
     let result = match result {
         Ok((image_id, steps)) => {
+            built_at = started.elapsed();
             emit(LogSource::Kiln, None, format!("pushing {reference}"));
             let mut status = |s: String| emit(LogSource::Kiln, None, format!("push: {s}"));
             let pushed = tokio::select! {
@@ -446,32 +402,43 @@ pub async fn build_arch(
     ) {
         engine.forget_version();
     }
-    // Clean up in the engine before reporting (the guard covers a dropped future).
-    guard.docker = None;
-    if let Err(e) = remove_bounded(&docker, &reference).await {
-        emit(
-            LogSource::Kiln,
-            None,
-            format!("warning: cannot remove {reference} from the engine: {e}"),
-        );
-    }
+    let result = match result {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            // Clean up in the engine before reporting the failure (a dropped future
+            // leaves it to the tag's Drop).
+            if let Err(why) = engine_tag.remove().await {
+                emit(
+                    LogSource::Kiln,
+                    None,
+                    format!("warning: cannot remove {reference} from the engine: {why}"),
+                );
+            }
+            return Err(e);
+        }
+    };
     let (image_id, steps, push) = result?;
     // The engine's last push message names the manifest; ask the registry only if it
     // did not (an engine that words it otherwise).
     let manifest = match &push.manifest {
         Some(d) => d.clone(),
-        None => fetch_manifest(push_to, &build.image.repo.to_string(), &tag)
-            .await
-            .map_err(|message| DockerBuildError::Manifest {
-                image: image.clone(),
-                arch: arch.clone(),
-                message,
-            })?,
+        None => match fetch_manifest(push_to, &build.image.repo.to_string(), &tag).await {
+            Ok(d) => d,
+            Err(message) => {
+                let _ = engine_tag.remove().await;
+                return Err(DockerBuildError::Manifest {
+                    image: image.clone(),
+                    arch: arch.clone(),
+                    message,
+                });
+            }
+        },
     };
     let outcome = BuildOutcome {
         manifest,
         image_id,
         duration: started.elapsed(),
+        build_time: built_at,
         cache_hits: steps.cache_hits(),
         steps_run: steps.executed(),
         push,
@@ -480,9 +447,11 @@ pub async fn build_arch(
         LogSource::Kiln,
         None,
         format!(
-            "built {image} for {} in {:.1}s: {} ({} steps cached, {} run; {} layers pushed, {} already there)",
+            "built {image} for {} in {:.2}s (build {:.2}s, push {:.2}s): {} ({} steps cached, {} run; {} layers pushed, {} already there)",
             build.platform_string(),
             outcome.duration.as_secs_f64(),
+            outcome.build_time.as_secs_f64(),
+            (outcome.duration - outcome.build_time).as_secs_f64(),
             outcome.manifest.digest,
             outcome.cache_hits,
             outcome.steps_run,
@@ -490,7 +459,7 @@ pub async fn build_arch(
             outcome.push.existing,
         ),
     );
-    Ok(outcome)
+    Ok((outcome, engine_tag))
 }
 
 fn build_query(build: &DockerBuild, ctx: &BuildContext, reference: &str) -> String {
@@ -738,43 +707,6 @@ mod tests {
             );
             assert!(err.to_string().contains("127.0.0.1:PORT"), "{err}");
         }
-    }
-
-    #[test]
-    fn build_log_is_bounded() {
-        let mut log = BuildLog::new(3, 1000);
-        for i in 0..5 {
-            log.push(LogLine {
-                at_ms: i,
-                source: LogSource::Stdout,
-                step: Some("[1/1] RUN x".into()),
-                text: format!("line {i}"),
-            });
-        }
-        assert_eq!(log.lines().count(), 3);
-        assert_eq!(log.dropped, 2);
-        let text = log.to_text();
-        assert!(
-            text.starts_with("[... 2 earlier lines dropped]\n"),
-            "{text}"
-        );
-        assert!(text.contains("[1/1] RUN x | line 4"), "{text}");
-        let d = tempfile::tempdir().unwrap();
-        let path = d.path().join("logs/build.log");
-        log.save(&path).unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
-        let mut log = BuildLog::new(100, 10);
-        log.push(LogLine {
-            at_ms: 0,
-            source: LogSource::Kiln,
-            step: None,
-            text: "0123456789abc".into(),
-        });
-        assert_eq!(
-            log.lines().count(),
-            0,
-            "a line over the byte budget is dropped"
-        );
     }
 
     #[test]
