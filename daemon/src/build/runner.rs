@@ -23,7 +23,6 @@ use crate::oci::Platform;
 use crate::plan::deps::build_args;
 use crate::plan::{BuilderKind, PackageTable, Planned, arch_ref, point_dev};
 use crate::schedule::{Built, Job, RunFuture, Runner};
-use crate::workspace::git::find_top;
 
 /// Builds targets for the queue.
 #[derive(Clone)]
@@ -401,9 +400,9 @@ fn linuxkit_info(p: &Planned) -> LinuxkitInfo {
         image: p.pkg.repo.to_string(),
         pkg_hash: p.tag.to_string(),
         git_repo: p.pkg.spec.gitrepo.clone(),
-        in_git: find_top(&p.pkg.dir).is_some(),
-        clean_commit: None,
-        go_pkg_version: None,
+        in_git: p.git.in_git,
+        clean_commit: p.git.clean_commit.clone(),
+        go_pkg_version: p.git.go_pkg_version.clone(),
         config_json: p
             .pkg
             .spec

@@ -27,7 +27,7 @@ use crate::bus::Bus;
 use crate::cache::{Cache, GcOptions, gc};
 use crate::schedule::{CancelFilter, Job, Outcome, Scheduler, TargetKey};
 use crate::watch::WatchEvent;
-use crate::workspace::{Package, Tagger, Workspace};
+use crate::workspace::{GitMeta, Package, Tagger, Workspace};
 
 /// Which builder builds a package.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -91,6 +91,8 @@ pub struct Planned {
     /// The workspace packages it follows, at their current tags.
     pub deps: Vec<(String, Tag)>,
     pub builder: BuilderKind,
+    /// What LinuxKit's build args and labels take from git.
+    pub git: GitMeta,
 }
 
 impl Planned {
@@ -698,6 +700,7 @@ pub fn plan_workspace(
             }
         };
         let builder = choose_builder(builders.mode_for(&name), p);
+        let git = tagger.git_meta(p);
         planned.insert(
             name,
             Arc::new(Planned {
@@ -705,6 +708,7 @@ pub fn plan_workspace(
                 tag,
                 deps: dep_tags,
                 builder,
+                git,
             }),
         );
     }

@@ -96,6 +96,11 @@ pub struct Repo {
     watch: Vec<(PathBuf, Option<Stamp>)>,
     /// HEAD's commit, `None` while the branch is unborn.
     pub head: Option<String>,
+    /// HEAD's Go module version as LinuxKit's `goPkgVersion` (git.go) makes it:
+    /// `v0.0.0-<committer date, local time, yyyymmddhhmmss>-<12 hex of the commit>`.
+    /// (Its branch for a semver tag on HEAD never runs: the `--match` pattern it passes
+    /// to `git describe` keeps its shell quotes, so no tag matches.)
+    pub go_pkg_version: Option<String>,
     pub root_tree: Option<String>,
     /// Repo-relative path (`/`-separated bytes) to entry, trees included.
     pub tree: BTreeMap<Vec<u8>, TreeEntry>,
@@ -210,6 +215,7 @@ impl Repo {
             autocrlf,
             watch: Vec::new(),
             head: None,
+            go_pkg_version: None,
             root_tree: None,
             tree: BTreeMap::new(),
             index: BTreeMap::new(),
@@ -272,7 +278,21 @@ impl Repo {
         if head != self.head || self.root_tree.is_none() && head.is_some() {
             let mut tree = BTreeMap::new();
             let mut root_tree = None;
+            let mut go_pkg_version = None;
             if head.is_some() {
+                let out = git_ok(
+                    &self.top,
+                    &[
+                        "--no-pager",
+                        "show",
+                        "--quiet",
+                        "--abbrev=12",
+                        "--date=format-local:%Y%m%d%H%M%S",
+                        "--format=%cd-%h",
+                        "HEAD",
+                    ],
+                )?;
+                go_pkg_version = Some(format!("v0.0.0-{}", String::from_utf8_lossy(&out).trim()));
                 let out = git_ok(&self.top, &["rev-parse", "HEAD^{tree}"])?;
                 root_tree = Some(String::from_utf8_lossy(&out).trim().to_owned());
                 let out = git_ok(
@@ -291,6 +311,7 @@ impl Repo {
             self.tree = tree;
             self.root_tree = root_tree;
             self.head = head;
+            self.go_pkg_version = go_pkg_version;
         }
 
         // With --debug each record is followed by five lines of stat data, which

@@ -26,7 +26,7 @@ use kiln_shared::reference::ImageRef;
 pub use discover::Workspace;
 pub use package::{BUILD_YML, Package, PackageError};
 pub use spec::{SpecError, parse_build_yml};
-pub use tag::{TagError, Tagger};
+pub use tag::{GitMeta, TagError, Tagger};
 
 /// An error of `kiln show-tag`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -135,6 +135,17 @@ impl Memo {
 
 use std::os::unix::ffi::OsStringExt;
 
+/// What LinuxKit's automatic build args and labels take from git for a package
+/// (pkglib/build.go): whether it is in a work tree, HEAD's commit when the package is
+/// clean at HEAD (`REVISION`, `org.opencontainers.image.revision`), and HEAD's Go
+/// module version (`GOPKGVERSION`, set for any package in git).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GitMeta {
+    pub in_git: bool,
+    pub clean_commit: Option<String>,
+    pub go_pkg_version: Option<String>,
+}
+
 /// A cached result, with the inputs it depends on.
 #[derive(Debug)]
 struct Cached {
@@ -179,6 +190,43 @@ impl Tagger {
         let mut errors = HashMap::new();
         self.sync(&[pkg], &mut errors);
         self.hash_synced(pkg, &errors)
+    }
+
+    /// The package's [`GitMeta`], from the repository state its last [`Tagger::hash`]
+    /// read. Clean means what gave a plain git hash: the package and its extra sources
+    /// are in HEAD's tree and none differs from it (kiln's tag has no `-dirty-`).
+    pub fn git_meta(&mut self, pkg: &Package) -> GitMeta {
+        let Some(top) = self.top(&pkg.dir) else {
+            return GitMeta::default();
+        };
+        let Some(repo) = self.repos.get(&top) else {
+            return GitMeta {
+                in_git: true,
+                ..GitMeta::default()
+            };
+        };
+        let (head, go_pkg_version) = (repo.head.clone(), repo.go_pkg_version.clone());
+        let clean_hash = matches!(
+            self.cache.get(&pkg.dir),
+            Some(Cached { hash: Ok(h), sources }) if !h.contains("-dirty-") && *sources == pkg.extra_sources
+        );
+        let dirs: Vec<PathBuf> = std::iter::once(&pkg.dir)
+            .chain(pkg.extra_sources.iter().map(|(s, _)| s))
+            .cloned()
+            .collect();
+        let in_head = dirs.iter().all(|d| {
+            self.top(d).is_some_and(|t| {
+                self.repos
+                    .get(&t)
+                    .and_then(|r| r.tree_hash(&r.rel(d)?).map(drop))
+                    .is_some()
+            })
+        });
+        GitMeta {
+            in_git: true,
+            clean_commit: head.filter(|_| clean_hash && in_head),
+            go_pkg_version,
+        }
     }
 
     /// The tags of many packages, each repository checked once (for a whole

@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kiln_daemon::workspace::{Package, TagError, Tagger, Workspace, show_tag, show_tags};
+use kiln_daemon::workspace::{GitMeta, Package, TagError, Tagger, Workspace, show_tag, show_tags};
 use sha1::Digest as _;
 
 struct Repo {
@@ -182,6 +182,62 @@ fn lk_hash(pkg: &Path, sources: &[&Path]) -> String {
         hash = format!("{hash}-dirty-{}", &lk_content_hash(pkg)[..7]);
     }
     hash
+}
+
+/// LinuxKit's `goPkgVersion` (git.go), replayed as it runs: the `--match` pattern keeps
+/// its quotes (exec, no shell), and `rev-list --count` output keeps its newline.
+fn lk_go_pkg_version(path: &Path) -> String {
+    let out = git_in(
+        path,
+        &[
+            "--no-pager",
+            "describe",
+            "--match='v[0-9].[0-9].[0-9]*'",
+            "--abbrev=0",
+            "--tags",
+        ],
+    );
+    let mut last = if out.status.success() {
+        String::from_utf8(out.stdout).unwrap()
+    } else {
+        String::new()
+    };
+    if last.is_empty() {
+        last = "v0.0.0".into();
+    }
+    let list = if last == "v0.0.0" {
+        "HEAD".to_owned()
+    } else {
+        format!("{last}..HEAD")
+    };
+    let count = git(path, &["rev-list", &list, "--count"]);
+    let version = if count == "0" {
+        last
+    } else {
+        let date = git(
+            path,
+            &[
+                "--no-pager",
+                "show",
+                "--quiet",
+                "--abbrev=12",
+                "--date=format-local:%Y%m%d%H%M%S",
+                "--format=%cd-%h",
+            ],
+        );
+        format!("{last}-{date}")
+    };
+    version.trim().to_owned()
+}
+
+/// What LinuxKit's build takes from git: the commit when clean, the Go version always.
+fn lk_git_meta(path: &Path) -> GitMeta {
+    GitMeta {
+        in_git: true,
+        clean_commit: (!lk_is_dirty(path))
+            .then(|| git(path, &["rev-parse", "HEAD"]).trim().to_owned()),
+        go_pkg_version: Some(lk_go_pkg_version(path)),
+    }
 }
 
 fn tag(t: &mut Tagger, r: &Repo, dir: &Path) -> String {
@@ -581,6 +637,48 @@ fn uncommitted_package_and_tag_all() {
 
     fn send<T: Send>(_: &T) {}
     send(&t);
+}
+
+#[test]
+fn git_metadata_for_build_args_and_labels() {
+    let r = Repo::new();
+    let a = r.package("a", "image: a\n");
+    r.commit();
+    let pa = r.load(&a);
+    let mut t = Tagger::new();
+    t.tag(&pa).unwrap();
+    let clean = t.git_meta(&pa);
+    assert_eq!(clean, lk_git_meta(&a));
+    assert!(clean.clean_commit.is_some());
+    // A semver tag on HEAD: LinuxKit's pattern never matches it, the pseudo-version stays.
+    git(&r.root, &["tag", "v1.2.3"]);
+    assert_eq!(lk_go_pkg_version(&a), clean.go_pkg_version.clone().unwrap());
+    // Dirty: no revision, the same Go version.
+    r.write("a/src/main.c", "changed\n");
+    t.invalidate(&[a.join("src/main.c")]);
+    t.tag(&pa).unwrap();
+    let dirty = t.git_meta(&pa);
+    assert_eq!(dirty, lk_git_meta(&a));
+    assert_eq!(dirty.clean_commit, None);
+    assert_eq!(dirty.go_pkg_version, clean.go_pkg_version);
+    // A new commit moves both.
+    r.commit();
+    t.tag(&pa).unwrap();
+    let moved = t.git_meta(&pa);
+    assert_eq!(moved, lk_git_meta(&a));
+    assert_ne!(moved.clean_commit, clean.clean_commit);
+    assert_ne!(moved.go_pkg_version, clean.go_pkg_version);
+    // A package HEAD does not have yet is not clean.
+    let b = r.package("b", "image: b\n");
+    let pb = r.load(&b);
+    t.tag(&pb).unwrap();
+    assert_eq!(t.git_meta(&pb).clean_commit, None);
+    // Outside git: nothing.
+    let plain = Repo::plain();
+    let c = plain.package("c", "image: c\n");
+    let pc = plain.load(&c);
+    t.tag(&pc).unwrap();
+    assert_eq!(t.git_meta(&pc), GitMeta::default());
 }
 
 #[test]

@@ -12,7 +12,7 @@ use kiln_tests::workspace::{
     busybox_kiln_toml, copy_examples, index_platforms, registry_digest, registry_manifest,
     write_package,
 };
-use kiln_tests::{Dir, Kilnd, KilndOptions, PulledImage, cmd, target_bin};
+use kiln_tests::{Dir, Kilnd, KilndOptions, PulledImage, cmd, git, target_bin};
 
 /// Long enough for a few docker builds (arm64 under qemu) on a loaded two-core machine.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(300);
@@ -34,6 +34,14 @@ fn kiln(kilnd: &Kilnd) -> kiln_tests::Cmd {
 fn examples_build_for_both_platforms_rebuild_nothing_again_and_a_base_change_rebuilds_dependents() {
     let tmp = Dir::new("examples");
     let ws = copy_examples(&tmp, "ws");
+    // In git and committed, as in a clone: LinuxKit's revision label.
+    git().args(["init", "-q"]).dir(&ws).run();
+    git().args(["add", "-A"]).dir(&ws).run();
+    git()
+        .args(["commit", "-q", "-m", "examples"])
+        .dir(&ws)
+        .run();
+    let commit = git().args(["rev-parse", "HEAD"]).dir(&ws).stdout();
     let cache = tmp.join("cache");
     let mut kilnd = Kilnd::start(&[&ws], KilndOptions::default().cache(&cache));
     let events = kilnd.events();
@@ -81,6 +89,11 @@ fn examples_build_for_both_platforms_rebuild_nothing_again_and_a_base_change_reb
             image
                 .run(&["cat", "/etc/kiln/base.conf"])
                 .contains("hello from kiln/base"),
+            "{platform}"
+        );
+        assert_eq!(
+            image.inspect("{{index .Config.Labels \"org.opencontainers.image.revision\"}}"),
+            commit,
             "{platform}"
         );
     }

@@ -4,9 +4,8 @@
 //! Build args (each only if `build.yml`'s `buildArgs` does not set it already):
 //! - `SOURCE`: the package's `gitrepo`, when it has one;
 //! - `REVISION`: the commit of `HEAD`, when the package is in git and clean;
-//! - `GOPKGVERSION`: the Go module version of that commit (the tag on `HEAD` if it is a
-//!   semver tag, else the pseudo-version `v0.0.0-<yyyymmddhhmmss>-<12 hex>`), when the
-//!   package is in git and clean;
+//! - `GOPKGVERSION`: `HEAD`'s Go module version as LinuxKit makes it (see
+//!   [`crate::workspace::git::Repo::go_pkg_version`]), when the package is in git;
 //! - `PKG_HASH`: the package's tag (its content hash);
 //! - `PKG_IMAGE`: the image name, `org/image`.
 //!
@@ -30,7 +29,7 @@ pub struct LinuxkitInfo {
     pub in_git: bool,
     /// The commit of `HEAD` when the package has no uncommitted changes.
     pub clean_commit: Option<String>,
-    /// The Go module version of that commit (see [`go_pkg_version`]).
+    /// `HEAD`'s Go module version (set in git, clean or not).
     pub go_pkg_version: Option<String>,
     /// The `config` section of `build.yml`, serialised as JSON.
     pub config_json: Option<String>,
@@ -75,54 +74,6 @@ pub fn linuxkit_labels(info: &LinuxkitInfo) -> BTreeMap<String, String> {
     labels
 }
 
-/// The Go module version of a commit: `head_tag` if it is a semver tag (`v1.2.3`), else
-/// the pseudo-version `v0.0.0-<commit time, UTC, yyyymmddhhmmss>-<first 12 hex digits>`.
-pub fn go_pkg_version(commit: &str, commit_time_unix: i64, head_tag: Option<&str>) -> String {
-    if let Some(tag) = head_tag {
-        let semver = tag
-            .strip_prefix('v')
-            .map(|rest| {
-                let core = rest.split(['-', '+']).next().unwrap_or("");
-                let parts: Vec<&str> = core.split('.').collect();
-                parts.len() == 3
-                    && parts
-                        .iter()
-                        .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-            })
-            .unwrap_or(false);
-        if semver {
-            return tag.to_owned();
-        }
-    }
-    let (y, mo, d, h, mi, s) = utc(commit_time_unix);
-    let short: String = commit.chars().take(12).collect();
-    format!("v0.0.0-{y:04}{mo:02}{d:02}{h:02}{mi:02}{s:02}-{short}")
-}
-
-/// Unix seconds to a UTC civil date and time (proleptic Gregorian).
-fn utc(t: i64) -> (i64, u32, u32, u32, u32, u32) {
-    let days = t.div_euclid(86_400);
-    let secs = t.rem_euclid(86_400);
-    // Howard Hinnant's days-from-civil inverse.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (
-        y,
-        m,
-        d,
-        (secs / 3600) as u32,
-        (secs % 3600 / 60) as u32,
-        (secs % 60) as u32,
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,16 +106,21 @@ mod tests {
 
     #[test]
     fn dirty_or_gitless_packages_get_fewer() {
+        // Dirty: no revision; the Go version of HEAD still (as LinuxKit).
         let mut i = info();
         i.clean_commit = None;
-        i.go_pkg_version = None;
         let args = linuxkit_build_args(&i, &BTreeMap::new());
-        assert!(!args.contains_key("REVISION") && !args.contains_key("GOPKGVERSION"));
+        assert!(!args.contains_key("REVISION"));
+        assert_eq!(args["GOPKGVERSION"], "v0.0.0-20240102030405-0123456789ab");
         let labels = linuxkit_labels(&i);
         assert!(labels.contains_key("org.opencontainers.image.source"));
         assert!(!labels.contains_key("org.opencontainers.image.revision"));
+        // Outside git.
         i.in_git = false;
         i.git_repo = None;
+        i.go_pkg_version = None;
+        let args = linuxkit_build_args(&i, &BTreeMap::new());
+        assert!(!args.contains_key("GOPKGVERSION") && !args.contains_key("SOURCE"));
         let labels = linuxkit_labels(&i);
         assert_eq!(
             labels.keys().collect::<Vec<_>>(),
@@ -179,22 +135,6 @@ mod tests {
         assert_eq!(
             labels["org.opencontainers.image.revision"],
             "0123456789abcdef0123456789abcdef01234567"
-        );
-    }
-
-    #[test]
-    fn go_versions() {
-        // 2024-01-02T03:04:05Z
-        assert_eq!(
-            go_pkg_version("0123456789abcdef", 1_704_164_645, None),
-            "v0.0.0-20240102030405-0123456789ab"
-        );
-        assert_eq!(go_pkg_version("abc", 0, Some("v1.2.3")), "v1.2.3");
-        assert_eq!(go_pkg_version("abc", 0, Some("v1.2.3-rc.1")), "v1.2.3-rc.1");
-        assert_eq!(
-            go_pkg_version("abcdef0123456", 951_782_400, Some("release-1")),
-            "v0.0.0-20000229000000-abcdef012345",
-            "a leap day, and a tag that is not semver"
         );
     }
 }

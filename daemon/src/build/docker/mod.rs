@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use context::{BuildContext, ContextError};
 pub use engine::{Endpoint, Engine, EngineError, Engines, parse_engine_flag};
-pub use linuxkit::{LinuxkitInfo, go_pkg_version, linuxkit_build_args, linuxkit_labels};
+pub use linuxkit::{LinuxkitInfo, linuxkit_build_args, linuxkit_labels};
 pub use progress::{LogLine, LogSource};
 pub use push::{PushStats, fetch_manifest};
 
