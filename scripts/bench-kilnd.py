@@ -129,6 +129,13 @@ def show_tag(kiln, scratch, content):
     return out.strip().rsplit(":", 1)[1]
 
 
+def cpu_times():
+    """(steal, total) jiffies from /proc/stat: a virtual machine's host may take CPU time
+    from it (steal), which makes every figure slower and noisier."""
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return f[7] if len(f) > 7 else 0, sum(f[:8])
+
+
 def stats(xs):
     xs = sorted(xs)
     q = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) >= 2 else [xs[0]] * 9
@@ -165,6 +172,7 @@ def main():
     if not os.path.exists(os.path.join(layout, "index.json")):
         die(f"no busybox base at {layout}: run scripts/setup")
 
+    args.cpu0 = cpu_times()
     work = tempfile.mkdtemp(prefix="kiln-bench-")
     procs = []
 
@@ -342,7 +350,9 @@ def run(args, hand_n, work, procs, layout):
     if reverts:
         print(f"ratio kilnd revert / by hand, medians: {r['median'] / h['median']:.3f}; "
               f"revert median {'within' if r['median'] <= 60 else 'OVER'} the 60 ms target")
-    print(f"load average: {' '.join(load)} (at the end; {os.cpu_count()} cores); kilnd: {args.kilnd}")
+    steal, total = (b - a for a, b in zip(args.cpu0, cpu_times()))
+    print(f"load average: {' '.join(load)} (at the end; {os.cpu_count()} cores); "
+          f"CPU stolen by the host during the run: {100 * steal / max(total, 1):.0f}%; kilnd: {args.kilnd}")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use kiln_shared::digest::Digest;
 use kiln_shared::reference::ImageRef;
 
-use super::{Cache, CacheError, write_atomic};
+use super::{Cache, CacheError};
 use crate::oci::{
     ANNOTATION_REF_NAME, AnyManifest, Descriptor, ImageIndex, OCI_INDEX, Platform, is_index,
 };
@@ -93,6 +94,9 @@ impl Cache {
     /// The current `index.json`, re-read only if the file changed since last time (a stat
     /// per call), so other processes' writes (LinuxKit's too) are seen.
     pub fn index(&self) -> Result<Arc<IndexView>, CacheError> {
+        if self.pending.load(Ordering::Acquire) {
+            return Ok(self.current_view());
+        }
         let path = self.root.join("index.json");
         let meta = fs::metadata(&path).map_err(CacheError::io(&path))?;
         let key = FileKey::of(&meta);
@@ -103,9 +107,18 @@ impl Cache {
             }
         }
         let (index, key) = self.read_index_file()?;
+        let mut slot = self.view.write().unwrap_or_else(|p| p.into_inner());
+        if self.pending.load(Ordering::Acquire) {
+            // A write of this process began meanwhile; its view is newer than the file.
+            return Ok(Arc::clone(&slot));
+        }
         let view = Arc::new(IndexView::new(index, Some(key)));
-        *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&view);
+        *slot = Arc::clone(&view);
         Ok(view)
+    }
+
+    fn current_view(&self) -> Arc<IndexView> {
+        Arc::clone(&self.view.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn read_index_file(&self) -> Result<(ImageIndex, FileKey), CacheError> {
@@ -123,12 +136,55 @@ impl Cache {
         Ok((index, FileKey::of(&meta)))
     }
 
-    pub(super) fn write_index(&self, index: &ImageIndex) -> Result<(), CacheError> {
-        let bytes = serde_json::to_vec(index).map_err(|source| CacheError::Json {
-            path: self.root.join("index.json"),
+    /// Writes `index` as `index.json`; the caller holds the writer lock. The new index is
+    /// served at once: the view takes it as soon as its bytes are in the temp file, before
+    /// they are synced and renamed into place (the slow part: milliseconds, tens of them
+    /// on a busy disk). While this process holds the writer lock no other writer can
+    /// change the file, so a view ahead of it is this write's own, and readers keep it
+    /// (`pending`) instead of reloading the older file; the blobs it names are on disk
+    /// already. If the write fails, the view goes back to what the file holds.
+    pub(super) fn write_index(&self, index: ImageIndex) -> Result<(), CacheError> {
+        use std::io::Write;
+        let path = self.root.join("index.json");
+        let bytes = serde_json::to_vec(&index).map_err(|source| CacheError::Json {
+            path: path.clone(),
             source,
         })?;
-        write_atomic(&self.root, "index.json", &bytes)
+        let tmp = self
+            .root
+            .join(format!(".index.json.tmp-{}", std::process::id()));
+        let staged = (|| {
+            let mut file = fs::File::create(&tmp)?;
+            file.write_all(&bytes)?;
+            // Renaming keeps the inode, size and mtime: the key the file will have.
+            let key = FileKey::of(&file.metadata()?);
+            Ok::<_, io::Error>((file, key))
+        })();
+        let (file, key) = match staged {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(CacheError::io(&path)(e));
+            }
+        };
+        self.pending.store(true, Ordering::Release);
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(IndexView::new(index, Some(key)));
+        let durable = (|| {
+            file.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            fs::File::open(&self.root)?.sync_all()
+        })();
+        if durable.is_err() {
+            let _ = fs::remove_file(&tmp);
+            let back = match self.read_index_file() {
+                Ok((index, key)) => IndexView::new(index, Some(key)),
+                Err(_) => IndexView::empty(),
+            };
+            *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(back);
+        }
+        self.pending.store(false, Ordering::Release);
+        durable.map_err(CacheError::io(&path))
     }
 
     /// Changes `index.json` under the writer lock: reads the file afresh, applies `f`,
@@ -157,9 +213,7 @@ impl Cache {
                 });
             }
         }
-        self.write_index(&index)?;
-        // Refresh the view now rather than at the next read.
-        self.index()?;
+        self.write_index(index)?;
         Ok(result)
     }
 

@@ -30,6 +30,7 @@ mod usage;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 
 use kiln_shared::digest::Digest;
@@ -95,6 +96,9 @@ pub struct Cache {
     /// writers inside this process, the fcntl lock those of other processes.
     writers: Mutex<()>,
     view: RwLock<Arc<IndexView>>,
+    /// Set while this process writes `index.json` with the view already showing the
+    /// new index (see [`Cache::update_index`]): readers do not reload the older file.
+    pending: AtomicBool,
     /// When each reference was last used (LRU for gc), kept in memory until flushed.
     usage: usage::Usage,
 }
@@ -154,12 +158,13 @@ impl Cache {
             blobs,
             tmp,
             writers: Mutex::new(()),
+            pending: AtomicBool::new(false),
             usage: usage::Usage::default(),
         };
         if !cache.root.join("index.json").exists() {
             let _lock = cache.lock()?;
             if !cache.root.join("index.json").exists() {
-                cache.write_index(&crate::oci::ImageIndex::new())?;
+                cache.write_index(crate::oci::ImageIndex::new())?;
             }
         }
         cache.index()?;

@@ -198,6 +198,57 @@ fn the_view_follows_writes_by_other_processes() {
 }
 
 #[test]
+fn readers_never_see_the_index_go_back_while_it_is_rewritten() {
+    let (_dir, cache) = cache();
+    let cache = std::sync::Arc::new(cache);
+    let d = cache.put_blob(b"{}").unwrap();
+    let desc = Descriptor::new(OCI_MANIFEST, d, 2);
+    let name = |i: usize| format!("docker.io/kiln/count:{i}");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Readers check that the number of references they see never decreases: a view
+    // that ran ahead of the file must not be replaced by the older file.
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (cache, done) = (cache.clone(), done.clone());
+            std::thread::spawn(move || {
+                let (mut seen, mut reads) = (0, 0u64);
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    let n = cache.index().unwrap().index().manifests.len();
+                    assert!(n >= seen, "went back from {seen} to {n} references");
+                    seen = n;
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    for i in 0..100 {
+        cache.set_ref(&name(i), desc.clone()).unwrap();
+        // Served as soon as set_ref returns, and on disk.
+        assert!(cache.index().unwrap().get(&name(i)).is_some());
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+    let on_disk: crate::oci::ImageIndex =
+        serde_json::from_slice(&fs::read(cache.root().join("index.json")).unwrap()).unwrap();
+    assert_eq!(on_disk.manifests.len(), 100);
+    assert_eq!(
+        fs::read_dir(cache.root())
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".tmp-"))
+            .count(),
+        0
+    );
+}
+
+#[test]
 fn the_lock_excludes_other_processes() {
     let (_dir, cache) = cache();
     let probe = r#"
