@@ -328,7 +328,9 @@ def run(args, hand_n, work, procs, layout):
             else:
                 times.append(1000 * (t1 - t0))
                 print(f"  by hand ({label}) {i:2}: {times[-1]:8.1f} ms", flush=True)
-        subprocess.run([DOCKER, "rmi", *refs.values()], capture_output=True)
+            # Untimed: the next build moves the tag, which would leave this image behind
+            # (kilnd removes its own after each build).
+            subprocess.run([DOCKER, "rmi", *refs.values()], capture_output=True)
         return times
 
     # The target's reference: one arch. For context: both arches the same way, each
