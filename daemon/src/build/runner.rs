@@ -16,7 +16,9 @@ use crate::build::docker::{
     platform_for_arch,
 };
 use crate::build::dockerfile::Dockerfile;
-use crate::build::native::{self, NativeBuild, WorkspaceResolver, cache_names, pick_platform};
+use crate::build::native::{
+    self, NativeBuild, NativeError, WorkspaceResolver, cache_names, pick_platform,
+};
 use crate::bus::Bus;
 use crate::cache::Cache;
 use crate::oci::Platform;
@@ -154,7 +156,15 @@ impl Inner {
             builder.as_str()
         ));
         let (built, engine_tag) = match builder {
-            BuilderKind::Native => (self.native(&planned, &arch, log).await?, None),
+            BuilderKind::Native => match self.native(&planned, &arch, log).await {
+                Ok(built) => (built, None),
+                Err(NativeFailure::Refused(why)) if job.fallback => {
+                    log.line(&format!("{why}; building with the docker builder instead"));
+                    let (built, tag) = self.docker(&planned, &arch, log, cancel).await?;
+                    (built, Some(tag))
+                }
+                Err(e) => return Err(e.to_string()),
+            },
             BuilderKind::Docker => {
                 let (built, tag) = self.docker(&planned, &arch, log, cancel).await?;
                 (built, Some(tag))
@@ -187,7 +197,7 @@ impl Inner {
         Ok(built)
     }
 
-    async fn native(&self, p: &Planned, arch: &str, log: &mut Log) -> Result<Built, String> {
+    async fn native(&self, p: &Planned, arch: &str, log: &mut Log) -> Result<Built, NativeFailure> {
         let input = NativeBuild {
             context: p.pkg.dir.clone(),
             dockerfile: p.pkg.dockerfile.clone(),
@@ -226,14 +236,17 @@ impl Inner {
         }
         let out = task
             .await
-            .map_err(|e| format!("the native build stopped: {e}"))?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| NativeFailure::Failed(format!("the native build stopped: {e}")))?
+            .map_err(|e| match e {
+                NativeError::Refused(r) => NativeFailure::Refused(r.to_string()),
+                e => NativeFailure::Failed(e.to_string()),
+            })?;
         let manifest = out
             .per_arch
             .into_iter()
             .next()
             .map(|(_, d)| d)
-            .ok_or_else(|| "the native builder produced no image".to_owned())?;
+            .ok_or_else(|| NativeFailure::Failed("the native builder produced no image".into()))?;
         Ok(Built {
             manifest,
             cache_hits: 0,
@@ -382,6 +395,22 @@ impl Inner {
         let body = lines.join("\n") + "\n";
         if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, body)) {
             tracing::warn!("cannot keep the build log {}: {e}", path.display());
+        }
+    }
+}
+
+/// Why a native build failed: it refused something (the docker builder can do it), or
+/// it failed.
+#[derive(Debug)]
+enum NativeFailure {
+    Refused(String),
+    Failed(String),
+}
+
+impl std::fmt::Display for NativeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NativeFailure::Refused(m) | NativeFailure::Failed(m) => f.write_str(m),
         }
     }
 }

@@ -91,6 +91,8 @@ pub struct Planned {
     /// The workspace packages it follows, at their current tags.
     pub deps: Vec<(String, Tag)>,
     pub builder: BuilderKind,
+    /// `auto` chose the builder (see [`Job::fallback`]).
+    pub auto: bool,
     /// What LinuxKit's build args and labels take from git.
     pub git: GitMeta,
 }
@@ -343,6 +345,7 @@ impl Planner {
             force,
             reason: reason.to_owned(),
             builder: p.builder.as_str().to_owned(),
+            fallback: p.auto && p.builder == BuilderKind::Native,
         }
     }
 
@@ -502,6 +505,7 @@ impl Planner {
                 let mut job = self.job(&p, &arch, req.force, "requested");
                 if let Some(b) = &req.builder {
                     job.builder = b.clone();
+                    job.fallback = false;
                 }
                 jobs.push(job);
             }
@@ -699,7 +703,8 @@ pub fn plan_workspace(
                 continue;
             }
         };
-        let builder = choose_builder(builders.mode_for(&name), p);
+        let mode = builders.mode_for(&name);
+        let builder = choose_builder(mode, p);
         let git = tagger.git_meta(p);
         planned.insert(
             name,
@@ -708,6 +713,7 @@ pub fn plan_workspace(
                 tag,
                 deps: dep_tags,
                 builder,
+                auto: mode == BuilderMode::Auto,
                 git,
             }),
         );

@@ -48,6 +48,9 @@ pub struct Job {
     pub reason: String,
     /// Which builder will run it (`native`, `docker`), for display.
     pub builder: String,
+    /// The builder was `auto`'s choice: native, unless it refuses something it finds only
+    /// while building (an xz archive in ADD, a base with ONBUILD), then docker.
+    pub fallback: bool,
 }
 
 /// What a successful build produced.

@@ -79,6 +79,7 @@ fn job(p: &str, a: &str, t: &str) -> Job {
         force: false,
         reason: "test".into(),
         builder: "hand".into(),
+        fallback: false,
     }
 }
 

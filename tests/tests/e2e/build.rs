@@ -173,6 +173,47 @@ fn examples_build_for_both_platforms_rebuild_nothing_again_and_a_base_change_reb
 }
 
 #[test]
+fn auto_builds_with_docker_what_the_native_builder_refuses_only_while_building() {
+    let ws = Dir::new("ws");
+    ws.write("kiln.toml", busybox_kiln_toml());
+    // Nothing in the Dockerfile tells that the archive is xz-compressed: auto picks the
+    // native builder, which finds out when it reads the file.
+    write_package(
+        &ws,
+        "unpack",
+        &["amd64"],
+        "FROM kiln/busybox:latest\nADD a.tar.xz /srv/\n",
+    );
+    ws.write("src/hello.txt", "unpacked by the engine\n");
+    cmd("tar")
+        .arg("-cJf")
+        .arg(ws.join("unpack/a.tar.xz"))
+        .arg("-C")
+        .arg(ws.join("src"))
+        .arg("hello.txt")
+        .run();
+    ws.remove("src");
+    let kilnd = Kilnd::start(&[ws.path()], KilndOptions::default());
+    let events = kilnd.events();
+    let s = events.wait_settled(BUILD_TIMEOUT);
+    assert!(package_ok(&s, "kiln/unpack"), "{}", describe(&s));
+    let log = kiln(&kilnd)
+        .args(["logs", "kiln/unpack", "--arch", "amd64"])
+        .stdout();
+    assert!(
+        log.contains("xz-compressed") && log.contains("building with the docker builder instead"),
+        "{log}"
+    );
+    let registry = kilnd.registry();
+    let tag = tag_of(&s, "kiln/unpack");
+    let image = PulledImage::pull(&format!("{registry}/kiln/unpack:{tag}"), "linux/amd64");
+    assert_eq!(
+        image.run(&["cat", "/srv/hello.txt"]),
+        "unpacked by the engine"
+    );
+}
+
+#[test]
 fn a_failed_arch_blocks_neither_the_other_arch_nor_other_packages_and_keeps_its_log() {
     let ws = Dir::new("ws");
     ws.write("kiln.toml", busybox_kiln_toml());
