@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::plan::{PackageTable, PlanConfig, Planner, PullMiss};
 use crate::registry::{BoxFuture, Hooks, ManifestMiss, RegistryConfig, RegistryError};
 use crate::schedule::{Outcome, SchedEvent, Scheduler};
-use crate::watch::{WatchConfig, WatchError, Watcher};
+use crate::watch::{Touched, WatchConfig, WatchError, Watcher};
 
 /// Why kilnd stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +80,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         table,
         sched,
         roots,
+        touched,
     } = start_queue(
         &cache,
         &config.roots,
@@ -133,6 +134,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         roots: roots.clone(),
         exclude: vec![cache.root().to_owned()],
         quiet: config.quiet,
+        touched,
     })?;
 
     let mut planner = Planner::new(
@@ -218,6 +220,8 @@ struct Core {
     sched: Scheduler,
     /// The workspace roots, canonical.
     roots: Vec<std::path::PathBuf>,
+    /// What the watcher saw change, for builds to check before they land.
+    touched: Arc<Touched>,
 }
 
 /// Starts the bus and the build queue. `on_event` sees each queue event before the bus.
@@ -243,6 +247,7 @@ fn start_queue(
         registry_addrs,
     ));
     let table = Arc::new(PackageTable::default());
+    let touched = Arc::new(Touched::default());
     let runner = BuildRunner::new(
         Arc::clone(cache),
         bus.clone(),
@@ -250,6 +255,7 @@ fn start_queue(
         Arc::new(Engines::new(None, engines)?),
         push_to,
         dev_tag,
+        Arc::clone(&touched),
     );
     let sched_bus = bus.clone();
     let sched = Scheduler::start(Arc::new(runner), jobs, move |e| {
@@ -261,6 +267,7 @@ fn start_queue(
         table,
         sched,
         roots,
+        touched,
     })
 }
 
@@ -529,6 +536,7 @@ pub async fn build_once(
         table,
         sched,
         roots,
+        ..
     } = start_queue(
         &cache,
         &req.roots,

@@ -50,6 +50,15 @@ pub fn registry_manifest(addr: &str, reference: &str) -> String {
         .stdout()
 }
 
+/// Whether the registry at `addr` serves `reference` (skopeo reads its manifest).
+pub fn registry_has(addr: &str, reference: &str) -> bool {
+    skopeo()
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{addr}/{reference}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// The digest of what the registry serves for `reference`: sha256 of the raw bytes.
 pub fn registry_digest(addr: &str, reference: &str) -> String {
     let raw = skopeo()

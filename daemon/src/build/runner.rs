@@ -21,10 +21,11 @@ use crate::build::native::{
 };
 use crate::bus::Bus;
 use crate::cache::Cache;
-use crate::oci::Platform;
+use crate::oci::{Descriptor, Platform};
 use crate::plan::deps::build_args;
 use crate::plan::{BuilderKind, PackageTable, Planned, arch_ref, point_dev};
-use crate::schedule::{Built, Job, RunFuture, Runner};
+use crate::schedule::{Built, Job, RunError, RunFuture, Runner};
+use crate::watch::Touched;
 
 /// Builds targets for the queue.
 #[derive(Clone)]
@@ -40,6 +41,9 @@ struct Inner {
     /// kilnd's registry as the engine reaches it (`127.0.0.1:PORT`).
     registry: Option<String>,
     dev_tag: Tag,
+    /// Files changed as the watcher saw them: a build whose package changed after its
+    /// tag was computed does not land.
+    touched: Arc<Touched>,
 }
 
 impl std::fmt::Debug for BuildRunner {
@@ -56,6 +60,7 @@ impl BuildRunner {
         engines: Arc<Engines>,
         registry: Option<String>,
         dev_tag: Tag,
+        touched: Arc<Touched>,
     ) -> Self {
         BuildRunner {
             inner: Arc::new(Inner {
@@ -65,6 +70,7 @@ impl BuildRunner {
                 engines,
                 registry,
                 dev_tag,
+                touched,
             }),
         }
     }
@@ -116,7 +122,7 @@ impl Inner {
         job: &Job,
         log: &mut Log,
         cancel: CancellationToken,
-    ) -> Result<Built, String> {
+    ) -> Result<Built, RunError> {
         let planned = self
             .table
             .read()
@@ -124,10 +130,10 @@ impl Inner {
             .and_then(|t| t.get(&job.key.package).cloned())
             .ok_or_else(|| format!("package {} is no longer in the workspace", job.key.package))?;
         if planned.tag != job.tag {
-            return Err(format!(
-                "superseded: {} is now at tag {}",
+            return Err(RunError::Superseded(format!(
+                "{} is now at tag {}",
                 job.key.package, planned.tag
-            ));
+            )));
         }
         let image = planned.image();
         let arch = job.key.arch.clone();
@@ -155,20 +161,50 @@ impl Inner {
             "building {image} for linux/{arch} with the {} builder",
             builder.as_str()
         ));
-        let (built, engine_tag) = match builder {
+        let (image_out, engine_tag) = match builder {
             BuilderKind::Native => match self.native(&planned, &arch, log).await {
-                Ok(built) => (built, None),
+                Ok(out) => (out, None),
                 Err(NativeFailure::Refused(why)) if job.fallback => {
                     log.line(&format!("{why}; building with the docker builder instead"));
-                    let (built, tag) = self.docker(&planned, &arch, log, cancel).await?;
-                    (built, Some(tag))
+                    let (out, tag) = self.docker(&planned, &arch, log, cancel).await?;
+                    (out, Some(tag))
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.to_string().into()),
             },
             BuilderKind::Docker => {
-                let (built, tag) = self.docker(&planned, &arch, log, cancel).await?;
-                (built, Some(tag))
+                let (out, tag) = self.docker(&planned, &arch, log, cancel).await?;
+                (out, Some(tag))
             }
+        };
+        // The image is what the tag names only if no file of the package changed since
+        // the tag was computed: the builder may have read the newer file.
+        let dirs: Vec<&std::path::Path> = std::iter::once(planned.pkg.dir.as_path())
+            .chain(planned.pkg.extra_sources.iter().map(|(s, _)| s.as_path()))
+            .collect();
+        if self.touched.since(planned.at, &dirs) {
+            return Err(RunError::Superseded(format!(
+                "files of {} changed while it was built at tag {}; the change builds it again",
+                job.key.package, job.tag
+            )));
+        }
+        let Landing {
+            manifest,
+            platform,
+            cache_hits,
+            steps,
+        } = image_out;
+        let cache = Arc::clone(&self.cache);
+        let (landed_image, suffix, landed) = (image.clone(), arch.clone(), manifest.clone());
+        tokio::task::spawn_blocking(move || {
+            cache.merge_arch(&landed_image, &suffix, platform, landed)
+        })
+        .await
+        .map_err(|e| format!("landing the image stopped: {e}"))?
+        .map_err(|e| e.to_string())?;
+        let built = Built {
+            manifest,
+            cache_hits,
+            steps,
         };
         // Move `dev` only if no newer tag was planned meanwhile.
         let current = self
@@ -197,7 +233,12 @@ impl Inner {
         Ok(built)
     }
 
-    async fn native(&self, p: &Planned, arch: &str, log: &mut Log) -> Result<Built, NativeFailure> {
+    async fn native(
+        &self,
+        p: &Planned,
+        arch: &str,
+        log: &mut Log,
+    ) -> Result<Landing, NativeFailure> {
         let input = NativeBuild {
             context: p.pkg.dir.clone(),
             dockerfile: p.pkg.dockerfile.clone(),
@@ -227,7 +268,7 @@ impl Inner {
             let mut sink = |line: String| {
                 let _ = tx.send(line);
             };
-            native::build(&cache, &input, &resolver, &mut sink)
+            native::build_images(&cache, &input, &resolver, &mut sink)
         });
         let mut steps = 0u32;
         while let Some(line) = rx.recv().await {
@@ -241,14 +282,13 @@ impl Inner {
                 NativeError::Refused(r) => NativeFailure::Refused(r.to_string()),
                 e => NativeFailure::Failed(e.to_string()),
             })?;
-        let manifest = out
-            .per_arch
+        let (_, platform, manifest) = out
             .into_iter()
             .next()
-            .map(|(_, d)| d)
             .ok_or_else(|| NativeFailure::Failed("the native builder produced no image".into()))?;
-        Ok(Built {
+        Ok(Landing {
             manifest,
+            platform,
             cache_hits: 0,
             steps,
         })
@@ -260,7 +300,7 @@ impl Inner {
         arch: &str,
         log: &mut Log,
         cancel: CancellationToken,
-    ) -> Result<(Built, docker::EngineTag), String> {
+    ) -> Result<(Landing, docker::EngineTag), String> {
         let registry = self.registry.clone().ok_or_else(|| {
             "the docker builder pushes into kilnd's registry, which listens on no IPv4 \
              loopback address: add --listen 127.0.0.1:PORT"
@@ -298,20 +338,13 @@ impl Inner {
         };
         let result = docker::build_arch(&engine, &build, &registry, &mut sink, cancel).await;
         let (outcome, engine_tag) = result.map_err(|e| e.to_string())?;
-        let cache = Arc::clone(&self.cache);
-        let image = p.image();
-        let suffix = arch.to_owned();
-        let manifest = outcome.manifest.clone();
-        tokio::task::spawn_blocking(move || cache.merge_arch(&image, &suffix, platform, manifest))
-            .await
-            .map_err(|e| format!("landing the image stopped: {e}"))?
-            .map_err(|e| e.to_string())?;
-        let built = Built {
+        let landing = Landing {
             manifest: outcome.manifest,
+            platform,
             cache_hits: u32::try_from(outcome.cache_hits).unwrap_or(u32::MAX),
             steps: u32::try_from(outcome.cache_hits + outcome.steps_run).unwrap_or(u32::MAX),
         };
-        Ok((built, engine_tag))
+        Ok((landing, engine_tag))
     }
 
     /// The engine must pull every base image from kilnd's registry, pinned by digest to
@@ -397,6 +430,14 @@ impl Inner {
             tracing::warn!("cannot keep the build log {}: {e}", path.display());
         }
     }
+}
+
+/// A built image, not yet named in the cache.
+struct Landing {
+    manifest: Descriptor,
+    platform: Platform,
+    cache_hits: u32,
+    steps: u32,
 }
 
 /// Why a native build failed: it refused something (the docker builder can do it), or

@@ -95,6 +95,9 @@ pub struct Planned {
     pub auto: bool,
     /// What LinuxKit's build args and labels take from git.
     pub git: GitMeta,
+    /// When its files were read for the tag (just before): a build must not land if one
+    /// of them changed after this (see [`crate::watch::Touched`]).
+    pub at: std::time::Instant,
 }
 
 impl Planned {
@@ -602,6 +605,7 @@ pub fn plan_workspace(
     deps: &mut BTreeMap<PathBuf, Result<Vec<String>, String>>,
     builders: &Builders,
 ) -> (BTreeMap<String, Arc<Planned>>, PlanErrors) {
+    let at = std::time::Instant::now();
     let mut errors: BTreeMap<PathBuf, (String, String)> = BTreeMap::new();
     let mut by_repo: BTreeMap<String, Package> = BTreeMap::new();
     for (dir, pkg) in &ws.packages {
@@ -715,6 +719,7 @@ pub fn plan_workspace(
                 builder,
                 auto: mode == BuilderMode::Auto,
                 git,
+                at,
             }),
         );
     }

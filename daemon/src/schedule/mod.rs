@@ -99,7 +99,30 @@ pub enum SchedEvent {
 }
 
 /// A boxed build future.
-pub type RunFuture = Pin<Box<dyn Future<Output = Result<Built, String>> + Send>>;
+pub type RunFuture = Pin<Box<dyn Future<Output = Result<Built, RunError>> + Send>>;
+
+/// Why a run produced no image.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Failed(String),
+    /// What it would land no longer matches its tag (its files changed meanwhile): the
+    /// build is cancelled, not failed; the change plans the next one.
+    #[error("superseded: {0}")]
+    Superseded(String),
+}
+
+impl From<String> for RunError {
+    fn from(s: String) -> Self {
+        RunError::Failed(s)
+    }
+}
+
+impl From<&str> for RunError {
+    fn from(s: &str) -> Self {
+        RunError::Failed(s.to_owned())
+    }
+}
 
 /// Runs one build. `cancel` fires when the build is superseded or cancelled; the runner
 /// must then stop its work (abort the engine build) and return.
@@ -123,7 +146,7 @@ enum Cmd {
     },
     Done {
         key: TargetKey,
-        result: Result<Built, String>,
+        result: Result<Built, RunError>,
     },
 }
 
@@ -393,14 +416,15 @@ impl Actor {
         }
     }
 
-    fn done(&mut self, key: TargetKey, result: Result<Built, String>) {
+    fn done(&mut self, key: TargetKey, result: Result<Built, RunError>) {
         let Some(r) = self.running.remove(&key) else {
             return;
         };
         let outcome = match (result, r.cancelled) {
             (_, Some(reason)) => Outcome::Cancelled(reason),
             (Ok(built), None) => Outcome::Built(built),
-            (Err(e), None) => Outcome::Failed(e),
+            (Err(RunError::Failed(e)), None) => Outcome::Failed(e),
+            (Err(e @ RunError::Superseded(_)), None) => Outcome::Cancelled(e.to_string()),
         };
         (self.events)(SchedEvent::Finished {
             key: key.clone(),
@@ -504,7 +528,7 @@ impl Actor {
             // A panicking build is a failed build, not a stuck slot.
             let result = match tokio::spawn(fut).await {
                 Ok(r) => r,
-                Err(e) => Err(format!("the build task failed: {e}")),
+                Err(e) => Err(RunError::Failed(format!("the build task failed: {e}"))),
             };
             let _ = tx.send(Cmd::Done { key, result }).await;
         });

@@ -11,7 +11,7 @@ use crate::oci::OCI_MANIFEST;
 /// A build in progress in the test runner: the test ends it by sending the result.
 struct Pending {
     job: Job,
-    finish: oneshot::Sender<Result<Built, String>>,
+    finish: oneshot::Sender<Result<Built, RunError>>,
     cancel: CancellationToken,
 }
 
@@ -147,6 +147,20 @@ async fn concurrency_is_bounded_and_queue_order_kept() {
     }
     assert!(outcomes.contains(&(key("a", "arm64"), tag("1"), Outcome::Failed("boom".into()))));
     assert!(outcomes.contains(&(key("b", "amd64"), tag("1"), Outcome::Built(desc(3)))));
+}
+
+#[tokio::test]
+async fn a_run_that_no_longer_matches_its_tag_is_cancelled_not_failed() {
+    let mut h = harness(1);
+    h.sched.submit(vec![job("a", "amd64", "1")]).await.unwrap();
+    let p = h.started.recv().await.unwrap();
+    p.finish
+        .send(Err(RunError::Superseded("files changed".into())))
+        .unwrap();
+    assert_eq!(
+        h.next_finished().await.2,
+        Outcome::Cancelled("superseded: files changed".into())
+    );
 }
 
 #[tokio::test]

@@ -9,8 +9,9 @@
 
 mod ignore;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode, EventKind};
@@ -54,6 +55,63 @@ pub struct WatchConfig {
     pub exclude: Vec<PathBuf>,
     /// Quiet window that folds a burst of events into one change.
     pub quiet: Duration,
+    /// Where each relevant event is recorded as it arrives, before the quiet window.
+    pub touched: Arc<Touched>,
+}
+
+/// When files changed, as the watcher sees them arrive (before the quiet window folds
+/// them). A build checks it before it lands: a file of its package that changed after
+/// the tag was computed may have gone into the image, which would then not be what the
+/// tag names.
+#[derive(Debug, Default)]
+pub struct Touched {
+    inner: Mutex<TouchedLog>,
+}
+
+#[derive(Debug, Default)]
+struct TouchedLog {
+    recent: VecDeque<(std::time::Instant, PathBuf)>,
+    /// The newest time dropped from `recent` (or of a lost event): anything that old
+    /// may have touched anything.
+    unknown_until: Option<std::time::Instant>,
+}
+
+impl Touched {
+    /// Changes remembered one by one; older ones only as a time.
+    const KEEP: usize = 16_384;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TouchedLog> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `path` changed at `at`.
+    pub fn record(&self, at: std::time::Instant, path: &Path) {
+        let mut log = self.lock();
+        if log.recent.len() == Self::KEEP
+            && let Some((t, _)) = log.recent.pop_front()
+        {
+            log.unknown_until = Some(log.unknown_until.map_or(t, |u| u.max(t)));
+        }
+        log.recent.push_back((at, path.to_owned()));
+    }
+
+    /// Events were lost at `at` (inotify's queue overflowed): anything may have changed.
+    pub fn record_unknown(&self, at: std::time::Instant) {
+        let mut log = self.lock();
+        log.unknown_until = Some(log.unknown_until.map_or(at, |u| u.max(at)));
+    }
+
+    /// Whether something under one of `dirs` changed at or after `since`.
+    pub fn since(&self, since: std::time::Instant, dirs: &[&Path]) -> bool {
+        let log = self.lock();
+        log.unknown_until.is_some_and(|u| u >= since)
+            || log
+                .recent
+                .iter()
+                .rev()
+                .take_while(|(t, _)| *t >= since)
+                .any(|(_, p)| dirs.iter().any(|d| p.starts_with(d)))
+    }
 }
 
 /// What watches: inotify, or the fallback poller.
@@ -270,6 +328,7 @@ async fn fold(cfg: WatchConfig, mut raw: mpsc::Receiver<Raw>, out: mpsc::Sender<
         let Some(ev) = next else { return };
         let sent = match ev {
             Ok(ev) if ev.need_rescan() => {
+                cfg.touched.record_unknown(std::time::Instant::now());
                 out.send(WatchEvent::Rescan {
                     reason: "inotify's event queue overflowed (fs.inotify.max_queued_events); \
                              looking at everything again"
@@ -283,14 +342,15 @@ async fn fold(cfg: WatchConfig, mut raw: mpsc::Receiver<Raw>, out: mpsc::Sender<
                     // already pending: a file still being written must not be read (and
                     // tagged) half-written in the middle of its burst.
                     let mut relevant = false;
+                    let now = Instant::now();
                     for p in ev.paths {
                         if !is_ignored(&p, &cfg.roots, &cfg.exclude) {
+                            cfg.touched.record(now.into_std(), &p);
                             pending.insert(p);
                             relevant = true;
                         }
                     }
                     if relevant {
-                        let now = Instant::now();
                         first.get_or_insert(now);
                         last = now;
                     }

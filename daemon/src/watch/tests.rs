@@ -10,6 +10,7 @@ fn start(root: &Path) -> (Watcher, mpsc::Receiver<WatchEvent>) {
         roots: vec![root.to_owned()],
         exclude: vec![root.join("cache")],
         quiet: Duration::from_millis(50),
+        touched: Arc::default(),
     })
     .unwrap()
 }
@@ -86,4 +87,36 @@ async fn directories_created_later_are_watched() {
     while !seen.contains(&root.join("new/deep/f")) {
         seen.extend(changed(next(&mut rx).await));
     }
+}
+
+#[test]
+fn touched_tells_what_changed_since_a_moment() {
+    let t = Touched::default();
+    let start = std::time::Instant::now();
+    let pkg = Path::new("/ws/pkg");
+    let other = Path::new("/ws/other");
+    t.record(start, &pkg.join("old.txt"));
+    let planned = start + Duration::from_millis(10);
+    assert!(
+        !t.since(planned, &[pkg]),
+        "a change before the tag was computed"
+    );
+    t.record(planned + Duration::from_millis(1), &other.join("f"));
+    assert!(!t.since(planned, &[pkg]), "another package's change");
+    assert!(t.since(planned, &[pkg, other]), "an extra source's change");
+    t.record(planned + Duration::from_millis(2), &pkg.join("src/new.txt"));
+    assert!(t.since(planned, &[pkg]));
+    // Forgotten changes count as changes to everything, from their time on.
+    let t = Touched::default();
+    for i in 0..=Touched::KEEP {
+        t.record(
+            planned + Duration::from_micros(i as u64),
+            Path::new("/ws/busy/f"),
+        );
+    }
+    assert!(t.since(planned, &[pkg]), "the oldest change was dropped");
+    assert!(!t.since(planned + Duration::from_secs(1), &[pkg]));
+    let t = Touched::default();
+    t.record_unknown(planned);
+    assert!(t.since(planned, &[pkg]), "lost events");
 }

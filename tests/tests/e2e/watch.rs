@@ -14,7 +14,8 @@ use kiln_shared::protocol::{Snapshot, TargetStatus};
 use kiln_tests::api::{describe, digests_of, package_ok, settled, tag_of};
 use kiln_tests::machine::{ExclusiveToken, Sysctl, exclusive};
 use kiln_tests::workspace::{
-    busybox_kiln_toml, index_platforms, registry_digest, registry_manifest, write_package,
+    busybox_kiln_toml, index_platforms, registry_digest, registry_has, registry_manifest,
+    write_package,
 };
 use kiln_tests::{Dir, Events, Kilnd, KilndOptions, PulledImage, cmd, docker, target_bin};
 
@@ -285,6 +286,66 @@ fn a_burst_of_saves_during_builds_ends_with_the_last_content_served() {
             "{platform}"
         );
     }
+}
+
+#[test]
+fn a_build_whose_files_change_while_it_runs_does_not_land_under_its_tag() {
+    let ws = Dir::new("ws");
+    ws.write("kiln.toml", busybox_kiln_toml());
+    let nonce = ws
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    // A build long enough to save during it, and a quiet window longer than the build:
+    // the save is planned only after the build has finished, so only the runner's own
+    // check can keep the build (which may have read the new file) from landing.
+    let pkg = write_package(
+        &ws,
+        "slow",
+        &["amd64"],
+        "FROM kiln/busybox:latest\nCOPY msg /msg\nRUN sleep 3\n",
+    );
+    ws.write("slow/msg", format!("first {nonce}\n"));
+    let first = show_tag(&ws.join("slow"));
+    let kilnd = Kilnd::start(
+        &[ws.path()],
+        KilndOptions::default().arg("--quiet-ms=15000"),
+    );
+    let registry = kilnd.registry();
+    let events = kilnd.events();
+    events.wait(BUILD_TIMEOUT, "the first build to start", |s| {
+        s.running.iter().any(|b| b.package == pkg)
+    });
+    ws.write("slow/msg", format!("second {nonce}\n"));
+    let second = show_tag(&ws.join("slow"));
+    let s = events.wait(BUILD_TIMEOUT, "the first build to end", |s| {
+        s.running.is_empty() && s.packages[&pkg].targets["amd64"].last.is_some()
+    });
+    let last = s.packages[&pkg].targets["amd64"].last.clone().unwrap();
+    assert_eq!(
+        (last.tag.as_str(), last.outcome),
+        (
+            first.as_str(),
+            kiln_shared::protocol::BuildOutcome::Cancelled
+        ),
+        "{}",
+        describe(&s)
+    );
+    let why = last.error.unwrap_or_default();
+    assert!(why.contains("changed while it was built"), "{why}");
+    assert!(
+        !registry_has(&registry, &format!("{pkg}:{first}")),
+        "the build landed under the tag of the content it started from"
+    );
+    // The save, planned after the quiet window, is built and served.
+    let s = events.wait(BUILD_TIMEOUT, "the save to be built", |s| {
+        settled(s) && package_ok(s, &pkg) && tag_of(s, &pkg) == second
+    });
+    assert_eq!(tag_of(&s, &pkg), second);
+    let image = PulledImage::pull(&format!("{registry}/{pkg}:{second}"), "linux/amd64");
+    assert_eq!(image.run(&["cat", "/msg"]), format!("second {nonce}"));
 }
 
 #[test]

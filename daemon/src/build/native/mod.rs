@@ -259,6 +259,26 @@ pub fn build(
     resolver: &dyn BaseResolver,
     log: &mut dyn FnMut(String),
 ) -> Result<BuildOutput, NativeError> {
+    let built = build_images(cache, input, resolver, log)?;
+    let mut index = None;
+    let mut per_arch = Vec::new();
+    for (suffix, platform, manifest) in built {
+        index = Some(cache.merge_arch(&input.image, &suffix, platform, manifest.clone())?);
+        per_arch.push((suffix, manifest));
+    }
+    let index = index.ok_or_else(|| NativeError::Invalid("no architecture was built".into()))?;
+    log(format!("{} -> {}", input.image, index.digest));
+    Ok(BuildOutput { index, per_arch })
+}
+
+/// Builds `input` for each of its arches: the blobs go into `cache`, nothing is named
+/// yet. Returns each arch's suffix, platform and manifest, for [`Cache::merge_arch`].
+pub fn build_images(
+    cache: &Cache,
+    input: &NativeBuild,
+    resolver: &dyn BaseResolver,
+    log: &mut dyn FnMut(String),
+) -> Result<Vec<(String, Platform, Descriptor)>, NativeError> {
     let df = Dockerfile::read(&input.dockerfile)?;
     native_supports(&df)?;
     if input.arches.is_empty() {
@@ -275,15 +295,7 @@ pub fn build(
         let manifest = shared.build_platform(&platform, &suffix, log)?;
         built.push((suffix, platform, manifest));
     }
-    let mut index = None;
-    let mut per_arch = Vec::new();
-    for (suffix, platform, manifest) in built {
-        index = Some(cache.merge_arch(&input.image, &suffix, platform, manifest.clone())?);
-        per_arch.push((suffix, manifest));
-    }
-    let index = index.ok_or_else(|| NativeError::Invalid("no architecture was built".into()))?;
-    log(format!("{} -> {}", input.image, index.digest));
-    Ok(BuildOutput { index, per_arch })
+    Ok(built)
 }
 
 #[cfg(test)]
