@@ -1,7 +1,8 @@
 //! The build runner: what the queue calls to build one target. It picks up the package as
 //! planned, runs the native or the docker builder for one architecture, lands the image in
-//! the cache (the package's index gains the arch), moves the `dev` tag, and keeps the log:
-//! live on the bus and, when done, in `<cache>/.kiln/logs/`.
+//! the cache (the package's index gains the arch) unless a file of the package changed
+//! since its tag was computed, moves the `dev` tag, and keeps the log: live on the bus
+//! and, when done, in `<cache>/.kiln/logs/`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,7 +22,7 @@ use crate::build::native::{
 };
 use crate::bus::Bus;
 use crate::cache::Cache;
-use crate::oci::{Descriptor, Platform};
+use crate::oci::Platform;
 use crate::plan::deps::build_args;
 use crate::plan::{BuilderKind, PackageTable, Planned, arch_ref, point_dev};
 use crate::schedule::{Built, Job, RunError, RunFuture, Runner};
@@ -187,25 +188,16 @@ impl Inner {
                 job.key.package, job.tag
             )));
         }
-        let Landing {
-            manifest,
-            platform,
-            cache_hits,
-            steps,
-        } = image_out;
+        let Landing { built, platform } = image_out;
         let cache = Arc::clone(&self.cache);
-        let (landed_image, suffix, landed) = (image.clone(), arch.clone(), manifest.clone());
+        let (landed_image, suffix, manifest) =
+            (image.clone(), arch.clone(), built.manifest.clone());
         tokio::task::spawn_blocking(move || {
-            cache.merge_arch(&landed_image, &suffix, platform, landed)
+            cache.merge_arch(&landed_image, &suffix, platform, manifest)
         })
         .await
         .map_err(|e| format!("landing the image stopped: {e}"))?
         .map_err(|e| e.to_string())?;
-        let built = Built {
-            manifest,
-            cache_hits,
-            steps,
-        };
         // Move `dev` only if no newer tag was planned meanwhile.
         let current = self
             .table
@@ -287,10 +279,12 @@ impl Inner {
             .next()
             .ok_or_else(|| NativeFailure::Failed("the native builder produced no image".into()))?;
         Ok(Landing {
-            manifest,
+            built: Built {
+                manifest,
+                cache_hits: 0,
+                steps,
+            },
             platform,
-            cache_hits: 0,
-            steps,
         })
     }
 
@@ -339,10 +333,12 @@ impl Inner {
         let result = docker::build_arch(&engine, &build, &registry, &mut sink, cancel).await;
         let (outcome, engine_tag) = result.map_err(|e| e.to_string())?;
         let landing = Landing {
-            manifest: outcome.manifest,
+            built: Built {
+                manifest: outcome.manifest,
+                cache_hits: u32::try_from(outcome.cache_hits).unwrap_or(u32::MAX),
+                steps: u32::try_from(outcome.cache_hits + outcome.steps_run).unwrap_or(u32::MAX),
+            },
             platform,
-            cache_hits: u32::try_from(outcome.cache_hits).unwrap_or(u32::MAX),
-            steps: u32::try_from(outcome.cache_hits + outcome.steps_run).unwrap_or(u32::MAX),
         };
         Ok((landing, engine_tag))
     }
@@ -434,10 +430,8 @@ impl Inner {
 
 /// A built image, not yet named in the cache.
 struct Landing {
-    manifest: Descriptor,
+    built: Built,
     platform: Platform,
-    cache_hits: u32,
-    steps: u32,
 }
 
 /// Why a native build failed: it refused something (the docker builder can do it), or
