@@ -37,6 +37,15 @@ impl Dir {
         &self.path
     }
 
+    /// The directory's own name, unique to this run: a nonce for contents that no cache
+    /// (the engine's build cache, kiln's) can have seen before.
+    pub fn name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
     pub fn join(&self, rel: impl AsRef<Path>) -> PathBuf {
         self.path.join(rel)
     }

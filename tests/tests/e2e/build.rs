@@ -219,12 +219,7 @@ fn a_failed_arch_blocks_neither_the_other_arch_nor_other_packages_and_keeps_its_
     ws.write("kiln.toml", busybox_kiln_toml());
     // The temp dir's name in the RUN: the engine's build cache cannot answer it, the
     // step runs (and logs) in this test.
-    let nonce = ws
-        .path()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let nonce = ws.name();
     write_package(
         &ws,
         "picky",

@@ -241,12 +241,7 @@ fn a_burst_of_saves_during_builds_ends_with_the_last_content_served() {
 
     // Each save lands while the build of the previous one runs. The temp dir's name in
     // the content: the engine's build cache cannot answer these builds from earlier runs.
-    let nonce = ws
-        .path()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let nonce = ws.name();
     for i in 1..=4 {
         let before = tag_of(&events.snapshot(), &pkg);
         ws.write("burst/msg", format!("v{i} {nonce}\n"));
@@ -292,12 +287,7 @@ fn a_burst_of_saves_during_builds_ends_with_the_last_content_served() {
 fn a_build_whose_files_change_while_it_runs_does_not_land_under_its_tag() {
     let ws = Dir::new("ws");
     ws.write("kiln.toml", busybox_kiln_toml());
-    let nonce = ws
-        .path()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let nonce = ws.name();
     // A build long enough to save during it, and a quiet window longer than the build:
     // the save is planned only after the build has finished, so only the runner's own
     // check can keep the build (which may have read the new file) from landing.
