@@ -405,7 +405,7 @@ fn a_pull_of_an_unbuilt_tag_waits_for_the_build_and_a_failing_build_answers_an_o
         // Unique per run: the engine's build cache cannot make it finish before the cancel.
         &format!(
             "FROM kiln/busybox:latest\nCOPY msg /msg\nRUN echo {} && cp /msg /msg.copy\n",
-            ws.path().file_name().unwrap().to_string_lossy()
+            ws.name()
         ),
     );
     ws.write("slow/msg", "built on pull\n");
