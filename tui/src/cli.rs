@@ -33,6 +33,9 @@ pub enum Command {
     },
     /// Open the dashboard (the default command).
     Dashboard,
+    /// Stop the running kilnd (as SIGTERM does: builds in flight are abandoned, the cache
+    /// stays whole) and wait until it has exited.
+    Stop,
     /// Show packages, targets, the queue and the cache.
     Status {
         /// Print the daemon's state snapshot as JSON.

@@ -1,7 +1,8 @@
-//! The commands that talk to a running kilnd: status, build, logs, cancel, gc.
+//! The commands that talk to a running kilnd: status, stop, build, logs, cancel, gc.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use kiln_shared::protocol::{
@@ -28,6 +29,64 @@ pub async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {
         out.write_all(render_status(&s).as_bytes())?;
     }
     Ok(Outcome::Success)
+}
+
+/// How long `kiln stop` waits for kilnd to exit.
+const STOP_WAIT: Duration = Duration::from_secs(30);
+
+/// `kiln stop`: sends kilnd SIGTERM (its pid from its own state, over its socket) and
+/// waits until it has exited. No kilnd on the socket: nothing to do.
+pub async fn stop(client: &Client) -> anyhow::Result<Outcome> {
+    let s = match client.state().await {
+        Ok(s) => s,
+        Err(e) if e.is_unreachable() => {
+            println!(
+                "no kilnd answers on {}: nothing to stop",
+                client.socket().display()
+            );
+            return Ok(Outcome::Success);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let pid = nix::unistd::Pid::from_raw(
+        i32::try_from(s.pid).context("kilnd reported a pid that is not one")?,
+    );
+    match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => bail!(
+            "cannot signal kilnd (pid {pid}): {e}; it runs as another user? stop it as that user"
+        ),
+    }
+    let deadline = tokio::time::Instant::now() + STOP_WAIT;
+    while !exited(pid) {
+        if tokio::time::Instant::now() > deadline {
+            eprintln!(
+                "kilnd (pid {pid}) is still running {}s after SIGTERM; see its log, or kill -9 {pid}",
+                STOP_WAIT.as_secs()
+            );
+            return Ok(Outcome::Failure);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("kilnd (pid {pid}) stopped");
+    Ok(Outcome::Success)
+}
+
+/// Whether process `pid` has exited: it no longer exists (signal 0 probes it), or it is
+/// a zombie waiting for its parent.
+fn exited(pid: nix::unistd::Pid) -> bool {
+    if nix::sys::signal::kill(pid, None).is_err() {
+        return true;
+    }
+    // /proc/PID/stat: "pid (comm) state ...", comm may hold spaces and parentheses.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
 }
 
 /// `kiln status` as plain text.

@@ -128,6 +128,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             Ok(Outcome::Success)
         }
         Some(Command::Status { json }) => commands::status(&client, json).await,
+        Some(Command::Stop) => commands::stop(&client).await,
         Some(Command::Build {
             packages,
             arch,

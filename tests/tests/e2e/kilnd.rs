@@ -5,7 +5,7 @@
 use std::net::TcpStream;
 
 use kiln_tests::kilnd::KilndError;
-use kiln_tests::{Dir, Kilnd, KilndOptions};
+use kiln_tests::{Dir, Kilnd, KilndOptions, cmd, target_bin};
 
 #[test]
 fn starts_reports_ready_and_stops_on_sigterm() {
@@ -28,6 +28,27 @@ fn starts_reports_ready_and_stops_on_sigterm() {
     let (status, killed) = kilnd.stop();
     assert!(status.success(), "kilnd exited with {status} on SIGTERM");
     assert!(!killed, "kilnd needed SIGKILL");
+}
+
+#[test]
+fn kiln_stop_stops_it_and_then_has_nothing_to_stop() {
+    let ws = Dir::new("ws");
+    let mut kilnd = Kilnd::start(&[ws.path()], KilndOptions::default());
+    let socket = kilnd.socket().to_owned();
+    let stop = || {
+        cmd(target_bin("kiln"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("stop")
+            .stdout()
+    };
+    let out = stop();
+    assert_eq!(out, format!("kilnd (pid {}) stopped", kilnd.pid()));
+    assert!(!kilnd.is_running(), "kilnd still runs after kiln stop");
+    let (status, killed) = kilnd.stop();
+    assert!(status.success() && !killed, "kilnd exited with {status}");
+    let out = stop();
+    assert!(out.contains("nothing to stop"), "{out}");
 }
 
 #[test]
