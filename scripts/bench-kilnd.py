@@ -161,6 +161,8 @@ def main():
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--builder", default="docker", choices=["docker", "native", "auto"],
                     help="kilnd's builder (default docker: BuildKit through the engine)")
+    ap.add_argument("--kilnd-arg", action="append", default=[],
+                    help="one more argument for kilnd (repeatable), e.g. --kilnd-arg=--engine=linux/arm64=unix:///x.sock")
     args = ap.parse_args()
     hand_n = args.saves if args.hand is None else args.hand
 
@@ -215,7 +217,7 @@ def run(args, hand_n, work, procs, layout):
     kilnd = subprocess.Popen(
         [args.kilnd, "--cache", os.path.join(work, "cache"), "--listen", "127.0.0.1:0",
          "--socket", os.path.join(work, "kilnd.sock"), "--ready-file", ready,
-         "--builder", args.builder, ws],
+         "--builder", args.builder, *args.kilnd_arg, ws],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
     procs.append(kilnd)
 
