@@ -404,14 +404,29 @@ impl Actor {
 
     fn finish_queued(&mut self, q: Queued, reason: String) {
         let outcome = Outcome::Cancelled(reason);
+        self.announce(
+            &q.job.key, &q.job.tag, q.build_id, q.since, q.waiters, &outcome,
+        );
+    }
+
+    /// Publishes a target's end and answers those waiting for it.
+    fn announce(
+        &self,
+        key: &TargetKey,
+        tag: &Tag,
+        build_id: String,
+        since: Instant,
+        waiters: Vec<oneshot::Sender<Outcome>>,
+        outcome: &Outcome,
+    ) {
         (self.events)(SchedEvent::Finished {
-            key: q.job.key.clone(),
-            tag: q.job.tag.clone(),
-            build_id: q.build_id,
+            key: key.clone(),
+            tag: tag.clone(),
+            build_id,
             outcome: outcome.clone(),
-            duration: q.since.elapsed(),
+            duration: since.elapsed(),
         });
-        for w in q.waiters {
+        for w in waiters {
             let _ = w.send(outcome.clone());
         }
     }
@@ -426,16 +441,7 @@ impl Actor {
             (Err(RunError::Failed(e)), None) => Outcome::Failed(e),
             (Err(e @ RunError::Superseded(_)), None) => Outcome::Cancelled(e.to_string()),
         };
-        (self.events)(SchedEvent::Finished {
-            key: key.clone(),
-            tag: r.tag.clone(),
-            build_id: r.build_id,
-            outcome: outcome.clone(),
-            duration: r.started.elapsed(),
-        });
-        for w in r.waiters {
-            let _ = w.send(outcome.clone());
-        }
+        self.announce(&key, &r.tag, r.build_id, r.started, r.waiters, &outcome);
         self.finished.insert(key, (r.tag, outcome));
     }
 
@@ -479,16 +485,9 @@ impl Actor {
                         break;
                     };
                     let outcome = Outcome::Failed(reason);
-                    (self.events)(SchedEvent::Finished {
-                        key: q.job.key.clone(),
-                        tag: q.job.tag.clone(),
-                        build_id: q.build_id,
-                        outcome: outcome.clone(),
-                        duration: q.since.elapsed(),
-                    });
-                    for w in q.waiters {
-                        let _ = w.send(outcome.clone());
-                    }
+                    self.announce(
+                        &q.job.key, &q.job.tag, q.build_id, q.since, q.waiters, &outcome,
+                    );
                     self.finished.insert(q.job.key, (q.job.tag, outcome));
                 }
                 Readiness::Ready => {
