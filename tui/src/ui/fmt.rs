@@ -1,21 +1,7 @@
 //! Short human forms of sizes, durations, times, tags and digests.
 
-/// `1.5 KiB`, `10.0 MiB`; bytes below 1 KiB as `512 B`.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    // Precision loss only affects the last shown digit of sizes above 2^53 bytes.
-    #[allow(clippy::cast_precision_loss)]
-    let mut v = n as f64 / 1024.0;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
-}
+/// `1.5 KiB`, `10.0 MiB`; bytes below 1 KiB as `512 B` (the daemon's own form).
+pub use kiln_daemon::cache::format_size as bytes;
 
 /// `850ms`, `1.5s`, `2m03s`, `1h02m`.
 pub fn duration_ms(ms: u64) -> String {
