@@ -188,32 +188,31 @@ impl Tree {
 
     /// The direct children names of a directory, sorted.
     pub fn children(&self, dir: &str) -> Vec<String> {
-        let prefix = if dir.is_empty() {
-            String::new()
-        } else {
-            format!("{dir}/")
-        };
-        self.nodes
-            .range(prefix.clone()..)
-            .take_while(|(k, _)| k.starts_with(&prefix))
-            .filter(|(k, _)| !k.is_empty() && !k[prefix.len()..].contains('/'))
-            .map(|(k, _)| k[prefix.len()..].to_owned())
+        self.below(dir)
+            .filter(|(_, rel)| !rel.contains('/'))
+            .map(|(_, rel)| rel.to_owned())
             .collect()
     }
 
     /// Every path under `dir` (not `dir` itself).
     pub fn descendants(&self, dir: &str) -> Vec<String> {
+        self.below(dir).map(|(path, _)| path.to_owned()).collect()
+    }
+
+    /// The paths under `dir` (not `dir` itself), in order, each with its part below `dir`.
+    fn below<'a>(&'a self, dir: &str) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
         let prefix = if dir.is_empty() {
             String::new()
         } else {
             format!("{dir}/")
         };
+        let skip = prefix.len();
         self.nodes
             .range(prefix.clone()..)
-            .take_while(|(k, _)| k.starts_with(&prefix))
-            .filter(|(k, _)| !k.is_empty())
-            .map(|(k, _)| k.clone())
-            .collect()
+            .map(|(k, _)| k.as_str())
+            .take_while(move |k| k.starts_with(&prefix))
+            .filter(|k| !k.is_empty())
+            .map(move |k| (k, &k[skip..]))
     }
 
     /// Removes a path and everything under it.
