@@ -117,44 +117,30 @@ fn spawn_log(
     tx: mpsc::Sender<Msg>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut lines = match client.log(&build, true).await {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = tx
-                    .send(Msg::LogFailed {
-                        build,
-                        error: e.to_string(),
-                    })
-                    .await;
-                return;
-            }
-        };
-        loop {
-            match lines.next_batch(LOG_BATCH).await {
-                Ok(Some(batch)) => {
-                    let msg = Msg::LogLines {
-                        build: build.clone(),
-                        lines: batch,
-                    };
-                    if tx.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => {
-                    let _ = tx.send(Msg::LogEnded { build }).await;
-                    return;
-                }
-                Err(e) => {
-                    let _ = tx
-                        .send(Msg::LogFailed {
-                            build,
-                            error: e.to_string(),
-                        })
-                        .await;
-                    return;
+        // Ok(false): the dashboard stopped listening.
+        let followed = async {
+            let mut lines = client.log(&build, true).await?;
+            while let Some(batch) = lines.next_batch(LOG_BATCH).await? {
+                let msg = Msg::LogLines {
+                    build: build.clone(),
+                    lines: batch,
+                };
+                if tx.send(msg).await.is_err() {
+                    return Ok(false);
                 }
             }
+            Ok::<_, crate::client::ClientError>(true)
         }
+        .await;
+        let msg = match followed {
+            Ok(true) => Msg::LogEnded { build },
+            Ok(false) => return,
+            Err(e) => Msg::LogFailed {
+                build,
+                error: e.to_string(),
+            },
+        };
+        let _ = tx.send(msg).await;
     })
 }
 
