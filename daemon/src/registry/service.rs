@@ -801,19 +801,9 @@ impl Service {
         })
         .await?;
         tracing::info!(%repo, %digest, "manifest pushed");
-        let mut r = Response::new(RegBody::empty());
-        *r.status_mut() = StatusCode::CREATED;
-        let h = r.headers_mut();
-        h.insert(
-            header::LOCATION,
-            HeaderValue::from_str(&format!("/v2/{repo}/manifests/{digest}")).map_err(internal)?,
-        );
-        h.insert(
-            DOCKER_CONTENT_DIGEST,
-            HeaderValue::from_str(&digest.to_string()).map_err(internal)?,
-        );
+        let mut r = created(&format!("/v2/{repo}/manifests/{digest}"), &digest)?;
         if let Some(subject) = subject {
-            h.insert(
+            r.headers_mut().insert(
                 "oci-subject",
                 HeaderValue::from_str(&subject.to_string()).map_err(internal)?,
             );
@@ -1071,12 +1061,17 @@ where
 }
 
 fn blob_created(repo: &RepoName, digest: &Digest) -> Result<Resp, OciError> {
+    created(&format!("/v2/{repo}/blobs/{digest}"), digest)
+}
+
+/// `201 Created` for what now stands at `location` with `digest`.
+fn created(location: &str, digest: &Digest) -> Result<Resp, OciError> {
     let mut r = Response::new(RegBody::empty());
     *r.status_mut() = StatusCode::CREATED;
     let h = r.headers_mut();
     h.insert(
         header::LOCATION,
-        HeaderValue::from_str(&format!("/v2/{repo}/blobs/{digest}")).map_err(internal)?,
+        HeaderValue::from_str(location).map_err(internal)?,
     );
     h.insert(
         DOCKER_CONTENT_DIGEST,
