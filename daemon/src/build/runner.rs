@@ -163,7 +163,7 @@ impl Inner {
             builder.as_str()
         ));
         let (image_out, engine_tag) = match builder {
-            BuilderKind::Native => match self.native(&planned, &arch, log).await {
+            BuilderKind::Native => match self.native(&planned, &arch, log, cancel.clone()).await {
                 Ok(out) => (out, None),
                 Err(NativeFailure::Refused(why)) if job.fallback => {
                     log.line(&format!("{why}; building with the docker builder instead"));
@@ -230,6 +230,7 @@ impl Inner {
         p: &Planned,
         arch: &str,
         log: &mut Log,
+        cancel: CancellationToken,
     ) -> Result<Landing, NativeFailure> {
         let input = NativeBuild {
             context: p.pkg.dir.clone(),
@@ -241,6 +242,9 @@ impl Inner {
             labels: linuxkit_labels(&linuxkit_info(p)),
             source_date_epoch: source_date_epoch(),
             target: None,
+            network: p.pkg.spec.network,
+            no_cache: p.pkg.spec.disable_cache,
+            cancel,
         };
         let resolver = WorkspaceResolver {
             packages: p

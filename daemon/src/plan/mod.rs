@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 use crate::api::{ControlError, ControlRequest};
 use crate::build::dockerfile::Dockerfile;
-use crate::build::native::native_supports;
+use crate::build::native::{Capabilities, native_supports};
 use crate::bus::Bus;
 use crate::cache::{Cache, GcOptions, gc, set_ref_in};
 use crate::schedule::{CancelFilter, Job, Outcome, Scheduler, TargetKey};
@@ -731,7 +731,7 @@ fn choose_builder(mode: BuilderMode, p: &Package) -> BuilderKind {
         BuilderMode::Native => BuilderKind::Native,
         BuilderMode::Docker => BuilderKind::Docker,
         BuilderMode::Auto => match Dockerfile::read(&p.dockerfile) {
-            Ok(df) if native_supports(&df).is_ok() => BuilderKind::Native,
+            Ok(df) if native_supports(&df, Capabilities::host()).is_ok() => BuilderKind::Native,
             _ => BuilderKind::Docker,
         },
     }

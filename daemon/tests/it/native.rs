@@ -75,6 +75,9 @@ fn native(cache: &Cache, ctx: &Path, image: &str, args: &[(&str, &str)]) -> Buil
         labels: BTreeMap::new(),
         source_date_epoch: 0,
         target: None,
+        network: false,
+        no_cache: false,
+        cancel: Default::default(),
     };
     build(cache, &input, &CacheResolver, &mut |l| eprintln!("{l}")).unwrap()
 }
@@ -479,4 +482,105 @@ fn a_package_on_top_of_a_native_base_matches_docker_build() {
         (1234, 2345),
         "WORKDIR made as USER"
     );
+}
+
+const BUSYBOX: &str = "/var/lib/kiln/base/busybox";
+
+/// A fresh cache holding the busybox base (`kiln/busybox:latest`) that scripts/base-images
+/// makes.
+fn busybox_cache(dir: &Path) -> Cache {
+    assert!(
+        Path::new(BUSYBOX).join("index.json").is_file(),
+        "these tests need the busybox base layout at {BUSYBOX}: run scripts/setup"
+    );
+    let cache = Cache::open(dir).unwrap();
+    cache
+        .import_layout(
+            Path::new(BUSYBOX),
+            "docker.io/kiln/busybox:latest",
+            "docker.io/kiln/busybox:latest",
+        )
+        .unwrap();
+    cache
+}
+
+fn native_logged(
+    cache: &Cache,
+    ctx: &Path,
+    image: &str,
+    arches: &[&str],
+) -> (BuildOutput, Vec<String>) {
+    let input = NativeBuild {
+        context: ctx.to_owned(),
+        dockerfile: ctx.join("Dockerfile"),
+        extra_sources: Vec::new(),
+        image: image.parse().unwrap(),
+        arches: arches.iter().map(|a| (a.to_string(), None)).collect(),
+        build_args: BTreeMap::new(),
+        labels: BTreeMap::new(),
+        source_date_epoch: 0,
+        target: None,
+        network: false,
+        no_cache: false,
+        cancel: Default::default(),
+    };
+    let mut lines = Vec::new();
+    let out = build(cache, &input, &CacheResolver, &mut |l| {
+        eprintln!("{l}");
+        lines.push(l)
+    })
+    .unwrap();
+    (out, lines)
+}
+
+#[test]
+fn run_steps_run_on_both_arches_and_cache_by_their_inputs() {
+    docker_ready();
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = tmp.path().join("pkg");
+    fs::create_dir_all(&ctx).unwrap();
+    fs::write(
+        ctx.join("Dockerfile"),
+        "FROM kiln/busybox:latest\n\
+         RUN uname -m > /arch && rm /bin/ls && mkdir -p /srv && echo made > /srv/file\n\
+         COPY late /late\n\
+         CMD [\"/bin/cat\", \"/arch\"]\n",
+    )
+    .unwrap();
+    write(&ctx, "late", b"one", 0o644);
+    let cache = busybox_cache(&tmp.path().join("cache"));
+    let (first, lines) = native_logged(&cache, &ctx, "kiln-test/run:t", &["amd64", "arm64"]);
+    assert!(!lines.iter().any(|l| l.contains("CACHED")), "{lines:?}");
+    // A save of a file only the late COPY reads re-runs no RUN.
+    write(&ctx, "late", b"two", 0o644);
+    let (second, lines) = native_logged(&cache, &ctx, "kiln-test/run:t", &["amd64", "arm64"]);
+    let cached = lines.iter().filter(|l| l.contains("] CACHED RUN")).count();
+    assert_eq!(cached, 2, "{lines:?}");
+    assert_ne!(first.index.digest, second.index.digest);
+
+    let mut cleanup = Cleanup {
+        images: Vec::new(),
+        containers: Vec::new(),
+    };
+    let pid = std::process::id();
+    for (arch, want) in [("amd64", "x86_64"), ("arm64", "aarch64")] {
+        let tag = format!("kiln-test/run-{arch}:{pid}");
+        load(&cache, "kiln-test/run:t", arch, &tag, &mut cleanup);
+        let out = run(Command::new(DOCKER).args([
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--platform",
+            &format!("linux/{arch}"),
+            &tag,
+        ]));
+        assert_eq!(String::from_utf8_lossy(&out).trim(), want);
+        // The RUN deleted /bin/ls of the base: its whiteout hides it in the engine too.
+        let tree = export(&tag, &mut cleanup);
+        assert!(!tree.contains_key("bin/ls"), "bin/ls is still there");
+        assert!(tree.contains_key("bin/sh"));
+        assert!(tree.contains_key("srv/file"));
+        assert!(!tree.contains_key("proc/self"));
+    }
 }
