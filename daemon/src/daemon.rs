@@ -208,6 +208,19 @@ async fn open_cache(
 ) -> Result<Arc<Cache>, DaemonError> {
     let dir = dir.to_owned();
     let cache = Arc::new(tokio::task::spawn_blocking(move || Cache::open(&dir)).await??);
+    // What a crashed kilnd left of its RUN steps (containers, mounts, directories) goes
+    // before anything builds.
+    let c = Arc::clone(&cache);
+    let _ = tokio::task::spawn_blocking(move || match crate::build::native::Snapshots::open(&c) {
+        Ok(s) => {
+            let n = crate::build::native::runtime::clean_stale(&s);
+            if n > 0 {
+                tracing::info!("removed {n} leftovers of RUN steps of an earlier kilnd");
+            }
+        }
+        Err(e) => tracing::warn!("cannot open the snapshot store: {e}"),
+    })
+    .await;
     import_images(&cache, imports).await;
     Ok(cache)
 }

@@ -8,5 +8,6 @@
 mod cache;
 mod docker;
 mod native;
+mod native_run;
 mod registry;
 mod workspace;

@@ -13,9 +13,9 @@ use kiln_daemon::build::native::{BuildOutput, CacheResolver, NativeBuild, build}
 use kiln_daemon::cache::Cache;
 use sha2::{Digest as _, Sha256};
 
-const DOCKER: &str = "/usr/bin/docker";
+pub(crate) const DOCKER: &str = "/usr/bin/docker";
 
-fn docker_ready() {
+pub(crate) fn docker_ready() {
     let ok = Command::new(DOCKER)
         .arg("info")
         .output()
@@ -26,7 +26,7 @@ fn docker_ready() {
     );
 }
 
-fn run(cmd: &mut Command) -> Vec<u8> {
+pub(crate) fn run(cmd: &mut Command) -> Vec<u8> {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),
@@ -38,9 +38,9 @@ fn run(cmd: &mut Command) -> Vec<u8> {
 }
 
 /// Docker images and containers made by a test, removed when it ends.
-struct Cleanup {
-    images: Vec<String>,
-    containers: Vec<String>,
+pub(crate) struct Cleanup {
+    pub(crate) images: Vec<String>,
+    pub(crate) containers: Vec<String>,
 }
 
 impl Drop for Cleanup {
@@ -54,7 +54,7 @@ impl Drop for Cleanup {
     }
 }
 
-fn write(root: &Path, rel: &str, body: &[u8], mode: u32) {
+pub(crate) fn write(root: &Path, rel: &str, body: &[u8], mode: u32) {
     let p = root.join(rel);
     fs::create_dir_all(p.parent().unwrap()).unwrap();
     fs::write(&p, body).unwrap();
@@ -83,7 +83,7 @@ fn native(cache: &Cache, ctx: &Path, image: &str, args: &[(&str, &str)]) -> Buil
 }
 
 /// Loads `image-<arch>` from the cache into the engine as `tag`.
-fn load(cache: &Cache, image: &str, arch: &str, tag: &str, cleanup: &mut Cleanup) {
+pub(crate) fn load(cache: &Cache, image: &str, arch: &str, tag: &str, cleanup: &mut Cleanup) {
     run(Command::new("skopeo").args([
         "copy",
         "--quiet",
@@ -93,7 +93,7 @@ fn load(cache: &Cache, image: &str, arch: &str, tag: &str, cleanup: &mut Cleanup
     cleanup.images.push(tag.to_owned());
 }
 
-fn docker_build(
+pub(crate) fn docker_build(
     ctx: &Path,
     platform: &str,
     tag: &str,
@@ -121,9 +121,9 @@ fn docker_build(
 }
 
 /// path -> (type, mode, uid, gid, sha256 of content or link target)
-type Tree = BTreeMap<String, (char, u32, u64, u64, String)>;
+pub(crate) type Tree = BTreeMap<String, (char, u32, u64, u64, String)>;
 
-fn export(tag: &str, cleanup: &mut Cleanup) -> Tree {
+pub(crate) fn export(tag: &str, cleanup: &mut Cleanup) -> Tree {
     let id = String::from_utf8(run(Command::new(DOCKER).args(["create", tag])))
         .unwrap()
         .trim()
@@ -183,7 +183,7 @@ fn inspect(tag: &str) -> serde_json::Value {
     v[0].clone()
 }
 
-fn assert_same_trees(native: &Tree, docker: &Tree) {
+pub(crate) fn assert_same_trees(native: &Tree, docker: &Tree) {
     let keys: BTreeSet<&String> = native.keys().chain(docker.keys()).collect();
     let mut diffs = Vec::new();
     for k in keys {
@@ -482,105 +482,4 @@ fn a_package_on_top_of_a_native_base_matches_docker_build() {
         (1234, 2345),
         "WORKDIR made as USER"
     );
-}
-
-const BUSYBOX: &str = "/var/lib/kiln/base/busybox";
-
-/// A fresh cache holding the busybox base (`kiln/busybox:latest`) that scripts/base-images
-/// makes.
-fn busybox_cache(dir: &Path) -> Cache {
-    assert!(
-        Path::new(BUSYBOX).join("index.json").is_file(),
-        "these tests need the busybox base layout at {BUSYBOX}: run scripts/setup"
-    );
-    let cache = Cache::open(dir).unwrap();
-    cache
-        .import_layout(
-            Path::new(BUSYBOX),
-            "docker.io/kiln/busybox:latest",
-            "docker.io/kiln/busybox:latest",
-        )
-        .unwrap();
-    cache
-}
-
-fn native_logged(
-    cache: &Cache,
-    ctx: &Path,
-    image: &str,
-    arches: &[&str],
-) -> (BuildOutput, Vec<String>) {
-    let input = NativeBuild {
-        context: ctx.to_owned(),
-        dockerfile: ctx.join("Dockerfile"),
-        extra_sources: Vec::new(),
-        image: image.parse().unwrap(),
-        arches: arches.iter().map(|a| (a.to_string(), None)).collect(),
-        build_args: BTreeMap::new(),
-        labels: BTreeMap::new(),
-        source_date_epoch: 0,
-        target: None,
-        network: false,
-        no_cache: false,
-        cancel: Default::default(),
-    };
-    let mut lines = Vec::new();
-    let out = build(cache, &input, &CacheResolver, &mut |l| {
-        eprintln!("{l}");
-        lines.push(l)
-    })
-    .unwrap();
-    (out, lines)
-}
-
-#[test]
-fn run_steps_run_on_both_arches_and_cache_by_their_inputs() {
-    docker_ready();
-    let tmp = tempfile::tempdir().unwrap();
-    let ctx = tmp.path().join("pkg");
-    fs::create_dir_all(&ctx).unwrap();
-    fs::write(
-        ctx.join("Dockerfile"),
-        "FROM kiln/busybox:latest\n\
-         RUN uname -m > /arch && rm /bin/ls && mkdir -p /srv && echo made > /srv/file\n\
-         COPY late /late\n\
-         CMD [\"/bin/cat\", \"/arch\"]\n",
-    )
-    .unwrap();
-    write(&ctx, "late", b"one", 0o644);
-    let cache = busybox_cache(&tmp.path().join("cache"));
-    let (first, lines) = native_logged(&cache, &ctx, "kiln-test/run:t", &["amd64", "arm64"]);
-    assert!(!lines.iter().any(|l| l.contains("CACHED")), "{lines:?}");
-    // A save of a file only the late COPY reads re-runs no RUN.
-    write(&ctx, "late", b"two", 0o644);
-    let (second, lines) = native_logged(&cache, &ctx, "kiln-test/run:t", &["amd64", "arm64"]);
-    let cached = lines.iter().filter(|l| l.contains("] CACHED RUN")).count();
-    assert_eq!(cached, 2, "{lines:?}");
-    assert_ne!(first.index.digest, second.index.digest);
-
-    let mut cleanup = Cleanup {
-        images: Vec::new(),
-        containers: Vec::new(),
-    };
-    let pid = std::process::id();
-    for (arch, want) in [("amd64", "x86_64"), ("arm64", "aarch64")] {
-        let tag = format!("kiln-test/run-{arch}:{pid}");
-        load(&cache, "kiln-test/run:t", arch, &tag, &mut cleanup);
-        let out = run(Command::new(DOCKER).args([
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            "--platform",
-            &format!("linux/{arch}"),
-            &tag,
-        ]));
-        assert_eq!(String::from_utf8_lossy(&out).trim(), want);
-        // The RUN deleted /bin/ls of the base: its whiteout hides it in the engine too.
-        let tree = export(&tag, &mut cleanup);
-        assert!(!tree.contains_key("bin/ls"), "bin/ls is still there");
-        assert!(tree.contains_key("bin/sh"));
-        assert!(tree.contains_key("srv/file"));
-        assert!(!tree.contains_key("proc/self"));
-    }
 }

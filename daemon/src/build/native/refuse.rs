@@ -24,7 +24,7 @@ pub struct Refusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Capabilities {
     /// RUN steps: `Ok` when an OCI runtime and root are there, else why not.
-    pub run: Result<(), String>,
+    pub run: Result<(), super::runtime::Unavailable>,
 }
 
 impl Capabilities {

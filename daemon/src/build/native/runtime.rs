@@ -73,14 +73,6 @@ pub enum ExtraMount {
     },
 }
 
-impl ExtraMount {
-    pub fn target(&self) -> &str {
-        match self {
-            ExtraMount::Bind { target, .. } | ExtraMount::Tmpfs { target, .. } => target,
-        }
-    }
-}
-
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Step {
@@ -124,23 +116,40 @@ pub fn find_runtime() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Whether RUN steps can run here (a runtime, and root for mounts), or why not.
-pub fn availability() -> Result<PathBuf, String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Err(
-            "RUN steps need root (overlay mounts and runc); kilnd runs as another user".into(),
-        );
-    }
-    find_runtime().ok_or_else(|| {
+/// Why RUN steps cannot run on this host.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    #[error("RUN steps need root (overlay mounts and runc); kilnd runs as another user")]
+    NotRoot,
+    #[error(
         "no OCI runtime: install runc (Debian: apt-get install runc) to build RUN steps natively"
-            .to_owned()
-    })
+    )]
+    NoRuntime,
+}
+
+/// Whether RUN steps can run here (a runtime, and root for mounts), or why not.
+pub fn availability() -> Result<PathBuf, Unavailable> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(Unavailable::NotRoot);
+    }
+    find_runtime().ok_or(Unavailable::NoRuntime)
+}
+
+/// A foreign architecture's emulator is missing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "RUN for linux/{arch}: the qemu-{qemu} emulator {why} in binfmt_misc; run `update-binfmts --enable qemu-{qemu}` (Debian: apt-get install qemu-user-static binfmt-support)"
+)]
+pub struct NoEmulator {
+    pub arch: String,
+    pub qemu: String,
+    pub why: &'static str,
 }
 
 /// For a foreign architecture, whether its qemu-user emulator is registered in
 /// binfmt_misc with the F flag (so it works inside the container); the error names the
 /// command that registers it.
-pub fn check_emulator(platform: &Platform) -> Result<(), String> {
+pub fn check_emulator(platform: &Platform) -> Result<(), NoEmulator> {
     let host = super::super::dockerfile::host_platform();
     if platform.architecture == host.architecture
         || (host.architecture == "amd64" && platform.architecture == "386")
@@ -172,10 +181,11 @@ pub fn check_emulator(platform: &Platform) -> Result<(), String> {
     } else {
         "is registered without the F flag, so it cannot run inside a container"
     };
-    Err(format!(
-        "RUN for linux/{}: the qemu-{qemu} emulator {why} in binfmt_misc; run `update-binfmts --enable qemu-{qemu}` (Debian: apt-get install qemu-user-static binfmt-support)",
-        platform.architecture
-    ))
+    Err(NoEmulator {
+        arch: platform.architecture.clone(),
+        qemu: qemu.to_owned(),
+        why,
+    })
 }
 
 /// Runs `step` to completion. `log` gets each output line as it arrives; `cancelled` is

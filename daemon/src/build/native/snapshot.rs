@@ -202,61 +202,108 @@ impl Snapshots {
         }
     }
 
-    /// Removes every snapshot whose chain ID is not in `keep` and that was not used
-    /// within [`IN_USE_GRACE`]; returns the bytes freed. GC calls it with the chain IDs
-    /// of the images the cache keeps.
-    pub fn gc(&self, keep: &BTreeSet<Digest>) -> Result<u64, SnapshotError> {
-        let mut freed = 0;
+    /// Garbage collection after the cache's own: removes the snapshots no image in
+    /// `cache` needs, then, when `budget` (the bytes `--max-size` leaves after the blobs)
+    /// is given and the snapshots take more, the least recently used of the others (a
+    /// snapshot is only a faster form of blobs the cache keeps). A snapshot used within
+    /// [`IN_USE_GRACE`] is never removed (a build may have it mounted).
+    pub fn collect(&self, cache: &Cache, budget: Option<u64>) -> Result<SnapshotGc, SnapshotError> {
+        let keep = chains_in(cache);
         let now = SystemTime::now();
+        let mut report = SnapshotGc::default();
+        let mut kept: Vec<(SystemTime, PathBuf, u64)> = Vec::new();
         for entry in fs::read_dir(&self.root).map_err(io_err(&self.root))? {
             let entry = entry.map_err(io_err(&self.root))?;
             let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let Ok(chain) = format!("sha256:{name}").parse::<Digest>() else {
+            let Some(chain) = name
+                .to_str()
+                .and_then(|n| format!("sha256:{n}").parse::<Digest>().ok())
+            else {
                 continue;
             };
-            if keep.contains(&chain) {
-                continue;
-            }
             let path = entry.path();
-            let recent = fs::metadata(&path)
+            let size = dir_size(&path);
+            let used = fs::metadata(&path)
                 .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| now.duration_since(t).ok())
-                .is_none_or(|age| age < IN_USE_GRACE);
-            if recent {
+                .unwrap_or(now);
+            let in_use = now
+                .duration_since(used)
+                .map_or(true, |age| age < IN_USE_GRACE);
+            if keep.contains(&chain) || in_use {
+                if !in_use {
+                    kept.push((used, path, size));
+                }
+                report.bytes_after += size;
                 continue;
             }
-            let size = dir_size(&path);
-            // Renamed out first, so a half-removed snapshot is never taken for whole.
-            let doomed = self.work.join(format!("{PREFIX}gc-{name}"));
-            fs::rename(&path, &doomed).map_err(io_err(&path))?;
-            fs::remove_dir_all(&doomed).map_err(io_err(&doomed))?;
-            freed += size;
+            self.remove(&path)?;
+            report.removed += 1;
+            report.bytes_freed += size;
         }
-        Ok(freed)
+        if let Some(budget) = budget {
+            kept.sort();
+            for (_, path, size) in kept {
+                if report.bytes_after <= budget {
+                    break;
+                }
+                self.remove(&path)?;
+                report.removed += 1;
+                report.bytes_freed += size;
+                report.bytes_after -= size;
+            }
+        }
+        Ok(report)
+    }
+
+    fn remove(&self, path: &Path) -> Result<(), SnapshotError> {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        // Renamed out first, so a half-removed snapshot is never taken for whole.
+        let doomed = self.work.join(format!("{PREFIX}gc-{name}"));
+        fs::rename(path, &doomed).map_err(io_err(path))?;
+        fs::remove_dir_all(&doomed).map_err(io_err(&doomed))
     }
 
     /// Bytes the snapshots take on disk (for `--max-size`).
     pub fn size(&self) -> u64 {
         dir_size(&self.root)
     }
+}
 
-    /// The chain IDs held now.
-    pub fn list(&self) -> Result<BTreeSet<Digest>, SnapshotError> {
-        let mut out = BTreeSet::new();
-        for entry in fs::read_dir(&self.root).map_err(io_err(&self.root))? {
-            let entry = entry.map_err(io_err(&self.root))?;
-            if let Some(Ok(d)) = entry
-                .file_name()
-                .to_str()
-                .map(|n| format!("sha256:{n}").parse::<Digest>())
-            {
-                out.insert(d);
-            }
+/// What [`Snapshots::collect`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotGc {
+    pub removed: u64,
+    pub bytes_freed: u64,
+    /// Bytes the snapshots take after it.
+    pub bytes_after: u64,
+}
+
+/// The chain IDs of every image the cache names (indexes followed to their manifests,
+/// each manifest's config read for its diff IDs). What cannot be read keeps nothing.
+fn chains_in(cache: &Cache) -> BTreeSet<Digest> {
+    let mut out = BTreeSet::new();
+    let Ok(index) = cache.index() else {
+        return out;
+    };
+    let mut stack: Vec<Descriptor> = index.refs().map(|(_, d)| d.clone()).collect();
+    let mut seen = BTreeSet::new();
+    while let Some(d) = stack.pop() {
+        if !seen.insert(d.digest.clone()) {
+            continue;
         }
-        Ok(out)
+        let Ok(m) = cache.read_manifest(&d.digest) else {
+            continue;
+        };
+        stack.extend(m.manifests.iter().cloned());
+        let Some(config) = &m.config else { continue };
+        let Ok(bytes) = cache.read_blob(&config.digest, 4 << 20) else {
+            continue;
+        };
+        if let Ok(c) = serde_json::from_slice::<super::image::ImageConfig>(&bytes) {
+            out.extend(Snapshots::chain_ids(&c.rootfs.diff_ids));
+        }
     }
+    out
 }
 
 /// Marks a snapshot as used now (GC's grace period counts from here).

@@ -89,13 +89,17 @@ impl StepCache {
             diff_id: diff_id.clone(),
         };
         let id = key.id();
-        let tmp = self.dir.join(format!(".{id}.tmp-{}", std::process::id()));
         let written = serde_json::to_vec(&r)
             .map_err(io::Error::other)
-            .and_then(|b| fs::write(&tmp, b))
-            .and_then(|()| fs::rename(&tmp, self.dir.join(&id)));
+            .and_then(|b| {
+                let mut tmp = tempfile::Builder::new()
+                    .prefix(".step-")
+                    .tempfile_in(&self.dir)?;
+                io::Write::write_all(&mut tmp, &b)?;
+                tmp.persist(self.dir.join(&id)).map_err(|e| e.error)?;
+                Ok(())
+            });
         if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
             tracing::warn!("cannot record RUN step {id} in {}: {e}", self.dir.display());
         }
     }

@@ -12,7 +12,6 @@ use super::super::layer::write_layer;
 use super::super::runtime::{self, STANDARD_MOUNTS, Step};
 use super::super::snapshot::Snapshots;
 use super::super::steps::{StepCache, StepKey};
-use super::super::tree::clean;
 use super::super::{NativeError, mounts};
 use super::user::resolve_user;
 use super::{Run, StageState};
@@ -127,7 +126,7 @@ impl Run<'_, '_> {
             self.push_run_layer(st, hit.layer, hit.diff_id, created_by, line)?;
             return Ok(());
         }
-        runtime::check_emulator(&self.platform).map_err(|e| self.err(line, e))?;
+        runtime::check_emulator(&self.platform).map_err(|e| self.err(line, e.to_string()))?;
         let lowers = snapshots
             .ensure(cache, &st.layers, &st.config.rootfs.diff_ids)
             .map_err(|e| self.err(line, e.to_string()))?;
@@ -141,9 +140,9 @@ impl Run<'_, '_> {
             mounts: std::mem::take(&mut mount_plan.mounts),
             lowers: lowers.clone(),
         };
-        let mut excluded: BTreeSet<String> =
-            STANDARD_MOUNTS.iter().map(|s| (*s).to_owned()).collect();
-        excluded.extend(step.mounts.iter().map(|m| clean(m.target())));
+        // The runtime's own mount points are left out; a `--mount` target that did not
+        // exist stays as an empty directory, as BuildKit leaves it.
+        let excluded: BTreeSet<String> = STANDARD_MOUNTS.iter().map(|s| (*s).to_owned()).collect();
         let started = std::time::Instant::now();
         let cancel = self.shared.input.cancel.clone();
         let suffix = self.suffix.clone();
