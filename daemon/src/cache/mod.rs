@@ -50,7 +50,7 @@ use kiln_shared::digest::Digest;
 pub use blob::BlobWriter;
 pub use fsck::{BadReference, CorruptBlob, FsckReport, Problem, fsck};
 pub use gc::{DEFAULT_GRACE, GcOptions, GcReport, SizeError, gc, parse_size};
-pub use index::{IndexView, set_ref_in};
+pub use index::{IndexView, MANIFEST_LIMIT, set_ref_in};
 pub use leftovers::Leftover;
 pub use lock::CacheLock;
 pub use stats::{CacheStats, format_size, stats};
