@@ -207,20 +207,34 @@ async fn open_cache(
     imports: &[(std::path::PathBuf, String, String)],
 ) -> Result<Arc<Cache>, DaemonError> {
     let dir = dir.to_owned();
-    let cache = Arc::new(tokio::task::spawn_blocking(move || Cache::open(&dir)).await??);
-    // What a crashed kilnd left of its RUN steps (containers, mounts, directories) goes
-    // before anything builds.
-    let c = Arc::clone(&cache);
-    let _ = tokio::task::spawn_blocking(move || match crate::build::native::Snapshots::open(&c) {
-        Ok(s) => {
-            let n = crate::build::native::runtime::clean_stale(&s);
-            if n > 0 {
-                tracing::info!("removed {n} leftovers of RUN steps of an earlier kilnd");
+    let cache = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            let cache = Cache::open(&dir)?;
+            // What writers killed mid-write left (temp files of dead processes only).
+            match cache.remove_leftovers() {
+                Ok(gone) if !gone.is_empty() => tracing::info!(
+                    files = gone.len(),
+                    bytes = gone.iter().map(|l| l.bytes).sum::<u64>(),
+                    "removed temp files that dead writers left in the cache"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("cannot clean the cache's temp files: {e}"),
             }
-        }
-        Err(e) => tracing::warn!("cannot open the snapshot store: {e}"),
-    })
-    .await;
+            // What a crashed kilnd left of its RUN steps (containers, mounts,
+            // directories) goes before anything builds.
+            match crate::build::native::Snapshots::open(&cache) {
+                Ok(s) => {
+                    let n = crate::build::native::runtime::clean_stale(&s);
+                    if n > 0 {
+                        tracing::info!("removed {n} leftovers of RUN steps of an earlier kilnd");
+                    }
+                }
+                Err(e) => tracing::warn!("cannot open the snapshot store: {e}"),
+            }
+            Ok::<_, crate::cache::CacheError>(cache)
+        })
+        .await??,
+    );
     import_images(&cache, imports).await;
     Ok(cache)
 }

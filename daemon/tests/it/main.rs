@@ -10,4 +10,5 @@ mod docker;
 mod native;
 mod native_run;
 mod registry;
+mod upstream;
 mod workspace;
