@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::cache::parse_size;
 use crate::plan::{BuilderMode, Builders};
+use crate::upstream::UpstreamSpec;
 
 /// The registry's default port.
 pub const DEFAULT_PORT: u16 = 5000;
@@ -109,6 +110,29 @@ pub struct Args {
     /// Size cap of the cache for garbage collection (e.g. 20G) [default: none]
     #[arg(long, env = "KILN_MAX_SIZE", value_name = "SIZE")]
     pub max_size: Option<String>,
+
+    /// An upstream registry that targets and base images are fetched from before
+    /// building, in order, as REGISTRY[/PREFIX] (repeatable; loopback ones are plain HTTP)
+    #[arg(
+        long = "upstream",
+        env = "KILN_UPSTREAM",
+        value_name = "REGISTRY[/PREFIX]",
+        value_delimiter = ','
+    )]
+    pub upstreams: Vec<String>,
+
+    /// Push every target kiln builds to the upstreams
+    #[arg(long, env = "KILN_PUSH")]
+    pub push: bool,
+
+    /// A mirror of Docker Hub, asked for docker.io images before Docker Hub (repeatable)
+    #[arg(
+        long = "mirror",
+        env = "KILN_MIRROR",
+        value_name = "REGISTRY[/PREFIX]",
+        value_delimiter = ','
+    )]
+    pub mirrors: Vec<String>,
 }
 
 /// `kiln.toml`, as written.
@@ -131,6 +155,27 @@ pub struct FileConfig {
     /// Per-package settings, by image name (`org/image`).
     #[serde(default)]
     pub packages: std::collections::BTreeMap<String, FilePackage>,
+    /// Upstream registries, in the order they are asked.
+    #[serde(default)]
+    pub upstream: Vec<FileUpstream>,
+}
+
+/// `[[upstream]]`: a registry kiln fetches from (and pushes to, with `push = true`).
+/// Credentials are never here: they come from docker's config.json or the auth file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileUpstream {
+    /// `host[:port]`.
+    pub registry: String,
+    /// Repository prefix: `org/image` is `PREFIX/org/image` there.
+    pub prefix: Option<String>,
+    /// Plain HTTP [default: true for loopback registries].
+    pub insecure: Option<bool>,
+    /// A CA certificate (PEM) to trust, relative to kiln.toml.
+    pub ca_file: Option<PathBuf>,
+    pub push: Option<bool>,
+    /// A mirror of Docker Hub (asked for docker.io images only).
+    pub mirror: Option<bool>,
 }
 
 /// `[packages."org/image"]`: settings of one package (build.yml stays LinuxKit's).
@@ -219,6 +264,8 @@ pub struct Config {
     pub max_size: Option<u64>,
     /// Images to import at start: (layout, reference inside it, full cache name).
     pub imports: Vec<(PathBuf, String, String)>,
+    /// Upstream registries: Docker Hub mirrors first, then the others, each in order.
+    pub upstreams: Vec<UpstreamSpec>,
 }
 
 impl Config {
@@ -377,7 +424,17 @@ impl Config {
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
 
+        let upstreams = upstreams(
+            &args.upstreams,
+            &args.mirrors,
+            args.push,
+            file.upstream,
+            &base,
+            &file_err,
+        )?;
+
         Ok(Config {
+            upstreams,
             imports,
             roots,
             cache,
@@ -396,6 +453,71 @@ impl Config {
             max_size,
         })
     }
+}
+
+/// Flags (or `KILN_UPSTREAM`/`KILN_MIRROR`) replace kiln.toml's entries of their kind;
+/// `--push` makes every non-mirror upstream take pushes.
+fn upstreams(
+    flags: &[String],
+    mirror_flags: &[String],
+    push: bool,
+    file: Vec<FileUpstream>,
+    base: &Path,
+    file_err: &dyn Fn(String) -> ConfigError,
+) -> Result<Vec<UpstreamSpec>, ConfigError> {
+    let parse = |s: &str| {
+        s.parse::<UpstreamSpec>()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
+    };
+    let mut from_file = Vec::new();
+    for (i, u) in file.into_iter().enumerate() {
+        let what = format!("upstream[{i}] ({})", u.registry);
+        let mut spec: UpstreamSpec = match &u.prefix {
+            Some(p) => format!("{}/{p}", u.registry),
+            None => u.registry.clone(),
+        }
+        .parse()
+        .map_err(|e| file_err(format!("{what}: {e}")))?;
+        if let Some(insecure) = u.insecure {
+            spec.insecure = insecure;
+        }
+        spec.ca_file = u.ca_file.map(|f| base.join(f));
+        spec.push = u.push.unwrap_or(false);
+        spec.mirror = u.mirror.unwrap_or(false);
+        if spec.push && spec.mirror {
+            return Err(file_err(format!(
+                "{what}: a Docker Hub mirror is never pushed to; drop push or mirror"
+            )));
+        }
+        from_file.push(spec);
+    }
+    let (file_mirrors, file_upstreams): (Vec<_>, Vec<_>) =
+        from_file.into_iter().partition(|s| s.mirror);
+    let mut mirrors = if mirror_flags.is_empty() {
+        file_mirrors
+    } else {
+        mirror_flags
+            .iter()
+            .map(|s| {
+                parse(s).map(|spec| UpstreamSpec {
+                    mirror: true,
+                    ..spec
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let mut others = if flags.is_empty() {
+        file_upstreams
+    } else {
+        flags.iter().map(|s| parse(s)).collect::<Result<_, _>>()?
+    };
+    if push {
+        for u in &mut others {
+            u.push = true;
+        }
+    }
+    mirrors.append(&mut others);
+    Ok(mirrors)
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -497,5 +619,51 @@ mod tests {
 
         let err = Config::load(args(&["/definitely/not/here"])).unwrap_err();
         assert!(err.to_string().contains("not a directory"), "{err}");
+    }
+
+    #[test]
+    fn upstreams_from_the_file_flags_and_push() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("kiln.toml"),
+            "[[upstream]]\nregistry = \"reg.example:5000\"\nprefix = \"team\"\nca-file = \"ca.pem\"\npush = true\n\
+             [[upstream]]\nregistry = \"127.0.0.1:5001\"\n\
+             [[upstream]]\nregistry = \"mirror.example\"\nmirror = true\n",
+        )
+        .unwrap();
+        let r = dir.path().to_str().unwrap();
+        let c = Config::load(args(&[r, "--cache", "/c"])).unwrap();
+        let names: Vec<String> = c.upstreams.iter().map(|u| u.to_string()).collect();
+        assert_eq!(
+            names,
+            ["mirror.example", "reg.example:5000/team", "127.0.0.1:5001"]
+        );
+        assert!(c.upstreams[0].mirror && !c.upstreams[0].push);
+        assert!(c.upstreams[1].push && !c.upstreams[1].insecure);
+        assert_eq!(c.upstreams[1].ca_file, Some(dir.path().join("ca.pem")));
+        assert!(c.upstreams[2].insecure && !c.upstreams[2].push);
+
+        let c = Config::load(args(&[
+            r,
+            "--cache",
+            "/c",
+            "--upstream",
+            "localhost:6000/x",
+            "--push",
+        ]))
+        .unwrap();
+        let names: Vec<String> = c.upstreams.iter().map(|u| u.to_string()).collect();
+        assert_eq!(names, ["mirror.example", "localhost:6000/x"]);
+        assert!(c.upstreams[1].push && c.upstreams[1].insecure);
+
+        let err = Config::load(args(&[r, "--cache", "/c", "--upstream", "a b"])).unwrap_err();
+        assert!(err.to_string().contains("REGISTRY[/PREFIX]"), "{err}");
+        std::fs::write(
+            dir.path().join("kiln.toml"),
+            "[[upstream]]\nregistry = \"r\"\npassword = \"x\"\n",
+        )
+        .unwrap();
+        let err = Config::load(args(&[r, "--cache", "/c"])).unwrap_err();
+        assert!(err.to_string().contains("password"), "{err}");
     }
 }

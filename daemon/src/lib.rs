@@ -12,5 +12,6 @@ pub mod oci;
 pub mod plan;
 pub mod registry;
 pub mod schedule;
+pub mod upstream;
 pub mod watch;
 pub mod workspace;

@@ -40,7 +40,7 @@ pub use blob::BlobWriter;
 pub use dev::point_dev;
 pub use fsck::{BadReference, CorruptBlob, FsckReport, Leftover, Problem, fsck};
 pub use gc::{DEFAULT_GRACE, GcOptions, GcReport, SizeError, gc, parse_size};
-pub use index::{IndexView, set_ref_in};
+pub use index::{IndexView, MANIFEST_LIMIT, set_ref_in};
 pub use lock::CacheLock;
 pub use stats::{CacheStats, format_size, stats};
 

@@ -9,4 +9,5 @@ mod cache;
 mod docker;
 mod native;
 mod registry;
+mod upstream;
 mod workspace;
