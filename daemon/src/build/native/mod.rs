@@ -39,7 +39,7 @@ use crate::oci::{Descriptor, Platform, is_index, is_manifest};
 pub use context::{ContextError, match_component};
 pub use image::{ImageConfig, RunConfig};
 pub use layer::{CHUNK, LEVEL, Layer, LayerError};
-pub use refuse::{Capabilities, Refusal, native_supports};
+pub use refuse::{Capabilities, Refusal, auto_reason, native_supports};
 pub use snapshot::Snapshots;
 
 /// What to build: the lead maps a workspace package to this.

@@ -81,6 +81,31 @@ pub fn native_supports(df: &Dockerfile, caps: &Capabilities) -> Result<(), Refus
     Ok(())
 }
 
+/// Why `auto` picks the builder it picks for the Dockerfile at `path`, for the build log.
+pub fn auto_reason(path: &std::path::Path) -> String {
+    match Dockerfile::read(path) {
+        Err(e) => format!("the Dockerfile does not parse: {e}"),
+        Ok(df) => match native_supports(&df, Capabilities::host()) {
+            Ok(()) => {
+                let runs = df
+                    .stages
+                    .iter()
+                    .flat_map(|s| &s.instructions)
+                    .any(|l| matches!(l.value, Instruction::Run(_)));
+                if runs {
+                    "the native builder does all of it, RUN steps in runc".into()
+                } else {
+                    "the native builder does all of it".into()
+                }
+            }
+            Err(r) => format!(
+                "line {}: {}, which only the docker builder does",
+                r.line, r.what
+            ),
+        },
+    }
+}
+
 /// What of a RUN the native builder cannot do (decided from the words as written; a
 /// mount whose options hold variables is checked again once they are expanded).
 pub fn run_refusal(r: &RunArgs) -> Option<String> {

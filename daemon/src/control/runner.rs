@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kiln_shared::protocol::BuildId;
-use kiln_shared::reference::Tag;
+use kiln_shared::reference::{Tag, arch_ref};
 use tokio_util::sync::CancellationToken;
 
 use crate::build::docker::{
@@ -21,12 +21,12 @@ use crate::build::native::{
     self, NativeBuild, NativeError, WorkspaceResolver, cache_names, pick_platform,
 };
 use crate::bus::Bus;
-use crate::cache::Cache;
+use crate::cache::{Cache, point_dev};
 use crate::oci::Platform;
 use crate::plan::deps::build_args;
-use crate::plan::{BuilderKind, PackageTable, Planned, arch_ref, point_dev};
 use crate::schedule::{Built, Job, RunError, RunFuture, Runner};
 use crate::watch::Touched;
+use crate::workspace::{BuilderKind, PackageTable, Planned};
 
 /// Builds targets for the queue.
 #[derive(Clone)]
@@ -153,13 +153,17 @@ impl Inner {
             });
         }
         // The job names its builder: the package's, or the one a request asked for.
-        let builder = match job.builder.as_str() {
-            "native" => BuilderKind::Native,
-            "docker" => BuilderKind::Docker,
-            _ => planned.builder,
+        let (builder, why) = match job.builder.as_str() {
+            "native" => (BuilderKind::Native, String::new()),
+            "docker" => (BuilderKind::Docker, String::new()),
+            _ if planned.auto => (
+                planned.builder,
+                format!(" (auto: {})", native::auto_reason(&planned.pkg.dockerfile)),
+            ),
+            _ => (planned.builder, String::new()),
         };
         log.line(&format!(
-            "building {image} for linux/{arch} with the {} builder",
+            "building {image} for linux/{arch} with the {} builder{why}",
             builder.as_str()
         ));
         let (image_out, engine_tag) = match builder {
