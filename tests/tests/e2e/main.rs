@@ -4,5 +4,6 @@
 
 mod base_images;
 mod build;
+mod crash;
 mod kilnd;
 mod watch;
