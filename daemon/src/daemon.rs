@@ -227,6 +227,17 @@ async fn open_cache(
                 Ok(_) => {}
                 Err(e) => tracing::warn!("cannot clean the cache's temp files: {e}"),
             }
+            // What a crashed kilnd left of its RUN steps (containers, mounts,
+            // directories) goes before anything builds.
+            match crate::build::native::Snapshots::open(&cache) {
+                Ok(s) => {
+                    let n = crate::build::native::runtime::clean_stale(&s);
+                    if n > 0 {
+                        tracing::info!("removed {n} leftovers of RUN steps of an earlier kilnd");
+                    }
+                }
+                Err(e) => tracing::warn!("cannot open the snapshot store: {e}"),
+            }
             Ok::<_, crate::cache::CacheError>(cache)
         })
         .await??,

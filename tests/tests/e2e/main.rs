@@ -6,4 +6,5 @@ mod base_images;
 mod build;
 mod crash;
 mod kilnd;
+mod native_run;
 mod watch;
