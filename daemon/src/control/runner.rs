@@ -397,7 +397,7 @@ impl Inner {
                 continue; // not ours: the engine resolves it as usual
             };
             // Check the platform is there before the engine finds out.
-            pick_platform(&self.cache, name, desc.clone(), platform)?;
+            pick_platform(&self.cache, name, desc.clone(), platform).map_err(|e| e.to_string())?;
             let pinned = format!("{registry}/{repo}@{}", desc.digest);
             let Some(line) = lines.get_mut(r.line.saturating_sub(1)) else {
                 continue;

@@ -320,7 +320,7 @@ impl Run<'_, '_> {
         let platform = match &stage.platform {
             Some(p) => {
                 let p = self.expand_global(p, stage.line)?;
-                parse_platform(&p).map_err(|e| self.err(stage.line, e))?
+                parse_platform(&p).map_err(|e| self.err(stage.line, e.to_string()))?
             }
             None => self.platform.clone(),
         };
@@ -384,7 +384,7 @@ impl Run<'_, '_> {
             .shared
             .resolver
             .resolve(cache, name, platform)
-            .map_err(|e| self.err(line, e))?;
+            .map_err(|e| self.err(line, e.to_string()))?;
         let manifest = cache
             .read_manifest(&desc.digest)
             .map_err(|e| self.err(line, format!("{name}: {e}")))?;
