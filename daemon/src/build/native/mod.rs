@@ -321,7 +321,7 @@ pub fn build(
     let built = build_images(cache, input, resolver, log)?;
     let mut index = None;
     let mut per_arch = Vec::new();
-    for (suffix, platform, manifest) in built {
+    for (suffix, platform, manifest) in built.images {
         index = Some(cache.merge_arch(&input.image, &suffix, platform, manifest.clone())?);
         per_arch.push((suffix, manifest));
     }
@@ -337,7 +337,7 @@ pub fn build_images(
     input: &NativeBuild,
     resolver: &dyn BaseResolver,
     log: &mut dyn FnMut(String),
-) -> Result<Vec<(String, Platform, Descriptor)>, NativeError> {
+) -> Result<NativeImages, NativeError> {
     let df = Dockerfile::read(&input.dockerfile)?;
     native_supports(&df, Capabilities::host())?;
     if input.arches.is_empty() {
@@ -354,7 +354,21 @@ pub fn build_images(
         let manifest = shared.build_platform(&platform, &suffix, log)?;
         built.push((suffix, platform, manifest));
     }
-    Ok(built)
+    Ok(NativeImages {
+        images: built,
+        steps: shared.steps,
+        cache_hits: shared.cache_hits,
+    })
+}
+
+/// What [`build_images`] built.
+#[derive(Debug, Clone)]
+pub struct NativeImages {
+    /// Each arch's suffix, platform and manifest, for [`Cache::merge_arch`].
+    pub images: Vec<(String, Platform, Descriptor)>,
+    /// Steps walked, and RUN steps the step cache answered.
+    pub steps: u32,
+    pub cache_hits: u32,
 }
 
 #[cfg(test)]
