@@ -115,11 +115,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             });
         })),
     };
-    // Every task is owned: shutdown cancels `stop` and awaits what `tasks` tracks.
+    // Every task is owned: shutdown cancels `stop` and awaits what `tasks` tracks, then
+    // stops the registry last (it drains: pushes in flight at shutdown finish).
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let served = registry.serve(Arc::clone(&cache), hooks);
-    tasks.spawn(until(stop.clone(), served));
+    let stop_registry = CancellationToken::new();
+    let registry_task =
+        tokio::spawn(registry.serve(Arc::clone(&cache), hooks, stop_registry.clone()));
 
     let (control_tx, control_rx) = mpsc::channel(64);
     let api_stop = stop.clone();
@@ -184,6 +186,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     stop.cancel();
     tasks.close();
     tasks.wait().await;
+    stop_registry.cancel();
+    let _ = registry_task.await;
     Ok(())
 }
 
@@ -227,6 +231,17 @@ async fn open_cache(
                 ),
                 Ok(_) => {}
                 Err(e) => tracing::warn!("cannot clean the cache's temp files: {e}"),
+            }
+            // What a crashed kilnd left of its RUN steps (containers, mounts,
+            // directories) goes before anything builds.
+            match crate::build::native::Snapshots::open(&cache) {
+                Ok(s) => {
+                    let n = crate::build::native::runtime::clean_stale(&s);
+                    if n > 0 {
+                        tracing::info!("removed {n} leftovers of RUN steps of an earlier kilnd");
+                    }
+                }
+                Err(e) => tracing::warn!("cannot open the snapshot store: {e}"),
             }
             Ok::<_, crate::cache::CacheError>(cache)
         })
@@ -360,10 +375,10 @@ pub async fn build_once(
     })
     .await?;
     let push_to = registry.local_addrs().first().map(ToString::to_string);
+    // Serves the engine for this one run; stopped (drained) when the builds are done.
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let served = registry.serve(Arc::clone(&cache), Hooks::default());
-    tasks.spawn(until(stop.clone(), served));
+    tasks.spawn(registry.serve(Arc::clone(&cache), Hooks::default(), stop.clone()));
     let dev_tag: Tag = "dev"
         .parse()
         .map_err(|e| DaemonError::Invalid(format!("dev tag: {e}")))?;

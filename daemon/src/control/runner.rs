@@ -153,17 +153,21 @@ impl Inner {
             });
         }
         // The job names its builder: the package's, or the one a request asked for.
-        let builder = match job.builder.as_str() {
-            "native" => BuilderKind::Native,
-            "docker" => BuilderKind::Docker,
-            _ => planned.builder,
+        let (builder, why) = match job.builder.as_str() {
+            "native" => (BuilderKind::Native, String::new()),
+            "docker" => (BuilderKind::Docker, String::new()),
+            _ if planned.auto => (
+                planned.builder,
+                format!(" (auto: {})", native::auto_reason(&planned.pkg.dockerfile)),
+            ),
+            _ => (planned.builder, String::new()),
         };
         log.line(&format!(
-            "building {image} for linux/{arch} with the {} builder",
+            "building {image} for linux/{arch} with the {} builder{why}",
             builder.as_str()
         ));
         let (image_out, engine_tag) = match builder {
-            BuilderKind::Native => match self.native(&planned, &arch, log).await {
+            BuilderKind::Native => match self.native(&planned, &arch, log, cancel.clone()).await {
                 Ok(out) => (out, None),
                 Err(NativeFailure::Refused(why)) if job.fallback => {
                     log.line(&format!("{why}; building with the docker builder instead"));
@@ -230,6 +234,7 @@ impl Inner {
         p: &Planned,
         arch: &str,
         log: &mut Log,
+        cancel: CancellationToken,
     ) -> Result<Landing, NativeFailure> {
         let input = NativeBuild {
             context: p.pkg.dir.clone(),
@@ -241,6 +246,9 @@ impl Inner {
             labels: linuxkit_labels(&linuxkit_info(p)),
             source_date_epoch: source_date_epoch(),
             target: None,
+            network: p.pkg.spec.network,
+            no_cache: p.pkg.spec.disable_cache,
+            cancel,
         };
         let resolver = WorkspaceResolver {
             packages: p

@@ -4,5 +4,7 @@
 
 mod base_images;
 mod build;
+mod crash;
 mod kilnd;
+mod native_run;
 mod watch;
