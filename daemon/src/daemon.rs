@@ -21,7 +21,7 @@ use crate::control::{
     ControlConfig, Controller, Core, Inputs, PullMiss, QueueConfig, cache_stats, describe,
     flush_usage, start_queue,
 };
-use crate::registry::{BoxFuture, Hooks, ManifestMiss, RegistryConfig, RegistryError};
+use crate::registry::{BoxFuture, Hooks, ManifestMiss, MissError, RegistryConfig, RegistryError};
 use crate::schedule::Outcome;
 use crate::watch::{WatchConfig, WatchError, Watcher};
 
@@ -259,7 +259,7 @@ pub struct BuildOnPull {
 }
 
 impl ManifestMiss for BuildOnPull {
-    fn on_miss(&self, repo: RepoName, tag: Tag) -> BoxFuture<'static, Result<bool, String>> {
+    fn on_miss(&self, repo: RepoName, tag: Tag) -> BoxFuture<'static, Result<bool, MissError>> {
         let tx = self.tx.clone();
         let wait = self.wait;
         Box::pin(async move {
@@ -290,10 +290,11 @@ impl ManifestMiss for BuildOnPull {
                     Ok(Outcome::Failed(e)) => {
                         return Err(format!(
                             "the build of {repo}:{tag} failed: {e} (`kiln logs {repo}` shows its log)"
-                        ));
+                        )
+                        .into());
                     }
                     Ok(Outcome::Cancelled(e)) => {
-                        return Err(format!("the build of {repo}:{tag} was cancelled: {e}"));
+                        return Err(format!("the build of {repo}:{tag} was cancelled: {e}").into());
                     }
                     Err(_) => return Err("kilnd is shutting down".into()),
                 }
