@@ -22,6 +22,7 @@ fn summary(id: &str, outcome: BuildOutcome) -> BuildSummary {
         error: (outcome == BuildOutcome::Failed).then(|| "step 2/3: exit code 1".to_owned()),
         cache_hits: 1,
         steps: 3,
+        builder: (outcome == BuildOutcome::Ok).then_some(BuiltBy::Native),
         finished_at_ms: 1_700_000_001_500,
     }
 }
