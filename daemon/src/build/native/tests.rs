@@ -215,7 +215,7 @@ fn copies_from_scratch_with_docker_semantics() {
     assert_eq!(index.manifests.len(), 2);
 }
 
-fn err_of(pkg: &Pkg) -> String {
+pub(crate) fn err_of(pkg: &Pkg) -> String {
     let (_d, cache) = new_cache();
     build_in(&cache, &pkg.input("kiln/x:t"))
         .unwrap_err()
@@ -268,91 +268,6 @@ fn same_inputs_give_identical_digests_in_fresh_caches() {
 }
 
 use sha2::Digest as _;
-
-const RUN_OK: Capabilities = Capabilities { run: Ok(()) };
-
-#[test]
-fn refuses_what_it_cannot_do_naming_the_line() {
-    let tail = "; the native builder cannot do this, use the docker builder (--builder docker)";
-    let cases = [
-        (
-            "FROM scratch\nRUN --mount=type=secret,id=tok cat /run/secrets/tok\n",
-            "2: RUN --mount=type=secret is not supported",
-        ),
-        (
-            "FROM scratch\nRUN <<EOF\necho hi\nEOF\n",
-            "2: RUN with a heredoc (<<) is not supported",
-        ),
-        (
-            "FROM scratch\nADD https://example.com/x /x\n",
-            "2: ADD https://example.com/x downloads from the network",
-        ),
-        (
-            "FROM scratch\nADD git@github.com:o/r.git /src\n",
-            "2: ADD git@github.com:o/r.git downloads from the network",
-        ),
-        (
-            "FROM scratch\n\nCOPY <<EOF /x\nbody\nEOF\n",
-            "3: COPY with a heredoc (<<) is not supported",
-        ),
-        (
-            "FROM scratch\nCOPY --link a /\n",
-            "2: COPY --link is not supported",
-        ),
-        (
-            "FROM scratch\nCOPY --parents a /\n",
-            "2: COPY --parents is not supported",
-        ),
-        (
-            "FROM scratch\nCOPY --exclude=*.md . /\n",
-            "2: COPY --exclude is not supported",
-        ),
-        (
-            "FROM scratch\nADD --checksum=sha256:00 a /\n",
-            "2: ADD --checksum is not supported",
-        ),
-        (
-            "FROM scratch\nADD --keep-git-dir a /\n",
-            "2: ADD --keep-git-dir is not supported",
-        ),
-        (
-            "FROM scratch\nCOPY --chmod=u+x a /\n",
-            "2: COPY --chmod=u+x is not an octal mode (symbolic modes are not supported)",
-        ),
-        (
-            "# syntax=example.com/frontend:1\nFROM scratch\n",
-            "1: # syntax=example.com/frontend:1 selects a custom frontend",
-        ),
-    ];
-    for (dockerfile, want) in cases {
-        let pkg = Pkg::new(dockerfile);
-        pkg.file("a", "a", 0o644);
-        let path = pkg.root().join("Dockerfile");
-        let want = format!("{}:{want}{tail}", path.display());
-        let df = Dockerfile::read(&path).unwrap();
-        assert_eq!(native_supports(&df, &RUN_OK).unwrap_err().to_string(), want);
-        assert_eq!(err_of(&pkg), want);
-    }
-    // docker/dockerfile frontends follow the reference semantics: accepted.
-    let df = Dockerfile::parse(
-        std::path::Path::new("D"),
-        "# syntax=docker/dockerfile:1.7\nFROM scratch\n",
-    )
-    .unwrap();
-    assert!(native_supports(&df, &RUN_OK).is_ok());
-    // Without a runtime, RUN goes to the docker builder, saying why.
-    let df = Dockerfile::parse(std::path::Path::new("D"), "FROM scratch\nRUN true\n").unwrap();
-    let none = Capabilities {
-        run: Err(runtime::Unavailable::NoRuntime),
-    };
-    assert!(
-        native_supports(&df, &none)
-            .unwrap_err()
-            .what
-            .starts_with("RUN: no OCI runtime: install runc")
-    );
-    assert!(native_supports(&df, &RUN_OK).is_ok());
-}
 
 #[test]
 fn refuses_archives_it_cannot_read_and_a_base_with_onbuild() {
