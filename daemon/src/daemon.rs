@@ -16,13 +16,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{Api, ApiError};
 use crate::build::docker::{EngineError, Engines};
-use crate::build::runner::BuildRunner;
+use crate::build::runner::{BuildRunner, publish_upstreams};
 use crate::bus::Bus;
 use crate::cache::{Cache, CacheError};
 use crate::config::Config;
 use crate::plan::{PackageTable, PlanConfig, Planner, PullMiss};
 use crate::registry::{BoxFuture, Hooks, ManifestMiss, RegistryConfig, RegistryError};
 use crate::schedule::{Outcome, SchedEvent, Scheduler};
+use crate::upstream::{AuthFiles, UpstreamError, Upstreams};
 use crate::watch::{Touched, WatchConfig, WatchError, Watcher};
 
 /// Why kilnd stopped with an error.
@@ -46,6 +47,8 @@ pub enum DaemonError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamError),
     #[error("{0}")]
     Invalid(String),
     #[error("a startup task failed: {0}")]
@@ -75,6 +78,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .find(|a| a.is_ipv4() && a.ip().is_loopback())
         .map(ToString::to_string);
 
+    let upstreams = Arc::new(Upstreams::new(&config.upstreams, &AuthFiles::from_env())?);
     let Core {
         bus,
         table,
@@ -89,8 +93,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         push_to,
         config.dev_tag.clone(),
         config.jobs,
+        Some(Arc::clone(&upstreams)),
         |_| {},
     )?;
+    publish_upstreams(&upstreams, &bus);
     let api = Api::bind(&config.socket).await?;
 
     // The registry: pulls are shown, and a pull of a tag not built yet waits for it.
@@ -100,6 +106,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         manifest_miss: Some(Arc::new(BuildOnPull {
             tx: pull_tx,
             wait: config.pull_wait,
+            cache: Arc::clone(&cache),
+            upstreams: Arc::clone(&upstreams),
         })),
         on_pull: Some(Arc::new(move |p: crate::registry::PullEvent| {
             pulled_bus.publish(Event::Pulled {
@@ -234,6 +242,7 @@ fn start_queue(
     push_to: Option<String>,
     dev_tag: Tag,
     jobs: usize,
+    upstreams: Option<Arc<Upstreams>>,
     on_event: impl Fn(&SchedEvent) + Send + 'static,
 ) -> Result<Core, DaemonError> {
     let roots: Vec<_> = roots
@@ -256,6 +265,7 @@ fn start_queue(
         push_to,
         dev_tag,
         Arc::clone(&touched),
+        upstreams,
     );
     let sched_bus = bus.clone();
     let sched = Scheduler::start(Arc::new(runner), jobs, move |e| {
@@ -328,6 +338,7 @@ fn to_event(e: SchedEvent) -> Event {
                 cache_hits: 0,
                 steps: 0,
                 finished_at_ms: now_ms(),
+                pulled_from: None,
             };
             let (package, arch) = (key.package, key.arch);
             match outcome {
@@ -335,6 +346,7 @@ fn to_event(e: SchedEvent) -> Event {
                     summary.digest = Some(b.manifest.digest);
                     summary.cache_hits = b.cache_hits;
                     summary.steps = b.steps;
+                    summary.pulled_from = b.pulled_from;
                     Event::Finished {
                         package,
                         arch,
@@ -414,12 +426,17 @@ async fn cache_stats(cache: Arc<Cache>, bus: Bus, cap: Option<u64>) {
 struct BuildOnPull {
     tx: mpsc::Sender<PullMiss>,
     wait: Duration,
+    /// A name that is not a workspace package is fetched through the upstreams once
+    /// (kilnd as the machine's pull-through cache), then served from the cache.
+    cache: Arc<Cache>,
+    upstreams: Arc<Upstreams>,
 }
 
 impl ManifestMiss for BuildOnPull {
     fn on_miss(&self, repo: RepoName, tag: Tag) -> BoxFuture<'static, Result<bool, String>> {
         let tx = self.tx.clone();
         let wait = self.wait;
+        let (cache, upstreams) = (Arc::clone(&self.cache), Arc::clone(&self.upstreams));
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
             let miss = PullMiss {
@@ -432,7 +449,21 @@ impl ManifestMiss for BuildOnPull {
             }
             let waits = rx.await.map_err(|_| "kilnd is shutting down".to_owned())?;
             if waits.is_empty() {
-                return Ok(false);
+                return match upstreams
+                    .fetch_image(&cache, &format!("{repo}:{tag}"))
+                    .await
+                {
+                    Ok(f) => {
+                        tracing::info!(
+                            "{repo}:{tag}: pulled through from {} in {} ms",
+                            f.upstream,
+                            f.elapsed.as_millis()
+                        );
+                        Ok(true)
+                    }
+                    Err(UpstreamError::NotFound { .. }) => Ok(false),
+                    Err(e) => Err(e.to_string()),
+                };
             }
             let all = futures_util::future::join_all(waits);
             let outcomes = tokio::time::timeout(wait, all).await.map_err(|_| {
@@ -545,6 +576,7 @@ pub async fn build_once(
         push_to,
         dev_tag.clone(),
         req.jobs,
+        None,
         move |e| {
             if let Some(text) = describe(e) {
                 events_line(text);
@@ -630,6 +662,14 @@ fn describe(e: &SchedEvent) -> Option<String> {
             duration,
             ..
         } => Some(match outcome {
+            Outcome::Built(b) if b.pulled_from.is_some() => format!(
+                "pulled {}:{tag} ({}) from {} in {} ms: {}",
+                key.package,
+                key.arch,
+                b.pulled_from.as_deref().unwrap_or_default(),
+                duration.as_millis(),
+                b.manifest.digest
+            ),
             Outcome::Built(b) => format!(
                 "built {}:{tag} ({}) in {:.1}s: {}",
                 key.package,

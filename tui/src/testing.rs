@@ -28,6 +28,7 @@ pub fn summary(id: &str, outcome: BuildOutcome, ms: u64) -> BuildSummary {
         cache_hits: 2,
         steps: 4,
         finished_at_ms: T0 + ms,
+        pulled_from: None,
     }
 }
 

@@ -5,4 +5,5 @@
 mod base_images;
 mod build;
 mod kilnd;
+mod upstream;
 mod watch;
