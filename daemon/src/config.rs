@@ -62,6 +62,11 @@ pub struct Args {
     )]
     pub allow_hosts: Vec<String>,
 
+    /// Serve DELETE of manifests and blobs on the registry (off by default: the registry
+    /// has no authentication, and any local user can reach it)
+    #[arg(long, env = "KILN_ALLOW_DELETE")]
+    pub allow_delete: bool,
+
     /// The control socket [default: $XDG_RUNTIME_DIR/kiln/kilnd.sock, else
     /// <cache>/kilnd.sock]
     #[arg(long, env = "KILN_SOCKET", value_name = "PATH")]
@@ -233,12 +238,52 @@ pub struct FileRegistry {
     pub listen: Option<Vec<String>>,
     #[serde(rename = "allow-hosts")]
     pub allow_hosts: Option<Vec<String>>,
+    #[serde(rename = "allow-delete")]
+    pub allow_delete: Option<bool>,
+    /// Upload sessions open at once.
+    #[serde(rename = "max-uploads")]
+    pub max_uploads: Option<usize>,
+    /// Bytes all unfinished uploads may hold together (e.g. "32G").
+    #[serde(rename = "max-upload-bytes")]
+    pub max_upload_bytes: Option<String>,
+    /// Seconds an upload may stay idle before it is dropped.
+    #[serde(rename = "upload-idle")]
+    pub upload_idle: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileApi {
     pub socket: Option<PathBuf>,
+}
+
+/// The registry's upload bounds from `[registry]`, over the defaults.
+fn registry_uploads(
+    r: &FileRegistry,
+    file: Option<&Path>,
+) -> Result<crate::registry::UploadLimits, ConfigError> {
+    let err = |message: String| ConfigError::Parse {
+        path: file.map(Path::to_path_buf).unwrap_or_default(),
+        message,
+    };
+    let mut limits = crate::registry::UploadLimits::default();
+    if let Some(n) = r.max_uploads {
+        if n == 0 {
+            return Err(err("registry.max-uploads must be at least 1".into()));
+        }
+        limits.max_sessions = n;
+    }
+    if let Some(s) = &r.max_upload_bytes {
+        limits.max_bytes =
+            parse_size(s).map_err(|e| err(format!("registry.max-upload-bytes: {e}")))?;
+    }
+    if let Some(secs) = r.upload_idle {
+        if secs == 0 {
+            return Err(err("registry.upload-idle must be at least 1 second".into()));
+        }
+        limits.idle = Duration::from_secs(secs);
+    }
+    Ok(limits)
 }
 
 /// The validated configuration.
@@ -251,6 +296,8 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub listen_is_default: bool,
     pub allow_hosts: Vec<String>,
+    pub allow_delete: bool,
+    pub uploads: crate::registry::UploadLimits,
     pub socket: PathBuf,
     pub ready_file: Option<PathBuf>,
     pub config_file: Option<PathBuf>,
@@ -308,6 +355,8 @@ impl Config {
             (None, None) => default_cache_dir()?,
         };
 
+        let uploads = registry_uploads(&file.registry, config_file.as_deref())?;
+        let allow_delete = args.allow_delete || file.registry.allow_delete.unwrap_or(false);
         let (listen, listen_is_default) = if !args.listen.is_empty() {
             (args.listen, false)
         } else if let Some(list) = file.registry.listen {
@@ -441,6 +490,8 @@ impl Config {
             listen,
             listen_is_default,
             allow_hosts,
+            allow_delete,
+            uploads,
             socket,
             ready_file: args.ready_file.map(|p| cwd.join(p)),
             config_file,

@@ -215,7 +215,23 @@ async fn open_cache(
     imports: &[(std::path::PathBuf, String, String)],
 ) -> Result<Arc<Cache>, DaemonError> {
     let dir = dir.to_owned();
-    let cache = Arc::new(tokio::task::spawn_blocking(move || Cache::open(&dir)).await??);
+    let cache = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            let cache = Cache::open(&dir)?;
+            // What writers killed mid-write left (temp files of dead processes only).
+            match cache.remove_leftovers() {
+                Ok(gone) if !gone.is_empty() => tracing::info!(
+                    files = gone.len(),
+                    bytes = gone.iter().map(|l| l.bytes).sum::<u64>(),
+                    "removed temp files that dead writers left in the cache"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("cannot clean the cache's temp files: {e}"),
+            }
+            Ok::<_, crate::cache::CacheError>(cache)
+        })
+        .await??,
+    );
     import_images(&cache, imports).await;
     Ok(cache)
 }

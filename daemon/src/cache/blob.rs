@@ -13,13 +13,22 @@ use super::CacheError;
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
+/// The write buffer of an open writer.
+const BUFFER: usize = 256 * 1024;
+
 /// A blob being written. Dropping it unfinished removes its temp file.
 ///
 /// Temp files are named `blob-<pid>-<n>` under `.kiln/tmp`, so `fsck` can tell the
 /// leftovers of a dead process from the writes of a live one.
+///
+/// Between the chunks of a registry upload the writer is [parked](BlobWriter::park):
+/// its file is closed (no descriptor, no buffer held while the client is away) and
+/// reopened for the next write; only the hash state stays in memory.
 #[derive(Debug)]
 pub struct BlobWriter {
+    /// The open temp file; `None` while parked (or once finished).
     file: Option<io::BufWriter<File>>,
+    finished: bool,
     path: PathBuf,
     blobs: PathBuf,
     hasher: Sha256,
@@ -36,7 +45,8 @@ impl BlobWriter {
             .open(&path)
             .map_err(CacheError::io(&path))?;
         Ok(BlobWriter {
-            file: Some(io::BufWriter::with_capacity(256 * 1024, file)),
+            file: Some(io::BufWriter::with_capacity(BUFFER, file)),
+            finished: false,
             path,
             blobs: blobs.to_owned(),
             hasher: Sha256::new(),
@@ -54,12 +64,36 @@ impl BlobWriter {
         &self.path
     }
 
+    /// Closes the temp file, keeping what was written and the hash state; the next
+    /// write or [`BlobWriter::finish`] reopens it.
+    pub fn park(&mut self) -> Result<(), CacheError> {
+        if let Some(file) = self.file.take() {
+            file.into_inner()
+                .map_err(|e| CacheError::io(&self.path)(e.into_error()))?;
+        }
+        Ok(())
+    }
+
+    /// The open temp file, reopened (for appending) if parked.
+    fn open(&mut self) -> Result<&mut io::BufWriter<File>, CacheError> {
+        if self.finished {
+            return Err(CacheError::WriterFinished);
+        }
+        if self.file.is_none() {
+            let file = fs::OpenOptions::new()
+                .append(true)
+                .open(&self.path)
+                .map_err(CacheError::io(&self.path))?;
+            self.file = Some(io::BufWriter::with_capacity(BUFFER, file));
+        }
+        self.file.as_mut().ok_or(CacheError::WriterFinished)
+    }
+
     /// Appends bytes.
     pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<(), CacheError> {
-        let Some(file) = self.file.as_mut() else {
-            return Err(CacheError::Invalid("blob writer already finished".into()));
-        };
-        file.write_all(bytes).map_err(CacheError::io(&self.path))?;
+        let path = self.path.clone();
+        let file = self.open()?;
+        file.write_all(bytes).map_err(CacheError::io(path))?;
         self.hasher.update(bytes);
         self.size += bytes.len() as u64;
         Ok(())
@@ -79,9 +113,11 @@ impl BlobWriter {
         expected: Option<&Digest>,
         expected_size: Option<u64>,
     ) -> Result<Digest, CacheError> {
+        self.open()?;
         let Some(file) = self.file.take() else {
-            return Err(CacheError::Invalid("blob writer already finished".into()));
+            return Err(CacheError::WriterFinished);
         };
+        self.finished = true;
         let actual = Digest::from_sha256_bytes(&self.hasher.clone().finalize().into());
         if let Some(expected_size) = expected_size
             && expected_size != self.size
@@ -128,7 +164,7 @@ impl Drop for BlobWriter {
 /// deleting it and re-checks the mtime there: a touch that lands before that move is seen
 /// by gc (which restores the blob), and a touch that lands after it is followed by the
 /// check below, which then sees the blob gone and lets the caller install its own copy.
-fn refresh_existing(path: &Path) -> Result<bool, CacheError> {
+pub(super) fn refresh_existing(path: &Path) -> Result<bool, CacheError> {
     let f = match File::options().append(true).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),

@@ -6,7 +6,6 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use kiln_shared::digest::Digest;
 use kiln_shared::reference::ImageRef;
@@ -94,9 +93,6 @@ impl Cache {
     /// The current `index.json`, re-read only if the file changed since last time (a stat
     /// per call), so other processes' writes (LinuxKit's too) are seen.
     pub fn index(&self) -> Result<Arc<IndexView>, CacheError> {
-        if self.pending.load(Ordering::Acquire) {
-            return Ok(self.current_view());
-        }
         let path = self.root.join("index.json");
         let meta = fs::metadata(&path).map_err(CacheError::io(&path))?;
         let key = FileKey::of(&meta);
@@ -108,17 +104,9 @@ impl Cache {
         }
         let (index, key) = self.read_index_file()?;
         let mut slot = self.view.write().unwrap_or_else(|p| p.into_inner());
-        if self.pending.load(Ordering::Acquire) {
-            // A write of this process began meanwhile; its view is newer than the file.
-            return Ok(Arc::clone(&slot));
-        }
         let view = Arc::new(IndexView::new(index, Some(key)));
         *slot = Arc::clone(&view);
         Ok(view)
-    }
-
-    fn current_view(&self) -> Arc<IndexView> {
-        Arc::clone(&self.view.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn read_index_file(&self) -> Result<(ImageIndex, FileKey), CacheError> {
@@ -136,13 +124,11 @@ impl Cache {
         Ok((index, FileKey::of(&meta)))
     }
 
-    /// Writes `index` as `index.json`; the caller holds the writer lock. The new index is
-    /// served at once: the view takes it as soon as its bytes are in the temp file, before
-    /// they are synced and renamed into place (the slow part: milliseconds, tens of them
-    /// on a busy disk). While this process holds the writer lock no other writer can
-    /// change the file, so a view ahead of it is this write's own, and readers keep it
-    /// (`pending`) instead of reloading the older file; the blobs it names are on disk
-    /// already. If the write fails, the view goes back to what the file holds.
+    /// Writes `index` as `index.json`; the caller holds the writer lock. The new index
+    /// is served only once it is durable (synced, renamed into place, the directory
+    /// synced): a reader of this process or another sees the old index until then and
+    /// the new one after, never one that a crash could still take back. A push is
+    /// acknowledged after this returns, so an acknowledged reference survives a crash.
     pub(super) fn write_index(&self, index: ImageIndex) -> Result<(), CacheError> {
         use std::io::Write;
         let path = self.root.join("index.json");
@@ -153,38 +139,27 @@ impl Cache {
         let tmp = self
             .root
             .join(format!(".index.json.tmp-{}", std::process::id()));
-        let staged = (|| {
+        let durable = (|| {
             let mut file = fs::File::create(&tmp)?;
             file.write_all(&bytes)?;
+            file.sync_all()?;
             // Renaming keeps the inode, size and mtime: the key the file will have.
             let key = FileKey::of(&file.metadata()?);
-            Ok::<_, io::Error>((file, key))
+            fs::rename(&tmp, &path)?;
+            fs::File::open(&self.root)?.sync_all()?;
+            Ok::<_, io::Error>(key)
         })();
-        let (file, key) = match staged {
-            Ok(s) => s,
+        match durable {
+            Ok(key) => {
+                *self.view.write().unwrap_or_else(|p| p.into_inner()) =
+                    Arc::new(IndexView::new(index, Some(key)));
+                Ok(())
+            }
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
-                return Err(CacheError::io(&path)(e));
+                Err(CacheError::io(&path)(e))
             }
-        };
-        self.pending.store(true, Ordering::Release);
-        *self.view.write().unwrap_or_else(|p| p.into_inner()) =
-            Arc::new(IndexView::new(index, Some(key)));
-        let durable = (|| {
-            file.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            fs::File::open(&self.root)?.sync_all()
-        })();
-        if durable.is_err() {
-            let _ = fs::remove_file(&tmp);
-            let back = match self.read_index_file() {
-                Ok((index, key)) => IndexView::new(index, Some(key)),
-                Err(_) => IndexView::empty(),
-            };
-            *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(back);
         }
-        self.pending.store(false, Ordering::Release);
-        durable.map_err(CacheError::io(&path))
     }
 
     /// Changes `index.json` under the writer lock: reads the file afresh, applies `f`,

@@ -12,7 +12,19 @@
 //!   does, so both tools can share one cache.
 //!
 //! A crash at any instant therefore leaves the old state or the new one, plus at most some
-//! temp files under `.kiln/tmp` that `fsck --repair` removes.
+//! temp files of the dead writer (under `.kiln/tmp`, `.index.json.tmp-<pid>`), which
+//! kilnd removes when it starts and `fsck` reports as a warning (see [`leftovers`]).
+//!
+//! What a reader sees, and when a write counts as done:
+//! - a blob is visible under its digest only once its bytes are verified and durable;
+//! - a reference (a tag pushed, a build landed) is visible to readers, of this process
+//!   or another, only once `index.json` holding it is durable: the in-memory view takes
+//!   the new index after the file is synced and renamed and the directory synced. There
+//!   is no window in which a pull sees a tag that a crash would lose;
+//! - a manifest PUT answers 201 after that, so an acknowledged push survives a crash;
+//! - gc and writers agree through the writer lock and blob mtimes (see [`gc`]): what a
+//!   writer checked under the lock stays until the index names it, and a blob a client
+//!   HEADed or mounted is leased for the grace period.
 //!
 //! Maintenance lives beside the core: `fsck` (checks and repairs), `gc` (mark and sweep,
 //! LRU under a size cap, using `.kiln/trash/` to remove blobs safely), `usage` (last use
@@ -23,6 +35,7 @@ mod fsck;
 mod gc;
 mod import;
 mod index;
+mod leftovers;
 mod lock;
 mod stats;
 mod usage;
@@ -30,15 +43,15 @@ mod usage;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 
 use kiln_shared::digest::Digest;
 
 pub use blob::BlobWriter;
-pub use fsck::{BadReference, CorruptBlob, FsckReport, Leftover, Problem, fsck};
+pub use fsck::{BadReference, CorruptBlob, FsckReport, Problem, fsck};
 pub use gc::{DEFAULT_GRACE, GcOptions, GcReport, SizeError, gc, parse_size};
 pub use index::{IndexView, MANIFEST_LIMIT, set_ref_in};
+pub use leftovers::Leftover;
 pub use lock::CacheLock;
 pub use stats::{CacheStats, format_size, stats};
 
@@ -75,6 +88,8 @@ pub enum CacheError {
     },
     #[error("index.json would name {digest} ({name}), which is not in the cache")]
     DanglingReference { name: String, digest: Digest },
+    #[error("blob writer already finished")]
+    WriterFinished,
     #[error("{0}")]
     Invalid(String),
 }
@@ -96,9 +111,6 @@ pub struct Cache {
     /// writers inside this process, the fcntl lock those of other processes.
     writers: Mutex<()>,
     view: RwLock<Arc<IndexView>>,
-    /// Set while this process writes `index.json` with the view already showing the
-    /// new index (see [`Cache::update_index`]): readers do not reload the older file.
-    pending: AtomicBool,
     /// When each reference was last used (LRU for gc), kept in memory until flushed.
     usage: usage::Usage,
 }
@@ -158,7 +170,6 @@ impl Cache {
             blobs,
             tmp,
             writers: Mutex::new(()),
-            pending: AtomicBool::new(false),
             usage: usage::Usage::default(),
         };
         if !cache.root.join("index.json").exists() {
@@ -199,6 +210,18 @@ impl Cache {
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(CacheError::io(path)(e)),
+        }
+    }
+
+    /// Leases a blob from gc: refreshes its mtime, so gc's grace period protects it
+    /// again (a client that saw it with HEAD or mounted it is about to reference it), and
+    /// returns its size if it is still in place afterwards (see `blob.rs` for how this
+    /// and gc's removal agree). `None`: the cache does not hold it.
+    pub fn touch_blob(&self, digest: &Digest) -> Result<Option<u64>, CacheError> {
+        if blob::refresh_existing(&self.blob_path(digest))? {
+            self.blob_size(digest)
+        } else {
+            Ok(None)
         }
     }
 

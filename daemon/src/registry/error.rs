@@ -10,6 +10,9 @@ use serde_json::{Value, json};
 
 use super::body::RegBody;
 
+/// Seconds a client refused for load waits before it tries again.
+const RETRY_AFTER: &str = "10";
+
 /// Why a registry request failed, as the client will read it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OciError {
@@ -44,6 +47,8 @@ pub enum OciError {
     #[error("{0}")]
     Denied(String),
     #[error("{0}")]
+    HostInvalid(String),
+    #[error("{0}")]
     Unsupported(String),
     #[error("{method} is not allowed on {what}")]
     MethodNotAllowed { method: String, what: &'static str },
@@ -53,6 +58,8 @@ pub enum OciError {
     NotFound(String),
     #[error("{0}")]
     TooLarge(String),
+    #[error("{0}")]
+    TooManyRequests(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -74,10 +81,11 @@ impl OciError {
             OciError::TagInvalid(_) => "TAG_INVALID",
             OciError::RangeInvalid(_) => "RANGE_INVALID",
             OciError::PaginationInvalid(_) => "PAGINATION_NUMBER_INVALID",
-            OciError::Denied(_) => "DENIED",
+            OciError::Denied(_) | OciError::HostInvalid(_) => "DENIED",
             OciError::Unsupported(_)
             | OciError::MethodNotAllowed { .. }
             | OciError::NotFound(_) => "UNSUPPORTED",
+            OciError::TooManyRequests(_) => "TOOMANYREQUESTS",
             OciError::Internal(_) => "UNKNOWN",
         }
     }
@@ -97,13 +105,15 @@ impl OciError {
             | OciError::NameInvalid(_)
             | OciError::SizeInvalid(_)
             | OciError::TagInvalid(_)
-            | OciError::PaginationInvalid(_) => StatusCode::BAD_REQUEST,
+            | OciError::PaginationInvalid(_)
+            | OciError::HostInvalid(_) => StatusCode::BAD_REQUEST,
             OciError::RangeInvalid(_) => StatusCode::RANGE_NOT_SATISFIABLE,
             OciError::Denied(_) => StatusCode::FORBIDDEN,
             OciError::Unsupported(_) | OciError::MethodNotAllowed { .. } => {
                 StatusCode::METHOD_NOT_ALLOWED
             }
             OciError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            OciError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             OciError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -144,6 +154,10 @@ impl OciError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json; charset=utf-8"),
         );
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER));
+        }
         resp
     }
 }

@@ -1,9 +1,18 @@
-//! The DNS-rebinding guard: a web page can make a browser send requests to
-//! `http://evil.example:5000/` after pointing that name at 127.0.0.1, but the browser
-//! then sends `Host: evil.example`. The registry answers only requests whose Host names
-//! the loopback interface or a name (or address) the user configured.
+//! The request guard, against web pages. DNS rebinding: a page can make a browser send
+//! requests to `http://evil.example:5000/` after pointing that name at 127.0.0.1, but the
+//! browser then sends `Host: evil.example`; so the registry answers only requests whose
+//! Host names the loopback interface or a name (or address) the user configured.
+//! Cross-site requests: a page on any site can make a browser POST to
+//! `http://127.0.0.1:5000/` without a CORS preflight (a "simple" request with
+//! `Content-Type: text/plain`); the browser then sends that site's `Origin`, so a request
+//! whose Origin is not an allowed host is refused too. Clients that are not browsers
+//! (docker, skopeo, containerd) send no Origin.
 
 use std::net::IpAddr;
+
+use http::{Request, header};
+
+use super::error::OciError;
 
 /// Decides which Host headers the registry serves.
 #[derive(Debug, Clone, Default)]
@@ -25,6 +34,48 @@ impl HostGuard {
                 .filter(|s| !s.is_empty())
                 .collect(),
         }
+    }
+
+    /// Whether the request may be served: one Host header (RFC 9112 3.2: none, or more
+    /// than one, is a bad request), or the authority of an absolute-form target, which
+    /// then stands for the Host (RFC 9112 3.2.2), names an allowed host; and an `Origin`,
+    /// if any, is a page served from an allowed host.
+    pub fn check<B>(&self, req: &Request<B>) -> Result<(), OciError> {
+        let host = match req.uri().authority() {
+            Some(authority) => authority.as_str(),
+            None => {
+                let mut hosts = req.headers().get_all(header::HOST).iter();
+                let (Some(host), None) = (hosts.next(), hosts.next()) else {
+                    return Err(OciError::HostInvalid(
+                        "a request needs exactly one Host header (RFC 9112 3.2)".into(),
+                    ));
+                };
+                host.to_str()
+                    .map_err(|_| OciError::HostInvalid("the Host header is not ASCII".into()))?
+            }
+        };
+        if !self.allows(host) {
+            return Err(OciError::Denied(format!(
+                "Host {host:?} is not a loopback name or a configured registry host: \
+                 add it to the registry's allowed hosts to serve it"
+            )));
+        }
+        let mut origins = req.headers().get_all(header::ORIGIN).iter();
+        if let Some(origin) = origins.next() {
+            let origin = origin.to_str().unwrap_or("");
+            let allowed = origins.next().is_none()
+                && origin
+                    .strip_prefix("http://")
+                    .or_else(|| origin.strip_prefix("https://"))
+                    .is_some_and(|host| !host.contains('/') && self.allows(host));
+            if !allowed {
+                return Err(OciError::Denied(format!(
+                    "Origin {origin:?} is not a page of a loopback or configured registry \
+                     host: the registry refuses requests that web pages send"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Whether a request with this Host header value (`name`, `name:port`,

@@ -20,7 +20,7 @@ pub struct ManifestInfo {
     pub kind: ManifestKind,
     /// Config and layers (image manifests) that the cache must hold; layers with
     /// `urls` (foreign layers) are not required.
-    pub blobs: Vec<Digest>,
+    pub blobs: Vec<Required>,
     /// Child manifests (indexes).
     pub children: Vec<Child>,
     pub subject: Option<Digest>,
@@ -29,10 +29,20 @@ pub struct ManifestInfo {
     pub annotations: BTreeMap<String, String>,
 }
 
+/// A blob an image manifest needs, as its descriptor says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Required {
+    /// Where in the manifest: `config`, `layers[2]`.
+    pub field: String,
+    pub digest: Digest,
+    pub size: u64,
+}
+
 /// An entry of an index.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Child {
     pub digest: Digest,
+    pub size: u64,
     pub media_type: String,
     pub os: Option<String>,
     pub architecture: Option<String>,
@@ -130,10 +140,11 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<ManifestInfo, O
             ));
         };
         for (i, m) in manifests.iter().enumerate() {
-            check_size(m, &format!("manifests[{i}]"))?;
+            let size = check_size(m, &format!("manifests[{i}]"))?;
             let d = digest(&m.digest, &format!("manifests[{i}]"))?;
             info.children.push(Child {
                 digest: d,
+                size,
                 media_type: m.media_type.clone().unwrap_or_default(),
                 os: m.platform.as_ref().and_then(|p| p.os.clone()),
                 architecture: m.platform.as_ref().and_then(|p| p.architecture.clone()),
@@ -145,8 +156,11 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<ManifestInfo, O
                 "an image manifest needs a \"config\" descriptor".into(),
             ));
         };
-        check_size(&config, "config")?;
-        info.blobs.push(digest(&config.digest, "config")?);
+        info.blobs.push(Required {
+            field: "config".into(),
+            digest: digest(&config.digest, "config")?,
+            size: check_size(&config, "config")?,
+        });
         if info.artifact_type.is_none() {
             info.artifact_type = config.media_type.clone();
         }
@@ -156,10 +170,15 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<ManifestInfo, O
             ));
         };
         for (i, l) in layers.iter().enumerate() {
-            check_size(l, &format!("layers[{i}]"))?;
-            let d = digest(&l.digest, &format!("layers[{i}]"))?;
+            let field = format!("layers[{i}]");
+            let size = check_size(l, &field)?;
+            let digest = digest(&l.digest, &field)?;
             if l.urls.is_empty() {
-                info.blobs.push(d);
+                info.blobs.push(Required {
+                    field,
+                    digest,
+                    size,
+                });
             }
         }
     }
@@ -171,14 +190,9 @@ fn digest(s: &str, field: &str) -> Result<Digest, OciError> {
         .map_err(|e| OciError::ManifestInvalid(format!("{field}: {e}")))
 }
 
-fn check_size(d: &RawDescriptor, field: &str) -> Result<(), OciError> {
-    if d.size < 0 {
-        return Err(OciError::ManifestInvalid(format!(
-            "{field}: size {} is negative",
-            d.size
-        )));
-    }
-    Ok(())
+fn check_size(d: &RawDescriptor, field: &str) -> Result<u64, OciError> {
+    u64::try_from(d.size)
+        .map_err(|_| OciError::ManifestInvalid(format!("{field}: size {} is negative", d.size)))
 }
 
 #[cfg(test)]
@@ -211,8 +225,11 @@ mod tests {
         .unwrap();
         assert_eq!(m.kind, ManifestKind::OciManifest);
         assert_eq!(
-            m.blobs,
-            vec![D1.parse::<Digest>().unwrap(), D2.parse().unwrap()]
+            m.blobs
+                .iter()
+                .map(|b| (b.digest.to_string(), b.size))
+                .collect::<Vec<_>>(),
+            [(D1.to_owned(), 2), (D2.to_owned(), 3)]
         );
         assert_eq!(m.subject, Some(D3.parse().unwrap()));
         assert_eq!(

@@ -12,7 +12,10 @@
 //! - `Accept` negotiation follows registry:2 (see [`accept`]).
 //! - A request whose Host is neither loopback nor configured gets 403 (see [`host`]).
 //! - Uploads stream to temp files inside the cache; a blob is visible only once complete
-//!   and verified; idle uploads expire after [`RegistryConfig::upload_ttl`].
+//!   and verified; uploads are bounded and idle ones expire (see [`uploads`]).
+//! - Deletes (of manifests and blobs) are refused unless enabled (`--allow-delete`), as in
+//!   the distribution registry: the registry has no authentication on loopback, and any
+//!   local user can reach it.
 //!
 //! Entry points: [`bind`] (binds now, so a busy port fails at startup), then
 //! [`Registry::local_addrs`] for the ready line, then [`Registry::serve`] with the cache
@@ -39,6 +42,7 @@
 pub mod accept;
 pub mod body;
 pub mod error;
+mod handlers;
 pub mod host;
 pub mod manifest;
 mod query;
@@ -53,7 +57,6 @@ use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use kiln_shared::digest::Digest;
 use kiln_shared::reference::{RepoName, Tag};
@@ -61,6 +64,7 @@ use kiln_shared::reference::{RepoName, Tag};
 pub use error::{OciError, RegistryError};
 pub use server::{Registry, bind};
 pub use service::Service;
+pub use uploads::UploadLimits;
 
 /// The registry's port when none is configured.
 pub const DEFAULT_PORT: u16 = 5000;
@@ -79,9 +83,10 @@ pub struct RegistryConfig {
     /// Host names (or IP literals) besides loopback ones that requests may carry in
     /// their Host header.
     pub allowed_hosts: Vec<String>,
-    /// How long an upload may stay idle (between requests, or within a request body)
-    /// before it is dropped with its temp file.
-    pub upload_ttl: Duration,
+    /// Bounds of upload sessions.
+    pub uploads: UploadLimits,
+    /// Whether DELETE of manifests and blobs is served.
+    pub allow_delete: bool,
 }
 
 impl Default for RegistryConfig {
@@ -93,7 +98,8 @@ impl Default for RegistryConfig {
             ],
             listen_is_default: true,
             allowed_hosts: Vec::new(),
-            upload_ttl: Duration::from_secs(3600),
+            uploads: UploadLimits::default(),
+            allow_delete: false,
         }
     }
 }
@@ -104,7 +110,8 @@ impl From<&crate::config::Config> for RegistryConfig {
             listen: c.listen.clone(),
             listen_is_default: c.listen_is_default,
             allowed_hosts: c.allow_hosts.clone(),
-            ..RegistryConfig::default()
+            uploads: c.uploads,
+            allow_delete: c.allow_delete,
         }
     }
 }

@@ -90,7 +90,8 @@ impl Registry {
         Arc::new(Service::new(
             cache,
             HostGuard::new(hosts),
-            self.cfg.upload_ttl,
+            self.cfg.uploads,
+            self.cfg.allow_delete,
             hooks,
         ))
     }

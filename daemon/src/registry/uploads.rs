@@ -2,6 +2,12 @@
 //! final `PUT`, and the cache's streaming blob writer behind it (a temp file inside the
 //! cache, hashed as it is written; dropping it removes the file). A session that sees no
 //! request for the configured time expires and its temp file goes with it.
+//!
+//! Sessions are bounded, so idle clients cannot exhaust the registry: at most
+//! [`UploadLimits::max_sessions`] at once holding at most [`UploadLimits::max_bytes`]
+//! together (past either, a new upload gets 429 `TOOMANYREQUESTS` with `Retry-After`),
+//! and a session holds no file descriptor or buffer between its requests (the writer
+//! is parked).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,23 +41,69 @@ impl Session {
 
 type Slot = Arc<tokio::sync::Mutex<Session>>;
 
+/// How many uploads may be in progress, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadLimits {
+    /// Sessions open at once.
+    pub max_sessions: usize,
+    /// Bytes held by all unfinished sessions together.
+    pub max_bytes: u64,
+    /// How long a session may stay idle (between requests, or within a request body)
+    /// before it is dropped with its temp file.
+    pub idle: Duration,
+}
+
+impl Default for UploadLimits {
+    fn default() -> Self {
+        UploadLimits {
+            max_sessions: 128,
+            max_bytes: 32 << 30,
+            idle: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
 /// Every upload in progress, by id.
 #[derive(Debug)]
 pub struct Uploads {
     sessions: Mutex<HashMap<String, Slot>>,
     key: [u8; 16],
     next: AtomicU64,
-    ttl: Duration,
+    limits: UploadLimits,
+}
+
+/// Why no upload can start now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    Sessions(usize),
+    Bytes(u64),
 }
 
 impl Uploads {
-    pub fn new(ttl: Duration) -> Self {
+    pub fn new(limits: UploadLimits) -> Self {
         Uploads {
             sessions: Mutex::new(HashMap::new()),
             key: random_key(),
             next: AtomicU64::new(0),
-            ttl,
+            limits,
         }
+    }
+
+    /// Whether a new session (or a monolithic upload) may start: under both bounds.
+    /// Sessions busy with a request count with what they held before it.
+    pub fn admit(&self) -> Result<(), Full> {
+        let map = self.map();
+        if map.len() >= self.limits.max_sessions {
+            return Err(Full::Sessions(self.limits.max_sessions));
+        }
+        let held: u64 = map
+            .values()
+            .filter_map(|slot| slot.try_lock().ok().map(|s| s.offset()))
+            .sum();
+        if held >= self.limits.max_bytes {
+            return Err(Full::Bytes(self.limits.max_bytes));
+        }
+        Ok(())
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
@@ -104,7 +156,7 @@ impl Uploads {
         let mut map = self.map();
         let before = map.len();
         map.retain(|id, slot| match slot.try_lock() {
-            Ok(s) if now.duration_since(s.last_used) >= self.ttl => {
+            Ok(s) if now.duration_since(s.last_used) >= self.limits.idle => {
                 tracing::info!(upload = %id, repo = %s.repo, "abandoned upload expired");
                 false
             }
@@ -114,7 +166,7 @@ impl Uploads {
     }
 
     pub fn ttl(&self) -> Duration {
-        self.ttl
+        self.limits.idle
     }
 }
 
@@ -146,7 +198,10 @@ mod tests {
     async fn sessions_have_unguessable_ids_and_expire() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path()).unwrap();
-        let uploads = Uploads::new(Duration::ZERO);
+        let uploads = Uploads::new(UploadLimits {
+            idle: Duration::ZERO,
+            ..UploadLimits::default()
+        });
         let (id, slot) = uploads.start("a/b", cache.blob_writer().unwrap());
         assert!(valid_id(&id));
         slot.lock()
@@ -176,5 +231,58 @@ mod tests {
         assert_eq!(uploads.expire(), 2);
         assert!(uploads.is_empty());
         assert!(!tmp.exists(), "an expired upload leaves no temp file");
+    }
+}
+
+#[cfg(test)]
+mod bounds {
+    use super::*;
+    use crate::cache::Cache;
+
+    #[tokio::test]
+    async fn sessions_are_bounded_by_count_and_bytes_and_hold_no_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let uploads = Uploads::new(UploadLimits {
+            max_sessions: 2,
+            max_bytes: 10,
+            idle: Duration::from_secs(60),
+        });
+        assert_eq!(uploads.admit(), Ok(()));
+        let mut w = cache.blob_writer().unwrap();
+        w.write_bytes(b"0123456789").unwrap();
+        w.park().unwrap();
+        let (_, slot) = uploads.start("a/b", w);
+        assert_eq!(uploads.admit(), Err(Full::Bytes(10)));
+        // A parked writer keeps no descriptor open on its temp file.
+        let tmp = slot
+            .lock()
+            .await
+            .writer
+            .as_ref()
+            .unwrap()
+            .temp_path()
+            .to_owned();
+        let open = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+            .any(|p| p == tmp);
+        assert!(!open, "a parked upload holds its file open");
+        // It resumes where it stopped.
+        slot.lock()
+            .await
+            .writer
+            .as_mut()
+            .unwrap()
+            .write_bytes(b"!")
+            .unwrap();
+        assert_eq!(slot.lock().await.offset(), 11);
+        drop(slot);
+        let uploads = Uploads::new(UploadLimits {
+            max_sessions: 1,
+            ..UploadLimits::default()
+        });
+        uploads.start("a/b", cache.blob_writer().unwrap());
+        assert_eq!(uploads.admit(), Err(Full::Sessions(1)));
     }
 }

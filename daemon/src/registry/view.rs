@@ -253,7 +253,7 @@ impl View {
             .values()
             .filter(|m| {
                 m.digest == *blob
-                    || m.info.blobs.contains(blob)
+                    || m.info.blobs.iter().any(|b| b.digest == *blob)
                     || m.info.children.iter().any(|c| c.digest == *blob)
             })
             .map(|m| m.digest.clone())

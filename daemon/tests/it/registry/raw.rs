@@ -165,8 +165,39 @@ fn crafted_request_lines_and_hosts() {
         );
         assert_eq!((r.status, r.code().as_str()), (403, "DENIED"), "{host}");
     }
+    // RFC 9112 3.2: no Host, or two, is a bad request; 3.2.2: an absolute-form target's
+    // authority is the host, whatever the Host header says.
     let r = send(&s, "GET /v2/ HTTP/1.0", b"");
-    assert_eq!(r.status, 403, "no Host header: {}", r.head);
+    assert_eq!(r.status, 400, "no Host header: {}", r.head);
+    let r = send(
+        &s,
+        "GET /v2/_catalog HTTP/1.1\r\nHost: localhost:5000\r\nHost: attacker.example",
+        b"",
+    );
+    assert_eq!((r.status, r.code().as_str()), (400, "DENIED"), "two Hosts");
+    let r = send(
+        &s,
+        "GET http://attacker.example/v2/_catalog HTTP/1.1\r\nHost: localhost:5000",
+        b"",
+    );
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (403, "DENIED"),
+        "absolute form"
+    );
+    // A web page's cross-site write (no CORS preflight for text/plain).
+    let blob = b"from a web page";
+    let r = send(
+        &s,
+        &format!(
+            "POST /v2/x/blobs/uploads/?digest={} HTTP/1.1\r\nHost: 127.0.0.1:5000\r\n\
+             Origin: http://attacker.example\r\nContent-Type: text/plain\r\nContent-Length: {}",
+            sha(blob),
+            blob.len()
+        ),
+        blob,
+    );
+    assert_eq!((r.status, r.code().as_str()), (403, "DENIED"), "Origin");
     assert_eq!(files(s.dir.path()), before);
 }
 

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use super::accept::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 use super::host::HostGuard;
-use super::{BoxFuture, Hooks, ManifestMiss, PullEvent, Service};
+use super::{BoxFuture, Hooks, ManifestMiss, PullEvent, Service, UploadLimits};
 use crate::cache::Cache;
 use crate::oci::Descriptor;
 
@@ -82,12 +82,24 @@ impl Reg {
     }
 
     fn with(hooks: Hooks, ttl: Duration) -> Reg {
+        Reg::build(
+            hooks,
+            UploadLimits {
+                idle: ttl,
+                ..UploadLimits::default()
+            },
+            false,
+        )
+    }
+
+    fn build(hooks: Hooks, uploads: UploadLimits, allow_delete: bool) -> Reg {
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(Cache::open(&dir.path().join("cache")).unwrap());
         let svc = Service::new(
             Arc::clone(&cache),
             HostGuard::new(["registry.lan"]),
-            ttl,
+            uploads,
+            allow_delete,
             hooks,
         );
         Reg {
@@ -225,8 +237,9 @@ async fn base_endpoint_and_host_guard() {
             .unwrap();
         r.send(req).await.is_error(403, "DENIED");
     }
+    // No Host: a bad request (RFC 9112 3.2).
     let req = Request::get("/v2/").body(Full::new(Bytes::new())).unwrap();
-    r.send(req).await.is_error(403, "DENIED");
+    r.send(req).await.is_error(400, "DENIED");
     // An absolute-form request carries its authority in the URI.
     let req = Request::get("http://evil.example/v2/")
         .body(Full::new(Bytes::new()))
@@ -273,6 +286,18 @@ async fn malformed_names_digests_references_and_paths_change_nothing() {
         ),
         (
             Method::GET,
+            "/v2/org/img/manifests/.hidden",
+            404,
+            "MANIFEST_UNKNOWN",
+        ),
+        (
+            Method::HEAD,
+            "/v2/org/img/manifests/-x",
+            404,
+            "MANIFEST_UNKNOWN",
+        ),
+        (
+            Method::PUT,
             "/v2/org/img/manifests/.hidden",
             400,
             "TAG_INVALID",
@@ -962,7 +987,7 @@ async fn referrers_follow_subjects() {
 
 #[tokio::test]
 async fn deletes() {
-    let r = Reg::new();
+    let r = Reg::build(Hooks::default(), UploadLimits::default(), true);
     let body = r.image("org/img", "amd64").await;
     let d = sha(body.as_bytes());
     r.push_manifest("org/img", "v1", OCI_MANIFEST, &body).await;
@@ -1118,7 +1143,8 @@ async fn miss_hook_and_pull_events() {
     let svc = Service::new(
         Arc::clone(&cache),
         HostGuard::default(),
-        Duration::from_secs(60),
+        UploadLimits::default(),
+        false,
         hooks,
     );
     let get = |tag: &str| {
@@ -1180,3 +1206,6 @@ async fn a_stalled_upload_body_is_dropped() {
     r.get(&loc, &[]).await.is_error(404, "BLOB_UPLOAD_UNKNOWN");
     assert_eq!(r.snapshot(), before);
 }
+
+mod abuse;
+mod integrity;

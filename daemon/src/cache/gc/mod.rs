@@ -1,12 +1,19 @@
 //! Garbage collection: mark every blob reachable from `index.json`, sweep the rest, and
 //! over a size cap drop references least recently used first.
 //!
-//! Safety with other processes:
-//! - gc holds the writer lock throughout, so `index.json` cannot change under it (LinuxKit
-//!   takes the same lock);
+//! Safety with writers of this and other processes (how gc and they agree):
+//! - a writer references blobs under the writer lock, after checking there that they are
+//!   present (a manifest PUT, a build landing; LinuxKit takes the same lock);
+//! - gc marks and drops references under the lock, then sweeps a batch at a time
+//!   ([`SWEEP_BATCH`] blobs), each batch under the lock: a writer waits for one batch
+//!   at most, and a batch that finds `index.json` changed marks again first, so a blob
+//!   referenced meanwhile is kept;
 //! - blobs are written without the lock (uploads, builds in flight) and become referenced
 //!   later, so an unreferenced blob younger than the grace period is kept; a blob write
-//!   that finds its blob already present refreshes its mtime;
+//!   that finds its blob already present refreshes its mtime, and so does a registry
+//!   HEAD or mount of it (a lease: the client skips the upload and references the blob
+//!   in the manifest it pushes next, as containerd's and the distribution registry's
+//!   leases protect blobs between the two);
 //! - a blob is first renamed into `.kiln/trash/`, then its mtime is checked again there:
 //!   a writer that refreshed it meanwhile gets it back, and a writer that refreshes it
 //!   after the move finds it gone and installs its own copy (see `blob.rs`);
@@ -18,12 +25,13 @@ use std::fmt;
 use std::fs;
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use kiln_shared::digest::Digest;
 
 use super::stats::format_size;
-use super::{Cache, CacheError};
+use super::{Cache, CacheError, IndexView};
 use crate::oci::{AnyManifest, Descriptor, is_index, is_manifest};
 
 /// How old an unreferenced blob must be before gc removes it, by default: long enough for
@@ -137,41 +145,28 @@ struct Root {
     subject: Option<Digest>,
 }
 
+/// How many blobs one sweep step removes under the writer lock: writers (a manifest
+/// PUT, a build landing) wait for one step at most, never for the whole sweep.
+const SWEEP_BATCH: usize = 64;
+
 /// Collects garbage in `cache`; see the module documentation.
 pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
-    let _lock = cache.lock()?;
     let started = SystemTime::now();
     let cutoff = started
         .checked_sub(opts.grace)
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let blobs = list_blobs(cache.blobs_dir())?;
     let bytes_before: u64 = blobs.values().map(|b| b.size).sum();
-
-    let view = cache.index()?;
     let mut graph = Graph {
         cache,
         docs: HashMap::new(),
     };
-    let mut roots: Vec<Root> = Vec::new();
-    let mut seen_keys = HashSet::new();
-    for d in &view.index().manifests {
-        let (key, named) = match d.ref_name() {
-            Some(n) => (n.to_owned(), true),
-            None => (d.digest.to_string(), false),
-        };
-        if !seen_keys.insert(key.clone()) {
-            continue;
-        }
-        let reach = graph.reach(d)?;
-        let subject = graph.subject_of(d)?;
-        roots.push(Root {
-            key,
-            named,
-            digest: d.digest.clone(),
-            reach,
-            subject,
-        });
-    }
+    // Read every document without the lock (the slow part), then mark again under it,
+    // where only what changed meanwhile is read.
+    roots_of(&mut graph, &*cache.index()?)?;
+    let lock = cache.lock()?;
+    let view = cache.index()?;
+    let roots = roots_of(&mut graph, &view)?;
 
     let mut refs = Refs::new(&roots, &blobs, cutoff);
     if let Some(cap) = opts.max_size
@@ -260,6 +255,7 @@ pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
         }
     }
 
+    drop(lock);
     let trash = cache.root.join(".kiln").join("trash");
     if !opts.dry_run {
         fs::create_dir_all(&trash).map_err(CacheError::io(&trash))?;
@@ -276,25 +272,47 @@ pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
         .filter(|(d, _)| refcount.get(d).copied().unwrap_or(0) == 0)
         .collect();
     garbage.sort_by_key(|(d, _)| *d);
-    for (digest, b) in garbage {
-        if b.mtime >= cutoff {
-            report.young_kept += 1;
-            report.young_bytes += b.size;
-            continue;
+    let (young, old): (Vec<_>, Vec<_>) = garbage.into_iter().partition(|(_, b)| b.mtime >= cutoff);
+    for (_, b) in young {
+        report.young_kept += 1;
+        report.young_bytes += b.size;
+    }
+    if opts.dry_run {
+        for (_, b) in old {
+            report.blobs_removed += 1;
+            report.bytes_freed += b.size;
         }
-        if !opts.dry_run {
-            match remove_blob(cache, &trash, digest, cutoff)? {
-                Removal::Removed => {}
-                Removal::Refreshed => {
-                    report.young_kept += 1;
-                    report.young_bytes += b.size;
+    } else {
+        // The sweep, a batch at a time under the lock. A writer that referenced a blob
+        // meanwhile did so under the lock and changed index.json: the batch marks again
+        // (documents are read once) and keeps what is reachable now.
+        let mut marked = view;
+        let mut reachable: Option<HashSet<Digest>> = None;
+        for batch in old.chunks(SWEEP_BATCH) {
+            let _lock = cache.lock()?;
+            let now = cache.index()?;
+            if !Arc::ptr_eq(&now, &marked) {
+                let roots = roots_of(&mut graph, &now)?;
+                reachable = Some(roots.into_iter().flat_map(|r| r.reach).collect());
+                marked = now;
+            }
+            for &(digest, b) in batch {
+                if reachable.as_ref().is_some_and(|r| r.contains(digest)) {
                     continue;
                 }
-                Removal::Gone => continue,
+                match remove_blob(cache, &trash, digest, cutoff)? {
+                    Removal::Removed => {
+                        report.blobs_removed += 1;
+                        report.bytes_freed += b.size;
+                    }
+                    Removal::Refreshed => {
+                        report.young_kept += 1;
+                        report.young_bytes += b.size;
+                    }
+                    Removal::Gone => {}
+                }
             }
         }
-        report.blobs_removed += 1;
-        report.bytes_freed += b.size;
     }
     report.bytes_after = bytes_before.saturating_sub(report.bytes_freed);
     if let Some(cap) = opts.max_size
@@ -303,6 +321,31 @@ pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
         report.still_over = Some(cap);
     }
     Ok(report)
+}
+
+/// The roots of `view`, each with what it reaches.
+fn roots_of(graph: &mut Graph<'_>, view: &IndexView) -> Result<Vec<Root>, CacheError> {
+    let mut roots: Vec<Root> = Vec::new();
+    let mut seen_keys = HashSet::new();
+    for d in &view.index().manifests {
+        let (key, named) = match d.ref_name() {
+            Some(n) => (n.to_owned(), true),
+            None => (d.digest.to_string(), false),
+        };
+        if !seen_keys.insert(key.clone()) {
+            continue;
+        }
+        let reach = graph.reach(d)?;
+        let subject = graph.subject_of(d)?;
+        roots.push(Root {
+            key,
+            named,
+            digest: d.digest.clone(),
+            reach,
+            subject,
+        });
+    }
+    Ok(roots)
 }
 
 /// How many roots reach each blob, and what a sweep would leave, as roots are dropped.
@@ -588,309 +631,4 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::fs::File;
-
-    use super::*;
-    use crate::oci::{OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST};
-
-    fn cache() -> (tempfile::TempDir, Cache) {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = Cache::open(dir.path()).unwrap();
-        (dir, cache)
-    }
-
-    fn age(cache: &Cache, d: &Digest, by: Duration) {
-        File::open(cache.blob_path(d))
-            .unwrap()
-            .set_modified(SystemTime::now() - by)
-            .unwrap();
-    }
-
-    const HOUR: Duration = Duration::from_secs(3600);
-
-    /// A manifest with one layer of `layer_len` bytes (and an optional subject), named
-    /// `name` in index.json when given. Every blob is an hour old.
-    fn image(
-        cache: &Cache,
-        name: Option<&str>,
-        seed: u8,
-        layer_len: usize,
-        subject: Option<&Descriptor>,
-    ) -> (Descriptor, Vec<Digest>) {
-        let layer = vec![seed; layer_len];
-        let layer_d = cache.put_blob(&layer).unwrap();
-        let config = format!(r#"{{"seed":{seed}}}"#);
-        let config_d = cache.put_blob(config.as_bytes()).unwrap();
-        let mut m = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": Descriptor::new(OCI_CONFIG, config_d.clone(), config.len() as u64),
-            "layers": [Descriptor::new(OCI_LAYER_GZIP, layer_d.clone(), layer.len() as u64)],
-        });
-        if let Some(s) = subject {
-            m["subject"] = serde_json::to_value(s).unwrap();
-        }
-        let bytes = serde_json::to_vec(&m).unwrap();
-        let d = cache.put_blob(&bytes).unwrap();
-        let desc = Descriptor::new(OCI_MANIFEST, d.clone(), bytes.len() as u64);
-        match name {
-            Some(n) => cache.set_ref(n, desc.clone()).unwrap(),
-            None => cache
-                .update_index(|i| {
-                    i.manifests.push(desc.clone());
-                    Ok(())
-                })
-                .unwrap(),
-        }
-        let all = vec![d, config_d, layer_d];
-        for b in &all {
-            age(cache, b, HOUR);
-        }
-        (desc, all)
-    }
-
-    fn exists(cache: &Cache, d: &Digest) -> bool {
-        cache.blob_path(d).exists()
-    }
-
-    #[test]
-    fn unreferenced_blobs_go_once_older_than_the_grace_period() {
-        let (_dir, cache) = cache();
-        let (_, kept) = image(&cache, Some("docker.io/a/b:1"), 1, 100, None);
-        let old = cache.put_blob(b"old garbage").unwrap();
-        age(&cache, &old, HOUR);
-        let young = cache.put_blob(b"young garbage").unwrap();
-
-        let dry = gc(
-            &cache,
-            GcOptions {
-                dry_run: true,
-                ..GcOptions::default()
-            },
-        )
-        .unwrap();
-        assert_eq!((dry.blobs_removed, dry.bytes_freed), (1, 11));
-        assert!(exists(&cache, &old), "a dry run removes nothing");
-        assert!(
-            dry.to_string()
-                .starts_with("would free 11 B: 1 blob, 0 references"),
-            "{dry}"
-        );
-
-        let report = gc(&cache, GcOptions::default()).unwrap();
-        assert_eq!((report.blobs_removed, report.bytes_freed), (1, 11));
-        assert_eq!((report.young_kept, report.young_bytes), (1, 13));
-        assert_eq!(report.bytes_after, report.bytes_before - 11);
-        assert!(!exists(&cache, &old));
-        assert!(exists(&cache, &young));
-        assert!(kept.iter().all(|d| exists(&cache, d)));
-        assert!(
-            report
-                .to_string()
-                .contains("kept 1 unreferenced blob (13 B) written in the last 600s"),
-            "{report}"
-        );
-        let empty = fs::read_dir(cache.root().join(".kiln/trash"))
-            .unwrap()
-            .count();
-        assert_eq!(empty, 0, "the trash is emptied");
-
-        // A blob written again is fresh again.
-        age(&cache, &young, HOUR);
-        cache.put_blob(b"young garbage").unwrap();
-        let report = gc(&cache, GcOptions::default()).unwrap();
-        assert_eq!(report.blobs_removed, 0);
-        assert!(exists(&cache, &young));
-    }
-
-    #[test]
-    fn over_the_cap_the_least_recently_used_references_go_first() {
-        let (_dir, cache) = cache();
-        let (_, a) = image(&cache, Some("docker.io/o/a:1"), 1, 1000, None);
-        let (b_desc, b) = image(&cache, Some("docker.io/o/b:1"), 2, 1000, None);
-        let (_, c) = image(&cache, Some("docker.io/o/c:1"), 3, 1000, None);
-        // A second name for b's manifest, and a signature of b, unnamed as the registry
-        // keeps referrers.
-        cache
-            .set_ref("docker.io/o/b:alias", b_desc.clone())
-            .unwrap();
-        let (_, sig) = image(&cache, None, 4, 10, Some(&b_desc));
-        // a has no record: it counts as used when its manifest was written (an hour ago).
-        let now = SystemTime::now();
-        cache.touch_ref_at("docker.io/o/b:1", now - Duration::from_secs(1800));
-        cache.touch_ref_at("docker.io/o/b:alias", now - Duration::from_secs(1700));
-        cache.flush_usage().unwrap();
-        cache.touch_ref_at("docker.io/o/c:1", now); // not flushed: gc still sees it
-
-        let total = crate::cache::stats(&cache).unwrap().blob_bytes;
-        let cap = total - 1000;
-        let report = gc(
-            &cache,
-            GcOptions {
-                max_size: Some(cap),
-                ..GcOptions::default()
-            },
-        )
-        .unwrap();
-        assert_eq!(report.refs_dropped, ["docker.io/o/a:1"], "{report}");
-        assert!(a.iter().all(|d| !exists(&cache, d)));
-        assert!(b.iter().chain(&c).chain(&sig).all(|d| exists(&cache, d)));
-        assert!(report.bytes_after <= cap && report.still_over.is_none());
-
-        // Dropping b's names takes its signature along.
-        let report = gc(
-            &cache,
-            GcOptions {
-                max_size: Some(report.bytes_after - 1),
-                ..GcOptions::default()
-            },
-        )
-        .unwrap();
-        assert_eq!(
-            report.refs_dropped,
-            [
-                "docker.io/o/b:1".to_owned(),
-                "docker.io/o/b:alias".to_owned(),
-                sig[0].to_string()
-            ],
-            "{report}"
-        );
-        assert!(b.iter().chain(&sig).all(|d| !exists(&cache, d)));
-        assert!(c.iter().all(|d| exists(&cache, d)));
-        let view = cache.index().unwrap();
-        assert_eq!(view.index().manifests.len(), 1);
-        assert!(view.get("docker.io/o/c:1").is_some());
-        let usage = cache.last_used().unwrap();
-        assert!(
-            !usage.contains_key("docker.io/o/b:1"),
-            "dropped names are forgotten"
-        );
-
-        // A cap nothing can meet: everything goes, and the report says so.
-        let young = cache.put_blob(b"in flight").unwrap();
-        let report = gc(
-            &cache,
-            GcOptions {
-                max_size: Some(1),
-                ..GcOptions::default()
-            },
-        )
-        .unwrap();
-        assert_eq!(report.refs_dropped, ["docker.io/o/c:1"]);
-        assert_eq!(report.bytes_after, 9);
-        assert!(exists(&cache, &young));
-        assert_eq!(report.still_over, Some(1));
-        assert!(
-            report.to_string().contains("still over the cap of 1 B"),
-            "{report}"
-        );
-    }
-
-    #[test]
-    fn gc_refuses_to_guess_when_a_manifest_is_unreadable() {
-        let (_dir, cache) = cache();
-        let (desc, blobs) = image(&cache, Some("docker.io/o/a:1"), 1, 10, None);
-        let garbage = cache.put_blob(b"garbage").unwrap();
-        age(&cache, &garbage, HOUR);
-        fs::write(cache.blob_path(&desc.digest), b"{not json").unwrap();
-        let err = gc(&cache, GcOptions::default()).unwrap_err();
-        assert!(err.to_string().contains("kiln fsck --repair"), "{err}");
-        assert!(blobs.iter().chain([&garbage]).all(|d| exists(&cache, d)));
-    }
-
-    #[test]
-    fn a_blob_refreshed_during_removal_is_put_back() {
-        let (_dir, cache) = cache();
-        let d = cache.put_blob(b"racing").unwrap();
-        let trash = cache.root().join(".kiln/trash");
-        fs::create_dir_all(&trash).unwrap();
-        // The listing saw it old, but a writer refreshed it since: gc finds a fresh mtime
-        // once the blob is parked, and restores it.
-        let cutoff = SystemTime::now() - Duration::from_secs(60);
-        assert!(matches!(
-            remove_blob(&cache, &trash, &d, cutoff).unwrap(),
-            Removal::Refreshed
-        ));
-        assert_eq!(cache.read_blob(&d, 100).unwrap(), b"racing");
-        age(&cache, &d, HOUR);
-        assert!(matches!(
-            remove_blob(&cache, &trash, &d, cutoff).unwrap(),
-            Removal::Removed
-        ));
-        assert!(!exists(&cache, &d));
-        assert!(matches!(
-            remove_blob(&cache, &trash, &d, cutoff).unwrap(),
-            Removal::Gone
-        ));
-        // A writer whose blob vanished under it installs its own copy.
-        assert_eq!(cache.put_blob(b"racing").unwrap(), d);
-        assert!(exists(&cache, &d));
-    }
-
-    #[test]
-    fn sizes_parse_with_binary_and_decimal_units() {
-        assert_eq!(parse_size("1048576"), Ok(1 << 20));
-        assert_eq!(parse_size("0"), Ok(0));
-        assert_eq!(parse_size("10G"), Ok(10 << 30));
-        assert_eq!(parse_size("10g"), Ok(10 << 30));
-        assert_eq!(parse_size("500MiB"), Ok(500 << 20));
-        assert_eq!(parse_size("500 mib"), Ok(500 << 20));
-        assert_eq!(parse_size("1.5GB"), Ok(1_500_000_000));
-        assert_eq!(parse_size("1.5K"), Ok(1536));
-        assert_eq!(parse_size(".5k"), Ok(512));
-        assert_eq!(parse_size("1_000kb"), Ok(1_000_000));
-        assert_eq!(parse_size("12B"), Ok(12));
-        assert_eq!(parse_size("1.0"), Ok(1));
-        assert_eq!(parse_size("16777215T"), Ok(16_777_215 << 40));
-    }
-
-    #[test]
-    fn bad_sizes_say_why() {
-        assert_eq!(parse_size(" "), Err(SizeError::Empty));
-        assert!(matches!(parse_size("G"), Err(SizeError::NoNumber(_))));
-        assert!(matches!(parse_size("-1G"), Err(SizeError::NoNumber(_))));
-        assert!(matches!(parse_size("1.2.3G"), Err(SizeError::NoNumber(_))));
-        assert!(matches!(parse_size("."), Err(SizeError::NoNumber(_))));
-        assert!(matches!(
-            parse_size("1.5"),
-            Err(SizeError::FractionalBytes(_))
-        ));
-        assert!(matches!(
-            parse_size("16777216T"),
-            Err(SizeError::TooLarge(_))
-        ));
-        assert!(matches!(
-            parse_size("99999999999999999999999999999999999999999"),
-            Err(SizeError::TooLarge(_))
-        ));
-        let err = parse_size("10 gigs").unwrap_err();
-        assert!(
-            matches!(&err, SizeError::UnknownUnit { unit, .. } if unit == "gigs"),
-            "{err}"
-        );
-        assert!(err.to_string().contains("GiB"), "{err}");
-    }
-
-    #[test]
-    fn a_dangling_reference_stops_gc_before_it_drops_anything() {
-        let (_dir, cache) = cache();
-        let (a, _) = image(&cache, Some("docker.io/o/a:1"), 1, 1000, None);
-        image(&cache, Some("docker.io/o/b:1"), 2, 1000, None);
-        fs::remove_file(cache.blob_path(&a.digest)).unwrap();
-        // Without a cap, gc sweeps around the dangling entry.
-        gc(&cache, GcOptions::default()).unwrap();
-        // Under a cap, b goes first (a was used recently) and a is kept: dangling.
-        cache.touch_ref("docker.io/o/a:1");
-        let err = gc(
-            &cache,
-            GcOptions {
-                max_size: Some(500),
-                ..GcOptions::default()
-            },
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("kiln fsck --repair"), "{err}");
-        assert_eq!(cache.index().unwrap().index().manifests.len(), 2);
-    }
-}
+mod tests;

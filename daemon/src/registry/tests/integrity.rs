@@ -1,0 +1,175 @@
+//! No acknowledged write is lost and no bad descriptor is stored (issue 12): manifests
+//! are checked against the blobs they name, and gc and pushes agree on what is in use.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use super::*;
+use crate::cache::{GcOptions, fsck, gc};
+
+const LAYER_MT: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+/// Makes a blob look old to gc.
+fn age(r: &Reg, d: &Digest) {
+    std::fs::File::open(r.cache.blob_path(d))
+        .unwrap()
+        .set_modified(SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
+}
+
+fn digests(manifest: &str) -> (Digest, Digest) {
+    let v: Value = serde_json::from_str(manifest).unwrap();
+    let d = |p: &Value| p["digest"].as_str().unwrap().parse().unwrap();
+    (d(&v["config"]), d(&v["layers"][0]))
+}
+
+#[tokio::test]
+async fn descriptors_that_do_not_match_the_stored_blob_are_refused() {
+    let r = Reg::new();
+    let body = r.image("org/img", "amd64").await;
+    let (config, _) = digests(&body);
+    let big = vec![7u8; 100_000];
+    let layer = r.push_blob("org/img", &big).await;
+    let mut v: Value = serde_json::from_str(&body).unwrap();
+    v["layers"] = json!([{"mediaType": LAYER_MT, "digest": layer.to_string(), "size": 7}]);
+    let before = r.snapshot();
+    let a = r
+        .push_manifest("org/img", "v1", OCI_MANIFEST, &v.to_string())
+        .await;
+    a.is_error(400, "SIZE_INVALID");
+    assert!(
+        a.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("layers[0]")
+    );
+    v["layers"][0]["size"] = json!(big.len());
+    v["config"]["size"] = json!(1);
+    r.push_manifest("org/img", "v1", OCI_MANIFEST, &v.to_string())
+        .await
+        .is_error(400, "SIZE_INVALID");
+    assert_eq!(r.snapshot(), before, "a refused manifest writes nothing");
+
+    // Indexes: a child of the wrong size, a layer posing as a manifest, a layer, a
+    // manifest of another kind than its descriptor says.
+    let good = r.push_manifest("org/img", "amd", OCI_MANIFEST, &body).await;
+    assert_eq!(good.status, StatusCode::CREATED);
+    let m = sha(body.as_bytes());
+    let before = r.snapshot();
+    let index = |mt: &str, d: &Digest, size: usize| {
+        json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+            {"mediaType": mt, "digest": d.to_string(), "size": size,
+             "platform": {"os": "linux", "architecture": "amd64"}}]})
+        .to_string()
+    };
+    r.push_manifest(
+        "org/img",
+        "i",
+        OCI_INDEX,
+        &index(OCI_MANIFEST, &m, body.len() + 1),
+    )
+    .await
+    .is_error(400, "SIZE_INVALID");
+    r.push_manifest(
+        "org/img",
+        "i",
+        OCI_INDEX,
+        &index(OCI_MANIFEST, &layer, big.len()),
+    )
+    .await
+    .is_error(400, "MANIFEST_INVALID");
+    r.push_manifest(
+        "org/img",
+        "i",
+        OCI_INDEX,
+        &index(LAYER_MT, &layer, big.len()),
+    )
+    .await
+    .is_error(400, "MANIFEST_INVALID");
+    r.push_manifest(
+        "org/img",
+        "i",
+        OCI_INDEX,
+        &index(DOCKER_MANIFEST, &m, body.len()),
+    )
+    .await
+    .is_error(400, "MANIFEST_INVALID");
+    assert_eq!(r.snapshot(), before, "a refused index writes nothing");
+    let a = r
+        .push_manifest(
+            "org/img",
+            "i",
+            OCI_INDEX,
+            &index(OCI_MANIFEST, &m, body.len()),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+    let _ = config;
+    let report = fsck(&r.cache, false).unwrap();
+    assert!(report.is_clean(), "{report}");
+}
+
+#[tokio::test]
+async fn a_blob_a_client_headed_survives_gc_until_its_manifest_lands() {
+    let r = Reg::new();
+    let body = r.image("org/img", "amd64").await;
+    let (config, layer) = digests(&body);
+    // Pushed long ago and never referenced: garbage, as far as gc can tell.
+    age(&r, &config);
+    age(&r, &layer);
+    // A client checks the blobs (200: it skips their upload) ...
+    for d in [&config, &layer] {
+        let a = r
+            .req(
+                Method::HEAD,
+                &format!("/v2/org/img/blobs/{d}"),
+                &[],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::OK);
+    }
+    // ... gc runs ...
+    let report = gc(&r.cache, GcOptions::default()).unwrap();
+    assert_eq!(report.blobs_removed, 0, "{report}");
+    // ... and the manifest that references them lands whole.
+    let a = r.push_manifest("org/img", "v1", OCI_MANIFEST, &body).await;
+    assert_eq!(a.status, StatusCode::CREATED);
+    for d in [&config, &layer] {
+        let a = r.get(&format!("/v2/org/img/blobs/{d}"), &[]).await;
+        assert_eq!(a.status, StatusCode::OK, "{d} was collected");
+    }
+    let report = fsck(&r.cache, false).unwrap();
+    assert!(report.is_clean(), "{report}");
+}
+
+#[tokio::test]
+async fn a_manifest_put_checks_its_blobs_under_the_writer_lock() {
+    let r = Reg::new();
+    let body = r.image("org/img", "amd64").await;
+    let (_, layer) = digests(&body);
+    let manifest = r.cache.blob_path(&sha(body.as_bytes()));
+    // gc holds the lock, and removes the layer while the push waits for it.
+    let lock = r.cache.lock().unwrap();
+    let sweep = async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // The push has stored its manifest blob: it is at the lock now.
+        while !manifest.exists() {
+            assert!(Instant::now() < deadline, "the push never got to the lock");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        std::fs::remove_file(r.cache.blob_path(&layer)).unwrap();
+        drop(lock);
+    };
+    let (a, ()) = tokio::join!(r.push_manifest("org/img", "v1", OCI_MANIFEST, &body), sweep);
+    // Not acknowledged, as its layer is gone; had it been, fsck would find it dangling.
+    a.is_error(400, "MANIFEST_BLOB_UNKNOWN");
+    assert!(
+        r.cache
+            .index()
+            .unwrap()
+            .get("docker.io/org/img:v1")
+            .is_none()
+    );
+    let report = fsck(&r.cache, false).unwrap();
+    assert!(report.is_clean(), "{report}");
+}
