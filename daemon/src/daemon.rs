@@ -6,25 +6,25 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_shared::protocol::{
-    BuildOutcome, BuildSummary, Event, Pull, QueuedBuild, Ready, RunningBuild, Snapshot,
-    StreamItem, now_ms,
-};
+use kiln_shared::protocol::{Event, Pull, Ready, now_ms};
 use kiln_shared::reference::{RepoName, Tag};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::api::{Api, ApiError};
-use crate::build::docker::{EngineError, Engines};
-use crate::build::runner::{BuildRunner, publish_upstreams};
-use crate::bus::Bus;
+use crate::build::docker::EngineError;
 use crate::cache::{Cache, CacheError};
 use crate::config::Config;
-use crate::plan::{PackageTable, PlanConfig, Planner, PullMiss};
+use crate::control::runner::publish_upstreams;
+use crate::control::{
+    ControlConfig, Controller, Core, Inputs, PullMiss, QueueConfig, cache_stats, describe,
+    flush_usage, start_queue,
+};
 use crate::registry::{BoxFuture, Hooks, ManifestMiss, RegistryConfig, RegistryError};
-use crate::schedule::{Outcome, SchedEvent, Scheduler};
+use crate::schedule::Outcome;
 use crate::upstream::{AuthFiles, UpstreamError, Upstreams};
-use crate::watch::{Touched, WatchConfig, WatchError, Watcher};
+use crate::watch::{WatchConfig, WatchError, Watcher};
 
 /// Why kilnd stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -48,15 +48,11 @@ pub enum DaemonError {
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error(transparent)]
-    Upstream(#[from] crate::upstream::UpstreamError),
+    Upstream(#[from] UpstreamError),
     #[error("{0}")]
     Invalid(String),
     #[error("a startup task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
-}
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Runs kilnd until a termination signal.
@@ -86,21 +82,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         roots,
         touched,
     } = start_queue(
-        &cache,
-        &config.roots,
-        addrs.clone(),
-        &config.engines,
-        push_to,
-        config.dev_tag.clone(),
-        config.jobs,
-        Some(Arc::clone(&upstreams)),
+        QueueConfig {
+            cache: &cache,
+            roots: &config.roots,
+            registry_addrs: addrs.clone(),
+            engines: &config.engines,
+            push_to,
+            dev_tag: config.dev_tag.clone(),
+            jobs: config.jobs,
+            upstreams: Some(Arc::clone(&upstreams)),
+        },
         |_| {},
     )?;
     publish_upstreams(&upstreams, &bus);
     let api = Api::bind(&config.socket).await?;
 
     // The registry: pulls are shown, and a pull of a tag not built yet waits for it.
-    let (pull_tx, mut pull_rx) = mpsc::channel::<PullMiss>(64);
+    let (pull_tx, pull_rx) = mpsc::channel::<PullMiss>(64);
     let pulled_bus = bus.clone();
     let hooks = Hooks {
         manifest_miss: Some(Arc::new(BuildOnPull {
@@ -126,7 +124,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     tokio::spawn(registry.serve(Arc::clone(&cache), hooks));
 
-    let (control_tx, mut control_rx) = mpsc::channel(64);
+    let (control_tx, control_rx) = mpsc::channel(64);
     let (stop_api, api_stopped) = oneshot::channel::<()>();
     let api_task = tokio::spawn(api.serve(bus.clone(), control_tx, async {
         let _ = api_stopped.await;
@@ -138,26 +136,28 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         config.max_size,
     ));
 
-    let (_watcher, mut watch_rx) = Watcher::start(WatchConfig {
+    let (_watcher, watch_rx) = Watcher::start(WatchConfig {
         roots: roots.clone(),
         exclude: vec![cache.root().to_owned()],
         quiet: config.quiet,
         touched,
     })?;
 
-    let mut planner = Planner::new(
-        &roots,
-        Arc::clone(&cache),
-        bus.clone(),
-        sched,
-        table,
-        PlanConfig {
-            builders: config.builders.clone(),
-            dev_tag: config.dev_tag.clone(),
-            max_size: config.max_size,
-        },
-    );
-    planner.plan_all("start").await;
+    let mut controller = tokio::task::block_in_place(|| {
+        Controller::new(
+            &roots,
+            Arc::clone(&cache),
+            bus.clone(),
+            sched,
+            table,
+            ControlConfig {
+                builders: config.builders.clone(),
+                dev_tag: config.dev_tag.clone(),
+                max_size: config.max_size,
+            },
+        )
+    });
+    controller.plan_all("start").await;
 
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -170,18 +170,21 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         config.ready_file.as_deref(),
     )?;
 
-    let mut flush = tokio::time::interval(Duration::from_secs(30));
-    loop {
-        tokio::select! {
-            Some(ev) = watch_rx.recv() => planner.on_watch(ev).await,
-            Some(req) = control_rx.recv() => planner.on_control(req).await,
-            Some(miss) = pull_rx.recv() => planner.on_pull_miss(miss).await,
-            _ = flush.tick() => flush_usage(&cache).await,
-            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
-            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
-        }
+    let stop = CancellationToken::new();
+    let control = tokio::spawn(controller.run(
+        Inputs {
+            watch: watch_rx,
+            control: control_rx,
+            pulls: pull_rx,
+        },
+        stop.clone(),
+    ));
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
-    flush_usage(&cache).await;
+    stop.cancel();
+    let _ = control.await;
     let _ = stop_api.send(());
     let _ = api_task.await;
     Ok(())
@@ -236,216 +239,15 @@ async fn open_cache(
     Ok(cache)
 }
 
-/// What kilnd and a one-off build share: the bus, the plan table and the queue whose
-/// runner builds into the cache.
-struct Core {
-    bus: Bus,
-    table: Arc<PackageTable>,
-    sched: Scheduler,
-    /// The workspace roots, canonical.
-    roots: Vec<std::path::PathBuf>,
-    /// What the watcher saw change, for builds to check before they land.
-    touched: Arc<Touched>,
-}
-
-/// Starts the bus and the build queue. `on_event` sees each queue event before the bus.
-#[allow(clippy::too_many_arguments)]
-fn start_queue(
-    cache: &Arc<Cache>,
-    roots: &[std::path::PathBuf],
-    registry_addrs: Vec<String>,
-    engines: &[String],
-    push_to: Option<String>,
-    dev_tag: Tag,
-    jobs: usize,
-    upstreams: Option<Arc<Upstreams>>,
-    on_event: impl Fn(&SchedEvent) + Send + 'static,
-) -> Result<Core, DaemonError> {
-    let roots: Vec<_> = roots
-        .iter()
-        .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
-        .collect();
-    let bus = Bus::new(Snapshot::new(
-        env!("CARGO_PKG_VERSION"),
-        std::process::id(),
-        roots.clone(),
-        registry_addrs,
-    ));
-    let table = Arc::new(PackageTable::default());
-    let touched = Arc::new(Touched::default());
-    let runner = BuildRunner::new(
-        Arc::clone(cache),
-        bus.clone(),
-        Arc::clone(&table),
-        Arc::new(Engines::new(None, engines)?),
-        push_to,
-        dev_tag,
-        Arc::clone(&touched),
-        upstreams,
-    );
-    let sched_bus = bus.clone();
-    let sched = Scheduler::start(Arc::new(runner), jobs, move |e| {
-        on_event(&e);
-        sched_bus.publish(to_event(e));
-    });
-    Ok(Core {
-        bus,
-        table,
-        sched,
-        roots,
-        touched,
-    })
-}
-
-async fn flush_usage(cache: &Arc<Cache>) {
-    let cache = Arc::clone(cache);
-    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || cache.flush_usage()).await {
-        tracing::warn!("cannot record reference use: {e}");
-    }
-}
-
-/// The queue's events as the protocol's.
-fn to_event(e: SchedEvent) -> Event {
-    match e {
-        SchedEvent::Queued {
-            key,
-            tag,
-            build_id,
-            reason,
-        } => Event::Queued {
-            build: QueuedBuild {
-                id: build_id.as_str().into(),
-                package: key.package,
-                arch: key.arch,
-                tag,
-                reason,
-            },
-        },
-        SchedEvent::Started {
-            key,
-            tag,
-            build_id,
-            builder,
-        } => Event::Started {
-            build: RunningBuild {
-                id: build_id.as_str().into(),
-                package: key.package,
-                arch: key.arch,
-                tag,
-                builder,
-                started_at_ms: now_ms(),
-                progress: None,
-            },
-        },
-        SchedEvent::Finished {
-            key,
-            tag,
-            build_id,
-            outcome,
-            duration,
-        } => {
-            let mut summary = BuildSummary {
-                id: build_id.as_str().into(),
-                tag,
-                outcome: BuildOutcome::Ok,
-                duration_ms: ms(duration),
-                digest: None,
-                error: None,
-                cache_hits: 0,
-                steps: 0,
-                finished_at_ms: now_ms(),
-                pulled_from: None,
-            };
-            let (package, arch) = (key.package, key.arch);
-            match outcome {
-                Outcome::Built(b) => {
-                    summary.digest = Some(b.manifest.digest);
-                    summary.cache_hits = b.cache_hits;
-                    summary.steps = b.steps;
-                    summary.pulled_from = b.pulled_from;
-                    Event::Finished {
-                        package,
-                        arch,
-                        summary,
-                    }
-                }
-                Outcome::Failed(e) => {
-                    summary.outcome = BuildOutcome::Failed;
-                    summary.error = Some(e);
-                    Event::Failed {
-                        package,
-                        arch,
-                        summary,
-                    }
-                }
-                Outcome::Cancelled(e) => {
-                    summary.outcome = BuildOutcome::Cancelled;
-                    summary.error = Some(e);
-                    Event::Cancelled {
-                        package,
-                        arch,
-                        summary,
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Keeps the cache figures on the bus: counts hits (targets served from the cache,
-/// pulls) and misses (builds), and re-reads the cache's size only after builds and
-/// collections, never per pull.
-async fn cache_stats(cache: Arc<Cache>, bus: Bus, cap: Option<u64>) {
-    let mut stats = kiln_shared::protocol::CacheStats {
-        dir: cache.root().to_owned(),
-        bytes_cap: cap,
-        ..Default::default()
-    };
-    let mut sub = bus.subscribe();
-    let mut rescan = true;
-    loop {
-        if rescan {
-            let c = Arc::clone(&cache);
-            if let Ok(Ok(s)) = tokio::task::spawn_blocking(move || crate::cache::stats(&c)).await {
-                stats.bytes_used = s.blob_bytes;
-                stats.blobs = s.blobs;
-                stats.references = s.refs;
-            }
-            rescan = false;
-        }
-        bus.publish(Event::CacheStats {
-            stats: stats.clone(),
-        });
-        // Wait for something that changes the figures.
-        loop {
-            let Some(item) = sub.next().await else { return };
-            let StreamItem::Event { event, .. } = item else {
-                continue;
-            };
-            match event {
-                Event::ServedFromCache { .. } | Event::Pulled { .. } => stats.hits += 1,
-                Event::Queued { .. } => stats.misses += 1,
-                Event::Finished { .. } => rescan = true,
-                Event::GcFinished { gc } => {
-                    stats.last_gc = Some(gc);
-                    rescan = true;
-                }
-                _ => continue,
-            }
-            break;
-        }
-    }
-}
-
 /// Builds on pull: a manifest request for a workspace package's current tag that the
 /// cache lacks starts (or joins) its builds and answers when they are done.
-struct BuildOnPull {
-    tx: mpsc::Sender<PullMiss>,
-    wait: Duration,
+pub struct BuildOnPull {
+    pub tx: mpsc::Sender<PullMiss>,
+    pub wait: Duration,
     /// A name that is not a workspace package is fetched through the upstreams once
     /// (kilnd as the machine's pull-through cache), then served from the cache.
-    cache: Arc<Cache>,
-    upstreams: Arc<Upstreams>,
+    pub cache: Arc<Cache>,
+    pub upstreams: Arc<Upstreams>,
 }
 
 impl ManifestMiss for BuildOnPull {
@@ -585,33 +387,37 @@ pub async fn build_once(
         roots,
         ..
     } = start_queue(
-        &cache,
-        &req.roots,
-        Vec::new(),
-        &req.engines,
-        push_to,
-        dev_tag.clone(),
-        req.jobs,
-        None,
+        QueueConfig {
+            cache: &cache,
+            roots: &req.roots,
+            registry_addrs: Vec::new(),
+            engines: &req.engines,
+            push_to,
+            dev_tag: dev_tag.clone(),
+            jobs: req.jobs,
+            upstreams: None,
+        },
         move |e| {
             if let Some(text) = describe(e) {
                 events_line(text);
             }
         },
     )?;
-    let mut planner = Planner::new(
-        &roots,
-        Arc::clone(&cache),
-        bus,
-        sched.clone(),
-        table,
-        PlanConfig {
-            builders: req.builders,
-            dev_tag,
-            max_size: None,
-        },
-    );
-    let errors = tokio::task::block_in_place(|| planner.load());
+    let mut controller = tokio::task::block_in_place(|| {
+        Controller::new(
+            &roots,
+            Arc::clone(&cache),
+            bus,
+            sched.clone(),
+            table,
+            ControlConfig {
+                builders: req.builders,
+                dev_tag,
+                max_size: None,
+            },
+        )
+    });
+    let errors = tokio::task::block_in_place(|| controller.load());
     let mut results = Vec::new();
     let mut waits = Vec::new();
     for package in &req.packages {
@@ -625,7 +431,7 @@ pub async fn build_once(
             });
             continue;
         }
-        let response = planner
+        let response = controller
             .build_request(kiln_shared::protocol::BuildRequest {
                 package: package.clone(),
                 arch: req.arch.clone(),
@@ -659,44 +465,4 @@ pub async fn build_once(
     }
     flush_usage(&cache).await;
     Ok(results)
-}
-
-/// A line for a one-off build's progress.
-fn describe(e: &SchedEvent) -> Option<String> {
-    match e {
-        SchedEvent::Queued { .. } => None,
-        SchedEvent::Started {
-            key, tag, builder, ..
-        } => Some(format!(
-            "building {}:{tag} ({}) with {builder}",
-            key.package, key.arch
-        )),
-        SchedEvent::Finished {
-            key,
-            tag,
-            outcome,
-            duration,
-            ..
-        } => Some(match outcome {
-            Outcome::Built(b) if b.pulled_from.is_some() => format!(
-                "pulled {}:{tag} ({}) from {} in {} ms: {}",
-                key.package,
-                key.arch,
-                b.pulled_from.as_deref().unwrap_or_default(),
-                duration.as_millis(),
-                b.manifest.digest
-            ),
-            Outcome::Built(b) => format!(
-                "built {}:{tag} ({}) in {:.1}s: {}",
-                key.package,
-                key.arch,
-                duration.as_secs_f64(),
-                b.manifest.digest
-            ),
-            Outcome::Failed(e) => format!("FAILED {}:{tag} ({}): {e}", key.package, key.arch),
-            Outcome::Cancelled(e) => {
-                format!("cancelled {}:{tag} ({}): {e}", key.package, key.arch)
-            }
-        }),
-    }
 }

@@ -6,6 +6,7 @@ pub mod build;
 pub mod bus;
 pub mod cache;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod oci;
 pub mod plan;

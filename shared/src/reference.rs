@@ -131,6 +131,11 @@ impl ImageRef {
     }
 }
 
+/// The cache name of one architecture's image: `docker.io/org/image:tag-<arch>`.
+pub fn arch_ref(image: &ImageRef, arch: &str) -> String {
+    format!("{}-{arch}", image.cache_name())
+}
+
 impl FromStr for ImageRef {
     type Err = ReferenceError;
 

@@ -296,8 +296,9 @@ pub fn backoff(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_daemon::api::{Api, ControlError, ControlRequest};
+    use kiln_daemon::api::Api;
     use kiln_daemon::bus::Bus;
+    use kiln_daemon::control::{ControlError, ControlRequest};
     use kiln_shared::protocol::{BuildRequest, BuildResponse, Event};
     use tokio::sync::mpsc;
 

@@ -367,8 +367,9 @@ pub async fn gc(client: &Client) -> anyhow::Result<Outcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_daemon::api::{Api, ControlRequest};
+    use kiln_daemon::api::Api;
     use kiln_daemon::bus::Bus;
+    use kiln_daemon::control::ControlRequest;
     use kiln_shared::protocol::{QueuedBuild, RunningBuild};
     use tokio::sync::mpsc;
 

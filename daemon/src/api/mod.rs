@@ -14,14 +14,12 @@ use std::path::{Path, PathBuf};
 
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use kiln_shared::protocol::{
-    BuildRequest, BuildResponse, CancelRequest, CancelResponse, GcResponse,
-};
 use tokio::net::UnixListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::bus::Bus;
+use crate::control::ControlRequest;
 
 /// Why the API could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -56,42 +54,6 @@ pub enum ApiError {
     Accept {
         path: PathBuf,
         error: std::io::Error,
-    },
-}
-
-/// Why the daemon core refused or failed a control request. Each maps to an HTTP status.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ControlError {
-    /// No such package, arch or build (404).
-    #[error("{0}")]
-    NotFound(String),
-    /// The request makes no sense (400), e.g. an arch the package does not list.
-    #[error("{0}")]
-    Invalid(String),
-    /// It cannot be done now (409), e.g. a GC while one runs.
-    #[error("{0}")]
-    Conflict(String),
-    /// It was tried and failed (500).
-    #[error("{0}")]
-    Failed(String),
-}
-
-/// What a control request answers.
-pub type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
-
-/// A request for the daemon core, with the channel to answer it on.
-#[derive(Debug)]
-pub enum ControlRequest {
-    Build {
-        req: BuildRequest,
-        reply: Reply<BuildResponse>,
-    },
-    Cancel {
-        req: CancelRequest,
-        reply: Reply<CancelResponse>,
-    },
-    Gc {
-        reply: Reply<GcResponse>,
     },
 }
 

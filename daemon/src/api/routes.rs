@@ -15,8 +15,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
 use super::body::{ChannelBody, ResponseBody, full};
-use super::{ControlError, ControlRequest, Reply};
 use crate::bus::{Bus, LogChunk};
+use crate::control::{ControlError, ControlRequest, Reply};
 
 /// The largest request body accepted.
 const MAX_REQUEST_BYTES: usize = 64 << 10;

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::*;
 use crate::bus::Bus;
+use crate::control::{ControlError, ControlRequest};
 
 struct Server {
     _dir: tempfile::TempDir,

@@ -6,4 +6,3 @@ pub mod docker;
 pub mod dockerfile;
 pub mod dockerignore;
 pub mod native;
-pub mod runner;

@@ -31,6 +31,7 @@
 //! of each reference, `.kiln/usage.json`) and `stats` (sizes for the dashboard).
 
 mod blob;
+mod dev;
 mod fsck;
 mod gc;
 mod import;
@@ -48,6 +49,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use kiln_shared::digest::Digest;
 
 pub use blob::BlobWriter;
+pub use dev::point_dev;
 pub use fsck::{BadReference, CorruptBlob, FsckReport, Problem, fsck};
 pub use gc::{DEFAULT_GRACE, GcOptions, GcReport, SizeError, gc, parse_size};
 pub use index::{IndexView, MANIFEST_LIMIT, set_ref_in};

@@ -1,33 +1,26 @@
-//! The planner: from file changes to builds. It keeps the workspace's packages and their
-//! tags, maps a change to the packages that contain it (or list it in `extra-sources`)
-//! and to the packages that follow those, and for every (package, tag, arch) decides:
-//! already in the cache (served at once, a revert included) or queued for a build, in
-//! dependency order. It also answers the control API and the registry's pull misses.
+//! The planner, pure: from changed paths and the package table to tags and jobs. It keeps
+//! the workspace's packages and their tags, maps a change to the packages that contain it
+//! (or list it in `extra-sources`) and to the packages that follow those, and for every
+//! (package, tag, arch) decides: already in the cache (served at once, a revert
+//! included) or a [`Job`] to build, in dependency order.
 //!
-//! It owns the workspace and the tagger; the runner reads what it planned through the
-//! shared [`PackageTable`].
+//! It reads files (a tag is a content hash) but spawns nothing, publishes nothing and
+//! knows no API: the control layer publishes what it returns and submits the jobs.
 
 pub mod deps;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
-use kiln_shared::protocol::{
-    BuildId, BuildRequest, BuildResponse, CancelRequest, CancelResponse, Event, GcResponse,
-    GcSummary, PackageInfo, QueuedBuild, now_ms,
-};
-use kiln_shared::reference::{ImageRef, Tag};
-use tokio::sync::oneshot;
+use kiln_shared::digest::Digest;
+use kiln_shared::reference::{ImageRef, Tag, arch_ref};
 
-use crate::api::{ControlError, ControlRequest};
 use crate::build::dockerfile::Dockerfile;
 use crate::build::native::native_supports;
-use crate::bus::Bus;
-use crate::cache::{Cache, GcOptions, gc, set_ref_in};
-use crate::schedule::{CancelFilter, Job, Outcome, Scheduler, TargetKey};
-use crate::watch::WatchEvent;
-use crate::workspace::{GitMeta, Package, Tagger, Workspace};
+use crate::cache::IndexView;
+use crate::schedule::{Job, TargetKey};
+use crate::workspace::{BuilderKind, Package, PackageTable, Planned, Tagger, Workspace};
 
 /// Which builder builds a package.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -67,87 +60,23 @@ impl Builders {
     }
 }
 
-/// The builder chosen for one package.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BuilderKind {
-    Native,
-    Docker,
+/// A broken package to report: the same error is returned once, and again when its
+/// package was affected by a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageProblem {
+    pub package: String,
+    pub dir: PathBuf,
+    pub error: String,
 }
 
-impl BuilderKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BuilderKind::Native => "native",
-            BuilderKind::Docker => "docker",
-        }
-    }
-}
-
-/// A package as planned: what the runner builds.
-#[derive(Debug, Clone)]
-pub struct Planned {
-    pub pkg: Package,
-    pub tag: Tag,
-    /// The workspace packages it follows, at their current tags.
-    pub deps: Vec<(String, Tag)>,
-    pub builder: BuilderKind,
-    /// `auto` chose the builder (see [`Job::fallback`]).
-    pub auto: bool,
-    /// What LinuxKit's build args and labels take from git.
-    pub git: GitMeta,
-    /// When its files were read for the tag (just before): a build must not land if one
-    /// of them changed after this (see [`crate::watch::Touched`]).
-    pub at: std::time::Instant,
-}
-
-impl Planned {
-    pub fn image(&self) -> ImageRef {
-        ImageRef::new(self.pkg.repo.clone(), self.tag.clone())
-    }
-
-    pub fn archs(&self) -> Vec<String> {
-        self.pkg
-            .arches
-            .iter()
-            .map(|a| a.as_str().to_owned())
-            .collect()
-    }
-}
-
-/// The packages as last planned, by repository (`org/image`).
-pub type PackageTable = RwLock<BTreeMap<String, Arc<Planned>>>;
-
-/// A pull of a tag that the cache lacks: the builds to wait for. An empty list means the
-/// tag is not a workspace package's current tag.
-#[derive(Debug)]
-pub struct PullMiss {
-    pub repo: String,
-    pub tag: String,
-    pub reply: oneshot::Sender<Vec<oneshot::Receiver<Outcome>>>,
-}
-
-/// Settings of the planner.
-#[derive(Debug, Clone)]
-pub struct PlanConfig {
-    pub builders: Builders,
-    /// The moving tag that follows the newest successful build (`dev`).
-    pub dev_tag: Tag,
-    /// The size cap for gc (None: only unreferenced blobs go).
-    pub max_size: Option<u64>,
-}
-
-/// The planner. Driven by [`Planner::run`] or its handlers.
+/// The planner's state: the workspace, its tagger, and what it remembers between plans.
 pub struct Planner {
     ws: Workspace,
     tagger: Tagger,
-    cache: Arc<Cache>,
-    bus: Bus,
-    sched: Scheduler,
-    table: Arc<PackageTable>,
-    cfg: PlanConfig,
+    builders: Builders,
     /// Followed workspace packages, by package directory (recomputed when it changes).
     deps: BTreeMap<PathBuf, Result<Vec<String>, String>>,
-    /// Errors already published, so that an unchanged broken package is not repeated.
+    /// Errors already reported, so that an unchanged broken package is not repeated.
     errors: BTreeMap<PathBuf, String>,
 }
 
@@ -157,214 +86,77 @@ impl std::fmt::Debug for Planner {
     }
 }
 
-/// The cache name of one architecture's image: `docker.io/org/image:tag-<arch>`.
-pub fn arch_ref(image: &ImageRef, arch: &str) -> String {
-    format!("{}-{arch}", image.cache_name())
-}
-
 impl Planner {
-    pub fn new(
-        roots: &[PathBuf],
-        cache: Arc<Cache>,
-        bus: Bus,
-        sched: Scheduler,
-        table: Arc<PackageTable>,
-        cfg: PlanConfig,
-    ) -> Planner {
+    /// Discovers the workspace under `roots`. Blocking: reads directories.
+    pub fn new(roots: &[PathBuf], builders: Builders) -> Planner {
         Planner {
             ws: Workspace::discover(roots),
             tagger: Tagger::new(),
-            cache,
-            bus,
-            sched,
-            table,
-            cfg,
+            builders,
             deps: BTreeMap::new(),
             errors: BTreeMap::new(),
         }
     }
 
-    /// Tags the workspace and records the plan without queueing anything (for a one-off
-    /// `kiln build` without kilnd).
-    pub fn load(&mut self) -> BTreeMap<PathBuf, String> {
-        let (planned, errors) = plan_workspace(
-            &self.ws,
-            &mut self.tagger,
-            &mut self.deps,
-            &self.cfg.builders,
-        );
-        if let Ok(mut t) = self.table.write() {
-            *t = planned;
-        }
-        errors.into_iter().map(|(d, (_, e))| (d, e)).collect()
+    /// Tags the workspace: the planned packages and every broken package's error (for
+    /// a one-off `kiln build` without kilnd). Blocking.
+    pub fn load(&mut self) -> (BTreeMap<String, Arc<Planned>>, BTreeMap<PathBuf, String>) {
+        let (planned, errors) =
+            plan_workspace(&self.ws, &mut self.tagger, &mut self.deps, &self.builders);
+        let errors = errors.into_iter().map(|(d, (_, e))| (d, e)).collect();
+        (planned, errors)
     }
 
-    /// Plans every package (at start, and after a rescan).
-    pub async fn plan_all(&mut self, reason: &str) {
-        let all: BTreeSet<PathBuf> = self.ws.packages.keys().cloned().collect();
-        self.replan(&all, reason).await;
+    /// Every package directory.
+    pub fn dirs(&self) -> BTreeSet<PathBuf> {
+        self.ws.packages.keys().cloned().collect()
     }
 
-    /// Handles what the watcher reports.
-    pub async fn on_watch(&mut self, ev: WatchEvent) {
-        match ev {
-            WatchEvent::Changed(paths) => {
-                let paths: Vec<PathBuf> = paths.into_iter().collect();
-                let mut affected: BTreeSet<PathBuf> =
-                    tokio::task::block_in_place(|| self.ws.reload(&paths))
-                        .into_iter()
-                        .collect();
-                affected.extend(self.tagger.invalidate(&paths));
-                // A Dockerfile or build.yml edit can change what a package follows.
-                for dir in &affected {
-                    self.deps.remove(dir);
-                }
-                let names: Vec<String> = affected
-                    .iter()
-                    .filter_map(|d| match self.ws.packages.get(d) {
-                        Some(Ok(p)) => Some(p.repo.to_string()),
-                        _ => None,
-                    })
-                    .collect();
-                self.bus.publish(Event::FilesChanged {
-                    paths: paths.iter().take(16).cloned().collect(),
-                    packages: names,
-                    at_ms: now_ms(),
-                });
-                if !affected.is_empty() {
-                    self.replan(&affected, "files changed").await;
-                }
-            }
-            WatchEvent::Rescan { reason } => {
-                tracing::warn!("{reason}");
-                let roots = self.ws.roots.clone();
-                self.ws = Workspace::discover(&roots);
-                self.tagger.invalidate(&roots);
-                self.deps.clear();
-                self.plan_all("rescan").await;
-            }
-            WatchEvent::Error { message } => {
-                tracing::error!("{message}");
-                self.bus.publish(Event::WatchError { error: message });
-            }
+    /// Takes in changed paths: re-reads the packages they touch and forgets their
+    /// hashes. Returns the package directories affected. Blocking.
+    pub fn changed(&mut self, paths: &[PathBuf]) -> BTreeSet<PathBuf> {
+        let mut affected: BTreeSet<PathBuf> = self.ws.reload(paths).into_iter().collect();
+        affected.extend(self.tagger.invalidate(paths));
+        // A Dockerfile or build.yml edit can change what a package follows.
+        for dir in &affected {
+            self.deps.remove(dir);
         }
+        affected
     }
 
-    /// Re-tags the workspace (cheap: the tagger re-reads only what changed) and plans
-    /// the packages whose tag, arches or dependencies changed, plus `affected`.
-    async fn replan(&mut self, affected: &BTreeSet<PathBuf>, reason: &str) {
-        let planned = tokio::task::block_in_place(|| self.compute(affected));
-        let previous = self.table.read().map(|t| t.clone()).unwrap_or_default();
-
-        for name in previous.keys() {
-            if !planned.contains_key(name) {
-                self.bus.publish(Event::PackageRemoved {
-                    package: name.clone(),
-                });
-                let _ = self
-                    .sched
-                    .cancel(CancelFilter {
-                        package: Some(name.clone()),
-                        ..CancelFilter::default()
-                    })
-                    .await;
-            }
-        }
-        if let Ok(mut t) = self.table.write() {
-            *t = planned.clone();
-        }
-
-        let mut jobs = Vec::new();
-        let index = self.cache.index().ok();
-        for (name, p) in &planned {
-            let unchanged = previous.get(name).is_some_and(|old| {
-                old.tag == p.tag && old.pkg.arches == p.pkg.arches && old.pkg.dir == p.pkg.dir
-            });
-            if unchanged && !affected.contains(&p.pkg.dir) {
-                continue;
-            }
-            self.bus.publish(Event::PackageAdded {
-                package: PackageInfo {
-                    name: name.clone(),
-                    dir: p.pkg.dir.clone(),
-                    tag: Some(p.tag.clone()),
-                    archs: p.archs(),
-                },
-            });
-            let image = p.image();
-            let mut all_cached = true;
-            for arch in p.archs() {
-                self.bus.publish(Event::TargetPlanned {
-                    package: name.clone(),
-                    arch: arch.clone(),
-                    tag: p.tag.clone(),
-                });
-                let cached = index
-                    .as_ref()
-                    .and_then(|i| i.get(&arch_ref(&image, &arch)).cloned());
-                match cached {
-                    Some(d) => self.bus.publish(Event::ServedFromCache {
-                        package: name.clone(),
-                        arch,
-                        tag: p.tag.clone(),
-                        digest: d.digest,
-                    }),
-                    None => {
-                        all_cached = false;
-                        jobs.push(self.job(p, &arch, false, reason));
-                    }
-                }
-            }
-            if all_cached {
-                point_dev(&self.cache, &image, &self.cfg.dev_tag);
-            }
-        }
-        if !jobs.is_empty() {
-            let _ = self.sched.submit(jobs).await;
-        }
+    /// The names (`org/image`) of the packages in `dirs` that load.
+    pub fn names(&self, dirs: &BTreeSet<PathBuf>) -> Vec<String> {
+        dirs.iter()
+            .filter_map(|d| match self.ws.packages.get(d) {
+                Some(Ok(p)) => Some(p.repo.to_string()),
+                _ => None,
+            })
+            .collect()
     }
 
-    /// The job that builds `arch` of a planned package.
-    fn job(&self, p: &Planned, arch: &str, force: bool, reason: &str) -> Job {
-        Job {
-            key: TargetKey {
-                package: p.pkg.repo.to_string(),
-                arch: arch.to_owned(),
-            },
-            tag: p.tag.clone(),
-            after: p
-                .deps
-                .iter()
-                .map(|(repo, tag)| {
-                    (
-                        TargetKey {
-                            package: repo.clone(),
-                            arch: arch.to_owned(),
-                        },
-                        tag.clone(),
-                    )
-                })
-                .collect(),
-            force,
-            reason: reason.to_owned(),
-            builder: p.builder.as_str().to_owned(),
-            fallback: p.auto && p.builder == BuilderKind::Native,
-        }
+    /// Discovers the workspace again and forgets every hash (after the watcher lost
+    /// events). Blocking.
+    pub fn rescan(&mut self) {
+        let roots = self.ws.roots.clone();
+        self.ws = Workspace::discover(&roots);
+        self.tagger.invalidate(&roots);
+        self.deps.clear();
     }
 
-    /// Tags every package and reports the broken ones. Blocking: reads files.
-    fn compute(&mut self, affected: &BTreeSet<PathBuf>) -> BTreeMap<String, Arc<Planned>> {
-        let (planned, errors) = plan_workspace(
-            &self.ws,
-            &mut self.tagger,
-            &mut self.deps,
-            &self.cfg.builders,
-        );
+    /// Tags every package (cheap: the tagger re-reads only what changed). Returns the
+    /// planned packages and the broken ones to report: new errors, and the errors of
+    /// `affected` packages again. Blocking.
+    pub fn tag(
+        &mut self,
+        affected: &BTreeSet<PathBuf>,
+    ) -> (BTreeMap<String, Arc<Planned>>, Vec<PackageProblem>) {
+        let (planned, errors) =
+            plan_workspace(&self.ws, &mut self.tagger, &mut self.deps, &self.builders);
+        let mut report = Vec::new();
         for (dir, (name, error)) in &errors {
             let new = self.errors.get(dir) != Some(error);
             if new || affected.contains(dir) {
-                tracing::warn!(package = %name, "{error}");
-                self.bus.publish(Event::PackageError {
+                report.push(PackageProblem {
                     package: name.clone(),
                     dir: dir.clone(),
                     error: error.clone(),
@@ -372,224 +164,155 @@ impl Planner {
             }
         }
         self.errors = errors.into_iter().map(|(d, (_, e))| (d, e)).collect();
-        planned
+        (planned, report)
     }
+}
 
-    /// Answers a control request.
-    pub async fn on_control(&mut self, req: ControlRequest) {
-        match req {
-            ControlRequest::Build { req, reply } => {
-                let r = self.build_request(req).await.map(|(r, _)| r);
-                let _ = reply.send(r);
-            }
-            ControlRequest::Cancel { req, reply } => {
-                let _ = reply.send(self.cancel_request(req).await);
-            }
-            ControlRequest::Gc { reply } => {
-                let cache = Arc::clone(&self.cache);
-                let bus = self.bus.clone();
-                let max_size = self.cfg.max_size;
-                // GC holds the cache lock; run it aside so the planner keeps going.
-                tokio::spawn(async move {
-                    let started = std::time::Instant::now();
-                    let r = tokio::task::spawn_blocking(move || {
-                        gc(
-                            &cache,
-                            GcOptions {
-                                max_size,
-                                ..GcOptions::default()
-                            },
-                        )
-                    })
-                    .await;
-                    let answer = match r {
-                        Ok(Ok(report)) => {
-                            let summary = GcSummary {
-                                finished_at_ms: now_ms(),
-                                duration_ms: u64::try_from(started.elapsed().as_millis())
-                                    .unwrap_or(u64::MAX),
-                                removed_blobs: report.blobs_removed,
-                                freed_bytes: report.bytes_freed,
-                            };
-                            bus.publish(Event::GcFinished {
-                                gc: summary.clone(),
-                            });
-                            Ok(GcResponse { gc: summary })
-                        }
-                        Ok(Err(e)) => Err(ControlError::Failed(e.to_string())),
-                        Err(e) => Err(ControlError::Failed(format!("gc stopped: {e}"))),
-                    };
-                    let _ = reply.send(answer);
-                });
-            }
-        }
+/// What a new plan changes, against the previous one.
+#[derive(Debug, Default)]
+pub struct Diff {
+    /// Packages no longer in the workspace.
+    pub removed: Vec<String>,
+    /// Packages planned anew (a new tag, arches or directory, or affected by the change).
+    pub packages: Vec<PackagePlan>,
+}
+
+/// One package planned anew: each arch with its image when the cache holds it.
+#[derive(Debug)]
+pub struct PackagePlan {
+    pub name: String,
+    pub planned: Arc<Planned>,
+    pub archs: Vec<(String, Option<Digest>)>,
+}
+
+impl PackagePlan {
+    /// Every arch is in the cache.
+    pub fn all_cached(&self) -> bool {
+        self.archs.iter().all(|(_, d)| d.is_some())
     }
+}
 
-    fn find(&self, package: &str) -> Option<Arc<Planned>> {
-        let table = self.table.read().ok()?;
-        if let Some(p) = table.get(package) {
-            return Some(Arc::clone(p));
+/// Compares a new plan with the previous one: what was removed, and for each package
+/// whose tag, arches or directory changed (or that `affected` names), which arches the
+/// cache already holds.
+pub fn diff(
+    previous: &BTreeMap<String, Arc<Planned>>,
+    planned: &BTreeMap<String, Arc<Planned>>,
+    affected: &BTreeSet<PathBuf>,
+    index: Option<&IndexView>,
+) -> Diff {
+    let removed = previous
+        .keys()
+        .filter(|name| !planned.contains_key(*name))
+        .cloned()
+        .collect();
+    let mut packages = Vec::new();
+    for (name, p) in planned {
+        let unchanged = previous.get(name).is_some_and(|old| {
+            old.tag == p.tag && old.pkg.arches == p.pkg.arches && old.pkg.dir == p.pkg.dir
+        });
+        if unchanged && !affected.contains(&p.pkg.dir) {
+            continue;
         }
-        // A package directory works too.
-        let dir = std::fs::canonicalize(package).ok()?;
-        table.values().find(|p| p.pkg.dir == dir).cloned()
-    }
-
-    /// Queues the builds of the packages `p` follows that the cache lacks for `arch`,
-    /// dependencies first.
-    fn missing_deps(
-        &self,
-        p: &Planned,
-        arch: &str,
-        index: &crate::cache::IndexView,
-        jobs: &mut Vec<Job>,
-    ) {
-        for (repo, _) in &p.deps {
-            let Some(d) = self.find(repo) else { continue };
-            if index.get(&arch_ref(&d.image(), arch)).is_none()
-                && !jobs
-                    .iter()
-                    .any(|j| j.key.package == *repo && j.key.arch == arch)
-            {
-                self.missing_deps(&d, arch, index, jobs);
-                jobs.push(self.job(&d, arch, false, "dependency"));
-            }
-        }
-    }
-
-    /// Queues the builds a request asks for (and the missing builds of the packages it
-    /// follows); returns them, with a receiver of each one's outcome.
-    pub async fn build_request(
-        &mut self,
-        req: BuildRequest,
-    ) -> Result<(BuildResponse, Vec<oneshot::Receiver<Outcome>>), ControlError> {
-        let Some(p) = self.find(&req.package) else {
-            let known: Vec<String> = self
-                .table
-                .read()
-                .map(|t| t.keys().cloned().collect())
-                .unwrap_or_default();
-            return Err(ControlError::NotFound(format!(
-                "no package {:?} in the workspace (known: {})",
-                req.package,
-                known.join(", ")
-            )));
-        };
-        let archs = match &req.arch {
-            Some(a) if p.archs().contains(a) => vec![a.clone()],
-            Some(a) => {
-                return Err(ControlError::Invalid(format!(
-                    "{} does not list arch {a} (it lists {})",
-                    p.pkg.repo,
-                    p.archs().join(", ")
-                )));
-            }
-            None => p.archs(),
-        };
-        if let Some(b) = &req.builder
-            && !matches!(b.as_str(), "native" | "docker")
-        {
-            return Err(ControlError::Invalid(format!(
-                "unknown builder {b:?}: use native or docker"
-            )));
-        }
-        let index = self
-            .cache
-            .index()
-            .map_err(|e| ControlError::Failed(e.to_string()))?;
         let image = p.image();
-        let mut jobs = Vec::new();
-        let mut up_to_date = Vec::new();
-        for arch in archs {
-            if !req.force && index.get(&arch_ref(&image, &arch)).is_some() {
-                up_to_date.push(arch);
-            } else {
-                self.missing_deps(&p, &arch, &index, &mut jobs);
-                let mut job = self.job(&p, &arch, req.force, "requested");
-                if let Some(b) = &req.builder {
-                    job.builder = b.clone();
-                    job.fallback = false;
-                }
-                jobs.push(job);
-            }
-        }
-        let joined = self
-            .sched
-            .submit_joined(jobs.clone())
-            .await
-            .map_err(|e| ControlError::Failed(e.to_string()))?;
-        let (ids, waits): (Vec<String>, Vec<_>) = joined.into_iter().unzip();
-        let response = BuildResponse {
-            builds: jobs
-                .into_iter()
-                .zip(ids)
-                .map(|(j, id)| QueuedBuild {
-                    id: BuildId(id),
-                    package: j.key.package,
-                    arch: j.key.arch,
-                    tag: j.tag,
-                    reason: j.reason,
-                })
-                .collect(),
-            up_to_date,
-        };
-        Ok((response, waits))
-    }
-
-    async fn cancel_request(&mut self, req: CancelRequest) -> Result<CancelResponse, ControlError> {
-        let ids = self
-            .sched
-            .cancel(CancelFilter {
-                build_id: req.build.map(|b| b.0),
-                package: req.package,
-                arch: req.arch,
+        let archs = p
+            .archs()
+            .into_iter()
+            .map(|arch| {
+                let cached = index
+                    .and_then(|i| i.get(&arch_ref(&image, &arch)))
+                    .map(|d| d.digest.clone());
+                (arch, cached)
             })
-            .await
-            .map_err(|e| ControlError::Failed(e.to_string()))?;
-        Ok(CancelResponse {
-            cancelled: ids.into_iter().map(BuildId).collect(),
-        })
-    }
-
-    /// A pull of `repo:tag` that the cache lacks: if it is a workspace package's current
-    /// tag (or one arch of it, or the dev tag), queue what is missing and hand back the
-    /// builds to wait for.
-    pub async fn on_pull_miss(&mut self, miss: PullMiss) {
-        let Some(p) = self.find(&miss.repo) else {
-            let _ = miss.reply.send(Vec::new());
-            return;
-        };
-        let current = p.tag.as_str();
-        let archs: Vec<String> = if miss.tag == current || miss.tag == self.cfg.dev_tag.as_str() {
-            p.archs()
-        } else {
-            p.archs()
-                .into_iter()
-                .filter(|a| miss.tag == format!("{current}-{a}"))
-                .collect()
-        };
-        let index = self.cache.index().ok();
-        let image = p.image();
-        let jobs: Vec<Job> = archs
-            .iter()
-            .filter(|a| {
-                index
-                    .as_ref()
-                    .is_none_or(|i| i.get(&arch_ref(&image, a)).is_none())
-            })
-            .map(|a| self.job(&p, a, false, "pulled"))
             .collect();
-        let waits = if jobs.is_empty() {
-            Vec::new()
-        } else {
-            self.sched
-                .submit_joined(jobs)
-                .await
-                .map(|j| j.into_iter().map(|(_, rx)| rx).collect())
-                .unwrap_or_default()
-        };
-        let _ = miss.reply.send(waits);
+        packages.push(PackagePlan {
+            name: name.clone(),
+            planned: Arc::clone(p),
+            archs,
+        });
     }
+    Diff { removed, packages }
+}
+
+/// The job that builds `arch` of a planned package.
+pub fn job(p: &Planned, arch: &str, force: bool, reason: &str) -> Job {
+    Job {
+        key: TargetKey {
+            package: p.pkg.repo.to_string(),
+            arch: arch.to_owned(),
+        },
+        tag: p.tag.clone(),
+        after: p
+            .deps
+            .iter()
+            .map(|(repo, tag)| {
+                (
+                    TargetKey {
+                        package: repo.clone(),
+                        arch: arch.to_owned(),
+                    },
+                    tag.clone(),
+                )
+            })
+            .collect(),
+        force,
+        reason: reason.to_owned(),
+        builder: p.builder.as_str().to_owned(),
+        fallback: p.auto && p.builder == BuilderKind::Native,
+    }
+}
+
+/// A planned package by name (`org/image`) or by package directory.
+pub fn find(table: &PackageTable, package: &str) -> Option<Arc<Planned>> {
+    let table = table.read().ok()?;
+    if let Some(p) = table.get(package) {
+        return Some(Arc::clone(p));
+    }
+    let dir = std::fs::canonicalize(package).ok()?;
+    table.values().find(|p| p.pkg.dir == dir).cloned()
+}
+
+/// Adds the builds of the packages `p` follows that the cache lacks for `arch`,
+/// dependencies first.
+pub fn missing_deps(
+    table: &PackageTable,
+    p: &Planned,
+    arch: &str,
+    index: &IndexView,
+    jobs: &mut Vec<Job>,
+) {
+    for (repo, _) in &p.deps {
+        let Some(d) = find(table, repo) else { continue };
+        if index.get(&arch_ref(&d.image(), arch)).is_none()
+            && !jobs
+                .iter()
+                .any(|j| j.key.package == *repo && j.key.arch == arch)
+        {
+            missing_deps(table, &d, arch, index, jobs);
+            jobs.push(job(&d, arch, false, "dependency"));
+        }
+    }
+}
+
+/// A pull of `tag` of a planned package that the cache lacks: the builds of the arches
+/// it names (all of them for the current tag or the dev tag, one for `<tag>-<arch>`)
+/// that the cache lacks. None when the tag is not the package's.
+pub fn pull_jobs(p: &Planned, tag: &str, dev_tag: &Tag, index: Option<&IndexView>) -> Vec<Job> {
+    let current = p.tag.as_str();
+    let archs: Vec<String> = if tag == current || tag == dev_tag.as_str() {
+        p.archs()
+    } else {
+        p.archs()
+            .into_iter()
+            .filter(|a| tag == format!("{current}-{a}"))
+            .collect()
+    };
+    let image = p.image();
+    archs
+        .iter()
+        .filter(|a| index.is_none_or(|i| i.get(&arch_ref(&image, a)).is_none()))
+        .map(|a| job(p, a, false, "pulled"))
+        .collect()
 }
 
 /// Broken packages: directory -> (package name, what is wrong).
@@ -737,39 +460,6 @@ fn choose_builder(mode: BuilderMode, p: &Package) -> BuilderKind {
     }
 }
 
-/// Points the moving tag (`dev`) of `image`'s repository at `image`'s index, when the
-/// cache has it.
-pub fn point_dev(cache: &Cache, image: &ImageRef, dev: &Tag) {
-    let name = image.cache_name();
-    let dev_name = ImageRef::new(image.repo.clone(), dev.clone()).cache_name();
-    // Most calls change nothing: look at the current view first.
-    if let Ok(view) = cache.index() {
-        match (view.get(&name), view.get(&dev_name)) {
-            (None, _) => return,
-            (Some(d), Some(cur)) if d.digest == cur.digest => return,
-            _ => {}
-        }
-    }
-    // Read and write under the writer lock: two arches landing at once must not leave
-    // `dev` at the index the first one read.
-    let moved = cache.update_index(|index| {
-        let Some(mut desc) = index
-            .manifests
-            .iter()
-            .find(|d| d.ref_name() == Some(name.as_str()))
-            .cloned()
-        else {
-            return Ok(());
-        };
-        desc.annotations.clear();
-        set_ref_in(index, &dev_name, desc);
-        Ok(())
-    });
-    if let Err(e) = moved {
-        tracing::warn!("cannot move {dev_name}: {e}");
-    }
-}
-
 /// `kiln show-tag DIR...`: `org/image:tag` of each package as kilnd tags it, the tags of
 /// the workspace packages it follows folded in (otherwise the same as
 /// `linuxkit pkg show-tag`). The workspace is the package's git repository, or its parent
@@ -854,42 +544,6 @@ mod tests {
 
         write(&ws, "base/f", "one");
         assert_eq!(tags(&dirs), first, "a revert gives back the earlier tags");
-    }
-
-    #[test]
-    fn dev_ends_at_the_full_index_when_arches_land_at_once() {
-        use crate::oci::{Descriptor, OCI_MANIFEST, Platform};
-        let dir = tempfile::tempdir().unwrap();
-        let cache = Arc::new(Cache::open(&dir.path().join("cache")).unwrap());
-        let dev: Tag = "dev".parse().unwrap();
-        for round in 0..50 {
-            let image: ImageRef = format!("kiln/race:t{round}").parse().unwrap();
-            let barrier = Arc::new(std::sync::Barrier::new(2));
-            let threads: Vec<_> = ["amd64", "arm64"]
-                .into_iter()
-                .map(|arch| {
-                    let (cache, image, dev, barrier) =
-                        (cache.clone(), image.clone(), dev.clone(), barrier.clone());
-                    std::thread::spawn(move || {
-                        let body = format!("{{\"round\":{round},\"arch\":\"{arch}\"}}");
-                        let d = cache.put_blob(body.as_bytes()).unwrap();
-                        let m = Descriptor::new(OCI_MANIFEST, d, body.len() as u64);
-                        barrier.wait();
-                        cache
-                            .merge_arch(&image, arch, Platform::linux(arch, None), m)
-                            .unwrap();
-                        point_dev(&cache, &image, &dev);
-                    })
-                })
-                .collect();
-            for t in threads {
-                t.join().unwrap();
-            }
-            let index = cache.index().unwrap();
-            let full = index.get(&image.cache_name()).unwrap().digest.clone();
-            let at = index.get("docker.io/kiln/race:dev").unwrap().digest.clone();
-            assert_eq!(at, full, "round {round}: dev points at a one-arch index");
-        }
     }
 
     #[test]

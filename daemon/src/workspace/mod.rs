@@ -16,6 +16,7 @@
 pub mod discover;
 pub mod git;
 pub mod package;
+pub mod planned;
 pub mod spec;
 pub mod tag;
 
@@ -25,6 +26,7 @@ use kiln_shared::reference::ImageRef;
 
 pub use discover::Workspace;
 pub use package::{BUILD_YML, Package, PackageError};
+pub use planned::{BuilderKind, PackageTable, Planned};
 pub use spec::{SpecError, parse_build_yml};
 pub use tag::{GitMeta, TagError, Tagger};
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kiln_shared::protocol::BuildId;
-use kiln_shared::reference::Tag;
+use kiln_shared::reference::{Tag, arch_ref};
 use tokio_util::sync::CancellationToken;
 
 use crate::build::docker::{
@@ -21,13 +21,13 @@ use crate::build::native::{
     self, NativeBuild, NativeError, WorkspaceResolver, cache_names, pick_platform,
 };
 use crate::bus::Bus;
-use crate::cache::Cache;
+use crate::cache::{Cache, point_dev};
 use crate::oci::Platform;
 use crate::plan::deps::build_args;
-use crate::plan::{BuilderKind, PackageTable, Planned, arch_ref, point_dev};
 use crate::schedule::{Built, Job, RunError, RunFuture, Runner};
 use crate::upstream::Upstreams;
 use crate::watch::Touched;
+use crate::workspace::{BuilderKind, PackageTable, Planned};
 
 /// Builds targets for the queue.
 #[derive(Clone)]

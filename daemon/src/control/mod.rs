@@ -1,0 +1,299 @@
+//! The control layer: kilnd's event loop. It reacts to file saves (the watcher), control
+//! requests (the API) and pulls of tags the cache lacks (the registry), asks the pure
+//! planner what to build, publishes what happens on the bus and submits the jobs to the
+//! queue, whose [`runner`] builds a target and lands it in the cache. GC and build on
+//! pull start here too.
+//!
+//! It sits above `plan`, `schedule` and the builders, and is the only place (with `api`)
+//! that uses `watch` and `bus`.
+
+mod events;
+mod gc;
+mod pull;
+mod request;
+pub mod runner;
+mod stats;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_shared::protocol::{Event, PackageInfo, Snapshot, now_ms};
+use kiln_shared::reference::Tag;
+use tokio::sync::mpsc;
+
+use crate::build::docker::{EngineError, Engines};
+use crate::bus::Bus;
+use crate::cache::{Cache, point_dev};
+use crate::plan::{self, Builders, Planner};
+use crate::schedule::{CancelFilter, SchedEvent, Scheduler};
+use crate::watch::{Touched, WatchEvent};
+use crate::workspace::{PackageTable, Planned};
+
+pub use events::{describe, to_event};
+pub use pull::PullMiss;
+pub use request::{ControlError, ControlRequest, Reply};
+pub use runner::BuildRunner;
+pub use stats::cache_stats;
+
+/// Settings of the control layer.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub builders: Builders,
+    /// The moving tag that follows the newest successful build (`dev`).
+    pub dev_tag: Tag,
+    /// The size cap for gc (None: only unreferenced blobs go).
+    pub max_size: Option<u64>,
+}
+
+/// The event loop's state: the planner, the queue, and what they share.
+pub struct Controller {
+    planner: Planner,
+    cache: Arc<Cache>,
+    bus: Bus,
+    sched: Scheduler,
+    table: Arc<PackageTable>,
+    cfg: ControlConfig,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Controller({:?})", self.planner)
+    }
+}
+
+/// What kilnd and a one-off build share: the bus, the plan table and the queue whose
+/// runner builds into the cache.
+#[derive(Debug)]
+pub struct Core {
+    pub bus: Bus,
+    pub table: Arc<PackageTable>,
+    pub sched: Scheduler,
+    /// The workspace roots, canonical.
+    pub roots: Vec<PathBuf>,
+    /// What the watcher saw change, for builds to check before they land.
+    pub touched: Arc<Touched>,
+}
+
+/// Where the queue's runner builds: the cache, the engines, kilnd's registry.
+#[derive(Debug, Clone)]
+pub struct QueueConfig<'a> {
+    pub cache: &'a Arc<Cache>,
+    pub roots: &'a [PathBuf],
+    pub registry_addrs: Vec<String>,
+    pub engines: &'a [String],
+    /// kilnd's registry as the engine reaches it (`127.0.0.1:PORT`).
+    pub push_to: Option<String>,
+    pub dev_tag: Tag,
+    pub jobs: usize,
+    /// Registries to fetch from, pull through and push to (none for one-off builds).
+    pub upstreams: Option<Arc<crate::upstream::Upstreams>>,
+}
+
+/// Starts the bus and the build queue. `on_event` sees each queue event before the bus.
+pub fn start_queue(
+    q: QueueConfig<'_>,
+    on_event: impl Fn(&SchedEvent) + Send + 'static,
+) -> Result<Core, EngineError> {
+    let roots: Vec<_> = q
+        .roots
+        .iter()
+        .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
+        .collect();
+    let bus = Bus::new(Snapshot::new(
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        roots.clone(),
+        q.registry_addrs,
+    ));
+    let table = Arc::new(PackageTable::default());
+    let touched = Arc::new(Touched::default());
+    let runner = BuildRunner::new(
+        Arc::clone(q.cache),
+        bus.clone(),
+        Arc::clone(&table),
+        Arc::new(Engines::new(None, q.engines)?),
+        q.push_to,
+        q.dev_tag,
+        Arc::clone(&touched),
+        q.upstreams,
+    );
+    let sched_bus = bus.clone();
+    let sched = Scheduler::start(Arc::new(runner), q.jobs, move |e| {
+        on_event(&e);
+        sched_bus.publish(to_event(e));
+    });
+    Ok(Core {
+        bus,
+        table,
+        sched,
+        roots,
+        touched,
+    })
+}
+
+/// What the event loop listens to.
+#[derive(Debug)]
+pub struct Inputs {
+    pub watch: mpsc::Receiver<WatchEvent>,
+    pub control: mpsc::Receiver<ControlRequest>,
+    pub pulls: mpsc::Receiver<PullMiss>,
+}
+
+impl Controller {
+    /// Discovers the workspace under `roots`. Blocking: reads directories.
+    pub fn new(
+        roots: &[PathBuf],
+        cache: Arc<Cache>,
+        bus: Bus,
+        sched: Scheduler,
+        table: Arc<PackageTable>,
+        cfg: ControlConfig,
+    ) -> Controller {
+        Controller {
+            planner: Planner::new(roots, cfg.builders.clone()),
+            cache,
+            bus,
+            sched,
+            table,
+            cfg,
+        }
+    }
+
+    /// Tags the workspace and records the plan without queueing anything (for a one-off
+    /// `kiln build` without kilnd). Returns the broken packages' errors by directory.
+    pub fn load(&mut self) -> BTreeMap<PathBuf, String> {
+        let (planned, errors) = self.planner.load();
+        if let Ok(mut t) = self.table.write() {
+            *t = planned;
+        }
+        errors
+    }
+
+    /// Reacts to saves, requests and pull misses until `stop` fires; flushes the
+    /// cache's use records every 30 seconds and at the end.
+    pub async fn run(mut self, mut inputs: Inputs, stop: tokio_util::sync::CancellationToken) {
+        let mut flush = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                Some(ev) = inputs.watch.recv() => self.on_watch(ev).await,
+                Some(req) = inputs.control.recv() => self.on_control(req).await,
+                Some(miss) = inputs.pulls.recv() => self.on_pull_miss(miss).await,
+                _ = flush.tick() => flush_usage(&self.cache).await,
+                () = stop.cancelled() => break,
+            }
+        }
+        flush_usage(&self.cache).await;
+    }
+
+    /// Plans every package (at start, and after a rescan).
+    pub async fn plan_all(&mut self, reason: &str) {
+        let all = self.planner.dirs();
+        self.replan(&all, reason).await;
+    }
+
+    /// Handles what the watcher reports.
+    pub async fn on_watch(&mut self, ev: WatchEvent) {
+        match ev {
+            WatchEvent::Changed(paths) => {
+                let paths: Vec<PathBuf> = paths.into_iter().collect();
+                let affected = tokio::task::block_in_place(|| self.planner.changed(&paths));
+                let names = self.planner.names(&affected);
+                self.bus.publish(Event::FilesChanged {
+                    paths: paths.iter().take(16).cloned().collect(),
+                    packages: names,
+                    at_ms: now_ms(),
+                });
+                if !affected.is_empty() {
+                    self.replan(&affected, "files changed").await;
+                }
+            }
+            WatchEvent::Rescan { reason } => {
+                tracing::warn!("{reason}");
+                tokio::task::block_in_place(|| self.planner.rescan());
+                self.plan_all("rescan").await;
+            }
+            WatchEvent::Error { message } => {
+                tracing::error!("{message}");
+                self.bus.publish(Event::WatchError { error: message });
+            }
+        }
+    }
+
+    /// Re-tags the workspace and plans the packages whose tag, arches or dependencies
+    /// changed, plus `affected`: what the cache holds is served at once, the rest queued.
+    async fn replan(&mut self, affected: &BTreeSet<PathBuf>, reason: &str) {
+        let (planned, problems) = tokio::task::block_in_place(|| self.planner.tag(affected));
+        for p in problems {
+            tracing::warn!(package = %p.package, "{}", p.error);
+            self.bus.publish(Event::PackageError {
+                package: p.package,
+                dir: p.dir,
+                error: p.error,
+            });
+        }
+        let previous = self.table.read().map(|t| t.clone()).unwrap_or_default();
+        let index = self.cache.index().ok();
+        let diff = plan::diff(&previous, &planned, affected, index.as_deref());
+
+        for name in diff.removed {
+            self.bus.publish(Event::PackageRemoved {
+                package: name.clone(),
+            });
+            let _ = self
+                .sched
+                .cancel(CancelFilter {
+                    package: Some(name),
+                    ..CancelFilter::default()
+                })
+                .await;
+        }
+        if let Ok(mut t) = self.table.write() {
+            *t = planned;
+        }
+
+        let mut jobs = Vec::new();
+        for change in diff.packages {
+            let p: &Planned = &change.planned;
+            self.bus.publish(Event::PackageAdded {
+                package: PackageInfo {
+                    name: change.name.clone(),
+                    dir: p.pkg.dir.clone(),
+                    tag: Some(p.tag.clone()),
+                    archs: p.archs(),
+                },
+            });
+            for (arch, cached) in &change.archs {
+                self.bus.publish(Event::TargetPlanned {
+                    package: change.name.clone(),
+                    arch: arch.clone(),
+                    tag: p.tag.clone(),
+                });
+                match cached {
+                    Some(digest) => self.bus.publish(Event::ServedFromCache {
+                        package: change.name.clone(),
+                        arch: arch.clone(),
+                        tag: p.tag.clone(),
+                        digest: digest.clone(),
+                    }),
+                    None => jobs.push(plan::job(p, arch, false, reason)),
+                }
+            }
+            if change.all_cached() {
+                point_dev(&self.cache, &p.image(), &self.cfg.dev_tag);
+            }
+        }
+        if !jobs.is_empty() {
+            let _ = self.sched.submit(jobs).await;
+        }
+    }
+}
+
+/// Records the cache's reference use (for LRU gc) on disk.
+pub async fn flush_usage(cache: &Arc<Cache>) {
+    let cache = Arc::clone(cache);
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || cache.flush_usage()).await {
+        tracing::warn!("cannot record reference use: {e}");
+    }
+}

@@ -1,0 +1,158 @@
+//! The control requests (build, cancel, gc) that the API hands to the event loop with a
+//! reply channel, and how the loop answers them.
+
+use kiln_shared::protocol::{
+    BuildId, BuildRequest, BuildResponse, CancelRequest, CancelResponse, GcResponse, QueuedBuild,
+};
+use kiln_shared::reference::arch_ref;
+use tokio::sync::oneshot;
+
+use super::Controller;
+use crate::plan;
+use crate::schedule::{CancelFilter, Outcome};
+
+/// Why the daemon core refused or failed a control request. Each maps to an HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// No such package, arch or build (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request makes no sense (400), e.g. an arch the package does not list.
+    #[error("{0}")]
+    Invalid(String),
+    /// It cannot be done now (409), e.g. a GC while one runs.
+    #[error("{0}")]
+    Conflict(String),
+    /// It was tried and failed (500).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What a control request answers.
+pub type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
+
+/// A request for the daemon core, with the channel to answer it on.
+#[derive(Debug)]
+pub enum ControlRequest {
+    Build {
+        req: BuildRequest,
+        reply: Reply<BuildResponse>,
+    },
+    Cancel {
+        req: CancelRequest,
+        reply: Reply<CancelResponse>,
+    },
+    Gc {
+        reply: Reply<GcResponse>,
+    },
+}
+
+impl Controller {
+    /// Answers a control request.
+    pub async fn on_control(&mut self, req: ControlRequest) {
+        match req {
+            ControlRequest::Build { req, reply } => {
+                let r = self.build_request(req).await.map(|(r, _)| r);
+                let _ = reply.send(r);
+            }
+            ControlRequest::Cancel { req, reply } => {
+                let _ = reply.send(self.cancel_request(req).await);
+            }
+            ControlRequest::Gc { reply } => self.gc(reply),
+        }
+    }
+
+    /// Queues the builds a request asks for (and the missing builds of the packages it
+    /// follows); returns them, with a receiver of each one's outcome.
+    pub async fn build_request(
+        &mut self,
+        req: BuildRequest,
+    ) -> Result<(BuildResponse, Vec<oneshot::Receiver<Outcome>>), ControlError> {
+        let Some(p) = plan::find(&self.table, &req.package) else {
+            let known: Vec<String> = self
+                .table
+                .read()
+                .map(|t| t.keys().cloned().collect())
+                .unwrap_or_default();
+            return Err(ControlError::NotFound(format!(
+                "no package {:?} in the workspace (known: {})",
+                req.package,
+                known.join(", ")
+            )));
+        };
+        let archs = match &req.arch {
+            Some(a) if p.archs().contains(a) => vec![a.clone()],
+            Some(a) => {
+                return Err(ControlError::Invalid(format!(
+                    "{} does not list arch {a} (it lists {})",
+                    p.pkg.repo,
+                    p.archs().join(", ")
+                )));
+            }
+            None => p.archs(),
+        };
+        if let Some(b) = &req.builder
+            && !matches!(b.as_str(), "native" | "docker")
+        {
+            return Err(ControlError::Invalid(format!(
+                "unknown builder {b:?}: use native or docker"
+            )));
+        }
+        let index = self
+            .cache
+            .index()
+            .map_err(|e| ControlError::Failed(e.to_string()))?;
+        let image = p.image();
+        let mut jobs = Vec::new();
+        let mut up_to_date = Vec::new();
+        for arch in archs {
+            if !req.force && index.get(&arch_ref(&image, &arch)).is_some() {
+                up_to_date.push(arch);
+            } else {
+                plan::missing_deps(&self.table, &p, &arch, &index, &mut jobs);
+                let mut job = plan::job(&p, &arch, req.force, "requested");
+                if let Some(b) = &req.builder {
+                    job.builder = b.clone();
+                    job.fallback = false;
+                }
+                jobs.push(job);
+            }
+        }
+        let joined = self
+            .sched
+            .submit_joined(jobs.clone())
+            .await
+            .map_err(|e| ControlError::Failed(e.to_string()))?;
+        let (ids, waits): (Vec<String>, Vec<_>) = joined.into_iter().unzip();
+        let response = BuildResponse {
+            builds: jobs
+                .into_iter()
+                .zip(ids)
+                .map(|(j, id)| QueuedBuild {
+                    id: BuildId(id),
+                    package: j.key.package,
+                    arch: j.key.arch,
+                    tag: j.tag,
+                    reason: j.reason,
+                })
+                .collect(),
+            up_to_date,
+        };
+        Ok((response, waits))
+    }
+
+    async fn cancel_request(&mut self, req: CancelRequest) -> Result<CancelResponse, ControlError> {
+        let ids = self
+            .sched
+            .cancel(CancelFilter {
+                build_id: req.build.map(|b| b.0),
+                package: req.package,
+                arch: req.arch,
+            })
+            .await
+            .map_err(|e| ControlError::Failed(e.to_string()))?;
+        Ok(CancelResponse {
+            cancelled: ids.into_iter().map(BuildId).collect(),
+        })
+    }
+}
