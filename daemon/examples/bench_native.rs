@@ -46,6 +46,9 @@ fn input(pkg: &Path, arches: &[&str]) -> anyhow::Result<NativeBuild> {
         labels: BTreeMap::new(),
         source_date_epoch: 0,
         target: None,
+        network: false,
+        no_cache: false,
+        cancel: Default::default(),
     })
 }
 

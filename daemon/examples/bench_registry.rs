@@ -32,7 +32,12 @@ fn main() -> anyhow::Result<()> {
         })
         .await?;
         println!("{}", reg.local_addrs()[0]);
-        reg.serve(cache, Hooks::default()).await;
+        reg.serve(
+            cache,
+            Hooks::default(),
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await;
         Ok(())
     })
 }

@@ -122,7 +122,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             });
         })),
     };
-    tokio::spawn(registry.serve(Arc::clone(&cache), hooks));
+    // Stopped last, so that pushes in flight at shutdown finish.
+    let stop_registry = tokio_util::sync::CancellationToken::new();
+    let registry_task =
+        tokio::spawn(registry.serve(Arc::clone(&cache), hooks, stop_registry.clone()));
 
     let (control_tx, control_rx) = mpsc::channel(64);
     let (stop_api, api_stopped) = oneshot::channel::<()>();
@@ -187,6 +190,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _ = control.await;
     let _ = stop_api.send(());
     let _ = api_task.await;
+    stop_registry.cancel();
+    let _ = registry_task.await;
     Ok(())
 }
 
@@ -230,6 +235,17 @@ async fn open_cache(
                 ),
                 Ok(_) => {}
                 Err(e) => tracing::warn!("cannot clean the cache's temp files: {e}"),
+            }
+            // What a crashed kilnd left of its RUN steps (containers, mounts,
+            // directories) goes before anything builds.
+            match crate::build::native::Snapshots::open(&cache) {
+                Ok(s) => {
+                    let n = crate::build::native::runtime::clean_stale(&s);
+                    if n > 0 {
+                        tracing::info!("removed {n} leftovers of RUN steps of an earlier kilnd");
+                    }
+                }
+                Err(e) => tracing::warn!("cannot open the snapshot store: {e}"),
             }
             Ok::<_, crate::cache::CacheError>(cache)
         })
@@ -374,7 +390,12 @@ pub async fn build_once(
     })
     .await?;
     let push_to = registry.local_addrs().first().map(ToString::to_string);
-    tokio::spawn(registry.serve(Arc::clone(&cache), Hooks::default()));
+    // Serves the engine for this one run; it ends with the process.
+    tokio::spawn(registry.serve(
+        Arc::clone(&cache),
+        Hooks::default(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
     let dev_tag: Tag = "dev"
         .parse()
         .map_err(|e| DaemonError::Invalid(format!("dev tag: {e}")))?;

@@ -1,11 +1,13 @@
 //! GC on request: it holds the cache's writer lock for a while, so it runs aside and the
-//! event loop keeps going; its summary goes to the bus and to the requester.
+//! event loop keeps going; its summary goes to the bus and to the requester. The RUN
+//! snapshots are collected after the blobs, against what the cache then keeps.
 
 use std::sync::Arc;
 
 use kiln_shared::protocol::{Event, GcResponse, GcSummary, now_ms};
 
 use super::{ControlError, Controller, Reply};
+use crate::build::native::Snapshots;
 use crate::cache::{GcOptions, gc};
 
 impl Controller {
@@ -17,30 +19,38 @@ impl Controller {
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let r = tokio::task::spawn_blocking(move || {
-                gc(
+                let report = gc(
                     &cache,
                     GcOptions {
                         max_size,
                         ..GcOptions::default()
                     },
                 )
+                .map_err(|e| ControlError::Failed(e.to_string()))?;
+                // Then the RUN snapshots: those no kept image needs, and past --max-size
+                // (what the blobs leave of it) the least recently used.
+                let budget = max_size.map(|m| m.saturating_sub(report.bytes_after));
+                let snapshots = Snapshots::open(&cache)
+                    .and_then(|s| s.collect(&cache, budget))
+                    .map_err(|e| ControlError::Failed(e.to_string()))?;
+                Ok::<_, ControlError>((report, snapshots))
             })
             .await;
             let answer = match r {
-                Ok(Ok(report)) => {
+                Ok(Ok((report, snapshots))) => {
                     let summary = GcSummary {
                         finished_at_ms: now_ms(),
                         duration_ms: u64::try_from(started.elapsed().as_millis())
                             .unwrap_or(u64::MAX),
                         removed_blobs: report.blobs_removed,
-                        freed_bytes: report.bytes_freed,
+                        freed_bytes: report.bytes_freed + snapshots.bytes_freed,
                     };
                     bus.publish(Event::GcFinished {
                         gc: summary.clone(),
                     });
                     Ok(GcResponse { gc: summary })
                 }
-                Ok(Err(e)) => Err(ControlError::Failed(e.to_string())),
+                Ok(Err(e)) => Err(e),
                 Err(e) => Err(ControlError::Failed(format!("gc stopped: {e}"))),
             };
             let _ = reply.send(answer);

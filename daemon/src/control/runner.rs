@@ -167,17 +167,21 @@ impl Inner {
         }
         self.pull_bases(&planned, &arch, log).await;
         // The job names its builder: the package's, or the one a request asked for.
-        let builder = match job.builder.as_str() {
-            "native" => BuilderKind::Native,
-            "docker" => BuilderKind::Docker,
-            _ => planned.builder,
+        let (builder, why) = match job.builder.as_str() {
+            "native" => (BuilderKind::Native, String::new()),
+            "docker" => (BuilderKind::Docker, String::new()),
+            _ if planned.auto => (
+                planned.builder,
+                format!(" (auto: {})", native::auto_reason(&planned.pkg.dockerfile)),
+            ),
+            _ => (planned.builder, String::new()),
         };
         log.line(&format!(
-            "building {image} for linux/{arch} with the {} builder",
+            "building {image} for linux/{arch} with the {} builder{why}",
             builder.as_str()
         ));
         let (image_out, engine_tag) = match builder {
-            BuilderKind::Native => match self.native(&planned, &arch, log).await {
+            BuilderKind::Native => match self.native(&planned, &arch, log, cancel.clone()).await {
                 Ok(out) => (out, None),
                 Err(NativeFailure::Refused(why)) if job.fallback => {
                     log.line(&format!("{why}; building with the docker builder instead"));
@@ -397,6 +401,7 @@ impl Inner {
         p: &Planned,
         arch: &str,
         log: &mut Log,
+        cancel: CancellationToken,
     ) -> Result<Landing, NativeFailure> {
         let input = NativeBuild {
             context: p.pkg.dir.clone(),
@@ -408,6 +413,9 @@ impl Inner {
             labels: linuxkit_labels(&linuxkit_info(p)),
             source_date_epoch: source_date_epoch(),
             target: None,
+            network: p.pkg.spec.network,
+            no_cache: p.pkg.spec.disable_cache,
+            cancel,
         };
         let resolver = WorkspaceResolver {
             packages: p

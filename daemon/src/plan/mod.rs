@@ -17,7 +17,7 @@ use kiln_shared::digest::Digest;
 use kiln_shared::reference::{ImageRef, Tag, arch_ref};
 
 use crate::build::dockerfile::Dockerfile;
-use crate::build::native::native_supports;
+use crate::build::native::{Capabilities, native_supports};
 use crate::cache::IndexView;
 use crate::schedule::{Job, TargetKey};
 use crate::workspace::{BuilderKind, Package, PackageTable, Planned, Tagger, Workspace};
@@ -454,7 +454,7 @@ fn choose_builder(mode: BuilderMode, p: &Package) -> BuilderKind {
         BuilderMode::Native => BuilderKind::Native,
         BuilderMode::Docker => BuilderKind::Docker,
         BuilderMode::Auto => match Dockerfile::read(&p.dockerfile) {
-            Ok(df) if native_supports(&df).is_ok() => BuilderKind::Native,
+            Ok(df) if native_supports(&df, Capabilities::host()).is_ok() => BuilderKind::Native,
             _ => BuilderKind::Docker,
         },
     }

@@ -34,7 +34,11 @@
 //!     on_pull: Some(std::sync::Arc::new(|pull| tracing::info!(?pull, "pulled"))),
 //!     manifest_miss: None,
 //! };
-//! tokio::spawn(reg.serve(cache, hooks)); // dropping the task stops the registry
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! let served = tokio::spawn(reg.serve(cache, hooks, shutdown.clone()));
+//! // ...
+//! shutdown.cancel(); // stop accepting, finish what is in flight
+//! let _ = served.await;
 //! # Ok(())
 //! # }
 //! ```

@@ -1,5 +1,9 @@
 //! Listening sockets and the connection loop: HTTP/1.1 with keep-alive, one task per
-//! connection, all of them owned by the serving future (dropping it closes everything).
+//! connection, all of them owned by the serving future. Shutdown is graceful: once the
+//! token is cancelled the listeners close, every request in flight is answered (a push
+//! finishes) and idle connections close; `serve` returns when the last one has.
+//! Accept errors (out of descriptors, typically) never stop the server: it waits for a
+//! connection to close or backs off, and logs the streak once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,6 +13,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use super::error::RegistryError;
 use super::host::HostGuard;
@@ -96,13 +101,17 @@ impl Registry {
         ))
     }
 
-    /// Serves until the returned future is dropped (which closes the listeners and every
-    /// connection). Errors of single connections are logged, not returned.
-    pub async fn serve(self, cache: Arc<Cache>, hooks: Hooks) {
+    /// Serves until `shutdown` is cancelled, then drains (module documentation).
+    /// Errors of single connections are logged, not returned.
+    pub async fn serve(self, cache: Arc<Cache>, hooks: Hooks, shutdown: CancellationToken) {
         let service = self.service(cache, hooks);
         let mut tasks = JoinSet::new();
         for listener in self.listeners {
-            tasks.spawn(accept_loop(listener, Arc::clone(&service)));
+            tasks.spawn(accept_loop(
+                listener,
+                Arc::clone(&service),
+                shutdown.clone(),
+            ));
         }
         let reaper = Arc::clone(&service);
         tasks.spawn(async move {
@@ -110,50 +119,99 @@ impl Registry {
                 (reaper.uploads().ttl() / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
             let mut tick = tokio::time::interval(period);
             loop {
-                tick.tick().await;
-                reaper.uploads().expire();
+                tokio::select! {
+                    _ = tick.tick() => {
+                        reaper.uploads().expire();
+                    }
+                    () = shutdown.cancelled() => break,
+                }
             }
         });
         while tasks.join_next().await.is_some() {}
     }
 }
 
-async fn accept_loop(listener: TcpListener, service: Arc<Service>) {
+/// How often a streak of accept errors is logged.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The shortest and longest pause after an accept error with no connection to wait for.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
+
+async fn accept_loop(listener: TcpListener, service: Arc<Service>, shutdown: CancellationToken) {
     let mut conns = JoinSet::new();
+    let mut backoff = BACKOFF.0;
+    // Logged once a minute at most, with how many failed in between.
+    let mut last_logged: Option<std::time::Instant> = None;
+    let mut unlogged = 0u64;
     loop {
         tokio::select! {
+            () = shutdown.cancelled() => break,
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        // Out of file descriptors, typically: let a connection close
-                        // before accepting again, rather than spinning.
-                        tracing::warn!(error = %e, "registry accept failed");
-                        if conns.join_next().await.is_none() {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        unlogged += 1;
+                        if last_logged.is_none_or(|t| t.elapsed() >= ACCEPT_LOG_EVERY) {
+                            tracing::warn!(
+                                error = %e,
+                                failures = unlogged,
+                                connections = conns.len(),
+                                "registry cannot accept connections (out of file descriptors?); \
+                                 waiting for connections to close (logged once a minute)"
+                            );
+                            last_logged = Some(std::time::Instant::now());
+                            unlogged = 0;
+                        }
+                        // A connection that closes frees a descriptor; without one, back
+                        // off rather than spin.
+                        tokio::select! {
+                            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                            () = tokio::time::sleep(backoff) => {
+                                backoff = (backoff * 2).min(BACKOFF.1);
+                            }
+                            () = shutdown.cancelled() => break,
                         }
                         continue;
                     }
                 };
+                backoff = BACKOFF.0;
                 let _ = stream.set_nodelay(true);
-                let service = Arc::clone(&service);
-                conns.spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let service = Arc::clone(&service);
-                        async move { Ok::<_, std::convert::Infallible>(service.handle(req, peer).await) }
-                    });
-                    let conn = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(60))
-                        .keep_alive(true)
-                        .serve_connection(TokioIo::new(stream), svc);
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "registry connection ended with an error");
-                    }
-                });
+                conns.spawn(connection(stream, peer, Arc::clone(&service), shutdown.clone()));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
+    }
+    drop(listener);
+    while conns.join_next().await.is_some() {}
+}
+
+/// One connection, until the client closes it or, after shutdown, its request in flight
+/// is answered.
+async fn connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    service: Arc<Service>,
+    shutdown: CancellationToken,
+) {
+    let svc = hyper::service::service_fn(move |req| {
+        let service = Arc::clone(&service);
+        async move { Ok::<_, std::convert::Infallible>(service.handle(req, peer).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(60))
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), svc);
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "registry connection ended with an error");
     }
 }
 

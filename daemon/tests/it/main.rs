@@ -8,6 +8,7 @@
 mod cache;
 mod docker;
 mod native;
+mod native_run;
 mod registry;
 mod upstream;
 mod workspace;

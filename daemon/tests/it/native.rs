@@ -13,9 +13,9 @@ use kiln_daemon::build::native::{BuildOutput, CacheResolver, NativeBuild, build}
 use kiln_daemon::cache::Cache;
 use sha2::{Digest as _, Sha256};
 
-const DOCKER: &str = "/usr/bin/docker";
+pub(crate) const DOCKER: &str = "/usr/bin/docker";
 
-fn docker_ready() {
+pub(crate) fn docker_ready() {
     let ok = Command::new(DOCKER)
         .arg("info")
         .output()
@@ -26,7 +26,7 @@ fn docker_ready() {
     );
 }
 
-fn run(cmd: &mut Command) -> Vec<u8> {
+pub(crate) fn run(cmd: &mut Command) -> Vec<u8> {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),
@@ -38,9 +38,9 @@ fn run(cmd: &mut Command) -> Vec<u8> {
 }
 
 /// Docker images and containers made by a test, removed when it ends.
-struct Cleanup {
-    images: Vec<String>,
-    containers: Vec<String>,
+pub(crate) struct Cleanup {
+    pub(crate) images: Vec<String>,
+    pub(crate) containers: Vec<String>,
 }
 
 impl Drop for Cleanup {
@@ -54,7 +54,7 @@ impl Drop for Cleanup {
     }
 }
 
-fn write(root: &Path, rel: &str, body: &[u8], mode: u32) {
+pub(crate) fn write(root: &Path, rel: &str, body: &[u8], mode: u32) {
     let p = root.join(rel);
     fs::create_dir_all(p.parent().unwrap()).unwrap();
     fs::write(&p, body).unwrap();
@@ -75,12 +75,15 @@ fn native(cache: &Cache, ctx: &Path, image: &str, args: &[(&str, &str)]) -> Buil
         labels: BTreeMap::new(),
         source_date_epoch: 0,
         target: None,
+        network: false,
+        no_cache: false,
+        cancel: Default::default(),
     };
     build(cache, &input, &CacheResolver, &mut |l| eprintln!("{l}")).unwrap()
 }
 
 /// Loads `image-<arch>` from the cache into the engine as `tag`.
-fn load(cache: &Cache, image: &str, arch: &str, tag: &str, cleanup: &mut Cleanup) {
+pub(crate) fn load(cache: &Cache, image: &str, arch: &str, tag: &str, cleanup: &mut Cleanup) {
     run(Command::new("skopeo").args([
         "copy",
         "--quiet",
@@ -90,7 +93,7 @@ fn load(cache: &Cache, image: &str, arch: &str, tag: &str, cleanup: &mut Cleanup
     cleanup.images.push(tag.to_owned());
 }
 
-fn docker_build(
+pub(crate) fn docker_build(
     ctx: &Path,
     platform: &str,
     tag: &str,
@@ -118,9 +121,9 @@ fn docker_build(
 }
 
 /// path -> (type, mode, uid, gid, sha256 of content or link target)
-type Tree = BTreeMap<String, (char, u32, u64, u64, String)>;
+pub(crate) type Tree = BTreeMap<String, (char, u32, u64, u64, String)>;
 
-fn export(tag: &str, cleanup: &mut Cleanup) -> Tree {
+pub(crate) fn export(tag: &str, cleanup: &mut Cleanup) -> Tree {
     let id = String::from_utf8(run(Command::new(DOCKER).args(["create", tag])))
         .unwrap()
         .trim()
@@ -180,7 +183,7 @@ fn inspect(tag: &str) -> serde_json::Value {
     v[0].clone()
 }
 
-fn assert_same_trees(native: &Tree, docker: &Tree) {
+pub(crate) fn assert_same_trees(native: &Tree, docker: &Tree) {
     let keys: BTreeSet<&String> = native.keys().chain(docker.keys()).collect();
     let mut diffs = Vec::new();
     for k in keys {

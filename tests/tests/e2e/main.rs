@@ -4,6 +4,8 @@
 
 mod base_images;
 mod build;
+mod crash;
 mod kilnd;
+mod native_run;
 mod upstream;
 mod watch;

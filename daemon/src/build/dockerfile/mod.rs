@@ -10,9 +10,11 @@
 //! and to decide `auto`.
 
 pub mod lex;
+mod mount;
 mod parse;
 mod refs;
 
+pub use mount::{MountKind, RunMount, Sharing};
 pub use refs::{host_platform, platform_args};
 
 use std::fmt;
@@ -166,10 +168,22 @@ pub enum Instruction {
     Maintainer(String),
     /// `ONBUILD <instruction>`: stored in the image config for images built FROM it.
     OnBuild(String),
-    /// `RUN`: parsed so that a builder can name it; heredoc bodies are skipped.
-    Run {
-        heredoc: bool,
-    },
+    Run(RunArgs),
+}
+
+/// `RUN [--mount=...]... [--network=...] [--security=...] command`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunArgs {
+    pub command: CommandLine,
+    /// Each `--mount` value as written (checked by [`RunMount::parse`] at parse time;
+    /// builders expand variables in it first, then parse it again).
+    pub mounts: Vec<String>,
+    /// `--network`: `default`, `none` or `host`.
+    pub network: Option<String>,
+    /// `--security`: `sandbox` or `insecure`.
+    pub security: Option<String>,
+    /// Whether the command is a heredoc (`<<EOF`); its body is skipped.
+    pub heredoc: bool,
 }
 
 impl Instruction {
@@ -192,7 +206,7 @@ impl Instruction {
             Instruction::Healthcheck(_) => "HEALTHCHECK",
             Instruction::Maintainer(_) => "MAINTAINER",
             Instruction::OnBuild(_) => "ONBUILD",
-            Instruction::Run { .. } => "RUN",
+            Instruction::Run(_) => "RUN",
         }
     }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::{
     ArgDecl, CommandLine, CopyArgs, Dockerfile, DockerfileError, Healthcheck, Instruction, Located,
-    Stage,
+    RunArgs, RunMount, Stage,
 };
 
 struct Ctx<'a> {
@@ -365,7 +365,8 @@ impl Flags {
                     ),
                 ));
             }
-            if values.iter().any(|(n, _)| *n == name) && name != "exclude" {
+            let repeatable = matches!(name.as_str(), "exclude" | "mount");
+            if values.iter().any(|(n, _)| *n == name) && !repeatable {
                 return Err(cx.err(l.line, format!("duplicate flag specified: --{name}")));
             }
             if value.is_none() && !bools.contains(&name.as_str()) {
@@ -628,10 +629,42 @@ fn parse_instruction(
             }
         }
         "run" => {
-            Flags::parse(cx, l, &["mount", "network", "security"], &[])?;
-            Instruction::Run {
-                heredoc: !heredoc_names(&l.rest).is_empty(),
+            let mut flags = Flags::parse(cx, l, &["mount", "network", "security"], &[])?;
+            let mut mounts = Vec::new();
+            while let Some(m) = flags.take("mount") {
+                if !m.contains('$') {
+                    RunMount::parse(&m).map_err(|e| cx.err(l.line, format!("--mount={m}: {e}")))?;
+                }
+                mounts.push(m);
             }
+            let network = flags.take("network");
+            if let Some(n) = &network
+                && !matches!(n.as_str(), "default" | "none" | "host")
+            {
+                return Err(cx.err(
+                    l.line,
+                    format!("--network={n}: expected default, none or host"),
+                ));
+            }
+            let security = flags.take("security");
+            if let Some(s) = &security
+                && !matches!(s.as_str(), "sandbox" | "insecure")
+            {
+                return Err(cx.err(
+                    l.line,
+                    format!("--security={s}: expected sandbox or insecure"),
+                ));
+            }
+            if l.rest.is_empty() {
+                return Err(cx.err(l.line, "RUN requires a command"));
+            }
+            Instruction::Run(RunArgs {
+                command: command_line(&l.rest),
+                mounts,
+                network,
+                security,
+                heredoc: !heredoc_names(&l.rest).is_empty(),
+            })
         }
         _ => {
             return Err(cx.err(

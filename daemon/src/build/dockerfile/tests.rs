@@ -182,7 +182,11 @@ fn skips_heredoc_bodies_and_marks_them() {
     let df =
         p("FROM scratch\nRUN <<EOF\nFROM nothing\nEOF\nCOPY <<-END /x\n\tbody\n\tEND\nUSER 1\n");
     let i = ins(&df, 0);
-    assert_eq!(i[0], (2, Instruction::Run { heredoc: true }));
+    let Instruction::Run(r) = &i[0].1 else {
+        panic!()
+    };
+    assert!(r.heredoc);
+    assert_eq!(i[0].0, 2);
     let Instruction::Copy(c) = &i[1].1 else {
         panic!()
     };

@@ -1,7 +1,7 @@
 //! The build context as a [`Tree`]: the package directory (minus what `.dockerignore`
 //! excludes) plus the package's extra sources, with owners reset to 0:0 as the docker
-//! CLI does when it sends a context. Also Go's `filepath.Match`, used by `.dockerignore`
-//! and by wildcard sources of `COPY`.
+//! CLI does when it sends a context. Also Go's `filepath.Match` for wildcard sources of
+//! `COPY`.
 
 use std::fs;
 use std::io;
@@ -11,132 +11,22 @@ use std::path::{Path, PathBuf};
 use super::tree::{Content, Kind, Node, Tree, clean, join, parent};
 use crate::build::dockerignore::DockerIgnore;
 
-/// Go's `filepath.Match` on one path component: `*`, `?`, `[...]` (with `^` or `!`
-/// negation and ranges), `\` escapes. Returns an error for a malformed pattern.
-pub fn match_component(pattern: &str, name: &str) -> Result<bool, String> {
-    let p: Vec<char> = pattern.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    match_at(&p, &n).map_err(|()| format!("syntax error in pattern {pattern:?}"))
-}
-
-fn match_at(p: &[char], n: &[char]) -> Result<bool, ()> {
-    let (mut pi, mut ni) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    loop {
-        if pi < p.len() {
-            match p[pi] {
-                '*' => {
-                    star = Some((pi, ni));
-                    pi += 1;
-                    continue;
-                }
-                '?' if ni < n.len() => {
-                    pi += 1;
-                    ni += 1;
-                    continue;
-                }
-                '[' if ni < n.len() => {
-                    let (ok, next) = class(p, pi, n[ni])?;
-                    if ok {
-                        pi = next;
-                        ni += 1;
-                        continue;
-                    }
-                }
-                '\\' => {
-                    let Some(&c) = p.get(pi + 1) else {
-                        return Err(());
-                    };
-                    if ni < n.len() && n[ni] == c {
-                        pi += 2;
-                        ni += 1;
-                        continue;
-                    }
-                }
-                c if c != '?' && c != '[' && ni < n.len() && n[ni] == c => {
-                    pi += 1;
-                    ni += 1;
-                    continue;
-                }
-                _ => {}
-            }
-        } else if ni == n.len() {
-            return Ok(true);
+/// Go's `filepath.Match` on one path component, through `globset`: `*`, `?`, `[...]`
+/// (with `^` or `!` negation and ranges), `\` escapes; `{a,b}` is literal, as in Go.
+/// Fails on a malformed pattern.
+pub fn match_component(pattern: &str, name: &str) -> Result<bool, globset::Error> {
+    let mut escaped = String::with_capacity(pattern.len());
+    for c in pattern.chars() {
+        if matches!(c, '{' | '}') {
+            escaped.push('\\');
         }
-        // Mismatch: backtrack to the last star, letting it eat one more character.
-        match star {
-            Some((sp, sn)) if sn < n.len() => {
-                star = Some((sp, sn + 1));
-                pi = sp + 1;
-                ni = sn + 1;
-            }
-            _ => {
-                // Go still reports malformed classes later in the pattern.
-                check_rest(&p[pi.min(p.len())..])?;
-                return Ok(false);
-            }
-        }
+        escaped.push(c);
     }
-}
-
-fn check_rest(p: &[char]) -> Result<(), ()> {
-    let mut i = 0;
-    while i < p.len() {
-        match p[i] {
-            '\\' if i + 1 >= p.len() => return Err(()),
-            '\\' => i += 2,
-            '[' => {
-                let (_, next) = class(p, i, '\0')?;
-                i = next;
-            }
-            _ => i += 1,
-        }
-    }
-    Ok(())
-}
-
-/// Matches `c` against the class starting at `p[start] == '['`; returns the index after
-/// the closing `]`.
-fn class(p: &[char], start: usize, c: char) -> Result<(bool, usize), ()> {
-    let mut i = start + 1;
-    let negate = matches!(p.get(i), Some('^' | '!'));
-    if negate {
-        i += 1;
-    }
-    let mut matched = false;
-    let mut first = true;
-    loop {
-        let Some(&ch) = p.get(i) else {
-            return Err(());
-        };
-        if ch == ']' && !first {
-            i += 1;
-            break;
-        }
-        first = false;
-        let lo = if ch == '\\' {
-            i += 1;
-            *p.get(i).ok_or(())?
-        } else {
-            ch
-        };
-        i += 1;
-        let mut hi = lo;
-        if p.get(i) == Some(&'-') && p.get(i + 1).is_some_and(|&x| x != ']') {
-            i += 1;
-            hi = if p[i] == '\\' {
-                i += 1;
-                *p.get(i).ok_or(())?
-            } else {
-                p[i]
-            };
-            i += 1;
-        }
-        if lo <= c && c <= hi {
-            matched = true;
-        }
-    }
-    Ok((matched != negate, i))
+    let glob = globset::GlobBuilder::new(&escaped)
+        .literal_separator(true)
+        .backslash_escape(true)
+        .build()?;
+    Ok(glob.compile_matcher().is_match(name))
 }
 
 pub fn has_wildcard(s: &str) -> bool {
@@ -301,6 +191,8 @@ mod tests {
         assert!(m("\\*", "*"));
         assert!(m("*", ""));
         assert!(m("a*b*c", "axxbyyc"));
+        assert!(m("{a,b}", "{a,b}"));
+        assert!(!m("{a,b}", "a"));
         assert!(!m("a*b*c", "axxbyy"));
         assert!(match_component("[a-", "x").is_err());
         assert!(match_component("x\\", "x").is_err());

@@ -155,8 +155,15 @@ fn copy_node(
                     )));
                 }
             };
+            // The top of a copy is made as BuildKit's `MkdirAll(dest, 0755, chown)` makes
+            // it (the owner of --chown, else root), not with the source's metadata; what
+            // is below it keeps its own.
+            let top = || {
+                let (uid, gid) = opts.chown.unwrap_or((0, 0));
+                Node::dir(0o755, uid, gid, opts.epoch)
+            };
             if created {
-                dst.insert(dp, meta(node));
+                dst.insert(dp, if overwrite_meta { meta(node) } else { top() });
             }
             for child in src.children(sp) {
                 copy_node(
@@ -169,8 +176,10 @@ fn copy_node(
                     changed,
                 )?;
             }
-            if created || overwrite_meta {
+            if overwrite_meta {
                 dst.insert(dp, meta(node));
+            }
+            if created || overwrite_meta {
                 changed.insert(dp.to_owned());
             }
         }
@@ -205,7 +214,9 @@ fn wildcard_matches(src: &Tree, pattern: &str, confine: bool) -> Result<Vec<Stri
             }
             if has_wildcard(comp) {
                 for child in src.children(&real) {
-                    if match_component(comp, &child)? {
+                    if match_component(comp, &child)
+                        .map_err(|e| format!("source {pattern}: {e}"))?
+                    {
                         next.push(join(dir, &child));
                     }
                 }

@@ -1,7 +1,9 @@
-//! The native builder: builds a Dockerfile that needs no container (no `RUN`) in-process,
-//! for any architecture without emulation, into the cache, deterministically: the same
-//! inputs give byte-identical layers, configs, manifests and digests on every run and
-//! machine.
+//! The native builder: builds a Dockerfile in-process into the cache, deterministically:
+//! the same inputs give byte-identical layers, configs, manifests and digests on every run
+//! and machine. Without `RUN` it needs nothing of the host (any architecture, no
+//! emulation); a `RUN` runs in a container (`runtime`) on an overlay of the stage's
+//! snapshots (`snapshot`), its changes become the layer (`diff`), and each step's result is
+//! cached by its inputs (`steps`). Foreign architectures run under qemu-user.
 //!
 //! `build` walks the stages the target needs, applies each instruction to an image
 //! config and, for `COPY`/`ADD`/`WORKDIR`, to an in-memory tree of the stage's root
@@ -12,16 +14,23 @@
 
 mod context;
 mod copy;
+mod diff;
 mod image;
 mod layer;
+mod mounts;
 mod refuse;
+pub mod runtime;
+pub mod snapshot;
 mod stage;
+mod steps;
 mod tree;
+mod unpack;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use kiln_shared::reference::ImageRef;
+use tokio_util::sync::CancellationToken;
 
 use crate::build::dockerfile::{Dockerfile, DockerfileError};
 use crate::cache::{Cache, CacheError};
@@ -30,7 +39,8 @@ use crate::oci::{Descriptor, Platform, is_index, is_manifest};
 pub use context::{ContextError, match_component};
 pub use image::{ImageConfig, RunConfig};
 pub use layer::{CHUNK, LEVEL, Layer, LayerError};
-pub use refuse::{Refusal, native_supports};
+pub use refuse::{Capabilities, Refusal, auto_reason, native_supports};
+pub use snapshot::Snapshots;
 
 /// What to build: the lead maps a workspace package to this.
 #[derive(Debug, Clone)]
@@ -52,6 +62,14 @@ pub struct NativeBuild {
     pub source_date_epoch: i64,
     /// The stage to build (`--target`); the last stage when `None`.
     pub target: Option<String>,
+    /// Whether RUN steps share the host's network (`network: true` in build.yml); a step's
+    /// `--network` overrides it.
+    pub network: bool,
+    /// Run every RUN step again (`disable-cache: true` in build.yml).
+    pub no_cache: bool,
+    /// Stops the build: a running RUN step is killed and its container, mount and
+    /// directory removed.
+    pub cancel: CancellationToken,
 }
 
 /// What a build produced.
@@ -87,6 +105,8 @@ pub enum NativeError {
     Cache(#[from] CacheError),
     #[error("{0}")]
     Invalid(String),
+    #[error("the build was cancelled")]
+    Cancelled,
 }
 
 /// Finds the image a `FROM` (or `COPY --from`) names, for one platform.
@@ -280,7 +300,7 @@ pub fn build_images(
     log: &mut dyn FnMut(String),
 ) -> Result<Vec<(String, Platform, Descriptor)>, NativeError> {
     let df = Dockerfile::read(&input.dockerfile)?;
-    native_supports(&df)?;
+    native_supports(&df, Capabilities::host())?;
     if input.arches.is_empty() {
         return Err(NativeError::Invalid(format!(
             "{}: no architectures to build",

@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use crate::build::dockerfile::{CopyArgs, Dockerfile, Instruction};
+use std::sync::OnceLock;
+
+use crate::build::dockerfile::{CopyArgs, Dockerfile, Instruction, MountKind, RunArgs, RunMount};
 
 /// An instruction the native builder cannot do exactly.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -18,10 +20,27 @@ pub struct Refusal {
     pub what: String,
 }
 
-/// `Ok` when the native builder can build `df` (as far as the Dockerfile alone tells;
-/// a base image with ONBUILD triggers or an ADD of an xz archive is refused when found),
-/// else the first refused line.
-pub fn native_supports(df: &Dockerfile) -> Result<(), Refusal> {
+/// What this host lets the native builder do beyond writing layers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capabilities {
+    /// RUN steps: `Ok` when an OCI runtime and root are there, else why not.
+    pub run: Result<(), super::runtime::Unavailable>,
+}
+
+impl Capabilities {
+    /// This host's, found once per process (the runtime on the PATH, root).
+    pub fn host() -> &'static Capabilities {
+        static HOST: OnceLock<Capabilities> = OnceLock::new();
+        HOST.get_or_init(|| Capabilities {
+            run: super::runtime::availability().map(|_| ()),
+        })
+    }
+}
+
+/// `Ok` when the native builder can build `df` with `caps` (as far as the Dockerfile
+/// alone tells; a base image with ONBUILD triggers or an ADD of an xz archive is refused
+/// when found), else the first refused line.
+pub fn native_supports(df: &Dockerfile, caps: &Capabilities) -> Result<(), Refusal> {
     let refuse = |line: usize, what: String| Refusal {
         path: df.path.clone(),
         line,
@@ -41,7 +60,10 @@ pub fn native_supports(df: &Dockerfile) -> Result<(), Refusal> {
     for stage in &df.stages {
         for l in &stage.instructions {
             let what = match &l.value {
-                Instruction::Run { .. } => Some("RUN needs a container to run commands".to_owned()),
+                Instruction::Run(r) => match &caps.run {
+                    Err(why) => Some(format!("RUN: {why}")),
+                    Ok(()) => run_refusal(r),
+                },
                 Instruction::Copy(c) => copy_refusal("COPY", c),
                 Instruction::Add(c) => copy_refusal("ADD", c).or_else(|| {
                     c.sources
@@ -57,6 +79,62 @@ pub fn native_supports(df: &Dockerfile) -> Result<(), Refusal> {
         }
     }
     Ok(())
+}
+
+/// Why `auto` picks the builder it picks for the Dockerfile at `path`, for the build log.
+pub fn auto_reason(path: &std::path::Path) -> String {
+    match Dockerfile::read(path) {
+        Err(e) => format!("the Dockerfile does not parse: {e}"),
+        Ok(df) => match native_supports(&df, Capabilities::host()) {
+            Ok(()) => {
+                let runs = df
+                    .stages
+                    .iter()
+                    .flat_map(|s| &s.instructions)
+                    .any(|l| matches!(l.value, Instruction::Run(_)));
+                if runs {
+                    "the native builder does all of it, RUN steps in runc".into()
+                } else {
+                    "the native builder does all of it".into()
+                }
+            }
+            Err(r) => format!(
+                "line {}: {}, which only the docker builder does",
+                r.line, r.what
+            ),
+        },
+    }
+}
+
+/// What of a RUN the native builder cannot do (decided from the words as written; a
+/// mount whose options hold variables is checked again once they are expanded).
+pub fn run_refusal(r: &RunArgs) -> Option<String> {
+    if r.heredoc {
+        return Some("RUN with a heredoc (<<) is not supported".into());
+    }
+    if r.security.as_deref() == Some("insecure") {
+        return Some("RUN --security=insecure is not supported".into());
+    }
+    for m in &r.mounts {
+        let Ok(m) = RunMount::parse(m) else { continue };
+        let what = match m.kind {
+            MountKind::Secret | MountKind::Ssh => {
+                format!("RUN --mount=type={} is not supported", m.kind.as_str())
+            }
+            MountKind::Bind if m.from.is_some() => {
+                "RUN --mount=type=bind,from=... is not supported yet".into()
+            }
+            MountKind::Bind if !m.readonly => {
+                "RUN --mount=type=bind,rw is not supported yet".into()
+            }
+            MountKind::Cache if m.from.is_some() => {
+                "RUN --mount=type=cache,from=... is not supported".into()
+            }
+            _ => continue,
+        };
+        return Some(what);
+    }
+    None
 }
 
 fn copy_refusal(keyword: &str, c: &CopyArgs) -> Option<String> {

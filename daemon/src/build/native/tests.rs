@@ -45,6 +45,9 @@ impl Pkg {
             labels: BTreeMap::new(),
             source_date_epoch: 0,
             target: None,
+            network: false,
+            no_cache: false,
+            cancel: Default::default(),
         }
     }
 }
@@ -266,13 +269,19 @@ fn same_inputs_give_identical_digests_in_fresh_caches() {
 
 use sha2::Digest as _;
 
+const RUN_OK: Capabilities = Capabilities { run: Ok(()) };
+
 #[test]
 fn refuses_what_it_cannot_do_naming_the_line() {
     let tail = "; the native builder cannot do this, use the docker builder (--builder docker)";
     let cases = [
         (
-            "FROM scratch\nRUN echo hi\n",
-            "2: RUN needs a container to run commands",
+            "FROM scratch\nRUN --mount=type=secret,id=tok cat /run/secrets/tok\n",
+            "2: RUN --mount=type=secret is not supported",
+        ),
+        (
+            "FROM scratch\nRUN <<EOF\necho hi\nEOF\n",
+            "2: RUN with a heredoc (<<) is not supported",
         ),
         (
             "FROM scratch\nADD https://example.com/x /x\n",
@@ -321,7 +330,7 @@ fn refuses_what_it_cannot_do_naming_the_line() {
         let path = pkg.root().join("Dockerfile");
         let want = format!("{}:{want}{tail}", path.display());
         let df = Dockerfile::read(&path).unwrap();
-        assert_eq!(native_supports(&df).unwrap_err().to_string(), want);
+        assert_eq!(native_supports(&df, &RUN_OK).unwrap_err().to_string(), want);
         assert_eq!(err_of(&pkg), want);
     }
     // docker/dockerfile frontends follow the reference semantics: accepted.
@@ -330,7 +339,19 @@ fn refuses_what_it_cannot_do_naming_the_line() {
         "# syntax=docker/dockerfile:1.7\nFROM scratch\n",
     )
     .unwrap();
-    assert!(native_supports(&df).is_ok());
+    assert!(native_supports(&df, &RUN_OK).is_ok());
+    // Without a runtime, RUN goes to the docker builder, saying why.
+    let df = Dockerfile::parse(std::path::Path::new("D"), "FROM scratch\nRUN true\n").unwrap();
+    let none = Capabilities {
+        run: Err(runtime::Unavailable::NoRuntime),
+    };
+    assert!(
+        native_supports(&df, &none)
+            .unwrap_err()
+            .what
+            .starts_with("RUN: no OCI runtime: install runc")
+    );
+    assert!(native_supports(&df, &RUN_OK).is_ok());
 }
 
 #[test]
@@ -549,8 +570,10 @@ fn copy_from_a_stage_keeps_owners_and_from_an_image_in_the_cache() {
     );
     assert_eq!(
         entries(&cache, &m.layers[0]),
+        // The destination directory is made as BuildKit makes it (0755, root without
+        // --chown); what is copied into it keeps its owners.
         vec![
-            ("d/".into(), 'd', 0o755, 5, 6, String::new()),
+            ("d/".into(), 'd', 0o755, 0, 0, String::new()),
             ("d/f".into(), 'f', 0o600, 5, 6, "base".into()),
             e("d/g", 'f', 0o644, 0, "g"),
         ]
@@ -622,6 +645,9 @@ fn the_examples_build_natively_and_reproducibly() {
         labels: BTreeMap::new(),
         source_date_epoch: 0,
         target: None,
+        network: false,
+        no_cache: false,
+        cancel: Default::default(),
     };
     let mut resolver = WorkspaceResolver::default();
     resolver

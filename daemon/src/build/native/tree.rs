@@ -21,6 +21,8 @@ pub enum Content {
     Spool { spool: Arc<File>, offset: u64 },
     /// Not read: the tree was materialised for its metadata only.
     Unread,
+    /// No bytes (a whiteout entry).
+    Empty,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +76,7 @@ impl Node {
                     pos: *offset,
                     end: offset + size,
                 })),
+                Content::Empty => Ok(Box::new(io::empty())),
                 Content::Unread => Err(io::Error::other(
                     "file content was not read (internal: tree materialised without content)",
                 )),

@@ -6,8 +6,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod docker;
+mod flood;
 mod oci_client;
 mod raw;
+mod shutdown;
 mod skopeo;
 
 use std::io::Write;
@@ -28,6 +30,7 @@ pub struct Server {
     pub cache: Arc<Cache>,
     pub dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    shutdown: tokio_util::sync::CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -38,6 +41,8 @@ impl Server {
         let (stop, rx) = tokio::sync::oneshot::channel();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let served = Arc::clone(&cache);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let draining = shutdown.clone();
         // The registry gets its own runtime on its own thread, so async tests can use
         // the server too.
         let thread = std::thread::spawn(move || {
@@ -56,7 +61,7 @@ impl Server {
                 .unwrap();
                 addr_tx.send(reg.local_addrs()[0]).unwrap();
                 tokio::select! {
-                    () = reg.serve(served, Hooks::default()) => {}
+                    () = reg.serve(served, Hooks::default(), draining) => {}
                     _ = rx => {}
                 }
             });
@@ -67,6 +72,7 @@ impl Server {
             cache,
             dir,
             stop: Some(stop),
+            shutdown,
             thread: Some(thread),
         }
     }
@@ -86,8 +92,16 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Tells the registry to shut down gracefully (it drains what is in flight).
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
+        // Without waiting for clients that still send: the test is over.
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
