@@ -242,6 +242,8 @@ def main():
         big_layout(big, args.big_mib << 20)
         subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{big}:big",
                         f"docker://{up.addr}/bench/big:1"], check=True, capture_output=True)
+        empty = os.path.join(work, "empty")
+        os.makedirs(empty)
         times_k, times_s = [], []
         for i in range(3):
             t = time.monotonic()
@@ -251,7 +253,7 @@ def main():
                            check=True, capture_output=True)
             times_s.append(time.monotonic() - t)
             shutil.rmtree(out)
-            k = Kilnd(args, work, f"big-{i}", os.path.join(work, "empty"), ["--upstream", up.addr])
+            k = Kilnd(args, work, f"big-{i}", empty, ["--upstream", up.addr])
             procs.append(k.proc)
             t = time.monotonic()
             status, body = get_manifest(k.addr, "bench/big", "1")

@@ -157,6 +157,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 builders: config.builders.clone(),
                 dev_tag: config.dev_tag.clone(),
                 max_size: config.max_size,
+                upstreams: Some(Arc::clone(&upstreams)),
             },
         )
     });
@@ -435,6 +436,7 @@ pub async fn build_once(
                 builders: req.builders,
                 dev_tag,
                 max_size: None,
+                upstreams: None,
             },
         )
     });

@@ -13,6 +13,7 @@ mod pull;
 mod request;
 pub mod runner;
 mod stats;
+mod transfer;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -45,6 +46,8 @@ pub struct ControlConfig {
     pub dev_tag: Tag,
     /// The size cap for gc (None: only unreferenced blobs go).
     pub max_size: Option<u64>,
+    /// The upstream registries, for `kiln pull` and `kiln push`.
+    pub upstreams: Option<Arc<crate::upstream::Upstreams>>,
 }
 
 /// The event loop's state: the planner, the queue, and what they share.

@@ -12,7 +12,9 @@ use kiln_shared::protocol::Snapshot;
 use kiln_tests::api::{describe, digests_of, package_ok, settled, tag_of};
 use kiln_tests::registry::{REGISTRY_PASSWORD, REGISTRY_USER};
 use kiln_tests::workspace::{registry_digest, write_package};
-use kiln_tests::{BUSYBOX, Dir, Kilnd, KilndOptions, Registry, busybox_layout, docker, skopeo};
+use kiln_tests::{
+    BUSYBOX, Dir, Kilnd, KilndOptions, Registry, busybox_layout, cmd, docker, skopeo, target_bin,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -331,5 +333,41 @@ fn docker_pulls_through_kilnd_once_then_from_its_cache() {
     assert_eq!(
         registry_digest(&k.registry(), "mine/busybox:1"),
         registry_digest(up.addr(), "kiln/busybox:latest")
+    );
+}
+
+#[test]
+fn kiln_pull_and_kiln_push_go_through_kilnd() {
+    let up = busybox_upstream();
+    let ws = Dir::new("pull-push");
+    write_package(&ws, "solo", &["amd64"], "FROM scratch\nCOPY a /a\n");
+    ws.write("solo/a", "a\n");
+    let k = Kilnd::start(
+        &[ws.path()],
+        KilndOptions::default()
+            .arg("--upstream")
+            .arg(up.addr())
+            .arg("--push"),
+    );
+    k.events()
+        .wait(TIMEOUT, "solo to build", |s| both_ok_one(s, "kiln/solo"));
+    let kiln = || cmd(target_bin("kiln")).arg("--socket").arg(k.socket());
+
+    let out = kiln().args(["push", "kiln/solo"]).stdout();
+    assert!(out.contains(&format!("pushed to {}", up.addr())), "{out}");
+    let out = kiln().args(["pull", "kiln/solo"]).stdout();
+    assert!(out.contains("already in the cache"), "{out}");
+    // Any image: fetched whole into kilnd's cache, then served by its registry.
+    let out = kiln().args(["pull", "kiln/busybox:latest"]).stdout();
+    assert!(out.contains(&format!("from {}", up.addr())), "{out}");
+    assert_eq!(
+        registry_digest(&k.registry(), "kiln/busybox:latest"),
+        registry_digest(up.addr(), "kiln/busybox:latest")
+    );
+    let failed = kiln().args(["pull", "kiln/absent:1"]).run_fails();
+    assert!(
+        failed.stderr_str().contains("not in any upstream"),
+        "{}",
+        failed.stderr_str()
     );
 }
