@@ -21,7 +21,7 @@ use crate::control::{
     ControlConfig, Controller, Core, Inputs, PullMiss, QueueConfig, cache_stats, describe,
     flush_usage, start_queue,
 };
-use crate::registry::{BoxFuture, Hooks, ManifestMiss, RegistryConfig, RegistryError};
+use crate::registry::{BoxFuture, Hooks, ManifestMiss, MissError, RegistryConfig, RegistryError};
 use crate::schedule::Outcome;
 use crate::upstream::{AuthFiles, UpstreamError, Upstreams};
 use crate::watch::{WatchConfig, WatchError, Watcher};
@@ -268,7 +268,7 @@ pub struct BuildOnPull {
 }
 
 impl ManifestMiss for BuildOnPull {
-    fn on_miss(&self, repo: RepoName, tag: Tag) -> BoxFuture<'static, Result<bool, String>> {
+    fn on_miss(&self, repo: RepoName, tag: Tag) -> BoxFuture<'static, Result<bool, MissError>> {
         let tx = self.tx.clone();
         let wait = self.wait;
         let (cache, upstreams) = (Arc::clone(&self.cache), Arc::clone(&self.upstreams));
@@ -297,7 +297,7 @@ impl ManifestMiss for BuildOnPull {
                         Ok(true)
                     }
                     Err(UpstreamError::NotFound { .. }) => Ok(false),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(MissError::from(Box::new(e) as Box<_>)),
                 };
             }
             let all = futures_util::future::join_all(waits);
@@ -314,10 +314,11 @@ impl ManifestMiss for BuildOnPull {
                     Ok(Outcome::Failed(e)) => {
                         return Err(format!(
                             "the build of {repo}:{tag} failed: {e} (`kiln logs {repo}` shows its log)"
-                        ));
+                        )
+                        .into());
                     }
                     Ok(Outcome::Cancelled(e)) => {
-                        return Err(format!("the build of {repo}:{tag} was cancelled: {e}"));
+                        return Err(format!("the build of {repo}:{tag} was cancelled: {e}").into());
                     }
                     Err(_) => return Err("kilnd is shutting down".into()),
                 }

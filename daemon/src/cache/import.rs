@@ -31,17 +31,15 @@ impl Cache {
             .iter()
             .find(|d| d.ref_name() == Some(src_ref))
             .cloned()
-            .ok_or_else(|| {
-                CacheError::Invalid(format!(
-                    "{} has no reference {src_ref:?} (it has: {})",
-                    src.display(),
-                    index
-                        .manifests
-                        .iter()
-                        .filter_map(Descriptor::ref_name)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
+            .ok_or_else(|| CacheError::NoSuchRef {
+                layout: src.to_owned(),
+                reference: src_ref.to_owned(),
+                has: index
+                    .manifests
+                    .iter()
+                    .filter_map(Descriptor::ref_name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
             })?;
         self.import_graph(src, &desc)?;
         let mut named = desc.clone();

@@ -92,8 +92,31 @@ pub enum CacheError {
     DanglingReference { name: String, digest: Digest },
     #[error("blob writer already finished")]
     WriterFinished,
+    #[error("{layout} has no reference {reference:?} (it has: {has})")]
+    NoSuchRef {
+        layout: PathBuf,
+        reference: String,
+        has: String,
+    },
+    #[error("a blob hashing thread panicked")]
+    HashThreadPanicked,
+    /// A reference that is not what its user needs (upstream's push of a name).
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "gc could not drop references: index.json names {digest} ({name}), which is not in \
+         the cache; nothing was removed. Run `kiln fsck --repair` first."
+    )]
+    GcDangling { name: String, digest: Digest },
+    #[error(
+        "gc stopped: cannot follow the references of {digest}: {source}. Run `kiln fsck \
+         --repair` first."
+    )]
+    GcUnfollowable {
+        digest: Digest,
+        #[source]
+        source: Box<CacheError>,
+    },
 }
 
 impl CacheError {

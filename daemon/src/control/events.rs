@@ -60,6 +60,7 @@ pub fn to_event(e: SchedEvent) -> Event {
                 error: None,
                 cache_hits: 0,
                 steps: 0,
+                builder: None,
                 finished_at_ms: now_ms(),
                 pulled_from: None,
             };
@@ -70,6 +71,7 @@ pub fn to_event(e: SchedEvent) -> Event {
                     summary.cache_hits = b.cache_hits;
                     summary.steps = b.steps;
                     summary.pulled_from = b.pulled_from;
+                    summary.builder = Some(b.builder);
                     Event::Finished {
                         package,
                         arch,

@@ -158,6 +158,7 @@ impl Inner {
                 cache_hits: 0,
                 steps: 0,
                 pulled_from: None,
+                builder: kiln_shared::protocol::BuiltBy::Cache,
             });
         }
         if !job.force
@@ -167,14 +168,16 @@ impl Inner {
         }
         self.pull_bases(&planned, &arch, log).await;
         // The job names its builder: the package's, or the one a request asked for.
-        let (builder, why) = match job.builder.as_str() {
-            "native" => (BuilderKind::Native, String::new()),
-            "docker" => (BuilderKind::Docker, String::new()),
-            _ if planned.auto => (
-                planned.builder,
-                format!(" (auto: {})", native::auto_reason(&planned.pkg.dockerfile)),
-            ),
-            _ => (planned.builder, String::new()),
+        let builder = match job.builder.as_str() {
+            "native" => BuilderKind::Native,
+            "docker" => BuilderKind::Docker,
+            _ => planned.builder,
+        };
+        // What auto chose, and why (a request may have named the builder instead).
+        let why = if planned.auto && builder == planned.builder {
+            format!(" (auto: {})", native::auto_reason(&planned.pkg.dockerfile))
+        } else {
+            String::new()
         };
         log.line(&format!(
             "building {image} for linux/{arch} with the {} builder{why}",
@@ -303,6 +306,7 @@ impl Inner {
             cache_hits: 0,
             steps: 0,
             pulled_from: Some(fetched.upstream.into_boxed_str()),
+            builder: kiln_shared::protocol::BuiltBy::Upstream,
         }))
     }
 
@@ -459,6 +463,7 @@ impl Inner {
                 cache_hits: 0,
                 steps,
                 pulled_from: None,
+                builder: kiln_shared::protocol::BuiltBy::Native,
             },
             platform,
         })
@@ -514,6 +519,7 @@ impl Inner {
                 cache_hits: u32::try_from(outcome.cache_hits).unwrap_or(u32::MAX),
                 steps: u32::try_from(outcome.cache_hits + outcome.steps_run).unwrap_or(u32::MAX),
                 pulled_from: None,
+                builder: kiln_shared::protocol::BuiltBy::Docker,
             },
             platform,
         };

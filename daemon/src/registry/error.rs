@@ -14,7 +14,7 @@ use super::body::RegBody;
 const RETRY_AFTER: &str = "10";
 
 /// Why a registry request failed, as the client will read it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum OciError {
     #[error("blob {0} is not in the cache")]
     BlobUnknown(Digest),
@@ -61,7 +61,19 @@ pub enum OciError {
     #[error("{0}")]
     TooManyRequests(String),
     #[error("internal error: {0}")]
-    Internal(String),
+    Cache(#[from] crate::cache::CacheError),
+    #[error("internal error: {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("internal error: a response header: {0}")]
+    Header(#[from] http::header::InvalidHeaderValue),
+    #[error("internal error: a blocking task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 impl OciError {
@@ -86,7 +98,11 @@ impl OciError {
             | OciError::MethodNotAllowed { .. }
             | OciError::NotFound(_) => "UNSUPPORTED",
             OciError::TooManyRequests(_) => "TOOMANYREQUESTS",
-            OciError::Internal(_) => "UNKNOWN",
+            OciError::Cache(_)
+            | OciError::Io { .. }
+            | OciError::Header(_)
+            | OciError::Task(_)
+            | OciError::Internal(_) => "UNKNOWN",
         }
     }
 
@@ -114,7 +130,11 @@ impl OciError {
             }
             OciError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             OciError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
-            OciError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            OciError::Cache(_)
+            | OciError::Io { .. }
+            | OciError::Header(_)
+            | OciError::Task(_)
+            | OciError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 

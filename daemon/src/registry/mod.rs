@@ -129,9 +129,27 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait ManifestMiss: Send + Sync {
     /// `Ok(true)`: the cache now holds `docker.io/<repo>:<tag>` (the registry re-reads
     /// `index.json` and serves it). `Ok(false)`: unknown here, the client gets
-    /// MANIFEST_UNKNOWN. `Err(message)`: the client gets MANIFEST_UNKNOWN with the
-    /// message (say which build failed and where its log is).
-    fn on_miss(&self, repo: RepoName, tag: Tag) -> BoxFuture<'static, Result<bool, String>>;
+    /// MANIFEST_UNKNOWN. `Err(e)`: the client gets MANIFEST_UNKNOWN saying `e` (say which
+    /// build or fetch failed and where its log is).
+    fn on_miss(&self, repo: RepoName, tag: Tag) -> BoxFuture<'static, Result<bool, MissError>>;
+}
+
+/// Why the [`ManifestMiss`] hook could not make a tag: any error, its sources kept
+/// (a message alone converts too).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct MissError(#[from] Box<dyn std::error::Error + Send + Sync>);
+
+impl From<String> for MissError {
+    fn from(message: String) -> Self {
+        MissError(message.into())
+    }
+}
+
+impl From<&str> for MissError {
+    fn from(message: &str) -> Self {
+        MissError(message.into())
+    }
 }
 
 /// A manifest was served (GET, not HEAD): what the dashboard shows as the last pull.

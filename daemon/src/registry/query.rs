@@ -1,61 +1,28 @@
-//! Query strings: `?digest=sha256%3A…&mount=…&from=…&n=…&last=…&artifactType=…`, with
-//! percent-decoding (clients encode the `:` of digests).
+//! Query strings: `?digest=sha256%3A…&mount=…&from=…&n=…&last=…&artifactType=…`,
+//! decoded as `application/x-www-form-urlencoded` (clients encode the `:` of digests).
 
-/// The decoded value of the first `key` parameter, if present.
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+
+/// What stays unescaped in a query value kiln writes (`Link` headers).
+const VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+
+/// The decoded value of the first `key` parameter, if present. An invalid escape stays
+/// as it is, and invalid UTF-8 becomes U+FFFD: the value then fails its own validation
+/// (a digest, a number), with the error that names it.
 pub fn param(query: Option<&str>, key: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (decode(k)? == key).then(|| decode(v)).flatten()
-    })
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
 }
 
-/// Percent-decodes (and turns `+` into a space); `None` for invalid escapes or UTF-8.
-pub fn decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hi = hex_val(*b.get(i + 1)?)?;
-                let lo = hex_val(*b.get(i + 2)?)?;
-                out.push(hi << 4 | lo);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// Percent-encodes a query value (tags and names are safe except for nothing; this
-/// keeps `Link` headers correct for any `last`).
+/// Percent-encodes a query value, so `Link` headers are right for any `last`.
 pub fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    utf8_percent_encode(s, VALUE).to_string()
 }
 
 #[cfg(test)]
@@ -64,15 +31,17 @@ mod tests {
 
     #[test]
     fn params() {
-        let q = Some("mount=sha256%3Aab&from=a%2Fb&n=3&flag&n=4");
+        let q = Some("mount=sha256%3Aab&from=a%2Fb&n=3&flag&n=4&sp=a+b");
         assert_eq!(param(q, "mount").as_deref(), Some("sha256:ab"));
         assert_eq!(param(q, "from").as_deref(), Some("a/b"));
         assert_eq!(param(q, "n").as_deref(), Some("3"));
         assert_eq!(param(q, "flag").as_deref(), Some(""));
+        assert_eq!(param(q, "sp").as_deref(), Some("a b"));
         assert_eq!(param(q, "last"), None);
         assert_eq!(param(None, "n"), None);
-        assert_eq!(param(Some("x=%zz"), "x"), None);
-        assert_eq!(param(Some("x=%e2%82"), "x"), None);
+        // Left for the value's own validation to refuse.
+        assert_eq!(param(Some("x=%zz"), "x").as_deref(), Some("%zz"));
+        assert_eq!(param(Some("x=%e2%82"), "x").as_deref(), Some("\u{fffd}"));
         assert_eq!(encode("a b:c/d"), "a%20b%3Ac/d");
     }
 }

@@ -232,12 +232,6 @@ mod tests {
         assert!(uploads.is_empty());
         assert!(!tmp.exists(), "an expired upload leaves no temp file");
     }
-}
-
-#[cfg(test)]
-mod bounds {
-    use super::*;
-    use crate::cache::Cache;
 
     #[tokio::test]
     async fn sessions_are_bounded_by_count_and_bytes_and_hold_no_descriptor() {

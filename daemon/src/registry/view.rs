@@ -15,7 +15,11 @@
 //! - `docker.io/<repo>@sha256:<hex>`: a manifest pushed to `<repo>` by digest only
 //!   (children of a multi-arch push, referrers such as signatures). kiln writes these
 //!   so that untagged manifests stay named, hence reachable for gc and for the catalog;
-//!   tools that parse names as `name:tag` should skip names holding `@`.
+//!   tools that parse names as `name:tag` should skip names holding `@`;
+//! - `<host>:<port>/<repo>:<tag>` (LinuxKit keeps what it pulled from a registry on a
+//!   port so, e.g. `127.0.0.1:5099/library/busybox:1.0`): no repository name may hold
+//!   the `:`, so it is served as `<repo>:<tag>`, unless a `docker.io/` name already
+//!   holds that tag; either way the first view that sees the name logs it once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -52,9 +56,7 @@ impl Stored {
         media_type: Option<&str>,
     ) -> Result<Self, super::error::OciError> {
         let info = manifest::parse(&bytes, media_type)?;
-        let hv = |s: String| {
-            HeaderValue::from_str(&s).map_err(|e| super::error::OciError::Internal(e.to_string()))
-        };
+        let hv = |s: String| HeaderValue::from_str(&s).map_err(super::error::OciError::from);
         Ok(Stored {
             content_type: HeaderValue::from_static(info.kind.media_type()),
             digest_header: hv(digest.to_string())?,
@@ -100,6 +102,9 @@ pub struct Referrer {
 /// The picture of one version of `index.json`.
 #[derive(Debug, Default)]
 pub struct View {
+    /// Names of another registry's host that were logged (served under another name,
+    /// or not served): each is logged once, not on every rebuild.
+    pub foreign: std::collections::HashSet<String>,
     /// The cache view this was built from (compared by pointer).
     pub source: Option<Arc<IndexView>>,
     pub repos: HashMap<String, Repo>,
@@ -115,6 +120,23 @@ pub enum RefName {
 }
 
 impl RefName {
+    /// A name of another registry given with a port, `<host>:<port>/<rest>`: the host,
+    /// and `rest` read as a docker.io name.
+    fn foreign(name: &str) -> Option<(&str, RefName)> {
+        let (host, rest) = name.split_once('/')?;
+        if !host.contains(':') || rest.contains('@') {
+            return None;
+        }
+        let r = ImageRef::from_cache_name(&format!("{DEFAULT_DOMAIN}/{rest}")).ok()?;
+        Some((
+            host,
+            RefName::Tag {
+                repo: r.repo.as_str().to_owned(),
+                tag: r.tag.as_str().to_owned(),
+            },
+        ))
+    }
+
     pub fn parse(name: &str) -> Option<RefName> {
         if let Some((repo, digest)) = name.split_once('@') {
             let repo = repo
@@ -153,9 +175,18 @@ impl View {
             source: None,
             ..View::default()
         };
+        let mut foreign = Vec::new();
         for (name, desc) in source.refs() {
             let Some(parsed) = RefName::parse(name) else {
-                tracing::debug!(name, "index.json name is not a registry reference; skipped");
+                match RefName::foreign(name) {
+                    Some((host, RefName::Tag { repo, tag })) => {
+                        foreign.push((name, host, repo, tag, desc));
+                    }
+                    _ => tracing::debug!(
+                        name,
+                        "index.json name is not a registry reference; skipped"
+                    ),
+                }
                 continue;
             };
             let Some(stored) = view.load(cache, previous, &desc.digest, Some(&desc.media_type), 0)
@@ -175,6 +206,41 @@ impl View {
                     untagged.insert(digest, name.to_owned());
                 }
             }
+        }
+        // Names of other registries' hosts come last: a docker.io name keeps its tag.
+        for (name, host, repo, tag, desc) in foreign {
+            let taken = view
+                .repos
+                .get(&repo)
+                .and_then(|r| r.tags.get(&tag))
+                .map(|t| t.ref_name.clone());
+            let first = !previous.foreign.contains(name);
+            view.foreign.insert(name.to_owned());
+            if let Some(owner) = taken {
+                if first {
+                    tracing::info!(
+                        name,
+                        "index.json name of registry {host} is not served: {repo}:{tag} is {owner}"
+                    );
+                }
+                continue;
+            }
+            let Some(stored) = view.load(cache, previous, &desc.digest, Some(&desc.media_type), 0)
+            else {
+                continue;
+            };
+            if first {
+                tracing::info!(
+                    name,
+                    "index.json name of registry {host} is served as {repo}:{tag} (no repository \
+                     name may hold the host's port)"
+                );
+            }
+            let tagged = Tagged {
+                stored,
+                ref_name: name.to_owned(),
+            };
+            view.repos.entry(repo).or_default().tags.insert(tag, tagged);
         }
         for stored in view.manifests.values() {
             if let Some(subject) = &stored.info.subject {
@@ -268,11 +334,9 @@ pub fn read_stored(
     cache: &Cache,
     digest: &Digest,
     media_type: Option<&str>,
-) -> Result<Stored, String> {
-    let bytes = cache
-        .read_blob(digest, MAX_MANIFEST_SIZE as u64)
-        .map_err(|e| e.to_string())?;
-    Stored::new(digest.clone(), Bytes::from(bytes), media_type).map_err(|e| e.to_string())
+) -> Result<Stored, super::error::OciError> {
+    let bytes = cache.read_blob(digest, MAX_MANIFEST_SIZE as u64)?;
+    Stored::new(digest.clone(), Bytes::from(bytes), media_type)
 }
 
 #[cfg(test)]
@@ -300,5 +364,17 @@ mod tests {
         assert_eq!(RefName::parse("docker.io/org/img@sha256:xyz"), None);
         assert_eq!(RefName::parse("docker.io/Org/img:t"), None);
         assert_eq!(RefName::parse("no-tag"), None);
+        assert_eq!(RefName::parse("127.0.0.1:5099/library/busybox:1.0"), None);
+        assert_eq!(
+            RefName::foreign("127.0.0.1:5099/library/busybox:1.0"),
+            Some((
+                "127.0.0.1:5099",
+                RefName::Tag {
+                    repo: "library/busybox".into(),
+                    tag: "1.0".into()
+                }
+            ))
+        );
+        assert_eq!(RefName::foreign("ghcr.io/x/y:1"), None);
     }
 }

@@ -64,6 +64,8 @@ pub struct Built {
     /// Fetched from this upstream instead of built (boxed: keeps the queue's messages
     /// small).
     pub pulled_from: Option<Box<str>>,
+    /// Which builder built it (`Cache` when it was there already).
+    pub builder: kiln_shared::protocol::BuiltBy,
 }
 
 /// How a build ended.
@@ -149,7 +151,7 @@ enum Cmd {
     },
     Done {
         key: TargetKey,
-        /// Boxed: a build's result is the largest message by far.
+        /// Boxed: a build's result is much larger than the other commands.
         result: Box<Result<Built, RunError>>,
     },
 }

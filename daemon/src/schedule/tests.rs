@@ -97,6 +97,7 @@ fn desc(n: u8) -> Built {
         cache_hits: 0,
         steps: 1,
         pulled_from: None,
+        builder: kiln_shared::protocol::BuiltBy::Native,
     }
 }
 

@@ -384,11 +384,7 @@ fn hash_all(blobs: &[ToHash]) -> Result<Vec<Hashed>, CacheError> {
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(CacheError::Invalid("a blob hashing thread panicked".into()))
-                })
-            })
+            .map(|h| h.join().unwrap_or(Err(CacheError::HashThreadPanicked)))
             .collect::<Vec<_>>()
     });
     let mut all = Vec::with_capacity(blobs.len());

@@ -239,10 +239,9 @@ pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
                 Ok(())
             })
             .map_err(|e| match e {
-                CacheError::DanglingReference { name, digest } => CacheError::Invalid(format!(
-                    "gc could not drop references: index.json names {digest} ({name}), which is \
-                 not in the cache; nothing was removed. Run `kiln fsck --repair` first."
-                )),
+                CacheError::DanglingReference { name, digest } => {
+                    CacheError::GcDangling { name, digest }
+                }
                 e => e,
             })?;
         let forget: Vec<String> = named.iter().map(|s| (*s).to_owned()).collect();
@@ -499,11 +498,10 @@ impl Graph<'_> {
             // Dangling: nothing to follow (fsck reports it).
             Err(CacheError::BlobUnknown(_)) => None,
             Err(e) => {
-                return Err(CacheError::Invalid(format!(
-                    "gc stopped: cannot follow the references of {} ({e}); nothing was removed. \
-                     Run `kiln fsck --repair` first.",
-                    d.digest
-                )));
+                return Err(CacheError::GcUnfollowable {
+                    digest: d.digest.clone(),
+                    source: Box::new(e),
+                });
             }
         };
         let entry = doc.map(|m: AnyManifest| Doc {
@@ -547,87 +545,29 @@ impl Graph<'_> {
     }
 }
 
-/// Why a size given on the command line is not one.
+/// Why a size given on the command line or in kiln.toml is not one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SizeError {
-    #[error("empty size: give a number of bytes with an optional unit, e.g. 10G or 500MiB")]
-    Empty,
-    #[error("size {0:?} does not start with a number: expected e.g. 10G, 500MiB, 1.5GB or 1048576")]
-    NoNumber(String),
-    #[error(
-        "size {input:?} has an unknown unit {unit:?}: use B, K/KiB, M/MiB, G/GiB, T/TiB (powers of 1024) or KB, MB, GB, TB (powers of 1000)"
-    )]
-    UnknownUnit { input: String, unit: String },
-    #[error("size {0:?} is too large")]
-    TooLarge(String),
-    #[error("size {0:?} is not a whole number of bytes")]
-    FractionalBytes(String),
+#[error(
+    "size {input:?} is not a size ({source}): give a number with an optional unit, e.g. 10G, \
+     500MiB or 1048576 (units are powers of 1024)"
+)]
+pub struct SizeError {
+    input: String,
+    #[source]
+    source: parse_size::Error,
 }
 
-/// Parses a size: a number (decimals allowed) and an optional unit, case-insensitive.
-/// `K`, `M`, `G`, `T` and `KiB`.. are powers of 1024 (as `du` and Docker read them);
-/// `KB`, `MB`, `GB`, `TB` are powers of 1000; `B` or nothing is bytes. Fractions of a
-/// byte are rounded down (`1.5K` = 1536).
+/// Parses a size: a number (fractions allowed) and an optional unit, case-insensitive,
+/// every unit a power of 1024 as Docker and `du` read them (`10G`, `10GB` and `10GiB`
+/// are all 10 GiB); no unit is bytes.
 pub fn parse_size(input: &str) -> Result<u64, SizeError> {
-    let s = input.trim();
-    if s.is_empty() {
-        return Err(SizeError::Empty);
-    }
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
-        .unwrap_or(s.len());
-    let (number, unit) = (&s[..split], s[split..].trim());
-    let number = number.replace('_', "");
-    let (int, frac) = match number.split_once('.') {
-        Some((i, f)) => (i, f),
-        None => (number.as_str(), ""),
-    };
-    if (int.is_empty() && frac.is_empty())
-        || frac.contains('.')
-        || !int.bytes().all(|b| b.is_ascii_digit())
-    {
-        return Err(SizeError::NoNumber(input.to_owned()));
-    }
-    let multiplier: u128 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "t" | "tib" => 1 << 40,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        _ => {
-            return Err(SizeError::UnknownUnit {
-                input: input.to_owned(),
-                unit: unit.to_owned(),
-            });
-        }
-    };
-    if frac.len() > 18 {
-        return Err(SizeError::NoNumber(input.to_owned()));
-    }
-    let too_large = || SizeError::TooLarge(input.to_owned());
-    let int: u128 = if int.is_empty() {
-        0
-    } else {
-        int.parse().map_err(|_| too_large())?
-    };
-    let frac_value: u128 = if frac.is_empty() {
-        0
-    } else {
-        frac.parse()
-            .map_err(|_| SizeError::NoNumber(input.to_owned()))?
-    };
-    let frac_scale = 10u128.pow(frac.len() as u32);
-    let whole = int.checked_mul(multiplier).ok_or_else(too_large)?;
-    let part = frac_value * multiplier / frac_scale;
-    if multiplier == 1 && frac_value != 0 {
-        return Err(SizeError::FractionalBytes(input.to_owned()));
-    }
-    let total = whole.checked_add(part).ok_or_else(too_large)?;
-    u64::try_from(total).map_err(|_| too_large())
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(input.trim())
+        .map_err(|source| SizeError {
+            input: input.to_owned(),
+            source,
+        })
 }
 
 #[cfg(test)]

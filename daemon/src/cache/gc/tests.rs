@@ -238,47 +238,41 @@ fn a_blob_refreshed_during_removal_is_put_back() {
 }
 
 #[test]
-fn sizes_parse_with_binary_and_decimal_units() {
-    assert_eq!(parse_size("1048576"), Ok(1 << 20));
-    assert_eq!(parse_size("0"), Ok(0));
-    assert_eq!(parse_size("10G"), Ok(10 << 30));
-    assert_eq!(parse_size("10g"), Ok(10 << 30));
-    assert_eq!(parse_size("500MiB"), Ok(500 << 20));
-    assert_eq!(parse_size("500 mib"), Ok(500 << 20));
-    assert_eq!(parse_size("1.5GB"), Ok(1_500_000_000));
-    assert_eq!(parse_size("1.5K"), Ok(1536));
-    assert_eq!(parse_size(".5k"), Ok(512));
-    assert_eq!(parse_size("1_000kb"), Ok(1_000_000));
-    assert_eq!(parse_size("12B"), Ok(12));
-    assert_eq!(parse_size("1.0"), Ok(1));
-    assert_eq!(parse_size("16777215T"), Ok(16_777_215 << 40));
+fn sizes_parse_in_powers_of_1024() {
+    for (input, bytes) in [
+        ("1048576", 1u64 << 20),
+        ("0", 0),
+        ("10G", 10 << 30),
+        ("10g", 10 << 30),
+        ("10GB", 10 << 30),
+        ("500MiB", 500 << 20),
+        ("500 mib", 500 << 20),
+        ("1.5K", 1536),
+        ("1_000kb", 1_024_000),
+        ("12B", 12),
+        (" 2T ", 2 << 40),
+    ] {
+        assert_eq!(parse_size(input), Ok(bytes), "{input}");
+    }
 }
 
 #[test]
 fn bad_sizes_say_why() {
-    assert_eq!(parse_size(" "), Err(SizeError::Empty));
-    assert!(matches!(parse_size("G"), Err(SizeError::NoNumber(_))));
-    assert!(matches!(parse_size("-1G"), Err(SizeError::NoNumber(_))));
-    assert!(matches!(parse_size("1.2.3G"), Err(SizeError::NoNumber(_))));
-    assert!(matches!(parse_size("."), Err(SizeError::NoNumber(_))));
-    assert!(matches!(
-        parse_size("1.5"),
-        Err(SizeError::FractionalBytes(_))
-    ));
-    assert!(matches!(
-        parse_size("16777216T"),
-        Err(SizeError::TooLarge(_))
-    ));
-    assert!(matches!(
-        parse_size("99999999999999999999999999999999999999999"),
-        Err(SizeError::TooLarge(_))
-    ));
-    let err = parse_size("10 gigs").unwrap_err();
-    assert!(
-        matches!(&err, SizeError::UnknownUnit { unit, .. } if unit == "gigs"),
-        "{err}"
-    );
-    assert!(err.to_string().contains("GiB"), "{err}");
+    for bad in [
+        "",
+        "G",
+        "-1G",
+        "1.2.3G",
+        "10 gigs",
+        "99999999999999999999999999999999999999999",
+    ] {
+        let err = parse_size(bad).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("{bad:?}")) && msg.contains("500MiB"),
+            "{msg}"
+        );
+    }
 }
 
 #[test]

@@ -30,16 +30,20 @@ impl Service {
             }
             match std::fs::File::open(&path) {
                 Ok(f) => {
-                    let meta = f
-                        .metadata()
-                        .map_err(|e| OciError::Internal(format!("{}: {e}", path.display())))?;
+                    let meta = f.metadata().map_err(|source| OciError::Io {
+                        what: path.display().to_string(),
+                        source,
+                    })?;
                     if !meta.is_file() {
                         return Err(OciError::BlobUnknown(d));
                     }
                     Ok((f, meta.len()))
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(OciError::BlobUnknown(d)),
-                Err(e) => Err(OciError::Internal(format!("{}: {e}", path.display()))),
+                Err(source) => Err(OciError::Io {
+                    what: path.display().to_string(),
+                    source,
+                }),
             }
         })
         .await?;
@@ -117,7 +121,10 @@ impl Service {
             match std::fs::remove_file(cache.blob_path(&d)) {
                 Ok(()) => Ok(true),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-                Err(e) => Err(OciError::Internal(format!("removing blob {d}: {e}"))),
+                Err(source) => Err(OciError::Io {
+                    what: format!("removing blob {d}"),
+                    source,
+                }),
             }
         })
         .await?;

@@ -1,6 +1,7 @@
 //! Manifests: GET/HEAD by tag or digest (with `Accept` negotiation and the
 //! build-on-pull hook), PUT (checked against the stored blobs), DELETE.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
@@ -8,8 +9,6 @@ use kiln_shared::digest::Digest;
 use kiln_shared::reference::{RepoName, Tag};
 
 use super::*;
-use std::net::SocketAddr;
-
 use crate::cache::{Cache, set_ref_in};
 use crate::oci::Descriptor;
 use crate::registry::PullEvent;

@@ -78,8 +78,9 @@ pub(super) fn manifest_unknown(repo: &RepoName, tag: &str) -> OciError {
     OciError::ManifestUnknown(format!("{repo}:{tag} is not in the cache"))
 }
 
-pub(super) fn internal(e: impl std::fmt::Display) -> OciError {
-    OciError::Internal(e.to_string())
+/// An internal error, with its source kept (cache, header and task errors).
+pub(super) fn internal(e: impl Into<OciError>) -> OciError {
+    e.into()
 }
 
 pub(super) fn too_large() -> OciError {
@@ -99,7 +100,7 @@ pub(super) async fn blocking<T: Send + 'static>(
 ) -> Result<T, OciError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| OciError::Internal(format!("blocking task failed: {e}")))?
+        .map_err(OciError::Task)?
 }
 
 pub(super) fn json_response(status: StatusCode, body: Bytes) -> Resp {

@@ -1,6 +1,7 @@
 //! Blob uploads: monolithic and chunked (POST, PATCH, PUT), status, cancel, mount.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
@@ -8,8 +9,6 @@ use kiln_shared::digest::Digest;
 use kiln_shared::reference::RepoName;
 
 use super::*;
-use std::time::Duration;
-
 use crate::cache::{BlobWriter, CacheError};
 use crate::registry::body::RegBody;
 use crate::registry::error::OciError;
@@ -68,7 +67,7 @@ impl Service {
             write_body(&mut writer, body, self.uploads.ttl()).await?;
         }
         let Some(w) = writer else {
-            return Err(OciError::Internal("blob writer lost".into()));
+            return Err(OciError::Internal("blob writer lost"));
         };
         let (id, slot) = self.uploads.start(repo.as_str(), w);
         let session = slot.lock().await;
@@ -246,7 +245,7 @@ async fn write_body<B: ReqBody>(
         };
         if done || batch_len >= WRITE_BATCH {
             let Some(mut w) = writer.take() else {
-                return Err(OciError::Internal("blob writer lost".into()));
+                return Err(OciError::Internal("blob writer lost"));
             };
             let chunks = std::mem::take(&mut batch);
             let w = blocking(move || {
