@@ -74,7 +74,15 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .find(|a| a.is_ipv4() && a.ip().is_loopback())
         .map(ToString::to_string);
 
-    let upstreams = Arc::new(Upstreams::new(&config.upstreams, &AuthFiles::from_env())?);
+    // No upstream configured: kilnd stays local (no Docker Hub lookups either).
+    let upstreams = if config.upstreams.is_empty() {
+        None
+    } else {
+        Some(Arc::new(Upstreams::new(
+            &config.upstreams,
+            &AuthFiles::from_env(),
+        )?))
+    };
     let Core {
         bus,
         table,
@@ -90,11 +98,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             push_to,
             dev_tag: config.dev_tag.clone(),
             jobs: config.jobs,
-            upstreams: Some(Arc::clone(&upstreams)),
+            upstreams: upstreams.clone(),
         },
         |_| {},
     )?;
-    publish_upstreams(&upstreams, &bus);
+    if let Some(u) = &upstreams {
+        publish_upstreams(u, &bus);
+    }
     let api = Api::bind(&config.socket).await?;
 
     // The registry: pulls are shown, and a pull of a tag not built yet waits for it.
@@ -105,7 +115,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             tx: pull_tx,
             wait: config.pull_wait,
             cache: Arc::clone(&cache),
-            upstreams: Arc::clone(&upstreams),
+            upstreams: upstreams.clone(),
         })),
         on_pull: Some(Arc::new(move |p: crate::registry::PullEvent| {
             pulled_bus.publish(Event::Pulled {
@@ -157,7 +167,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 builders: config.builders.clone(),
                 dev_tag: config.dev_tag.clone(),
                 max_size: config.max_size,
-                upstreams: Some(Arc::clone(&upstreams)),
+                upstreams: upstreams.clone(),
             },
         )
     });
@@ -264,14 +274,14 @@ pub struct BuildOnPull {
     /// A name that is not a workspace package is fetched through the upstreams once
     /// (kilnd as the machine's pull-through cache), then served from the cache.
     pub cache: Arc<Cache>,
-    pub upstreams: Arc<Upstreams>,
+    pub upstreams: Option<Arc<Upstreams>>,
 }
 
 impl ManifestMiss for BuildOnPull {
     fn on_miss(&self, repo: RepoName, tag: Tag) -> BoxFuture<'static, Result<bool, MissError>> {
         let tx = self.tx.clone();
         let wait = self.wait;
-        let (cache, upstreams) = (Arc::clone(&self.cache), Arc::clone(&self.upstreams));
+        let (cache, upstreams) = (Arc::clone(&self.cache), self.upstreams.clone());
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
             let miss = PullMiss {
@@ -284,6 +294,9 @@ impl ManifestMiss for BuildOnPull {
             }
             let waits = rx.await.map_err(|_| "kilnd is shutting down".to_owned())?;
             if waits.is_empty() {
+                let Some(upstreams) = upstreams else {
+                    return Ok(false);
+                };
                 return match upstreams
                     .fetch_image(&cache, &format!("{repo}:{tag}"))
                     .await

@@ -365,9 +365,11 @@ fn kiln_pull_and_kiln_push_go_through_kilnd() {
         registry_digest(up.addr(), "kiln/busybox:latest")
     );
     let failed = kiln().args(["pull", "kiln/absent:1"]).run_fails();
+    // Docker Hub (asked last for docker.io names) is out of reach here: said so.
+    let said = failed.stderr_str();
     assert!(
-        failed.stderr_str().contains("not in any upstream"),
-        "{}",
-        failed.stderr_str()
+        said.contains("kiln/absent:1")
+            && (said.contains("not in any upstream") || said.contains("cannot be reached")),
+        "{said}"
     );
 }
