@@ -4,7 +4,7 @@
 //! since its tag was computed, moves the `dev` tag, and keeps the log: live on the bus
 //! and, when done, in `<cache>/.kiln/logs/`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -92,7 +92,7 @@ impl Runner for BuildRunner {
             let mut log = Log {
                 bus: inner.bus.clone(),
                 id: id.clone(),
-                lines: Vec::new(),
+                lines: VecDeque::new(),
             };
             let result = inner.build(&job, &mut log, cancel).await;
             if let Err(e) = &result {
@@ -108,7 +108,7 @@ impl Runner for BuildRunner {
 struct Log {
     bus: Bus,
     id: BuildId,
-    lines: Vec<String>,
+    lines: VecDeque<String>,
 }
 
 /// Lines kept for the log file in the cache.
@@ -118,9 +118,9 @@ impl Log {
     fn line(&mut self, text: &str) {
         self.bus.log_line(&self.id, text);
         if self.lines.len() == LOG_FILE_LINES {
-            self.lines.remove(0);
+            self.lines.pop_front();
         }
-        self.lines.push(text.to_owned());
+        self.lines.push_back(text.to_owned());
     }
 }
 
@@ -441,9 +441,7 @@ impl Inner {
             };
             native::build_images(&cache, &input, &resolver, &mut sink)
         });
-        let mut steps = 0u32;
         while let Some(line) = rx.recv().await {
-            steps += 1;
             log.line(&line);
         }
         let out = task
@@ -453,14 +451,15 @@ impl Inner {
                 NativeError::Refused(r) => NativeFailure::Refused(r.to_string()),
                 e => NativeFailure::Failed(e.to_string()),
             })?;
-        let (_, platform, manifest) = out
-            .into_iter()
-            .next()
-            .ok_or_else(|| NativeFailure::Failed("the native builder produced no image".into()))?;
+        let (steps, cache_hits) = (out.steps, out.cache_hits);
+        let (_, platform, manifest) =
+            out.images.into_iter().next().ok_or_else(|| {
+                NativeFailure::Failed("the native builder produced no image".into())
+            })?;
         Ok(Landing {
             built: Built {
                 manifest,
-                cache_hits: 0,
+                cache_hits,
                 steps,
                 pulled_from: None,
                 builder: kiln_shared::protocol::BuiltBy::Native,
@@ -567,7 +566,7 @@ impl Inner {
                 continue; // not ours: the engine resolves it as usual
             };
             // Check the platform is there before the engine finds out.
-            pick_platform(&self.cache, name, desc.clone(), platform)?;
+            pick_platform(&self.cache, name, desc.clone(), platform).map_err(|e| e.to_string())?;
             let pinned = format!("{registry}/{repo}@{}", desc.digest);
             let Some(line) = lines.get_mut(r.line.saturating_sub(1)) else {
                 continue;
@@ -596,7 +595,7 @@ impl Inner {
         Ok(Some(tmp))
     }
 
-    fn save_log(&self, job: &Job, lines: &[String]) {
+    fn save_log(&self, job: &Job, lines: &VecDeque<String>) {
         let dir = self
             .cache
             .root()
@@ -604,7 +603,11 @@ impl Inner {
             .join("logs")
             .join(&job.key.package);
         let path: PathBuf = dir.join(format!("{}-{}.log", job.tag, job.key.arch));
-        let body = lines.join("\n") + "\n";
+        let mut body = String::new();
+        for line in lines {
+            body.push_str(line);
+            body.push('\n');
+        }
         if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, body)) {
             tracing::warn!("cannot keep the build log {}: {e}", path.display());
         }

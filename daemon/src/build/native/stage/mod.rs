@@ -19,7 +19,7 @@ use super::tree::{Node, Tree};
 use super::{BaseResolver, NativeBuild, NativeError, Refusal};
 use crate::build::dockerfile::lex::expand;
 use crate::build::dockerfile::platform_args;
-use crate::build::dockerfile::{CopyArgs, Dockerfile, Instruction};
+use crate::build::dockerfile::{CopyArgs, Dockerfile, Instruction, MountKind, RunMount};
 use crate::cache::Cache;
 
 /// Image configs are small; a larger one is refused rather than read into memory.
@@ -39,6 +39,10 @@ pub(super) struct Shared<'a> {
     resolver: &'a dyn BaseResolver,
     context: Option<Tree>,
     memo: HashMap<[u8; 32], Layer>,
+    /// Steps walked (each stage's FROM and instructions, every platform), and the RUN
+    /// steps of those the step cache answered.
+    pub(super) steps: u32,
+    pub(super) cache_hits: u32,
 }
 
 #[derive(Clone)]
@@ -66,6 +70,8 @@ impl<'a> Shared<'a> {
             resolver,
             context: None,
             memo: HashMap::new(),
+            steps: 0,
+            cache_hits: 0,
         }
     }
 
@@ -212,6 +218,8 @@ impl Run<'_, '_> {
         let mut deps: Vec<Vec<usize>> = vec![Vec::new(); n];
         let mut from_sources = vec![false; n];
         let mut bases: Vec<Option<usize>> = vec![None; n];
+        // Stages a `RUN --mount=type=bind,from=` shows: built first, with layers.
+        let mut mount_sources = Vec::new();
         for i in 0..n {
             if let Base::Stage(j) = self.base_of(i)? {
                 deps[i].push(j);
@@ -223,6 +231,20 @@ impl Run<'_, '_> {
                 {
                     deps[i].push(j);
                     from_sources[j] = true;
+                }
+                if let Instruction::Run(r) = &ins.value {
+                    for m in &r.mounts {
+                        if let Ok(RunMount {
+                            kind: MountKind::Bind,
+                            from: Some(f),
+                            ..
+                        }) = RunMount::parse(m)
+                            && let Some(j) = self.copy_from_stage(i, &f, ins.line)?
+                        {
+                            deps[i].push(j);
+                            mount_sources.push(j);
+                        }
+                    }
                 }
             }
         }
@@ -255,6 +277,7 @@ impl Run<'_, '_> {
         };
         let starts: Vec<usize> = std::iter::once(target)
             .chain((0..n).filter(|&s| reachable[s] && has_run(s)))
+            .chain(mount_sources)
             .collect();
         for start in starts {
             let mut k = Some(start);
@@ -271,9 +294,11 @@ impl Run<'_, '_> {
             }
             let stage = self.df().stages[i].clone();
             log(format!("[{} {}/{}] {}", self.suffix, i + 1, n, stage.text));
+            self.shared.steps += 1;
             let mut st = self.start_stage(i)?;
             for ins in &stage.instructions {
                 log(format!("[{} {}/{}] {}", self.suffix, i + 1, n, ins.text));
+                self.shared.steps += 1;
                 self.apply(i, &mut st, ins, log)?;
             }
             self.states[i] = Some(st);
@@ -320,7 +345,7 @@ impl Run<'_, '_> {
         let platform = match &stage.platform {
             Some(p) => {
                 let p = self.expand_global(p, stage.line)?;
-                parse_platform(&p).map_err(|e| self.err(stage.line, e))?
+                parse_platform(&p).map_err(|e| self.err(stage.line, e.to_string()))?
             }
             None => self.platform.clone(),
         };
@@ -384,7 +409,7 @@ impl Run<'_, '_> {
             .shared
             .resolver
             .resolve(cache, name, platform)
-            .map_err(|e| self.err(line, e))?;
+            .map_err(|e| self.err(line, e.to_string()))?;
         let manifest = cache
             .read_manifest(&desc.digest)
             .map_err(|e| self.err(line, format!("{name}: {e}")))?;
