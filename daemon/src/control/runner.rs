@@ -154,11 +154,7 @@ impl Inner {
             });
         }
         // The job names its builder: the package's, or the one a request asked for.
-        let builder = match job.builder.as_str() {
-            "native" => BuilderKind::Native,
-            "docker" => BuilderKind::Docker,
-            _ => planned.builder,
-        };
+        let builder = job.builder;
         // What auto chose, and why (a request may have named the builder instead).
         let why = if planned.auto && builder == planned.builder {
             format!(" (auto: {})", native::auto_reason(&planned.pkg.dockerfile))
