@@ -17,12 +17,14 @@ use crate::api::{Api, ApiError};
 use crate::build::docker::EngineError;
 use crate::cache::{Cache, CacheError};
 use crate::config::Config;
+use crate::control::runner::publish_upstreams;
 use crate::control::{
     ControlConfig, Controller, Core, Inputs, PullMiss, QueueConfig, cache_stats, describe,
     flush_usage, start_queue,
 };
 use crate::registry::{BoxFuture, Hooks, ManifestMiss, MissError, RegistryConfig, RegistryError};
 use crate::schedule::Outcome;
+use crate::upstream::{AuthFiles, UpstreamError, Upstreams};
 use crate::watch::{WatchConfig, WatchError, Watcher};
 
 /// Why kilnd stopped with an error.
@@ -46,6 +48,8 @@ pub enum DaemonError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
     #[error("{0}")]
     Invalid(String),
     #[error("a startup task failed: {0}")]
@@ -71,6 +75,15 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .find(|a| a.is_ipv4() && a.ip().is_loopback())
         .map(ToString::to_string);
 
+    // No upstream configured: kilnd stays local (no Docker Hub lookups either).
+    let upstreams = if config.upstreams.is_empty() {
+        None
+    } else {
+        Some(Arc::new(Upstreams::new(
+            &config.upstreams,
+            &AuthFiles::from_env(),
+        )?))
+    };
     let Core {
         bus,
         table,
@@ -86,9 +99,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             push_to,
             dev_tag: config.dev_tag.clone(),
             jobs: config.jobs,
+            upstreams: upstreams.clone(),
         },
         |_| {},
     )?;
+    if let Some(u) = &upstreams {
+        publish_upstreams(u, &bus);
+    }
     let api = Api::bind(&config.socket).await?;
     let bus_for_api = bus.clone();
 
@@ -99,6 +116,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         manifest_miss: Some(Arc::new(BuildOnPull {
             tx: pull_tx,
             wait: config.pull_wait,
+            cache: Arc::clone(&cache),
+            upstreams: upstreams.clone(),
         })),
         on_pull: Some(Arc::new(move |p: crate::registry::PullEvent| {
             pulled_bus.publish(Event::Pulled {
@@ -155,6 +174,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 builders: config.builders.clone(),
                 dev_tag: config.dev_tag.clone(),
                 max_size: config.max_size,
+                upstreams: upstreams.clone(),
             },
         )
     });
@@ -256,12 +276,17 @@ async fn open_cache(
 pub struct BuildOnPull {
     pub tx: mpsc::Sender<PullMiss>,
     pub wait: Duration,
+    /// A name that is not a workspace package is fetched through the upstreams once
+    /// (kilnd as the machine's pull-through cache), then served from the cache.
+    pub cache: Arc<Cache>,
+    pub upstreams: Option<Arc<Upstreams>>,
 }
 
 impl ManifestMiss for BuildOnPull {
     fn on_miss(&self, repo: RepoName, tag: Tag) -> BoxFuture<'static, Result<bool, MissError>> {
         let tx = self.tx.clone();
         let wait = self.wait;
+        let (cache, upstreams) = (Arc::clone(&self.cache), self.upstreams.clone());
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
             let miss = PullMiss {
@@ -274,7 +299,24 @@ impl ManifestMiss for BuildOnPull {
             }
             let waits = rx.await.map_err(|_| "kilnd is shutting down".to_owned())?;
             if waits.is_empty() {
-                return Ok(false);
+                let Some(upstreams) = upstreams else {
+                    return Ok(false);
+                };
+                return match upstreams
+                    .fetch_image(&cache, &format!("{repo}:{tag}"))
+                    .await
+                {
+                    Ok(f) => {
+                        tracing::info!(
+                            "{repo}:{tag}: pulled through from {} in {} ms",
+                            f.upstream,
+                            f.elapsed.as_millis()
+                        );
+                        Ok(true)
+                    }
+                    Err(UpstreamError::NotFound { .. }) => Ok(false),
+                    Err(e) => Err(MissError::from(Box::new(e) as Box<_>)),
+                };
             }
             let all = futures_util::future::join_all(waits);
             let outcomes = tokio::time::timeout(wait, all).await.map_err(|_| {
@@ -400,6 +442,7 @@ pub async fn build_once(
             push_to,
             dev_tag: dev_tag.clone(),
             jobs: req.jobs,
+            upstreams: None,
         },
         move |e| {
             if let Some(text) = describe(e) {
@@ -419,6 +462,7 @@ pub async fn build_once(
                 builders: req.builders,
                 dev_tag,
                 max_size: None,
+                upstreams: None,
             },
         )
     });

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use base64::Engine as _;
+
 use crate::dir::Dir;
 use crate::process::{self, stop_child};
 use crate::wait::try_wait_for;
@@ -26,20 +28,59 @@ pub struct Registry {
     addr: String,
     log: PathBuf,
     dir: Dir,
+    secure: bool,
 }
 
+/// The user and password of a registry started with [`Registry::start_secure`].
+pub const REGISTRY_USER: &str = "kiln";
+pub const REGISTRY_PASSWORD: &str = "s3cret-pass";
+
 impl Registry {
-    /// Starts a registry listening on 127.0.0.1 on a port the kernel picks, and waits until
-    /// it says where it listens.
+    /// Starts a plain-HTTP registry listening on 127.0.0.1 on a port the kernel picks,
+    /// and waits until it says where it listens.
     pub fn start() -> Registry {
+        Registry::launch(false)
+    }
+
+    /// As [`Registry::start`], with TLS (a certificate for 127.0.0.1 signed by a CA made
+    /// here with openssl: [`Registry::ca`]) and htpasswd Basic auth
+    /// ([`REGISTRY_USER`], [`REGISTRY_PASSWORD`]).
+    pub fn start_secure() -> Registry {
+        Registry::launch(true)
+    }
+
+    fn launch(secure: bool) -> Registry {
         let dir = Dir::new("registry");
+        let mut extra = String::new();
+        if secure {
+            crate::cmd::cmd("sh")
+                .arg("-ec")
+                .arg(format!(
+                    "cd {}
+                     openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=kiln-test-ca \
+                       -keyout ca.key -out ca.pem 2>/dev/null
+                     openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 \
+                       -keyout server.key -out server.csr 2>/dev/null
+                     printf 'subjectAltName=IP:127.0.0.1\\n' > san.ext
+                     openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+                       -days 2 -extfile san.ext -out server.pem 2>/dev/null
+                     htpasswd -Bbn {REGISTRY_USER} {REGISTRY_PASSWORD} > htpasswd",
+                    dir.path().display()
+                ))
+                .run();
+            extra = format!(
+                "  tls:\n    certificate: {0}/server.pem\n    key: {0}/server.key\n\
+                 auth:\n  htpasswd:\n    realm: kiln-test\n    path: {0}/htpasswd\n",
+                dir.path().display()
+            );
+        }
         let config = dir.write(
             "config.yml",
             format!(
                 "version: 0.1\n\
                  log:\n  level: info\n  formatter: text\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: 127.0.0.1:0\n  secret: kiln-tests\n",
+                 http:\n  addr: 127.0.0.1:0\n  secret: kiln-tests\n{extra}",
                 dir.join("data").display()
             ),
         );
@@ -86,7 +127,45 @@ impl Registry {
             addr,
             log,
             dir,
+            secure,
         }
+    }
+
+    /// The CA certificate (PEM) of a registry started with [`Registry::start_secure`].
+    pub fn ca(&self) -> Option<PathBuf> {
+        self.secure.then(|| self.dir.join("ca.pem"))
+    }
+
+    /// A docker config directory (for `DOCKER_CONFIG`) whose config.json holds
+    /// `user:password` for this registry, as `docker login` writes it.
+    pub fn docker_config(&self, dir: &Path, user: &str, password: &str) -> PathBuf {
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let file = dir.join("config.json");
+        fs::write(
+            &file,
+            format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, self.addr),
+        )
+        .unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+        dir.to_owned()
+    }
+
+    /// Requests the registry answered so far whose method and path match (e.g. `GET`,
+    /// `/blobs/`), counted from its access log.
+    pub fn requests(&self, method: &str, path_part: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("response completed"))
+            .filter(|l| l.contains(&format!("http.request.method={method} ")))
+            .filter(|l| {
+                l.split("http.request.uri=").nth(1).is_some_and(|u| {
+                    u.split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .contains(path_part)
+                })
+            })
+            .count()
     }
 
     /// `127.0.0.1:PORT`, for references like `127.0.0.1:PORT/kiln/busybox:latest`.

@@ -65,6 +65,20 @@ pub enum Command {
         #[arg(long = "engine", value_name = "PLATFORM=ENDPOINT", requires = "cache")]
         engines: Vec<String>,
     },
+    /// Fetch packages (their current tags, every arch unless --arch) or any image
+    /// (`alpine:3.20`) from kilnd's upstream registries into the cache, without building.
+    Pull {
+        #[arg(required = true, value_name = "PKG|IMAGE")]
+        names: Vec<String>,
+        #[arg(long, value_name = "ARCH")]
+        arch: Option<String>,
+    },
+    /// Push packages' current tags from the cache to the upstreams that take pushes
+    /// (`tag-<arch>` per arch and the index as `tag`, as `linuxkit pkg push` does).
+    Push {
+        #[arg(required = true, value_name = "PKG")]
+        packages: Vec<String>,
+    },
     /// Print the log of a package's current or last build.
     Logs {
         package: String,

@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use kiln_shared::protocol::{
     BuildId, BuildOutcome, BuildRequest, BuildResponse, BuildSummary, CancelRequest,
-    CancelResponse, Event, GcResponse, Snapshot, StreamItem, TargetStatus,
+    CancelResponse, Event, GcResponse, Snapshot, StreamItem, TargetStatus, TransferRequest,
+    TransferResponse,
 };
 
 use crate::client::Client;
@@ -29,6 +30,25 @@ pub async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {
         out.write_all(render_status(&s).as_bytes())?;
     }
     Ok(Outcome::Success)
+}
+
+/// `kiln pull` / `kiln push`: one line per name, failure if any failed.
+pub async fn transfer(
+    client: &Client,
+    path: &str,
+    req: TransferRequest,
+) -> anyhow::Result<Outcome> {
+    let resp: TransferResponse = client.post(path, &req).await?;
+    let mut outcome = Outcome::Success;
+    for r in resp.results {
+        if r.ok {
+            println!("{}: {}", r.name, r.message);
+        } else {
+            eprintln!("{}: {}", r.name, r.message);
+            outcome = Outcome::Failure;
+        }
+    }
+    Ok(outcome)
 }
 
 /// How long `kiln stop` waits for kilnd to exit.
@@ -150,6 +170,28 @@ pub fn render_status(s: &Snapshot) -> String {
         c.hit_ratio()
             .map_or("-".to_owned(), |r| format!("{:.0}%", r * 100.0))
     );
+    for u in &s.upstreams {
+        let _ = writeln!(
+            o,
+            "upstream {}{}: {}{}",
+            u.name,
+            if u.push { " (push)" } else { "" },
+            u.state,
+            u.error
+                .as_ref()
+                .map_or(String::new(), |e| format!(" ({e})"))
+        );
+    }
+    for p in s.pushes.values().filter(|p| p.error.is_some()) {
+        let _ = writeln!(
+            o,
+            "push of {}:{} to {} failed: {}",
+            p.package,
+            p.tag,
+            p.upstream,
+            p.error.as_deref().unwrap_or_default()
+        );
+    }
     if let Some(e) = &s.watch_error {
         let _ = writeln!(o, "watch error: {e}");
     }

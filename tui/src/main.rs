@@ -18,7 +18,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
-use kiln_shared::protocol::{BuildId, BuildRequest, CancelRequest};
+use kiln_shared::protocol::{BuildId, BuildRequest, CancelRequest, TransferRequest};
 
 use crate::cli::{Cli, Command};
 use crate::client::Client;
@@ -158,6 +158,16 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 }
             }
             Ok(outcome)
+        }
+        Some(Command::Pull { names, arch }) => {
+            commands::transfer(&client, "/pull", TransferRequest { names, arch }).await
+        }
+        Some(Command::Push { packages }) => {
+            let req = TransferRequest {
+                names: packages,
+                arch: None,
+            };
+            commands::transfer(&client, "/push", req).await
         }
         Some(Command::Logs {
             package,

@@ -29,6 +29,7 @@ pub fn summary(id: &str, outcome: BuildOutcome, ms: u64) -> BuildSummary {
         steps: 4,
         builder: (outcome == BuildOutcome::Ok).then_some(kiln_shared::protocol::BuiltBy::Native),
         finished_at_ms: T0 + ms,
+        pulled_from: None,
     }
 }
 

@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use kiln_shared::protocol::{
     API_PREFIX, BuildId, BuildRequest, CancelRequest, ErrorBody, PROTOCOL_HEADER, PROTOCOL_VERSION,
-    VersionInfo,
+    TransferRequest, VersionInfo,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -119,6 +119,22 @@ async fn route(req: Request<Incoming>, state: &State) -> Answer {
         "/gc" => {
             expect_method(&req, &Method::POST)?;
             control(state, |reply| ControlRequest::Gc { reply }).await
+        }
+        "/pull" | "/push" => {
+            expect_method(&req, &Method::POST)?;
+            let push = rest == "/push";
+            let req: TransferRequest = read_json(req).await?;
+            if req.names.is_empty() {
+                return Err(Failure(
+                    StatusCode::BAD_REQUEST,
+                    "the request names nothing: send {\"names\": [\"org/image\"]}".into(),
+                ));
+            }
+            if push {
+                control(state, |reply| ControlRequest::Push { req, reply }).await
+            } else {
+                control(state, |reply| ControlRequest::Pull { req, reply }).await
+            }
         }
         _ => {
             // /builds/<id>/log: build ids contain no '/'.

@@ -89,6 +89,18 @@ async fn fake_core(mut requests: mpsc::Receiver<ControlRequest>) {
             ControlRequest::Gc { reply } => {
                 let _ = reply.send(Err(ControlError::Conflict("a GC is running".into())));
             }
+            ControlRequest::Pull { req, reply } | ControlRequest::Push { req, reply } => {
+                let results = req
+                    .names
+                    .into_iter()
+                    .map(|name| kiln_shared::protocol::TransferResult {
+                        name,
+                        ok: true,
+                        message: "done".into(),
+                    })
+                    .collect();
+                let _ = reply.send(Ok(kiln_shared::protocol::TransferResponse { results }));
+            }
         }
     }
 }

@@ -62,6 +62,7 @@ pub fn to_event(e: SchedEvent) -> Event {
                 steps: 0,
                 builder: None,
                 finished_at_ms: now_ms(),
+                pulled_from: None,
             };
             let (package, arch) = (key.package, key.arch);
             match outcome {
@@ -69,6 +70,7 @@ pub fn to_event(e: SchedEvent) -> Event {
                     summary.digest = Some(b.manifest.digest);
                     summary.cache_hits = b.cache_hits;
                     summary.steps = b.steps;
+                    summary.pulled_from = b.pulled_from;
                     summary.builder = Some(b.builder);
                     Event::Finished {
                         package,
@@ -118,6 +120,14 @@ pub fn describe(e: &SchedEvent) -> Option<String> {
             duration,
             ..
         } => Some(match outcome {
+            Outcome::Built(b) if b.pulled_from.is_some() => format!(
+                "pulled {}:{tag} ({}) from {} in {} ms: {}",
+                key.package,
+                key.arch,
+                b.pulled_from.as_deref().unwrap_or_default(),
+                duration.as_millis(),
+                b.manifest.digest
+            ),
             Outcome::Built(b) => format!(
                 "built {}:{tag} ({}) in {:.1}s: {}",
                 key.package,

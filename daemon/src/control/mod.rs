@@ -13,6 +13,7 @@ mod pull;
 mod request;
 pub mod runner;
 mod stats;
+mod transfer;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -47,6 +48,8 @@ pub struct ControlConfig {
     pub dev_tag: Tag,
     /// The size cap for gc (None: only unreferenced blobs go).
     pub max_size: Option<u64>,
+    /// The upstream registries, for `kiln pull` and `kiln push`.
+    pub upstreams: Option<Arc<crate::upstream::Upstreams>>,
 }
 
 /// The event loop's state: the planner, the queue, and what they share.
@@ -91,6 +94,8 @@ pub struct QueueConfig<'a> {
     pub push_to: Option<String>,
     pub dev_tag: Tag,
     pub jobs: usize,
+    /// Registries to fetch from, pull through and push to (none for one-off builds).
+    pub upstreams: Option<Arc<crate::upstream::Upstreams>>,
 }
 
 /// Starts the bus and the build queue. `on_event` sees each queue event before the bus.
@@ -119,6 +124,7 @@ pub fn start_queue(
         q.push_to,
         q.dev_tag,
         Arc::clone(&touched),
+        q.upstreams,
     );
     let sched_bus = bus.clone();
     let sched = Scheduler::start(Arc::new(runner), q.jobs, move |e| {

@@ -3,6 +3,7 @@
 
 use kiln_shared::protocol::{
     BuildId, BuildRequest, BuildResponse, CancelRequest, CancelResponse, GcResponse, QueuedBuild,
+    TransferRequest, TransferResponse,
 };
 use kiln_shared::reference::arch_ref;
 use tokio::sync::oneshot;
@@ -46,6 +47,16 @@ pub enum ControlRequest {
     Gc {
         reply: Reply<GcResponse>,
     },
+    /// `kiln pull`: fetch from the upstreams without building.
+    Pull {
+        req: TransferRequest,
+        reply: Reply<TransferResponse>,
+    },
+    /// `kiln push`: push what the cache holds to the push upstreams.
+    Push {
+        req: TransferRequest,
+        reply: Reply<TransferResponse>,
+    },
 }
 
 impl Controller {
@@ -60,6 +71,8 @@ impl Controller {
                 let _ = reply.send(self.cancel_request(req).await);
             }
             ControlRequest::Gc { reply } => self.gc(reply),
+            ControlRequest::Pull { req, reply } => self.transfer(false, req, reply),
+            ControlRequest::Push { req, reply } => self.transfer(true, req, reply),
         }
     }
 

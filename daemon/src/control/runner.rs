@@ -25,6 +25,7 @@ use crate::cache::{Cache, point_dev};
 use crate::oci::Platform;
 use crate::plan::deps::build_args;
 use crate::schedule::{Built, Job, RunError, RunFuture, Runner};
+use crate::upstream::Upstreams;
 use crate::watch::Touched;
 use crate::workspace::{BuilderKind, PackageTable, Planned};
 
@@ -45,6 +46,9 @@ struct Inner {
     /// Files changed as the watcher saw them: a build whose package changed after its
     /// tag was computed does not land.
     touched: Arc<Touched>,
+    /// Registries a target is fetched from before it is built, base images are pulled
+    /// through, and builds are pushed to.
+    upstreams: Option<Arc<Upstreams>>,
 }
 
 impl std::fmt::Debug for BuildRunner {
@@ -54,6 +58,7 @@ impl std::fmt::Debug for BuildRunner {
 }
 
 impl BuildRunner {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cache: Arc<Cache>,
         bus: Bus,
@@ -62,6 +67,7 @@ impl BuildRunner {
         registry: Option<String>,
         dev_tag: Tag,
         touched: Arc<Touched>,
+        upstreams: Option<Arc<Upstreams>>,
     ) -> Self {
         BuildRunner {
             inner: Arc::new(Inner {
@@ -72,6 +78,7 @@ impl BuildRunner {
                 registry,
                 dev_tag,
                 touched,
+                upstreams,
             }),
         }
     }
@@ -150,9 +157,16 @@ impl Inner {
                 manifest: d,
                 cache_hits: 0,
                 steps: 0,
+                pulled_from: None,
                 builder: kiln_shared::protocol::BuiltBy::Cache,
             });
         }
+        if !job.force
+            && let Some(built) = self.fetch(job, &planned, &arch, log).await?
+        {
+            return Ok(built);
+        }
+        self.pull_bases(&planned, &arch, log).await;
         // The job names its builder: the package's, or the one a request asked for.
         let builder = job.builder;
         // What auto chose, and why (a request may have named the builder instead).
@@ -192,28 +206,9 @@ impl Inner {
             )));
         }
         let Landing { built, platform } = image_out;
-        let cache = Arc::clone(&self.cache);
-        let (landed_image, suffix, manifest) =
-            (image.clone(), arch.clone(), built.manifest.clone());
-        tokio::task::spawn_blocking(move || {
-            cache.merge_arch(&landed_image, &suffix, platform, manifest)
-        })
-        .await
-        .map_err(|e| format!("landing the image stopped: {e}"))?
-        .map_err(|e| e.to_string())?;
-        // Move `dev` only if no newer tag was planned meanwhile.
-        let current = self
-            .table
-            .read()
-            .ok()
-            .and_then(|t| t.get(&job.key.package).map(|p| p.tag == job.tag))
-            .unwrap_or(false);
-        if current {
-            let cache = Arc::clone(&self.cache);
-            let dev = self.dev_tag.clone();
-            let image = image.clone();
-            let _ = tokio::task::spawn_blocking(move || point_dev(&cache, &image, &dev)).await;
-        }
+        self.land(job, &image, &arch, platform, built.manifest.clone())
+            .await?;
+        self.push_later(&planned);
         // The image is served now; the engine's copy goes before the build counts as
         // finished, so nothing is left in the engine once it is.
         if let Some(tag) = engine_tag {
@@ -226,6 +221,179 @@ impl Inner {
         }
         log.line(&format!("{image} ({arch}): {}", built.manifest.digest));
         Ok(built)
+    }
+
+    /// Names the image in the cache (the package's index gains the arch) and moves
+    /// `dev` to it, unless a newer tag was planned meanwhile.
+    async fn land(
+        &self,
+        job: &Job,
+        image: &kiln_shared::reference::ImageRef,
+        arch: &str,
+        platform: Platform,
+        manifest: crate::oci::Descriptor,
+    ) -> Result<(), String> {
+        let cache = Arc::clone(&self.cache);
+        let (landed_image, suffix) = (image.clone(), arch.to_owned());
+        tokio::task::spawn_blocking(move || {
+            cache.merge_arch(&landed_image, &suffix, platform, manifest)
+        })
+        .await
+        .map_err(|e| format!("landing the image stopped: {e}"))?
+        .map_err(|e| e.to_string())?;
+        let current = self
+            .table
+            .read()
+            .ok()
+            .and_then(|t| t.get(&job.key.package).map(|p| p.tag == job.tag))
+            .unwrap_or(false);
+        if current {
+            let cache = Arc::clone(&self.cache);
+            let dev = self.dev_tag.clone();
+            let image = image.clone();
+            let _ = tokio::task::spawn_blocking(move || point_dev(&cache, &image, &dev)).await;
+        }
+        Ok(())
+    }
+
+    /// Asks the upstreams for the target before building it. A dirty tag names a local
+    /// state and is never looked up. An upstream that fails is logged and the target is
+    /// built here.
+    async fn fetch(
+        &self,
+        job: &Job,
+        p: &Planned,
+        arch: &str,
+        log: &mut Log,
+    ) -> Result<Option<Built>, String> {
+        let Some(upstreams) = self.upstreams.as_ref().filter(|u| u.has_target_sources()) else {
+            return Ok(None);
+        };
+        if is_dirty(&p.tag) {
+            return Ok(None);
+        }
+        let image = p.image();
+        let platform = platform_for_arch(arch);
+        let found = upstreams
+            .fetch_target(&self.cache, &image, arch, &platform)
+            .await;
+        self.publish_upstreams();
+        let fetched = match found {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                log.line(&format!("warning: {e}; building it here"));
+                return Ok(None);
+            }
+        };
+        let desc = fetched.desc.clone();
+        let landed_platform = desc.platform.clone().unwrap_or(platform);
+        self.land(job, &image, arch, landed_platform, desc.clone())
+            .await?;
+        log.line(&format!(
+            "{image} ({arch}): pulled from {} in {} ms ({} bytes new): {}",
+            fetched.upstream,
+            fetched.elapsed.as_millis(),
+            fetched.bytes,
+            desc.digest
+        ));
+        Ok(Some(Built {
+            manifest: desc,
+            cache_hits: 0,
+            steps: 0,
+            pulled_from: Some(fetched.upstream.into_boxed_str()),
+            builder: kiln_shared::protocol::BuiltBy::Upstream,
+        }))
+    }
+
+    /// Base images (`FROM`, `COPY --from`) that are neither workspace packages nor in the
+    /// cache are fetched through the upstreams into it, once, so that both builders find
+    /// them there (the docker builder then pulls them from kilnd's registry, pinned by
+    /// digest). What cannot be fetched is left to the builder, which says it is missing.
+    async fn pull_bases(&self, p: &Planned, arch: &str, log: &mut Log) {
+        let Some(upstreams) = &self.upstreams else {
+            return;
+        };
+        let Ok(df) = Dockerfile::read(&p.pkg.dockerfile) else {
+            return; // the builder reports it
+        };
+        let args = linuxkit_build_args(&linuxkit_info(p), &build_args(&p.pkg));
+        let Ok(refs) = df.image_references(&args, &platform_for_arch(arch)) else {
+            return;
+        };
+        for r in refs {
+            let name = r.value.as_str();
+            let repo = native::repository_of(name);
+            let ours = self.registry.as_deref().is_some_and(|r| {
+                crate::upstream::parse_image(name).is_ok_and(|i| i.registry() == r)
+            });
+            if ours || p.deps.iter().any(|(d, _)| d == repo) || self.in_cache(name) {
+                continue;
+            }
+            match upstreams.fetch_image(&self.cache, name).await {
+                Ok(f) => log.line(&format!(
+                    "{name}: pulled from {} in {} ms: {}",
+                    f.upstream,
+                    f.elapsed.as_millis(),
+                    f.desc.digest
+                )),
+                Err(e) => log.line(&format!("warning: {e}")),
+            }
+        }
+        self.publish_upstreams();
+    }
+
+    fn in_cache(&self, name: &str) -> bool {
+        if let Some((_, digest)) = name.split_once('@') {
+            return digest
+                .parse()
+                .ok()
+                .and_then(|d| self.cache.blob_size(&d).ok().flatten())
+                .is_some();
+        }
+        self.cache
+            .index()
+            .is_ok_and(|i| cache_names(name).iter().any(|n| i.get(n).is_some()))
+    }
+
+    /// With `push`, sends the package's tag to the upstreams once every arch of it is in
+    /// the cache, in the background: a failed push is reported (event, dashboard, `kiln
+    /// status`) and tried again on the next build or `kiln push`; it never fails the
+    /// build.
+    fn push_later(&self, p: &Planned) {
+        let Some(upstreams) = self.upstreams.clone().filter(|u| u.pushes()) else {
+            return;
+        };
+        let image = p.image();
+        if is_dirty(&p.tag) {
+            return;
+        }
+        let Ok(index) = self.cache.index() else {
+            return;
+        };
+        if !p
+            .archs()
+            .iter()
+            .all(|a| index.get(&arch_ref(&image, a)).is_some())
+        {
+            return; // the last arch to land pushes them all
+        }
+        let mounts: Vec<kiln_shared::reference::RepoName> =
+            p.deps.iter().filter_map(|(r, _)| r.parse().ok()).collect();
+        let (cache, bus, package) = (
+            Arc::clone(&self.cache),
+            self.bus.clone(),
+            p.pkg.repo.to_string(),
+        );
+        tokio::spawn(async move {
+            push_and_report(&upstreams, &cache, &bus, &package, &image, &mounts).await;
+        });
+    }
+
+    fn publish_upstreams(&self) {
+        if let Some(u) = &self.upstreams {
+            publish_upstreams(u, &self.bus);
+        }
     }
 
     async fn native(
@@ -289,6 +457,7 @@ impl Inner {
                 manifest,
                 cache_hits,
                 steps,
+                pulled_from: None,
                 builder: kiln_shared::protocol::BuiltBy::Native,
             },
             platform,
@@ -344,6 +513,7 @@ impl Inner {
                 manifest: outcome.manifest,
                 cache_hits: u32::try_from(outcome.cache_hits).unwrap_or(u32::MAX),
                 steps: u32::try_from(outcome.cache_hits + outcome.steps_run).unwrap_or(u32::MAX),
+                pulled_from: None,
                 builder: kiln_shared::protocol::BuiltBy::Docker,
             },
             platform,
@@ -485,5 +655,64 @@ fn linuxkit_info(p: &Planned) -> LinuxkitInfo {
             .config
             .as_ref()
             .and_then(|c| serde_json::to_string(c).ok()),
+    }
+}
+
+/// A tag with uncommitted changes (`-dirty-`) names a local state: never looked up in or
+/// pushed to an upstream.
+fn is_dirty(tag: &Tag) -> bool {
+    tag.as_str().contains("-dirty")
+}
+
+/// Pushes a package's tag to every upstream with `push` and reports each result on the
+/// bus (and in kilnd's log).
+pub async fn push_and_report(
+    upstreams: &Upstreams,
+    cache: &Arc<Cache>,
+    bus: &Bus,
+    package: &str,
+    image: &kiln_shared::reference::ImageRef,
+    mounts: &[kiln_shared::reference::RepoName],
+) -> Vec<kiln_shared::protocol::PushResult> {
+    let start = std::time::Instant::now();
+    let mut out = Vec::new();
+    for (upstream, result) in upstreams.push_target(cache, image, mounts).await {
+        let push = match result {
+            Ok(p) => kiln_shared::protocol::PushResult {
+                package: package.to_owned(),
+                tag: image.tag.clone(),
+                upstream,
+                references: p.references,
+                error: None,
+                duration_ms: u64::try_from(p.elapsed.as_millis()).unwrap_or(u64::MAX),
+                at_ms: kiln_shared::protocol::now_ms(),
+            },
+            Err(e) => {
+                tracing::warn!("push of {image} failed: {e}");
+                kiln_shared::protocol::PushResult {
+                    package: package.to_owned(),
+                    tag: image.tag.clone(),
+                    upstream,
+                    references: Vec::new(),
+                    error: Some(e.to_string()),
+                    duration_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    at_ms: kiln_shared::protocol::now_ms(),
+                }
+            }
+        };
+        bus.publish(kiln_shared::protocol::Event::Pushed {
+            push: Box::new(push.clone()),
+        });
+        out.push(push);
+    }
+    publish_upstreams(upstreams, bus);
+    out
+}
+
+/// The upstreams' states on the bus (the dashboard's upstream list).
+pub fn publish_upstreams(upstreams: &Upstreams, bus: &Bus) {
+    let upstreams = upstreams.info();
+    if bus.watch().borrow().upstreams != upstreams {
+        bus.publish(kiln_shared::protocol::Event::Upstreams { upstreams });
     }
 }

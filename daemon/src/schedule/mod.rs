@@ -62,6 +62,9 @@ pub struct Built {
     /// Steps answered by the builder's cache, and steps in all.
     pub cache_hits: u32,
     pub steps: u32,
+    /// Fetched from this upstream instead of built (boxed: keeps the queue's messages
+    /// small).
+    pub pulled_from: Option<Box<str>>,
     /// Which builder built it (`Cache` when it was there already).
     pub builder: kiln_shared::protocol::BuiltBy,
 }

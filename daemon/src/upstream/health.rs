@@ -5,36 +5,10 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use kiln_shared::protocol::UpstreamInfo;
 
 const FIRST_RETRY: Duration = Duration::from_secs(5);
 const MAX_RETRY: Duration = Duration::from_secs(300);
-
-/// An upstream's state as the dashboard shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase", tag = "state")]
-pub enum Health {
-    /// Not asked yet.
-    Unknown,
-    Up,
-    /// Could not be reached; skipped until the retry time.
-    Down {
-        error: String,
-        /// Seconds until the next try.
-        retry_in: u64,
-    },
-}
-
-/// One upstream's status line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct UpstreamStatus {
-    /// `registry[/prefix]`.
-    pub name: String,
-    pub push: bool,
-    pub mirror: bool,
-    #[serde(flatten)]
-    pub health: Health,
-}
 
 #[derive(Debug, Default)]
 pub(super) struct Tracker {
@@ -76,15 +50,19 @@ impl Tracker {
         wait
     }
 
-    pub(super) fn health(&self) -> Health {
+    /// The state as the dashboard shows it, for the upstream `name`.
+    pub(super) fn info(&self, name: String, push: bool) -> UpstreamInfo {
         let state = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        match &state.down {
-            Some((error, until)) => Health::Down {
-                error: error.clone(),
-                retry_in: until.saturating_duration_since(Instant::now()).as_secs(),
-            },
-            None if state.known => Health::Up,
-            None => Health::Unknown,
+        let (state, error) = match &state.down {
+            Some((error, _)) => ("down", Some(error.clone())),
+            None if state.known => ("up", None),
+            None => ("unknown", None),
+        };
+        UpstreamInfo {
+            name,
+            push,
+            state: state.to_owned(),
+            error,
         }
     }
 }
@@ -96,18 +74,19 @@ mod tests {
     #[test]
     fn down_backs_off_and_up_resets() {
         let t = Tracker::default();
-        assert_eq!(t.health(), Health::Unknown);
+        let state = |t: &Tracker| t.info("r".into(), false).state;
+        assert_eq!(state(&t), "unknown");
         assert!(t.down().is_none());
         assert_eq!(t.failed("refused".into()), Duration::from_secs(5));
         assert_eq!(t.failed("refused".into()), Duration::from_secs(10));
-        assert!(matches!(t.health(), Health::Down { .. }));
+        assert_eq!(state(&t), "down");
         assert_eq!(t.down().unwrap().0, "refused");
         for _ in 0..10 {
             t.failed("refused".into());
         }
         assert_eq!(t.failed("x".into()), MAX_RETRY);
         t.up();
-        assert_eq!(t.health(), Health::Up);
+        assert_eq!(state(&t), "up");
         assert_eq!(t.failed("x".into()), Duration::from_secs(5));
     }
 }

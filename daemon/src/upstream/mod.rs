@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_shared::digest::Digest;
+use kiln_shared::protocol::UpstreamInfo;
 use kiln_shared::reference::{ImageRef, RepoName};
 use oci_client::Reference;
 
@@ -29,7 +30,6 @@ use crate::cache::{Cache, CacheError};
 use crate::oci::{Descriptor, ImageIndex, Platform, is_index};
 
 pub use auth::{AuthError, AuthFiles};
-pub use health::{Health, UpstreamStatus};
 pub use remote::Remote;
 
 /// Docker Hub's name in references, and the host that serves its registry API.
@@ -282,8 +282,8 @@ impl Upstreams {
     }
 
     /// Each upstream's state, for the dashboard and `kiln status`.
-    pub fn status(&self) -> Vec<UpstreamStatus> {
-        self.remotes.iter().map(|r| r.status()).collect()
+    pub fn info(&self) -> Vec<UpstreamInfo> {
+        self.remotes.iter().map(|r| r.info()).collect()
     }
 
     /// Fetches one architecture of a workspace target (`org/image:tag`, arch suffix
@@ -328,14 +328,15 @@ impl Upstreams {
         cache: &Arc<Cache>,
         image: &ImageRef,
         mount_from: &[RepoName],
-    ) -> Vec<Result<Pushed, UpstreamError>> {
+    ) -> Vec<(String, Result<Pushed, UpstreamError>)> {
         let mut out = Vec::new();
         for remote in self
             .remotes
             .iter()
             .filter(|r| r.spec().push && !r.spec().mirror)
         {
-            out.push(remote.push_target(cache, image, mount_from).await);
+            let result = remote.push_target(cache, image, mount_from).await;
+            out.push((remote.spec().to_string(), result));
         }
         out
     }

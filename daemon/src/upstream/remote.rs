@@ -22,6 +22,7 @@ use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use http::HeaderValue;
 use kiln_shared::digest::Digest;
+use kiln_shared::protocol::UpstreamInfo;
 use kiln_shared::reference::{ImageRef, RepoName};
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
@@ -32,8 +33,8 @@ use sha2::{Digest as _, Sha256};
 
 use super::health::Tracker;
 use super::{
-    AuthFiles, CONNECT_TIMEOUT, Fetched, Pushed, UpstreamError, UpstreamSpec, UpstreamStatus,
-    api_host, cache_name, digest_str, read_index,
+    AuthFiles, CONNECT_TIMEOUT, Fetched, Pushed, UpstreamError, UpstreamSpec, api_host, cache_name,
+    digest_str, read_index,
 };
 use crate::cache::{Cache, CacheError, MANIFEST_LIMIT};
 use crate::oci::{
@@ -68,7 +69,7 @@ impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Remote")
             .field("spec", &self.spec)
-            .field("health", &self.health.health())
+            .field("health", &self.info().state)
             .finish_non_exhaustive()
     }
 }
@@ -120,13 +121,8 @@ impl Remote {
         &self.spec
     }
 
-    pub fn status(&self) -> UpstreamStatus {
-        UpstreamStatus {
-            name: self.spec.to_string(),
-            push: self.spec.push,
-            mirror: self.spec.mirror,
-            health: self.health.health(),
-        }
+    pub fn info(&self) -> UpstreamInfo {
+        self.health.info(self.spec.to_string(), self.spec.push)
     }
 
     /// The repository `repo` has on this upstream (under its prefix).
@@ -274,9 +270,24 @@ impl Remote {
         let start = Instant::now();
         let repo = self.repo(image.repo.as_str());
         let tag = image.tag.as_str();
-        let mut found = None;
-        if let Some((bytes, desc)) = self.get_manifest(&self.tagged(&repo, tag)).await?
-            && is_index(&desc.media_type)
+        let shown = format!("{image}-{arch_suffix}");
+        let arch = self
+            .get_manifest(&self.tagged(&repo, &format!("{tag}-{arch_suffix}")))
+            .await?;
+        if let Some((_, d)) = &arch
+            && !is_manifest(&d.media_type)
+        {
+            return Err(UpstreamError::Registry {
+                upstream: self.spec.to_string(),
+                image: shown,
+                detail: format!("expected an image manifest, got {}", d.media_type),
+            });
+        }
+        // The index's entry for it, verbatim (platform, annotations): the index kiln
+        // writes from those entries is then the upstream's, bit for bit.
+        let mut entry = None;
+        if let Some((bytes, d)) = self.get_manifest(&self.tagged(&repo, tag)).await?
+            && is_index(&d.media_type)
         {
             let index: crate::oci::ImageIndex =
                 serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Registry {
@@ -284,32 +295,22 @@ impl Remote {
                     image: image.to_string(),
                     detail: format!("the index is not valid JSON: {e}"),
                 })?;
-            found = index
-                .manifests
-                .into_iter()
-                .find(|d| d.platform.as_ref().is_some_and(|p| p.same_slot(platform)));
+            entry = index.manifests.into_iter().find(|e| match &arch {
+                Some((_, d)) => e.digest == d.digest,
+                None => e.platform.as_ref().is_some_and(|p| {
+                    p.os == platform.os && p.architecture == platform.architecture
+                }),
+            });
         }
         let mut bytes = 0;
-        let desc = match found {
-            Some(desc) => desc,
-            None => {
-                let arch_tag = format!("{tag}-{arch_suffix}");
-                let Some((doc, mut desc)) =
-                    self.get_manifest(&self.tagged(&repo, &arch_tag)).await?
-                else {
-                    return Ok(None);
-                };
-                if !is_manifest(&desc.media_type) {
-                    return Err(UpstreamError::Registry {
-                        upstream: self.spec.to_string(),
-                        image: format!("{image}-{arch_suffix}"),
-                        detail: format!("expected an image manifest, got {}", desc.media_type),
-                    });
-                }
-                bytes += self.store(cache, &image.to_string(), &doc, &desc)?;
+        let desc = match (entry, arch) {
+            (Some(entry), _) => entry,
+            (None, Some((doc, mut desc))) => {
+                bytes += self.store(cache, &shown, &doc, &desc)?;
                 desc.platform = Some(platform.clone());
                 desc
             }
+            (None, None) => return Ok(None),
         };
         bytes += self.copy_graph(cache, &repo, &desc).await?;
         Ok(Some(Fetched {

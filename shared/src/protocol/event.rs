@@ -9,8 +9,8 @@ use crate::digest::Digest;
 use crate::reference::Tag;
 
 use super::{
-    BuildId, BuildSummary, CacheStats, GcSummary, PackageInfo, Progress, Pull, QueuedBuild,
-    RunningBuild, Snapshot,
+    BuildId, BuildSummary, CacheStats, GcSummary, PackageInfo, Progress, Pull, PushResult,
+    QueuedBuild, RunningBuild, Snapshot, UpstreamInfo,
 };
 
 /// What happened. Every event changes the snapshot through [`Snapshot::apply`].
@@ -87,6 +87,14 @@ pub enum Event {
         error: String,
     },
     WatchRecovered,
+    /// The upstreams' states changed.
+    Upstreams {
+        upstreams: Vec<UpstreamInfo>,
+    },
+    /// A push to an upstream ended (done or failed).
+    Pushed {
+        push: Box<PushResult>,
+    },
 }
 
 /// How many changed paths [`Change`] keeps.

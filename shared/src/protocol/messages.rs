@@ -21,6 +21,31 @@ pub struct BuildRequest {
     pub builder: Option<String>,
 }
 
+/// `POST /api/v1/pull` (workspace packages or any image names) and `POST /api/v1/push`
+/// (workspace packages).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferRequest {
+    pub names: Vec<String>,
+    /// One architecture of the packages; all of each package's when absent.
+    #[serde(default)]
+    pub arch: Option<String>,
+}
+
+/// The answer to a [`TransferRequest`]: one line per name (and arch, for pulls of
+/// packages).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferResponse {
+    pub results: Vec<TransferResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferResult {
+    pub name: String,
+    pub ok: bool,
+    /// What happened, or why not.
+    pub message: String,
+}
+
 /// The answer to a [`BuildRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildResponse {

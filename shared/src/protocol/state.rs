@@ -53,6 +53,8 @@ pub enum BuiltBy {
     Docker,
     /// Nothing: the image was in the cache already.
     Cache,
+    /// Fetched from an upstream registry (`BuildSummary::pulled_from` says which).
+    Upstream,
 }
 
 impl BuiltBy {
@@ -61,6 +63,7 @@ impl BuiltBy {
             BuiltBy::Native => "native",
             BuiltBy::Docker => "docker",
             BuiltBy::Cache => "cache",
+            BuiltBy::Upstream => "upstream",
         }
     }
 }
@@ -85,6 +88,37 @@ pub struct BuildSummary {
     pub builder: Option<BuiltBy>,
     /// Unix time in milliseconds.
     pub finished_at_ms: u64,
+    /// Not built here: fetched from this upstream registry (`registry[/prefix]`) in
+    /// `duration_ms`. (Boxed: it keeps [`Event`] small.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pulled_from: Option<Box<str>>,
+}
+
+/// An upstream registry and whether it answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamInfo {
+    /// `registry[/prefix]`.
+    pub name: String,
+    /// kiln pushes what it builds there.
+    pub push: bool,
+    /// `unknown` (not asked yet), `up` or `down`.
+    pub state: String,
+    /// Why it is down.
+    pub error: Option<String>,
+}
+
+/// The last push of a package's tag to an upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushResult {
+    pub package: String,
+    pub tag: Tag,
+    pub upstream: String,
+    /// The references written (`registry/org/image:tag-<arch>`, `...:tag`).
+    pub references: Vec<String>,
+    /// Why it failed; it is retried on the next trigger (a build, `kiln push`).
+    pub error: Option<String>,
+    pub duration_ms: u64,
+    pub at_ms: u64,
 }
 
 /// A build step in progress.
@@ -237,6 +271,12 @@ pub struct Snapshot {
     pub last_change: Option<Change>,
     /// The file watcher's last error, cleared when it recovers.
     pub watch_error: Option<String>,
+    /// The upstream registries, in the order they are asked.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamInfo>,
+    /// Each package's last push, by package.
+    #[serde(default)]
+    pub pushes: BTreeMap<String, PushResult>,
 }
 
 impl Snapshot {
@@ -418,6 +458,10 @@ impl Snapshot {
             Event::GcFinished { gc } => self.cache.last_gc = Some(gc.clone()),
             Event::WatchError { error } => self.watch_error = Some(error.clone()),
             Event::WatchRecovered => self.watch_error = None,
+            Event::Upstreams { upstreams } => self.upstreams = upstreams.clone(),
+            Event::Pushed { push } => {
+                self.pushes.insert(push.package.clone(), (**push).clone());
+            }
         }
     }
 

@@ -24,6 +24,7 @@ fn summary(id: &str, outcome: BuildOutcome) -> BuildSummary {
         steps: 3,
         builder: (outcome == BuildOutcome::Ok).then_some(BuiltBy::Native),
         finished_at_ms: 1_700_000_001_500,
+        pulled_from: None,
     }
 }
 
@@ -162,6 +163,28 @@ fn every_event() -> Vec<Event> {
         },
         Event::PackageRemoved {
             package: "linuxkit/broken".into(),
+        },
+        Event::Upstreams {
+            upstreams: vec![UpstreamInfo {
+                name: "registry.example:5000/team".into(),
+                push: true,
+                state: "down".into(),
+                error: Some("Connection refused (os error 111)".into()),
+            }],
+        },
+        Event::Pushed {
+            push: Box::new(PushResult {
+                package: "linuxkit/hello".into(),
+                tag: tag("abc123"),
+                upstream: "registry.example:5000/team".into(),
+                references: vec![
+                    "registry.example:5000/team/linuxkit/hello:abc123-amd64".into(),
+                    "registry.example:5000/team/linuxkit/hello:abc123".into(),
+                ],
+                error: None,
+                duration_ms: 120,
+                at_ms: 1_700_000_004_000,
+            }),
         },
     ]
 }

@@ -7,4 +7,5 @@ mod build;
 mod crash;
 mod kilnd;
 mod native_run;
+mod upstream;
 mod watch;

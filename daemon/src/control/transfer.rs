@@ -1,0 +1,251 @@
+//! `kiln pull` and `kiln push`: fetch packages (or any image) from the upstreams without
+//! building, and push what the cache holds. Each request runs as its own task, so the
+//! event loop keeps answering; each name gets one result line.
+
+use std::sync::Arc;
+
+use kiln_shared::protocol::{Event, TransferRequest, TransferResponse, TransferResult};
+use kiln_shared::reference::{RepoName, Tag, arch_ref};
+
+use super::Controller;
+use super::request::{ControlError, Reply};
+use super::runner::{publish_upstreams, push_and_report};
+use crate::build::docker::platform_for_arch;
+use crate::bus::Bus;
+use crate::cache::{Cache, point_dev};
+use crate::plan;
+use crate::upstream::Upstreams;
+use crate::workspace::PackageTable;
+
+/// What a transfer task needs.
+struct Ctx {
+    cache: Arc<Cache>,
+    bus: Bus,
+    table: Arc<PackageTable>,
+    upstreams: Arc<Upstreams>,
+    dev_tag: Tag,
+}
+
+impl Controller {
+    /// Answers `kiln pull` (`push` false) or `kiln push` in a task of its own.
+    pub(super) fn transfer(
+        &self,
+        push: bool,
+        req: TransferRequest,
+        reply: Reply<TransferResponse>,
+    ) {
+        let Some(upstreams) = self.cfg.upstreams.clone() else {
+            let _ = reply.send(Err(ControlError::Invalid(
+                "kilnd has no upstream registry".into(),
+            )));
+            return;
+        };
+        if push && !upstreams.pushes() {
+            let _ = reply.send(Err(ControlError::Invalid(
+                "no upstream takes pushes: start kilnd with --push, or set push = true on an \
+                 [[upstream]] in kiln.toml"
+                    .into(),
+            )));
+            return;
+        }
+        let ctx = Ctx {
+            cache: Arc::clone(&self.cache),
+            bus: self.bus.clone(),
+            table: Arc::clone(&self.table),
+            upstreams,
+            dev_tag: self.cfg.dev_tag.clone(),
+        };
+        tokio::spawn(async move {
+            let mut results = Vec::new();
+            for name in &req.names {
+                if push {
+                    results.extend(ctx.push(name).await);
+                } else {
+                    results.extend(ctx.pull(name, req.arch.as_deref()).await);
+                }
+            }
+            publish_upstreams(&ctx.upstreams, &ctx.bus);
+            let _ = reply.send(Ok(TransferResponse { results }));
+        });
+    }
+}
+
+fn result(name: impl Into<String>, ok: bool, message: impl Into<String>) -> TransferResult {
+    TransferResult {
+        name: name.into(),
+        ok,
+        message: message.into(),
+    }
+}
+
+fn dirty(tag: &Tag) -> bool {
+    tag.as_str().contains("-dirty")
+}
+
+impl Ctx {
+    /// A workspace package: each of its arches the cache lacks, from the upstreams, landed
+    /// as a build would land. Anything else: the image, whole, under its full name.
+    async fn pull(&self, name: &str, arch: Option<&str>) -> Vec<TransferResult> {
+        let Some(p) = plan::find(&self.table, name) else {
+            return vec![match self.upstreams.fetch_image(&self.cache, name).await {
+                Ok(f) => result(
+                    name,
+                    true,
+                    format!(
+                        "pulled {} from {} in {} ms ({} bytes new)",
+                        f.desc.digest,
+                        f.upstream,
+                        f.elapsed.as_millis(),
+                        f.bytes
+                    ),
+                ),
+                Err(e) => result(name, false, e.to_string()),
+            }];
+        };
+        let image = p.image();
+        let package = p.pkg.repo.to_string();
+        if dirty(&p.tag) {
+            return vec![result(
+                format!("{image}"),
+                false,
+                "a dirty tag names uncommitted changes: it is never looked up upstream; build it",
+            )];
+        }
+        let archs = match arch {
+            Some(a) if p.archs().iter().any(|x| x == a) => vec![a.to_owned()],
+            Some(a) => {
+                return vec![result(
+                    format!("{image}"),
+                    false,
+                    format!(
+                        "{package} does not list arch {a} (it lists {})",
+                        p.archs().join(", ")
+                    ),
+                )];
+            }
+            None => p.archs(),
+        };
+        let mut out = Vec::new();
+        for arch in archs {
+            let shown = format!("{image} ({arch})");
+            if self
+                .cache
+                .index()
+                .is_ok_and(|i| i.get(&arch_ref(&image, &arch)).is_some())
+            {
+                out.push(result(shown, true, "already in the cache"));
+                continue;
+            }
+            let platform = platform_for_arch(&arch);
+            let fetched = match self
+                .upstreams
+                .fetch_target(&self.cache, &image, &arch, &platform)
+                .await
+            {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    out.push(result(
+                        shown,
+                        false,
+                        "in no upstream (kiln build builds it)",
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    out.push(result(shown, false, e.to_string()));
+                    continue;
+                }
+            };
+            let (cache, landed, suffix, dev) = (
+                Arc::clone(&self.cache),
+                image.clone(),
+                arch.clone(),
+                self.dev_tag.clone(),
+            );
+            let desc = fetched.desc.clone();
+            let landing = tokio::task::spawn_blocking(move || {
+                let platform = desc.platform.clone().unwrap_or(platform);
+                cache.merge_arch(&landed, &suffix, platform, desc)?;
+                point_dev(&cache, &landed, &dev);
+                Ok::<_, crate::cache::CacheError>(())
+            })
+            .await;
+            match landing {
+                Ok(Ok(())) => {
+                    self.bus.publish(Event::ServedFromCache {
+                        package: package.clone(),
+                        arch: arch.clone(),
+                        tag: image.tag.clone(),
+                        digest: fetched.desc.digest.clone(),
+                    });
+                    out.push(result(
+                        shown,
+                        true,
+                        format!(
+                            "pulled {} from {} in {} ms ({} bytes new)",
+                            fetched.desc.digest,
+                            fetched.upstream,
+                            fetched.elapsed.as_millis(),
+                            fetched.bytes
+                        ),
+                    ));
+                }
+                Ok(Err(e)) => out.push(result(shown, false, e.to_string())),
+                Err(e) => out.push(result(shown, false, format!("landing stopped: {e}"))),
+            }
+        }
+        out
+    }
+
+    /// A workspace package's current tag, from the cache to every push upstream.
+    async fn push(&self, name: &str) -> Vec<TransferResult> {
+        let Some(p) = plan::find(&self.table, name) else {
+            return vec![result(name, false, "no such package in the workspace")];
+        };
+        let image = p.image();
+        if dirty(&p.tag) {
+            return vec![result(
+                format!("{image}"),
+                false,
+                "a dirty tag names uncommitted changes: it is never pushed; commit them first",
+            )];
+        }
+        if !self
+            .cache
+            .index()
+            .is_ok_and(|i| i.get(&image.cache_name()).is_some())
+        {
+            return vec![result(
+                format!("{image}"),
+                false,
+                "not in the cache yet: `kiln build` it first",
+            )];
+        }
+        let mounts: Vec<RepoName> = p.deps.iter().filter_map(|(r, _)| r.parse().ok()).collect();
+        let package = p.pkg.repo.to_string();
+        push_and_report(
+            &self.upstreams,
+            &self.cache,
+            &self.bus,
+            &package,
+            &image,
+            &mounts,
+        )
+        .await
+        .into_iter()
+        .map(|r| match r.error {
+            None => result(
+                format!("{image}"),
+                true,
+                format!(
+                    "pushed to {} in {} ms: {}",
+                    r.upstream,
+                    r.duration_ms,
+                    r.references.join(", ")
+                ),
+            ),
+            Some(e) => result(format!("{image}"), false, e),
+        })
+        .collect()
+    }
+}

@@ -1,0 +1,284 @@
+#!/usr/bin/env python3
+"""The engine of scripts/bench-upstream: kilnd with an upstream registry (a team cache),
+in one run, against its reference.
+
+1. Fetch all vs build all. A temp workspace of N small packages (two arches each:
+   `FROM kiln/busybox:latest` imported by kiln.toml, `RUN` writing a file, so each target
+   is a real build; the builder is kilnd's default). kilnd A, with an empty cache and
+   `--upstream U --push`, builds all N x 2 targets and pushes them to U (Debian's
+   docker-registry on 127.0.0.1): timed from its start to every target Ok ("build all").
+   kilnd B, with another empty cache and `--upstream U`, on the same workspace: timed from
+   its start to every target Ok, each one fetched ("fetch all"). Target: build / fetch
+   >= 20.
+2. A 256 MiB image (one layer of random bytes) in U: kilnd fetches it into its cache
+   (the registry's pull-through: a GET of the manifest on kilnd's registry, which kilnd
+   fetches through from U with only the missing blobs, all verified), against
+   `skopeo copy docker://U/... oci:LAYOUT` (the reference). Target: kilnd no slower.
+
+Times are time.monotonic(); readiness is polled (50 ms) through `kiln status --json`.
+"""
+
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def wait(what, pred, seconds, step=0.05):
+    end = time.monotonic() + seconds
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > end:
+            die(f"timed out after {seconds}s waiting for {what}")
+        time.sleep(step)
+
+
+def write(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+
+
+def load_avg():
+    return open("/proc/loadavg").read().split()[:3]
+
+
+class Upstream:
+    """Debian's docker-registry on 127.0.0.1, a free port."""
+
+    def __init__(self, work):
+        d = os.path.join(work, "upstream")
+        os.makedirs(d)
+        cfg = os.path.join(d, "config.yml")
+        write(cfg, "version: 0.1\nlog:\n  level: info\n  formatter: text\n"
+                   f"storage:\n  filesystem:\n    rootdirectory: {d}/data\n"
+                   "http:\n  addr: 127.0.0.1:0\n  secret: kiln-bench\n")
+        self.log = os.path.join(d, "registry.log")
+        self.proc = subprocess.Popen(["/usr/bin/docker-registry", "serve", cfg],
+                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+
+        def addr():
+            for line in open(self.log):
+                if "listening on " in line:
+                    a = line.split("listening on ", 1)[1].split()[0].strip('"')
+                    if not a.endswith(":0"):
+                        return a
+            return None
+
+        self.addr = wait("docker-registry to listen", addr, 30)
+
+
+class Kilnd:
+    def __init__(self, args, work, name, ws, extra):
+        self.dir = os.path.join(work, name)
+        os.makedirs(self.dir)
+        self.socket = os.path.join(self.dir, "kilnd.sock")
+        ready = os.path.join(self.dir, "ready.json")
+        self.logf = os.path.join(self.dir, "kilnd.log")
+        self.kiln = args.kiln
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [args.kilnd, "--cache", os.path.join(self.dir, "cache"), "--listen", "127.0.0.1:0",
+             "--socket", self.socket, "--ready-file", ready, *extra, ws],
+            stdout=open(self.logf, "w"), stderr=subprocess.STDOUT,
+            env={**os.environ, "NO_COLOR": "1"})
+
+        def ready_addr():
+            if self.proc.poll() is not None:
+                die(f"kilnd exited: {open(self.logf).read()[-3000:]}")
+            try:
+                return json.load(open(ready))["registry"][0]
+            except (OSError, ValueError, KeyError, IndexError):
+                return None
+
+        self.addr = wait("kilnd's ready file", ready_addr, 60)
+
+    def status(self):
+        out = subprocess.run([self.kiln, "--socket", self.socket, "status", "--json"],
+                             capture_output=True, text=True)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def all_ok(state, n):
+    if not state:
+        return None
+    pkgs = state.get("packages", {})
+    if len(pkgs) != n:
+        return None
+    for p in pkgs.values():
+        for t in p["targets"].values():
+            if t.get("status") != "ok" or t.get("tag") != p.get("tag"):
+                return None
+    return state
+
+
+def make_workspace(ws, n, layout, run_id):
+    write(os.path.join(ws, "kiln.toml"),
+          f'[[import]]\nlayout = "{layout}"\nref = "docker.io/kiln/busybox:latest"\n')
+    for i in range(n):
+        d = os.path.join(ws, f"p{i:02}")
+        write(os.path.join(d, "build.yml"), f"org: bench\nimage: p{i:02}\narches:\n  - amd64\n  - arm64\n")
+        write(os.path.join(d, "Dockerfile"),
+              "FROM kiln/busybox:latest\nCOPY file /file\nRUN cat /file > /copied\n")
+        write(os.path.join(d, "file"), f"package {i} {run_id}\n")
+
+
+def big_layout(path, size):
+    """An OCI layout with one image whose one layer is `size` random bytes."""
+    blobs = os.path.join(path, "blobs", "sha256")
+    os.makedirs(blobs)
+    h = hashlib.sha256()
+    tmp = os.path.join(blobs, "tmp")
+    with open(tmp, "wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, 1 << 20))
+            h.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
+    layer = h.hexdigest()
+    os.rename(tmp, os.path.join(blobs, layer))
+
+    def put(obj):
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        d = hashlib.sha256(data).hexdigest()
+        write(os.path.join(blobs, d), data)
+        return d, len(data)
+
+    cfg, cfg_len = put({"architecture": "amd64", "os": "linux",
+                        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer}"]}})
+    man, man_len = put({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                   "digest": f"sha256:{cfg}", "size": cfg_len},
+                        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                                    "digest": f"sha256:{layer}", "size": size}]})
+    write(os.path.join(path, "oci-layout"), '{"imageLayoutVersion":"1.0.0"}')
+    write(os.path.join(path, "index.json"), json.dumps(
+        {"schemaVersion": 2, "manifests": [{"mediaType": OCI_MANIFEST, "digest": f"sha256:{man}",
+                                            "size": man_len,
+                                            "annotations": {"org.opencontainers.image.ref.name": "big"}}]}))
+
+
+def get_manifest(addr, repo, ref):
+    host, port = addr.rsplit(":", 1)
+    c = http.client.HTTPConnection(host, int(port), timeout=600)
+    c.request("GET", f"/v2/{repo}/manifests/{ref}",
+              headers={"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"})
+    r = c.getresponse()
+    body = r.read()
+    c.close()
+    return r.status, body
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--packages", type=int, default=50)
+    ap.add_argument("--big-mib", type=int, default=256)
+    ap.add_argument("--kilnd", default=os.path.join(ROOT, "target/debug/kilnd"))
+    ap.add_argument("--kiln", default=os.path.join(ROOT, "target/debug/kiln"))
+    args = ap.parse_args()
+    layout = os.path.join(os.environ.get("KILN_BASE_DIR", "/var/lib/kiln/base"), "busybox")
+    if not os.path.isdir(layout):
+        die(f"no busybox base at {layout}: run scripts/setup (or scripts/base-images)")
+    work = tempfile.mkdtemp(prefix="kiln-bench-upstream-")
+    procs = []
+    try:
+        up = Upstream(work)
+        procs.append(up.proc)
+        n = args.packages
+        ws = os.path.join(work, "ws")
+        make_workspace(ws, n, layout, f"{os.getpid()}-{time.time_ns()}")
+        print(f"upstream {up.addr}; {n} packages x 2 arches; kilnd {args.kilnd}; work {work}")
+        print(f"load average before: {' '.join(load_avg())}")
+
+        a = Kilnd(args, work, "a", ws, ["--upstream", up.addr, "--push"])
+        procs.append(a.proc)
+        wait("A to build every target", lambda: all_ok(a.status(), n), 3600, 0.05)
+        build_s = time.monotonic() - a.t0
+        print(f"build all ({n} x 2 targets, kilnd A, empty cache): {build_s:8.2f} s "
+              f"(load {' '.join(load_avg())})", flush=True)
+
+        def pushed():
+            s = a.status()
+            return s and len([p for p in s.get("pushes", {}).values() if not p.get("error")]) == n
+
+        wait("A to push every package", pushed, 1800, 0.2)
+        a.stop()
+
+        b = Kilnd(args, work, "b", ws, ["--upstream", up.addr])
+        procs.append(b.proc)
+        state = wait("B to serve every target", lambda: all_ok(b.status(), n), 1800, 0.05)
+        fetch_s = time.monotonic() - b.t0
+        built_on_b = [f"{name}/{arch}" for name, p in state["packages"].items()
+                      for arch, t in p["targets"].items()
+                      if not (t.get("last") or {}).get("pulled_from")]
+        print(f"fetch all ({n} x 2 targets, kilnd B, empty cache):  {fetch_s:8.2f} s "
+              f"(load {' '.join(load_avg())}); built on B: {len(built_on_b)}")
+        print(f"ratio build/fetch: {build_s / fetch_s:.1f}x (target >= 20x)", flush=True)
+
+        # The 256 MiB image.
+        big = os.path.join(work, "big")
+        big_layout(big, args.big_mib << 20)
+        subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{big}:big",
+                        f"docker://{up.addr}/bench/big:1"], check=True, capture_output=True)
+        empty = os.path.join(work, "empty")
+        os.makedirs(empty)
+        times_k, times_s = [], []
+        for i in range(3):
+            t = time.monotonic()
+            out = os.path.join(work, f"skopeo-{i}")
+            subprocess.run(["skopeo", "copy", "--src-tls-verify=false",
+                            f"docker://{up.addr}/bench/big:1", f"oci:{out}:big"],
+                           check=True, capture_output=True)
+            times_s.append(time.monotonic() - t)
+            shutil.rmtree(out)
+            k = Kilnd(args, work, f"big-{i}", empty, ["--upstream", up.addr])
+            procs.append(k.proc)
+            t = time.monotonic()
+            status, body = get_manifest(k.addr, "bench/big", "1")
+            times_k.append(time.monotonic() - t)
+            if status != 200:
+                die(f"kilnd did not fetch bench/big:1: {status} {body[:300]!r}")
+            k.stop()
+            shutil.rmtree(k.dir)
+        print(f"{args.big_mib} MiB image, skopeo copy docker:// -> oci: : "
+              f"{', '.join(f'{x:.2f}' for x in times_s)} s (best {min(times_s):.2f})")
+        print(f"{args.big_mib} MiB image, kilnd fetch into its cache:       "
+              f"{', '.join(f'{x:.2f}' for x in times_k)} s (best {min(times_k):.2f})")
+        print(f"ratio kilnd/skopeo (best of 3): {min(times_k) / min(times_s):.2f} (target <= 1); "
+              f"load average after: {' '.join(load_avg())}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        if not os.environ.get("KILN_BENCH_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+//! Upstream registries (issue 14), with Debian's `docker-registry` as the upstream on a
+//! free loopback port: a team cache that kilnd A pushes to and kilnd B fetches from
+//! with no builds and the same digests; a change on B builds only what changed and
+//! pushes it; a dirty tag is never pushed; wrong credentials (TLS + htpasswd) and an
+//! unreachable upstream leave local builds working with a clear message; the native
+//! builder builds `FROM` an image only the upstream has; and `docker pull` through
+//! kilnd fetches from the upstream once, then from the cache.
+
+use std::time::Duration;
+
+use kiln_shared::protocol::Snapshot;
+use kiln_tests::api::{describe, digests_of, package_ok, settled, tag_of};
+use kiln_tests::registry::{REGISTRY_PASSWORD, REGISTRY_USER};
+use kiln_tests::workspace::{registry_digest, write_package};
+use kiln_tests::{
+    BUSYBOX, Dir, Kilnd, KilndOptions, Registry, busybox_layout, cmd, docker, skopeo, target_bin,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Two native packages for two arches, the second built on the first, committed.
+fn team_workspace(tmp: &Dir) -> Dir {
+    let ws = Dir::new(&format!("{}-ws", tmp.name()));
+    write_package(
+        &ws,
+        "one",
+        &["amd64", "arm64"],
+        "FROM scratch\nCOPY one.txt /one.txt\n",
+    );
+    ws.write("one/one.txt", "one\n");
+    write_package(
+        &ws,
+        "two",
+        &["amd64", "arm64"],
+        "FROM kiln/one\nCOPY two.txt /two.txt\n",
+    );
+    ws.write("two/two.txt", "two\n");
+    ws.git_init();
+    ws.git_commit_all("two packages");
+    ws
+}
+
+fn both_ok(s: &Snapshot) -> bool {
+    settled(s) && package_ok(s, "kiln/one") && package_ok(s, "kiln/two")
+}
+
+/// Every target's last result was fetched (`pulled_from`), none built.
+fn pulled(s: &Snapshot, package: &str) -> bool {
+    s.packages[package].targets.values().all(|t| {
+        t.last
+            .as_ref()
+            .is_some_and(|l| l.pulled_from.is_some() && l.digest == t.digest)
+    })
+}
+
+fn pushed(s: &Snapshot, package: &str, tag: &str) -> bool {
+    s.pushes
+        .get(package)
+        .is_some_and(|p| p.tag.as_str() == tag && p.error.is_none())
+}
+
+fn upstream_tags(up: &Registry, repo: &str) -> Vec<String> {
+    let out = skopeo()
+        .args(["list-tags", "--tls-verify=false"])
+        .arg(format!("docker://{}/{repo}", up.addr()))
+        .stdout();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    let mut tags: Vec<String> = v["Tags"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    tags.sort();
+    tags
+}
+
+#[test]
+fn a_team_cache_pushed_by_one_kilnd_serves_another_with_no_builds() {
+    let up = Registry::start();
+    let tmp = Dir::new("team");
+    let ws = team_workspace(&tmp);
+    let opts = || {
+        KilndOptions::default()
+            .arg("--upstream")
+            .arg(up.addr())
+            .arg("--push")
+    };
+
+    // A builds both packages and pushes them: tag-<arch> and tag, as LinuxKit does.
+    let a = Kilnd::start(&[ws.path()], opts());
+    let a_events = a.events();
+    let built = a_events.wait(TIMEOUT, "A to build both packages", both_ok);
+    let (one, two) = (tag_of(&built, "kiln/one"), tag_of(&built, "kiln/two"));
+    assert!(!pulled(&built, "kiln/one"), "A had nothing to fetch");
+    let a_state = a_events.wait(TIMEOUT, "A to push both", |s| {
+        pushed(s, "kiln/one", &one) && pushed(s, "kiln/two", &two)
+    });
+    assert_eq!(
+        upstream_tags(&up, "kiln/two"),
+        [two.clone(), format!("{two}-amd64"), format!("{two}-arm64")]
+    );
+    assert_eq!(
+        registry_digest(up.addr(), &format!("kiln/two:{two}")),
+        registry_digest(&a.registry(), &format!("kiln/two:{two}"))
+    );
+    let a_digests = (
+        digests_of(&a_state, "kiln/one"),
+        digests_of(&a_state, "kiln/two"),
+    );
+    drop(a_events);
+    drop(a);
+
+    // B, with an empty cache: every target is fetched, none built, same digests.
+    let b = Kilnd::start(&[ws.path()], opts());
+    let b_events = b.events();
+    let s = b_events.wait(TIMEOUT, "B to serve both packages", both_ok);
+    assert!(
+        pulled(&s, "kiln/one") && pulled(&s, "kiln/two"),
+        "B built something:\n{}",
+        describe(&s)
+    );
+    assert_eq!(
+        (digests_of(&s, "kiln/one"), digests_of(&s, "kiln/two")),
+        a_digests
+    );
+    let summary = s.packages["kiln/two"].targets["amd64"]
+        .last
+        .clone()
+        .unwrap();
+    assert_eq!(summary.pulled_from.as_deref(), Some(up.addr()));
+    assert!(
+        s.upstreams
+            .iter()
+            .any(|u| u.name == up.addr() && u.state == "up")
+    );
+
+    // A committed change on B: only `two` is built, and pushed.
+    ws.write("two/two.txt", "two, changed\n");
+    ws.git_commit_all("change two");
+    let s = b_events.wait(TIMEOUT, "B to build the change", |s| {
+        both_ok(s) && tag_of(s, "kiln/two") != two
+    });
+    let two_b = tag_of(&s, "kiln/two");
+    assert!(pulled(&s, "kiln/one"), "one was rebuilt:\n{}", describe(&s));
+    assert!(
+        !pulled(&s, "kiln/two"),
+        "two was not built:\n{}",
+        describe(&s)
+    );
+    b_events.wait(TIMEOUT, "B to push the change", |s| {
+        pushed(s, "kiln/two", &two_b)
+    });
+    assert!(upstream_tags(&up, "kiln/two").contains(&two_b));
+
+    // An uncommitted change: a dirty tag, built here and never pushed.
+    ws.write("two/two.txt", "two, dirty\n");
+    let s = b_events.wait(TIMEOUT, "B to build the dirty tag", |s| {
+        both_ok(s) && tag_of(s, "kiln/two").contains("-dirty")
+    });
+    let dirty = tag_of(&s, "kiln/two");
+    assert!(!pulled(&s, "kiln/two"));
+    // A later push event would name it; the upstream never has it.
+    assert!(
+        !upstream_tags(&up, "kiln/two")
+            .iter()
+            .any(|t| t.contains("-dirty")),
+        "{dirty} reached the upstream"
+    );
+    assert_ne!(
+        b_events.snapshot().pushes["kiln/two"].tag.as_str(),
+        dirty.as_str()
+    );
+}
+
+#[test]
+fn wrong_credentials_and_an_unreachable_upstream_leave_local_builds_working() {
+    let up = Registry::start_secure();
+    let tmp = Dir::new("creds");
+    let ws = Dir::new(&format!("{}-ws", tmp.name()));
+    write_package(&ws, "solo", &["amd64"], "FROM scratch\nCOPY a /a\n");
+    ws.write("solo/a", "a\n");
+    ws.write(
+        "kiln.toml",
+        format!(
+            "[[upstream]]\nregistry = \"{}\"\ninsecure = false\nca-file = \"{}\"\npush = true\n",
+            up.addr(),
+            up.ca().unwrap().display()
+        ),
+    );
+    // The right password: built here (the upstream is empty), then pushed over TLS.
+    let good = up.docker_config(&tmp.join("good"), REGISTRY_USER, REGISTRY_PASSWORD);
+    let k = Kilnd::start(
+        &[ws.path()],
+        KilndOptions::default().env("DOCKER_CONFIG", &good),
+    );
+    let ev = k.events();
+    let s = ev.wait(TIMEOUT, "solo to build", |s| both_ok_one(s, "kiln/solo"));
+    let tag = tag_of(&s, "kiln/solo");
+    ev.wait(TIMEOUT, "solo to be pushed", |s| {
+        pushed(s, "kiln/solo", &tag)
+    });
+    drop(ev);
+    drop(k);
+
+    // A wrong password: the local build still works; the log and the push say why.
+    ws.write("solo/a", "a, again\n");
+    let bad = up.docker_config(&tmp.join("bad"), REGISTRY_USER, "not-the-password");
+    let k = Kilnd::start(
+        &[ws.path()],
+        KilndOptions::default().env("DOCKER_CONFIG", &bad),
+    );
+    let ev = k.events();
+    let s = ev.wait(TIMEOUT, "solo to build", |s| both_ok_one(s, "kiln/solo"));
+    let tag = tag_of(&s, "kiln/solo");
+    let s = ev.wait(TIMEOUT, "the push to fail", |s| {
+        s.pushes
+            .get("kiln/solo")
+            .is_some_and(|p| p.tag.as_str() == tag && p.error.is_some())
+    });
+    let error = s.pushes["kiln/solo"].error.clone().unwrap();
+    assert!(
+        error.contains(up.addr()) && error.contains("credentials"),
+        "{error}"
+    );
+    assert!(!error.contains("not-the-password"), "{error}");
+    assert!(!k.stderr().contains("not-the-password"));
+    drop(ev);
+    drop(k);
+
+    // Nothing listens there: one short try, marked down, built here.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let ws2 = Dir::new(&format!("{}-ws2", tmp.name()));
+    write_package(
+        &ws2,
+        "solo",
+        &["amd64", "arm64"],
+        "FROM scratch\nCOPY a /a\n",
+    );
+    ws2.write("solo/a", "b\n");
+    let k = Kilnd::start(
+        &[ws2.path()],
+        KilndOptions::default().arg("--upstream").arg(&addr),
+    );
+    let s = k
+        .events()
+        .wait(TIMEOUT, "solo to build", |s| both_ok_one(s, "kiln/solo"));
+    let u = s.upstreams.iter().find(|u| u.name == addr).unwrap();
+    assert_eq!(u.state, "down", "{:?}", s.upstreams);
+    assert!(u.error.as_ref().unwrap().contains("refused"), "{u:?}");
+}
+
+fn both_ok_one(s: &Snapshot, package: &str) -> bool {
+    settled(s) && package_ok(s, package)
+}
+
+/// Puts the busybox base into the upstream only, as `kiln/busybox:latest`.
+fn busybox_upstream() -> Registry {
+    let up = Registry::start();
+    skopeo()
+        .args(["copy", "--all", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:{BUSYBOX}", busybox_layout().display()))
+        .arg(format!("docker://{}/kiln/busybox:latest", up.addr()))
+        .run();
+    up
+}
+
+#[test]
+fn the_native_builder_builds_from_an_image_only_the_upstream_has() {
+    let up = busybox_upstream();
+    let ws = Dir::new("from-upstream");
+    write_package(
+        &ws,
+        "onbusy",
+        &["amd64", "arm64"],
+        "FROM kiln/busybox:latest\nCOPY hi /hi\n",
+    );
+    ws.write("onbusy/hi", "hi\n");
+    let k = Kilnd::start(
+        &[ws.path()],
+        KilndOptions::default()
+            .arg("--upstream")
+            .arg(up.addr())
+            .arg("--builder")
+            .arg("native"),
+    );
+    let s = k.events().wait(TIMEOUT, "onbusy to build", |s| {
+        both_ok_one(s, "kiln/onbusy")
+    });
+    assert!(!pulled(&s, "kiln/onbusy"), "it was built, not fetched");
+    // The base is in kilnd's registry now too, with the upstream's digest.
+    assert_eq!(
+        registry_digest(&k.registry(), "kiln/busybox:latest"),
+        registry_digest(up.addr(), "kiln/busybox:latest")
+    );
+}
+
+#[test]
+fn docker_pulls_through_kilnd_once_then_from_its_cache() {
+    let up = busybox_upstream();
+    let ws = Dir::new("pull-through");
+    let k = Kilnd::start(
+        &[ws.path()],
+        KilndOptions::default().arg("--upstream").arg(up.addr()),
+    );
+    let image = format!("{}/kiln/busybox:latest", k.registry());
+    let blobs_before = up.requests("GET", "/blobs/");
+    docker().args(["pull", "-q", &image]).run();
+    let blobs_first = up.requests("GET", "/blobs/");
+    assert!(
+        blobs_first > blobs_before,
+        "nothing was read from the upstream"
+    );
+    docker().args(["rmi", &image]).run();
+    let all_before = up.requests("GET", "/") + up.requests("HEAD", "/");
+    docker().args(["pull", "-q", &image]).run();
+    assert_eq!(
+        up.requests("GET", "/") + up.requests("HEAD", "/"),
+        all_before,
+        "the second pull asked the upstream"
+    );
+    docker().args(["rmi", &image]).run();
+    // Pushes to kilnd keep working beside the pull-through.
+    skopeo()
+        .args(["copy", "--all", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:{BUSYBOX}", busybox_layout().display()))
+        .arg(format!("docker://{}/mine/busybox:1", k.registry()))
+        .run();
+    assert_eq!(
+        registry_digest(&k.registry(), "mine/busybox:1"),
+        registry_digest(up.addr(), "kiln/busybox:latest")
+    );
+}
+
+#[test]
+fn kiln_pull_and_kiln_push_go_through_kilnd() {
+    let up = busybox_upstream();
+    let ws = Dir::new("pull-push");
+    write_package(&ws, "solo", &["amd64"], "FROM scratch\nCOPY a /a\n");
+    ws.write("solo/a", "a\n");
+    let k = Kilnd::start(
+        &[ws.path()],
+        KilndOptions::default()
+            .arg("--upstream")
+            .arg(up.addr())
+            .arg("--push"),
+    );
+    k.events()
+        .wait(TIMEOUT, "solo to build", |s| both_ok_one(s, "kiln/solo"));
+    let kiln = || cmd(target_bin("kiln")).arg("--socket").arg(k.socket());
+
+    let out = kiln().args(["push", "kiln/solo"]).stdout();
+    assert!(out.contains(&format!("pushed to {}", up.addr())), "{out}");
+    let out = kiln().args(["pull", "kiln/solo"]).stdout();
+    assert!(out.contains("already in the cache"), "{out}");
+    // Any image: fetched whole into kilnd's cache, then served by its registry.
+    let out = kiln().args(["pull", "kiln/busybox:latest"]).stdout();
+    assert!(out.contains(&format!("from {}", up.addr())), "{out}");
+    assert_eq!(
+        registry_digest(&k.registry(), "kiln/busybox:latest"),
+        registry_digest(up.addr(), "kiln/busybox:latest")
+    );
+    let failed = kiln().args(["pull", "kiln/absent:1"]).run_fails();
+    // Docker Hub (asked last for docker.io names) is out of reach here: said so.
+    let said = failed.stderr_str();
+    assert!(
+        said.contains("kiln/absent:1")
+            && (said.contains("not in any upstream") || said.contains("cannot be reached")),
+        "{said}"
+    );
+}
