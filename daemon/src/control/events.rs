@@ -39,7 +39,7 @@ pub fn to_event(e: SchedEvent) -> Event {
                 package: key.package,
                 arch: key.arch,
                 tag,
-                builder,
+                builder: builder.as_str().to_owned(),
                 started_at_ms: now_ms(),
                 progress: None,
             },
@@ -108,8 +108,10 @@ pub fn describe(e: &SchedEvent) -> Option<String> {
         SchedEvent::Started {
             key, tag, builder, ..
         } => Some(format!(
-            "building {}:{tag} ({}) with {builder}",
-            key.package, key.arch
+            "building {}:{tag} ({}) with {}",
+            key.package,
+            key.arch,
+            builder.as_str()
         )),
         SchedEvent::Finished {
             key,

@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 use super::Controller;
 use crate::plan;
 use crate::schedule::{CancelFilter, Outcome};
+use crate::workspace::BuilderKind;
 
 /// Why the daemon core refused or failed a control request. Each maps to an HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -104,13 +105,16 @@ impl Controller {
             }
             None => p.archs(),
         };
-        if let Some(b) = &req.builder
-            && !matches!(b.as_str(), "native" | "docker")
-        {
-            return Err(ControlError::Invalid(format!(
-                "unknown builder {b:?}: use native or docker"
-            )));
-        }
+        let builder = match req.builder.as_deref() {
+            None => None,
+            Some("native") => Some(BuilderKind::Native),
+            Some("docker") => Some(BuilderKind::Docker),
+            Some(b) => {
+                return Err(ControlError::Invalid(format!(
+                    "unknown builder {b:?}: use native or docker"
+                )));
+            }
+        };
         let index = self
             .cache
             .index()
@@ -124,8 +128,8 @@ impl Controller {
             } else {
                 plan::missing_deps(&self.table, &p, &arch, &index, &mut jobs);
                 let mut job = plan::job(&p, &arch, req.force, "requested");
-                if let Some(b) = &req.builder {
-                    job.builder = b.clone();
+                if let Some(b) = builder {
+                    job.builder = b;
                     job.fallback = false;
                 }
                 jobs.push(job);

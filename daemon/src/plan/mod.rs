@@ -257,7 +257,7 @@ pub fn job(p: &Planned, arch: &str, force: bool, reason: &str) -> Job {
             .collect(),
         force,
         reason: reason.to_owned(),
-        builder: p.builder.as_str().to_owned(),
+        builder: p.builder,
         fallback: p.auto && p.builder == BuilderKind::Native,
     }
 }

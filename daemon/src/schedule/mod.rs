@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::oci::Descriptor;
+use crate::workspace::BuilderKind;
 
 /// One package and architecture: the slot that one build at a time may fill.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -46,8 +47,8 @@ pub struct Job {
     pub force: bool,
     /// Why it was queued ("files changed", "requested", "pulled"), for display.
     pub reason: String,
-    /// Which builder will run it (`native`, `docker`), for display.
-    pub builder: String,
+    /// Which builder runs it.
+    pub builder: BuilderKind,
     /// The builder was `auto`'s choice: native, unless it refuses something it finds only
     /// while building (an xz archive in ADD, a base with ONBUILD), then docker.
     pub fallback: bool,
@@ -92,7 +93,7 @@ pub enum SchedEvent {
         key: TargetKey,
         tag: Tag,
         build_id: String,
-        builder: String,
+        builder: BuilderKind,
     },
     Finished {
         key: TargetKey,
@@ -513,7 +514,7 @@ impl Actor {
             key: q.job.key.clone(),
             tag: q.job.tag.clone(),
             build_id: build_id.clone(),
-            builder: q.job.builder.clone(),
+            builder: q.job.builder,
         });
         let key = q.job.key.clone();
         self.running.insert(

@@ -78,7 +78,7 @@ fn job(p: &str, a: &str, t: &str) -> Job {
         after: vec![],
         force: false,
         reason: "test".into(),
-        builder: "hand".into(),
+        builder: crate::workspace::BuilderKind::Native,
         fallback: false,
     }
 }

@@ -1,0 +1,84 @@
+//! Base images for the docker builder: the engine pulls every base from kilnd's
+//! registry, pinned by digest (DESIGN decision 2), through a rewritten Dockerfile.
+
+use std::collections::BTreeMap;
+
+use kiln_shared::reference::Tag;
+
+use super::Inner;
+use crate::build::dockerfile::Dockerfile;
+use crate::build::native::{self, cache_names, pick_platform};
+use crate::oci::Platform;
+use crate::workspace::Planned;
+
+impl Inner {
+    /// The engine must pull every base image from kilnd's registry, pinned by digest to
+    /// the right content (DESIGN decision 2): a `FROM` naming a workspace package follows
+    /// its current tag; any other name the cache holds is served from the cache. Writes a
+    /// rewritten Dockerfile when something was pinned.
+    pub(super) fn pin_bases(
+        &self,
+        p: &Planned,
+        platform: &Platform,
+        args: &BTreeMap<String, String>,
+        registry: &str,
+    ) -> Result<Option<tempfile::NamedTempFile>, String> {
+        let df = Dockerfile::read(&p.pkg.dockerfile).map_err(|e| e.to_string())?;
+        let text = std::fs::read_to_string(&p.pkg.dockerfile)
+            .map_err(|e| format!("{}: {e}", p.pkg.dockerfile.display()))?;
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        let index = self.cache.index().map_err(|e| e.to_string())?;
+        let deps: BTreeMap<&str, &Tag> = p.deps.iter().map(|(r, t)| (r.as_str(), t)).collect();
+        let mut changed = false;
+        for r in df
+            .image_references(args, platform)
+            .map_err(|e| e.to_string())?
+        {
+            let name = r.value.strip_prefix("docker.io/").unwrap_or(&r.value);
+            let (repo, desc) = if let Some(tag) = deps.get(name) {
+                let full = format!("docker.io/{name}:{tag}");
+                let d = index.get(&full).cloned().ok_or_else(|| {
+                    format!("{name}:{tag} is not in the cache yet; it must be built first")
+                })?;
+                (name.to_owned(), d)
+            } else if let Some((full, d)) = cache_names(name)
+                .into_iter()
+                .find_map(|n| index.get(&n).cloned().map(|d| (n, d)))
+            {
+                let repo = native::repository_of(&full)
+                    .trim_start_matches("docker.io/")
+                    .to_owned();
+                (repo, d)
+            } else {
+                continue; // not ours: the engine resolves it as usual
+            };
+            // Check the platform is there before the engine finds out.
+            pick_platform(&self.cache, name, desc.clone(), platform).map_err(|e| e.to_string())?;
+            let pinned = format!("{registry}/{repo}@{}", desc.digest);
+            let Some(line) = lines.get_mut(r.line.saturating_sub(1)) else {
+                continue;
+            };
+            if !line.contains(&r.value) {
+                return Err(format!(
+                    "{}:{}: cannot pin {} to kilnd's registry: write the image name literally on that line",
+                    p.pkg.dockerfile.display(),
+                    r.line,
+                    r.value
+                ));
+            }
+            *line = line.replacen(&r.value, &pinned, 1);
+            changed = true;
+        }
+        if !changed {
+            return Ok(None);
+        }
+        let mut tmp = tempfile::Builder::new()
+            .prefix("Dockerfile-")
+            .tempfile_in(self.cache.tmp_dir())
+            .map_err(|e| format!("cannot write the pinned Dockerfile: {e}"))?;
+        use std::io::Write;
+        tmp.write_all((lines.join("\n") + "\n").as_bytes())
+            .map_err(|e| format!("cannot write the pinned Dockerfile: {e}"))?;
+        Ok(Some(tmp))
+    }
+}
