@@ -124,10 +124,10 @@ def poll_until(reg, repo, ref, want_digest=None, seconds=600):
 # The benchmark packages' Dockerfiles, after their FROM line.
 PACKAGES = {
     "copy": "COPY file /file\n",
-    "run-late": "RUN for i in $(seq 1 2000); do echo \"line $i\"; done > /work.txt && md5sum /work.txt > /work.md5\n"
+    "run-late": "RUN i=0; while [ $i -lt 2000 ]; do echo \"line $i\"; i=$((i+1)); done > /work.txt && md5sum /work.txt > /work.md5\n"
                 "COPY file /file\n",
     "run-early": "COPY file /file\n"
-                 "RUN for i in $(seq 1 2000); do cat /file; done > /work.txt && md5sum /work.txt > /work.md5\n",
+                 "RUN i=0; while [ $i -lt 2000 ]; do echo \"line $i\"; i=$((i+1)); done > /work.txt && cat /file >> /work.txt && md5sum /work.txt > /work.md5\n",
 }
 
 

@@ -88,6 +88,28 @@ pub enum BuildOutcome {
     Cancelled,
 }
 
+/// What made a target's image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuiltBy {
+    /// kiln's own builder (RUN steps in runc).
+    Native,
+    /// BuildKit through the Docker engine.
+    Docker,
+    /// Nothing: the image was in the cache already.
+    Cache,
+}
+
+impl BuiltBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuiltBy::Native => "native",
+            BuiltBy::Docker => "docker",
+            BuiltBy::Cache => "cache",
+        }
+    }
+}
+
 /// The last build of a target.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildSummary {
@@ -103,6 +125,9 @@ pub struct BuildSummary {
     pub cache_hits: u32,
     /// Build steps in all.
     pub steps: u32,
+    /// Which builder built it, on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder: Option<BuiltBy>,
     /// Unix time in milliseconds.
     pub finished_at_ms: u64,
 }
@@ -644,6 +669,7 @@ mod tests {
             error: (outcome == BuildOutcome::Failed).then(|| "step 2/3: exit code 1".to_owned()),
             cache_hits: 1,
             steps: 3,
+            builder: (outcome == BuildOutcome::Ok).then_some(BuiltBy::Native),
             finished_at_ms: 1_700_000_001_500,
         }
     }

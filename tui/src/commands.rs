@@ -116,7 +116,14 @@ pub fn render_status(s: &Snapshot) -> String {
                 cell.push_str(&format!(" {}/{}", pr.current, pr.total));
             }
             if let Some(l) = &t.last {
-                cell.push_str(&format!(" ({})", fmt::duration_ms(l.duration_ms)));
+                match l.builder {
+                    Some(b) => cell.push_str(&format!(
+                        " ({}, {})",
+                        fmt::duration_ms(l.duration_ms),
+                        b.as_str()
+                    )),
+                    None => cell.push_str(&format!(" ({})", fmt::duration_ms(l.duration_ms))),
+                }
             }
             let _ = write!(o, "  {cell}");
         }
@@ -272,9 +279,11 @@ fn done_line(t: &Tracked, s: &BuildSummary) -> String {
     let took = fmt::duration_ms(s.duration_ms);
     match s.outcome {
         BuildOutcome::Ok => format!(
-            "{} {}: ok in {took}, {}/{} steps cached, {}",
+            "{} {}: ok in {took}{}, {}/{} steps cached, {}",
             t.package,
             t.arch,
+            s.builder
+                .map_or(String::new(), |b| format!(" ({} builder)", b.as_str())),
             s.cache_hits,
             s.steps,
             s.digest

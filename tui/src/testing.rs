@@ -27,6 +27,7 @@ pub fn summary(id: &str, outcome: BuildOutcome, ms: u64) -> BuildSummary {
         error: (outcome == BuildOutcome::Failed).then(|| "RUN make: exit code 2".into()),
         cache_hits: 2,
         steps: 4,
+        builder: (outcome == BuildOutcome::Ok).then_some(kiln_shared::protocol::BuiltBy::Native),
         finished_at_ms: T0 + ms,
     }
 }

@@ -60,6 +60,7 @@ pub fn to_event(e: SchedEvent) -> Event {
                 error: None,
                 cache_hits: 0,
                 steps: 0,
+                builder: None,
                 finished_at_ms: now_ms(),
             };
             let (package, arch) = (key.package, key.arch);
@@ -68,6 +69,7 @@ pub fn to_event(e: SchedEvent) -> Event {
                     summary.digest = Some(b.manifest.digest);
                     summary.cache_hits = b.cache_hits;
                     summary.steps = b.steps;
+                    summary.builder = Some(b.builder);
                     Event::Finished {
                         package,
                         arch,

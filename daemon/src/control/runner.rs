@@ -150,17 +150,20 @@ impl Inner {
                 manifest: d,
                 cache_hits: 0,
                 steps: 0,
+                builder: kiln_shared::protocol::BuiltBy::Cache,
             });
         }
         // The job names its builder: the package's, or the one a request asked for.
-        let (builder, why) = match job.builder.as_str() {
-            "native" => (BuilderKind::Native, String::new()),
-            "docker" => (BuilderKind::Docker, String::new()),
-            _ if planned.auto => (
-                planned.builder,
-                format!(" (auto: {})", native::auto_reason(&planned.pkg.dockerfile)),
-            ),
-            _ => (planned.builder, String::new()),
+        let builder = match job.builder.as_str() {
+            "native" => BuilderKind::Native,
+            "docker" => BuilderKind::Docker,
+            _ => planned.builder,
+        };
+        // What auto chose, and why (a request may have named the builder instead).
+        let why = if planned.auto && builder == planned.builder {
+            format!(" (auto: {})", native::auto_reason(&planned.pkg.dockerfile))
+        } else {
+            String::new()
         };
         log.line(&format!(
             "building {image} for linux/{arch} with the {} builder{why}",
@@ -291,6 +294,7 @@ impl Inner {
                 manifest,
                 cache_hits: 0,
                 steps,
+                builder: kiln_shared::protocol::BuiltBy::Native,
             },
             platform,
         })
@@ -345,6 +349,7 @@ impl Inner {
                 manifest: outcome.manifest,
                 cache_hits: u32::try_from(outcome.cache_hits).unwrap_or(u32::MAX),
                 steps: u32::try_from(outcome.cache_hits + outcome.steps_run).unwrap_or(u32::MAX),
+                builder: kiln_shared::protocol::BuiltBy::Docker,
             },
             platform,
         };

@@ -61,6 +61,8 @@ pub struct Built {
     /// Steps answered by the builder's cache, and steps in all.
     pub cache_hits: u32,
     pub steps: u32,
+    /// Which builder built it (`Cache` when it was there already).
+    pub builder: kiln_shared::protocol::BuiltBy,
 }
 
 /// How a build ended.
@@ -146,7 +148,8 @@ enum Cmd {
     },
     Done {
         key: TargetKey,
-        result: Result<Built, RunError>,
+        /// Boxed: a build's result is much larger than the other commands.
+        result: Box<Result<Built, RunError>>,
     },
 }
 
@@ -314,7 +317,7 @@ impl Actor {
                     let n = self.cancel(&filter);
                     let _ = reply.send(n);
                 }
-                Cmd::Done { key, result } => self.done(key, result),
+                Cmd::Done { key, result } => self.done(key, *result),
             }
             self.dispatch();
         }
@@ -529,7 +532,12 @@ impl Actor {
                 Ok(r) => r,
                 Err(e) => Err(RunError::Failed(format!("the build task failed: {e}"))),
             };
-            let _ = tx.send(Cmd::Done { key, result }).await;
+            let _ = tx
+                .send(Cmd::Done {
+                    key,
+                    result: Box::new(result),
+                })
+                .await;
         });
     }
 }

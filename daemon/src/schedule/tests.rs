@@ -96,6 +96,7 @@ fn desc(n: u8) -> Built {
         manifest: Descriptor::new(OCI_MANIFEST, Digest::from_sha256_bytes(&[n; 32]), 1),
         cache_hits: 0,
         steps: 1,
+        builder: kiln_shared::protocol::BuiltBy::Native,
     }
 }
 

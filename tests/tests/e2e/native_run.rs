@@ -82,9 +82,22 @@ fn the_examples_app_builds_natively_without_an_engine_for_both_arches() {
     let s = events.wait(BUILD_TIMEOUT, "kiln/base and kiln/app to be built", |s| {
         package_ok(s, "kiln/base") && package_ok(s, "kiln/app")
     });
+    // `kiln status` says which builder built each target.
+    let status = kiln(&kilnd).arg("status").stdout();
+    let app_line = status
+        .lines()
+        .find(|l| l.starts_with("kiln/app "))
+        .unwrap_or_else(|| panic!("no kiln/app in:\n{status}"));
+    assert!(
+        app_line.contains(", native)") && !app_line.contains(", docker)"),
+        "{status}"
+    );
     for arch in ["amd64", "arm64"] {
         let log = log_of(&kilnd, "kiln/app", arch);
-        assert!(log.contains("with the native builder"), "{log}");
+        assert!(
+            log.contains("with the native builder (auto: the native builder does all of it, RUN steps in runc)"),
+            "{log}"
+        );
         assert!(log.contains("ran in"), "the RUN did not run:\n{log}");
     }
     let registry = kilnd.registry();

@@ -42,8 +42,9 @@ fn status_cell(t: Option<&TargetState>, package_error: bool, selected: bool) -> 
     Cell::from(Span::styled(format!("{g} {word}"), style))
 }
 
-/// The LAST and DIGEST cells of a row: the selected architecture's target (each arch has
-/// its own image), its last build's duration and the digest in the cache for its tag.
+/// The LAST, BY and DIGEST cells of a row: the selected architecture's target (each arch
+/// has its own image), its last build's duration and builder, and the digest in the cache
+/// for its tag.
 fn last_and_digest(t: Option<&TargetState>) -> (Option<&BuildSummary>, Option<&Digest>) {
     let last = t.and_then(|t| t.last.as_ref());
     let digest = t
@@ -93,7 +94,7 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
             cell
         }
     }));
-    header.extend([Cell::from("LAST"), Cell::from("DIGEST")]);
+    header.extend([Cell::from("LAST"), Cell::from("BY"), Cell::from("DIGEST")]);
     let body = rows.iter().enumerate().map(|(i, p)| {
         let error = p.error.is_some();
         let name_style = if error {
@@ -120,6 +121,11 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
             || "-".to_owned(),
             |l| fmt::duration_ms(l.duration_ms),
         )));
+        // Which builder made the image the last build landed (native, docker, cache).
+        cells.push(Cell::from(Span::styled(
+            last.and_then(|l| l.builder).map_or("-", |b| b.as_str()),
+            dim(),
+        )));
         cells.push(Cell::from(Span::styled(
             digest.map_or("-", |d| d.short(12)).to_owned(),
             dim(),
@@ -143,7 +149,12 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
             .iter()
             .map(|a| Constraint::Length(u16::try_from(a.len().max(10)).unwrap_or(10))),
     );
-    widths.extend([Constraint::Length(7), Constraint::Length(12)]);
+    widths.extend([
+        Constraint::Length(7),
+        Constraint::Length(6),
+        // The digest gives way first when the width is short.
+        Constraint::Max(12),
+    ]);
     let table = Table::new(body, widths)
         .header(Row::new(header).style(dim()))
         .row_highlight_style(
