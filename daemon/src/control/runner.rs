@@ -273,9 +273,7 @@ impl Inner {
             };
             native::build_images(&cache, &input, &resolver, &mut sink)
         });
-        let mut steps = 0u32;
         while let Some(line) = rx.recv().await {
-            steps += 1;
             log.line(&line);
         }
         let out = task
@@ -285,14 +283,15 @@ impl Inner {
                 NativeError::Refused(r) => NativeFailure::Refused(r.to_string()),
                 e => NativeFailure::Failed(e.to_string()),
             })?;
-        let (_, platform, manifest) = out
-            .into_iter()
-            .next()
-            .ok_or_else(|| NativeFailure::Failed("the native builder produced no image".into()))?;
+        let (steps, cache_hits) = (out.steps, out.cache_hits);
+        let (_, platform, manifest) =
+            out.images.into_iter().next().ok_or_else(|| {
+                NativeFailure::Failed("the native builder produced no image".into())
+            })?;
         Ok(Landing {
             built: Built {
                 manifest,
-                cache_hits: 0,
+                cache_hits,
                 steps,
                 builder: kiln_shared::protocol::BuiltBy::Native,
             },
@@ -397,7 +396,7 @@ impl Inner {
                 continue; // not ours: the engine resolves it as usual
             };
             // Check the platform is there before the engine finds out.
-            pick_platform(&self.cache, name, desc.clone(), platform)?;
+            pick_platform(&self.cache, name, desc.clone(), platform).map_err(|e| e.to_string())?;
             let pinned = format!("{registry}/{repo}@{}", desc.digest);
             let Some(line) = lines.get_mut(r.line.saturating_sub(1)) else {
                 continue;

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kiln_shared::protocol::BuiltBy;
 use kiln_tests::api::{describe, package_ok, tag_of};
 use kiln_tests::workspace::{busybox_kiln_toml, copy_examples, write_package};
 use kiln_tests::{Dir, Kilnd, KilndOptions, PulledImage, cmd, target_bin};
@@ -143,6 +144,13 @@ fn saves_rerun_only_the_run_steps_whose_inputs_changed() {
         let log = log_of(&kilnd, &pkg, arch);
         assert!(log.contains("CACHED RUN cat /early"), "{log}");
         assert!(!log.contains("ran in"), "{log}");
+        // The build's summary counts the cached step and names the builder.
+        let last = second.packages[&pkg].targets[arch]
+            .last
+            .as_ref()
+            .unwrap_or_else(|| panic!("no last build:\n{}", describe(&second)));
+        assert_eq!(last.cache_hits, 1, "{}", describe(&second));
+        assert_eq!(last.builder, Some(BuiltBy::Native));
     }
     // The file the RUN reads: it runs again.
     ws.write("steps/early", "early 2\n");

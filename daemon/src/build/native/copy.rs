@@ -99,8 +99,10 @@ pub fn copy(
                      differs between BuildKit versions"
                 )));
             }
-            unpack(dst, &dest_r, archive, opts, spool, changed)
-                .map_err(|e| format!("unpacking {m}: {e}"))?;
+            unpack(dst, &dest_r, archive, opts, spool, changed).map_err(|e| match e {
+                CopyError::Failed(why) => CopyError::Failed(format!("unpacking {m}: {why}")),
+                e => e,
+            })?;
             continue;
         }
         let mut dest_path = dest_r.clone();
@@ -312,7 +314,7 @@ fn unpack(
     opts: &CopyOpts,
     spool: &Arc<File>,
     changed: &mut BTreeSet<String>,
-) -> Result<(), String> {
+) -> Result<(), CopyError> {
     for p in dst
         .mkdir_all(dest, 0o755, 0, 0, opts.epoch)
         .map_err(|e| e.to_string())?
@@ -331,9 +333,9 @@ fn unpack(
         node.mtime = opts.epoch;
         let target = join(dest, &path);
         if !node.is_dir() && dst.get(&target).is_some_and(Node::is_dir) {
-            return Err(format!(
+            return Err(CopyError::Failed(format!(
                 "the archive's /{path} would replace the directory /{target}"
-            ));
+            )));
         }
         dst.insert(&target, node);
         changed.insert(target);

@@ -170,8 +170,18 @@ impl ImageConfig {
     }
 }
 
+/// A `--platform` value that is not `os/arch[/variant]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("platform {0:?} is invalid: expected os/arch or os/arch/variant, such as linux/arm64")]
+pub struct BadPlatform(pub String);
+
+/// A duration that is not Go's `time.ParseDuration` syntax.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid duration {0:?}: use a number with a unit, such as 30s or 1m30s")]
+pub struct BadDuration(pub String);
+
 /// `os/arch[/variant]` as in `--platform`.
-pub fn parse_platform(s: &str) -> Result<Platform, String> {
+pub fn parse_platform(s: &str) -> Result<Platform, BadPlatform> {
     let parts: Vec<&str> = s.split('/').collect();
     match parts.as_slice() {
         [os, arch] if !os.is_empty() && !arch.is_empty() => {
@@ -180,9 +190,7 @@ pub fn parse_platform(s: &str) -> Result<Platform, String> {
         [os, arch, variant] if !os.is_empty() && !arch.is_empty() && !variant.is_empty() => {
             Ok(Platform::linux_like(os, arch, Some(variant)))
         }
-        _ => Err(format!(
-            "platform {s:?} is invalid: expected os/arch or os/arch/variant, such as linux/arm64"
-        )),
+        _ => Err(BadPlatform(s.to_owned())),
     }
 }
 
@@ -230,8 +238,8 @@ pub fn rfc3339(epoch: i64) -> String {
 }
 
 /// A Go duration (`1h2m3.5s`, `300ms`, `10us`) in nanoseconds.
-pub fn parse_go_duration(s: &str) -> Result<i64, String> {
-    let bad = || format!("invalid duration {s:?}: use a number with a unit, such as 30s or 1m30s");
+pub fn parse_go_duration(s: &str) -> Result<i64, BadDuration> {
+    let bad = || BadDuration(s.to_owned());
     if s == "0" {
         return Ok(0);
     }

@@ -109,13 +109,49 @@ pub enum NativeError {
     Cancelled,
 }
 
+/// Why a `FROM` (or `COPY --from`) name does not resolve to an image in the cache.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("{name}: {source}")]
+    Digest {
+        name: String,
+        #[source]
+        source: kiln_shared::digest::DigestError,
+    },
+    #[error("{name}: {source}")]
+    Cache {
+        name: String,
+        #[source]
+        source: CacheError,
+    },
+    #[error("{name} is not in the cache (looked for {looked}); build or pull it first")]
+    NotInCache { name: String, looked: String },
+    #[error("workspace package {reference} is not built yet; build it before its dependents")]
+    NotBuilt { reference: String },
+    #[error("{name} is a {media_type}, not an image")]
+    NotAnImage { name: String, media_type: String },
+    #[error("{name} has no image for {platform}; build it for that platform first")]
+    NoPlatform { name: String, platform: String },
+}
+
 /// Finds the image a `FROM` (or `COPY --from`) names, for one platform.
 pub trait BaseResolver: Sync {
     /// The single-platform manifest for `name` (as written after expansion, e.g.
     /// `alpine:3.20`, `org/pkg:tag`, `name@sha256:...`) at `platform`; the manifest and
     /// its blobs must be in `cache`. The error says what is missing and what to do.
-    fn resolve(&self, cache: &Cache, name: &str, platform: &Platform)
-    -> Result<Descriptor, String>;
+    fn resolve(
+        &self,
+        cache: &Cache,
+        name: &str,
+        platform: &Platform,
+    ) -> Result<Descriptor, ResolveError>;
+}
+
+fn cache_err(name: &str) -> impl FnOnce(CacheError) -> ResolveError + '_ {
+    move |source| ResolveError::Cache {
+        name: name.to_owned(),
+        source,
+    }
 }
 
 /// Resolves names through the cache's `index.json` (`docker.io/<name>`, `library/` for
@@ -130,31 +166,32 @@ impl BaseResolver for CacheResolver {
         cache: &Cache,
         name: &str,
         platform: &Platform,
-    ) -> Result<Descriptor, String> {
+    ) -> Result<Descriptor, ResolveError> {
         let desc = if let Some((_, digest)) = name.split_once('@') {
             let digest: kiln_shared::digest::Digest =
-                digest.parse().map_err(|e| format!("{name}: {e}"))?;
-            let manifest = cache.read_manifest(&digest).map_err(|e| e.to_string())?;
+                digest.parse().map_err(|source| ResolveError::Digest {
+                    name: name.to_owned(),
+                    source,
+                })?;
+            let manifest = cache.read_manifest(&digest).map_err(cache_err(name))?;
             let media_type = manifest
                 .media_type
                 .clone()
                 .unwrap_or_else(|| crate::oci::OCI_MANIFEST.to_owned());
             let size = cache
                 .blob_size(&digest)
-                .map_err(|e| e.to_string())?
+                .map_err(cache_err(name))?
                 .unwrap_or(0);
             Descriptor::new(media_type, digest, size)
         } else {
-            let index = cache.index().map_err(|e| e.to_string())?;
+            let index = cache.index().map_err(cache_err(name))?;
             let candidates = cache_names(name);
             candidates
                 .iter()
                 .find_map(|c| index.get(c).cloned())
-                .ok_or_else(|| {
-                    format!(
-                        "{name} is not in the cache (looked for {}); build or pull it first",
-                        candidates.join(", ")
-                    )
+                .ok_or_else(|| ResolveError::NotInCache {
+                    name: name.to_owned(),
+                    looked: candidates.join(", "),
                 })?
         };
         pick_platform(cache, name, desc, platform)
@@ -175,15 +212,18 @@ impl BaseResolver for WorkspaceResolver {
         cache: &Cache,
         name: &str,
         platform: &Platform,
-    ) -> Result<Descriptor, String> {
+    ) -> Result<Descriptor, ResolveError> {
         let repo = repository_of(name);
         let Some(r) = self.packages.get(repo) else {
             return CacheResolver.resolve(cache, name, platform);
         };
-        let index = cache.index().map_err(|e| e.to_string())?;
-        let desc = index.get(&r.cache_name()).cloned().ok_or_else(|| {
-            format!("workspace package {r} is not built yet; build it before its dependents")
-        })?;
+        let index = cache.index().map_err(cache_err(name))?;
+        let desc = index
+            .get(&r.cache_name())
+            .cloned()
+            .ok_or_else(|| ResolveError::NotBuilt {
+                reference: r.to_string(),
+            })?;
         pick_platform(cache, name, desc, platform)
     }
 }
@@ -228,16 +268,17 @@ pub fn pick_platform(
     name: &str,
     desc: Descriptor,
     platform: &Platform,
-) -> Result<Descriptor, String> {
+) -> Result<Descriptor, ResolveError> {
     if is_manifest(&desc.media_type) {
         return Ok(desc);
     }
     if !is_index(&desc.media_type) {
-        return Err(format!("{name} is a {}, not an image", desc.media_type));
+        return Err(ResolveError::NotAnImage {
+            name: name.to_owned(),
+            media_type: desc.media_type,
+        });
     }
-    let index = cache
-        .read_manifest(&desc.digest)
-        .map_err(|e| e.to_string())?;
+    let index = cache.read_manifest(&desc.digest).map_err(cache_err(name))?;
     let norm = |v: Option<&str>, arch: &str| match (arch, v) {
         ("arm64", Some("v8")) => None,
         (_, v) => v.map(str::to_owned),
@@ -254,11 +295,9 @@ pub fn pick_platform(
             })
         })
         .cloned()
-        .ok_or_else(|| {
-            format!(
-                "{name} has no image for {}; build it for that platform first",
-                image::platform_string(platform)
-            )
+        .ok_or_else(|| ResolveError::NoPlatform {
+            name: name.to_owned(),
+            platform: image::platform_string(platform),
         })
 }
 
@@ -282,7 +321,7 @@ pub fn build(
     let built = build_images(cache, input, resolver, log)?;
     let mut index = None;
     let mut per_arch = Vec::new();
-    for (suffix, platform, manifest) in built {
+    for (suffix, platform, manifest) in built.images {
         index = Some(cache.merge_arch(&input.image, &suffix, platform, manifest.clone())?);
         per_arch.push((suffix, manifest));
     }
@@ -298,7 +337,7 @@ pub fn build_images(
     input: &NativeBuild,
     resolver: &dyn BaseResolver,
     log: &mut dyn FnMut(String),
-) -> Result<Vec<(String, Platform, Descriptor)>, NativeError> {
+) -> Result<NativeImages, NativeError> {
     let df = Dockerfile::read(&input.dockerfile)?;
     native_supports(&df, Capabilities::host())?;
     if input.arches.is_empty() {
@@ -315,7 +354,21 @@ pub fn build_images(
         let manifest = shared.build_platform(&platform, &suffix, log)?;
         built.push((suffix, platform, manifest));
     }
-    Ok(built)
+    Ok(NativeImages {
+        images: built,
+        steps: shared.steps,
+        cache_hits: shared.cache_hits,
+    })
+}
+
+/// What [`build_images`] built.
+#[derive(Debug, Clone)]
+pub struct NativeImages {
+    /// Each arch's suffix, platform and manifest, for [`Cache::merge_arch`].
+    pub images: Vec<(String, Platform, Descriptor)>,
+    /// Steps walked, and RUN steps the step cache answered.
+    pub steps: u32,
+    pub cache_hits: u32,
 }
 
 #[cfg(test)]

@@ -39,6 +39,10 @@ pub(super) struct Shared<'a> {
     resolver: &'a dyn BaseResolver,
     context: Option<Tree>,
     memo: HashMap<[u8; 32], Layer>,
+    /// Steps walked (each stage's FROM and instructions, every platform), and the RUN
+    /// steps of those the step cache answered.
+    pub(super) steps: u32,
+    pub(super) cache_hits: u32,
 }
 
 #[derive(Clone)]
@@ -66,6 +70,8 @@ impl<'a> Shared<'a> {
             resolver,
             context: None,
             memo: HashMap::new(),
+            steps: 0,
+            cache_hits: 0,
         }
     }
 
@@ -271,9 +277,11 @@ impl Run<'_, '_> {
             }
             let stage = self.df().stages[i].clone();
             log(format!("[{} {}/{}] {}", self.suffix, i + 1, n, stage.text));
+            self.shared.steps += 1;
             let mut st = self.start_stage(i)?;
             for ins in &stage.instructions {
                 log(format!("[{} {}/{}] {}", self.suffix, i + 1, n, ins.text));
+                self.shared.steps += 1;
                 self.apply(i, &mut st, ins, log)?;
             }
             self.states[i] = Some(st);
@@ -320,7 +328,7 @@ impl Run<'_, '_> {
         let platform = match &stage.platform {
             Some(p) => {
                 let p = self.expand_global(p, stage.line)?;
-                parse_platform(&p).map_err(|e| self.err(stage.line, e))?
+                parse_platform(&p).map_err(|e| self.err(stage.line, e.to_string()))?
             }
             None => self.platform.clone(),
         };
@@ -384,7 +392,7 @@ impl Run<'_, '_> {
             .shared
             .resolver
             .resolve(cache, name, platform)
-            .map_err(|e| self.err(line, e))?;
+            .map_err(|e| self.err(line, e.to_string()))?;
         let manifest = cache
             .read_manifest(&desc.digest)
             .map_err(|e| self.err(line, format!("{name}: {e}")))?;

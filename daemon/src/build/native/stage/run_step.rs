@@ -123,6 +123,7 @@ impl Run<'_, '_> {
             && let Some(hit) = steps.get(cache, &key)
         {
             log(format!("[{}] CACHED {shown}", self.suffix));
+            self.shared.cache_hits += 1;
             self.push_run_layer(st, hit.layer, hit.diff_id, created_by, line)?;
             return Ok(());
         }

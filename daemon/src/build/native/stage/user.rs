@@ -1,6 +1,27 @@
 //! `user[:group]` to numeric ids through the image's own `/etc/passwd` and `/etc/group`.
 
-use super::super::tree::Tree;
+use super::super::tree::{ResolveError, Tree};
+
+/// Why `user[:group]` does not resolve.
+#[derive(Debug, thiserror::Error)]
+pub(in crate::build::native) enum UserError {
+    #[error("expected user[:group], with names or numeric ids")]
+    Syntax,
+    #[error("{0}")]
+    Path(ResolveError),
+    #[error("/{0} does not exist in the image, so names cannot be resolved; use numeric ids")]
+    NoFile(&'static str),
+    #[error("/{file}: {source}")]
+    Read {
+        file: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("/{file}: malformed line for {name}")]
+    Malformed { file: &'static str, name: String },
+    #[error("{name} is not in /{file}")]
+    Unknown { file: &'static str, name: String },
+}
 
 /// Resolves `user[:group]` (names or ids) through the tree's `/etc/passwd` and
 /// `/etc/group`, as BuildKit does: a numeric user without a group gets gid = uid; a named
@@ -8,25 +29,23 @@ use super::super::tree::Tree;
 pub(in crate::build::native) fn resolve_user(
     tree: &Tree,
     spec: &str,
-) -> Result<(u64, u64), String> {
+) -> Result<(u64, u64), UserError> {
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
     if user.is_empty() || group.is_some_and(str::is_empty) {
-        return Err("expected user[:group], with names or numeric ids".into());
+        return Err(UserError::Syntax);
     }
-    let read = |file: &str| -> Result<String, String> {
-        let p = tree.resolve(file, true, false).map_err(|e| e.to_string())?;
-        let node = tree.get(&p).ok_or_else(|| {
-            format!(
-                "/{file} does not exist in the image, so names cannot be resolved; use numeric ids"
-            )
-        })?;
-        let bytes = node.read_all().map_err(|e| format!("/{file}: {e}"))?;
+    let read = |file: &'static str| -> Result<String, UserError> {
+        let p = tree.resolve(file, true, false).map_err(UserError::Path)?;
+        let node = tree.get(&p).ok_or(UserError::NoFile(file))?;
+        let bytes = node
+            .read_all()
+            .map_err(|source| UserError::Read { file, source })?;
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     };
-    let lookup = |file: &str, name: &str, field: usize| -> Result<Vec<u64>, String> {
+    let lookup = |file: &'static str, name: &str, field: usize| -> Result<Vec<u64>, UserError> {
         let text = read(file)?;
         for l in text.lines() {
             let f: Vec<&str> = l.split(':').collect();
@@ -35,11 +54,17 @@ pub(in crate::build::native) fn resolve_user(
                     .iter()
                     .map(|s| s.parse::<u64>())
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|_| format!("/{file}: malformed line for {name}"))?;
+                    .map_err(|_| UserError::Malformed {
+                        file,
+                        name: name.to_owned(),
+                    })?;
                 return Ok(ids);
             }
         }
-        Err(format!("{name} is not in /{file}"))
+        Err(UserError::Unknown {
+            file,
+            name: name.to_owned(),
+        })
     };
     let (uid, mut gid) = match user.parse::<u64>() {
         Ok(u) => (u, u),
