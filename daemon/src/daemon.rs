@@ -11,6 +11,7 @@ use kiln_shared::reference::{RepoName, Tag};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::{Api, ApiError};
 use crate::build::docker::EngineError;
@@ -89,6 +90,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         |_| {},
     )?;
     let api = Api::bind(&config.socket).await?;
+    let bus_for_api = bus.clone();
 
     // The registry: pulls are shown, and a pull of a tag not built yet waits for it.
     let (pull_tx, pull_rx) = mpsc::channel::<PullMiss>(64);
@@ -113,21 +115,25 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             });
         })),
     };
-    // Stopped last, so that pushes in flight at shutdown finish.
-    let stop_registry = tokio_util::sync::CancellationToken::new();
+    // Every task is owned: shutdown cancels `stop` and awaits what `tasks` tracks, then
+    // stops the registry last (it drains: pushes in flight at shutdown finish).
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let stop_registry = CancellationToken::new();
     let registry_task =
         tokio::spawn(registry.serve(Arc::clone(&cache), hooks, stop_registry.clone()));
 
     let (control_tx, control_rx) = mpsc::channel(64);
-    let (stop_api, api_stopped) = oneshot::channel::<()>();
-    let api_task = tokio::spawn(api.serve(bus.clone(), control_tx, async {
-        let _ = api_stopped.await;
-    }));
-
-    tokio::spawn(cache_stats(
-        Arc::clone(&cache),
-        bus.clone(),
-        config.max_size,
+    let api_stop = stop.clone();
+    tasks.spawn(async move {
+        let served = api.serve(bus_for_api, control_tx, api_stop.cancelled_owned());
+        if let Err(e) = served.await {
+            tracing::error!("the control API stopped: {e}");
+        }
+    });
+    tasks.spawn(until(
+        stop.clone(),
+        cache_stats(Arc::clone(&cache), bus.clone(), config.max_size),
     ));
 
     let (_watcher, watch_rx) = Watcher::start(WatchConfig {
@@ -144,6 +150,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             bus.clone(),
             sched,
             table,
+            tasks.clone(),
             ControlConfig {
                 builders: config.builders.clone(),
                 dev_tag: config.dev_tag.clone(),
@@ -164,8 +171,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         config.ready_file.as_deref(),
     )?;
 
-    let stop = CancellationToken::new();
-    let control = tokio::spawn(controller.run(
+    tasks.spawn(controller.run(
         Inputs {
             watch: watch_rx,
             control: control_rx,
@@ -178,9 +184,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     stop.cancel();
-    let _ = control.await;
-    let _ = stop_api.send(());
-    let _ = api_task.await;
+    tasks.close();
+    tasks.wait().await;
     stop_registry.cancel();
     let _ = registry_task.await;
     Ok(())
@@ -299,6 +304,14 @@ impl ManifestMiss for BuildOnPull {
     }
 }
 
+/// Runs `task` until it ends or `stop` fires (then drops it).
+async fn until(stop: CancellationToken, task: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        () = task => {}
+        () = stop.cancelled() => {}
+    }
+}
+
 /// Prints the ready line and writes the ready file atomically.
 fn announce(ready: &Ready, file: Option<&Path>) -> Result<(), DaemonError> {
     println!(
@@ -363,12 +376,10 @@ pub async fn build_once(
     })
     .await?;
     let push_to = registry.local_addrs().first().map(ToString::to_string);
-    // Serves the engine for this one run; it ends with the process.
-    tokio::spawn(registry.serve(
-        Arc::clone(&cache),
-        Hooks::default(),
-        tokio_util::sync::CancellationToken::new(),
-    ));
+    // Serves the engine for this one run; stopped (drained) when the builds are done.
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(registry.serve(Arc::clone(&cache), Hooks::default(), stop.clone()));
     let dev_tag: Tag = "dev"
         .parse()
         .map_err(|e| DaemonError::Invalid(format!("dev tag: {e}")))?;
@@ -403,6 +414,7 @@ pub async fn build_once(
             bus,
             sched.clone(),
             table,
+            tasks.clone(),
             ControlConfig {
                 builders: req.builders,
                 dev_tag,
@@ -457,5 +469,8 @@ pub async fn build_once(
         });
     }
     flush_usage(&cache).await;
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
     Ok(results)
 }

@@ -74,17 +74,21 @@ pub async fn stop(client: &Client) -> anyhow::Result<Outcome> {
 }
 
 /// Whether process `pid` has exited: it no longer exists (signal 0 probes it), or it is
-/// a zombie waiting for its parent.
+/// a zombie waiting for its parent. A zombie main thread whose other threads are still
+/// tearing down (exit_group in progress) has not exited yet: its parent cannot reap it.
 fn exited(pid: nix::unistd::Pid) -> bool {
     if nix::sys::signal::kill(pid, None).is_err() {
         return true;
     }
-    // /proc/PID/stat: "pid (comm) state ...", comm may hold spaces and parentheses.
+    // /proc/PID/stat: "pid (comm) state ... num_threads ...", comm may hold spaces and
+    // parentheses; after it, state is field 3 and num_threads field 20.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            s.rsplit_once(')').map(|(_, rest)| {
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                fields.first() == Some(&"Z") && fields.get(17).is_none_or(|n| *n == "1")
+            })
         })
         .unwrap_or(false)
 }

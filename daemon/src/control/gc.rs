@@ -11,12 +11,12 @@ use crate::build::native::Snapshots;
 use crate::cache::{GcOptions, gc};
 
 impl Controller {
-    /// Starts a collection; `reply` gets its summary.
+    /// Starts a collection (tracked: shutdown waits for it); `reply` gets its summary.
     pub(super) fn gc(&self, reply: Reply<GcResponse>) {
         let cache = Arc::clone(&self.cache);
         let bus = self.bus.clone();
         let max_size = self.cfg.max_size;
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let started = std::time::Instant::now();
             let r = tokio::task::spawn_blocking(move || {
                 let report = gc(

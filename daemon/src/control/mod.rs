@@ -22,6 +22,8 @@ use std::time::Duration;
 use kiln_shared::protocol::{Event, PackageInfo, Snapshot, now_ms};
 use kiln_shared::reference::Tag;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::build::docker::{EngineError, Engines};
 use crate::bus::Bus;
@@ -54,6 +56,8 @@ pub struct Controller {
     bus: Bus,
     sched: Scheduler,
     table: Arc<PackageTable>,
+    /// Where the tasks it spawns (gc) are tracked, for shutdown to await them.
+    tasks: TaskTracker,
     cfg: ControlConfig,
 }
 
@@ -146,6 +150,7 @@ impl Controller {
         bus: Bus,
         sched: Scheduler,
         table: Arc<PackageTable>,
+        tasks: TaskTracker,
         cfg: ControlConfig,
     ) -> Controller {
         Controller {
@@ -154,6 +159,7 @@ impl Controller {
             bus,
             sched,
             table,
+            tasks,
             cfg,
         }
     }
@@ -170,7 +176,7 @@ impl Controller {
 
     /// Reacts to saves, requests and pull misses until `stop` fires; flushes the
     /// cache's use records every 30 seconds and at the end.
-    pub async fn run(mut self, mut inputs: Inputs, stop: tokio_util::sync::CancellationToken) {
+    pub async fn run(mut self, mut inputs: Inputs, stop: CancellationToken) {
         let mut flush = tokio::time::interval(Duration::from_secs(30));
         loop {
             tokio::select! {

@@ -4,7 +4,7 @@
 //! since its tag was computed, moves the `dev` tag, and keeps the log: live on the bus
 //! and, when done, in `<cache>/.kiln/logs/`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -85,7 +85,7 @@ impl Runner for BuildRunner {
             let mut log = Log {
                 bus: inner.bus.clone(),
                 id: id.clone(),
-                lines: Vec::new(),
+                lines: VecDeque::new(),
             };
             let result = inner.build(&job, &mut log, cancel).await;
             if let Err(e) = &result {
@@ -101,7 +101,7 @@ impl Runner for BuildRunner {
 struct Log {
     bus: Bus,
     id: BuildId,
-    lines: Vec<String>,
+    lines: VecDeque<String>,
 }
 
 /// Lines kept for the log file in the cache.
@@ -111,9 +111,9 @@ impl Log {
     fn line(&mut self, text: &str) {
         self.bus.log_line(&self.id, text);
         if self.lines.len() == LOG_FILE_LINES {
-            self.lines.remove(0);
+            self.lines.pop_front();
         }
-        self.lines.push(text.to_owned());
+        self.lines.push_back(text.to_owned());
     }
 }
 
@@ -425,7 +425,7 @@ impl Inner {
         Ok(Some(tmp))
     }
 
-    fn save_log(&self, job: &Job, lines: &[String]) {
+    fn save_log(&self, job: &Job, lines: &VecDeque<String>) {
         let dir = self
             .cache
             .root()
@@ -433,7 +433,11 @@ impl Inner {
             .join("logs")
             .join(&job.key.package);
         let path: PathBuf = dir.join(format!("{}-{}.log", job.tag, job.key.arch));
-        let body = lines.join("\n") + "\n";
+        let mut body = String::new();
+        for line in lines {
+            body.push_str(line);
+            body.push('\n');
+        }
         if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, body)) {
             tracing::warn!("cannot keep the build log {}: {e}", path.display());
         }

@@ -2,7 +2,8 @@
 //! the real Docker engine: images that run and print their arch, per-step caching (a
 //! late COPY's file re-runs no RUN), whiteouts the engine honours, the same digest from
 //! two fresh caches, a cancelled RUN that leaves nothing, and a set of Dockerfiles
-//! (multi-stage, USER, WORKDIR, ENV, SHELL, cache mounts, COPY --from, ARG before FROM)
+//! (multi-stage, USER, WORKDIR, ENV, SHELL, cache, tmpfs and bind mounts, COPY --from, ARG
+//! before FROM)
 //! whose native images hold the same files, contents, modes and owners as the engine's.
 
 use std::collections::BTreeMap;
@@ -274,7 +275,8 @@ fn comparison_set(id: &str) -> Vec<(&'static str, String)> {
                  FROM ${{BASE}}\n\
                  COPY --from=build /work /work\n\
                  COPY --from=build /home/app /home/app\n\
-                 RUN cat /work/out.txt > /final && rm /bin/ls && ln -s /bin/sh /bin/ls2 && chmod 4755 /final\n"
+                 RUN cat /work/out.txt > /final && rm /bin/ls && ln -s /bin/sh /bin/ls2 && chmod 4755 /final\n\
+                 RUN --mount=type=bind,from=build,source=/home/app,target=/mnt cat /mnt/uid /mnt/mine > /from-mount\n"
             ),
         ),
         (

@@ -11,6 +11,7 @@
 
 pub mod context;
 pub mod engine;
+mod engine_tag;
 pub mod linuxkit;
 pub mod progress;
 pub mod push;
@@ -28,12 +29,14 @@ use tokio_util::sync::CancellationToken;
 
 pub use context::{BuildContext, ContextError};
 pub use engine::{Endpoint, Engine, EngineError, Engines, parse_engine_flag};
+pub use engine_tag::EngineTag;
 pub use linuxkit::{LinuxkitInfo, linuxkit_build_args, linuxkit_labels};
 pub use progress::{LogLine, LogSource};
 pub use push::{PushStats, fetch_manifest};
 
 use crate::oci::{Descriptor, Platform};
 use engine::error_chain;
+use engine_tag::remove_bounded;
 use progress::Steps;
 
 /// One architecture's build of a package.
@@ -210,60 +213,6 @@ pub fn push_reference(build: &DockerBuild, push_to: &str) -> (String, String) {
         format!("{push_to}/{}", build.image.repo),
         format!("{}-{}", build.image.tag, build.arch),
     )
-}
-
-/// The tag a build leaves in the engine (`<registry>/org/image:tag-<arch>`). The image
-/// is served from kilnd's registry as soon as it has landed in the cache; the engine's
-/// copy is then removed by [`EngineTag::remove`], off the path to serving. Dropped
-/// without that (a cancelled or failed build), it is removed in the background.
-pub struct EngineTag {
-    docker: Option<bollard::Docker>,
-    reference: String,
-}
-
-impl std::fmt::Debug for EngineTag {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("EngineTag").field(&self.reference).finish()
-    }
-}
-
-impl EngineTag {
-    /// The reference the tag names.
-    pub fn reference(&self) -> &str {
-        &self.reference
-    }
-
-    /// Removes the tag (and what only it used) from the engine.
-    pub async fn remove(mut self) -> Result<(), String> {
-        match self.docker.take() {
-            Some(docker) => remove_bounded(&docker, &self.reference).await,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for EngineTag {
-    fn drop(&mut self) {
-        if let (Some(docker), Ok(rt)) = (self.docker.take(), tokio::runtime::Handle::try_current())
-        {
-            let reference = std::mem::take(&mut self.reference);
-            rt.spawn(async move {
-                if let Err(e) = remove_bounded(&docker, &reference).await {
-                    tracing::warn!(%reference, error = %e, "cannot remove an abandoned build's image");
-                }
-            });
-        }
-    }
-}
-
-/// How long removing a tag may take before kiln gives up on it (an engine that accepts
-/// connections but does not answer).
-const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
-
-async fn remove_bounded(docker: &bollard::Docker, reference: &str) -> Result<(), String> {
-    tokio::time::timeout(CLEANUP_TIMEOUT, push::remove_local(docker, reference))
-        .await
-        .map_err(|_| format!("no answer within {CLEANUP_TIMEOUT:?}"))?
 }
 
 /// Builds `build` for its arch on `engine`, has the engine push the image to the registry

@@ -7,6 +7,7 @@
 //! to the step's cache key: a cache mount only its target (its content is a cache), a
 //! bind mount the content it shows.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -50,13 +51,15 @@ pub struct MountPlan {
 }
 
 /// Prepares `parsed` for a step whose working directory is `cwd`, on the architecture
-/// `arch`, run as `owner`, in a build whose context is `context`.
+/// `arch`, in a build whose context is `context`; `from_roots` holds, for each `from=`
+/// of a bind mount, the mounted root of that stage or image and its chain ID.
 pub fn plan(
     parsed: &[RunMount],
     cwd: &str,
     arch: &str,
     snapshots: &Snapshots,
     context: &Path,
+    from_roots: &BTreeMap<String, (PathBuf, String)>,
 ) -> Result<MountPlan, MountError> {
     let mut plan = MountPlan::default();
     for m in parsed {
@@ -137,12 +140,6 @@ pub fn plan(
                 });
             }
             MountKind::Bind => {
-                if m.from.is_some() {
-                    return Err(MountError::Refused(
-                        "RUN --mount=type=bind,from=... is not supported by the native builder yet"
-                            .into(),
-                    ));
-                }
                 if !m.readonly {
                     return Err(MountError::Refused(
                         "RUN --mount=type=bind,rw is not supported by the native builder yet"
@@ -150,19 +147,33 @@ pub fn plan(
                     ));
                 }
                 let rel = clean(m.source.as_deref().unwrap_or("."));
-                let root = context
+                let (base, identity) = match &m.from {
+                    Some(from) => {
+                        let (root, chain) = from_roots.get(from).ok_or_else(|| {
+                            MountError::Invalid(format!("--mount from={from}: not prepared"))
+                        })?;
+                        (root.as_path(), Some(chain))
+                    }
+                    None => (context, None),
+                };
+                let root = base
                     .canonicalize()
-                    .map_err(io_err(format!("the build context {}", context.display())))?;
+                    .map_err(io_err(format!("the mount source {}", base.display())))?;
                 let source = root.join(&rel).canonicalize().map_err(io_err(format!(
                     "--mount source {rel:?} in the build context"
                 )))?;
                 if !source.starts_with(&root) {
                     return Err(MountError::Invalid(format!(
-                        "--mount source {rel:?} leads outside the build context"
+                        "--mount source {rel:?} leads outside {}",
+                        m.from.as_deref().unwrap_or("the build context")
                     )));
                 }
-                let digest = content_hash(&source)
-                    .map_err(io_err(format!("reading {}", source.display())))?;
+                // A stage's or image's content is its chain ID; the context's is hashed.
+                let digest = match identity {
+                    Some(chain) => format!("{chain}:{rel}"),
+                    None => content_hash(&source)
+                        .map_err(io_err(format!("reading {}", source.display())))?,
+                };
                 plan.key.push(format!("bind:{target}:{digest}"));
                 plan.mounts.push(ExtraMount::Bind {
                     target,

@@ -121,9 +121,6 @@ pub fn run_refusal(r: &RunArgs) -> Option<String> {
             MountKind::Secret | MountKind::Ssh => {
                 format!("RUN --mount=type={} is not supported", m.kind.as_str())
             }
-            MountKind::Bind if m.from.is_some() => {
-                "RUN --mount=type=bind,from=... is not supported yet".into()
-            }
             MountKind::Bind if !m.readonly => {
                 "RUN --mount=type=bind,rw is not supported yet".into()
             }

@@ -407,6 +407,60 @@ impl Drop for Guard {
     }
 }
 
+/// A read-only overlay of an image's or stage's snapshots (what `RUN --mount=type=bind,
+/// from=...` shows), unmounted and removed when dropped.
+#[derive(Debug)]
+pub struct View {
+    work: PathBuf,
+}
+
+impl View {
+    /// Mounts `lowers` (top first) read-only under a fresh `kiln-*` work directory.
+    pub fn mount(snapshots: &Snapshots, lowers: &[PathBuf]) -> Result<View, RuntimeError> {
+        let work = snapshots.new_work()?;
+        let view = View { work };
+        let root = view.root();
+        let empty = view.work.join("empty");
+        for d in [&root, &empty] {
+            fs::create_dir(d).map_err(|source| RuntimeError::Io {
+                what: "creating",
+                path: d.clone(),
+                source,
+            })?;
+        }
+        // Without an upper directory overlayfs wants two lower ones at least.
+        let lowerdir = lowers
+            .iter()
+            .chain(std::iter::once(&empty))
+            .map(|p| p.to_string_lossy().replace(':', "\\:"))
+            .collect::<Vec<_>>()
+            .join(":");
+        nix::mount::mount(
+            Some("overlay"),
+            &root,
+            Some("overlay"),
+            MsFlags::MS_RDONLY,
+            Some(format!("lowerdir={lowerdir}").as_str()),
+        )
+        .map_err(|source| RuntimeError::Mount {
+            path: root.clone(),
+            source,
+        })?;
+        Ok(view)
+    }
+
+    /// The mounted root.
+    pub fn root(&self) -> PathBuf {
+        self.work.join("rootfs")
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        remove_work(&self.work);
+    }
+}
+
 fn remove_work(work: &Path) {
     let _ = nix::mount::umount2(&work.join("rootfs"), MntFlags::MNT_DETACH);
     if let Err(e) = fs::remove_dir_all(work)

@@ -19,7 +19,7 @@ use super::tree::{Node, Tree};
 use super::{BaseResolver, NativeBuild, NativeError, Refusal};
 use crate::build::dockerfile::lex::expand;
 use crate::build::dockerfile::platform_args;
-use crate::build::dockerfile::{CopyArgs, Dockerfile, Instruction};
+use crate::build::dockerfile::{CopyArgs, Dockerfile, Instruction, MountKind, RunMount};
 use crate::cache::Cache;
 
 /// Image configs are small; a larger one is refused rather than read into memory.
@@ -218,6 +218,8 @@ impl Run<'_, '_> {
         let mut deps: Vec<Vec<usize>> = vec![Vec::new(); n];
         let mut from_sources = vec![false; n];
         let mut bases: Vec<Option<usize>> = vec![None; n];
+        // Stages a `RUN --mount=type=bind,from=` shows: built first, with layers.
+        let mut mount_sources = Vec::new();
         for i in 0..n {
             if let Base::Stage(j) = self.base_of(i)? {
                 deps[i].push(j);
@@ -229,6 +231,20 @@ impl Run<'_, '_> {
                 {
                     deps[i].push(j);
                     from_sources[j] = true;
+                }
+                if let Instruction::Run(r) = &ins.value {
+                    for m in &r.mounts {
+                        if let Ok(RunMount {
+                            kind: MountKind::Bind,
+                            from: Some(f),
+                            ..
+                        }) = RunMount::parse(m)
+                            && let Some(j) = self.copy_from_stage(i, &f, ins.line)?
+                        {
+                            deps[i].push(j);
+                            mount_sources.push(j);
+                        }
+                    }
                 }
             }
         }
@@ -261,6 +277,7 @@ impl Run<'_, '_> {
         };
         let starts: Vec<usize> = std::iter::once(target)
             .chain((0..n).filter(|&s| reachable[s] && has_run(s)))
+            .chain(mount_sources)
             .collect();
         for start in starts {
             let mut k = Some(start);

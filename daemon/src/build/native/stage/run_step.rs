@@ -3,7 +3,7 @@
 //! its parent chain and those inputs, and otherwise run in a container on the stage's
 //! snapshots; its upper directory becomes the layer and the snapshot of the new chain.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::BufReader;
 
@@ -15,7 +15,7 @@ use super::super::steps::{StepCache, StepKey};
 use super::super::{NativeError, mounts};
 use super::user::resolve_user;
 use super::{Run, StageState};
-use crate::build::dockerfile::{CommandLine, Located, RunArgs};
+use crate::build::dockerfile::{CommandLine, Located, MountKind, RunArgs};
 use crate::build::native::image::rfc3339;
 
 /// `PATH` of a step whose image sets none, as BuildKit gives it.
@@ -95,12 +95,49 @@ impl Run<'_, '_> {
         let cache = self.shared.cache;
         let snapshots = Snapshots::open(cache).map_err(|e| self.err(line, e.to_string()))?;
         let chains = Snapshots::chain_ids(&st.config.rootfs.diff_ids);
+        // Each stage or image a bind mount shows, mounted read-only for the step.
+        let mut views = Vec::new();
+        let mut from_roots = BTreeMap::new();
+        for m in &parsed {
+            let (MountKind::Bind, Some(from)) = (m.kind, &m.from) else {
+                continue;
+            };
+            if from_roots.contains_key(from) {
+                continue;
+            }
+            let (layers, diff_ids) = match self.df().stage_index(from, i) {
+                Some(j) => {
+                    let s = self.states[j].as_ref().ok_or_else(|| {
+                        self.err(
+                            line,
+                            format!("--mount from={from}: that stage was not built"),
+                        )
+                    })?;
+                    (s.layers.clone(), s.config.rootfs.diff_ids.clone())
+                }
+                None => {
+                    let (config, layers) = self.load_image(from, &self.platform, line)?;
+                    (layers, config.rootfs.diff_ids)
+                }
+            };
+            let lowers = snapshots
+                .ensure(cache, &layers, &diff_ids)
+                .map_err(|e| self.err(line, e.to_string()))?;
+            let view = runtime::View::mount(&snapshots, &lowers)
+                .map_err(|e| self.err(line, format!("--mount from={from}: {e}")))?;
+            let chain = Snapshots::chain_ids(&diff_ids)
+                .last()
+                .map_or_else(|| "scratch".to_owned(), ToString::to_string);
+            from_roots.insert(from.clone(), (view.root(), chain));
+            views.push(view);
+        }
         let mut mount_plan = mounts::plan(
             &parsed,
             &cwd,
             &self.suffix,
             &snapshots,
             &self.shared.input.context,
+            &from_roots,
         )
         .map_err(|e| match e {
             mounts::MountError::Refused(why) => self.refuse(line, why),
@@ -156,6 +193,7 @@ impl Run<'_, '_> {
             e => self.err(line, format!("RUN: {e}")),
         })?;
         drop(mount_plan);
+        drop(views);
         let d = diff(&finished.upper, &lowers, &excluded)
             .map_err(|e| self.err(line, format!("reading the changes of RUN: {e}")))?;
         let epoch = self.shared.input.source_date_epoch;
