@@ -56,6 +56,7 @@ mod server;
 mod service;
 pub mod uploads;
 pub mod view;
+mod wire;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -201,7 +201,7 @@ async fn connection(
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(60))
         .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), svc);
+        .serve_connection(TokioIo::new(super::wire::Wire::new(stream)), svc);
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,

@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -184,9 +184,10 @@ fn pusher(
     }
 }
 
-/// `kiln gc --cache` in a loop until told to stop; the one running then is killed with
-/// kilnd (its pid is in `current` while it runs).
-fn gc_loop(cache: PathBuf, stop: Arc<AtomicBool>, current: Arc<AtomicU32>) {
+/// `kiln gc --cache` in a loop until told to stop; the one running then is killed
+/// (SIGKILL, as kilnd is), by this thread, which holds it unreaped: no other process can
+/// have its pid yet.
+fn gc_loop(cache: PathBuf, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
         let mut child = Command::new(target_bin("kiln"))
             .args(["gc", "--cache"])
@@ -195,10 +196,18 @@ fn gc_loop(cache: PathBuf, stop: Arc<AtomicBool>, current: Arc<AtomicU32>) {
             .stderr(Stdio::null())
             .spawn()
             .expect("start kiln gc");
-        current.store(child.id(), Ordering::SeqCst);
-        let _ = child.wait();
-        GC_RUNS.fetch_add(1, Ordering::Relaxed);
-        current.store(0, Ordering::SeqCst);
+        loop {
+            if child.try_wait().expect("wait for kiln gc").is_some() {
+                GC_RUNS.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            if stop.load(Ordering::Relaxed) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 }
 
@@ -375,10 +384,9 @@ fn kill_9_during_pushes_builds_and_gc_loses_no_acknowledged_write() {
                 pusher(addr, seed, format!("r{round}-p{p}"), reuse, acked, stop)
             }));
         }
-        let gc_child = Arc::new(AtomicU32::new(0));
         let gc = {
-            let (cache, stop, current) = (cache.clone(), Arc::clone(&stop), Arc::clone(&gc_child));
-            std::thread::spawn(move || gc_loop(cache, stop, current))
+            let (cache, stop) = (cache.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || gc_loop(cache, stop))
         };
         // Kill after this many acknowledged pushes (0: as soon as it is up).
         let kill_after = rng.below(6) as usize;
@@ -390,18 +398,12 @@ fn kill_9_during_pushes_builds_and_gc_loses_no_acknowledged_write() {
             );
             std::thread::sleep(Duration::from_millis(2));
         }
-        let kill = |pid: u32| {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        };
-        kill(kilnd.pid());
+        // kilnd is the harness's child, not reaped before `drop(kilnd)`: its pid is its.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(kilnd.pid() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         stop.store(true, Ordering::Relaxed);
-        match gc_child.load(Ordering::SeqCst) {
-            0 => {}
-            pid => kill(pid),
-        }
         for t in threads {
             t.join().unwrap();
         }

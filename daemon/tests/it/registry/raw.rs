@@ -250,3 +250,50 @@ fn uploads_cut_off_mid_body_leave_nothing() {
         files(s.dir.path()) == before
     });
 }
+
+#[test]
+fn errors_hyper_answers_itself_carry_the_oci_error_json() {
+    let s = Server::start();
+    let before = files(s.dir.path());
+    let r = send(
+        &s,
+        "POST /v2/org/img/blobs/uploads/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc",
+        b"",
+    );
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (400, "UNSUPPORTED"),
+        "{}",
+        r.head
+    );
+    let huge = "x".repeat(1 << 20);
+    let r = send(
+        &s,
+        &format!("GET /v2/ HTTP/1.1\r\nHost: localhost\r\nX-Big: {huge}"),
+        b"",
+    );
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (431, "SIZE_INVALID"),
+        "{}",
+        r.head
+    );
+    assert!(
+        r.head
+            .contains("docker-distribution-api-version: registry/2.0")
+    );
+    // An interim 100 Continue is hyper's too, and stays as it is.
+    let blob = b"expect continue";
+    let r = send(
+        &s,
+        &format!(
+            "POST /v2/org/img/blobs/uploads/?digest={} HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nContent-Length: {}",
+            sha(blob),
+            blob.len()
+        ),
+        blob,
+    );
+    assert!(r.head.starts_with("HTTP/1.1 100 Continue"), "{}", r.head);
+    assert!(r.body.contains("HTTP/1.1 201 Created"), "{}", r.body);
+    let _ = before;
+}
