@@ -333,6 +333,9 @@ fn stream(
         }));
     }
     drop(tx);
+    // Once cancelled, the kill is sent again at every poll until the output ends: a
+    // cancel that comes while `runc run` is still creating the container finds nothing
+    // to kill yet (`runc kill` fails), and one try would leave the step running.
     let mut killed = false;
     loop {
         match rx.recv_timeout(CANCEL_POLL) {
@@ -340,7 +343,7 @@ fn stream(
             Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {}
         }
-        if !killed && cancelled() {
+        if killed || cancelled() {
             killed = true;
             guard.kill(id);
         }
