@@ -75,15 +75,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .find(|a| a.is_ipv4() && a.ip().is_loopback())
         .map(ToString::to_string);
 
-    // No upstream configured: kilnd stays local (no Docker Hub lookups either).
-    let upstreams = if config.upstreams.is_empty() {
-        None
-    } else {
-        Some(Arc::new(Upstreams::new(
-            &config.upstreams,
-            &AuthFiles::from_env(),
-        )?))
-    };
+    // Docker Hub is always there, last, for docker.io names, as docker does: a base image
+    // that is neither a workspace package nor in the cache comes through it. (The one-off
+    // `kilnd build` runs with none.)
+    let upstreams = Some(Arc::new(Upstreams::new(
+        &config.upstreams,
+        &AuthFiles::from_env(),
+    )?));
     let Core {
         bus,
         table,
