@@ -251,7 +251,9 @@ impl Run<'_, '_> {
         Ok(())
     }
 
-    fn command(&self, st: &StageState, c: &CommandLine) -> Vec<String> {
+    /// The process a RUN, CMD or ENTRYPOINT in `c`'s form runs: exec form as written,
+    /// shell form through SHELL (default `/bin/sh -c`), as BuildKit builds it.
+    pub(super) fn command(&self, st: &StageState, c: &CommandLine) -> Vec<String> {
         match c {
             CommandLine::Exec(v) => v.clone(),
             CommandLine::Shell(s) => {

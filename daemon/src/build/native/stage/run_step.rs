@@ -15,7 +15,7 @@ use super::super::steps::{StepCache, StepKey};
 use super::super::{NativeError, mounts};
 use super::user::resolve_user;
 use super::{Run, StageState};
-use crate::build::dockerfile::{CommandLine, Located, MountKind, RunArgs};
+use crate::build::dockerfile::{Located, MountKind, RunArgs};
 use crate::build::native::image::rfc3339;
 
 /// `PATH` of a step whose image sets none, as BuildKit gives it.
@@ -37,19 +37,7 @@ impl Run<'_, '_> {
         let runtime_path =
             runtime::availability().map_err(|why| self.refuse(line, format!("RUN: {why}")))?;
         // The command, as BuildKit builds it.
-        let args = match &r.command {
-            CommandLine::Exec(v) => v.clone(),
-            CommandLine::Shell(s) => {
-                let mut v = st
-                    .config
-                    .config
-                    .shell
-                    .clone()
-                    .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()]);
-                v.push(s.clone());
-                v
-            }
-        };
+        let args = self.command(st, &r.command);
         // ENV, then the stage's ARG values that ENV does not set.
         let env_pairs = st.config.config.env_pairs();
         let mut env: Vec<String> = env_pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
