@@ -54,8 +54,8 @@ pub enum Command {
         /// Build even if the tag is already in the cache.
         #[arg(long)]
         force: bool,
-        /// native or docker [default: kilnd's choice for the package: native when the
-        /// Dockerfile needs no RUN]
+        /// native or docker [default: kilnd's choice for the package: native where it can
+        /// do all of the Dockerfile]
         #[arg(long, value_name = "BUILDER")]
         builder: Option<String>,
         /// Build without kilnd, into this cache directory.

@@ -87,8 +87,8 @@ pub struct Args {
     #[arg(long, short = 'j', env = "KILN_JOBS", value_name = "N")]
     pub jobs: Option<usize>,
 
-    /// Which builder builds packages: auto (native when the Dockerfile needs no RUN,
-    /// else docker), native or docker [default: auto]
+    /// Which builder builds packages: auto (native, RUN steps in runc, where it can do
+    /// all of the Dockerfile, else docker), native or docker [default: auto]
     #[arg(long, env = "KILN_BUILDER", value_name = "BUILDER")]
     pub builder: Option<String>,
 
