@@ -149,6 +149,11 @@ pub fn render_status(s: &Snapshot) -> String {
             }
             if let Some(l) = &t.last {
                 match l.builder {
+                    _ if l.pulled_from.is_some() => cell.push_str(&format!(
+                        " (pulled from {} in {} ms)",
+                        l.pulled_from.as_deref().unwrap_or_default(),
+                        l.duration_ms
+                    )),
                     Some(b) => cell.push_str(&format!(
                         " ({}, {})",
                         fmt::duration_ms(l.duration_ms),
