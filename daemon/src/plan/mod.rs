@@ -335,7 +335,9 @@ pub fn plan_workspace(
         match pkg {
             Ok(p) => {
                 let name = p.repo.to_string();
-                if let Some(first) = by_repo.get(&name) {
+                if let Some(e) = p.missing_dockerfile() {
+                    errors.insert(dir.clone(), (name, e.to_string()));
+                } else if let Some(first) = by_repo.get(&name) {
                     errors.insert(
                             dir.clone(),
                             (
@@ -466,8 +468,8 @@ fn choose_builder(mode: BuilderMode, p: &Package) -> BuilderKind {
 /// directory outside git.
 pub fn show_tags(dirs: &[PathBuf]) -> Vec<Result<ImageRef, String>> {
     let mut tagger = Tagger::new();
-    let mut planned_roots: BTreeMap<PathBuf, (BTreeMap<String, Arc<Planned>>, PlanErrors)> =
-        BTreeMap::new();
+    type Planned3 = (Workspace, BTreeMap<String, Arc<Planned>>, PlanErrors);
+    let mut planned_roots: BTreeMap<PathBuf, Planned3> = BTreeMap::new();
     dirs.iter()
         .map(|dir| {
             let abs = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -480,12 +482,21 @@ pub fn show_tags(dirs: &[PathBuf]) -> Vec<Result<ImageRef, String>> {
             let root = crate::workspace::git::find_top(&abs)
                 .or_else(|| abs.parent().map(std::path::Path::to_path_buf))
                 .unwrap_or_else(|| abs.clone());
-            let (planned, errors) = planned_roots.entry(root.clone()).or_insert_with(|| {
+            let (ws, planned, errors) = planned_roots.entry(root.clone()).or_insert_with(|| {
                 let ws = Workspace::discover(std::slice::from_ref(&root));
-                plan_workspace(&ws, &mut tagger, &mut BTreeMap::new(), &Builders::default())
+                let (planned, errors) =
+                    plan_workspace(&ws, &mut tagger, &mut BTreeMap::new(), &Builders::default());
+                (ws, planned, errors)
             });
             if let Some((_, e)) = errors.get(&abs) {
-                return Err(e.clone());
+                // Without its Dockerfile a package follows nothing: its tag is its files'
+                // hash, as `linuxkit pkg show-tag` prints it.
+                return match ws.packages.get(&abs) {
+                    Some(Ok(p)) if p.missing_dockerfile().is_some() => {
+                        tagger.image_ref(p).map_err(|e| e.to_string())
+                    }
+                    _ => Err(e.clone()),
+                };
             }
             planned
                 .values()
@@ -544,6 +555,34 @@ mod tests {
 
         write(&ws, "base/f", "one");
         assert_eq!(tags(&dirs), first, "a revert gives back the earlier tags");
+    }
+
+    /// `linuxkit pkg show-tag` tags a package whose Dockerfile is missing; so does kiln,
+    /// while planning it to build says the file is missing.
+    #[test]
+    fn show_tag_without_a_dockerfile_and_planning_says_it_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        write(&ws, "a/build.yml", "org: kiln\nimage: a\n");
+        write(&ws, "a/file", "x");
+        let tags = show_tags(&[ws.join("a")]);
+        let image = tags[0].as_ref().unwrap();
+        assert_eq!(
+            image.to_string(),
+            crate::workspace::show_tag(&ws.join("a"))
+                .unwrap()
+                .to_string()
+        );
+        assert_eq!(image.repo.as_str(), "kiln/a");
+
+        let mut planner = Planner::new(std::slice::from_ref(&ws), Builders::default());
+        let (planned, errors) = planner.load();
+        assert!(planned.is_empty());
+        let e = &errors[&std::fs::canonicalize(ws.join("a")).unwrap()];
+        assert!(
+            e.contains("Dockerfile") && e.contains("does not exist: create it"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -150,6 +150,20 @@ depends:
         );
     }
 
+    /// `arches:` with no value is LinuxKit's default arches (linuxkit's pkg/bpftrace has
+    /// it), as is `arches: ~`; an empty list stays an error.
+    #[test]
+    fn arches_without_a_value_are_the_default() {
+        let default = parse("image: a\n").unwrap().arches;
+        assert_eq!(parse("image: a\narches:\n").unwrap().arches, default);
+        assert_eq!(parse("arches:\nimage: a\n").unwrap().arches, default);
+        assert_eq!(parse("image: a\narches: ~\n").unwrap().arches, default);
+        assert_eq!(
+            parse("image: a\narches:\n  - arm64\n").unwrap().arches,
+            vec![Arch::Arm64]
+        );
+    }
+
     /// Each bad input, the line and column reported, and a piece of the message.
     #[test]
     fn errors_name_line_column_and_expectation() {
