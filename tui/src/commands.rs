@@ -27,7 +27,7 @@ pub async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {
         serde_json::to_writer_pretty(&mut out, &s)?;
         writeln!(out)?;
     } else {
-        out.write_all(render_status(&s).as_bytes())?;
+        out.write_all(render_status(&s, kiln_shared::protocol::now_ms()).as_bytes())?;
     }
     Ok(Outcome::Success)
 }
@@ -113,8 +113,8 @@ fn exited(pid: nix::unistd::Pid) -> bool {
         .unwrap_or(false)
 }
 
-/// `kiln status` as plain text.
-pub fn render_status(s: &Snapshot) -> String {
+/// `kiln status` as plain text, as of `now` (Unix ms).
+pub fn render_status(s: &Snapshot, now: u64) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
     let roots: Vec<String> = s.roots.iter().map(|r| r.display().to_string()).collect();
@@ -139,7 +139,12 @@ pub fn render_status(s: &Snapshot) -> String {
             if let (TargetStatus::Building, Some(pr)) = (t.status, &t.progress) {
                 cell.push_str(&format!(" {}/{}", pr.current, pr.total));
             }
-            if let Some(l) = &t.last {
+            // A duration next to a state is that state's: the build in flight so far,
+            // or the build that ended as the status says (not an earlier build's).
+            if let Some(at) = s.started_at(t) {
+                let so_far = now.saturating_sub(at);
+                cell.push_str(&format!(" ({})", fmt::duration_ms(so_far)));
+            } else if let Some(l) = t.settled_by() {
                 match l.builder {
                     Some(b) => cell.push_str(&format!(
                         " ({}, {})",
@@ -148,6 +153,8 @@ pub fn render_status(s: &Snapshot) -> String {
                     )),
                     None => cell.push_str(&format!(" ({})", fmt::duration_ms(l.duration_ms))),
                 }
+            } else if t.status == TargetStatus::Ok {
+                cell.push_str(" (cached)");
             }
             let _ = write!(o, "  {cell}");
         }
@@ -380,7 +387,14 @@ pub async fn logs(
             archs.join(", ")
         );
     }
+    if let Some(e) = &p.error {
+        // Its last log, if it has one, is of files that have changed since.
+        eprintln!("kiln: {package} cannot be built now: {e}");
+    }
     let Some(build) = s.build_of(package, arch) else {
+        if let Some(e) = &p.error {
+            bail!("{package} cannot be built: {e}");
+        }
         bail!("{package} has no build in this kilnd yet: run `kiln build {package}`");
     };
     let mut lines = client
@@ -525,6 +539,7 @@ mod tests {
 
     #[test]
     fn plain_status() {
-        insta::assert_snapshot!(render_status(&crate::testing::snapshot()));
+        let now = crate::testing::T0 + 4_200;
+        insta::assert_snapshot!(render_status(&crate::testing::snapshot(), now));
     }
 }

@@ -7,5 +7,6 @@ mod build;
 mod crash;
 mod kilnd;
 mod native_run;
+mod package_errors;
 mod upstream;
 mod watch;
