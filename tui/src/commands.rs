@@ -419,6 +419,12 @@ pub async fn logs(
             "{package} {arch} has no build in this kilnd yet: run `kiln build {package} --arch {arch}`"
         );
     };
+    // Following: the build's end comes on the event stream, subscribed to before the
+    // log is read so that it cannot slip by.
+    let events = match follow {
+        true => Some(client.events().await?),
+        false => None,
+    };
     let mut lines = client
         .log(&build, follow)
         .await
@@ -431,15 +437,11 @@ pub async fn logs(
         out.flush()?;
     }
     drop(out);
-    // The outcome, as of now: a followed build has ended.
-    let s = client.state().await?;
-    let ended = s
-        .packages
-        .get(package)
-        .and_then(|p| p.targets.get(&arch))
-        .and_then(|t| t.last.as_ref())
-        .filter(|l| l.id == build);
-    Ok(match ended.map(|l| l.outcome) {
+    let outcome = match events {
+        Some(events) => Some(build_end(events, package, &arch, &build).await?),
+        None => ended(&s, package, &arch, &build),
+    };
+    Ok(match outcome {
         Some(BuildOutcome::Failed) => {
             eprintln!("kiln: build {build} of {package} {arch} failed");
             Outcome::Failure
@@ -450,6 +452,41 @@ pub async fn logs(
         }
         Some(BuildOutcome::Ok) | None => Outcome::Success,
     })
+}
+
+/// How build `id` of (package, arch) ended, if it has.
+fn ended(s: &Snapshot, package: &str, arch: &str, id: &BuildId) -> Option<BuildOutcome> {
+    let last = s.packages.get(package)?.targets.get(arch)?.last.as_ref()?;
+    (&last.id == id).then_some(last.outcome)
+}
+
+/// Waits on the event stream for build `id` to end.
+async fn build_end(
+    mut events: crate::client::Lines,
+    package: &str,
+    arch: &str,
+    id: &BuildId,
+) -> anyhow::Result<BuildOutcome> {
+    loop {
+        match events.next_item().await? {
+            None => bail!("kilnd closed the event stream before build {id} ended"),
+            Some(StreamItem::Snapshot { snapshot }) => {
+                if let Some(o) = ended(&snapshot, package, arch, id) {
+                    return Ok(o);
+                }
+            }
+            Some(StreamItem::Event { event, .. }) => match event {
+                Event::Finished { summary, .. }
+                | Event::Failed { summary, .. }
+                | Event::Cancelled { summary, .. }
+                    if &summary.id == id =>
+                {
+                    return Ok(summary.outcome);
+                }
+                _ => {}
+            },
+        }
+    }
 }
 
 /// The arch whose log `kiln logs PKG` shows without `--arch`, the same one every time:
@@ -500,7 +537,8 @@ mod tests {
     use crate::testing::{T0, summary, tag};
 
     /// The real API, and a test double for the daemon core that queues one build per
-    /// request and publishes its lifecycle, failing packages named `*/broken`.
+    /// request and publishes its lifecycle: `*/broken` and `linuxkit/init` fail,
+    /// `linuxkit/hello` is cancelled, the rest succeed.
     async fn server() -> (tempfile::TempDir, Client) {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("k.sock");
@@ -539,23 +577,29 @@ mod tests {
                         progress: None,
                     },
                 });
-                let (outcome, event): (_, fn(String, String, BuildSummary) -> Event) =
-                    if req.package.ends_with("/broken") {
-                        (BuildOutcome::Failed, |package, arch, summary| {
-                            Event::Failed {
-                                package,
-                                arch,
-                                summary,
-                            }
-                        })
-                    } else {
-                        (BuildOutcome::Ok, |package, arch, summary| Event::Finished {
-                            package,
-                            arch,
-                            summary,
-                        })
-                    };
-                core_bus.publish(event(q.package, arch, summary(&id.0, outcome, 1200)));
+                let outcome = match req.package.as_str() {
+                    p if p.ends_with("/broken") || p == "linuxkit/init" => BuildOutcome::Failed,
+                    "linuxkit/hello" => BuildOutcome::Cancelled,
+                    _ => BuildOutcome::Ok,
+                };
+                let (package, summary) = (q.package, summary(&id.0, outcome, 1200));
+                core_bus.publish(match outcome {
+                    BuildOutcome::Ok => Event::Finished {
+                        package,
+                        arch,
+                        summary,
+                    },
+                    BuildOutcome::Failed => Event::Failed {
+                        package,
+                        arch,
+                        summary,
+                    },
+                    BuildOutcome::Cancelled => Event::Cancelled {
+                        package,
+                        arch,
+                        summary,
+                    },
+                });
             }
         });
         let api = Api::bind(&socket).await.unwrap();
@@ -590,6 +634,32 @@ mod tests {
         .await
         .unwrap();
         assert!(matches!(failed, Outcome::Failure));
+    }
+
+    #[tokio::test]
+    async fn logs_fail_as_the_build_did() {
+        let (_dir, client) = server().await;
+        for (package, ok) in [
+            ("linuxkit/alpine", true),
+            ("linuxkit/init", false),
+            ("linuxkit/hello", false),
+        ] {
+            let req = BuildRequest {
+                package: package.into(),
+                arch: Some("amd64".into()),
+                force: true,
+                builder: None,
+            };
+            build(&client, req).await.unwrap();
+            for follow in [false, true] {
+                let o = logs(&client, package, Some("amd64"), follow).await.unwrap();
+                assert_eq!(
+                    matches!(o, Outcome::Success),
+                    ok,
+                    "{package}, follow {follow}"
+                );
+            }
+        }
     }
 
     #[test]
