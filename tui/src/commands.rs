@@ -393,6 +393,13 @@ pub async fn logs(
             }
         );
     };
+    if let Some(e) = &p.error {
+        if s.build_of(package, None).is_none() {
+            bail!("{package} cannot be built: {e}");
+        }
+        // Its last log is of files that have changed since.
+        eprintln!("kiln: {package} cannot be built now: {e}");
+    }
     let arch = match arch {
         Some(a) if p.targets.contains_key(a) => a.to_owned(),
         Some(a) => {
@@ -407,14 +414,7 @@ pub async fn logs(
             None => bail!("{package} has no architectures to show a log of"),
         },
     };
-    if let Some(e) = &p.error {
-        // Its last log, if it has one, is of files that have changed since.
-        eprintln!("kiln: {package} cannot be built now: {e}");
-    }
     let Some(build) = s.build_of(package, Some(&arch)) else {
-        if let Some(e) = &p.error {
-            bail!("{package} cannot be built: {e}");
-        }
         bail!(
             "{package} {arch} has no build in this kilnd yet: run `kiln build {package} --arch {arch}`"
         );
