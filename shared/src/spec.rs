@@ -87,8 +87,16 @@ fn de_arches<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Arch>, D::Error> {
             }
             Ok(arches)
         }
+        // `arches:` with no value: LinuxKit reads it as no list, so the default arches
+        // (linuxkit's own pkg/bpftrace says `arches:` with nothing after it).
+        fn visit_unit<E: de::Error>(self) -> Result<Vec<Arch>, E> {
+            Ok(default_arches())
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Vec<Arch>, E> {
+            Ok(default_arches())
+        }
     }
-    d.deserialize_seq(V)
+    d.deserialize_any(V)
 }
 
 /// LinuxKit's `config` (a `moby.ImageConfig`), kept as a JSON object.
@@ -142,6 +150,17 @@ impl Arch {
             Arch::Arm64 => "arm64",
             Arch::Riscv64 => "riscv64",
             Arch::S390x => "s390x",
+        }
+    }
+
+    /// The architecture this process runs on, if LinuxKit builds for it.
+    pub fn host() -> Option<Arch> {
+        match std::env::consts::ARCH {
+            "x86_64" => Some(Arch::Amd64),
+            "aarch64" => Some(Arch::Arm64),
+            "riscv64" => Some(Arch::Riscv64),
+            "s390x" => Some(Arch::S390x),
+            _ => None,
         }
     }
 

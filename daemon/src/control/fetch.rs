@@ -212,7 +212,6 @@ pub(super) fn report_pulled(
             desc.digest
         ),
     );
-    bus.logs().close(&id);
     bus.publish(Event::Finished {
         package: package.to_owned(),
         arch: arch.to_owned(),

@@ -4,8 +4,10 @@
 
 mod base_images;
 mod build;
+mod cli;
 mod crash;
 mod kilnd;
 mod native_run;
+mod package_errors;
 mod upstream;
 mod watch;
