@@ -468,12 +468,13 @@ fn a_base_image_whose_registry_cannot_be_reached_fails_the_build_naming_it() {
         assert!(error.contains(&said), "{said:?} missing from: {error}");
     }
     assert!(!error.contains("pull it first"), "{error}");
-    // The log ends with it too.
+    // The log ends with it too (and `kiln logs` of a failed build exits 1).
     let log = cmd(target_bin("kiln"))
         .arg("--socket")
         .arg(k.socket())
         .args(["logs", "kiln/solo"])
-        .stdout();
+        .run_fails()
+        .stdout_str();
     let last = log.lines().last().unwrap_or_default();
     assert!(
         last.contains(&format!("upstream {addr} cannot be reached")),
