@@ -8,5 +8,6 @@ mod cli;
 mod crash;
 mod kilnd;
 mod native_run;
+mod package_errors;
 mod upstream;
 mod watch;
