@@ -203,9 +203,15 @@ pub fn render_status(s: &Snapshot, now: u64) -> String {
         );
     }
     for p in s.pushes.values().filter(|p| p.error.is_some()) {
+        let retry = p.next_try_at_ms.map_or(String::new(), |at| {
+            let secs = at
+                .saturating_sub(kiln_shared::protocol::now_ms())
+                .div_ceil(1000);
+            format!("; next try in {secs} s")
+        });
         let _ = writeln!(
             o,
-            "push of {}:{} to {} failed: {}",
+            "push of {}:{} to {} failed: {}{retry}",
             p.package,
             p.tag,
             p.upstream,

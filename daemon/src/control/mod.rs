@@ -8,8 +8,10 @@
 //! that uses `watch` and `bus`.
 
 mod events;
+mod fetch;
 mod gc;
 mod pull;
+mod push;
 mod request;
 pub mod runner;
 mod stats;
@@ -36,8 +38,9 @@ use crate::workspace::{PackageTable, Planned};
 
 pub use events::{describe, to_event};
 pub use pull::PullMiss;
+pub use push::publish_upstreams;
 pub use request::{ControlError, ControlRequest, Reply};
-pub use runner::BuildRunner;
+pub use runner::{BuildRunner, Imports};
 pub use stats::cache_stats;
 
 /// Settings of the control layer.
@@ -101,6 +104,8 @@ pub struct QueueConfig<'a> {
     pub jobs: usize,
     /// Registries to fetch from, pull through and push to (none for one-off builds).
     pub upstreams: Option<Arc<crate::upstream::Upstreams>>,
+    /// What `kiln.toml` imports from layouts.
+    pub imports: runner::Imports,
 }
 
 /// Starts the bus and the build queue. `on_event` sees each queue event before the bus.
@@ -130,6 +135,7 @@ pub fn start_queue(
         q.dev_tag,
         Arc::clone(&touched),
         q.upstreams,
+        q.imports,
     );
     let sched_bus = bus.clone();
     let sched = Scheduler::start(Arc::new(runner), q.jobs, move |e| {
@@ -317,7 +323,7 @@ impl Controller {
             }
         }
         if !jobs.is_empty() {
-            let _ = self.sched.submit(jobs).await;
+            self.submit(jobs).await;
         }
     }
 }

@@ -279,6 +279,7 @@ pub fn job(p: &Planned, arch: &str, force: bool, reason: &str) -> Job {
             })
             .collect(),
         force,
+        look_up: true,
         reason: reason.to_owned(),
         builder: p.builder,
         fallback: p.auto && p.builder == BuilderKind::Native,

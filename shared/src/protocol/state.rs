@@ -115,10 +115,14 @@ pub struct PushResult {
     pub upstream: String,
     /// The references written (`registry/org/image:tag-<arch>`, `...:tag`).
     pub references: Vec<String>,
-    /// Why it failed; it is retried on the next trigger (a build, `kiln push`).
+    /// Why it failed.
     pub error: Option<String>,
     pub duration_ms: u64,
     pub at_ms: u64,
+    /// When a failed push is tried again (Unix time in milliseconds); none when no retry
+    /// is planned (`kiln push` reports to its caller instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_try_at_ms: Option<u64>,
 }
 
 /// A build step in progress.

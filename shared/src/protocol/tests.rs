@@ -185,6 +185,7 @@ fn every_event() -> Vec<Event> {
                 error: None,
                 duration_ms: 120,
                 at_ms: 1_700_000_004_000,
+                next_try_at_ms: None,
             }),
         },
     ]
