@@ -503,7 +503,10 @@ impl Inner {
             _ => log.line(&l.text),
         };
         let result = docker::build_arch(&engine, &build, &registry, &mut sink, cancel).await;
-        let (outcome, engine_tag) = result.map_err(|e| e.to_string())?;
+        let (outcome, engine_tag) = result.map_err(|e| {
+            docker::explain(&e, &p.pkg.dockerfile, p.pkg.spec.network)
+                .unwrap_or_else(|| e.to_string())
+        })?;
         let landing = Landing {
             built: Built {
                 manifest: outcome.manifest,

@@ -6,6 +6,7 @@ mod base_images;
 mod build;
 mod cli;
 mod crash;
+mod docker_errors;
 mod kilnd;
 mod native_run;
 mod package_errors;
