@@ -7,4 +7,5 @@
 pub mod digest;
 pub mod protocol;
 pub mod reference;
+pub mod size;
 pub mod spec;
