@@ -2,6 +2,7 @@
 //! [`kiln_daemon::daemon::run`], or runs one of the one-off commands that `kiln` runs
 //! ([`kiln_daemon::oneoff`]) and exits.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -27,7 +28,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon logs its work; a one-off command prints its report and only warnings.
     let default_level = if cli.once.is_some() { "warn" } else { "info" };
+    // Colour codes only on a terminal: `kiln up` sends this log to a file.
     tracing_subscriber::fmt()
+        .with_ansi(kiln_shared::term::colour(std::io::stderr().is_terminal()))
         .with_writer(std::io::stderr)
         .with_env_filter(
             EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),
@@ -83,6 +86,24 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_one_off_argument_says_what_it_is() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let missing: Vec<String> = cmd
+            .get_subcommands()
+            .flat_map(|sub| {
+                let about = sub.get_about().is_none().then(|| sub.get_name().to_owned());
+                let args = sub
+                    .get_arguments()
+                    .filter(|a| a.get_help().is_none() && !a.is_hide_set())
+                    .map(|a| format!("{} {}", sub.get_name(), a.get_id()));
+                about.into_iter().chain(args).collect::<Vec<_>>()
+            })
+            .collect();
+        assert!(missing.is_empty(), "without a description: {missing:?}");
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub enum OneOffCommand {
     },
     /// Print `org/image:tag` for each package directory, as `linuxkit pkg show-tag`.
     ShowTag {
+        /// Package directories.
         #[arg(required = true, value_name = "DIR")]
         dirs: Vec<PathBuf>,
     },

@@ -9,3 +9,4 @@ pub mod protocol;
 pub mod reference;
 pub mod size;
 pub mod spec;
+pub mod term;

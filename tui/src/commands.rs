@@ -7,9 +7,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use kiln_shared::protocol::{
     BuildId, BuildOutcome, BuildRequest, BuildResponse, BuildSummary, CancelRequest,
-    CancelResponse, Event, GcResponse, Snapshot, StreamItem, TargetStatus, TransferRequest,
-    TransferResponse,
+    CancelResponse, Event, GcResponse, PackageState, Snapshot, StreamItem, TargetState,
+    TargetStatus, TransferRequest, TransferResponse,
 };
+use kiln_shared::spec::Arch;
 
 use crate::client::Client;
 use crate::ui::fmt;
@@ -131,9 +132,16 @@ pub fn render_status(s: &Snapshot) -> String {
         }
     );
     let width = s.packages.keys().map(String::len).max().unwrap_or(7).max(7);
+    // Whole tags: a shortened dirty tag would look like the clean one.
+    let tag_width = s
+        .packages
+        .values()
+        .filter_map(|p| p.tag.as_ref().map(|t| t.as_str().len()))
+        .max()
+        .unwrap_or(1);
     for p in s.packages.values() {
-        let tag = p.tag.as_ref().map_or("-", |t| fmt::short(t.as_str(), 12));
-        let _ = write!(o, "{:<width$}  {tag:<12}", p.name);
+        let tag = p.tag.as_ref().map_or("-", |t| t.as_str());
+        let _ = write!(o, "{:<width$}  {tag:<tag_width$}", p.name);
         for (arch, t) in &p.targets {
             let mut cell = format!("{arch}:{}", format!("{:?}", t.status).to_lowercase());
             if let (TargetStatus::Building, Some(pr)) = (t.status, &t.progress) {
@@ -141,6 +149,11 @@ pub fn render_status(s: &Snapshot) -> String {
             }
             if let Some(l) = &t.last {
                 match l.builder {
+                    _ if l.pulled_from.is_some() => cell.push_str(&format!(
+                        " (pulled from {} in {} ms)",
+                        l.pulled_from.as_deref().unwrap_or_default(),
+                        l.duration_ms
+                    )),
                     Some(b) => cell.push_str(&format!(
                         " ({}, {})",
                         fmt::duration_ms(l.duration_ms),
@@ -353,6 +366,8 @@ fn done_line(t: &Tracked, s: &BuildSummary) -> String {
     }
 }
 
+/// `kiln logs`: prints the log of a target's build in flight, else its last one; fails
+/// (exit 1) when that build failed or was cancelled, as the build itself did.
 pub async fn logs(
     client: &Client,
     package: &str,
@@ -371,17 +386,24 @@ pub async fn logs(
             }
         );
     };
-    if let Some(a) = arch
-        && !p.targets.contains_key(a)
-    {
-        let archs: Vec<&str> = p.targets.keys().map(String::as_str).collect();
+    let arch = match arch {
+        Some(a) if p.targets.contains_key(a) => a.to_owned(),
+        Some(a) => {
+            let archs: Vec<&str> = p.targets.keys().map(String::as_str).collect();
+            bail!(
+                "{package} does not build for {a}; it lists {}",
+                archs.join(", ")
+            );
+        }
+        None => match log_arch(p) {
+            Some(a) => a.to_owned(),
+            None => bail!("{package} has no architectures to show a log of"),
+        },
+    };
+    let Some(build) = s.build_of(package, Some(&arch)) else {
         bail!(
-            "{package} does not build for {a}; it lists {}",
-            archs.join(", ")
+            "{package} {arch} has no build in this kilnd yet: run `kiln build {package} --arch {arch}`"
         );
-    }
-    let Some(build) = s.build_of(package, arch) else {
-        bail!("{package} has no build in this kilnd yet: run `kiln build {package}`");
     };
     let mut lines = client
         .log(&build, follow)
@@ -394,7 +416,40 @@ pub async fn logs(
         }
         out.flush()?;
     }
-    Ok(Outcome::Success)
+    drop(out);
+    // The outcome, as of now: a followed build has ended.
+    let s = client.state().await?;
+    let ended = s
+        .packages
+        .get(package)
+        .and_then(|p| p.targets.get(&arch))
+        .and_then(|t| t.last.as_ref())
+        .filter(|l| l.id == build);
+    Ok(match ended.map(|l| l.outcome) {
+        Some(BuildOutcome::Failed) => {
+            eprintln!("kiln: build {build} of {package} {arch} failed");
+            Outcome::Failure
+        }
+        Some(BuildOutcome::Cancelled) => {
+            eprintln!("kiln: build {build} of {package} {arch} was cancelled");
+            Outcome::Failure
+        }
+        Some(BuildOutcome::Ok) | None => Outcome::Success,
+    })
+}
+
+/// The arch whose log `kiln logs PKG` shows without `--arch`, the same one every time:
+/// the first that failed (or was cancelled), else the host's, else the first listed.
+fn log_arch(p: &PackageState) -> Option<&str> {
+    let ended_badly =
+        |t: &TargetState| matches!(t.status, TargetStatus::Failed | TargetStatus::Cancelled);
+    let host = Arch::host().map(Arch::as_str);
+    p.targets
+        .iter()
+        .find(|(_, t)| ended_badly(t))
+        .or_else(|| p.targets.iter().find(|(a, _)| Some(a.as_str()) == host))
+        .or_else(|| p.targets.iter().next())
+        .map(|(a, _)| a.as_str())
 }
 
 pub async fn cancel(client: &Client, req: CancelRequest) -> anyhow::Result<Outcome> {
@@ -422,6 +477,30 @@ pub async fn gc(client: &Client) -> anyhow::Result<Outcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::tag;
+
+    #[test]
+    fn logs_show_the_failed_arch_else_the_host_s() {
+        let s = crate::testing::snapshot();
+        // linuxkit/init: amd64 failed, arm64 served from the cache.
+        assert_eq!(log_arch(&s.packages["linuxkit/init"]), Some("amd64"));
+        let mut p = s.packages["linuxkit/init"].clone();
+        p.targets.get_mut("amd64").unwrap().status = TargetStatus::Ok;
+        p.targets.get_mut("arm64").unwrap().status = TargetStatus::Cancelled;
+        assert_eq!(log_arch(&p), Some("arm64"));
+        // Both fine: the host's, whichever built last.
+        let host = Arch::host().unwrap().as_str();
+        assert_eq!(log_arch(&s.packages["linuxkit/alpine"]), Some(host));
+    }
+
+    #[test]
+    fn status_shows_whole_tags_dirty_or_not() {
+        let mut s = crate::testing::snapshot();
+        let dirty = tag("4f2a9c1be07d33554f2a9c1be07d33554f2a9c1b-dirty-1a2b3c4");
+        s.packages.get_mut("linuxkit/hello").unwrap().tag = Some(dirty.clone());
+        let text = render_status(&s);
+        assert!(text.contains(dirty.as_str()), "{text}");
+    }
 
     #[test]
     fn plain_status() {

@@ -1,173 +1,217 @@
-//! `kiln` as a command line against the real kilnd: errors from kilnd reach the user,
-//! `kiln build` waits for the outcome, a followed log arrives whole and in order,
-//! `kiln up` reuses the kilnd of its workspace and refuses another's; and the commands
-//! that need no kilnd (`build --cache`, `fsck`, `gc`), which run kilnd's one-off commands
-//! under kiln's name, with kiln's flags, output and exit codes.
+//! kiln's command line as a user meets it: `kiln up` hands kilnd its options, gives each
+//! kilnd its own log (plain text, no colour codes) and, when kilnd cannot start, shows
+//! that start's lines; `--listen localhost:PORT` is served under that name; `kiln`
+//! without a terminal points to `kiln status`; `kiln logs` picks the same arch every time
+//! (the failed one), prints the failure once and exits 1 for a failed build.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_tests::workspace::{busybox_kiln_toml, write_package};
-use kiln_tests::{Dir, Kilnd, KilndOptions, cmd, target_bin};
+use kiln_shared::protocol::{Snapshot, TargetStatus};
+use kiln_tests::api::{Api, describe};
+use kiln_tests::workspace::write_package;
+use kiln_tests::{Cmd, Dir, Kilnd, KilndOptions, cmd, machine, target_bin, wait_until};
 
-const BUILD_TIMEOUT: Duration = Duration::from_secs(300);
+const BUILD_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn kiln(kilnd: &Kilnd) -> kiln_tests::Cmd {
-    cmd(target_bin("kiln")).arg("--socket").arg(kilnd.socket())
+/// `kiln` with its own state and runtime directories (so its kilnd logs land in the
+/// test's temp dir) and colour allowed (NO_COLOR empty is NO_COLOR unset).
+fn kiln(home: &Dir, socket: &Path) -> Cmd {
+    cmd(target_bin("kiln"))
+        .env("XDG_STATE_HOME", home.join("state"))
+        .env("XDG_RUNTIME_DIR", home.join("run"))
+        .env("NO_COLOR", "")
+        .arg("--socket")
+        .arg(socket)
+}
+
+/// Stops the kilnd on a socket when dropped, test passed or not.
+struct StopOnDrop {
+    home: PathBuf,
+    socket: PathBuf,
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = cmd(target_bin("kiln"))
+            .env("XDG_STATE_HOME", self.home.join("state"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("stop")
+            .output();
+    }
+}
+
+fn kilnd_logs(home: &Dir) -> Vec<PathBuf> {
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(home.join("state/kiln"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("kilnd@"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    logs.sort();
+    logs
 }
 
 #[test]
-fn build_waits_for_the_outcome_and_kilnd_errors_reach_the_user() {
+fn kiln_up_passes_kilnd_options_and_gives_each_kilnd_its_own_plain_log() {
+    let _machine = machine::shared();
+    let home = Dir::new("home");
     let ws = Dir::new("ws");
-    write_package(&ws, "ok", &["amd64"], "FROM scratch\nCOPY a.txt /a.txt\n");
-    ws.write("ok/a.txt", "a\n");
-    write_package(
-        &ws,
-        "broken",
-        &["amd64"],
-        "FROM scratch\nCOPY missing.txt /\n",
-    );
-    let kilnd = Kilnd::start(&[ws.path()], KilndOptions::default());
-    kiln(&kilnd)
-        .args(["build", "kiln/ok", "--force"])
-        .timeout(BUILD_TIMEOUT)
-        .run();
-    let failed = kiln(&kilnd)
-        .args(["build", "kiln/broken"])
-        .timeout(BUILD_TIMEOUT)
-        .run_fails();
-    assert_eq!(failed.status.code(), Some(1), "{failed}");
-    let unknown = kiln(&kilnd).args(["build", "x/y"]).run_fails();
-    assert_eq!(unknown.status.code(), Some(1), "{unknown}");
-    assert!(
-        unknown
-            .stderr_str()
-            .contains("kilnd answered 404 Not Found: no package \"x/y\""),
-        "{unknown}"
-    );
-    let status = kiln(&kilnd).args(["status"]).stdout();
-    assert!(status.contains("kiln/ok"), "{status}");
-}
-
-/// A build printing 10,000 lines: a follower gets every line, in order, and ends with
-/// the build.
-#[test]
-fn a_followed_log_of_ten_thousand_lines_arrives_whole() {
-    let ws = Dir::new("ws");
-    ws.write("kiln.toml", busybox_kiln_toml());
-    write_package(
-        &ws,
-        "flood",
-        &["amd64"],
-        "FROM kiln/busybox:latest\nRUN seq 1 10000\n",
-    );
-    let kilnd = Kilnd::start(&[ws.path()], KilndOptions::default());
-    kilnd.events().wait_built(BUILD_TIMEOUT, "kiln/flood");
-    let log = kiln(&kilnd)
-        .args(["logs", "kiln/flood", "--arch", "amd64", "--follow"])
+    write_package(&ws, "hello", &["amd64"], "FROM scratch\nCOPY hello.txt /\n");
+    ws.write("hello/hello.txt", "hello\n");
+    let socket = home.join("a.sock");
+    let cache = home.join("my-cache");
+    let _stop = StopOnDrop {
+        home: home.path().to_owned(),
+        socket: socket.clone(),
+    };
+    // No terminal: kiln up starts kilnd, says so and does not try to draw.
+    let out = kiln(&home, &socket)
+        .arg("up")
+        .arg(ws.path())
+        .args(["--listen", "localhost:0", "--builder", "native"])
+        .arg("--cache")
+        .arg(&cache)
         .stdout();
-    let numbers: Vec<u32> = log
-        .lines()
-        .filter_map(|l| l.split_whitespace().last()?.parse().ok())
-        .filter(|n| *n >= 1)
-        .collect();
-    let start = numbers
-        .iter()
-        .position(|n| *n == 1)
-        .unwrap_or_else(|| panic!("no line 1 in the log:\n{log}"));
+    assert!(out.contains("kilnd (pid "), "{out}");
+    assert!(
+        cache.join("oci-layout").is_file(),
+        "--cache was not passed: {out}"
+    );
+    let api = Api::new(&socket);
+    let s: Snapshot = api.state();
+    assert!(!s.registry.is_empty());
+    // localhost:0 listens on loopback, and the registry answers Host: localhost:PORT.
+    for addr in &s.registry {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        assert!(addr.ip().is_loopback(), "{addr}");
+        let code = cmd("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-g"])
+            .arg(format!("http://localhost:{}/v2/", addr.port()))
+            .arg("--connect-to")
+            .arg(format!("localhost:{}:{addr}", addr.port()))
+            .stdout();
+        assert_eq!(code, "200", "GET /v2/ on {addr} as localhost");
+    }
+    wait_until(BUILD_TIMEOUT, "hello built", || {
+        api.state().packages.get("kiln/hello").is_some_and(|p| {
+            p.targets
+                .get("amd64")
+                .is_some_and(|t| t.status == TargetStatus::Ok)
+        })
+    });
+
+    // A second workspace on another socket: a kilnd of its own, a log of its own.
+    let ws2 = Dir::new("ws2");
+    let socket2 = home.join("b.sock");
+    let _stop2 = StopOnDrop {
+        home: home.path().to_owned(),
+        socket: socket2.clone(),
+    };
+    kiln(&home, &socket2)
+        .arg("up")
+        .arg(ws2.path())
+        .args(["--listen", "127.0.0.1:0", "--no-dashboard"])
+        .arg("--cache")
+        .arg(home.join("cache2"))
+        .run();
+    let logs = kilnd_logs(&home);
+    assert_eq!(logs.len(), 2, "{logs:?}");
+    for log in &logs {
+        let text = std::fs::read_to_string(log).unwrap();
+        assert!(text.contains("kilnd ready"), "{}: {text}", log.display());
+        assert!(
+            !text.contains('\u{1b}'),
+            "colour codes in {}: {text:?}",
+            log.display()
+        );
+    }
+
+    // The dashboard without a terminal: a pointer to kiln status, not a raw-mode error.
+    let out = kiln(&home, &socket).run_fails();
+    let stderr = out.stderr_str();
+    assert!(stderr.contains("kiln status"), "{stderr}");
+    assert!(!stderr.contains("raw mode"), "{stderr}");
+
+    // A start that fails shows its own lines, not those of the earlier kilnd whose log
+    // it shares (same socket).
+    kiln(&home, &socket2).arg("stop").run();
+    let out = kiln(&home, &socket2)
+        .arg("up")
+        .arg(ws2.path())
+        .args(["--listen", "no-such-host.invalid:5000", "--no-dashboard"])
+        .run_fails();
+    let stderr = out.stderr_str();
+    assert!(
+        stderr.contains("no-such-host.invalid") && stderr.contains("before it was ready"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("kilnd ready"),
+        "the earlier start's lines are shown: {stderr}"
+    );
+}
+
+#[test]
+fn kiln_logs_shows_the_failed_arch_once_and_exits_1() {
+    let ws = Dir::new("ws");
+    // arm64 has no file to copy: its build fails, amd64's succeeds.
+    write_package(
+        &ws,
+        "half",
+        &["amd64", "arm64"],
+        "FROM scratch\nARG TARGETARCH\nCOPY only-$TARGETARCH.txt /x\n",
+    );
+    ws.write("half/only-amd64.txt", "amd64\n");
+    let kilnd = Kilnd::start(
+        &[ws.path()],
+        KilndOptions::default().arg("--builder").arg("native"),
+    );
+    let events = kilnd.events();
+    let s = events.wait(BUILD_TIMEOUT, "amd64 ok, arm64 failed", |s| {
+        s.packages.get("kiln/half").is_some_and(|p| {
+            p.targets["amd64"].status == TargetStatus::Ok
+                && p.targets["arm64"].status == TargetStatus::Failed
+        })
+    });
+    let error = s.packages["kiln/half"].targets["arm64"]
+        .last
+        .as_ref()
+        .and_then(|l| l.error.clone())
+        .unwrap_or_else(|| panic!("no error\n{}", describe(&s)));
+    let logs = || {
+        cmd(target_bin("kiln"))
+            .arg("--socket")
+            .arg(kilnd.socket())
+            .args(["logs", "kiln/half"])
+    };
+    let first = logs().run_fails();
+    assert_eq!(first.status.code(), Some(1));
+    let text = first.stdout_str();
     assert_eq!(
-        numbers[start..start + 10_000],
-        (1..=10_000).collect::<Vec<u32>>(),
-        "the RUN's lines, in order"
+        text.matches(error.as_str()).count(),
+        1,
+        "the error {error:?} is not said exactly once:\n{text}"
     );
-}
-
-#[test]
-fn up_reuses_the_kilnd_of_its_workspace_and_refuses_another_workspaces() {
-    let tmp = Dir::new("up");
-    let ws = tmp.mkdir("ws");
-    let other = tmp.mkdir("other");
-    let kilnd = Kilnd::start(&[&ws], KilndOptions::default());
-    // A non-canonical spelling of the same directory matches.
-    let out = kiln(&kilnd)
-        .args(["up", "--no-dashboard"])
-        .arg(tmp.join("ws/../ws"))
-        .stdout();
-    assert!(out.contains("kilnd already runs for"), "{out}");
-    let refused = kiln(&kilnd)
-        .args(["up", "--no-dashboard"])
-        .arg(&other)
-        .run_fails();
-    let msg = refused.stderr_str();
-    assert!(msg.contains("already runs"), "{refused}");
     assert!(
-        msg.contains(&format!("pid {}", kilnd.pid())) && msg.contains("--socket"),
-        "{refused}"
+        first.stderr_str().contains("failed"),
+        "{}",
+        first.stderr_str()
     );
-}
-
-#[test]
-fn without_kilnd_build_fsck_and_gc_work_on_a_cache_directory() {
-    let tmp = Dir::new("standalone");
-    write_package(
-        &tmp,
-        "ws/hello",
-        &["amd64"],
-        "FROM scratch\nCOPY hi.txt /\n",
-    );
-    tmp.write("ws/hello/hi.txt", "hi\n");
-    let cache = tmp.join("cache");
-    let kiln = || cmd(target_bin("kiln")).env("KILN_SOCKET", tmp.join("none.sock"));
-    kiln()
-        .args(["build", "--cache"])
-        .arg(&cache)
-        .arg(tmp.join("ws/hello"))
-        .timeout(BUILD_TIMEOUT)
-        .run();
-    let tag = kiln().arg("show-tag").arg(tmp.join("ws/hello")).stdout();
-    assert!(tag.starts_with("kiln/hello:"), "{tag}");
-    let index = std::fs::read_to_string(cache.join("index.json")).unwrap();
-    assert!(index.contains(&format!("docker.io/{tag}")), "{index}");
-    let fsck = kiln().args(["fsck", "--cache"]).arg(&cache).stdout();
-    assert!(!fsck.is_empty(), "fsck printed no report");
-    kiln()
-        .args(["gc", "--dry-run", "--cache"])
-        .arg(&cache)
-        .run();
-    // A directory that is not a cache: kiln's message and exit code.
-    let not = kiln()
-        .args(["fsck", "--cache"])
-        .arg(tmp.join("ws"))
-        .run_fails();
-    assert_eq!(not.status.code(), Some(1), "{not}");
+    // The same arch every time, whatever finished last.
+    for _ in 0..3 {
+        assert_eq!(logs().run_fails().stdout_str(), text);
+    }
+    let ok = logs().args(["--arch", "amd64"]).run();
     assert!(
-        not.stderr_str().starts_with(&format!(
-            "kiln: {} is not a kiln cache",
-            tmp.join("ws").display()
-        )),
-        "{not}"
-    );
-    // A bad size is a usage error, reported under kiln's name.
-    let bad = kiln()
-        .args(["gc", "--max-size", "lots", "--cache"])
-        .arg(&cache)
-        .run_fails();
-    assert!(bad.stderr_str().starts_with("kiln: --max-size"), "{bad}");
-}
-
-#[test]
-fn without_kilnd_installed_the_standalone_commands_say_what_to_do() {
-    let tmp = Dir::new("alone");
-    let alone = tmp.join("kiln");
-    std::fs::copy(target_bin("kiln"), &alone).unwrap();
-    let out = cmd(&alone)
-        .env("PATH", tmp.path())
-        .args(["fsck", "--cache"])
-        .arg(tmp.path())
-        .run_fails();
-    assert_eq!(out.status.code(), Some(1), "{out}");
-    assert!(
-        out.stderr_str()
-            .contains("this command needs kilnd: install it next to kiln or on PATH"),
-        "{out}"
+        !ok.stdout_str().contains(error.as_str()),
+        "{}",
+        ok.stdout_str()
     );
 }
