@@ -405,6 +405,12 @@ pub async fn logs(
             "{package} {arch} has no build in this kilnd yet: run `kiln build {package} --arch {arch}`"
         );
     };
+    // Following: the build's end comes on the event stream, subscribed to before the
+    // log is read so that it cannot slip by.
+    let events = match follow {
+        true => Some(client.events().await?),
+        false => None,
+    };
     let mut lines = client
         .log(&build, follow)
         .await
@@ -417,15 +423,11 @@ pub async fn logs(
         out.flush()?;
     }
     drop(out);
-    // The outcome, as of now: a followed build has ended.
-    let s = client.state().await?;
-    let ended = s
-        .packages
-        .get(package)
-        .and_then(|p| p.targets.get(&arch))
-        .and_then(|t| t.last.as_ref())
-        .filter(|l| l.id == build);
-    Ok(match ended.map(|l| l.outcome) {
+    let outcome = match events {
+        Some(events) => Some(build_end(events, package, &arch, &build).await?),
+        None => ended(&s, package, &arch, &build),
+    };
+    Ok(match outcome {
         Some(BuildOutcome::Failed) => {
             eprintln!("kiln: build {build} of {package} {arch} failed");
             Outcome::Failure
@@ -436,6 +438,41 @@ pub async fn logs(
         }
         Some(BuildOutcome::Ok) | None => Outcome::Success,
     })
+}
+
+/// How build `id` of (package, arch) ended, if it has.
+fn ended(s: &Snapshot, package: &str, arch: &str, id: &BuildId) -> Option<BuildOutcome> {
+    let last = s.packages.get(package)?.targets.get(arch)?.last.as_ref()?;
+    (&last.id == id).then_some(last.outcome)
+}
+
+/// Waits on the event stream for build `id` to end.
+async fn build_end(
+    mut events: crate::client::Lines,
+    package: &str,
+    arch: &str,
+    id: &BuildId,
+) -> anyhow::Result<BuildOutcome> {
+    loop {
+        match events.next_item().await? {
+            None => bail!("kilnd closed the event stream before build {id} ended"),
+            Some(StreamItem::Snapshot { snapshot }) => {
+                if let Some(o) = ended(&snapshot, package, arch, id) {
+                    return Ok(o);
+                }
+            }
+            Some(StreamItem::Event { event, .. }) => match event {
+                Event::Finished { summary, .. }
+                | Event::Failed { summary, .. }
+                | Event::Cancelled { summary, .. }
+                    if &summary.id == id =>
+                {
+                    return Ok(summary.outcome);
+                }
+                _ => {}
+            },
+        }
+    }
 }
 
 /// The arch whose log `kiln logs PKG` shows without `--arch`, the same one every time:

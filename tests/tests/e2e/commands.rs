@@ -36,6 +36,18 @@ fn build_waits_for_the_outcome_and_kilnd_errors_reach_the_user() {
         .timeout(BUILD_TIMEOUT)
         .run_fails();
     assert_eq!(failed.status.code(), Some(1), "{failed}");
+    // A build's log fails as the build did, followed or not.
+    for follow in [&[][..], &["--follow"][..]] {
+        kiln(&kilnd)
+            .args(["logs", "kiln/ok", "--arch", "amd64"])
+            .args(follow)
+            .run();
+        let out = kiln(&kilnd)
+            .args(["logs", "kiln/broken", "--arch", "amd64"])
+            .args(follow)
+            .run_fails();
+        assert_eq!(out.status.code(), Some(1), "{out}");
+    }
     let unknown = kiln(&kilnd).args(["build", "x/y"]).run_fails();
     assert_eq!(unknown.status.code(), Some(1), "{unknown}");
     assert!(
