@@ -178,6 +178,8 @@ pub struct CancelFilter {
     pub build_id: Option<String>,
     pub package: Option<String>,
     pub arch: Option<String>,
+    /// Why, for the builds' outcome (`cancelled by request` when none is given).
+    pub reason: Option<String>,
 }
 
 impl CancelFilter {
@@ -388,6 +390,10 @@ impl Actor {
     }
 
     fn cancel(&mut self, filter: &CancelFilter) -> Vec<String> {
+        let reason = filter
+            .reason
+            .clone()
+            .unwrap_or_else(|| "cancelled by request".into());
         let mut ids = Vec::new();
         for r in self
             .running
@@ -395,7 +401,7 @@ impl Actor {
             .filter(|(k, r)| filter.matches(k, &r.build_id))
         {
             if r.1.cancelled.is_none() {
-                r.1.cancelled = Some("cancelled by request".into());
+                r.1.cancelled = Some(reason.clone());
                 r.1.cancel.cancel();
                 ids.push(r.1.build_id.clone());
             }
@@ -407,7 +413,7 @@ impl Actor {
         self.queued = kept.into();
         for q in gone {
             ids.push(q.build_id.clone());
-            self.finish_queued(q, "cancelled by request".into());
+            self.finish_queued(q, reason.clone());
         }
         ids
     }
