@@ -179,6 +179,8 @@ pub struct CancelFilter {
     pub build_id: Option<BuildId>,
     pub package: Option<String>,
     pub arch: Option<String>,
+    /// Why, for the builds' outcome (`cancelled by request` when none is given).
+    pub reason: Option<String>,
 }
 
 impl CancelFilter {
@@ -389,6 +391,10 @@ impl Actor {
     }
 
     fn cancel(&mut self, filter: &CancelFilter) -> Vec<BuildId> {
+        let reason = filter
+            .reason
+            .clone()
+            .unwrap_or_else(|| "cancelled by request".into());
         let mut ids = Vec::new();
         for r in self
             .running
@@ -396,7 +402,7 @@ impl Actor {
             .filter(|(k, r)| filter.matches(k, &r.build_id))
         {
             if r.1.cancelled.is_none() {
-                r.1.cancelled = Some("cancelled by request".into());
+                r.1.cancelled = Some(reason.clone());
                 r.1.cancel.cancel();
                 ids.push(r.1.build_id.clone());
             }
@@ -408,7 +414,7 @@ impl Actor {
         self.queued = kept.into();
         for q in gone {
             ids.push(q.build_id.clone());
-            self.finish_queued(q, "cancelled by request".into());
+            self.finish_queued(q, reason.clone());
         }
         ids
     }
