@@ -285,6 +285,10 @@ struct Running {
     cancelled: Option<String>,
     waiters: Vec<oneshot::Sender<Outcome>>,
     started: Instant,
+    /// The same target and tag asked for again while it runs: its files may have
+    /// changed under it (a touch, a save of the same bytes), so if the run ends
+    /// superseded this job runs again instead of nobody building the tag.
+    again: Option<Job>,
 }
 
 struct Actor {
@@ -340,7 +344,9 @@ impl Actor {
     fn submit(&mut self, job: Job) -> BuildId {
         if let Some(r) = self.running.get_mut(&job.key) {
             if r.tag == job.tag && r.cancelled.is_none() {
-                return r.build_id.clone(); // already building this content
+                let id = r.build_id.clone(); // already building this content
+                r.again = Some(job);
+                return id;
             }
             if r.cancelled.is_none() {
                 r.cancelled = Some(format!("superseded by tag {}", job.tag));
@@ -452,13 +458,25 @@ impl Actor {
         let Some(r) = self.running.remove(&key) else {
             return;
         };
+        let superseded = matches!(result, Err(RunError::Superseded(_))) && r.cancelled.is_none();
         let outcome = match (result, r.cancelled) {
             (_, Some(reason)) => Outcome::Cancelled(reason),
             (Ok(built), None) => Outcome::Built(built),
             (Err(RunError::Failed(e)), None) => Outcome::Failed(e),
             (Err(e @ RunError::Superseded(_)), None) => Outcome::Cancelled(e.to_string()),
         };
-        self.announce(&key, &r.tag, r.build_id, r.started, r.waiters, &outcome);
+        match r.again.filter(|_| superseded) {
+            // Asked for again while its files changed under it: it runs again, and
+            // this run's waiters wait for that one.
+            Some(job) => {
+                self.announce(&key, &r.tag, r.build_id, r.started, Vec::new(), &outcome);
+                let build_id = self.submit(job);
+                if let Some(q) = self.queued.iter_mut().find(|q| q.build_id == build_id) {
+                    q.waiters.extend(r.waiters);
+                }
+            }
+            None => self.announce(&key, &r.tag, r.build_id, r.started, r.waiters, &outcome),
+        }
         self.finished.insert(key, (r.tag, outcome));
     }
 
@@ -536,6 +554,7 @@ impl Actor {
                 cancelled: None,
                 waiters: q.waiters,
                 started: Instant::now(),
+                again: None,
             },
         );
         let fut = self.runner.run(q.job, build_id, cancel);
