@@ -890,20 +890,24 @@ async fn an_engine_that_goes_away_mid_build_is_reported() {
     let build = package(&id, "t1", "amd64", d.path(), vec![]);
     let (started, mut log) = on_started();
     let needle = format!("sleep {secs}");
-    let (result, ()) = tokio::join!(
-        build_landed(
+    // The engine is cut once the step runs; a build that ends before (failed to start)
+    // ends the test with its error rather than leaving it waiting for "started".
+    let cut_when_running = async {
+        started.notified().await;
+        wait_process(&needle).await;
+        cut.cancel();
+        std::future::pending::<()>().await
+    };
+    let result = tokio::select! {
+        r = build_landed(
             &engine,
             &build,
             &registry.addr,
             &mut log,
             CancellationToken::new(),
-        ),
-        async {
-            started.notified().await;
-            wait_process(&needle).await;
-            cut.cancel();
-        }
-    );
+        ) => r,
+        () = cut_when_running => unreachable!("it never ends"),
+    };
     let err = result.unwrap_err();
     let msg = err.to_string();
     assert!(
