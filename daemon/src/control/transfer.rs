@@ -12,7 +12,7 @@ use super::request::{ControlError, Reply};
 use super::runner::{publish_upstreams, push_and_report};
 use crate::build::docker::platform_for_arch;
 use crate::bus::Bus;
-use crate::cache::{Cache, point_dev};
+use crate::cache::Cache;
 use crate::plan;
 use crate::upstream::Upstreams;
 use crate::workspace::PackageTable;
@@ -165,8 +165,7 @@ impl Ctx {
             let desc = fetched.desc.clone();
             let landing = tokio::task::spawn_blocking(move || {
                 let platform = desc.platform.clone().unwrap_or(platform);
-                cache.merge_arch(&landed, &suffix, platform, desc)?;
-                point_dev(&cache, &landed, &dev);
+                cache.merge_arch(&landed, &suffix, platform, desc, Some(&dev))?;
                 Ok::<_, crate::cache::CacheError>(())
             })
             .await;

@@ -218,7 +218,8 @@ fn push_then_fetch(spec: UpstreamSpec, auth: AuthFiles, skopeo_args: &[String]) 
             .unwrap()
             .expect("the upstream has it");
         assert!(got.bytes > 0);
-        b.merge_arch(&image, arch, platform, got.desc).unwrap();
+        b.merge_arch(&image, arch, platform, got.desc, None)
+            .unwrap();
     }
     let b_index = b
         .index()
