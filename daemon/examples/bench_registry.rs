@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
         let cache = Arc::new(Cache::open(&dir)?);
         let reg = registry::bind(RegistryConfig {
             listen: vec![addr],
-            listen_is_default: false,
+            skip_unavailable: false,
             ..RegistryConfig::default()
         })
         .await?;

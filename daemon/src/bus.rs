@@ -10,13 +10,24 @@ pub mod logs;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kiln_shared::protocol::{BuildId, Event, Snapshot, StreamItem};
+use kiln_shared::protocol::{BuildId, BuildOutcome, Event, Snapshot, StreamItem};
 use tokio::sync::{broadcast, watch};
 
 pub use logs::{LogChunk, LogReader, LogStore, LogStoreLimits};
 
 /// How many events a subscriber may fall behind before it gets a fresh snapshot.
 pub const EVENT_CAPACITY: usize = 1024;
+
+/// The last line of a build's log that did not succeed, `error: WHY` or
+/// `cancelled: WHY`: the one place the outcome enters the log, so it is said once.
+pub fn end_line(outcome: BuildOutcome, error: Option<&str>) -> Option<String> {
+    let why = error?;
+    match outcome {
+        BuildOutcome::Ok => None,
+        BuildOutcome::Failed => Some(format!("error: {why}")),
+        BuildOutcome::Cancelled => Some(format!("cancelled: {why}")),
+    }
+}
 
 /// The bus. Cheap to clone; every clone publishes to the same subscribers.
 #[derive(Clone)]
@@ -78,10 +89,8 @@ impl Bus {
             Event::Finished { summary, .. }
             | Event::Failed { summary, .. }
             | Event::Cancelled { summary, .. } => {
-                if let Some(error) = &summary.error {
-                    self.inner
-                        .logs
-                        .append(&summary.id, &format!("kiln: {error}"));
+                if let Some(line) = end_line(summary.outcome, summary.error.as_deref()) {
+                    self.inner.logs.append(&summary.id, &line);
                 }
                 self.inner.logs.close(&summary.id);
             }

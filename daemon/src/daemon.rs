@@ -411,7 +411,7 @@ pub async fn build_once(
             std::net::Ipv4Addr::LOCALHOST,
             0,
         ))],
-        listen_is_default: false,
+        skip_unavailable: false,
         ..RegistryConfig::default()
     })
     .await?;

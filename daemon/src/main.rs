@@ -1,6 +1,7 @@
 //! kilnd: the kiln daemon. Parses the command line, sets up logging and hands over to
 //! [`kiln_daemon::daemon::run`].
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -9,7 +10,9 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Colour codes only on a terminal: `kiln up` sends this log to a file.
     tracing_subscriber::fmt()
+        .with_ansi(kiln_shared::term::colour(std::io::stderr().is_terminal()))
         .with_writer(std::io::stderr)
         .with_env_filter(
             EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info")),

@@ -8,3 +8,4 @@ pub mod digest;
 pub mod protocol;
 pub mod reference;
 pub mod spec;
+pub mod term;

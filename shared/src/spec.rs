@@ -145,6 +145,17 @@ impl Arch {
         }
     }
 
+    /// The architecture this process runs on, if LinuxKit builds for it.
+    pub fn host() -> Option<Arch> {
+        match std::env::consts::ARCH {
+            "x86_64" => Some(Arch::Amd64),
+            "aarch64" => Some(Arch::Arm64),
+            "riscv64" => Some(Arch::Riscv64),
+            "s390x" => Some(Arch::S390x),
+            _ => None,
+        }
+    }
+
     /// The OCI platform, e.g. `linux/arm64`.
     pub fn platform(self) -> &'static str {
         match self {

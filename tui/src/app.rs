@@ -68,25 +68,46 @@ pub struct LogPane {
     pub error: Option<String>,
     /// The last search.
     pub search: String,
+    /// Lines held that match the search.
+    pub matches: usize,
+    /// Which of them (1-based, oldest first) the last `/`, `n` or `N` went to; cleared
+    /// when the view moves otherwise.
+    pub current: Option<usize>,
 }
 
 impl LogPane {
-    fn reset(&mut self, target: (String, String), build: BuildId) {
+    /// Shows `build` of `target` (or, with no build, says it has none).
+    fn reset(&mut self, target: (String, String), build: Option<BuildId>) {
         let search = std::mem::take(&mut self.search);
         *self = LogPane {
             target: Some(target),
-            build: Some(build),
+            build,
             search,
             ..LogPane::default()
         };
     }
 
+    fn matches(&self, line: &str) -> bool {
+        !self.search.is_empty()
+            && line
+                .to_ascii_lowercase()
+                .contains(&self.search.to_ascii_lowercase())
+    }
+
     fn push(&mut self, lines: Vec<String>) {
         let added = lines.len();
         for line in lines {
-            if self.lines.len() == LOG_CAPACITY {
-                self.lines.pop_front();
+            if self.lines.len() == LOG_CAPACITY
+                && let Some(old) = self.lines.pop_front()
+            {
                 self.dropped += 1;
+                if self.matches(&old) {
+                    self.matches -= 1;
+                    self.current = self.current.and_then(|c| c.checked_sub(1));
+                }
+            }
+            if self.matches(&line) {
+                self.matches += 1;
             }
             self.lines.push_back(line);
         }
@@ -99,18 +120,26 @@ impl LogPane {
     fn scroll_by(&mut self, up: isize) {
         let max = self.lines.len().saturating_sub(1);
         self.scroll = self.scroll.saturating_add_signed(up).min(max);
+        self.current = None;
     }
 
-    /// Scrolls to the previous (`back`) or next match of the search before the line now
-    /// at the bottom of the view; true if one was found.
+    /// Sets the search and counts its matches.
+    fn set_search(&mut self, search: String) {
+        self.search = search;
+        self.current = None;
+        self.matches = self.lines.iter().filter(|l| self.matches(l)).count();
+    }
+
+    /// Scrolls to the previous (`back`: older, up) or next (newer, down) match of the
+    /// search from the line now at the bottom of the view, wrapping around, as `N` and
+    /// `n` do in less and vim; true if one was found.
     fn find(&mut self, back: bool) -> bool {
         if self.search.is_empty() || self.lines.is_empty() {
             return false;
         }
-        let needle = self.search.to_ascii_lowercase();
         let len = self.lines.len();
         let bottom = len - 1 - self.scroll.min(len - 1);
-        let hit = |i: &usize| self.lines[*i].to_ascii_lowercase().contains(&needle);
+        let hit = |i: &usize| self.matches(&self.lines[*i]);
         let found = if back {
             (0..bottom)
                 .rev()
@@ -121,13 +150,13 @@ impl LogPane {
                 .find(hit)
                 .or_else(|| (0..=bottom).find(hit))
         };
-        match found {
-            Some(i) => {
-                self.scroll = len - 1 - i;
-                true
-            }
-            None => false,
-        }
+        let Some(i) = found else {
+            return false;
+        };
+        let current = (0..=i).filter(hit).count();
+        self.scroll = len - 1 - i;
+        self.current = Some(current);
+        true
     }
 }
 
@@ -348,7 +377,7 @@ pub fn update(model: &mut Model, msg: Msg) -> Vec<Cmd> {
     let mut cmds = Vec::new();
     let dirty = match msg {
         Msg::Key(key) => on_key(model, key, &mut cmds),
-        Msg::Mouse(mouse) => on_mouse(model, mouse),
+        Msg::Mouse(mouse) => on_mouse(model, mouse, &mut cmds),
         Msg::Resize(w, h) => {
             model.area = Rect::new(0, 0, w, h);
             true
@@ -463,7 +492,9 @@ fn follow_new_build(model: &mut Model, event: &Event, cmds: &mut Vec<Cmd>) {
         .as_ref()
         .is_some_and(|(p, a)| p == package && a == arch);
     if ours && model.log.build.as_ref() != Some(id) {
-        model.log.reset((package.clone(), arch.clone()), id.clone());
+        model
+            .log
+            .reset((package.clone(), arch.clone()), Some(id.clone()));
         cmds.push(Cmd::FollowLog(id.clone()));
     }
 }

@@ -7,9 +7,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use kiln_shared::protocol::{
     BuildId, BuildOutcome, BuildRequest, BuildResponse, BuildSummary, CancelRequest,
-    CancelResponse, Event, GcResponse, Snapshot, StreamItem, TargetStatus, TransferRequest,
-    TransferResponse,
+    CancelResponse, Event, GcResponse, PackageState, Snapshot, StreamItem, TargetState,
+    TargetStatus, TransferRequest, TransferResponse,
 };
+use kiln_shared::spec::Arch;
 
 use crate::client::Client;
 use crate::ui::fmt;
@@ -131,9 +132,16 @@ pub fn render_status(s: &Snapshot) -> String {
         }
     );
     let width = s.packages.keys().map(String::len).max().unwrap_or(7).max(7);
+    // Whole tags: a shortened dirty tag would look like the clean one.
+    let tag_width = s
+        .packages
+        .values()
+        .filter_map(|p| p.tag.as_ref().map(|t| t.as_str().len()))
+        .max()
+        .unwrap_or(1);
     for p in s.packages.values() {
-        let tag = p.tag.as_ref().map_or("-", |t| fmt::short(t.as_str(), 12));
-        let _ = write!(o, "{:<width$}  {tag:<12}", p.name);
+        let tag = p.tag.as_ref().map_or("-", |t| t.as_str());
+        let _ = write!(o, "{:<width$}  {tag:<tag_width$}", p.name);
         for (arch, t) in &p.targets {
             let mut cell = format!("{arch}:{}", format!("{:?}", t.status).to_lowercase());
             if let (TargetStatus::Building, Some(pr)) = (t.status, &t.progress) {
@@ -141,6 +149,11 @@ pub fn render_status(s: &Snapshot) -> String {
             }
             if let Some(l) = &t.last {
                 match l.builder {
+                    _ if l.pulled_from.is_some() => cell.push_str(&format!(
+                        " (pulled from {} in {} ms)",
+                        l.pulled_from.as_deref().unwrap_or_default(),
+                        l.duration_ms
+                    )),
                     Some(b) => cell.push_str(&format!(
                         " ({}, {})",
                         fmt::duration_ms(l.duration_ms),
@@ -353,6 +366,8 @@ fn done_line(t: &Tracked, s: &BuildSummary) -> String {
     }
 }
 
+/// `kiln logs`: prints the log of a target's build in flight, else its last one; fails
+/// (exit 1) when that build failed or was cancelled, as the build itself did.
 pub async fn logs(
     client: &Client,
     package: &str,
@@ -371,17 +386,30 @@ pub async fn logs(
             }
         );
     };
-    if let Some(a) = arch
-        && !p.targets.contains_key(a)
-    {
-        let archs: Vec<&str> = p.targets.keys().map(String::as_str).collect();
+    let arch = match arch {
+        Some(a) if p.targets.contains_key(a) => a.to_owned(),
+        Some(a) => {
+            let archs: Vec<&str> = p.targets.keys().map(String::as_str).collect();
+            bail!(
+                "{package} does not build for {a}; it lists {}",
+                archs.join(", ")
+            );
+        }
+        None => match log_arch(p) {
+            Some(a) => a.to_owned(),
+            None => bail!("{package} has no architectures to show a log of"),
+        },
+    };
+    let Some(build) = s.build_of(package, Some(&arch)) else {
         bail!(
-            "{package} does not build for {a}; it lists {}",
-            archs.join(", ")
+            "{package} {arch} has no build in this kilnd yet: run `kiln build {package} --arch {arch}`"
         );
-    }
-    let Some(build) = s.build_of(package, arch) else {
-        bail!("{package} has no build in this kilnd yet: run `kiln build {package}`");
+    };
+    // Following: the build's end comes on the event stream, subscribed to before the
+    // log is read so that it cannot slip by.
+    let events = match follow {
+        true => Some(client.events().await?),
+        false => None,
     };
     let mut lines = client
         .log(&build, follow)
@@ -394,7 +422,71 @@ pub async fn logs(
         }
         out.flush()?;
     }
-    Ok(Outcome::Success)
+    drop(out);
+    let outcome = match events {
+        Some(events) => Some(build_end(events, package, &arch, &build).await?),
+        None => ended(&s, package, &arch, &build),
+    };
+    Ok(match outcome {
+        Some(BuildOutcome::Failed) => {
+            eprintln!("kiln: build {build} of {package} {arch} failed");
+            Outcome::Failure
+        }
+        Some(BuildOutcome::Cancelled) => {
+            eprintln!("kiln: build {build} of {package} {arch} was cancelled");
+            Outcome::Failure
+        }
+        Some(BuildOutcome::Ok) | None => Outcome::Success,
+    })
+}
+
+/// How build `id` of (package, arch) ended, if it has.
+fn ended(s: &Snapshot, package: &str, arch: &str, id: &BuildId) -> Option<BuildOutcome> {
+    let last = s.packages.get(package)?.targets.get(arch)?.last.as_ref()?;
+    (&last.id == id).then_some(last.outcome)
+}
+
+/// Waits on the event stream for build `id` to end.
+async fn build_end(
+    mut events: crate::client::Lines,
+    package: &str,
+    arch: &str,
+    id: &BuildId,
+) -> anyhow::Result<BuildOutcome> {
+    loop {
+        match events.next_item().await? {
+            None => bail!("kilnd closed the event stream before build {id} ended"),
+            Some(StreamItem::Snapshot { snapshot }) => {
+                if let Some(o) = ended(&snapshot, package, arch, id) {
+                    return Ok(o);
+                }
+            }
+            Some(StreamItem::Event { event, .. }) => match event {
+                Event::Finished { summary, .. }
+                | Event::Failed { summary, .. }
+                | Event::Cancelled { summary, .. }
+                    if &summary.id == id =>
+                {
+                    return Ok(summary.outcome);
+                }
+                _ => {}
+            },
+        }
+    }
+}
+
+/// The arch whose log `kiln logs PKG` shows without `--arch`, the same one every time:
+/// the first that failed (or was cancelled), else the host's, else the first listed.
+fn log_arch(p: &PackageState) -> Option<&str> {
+    let ended_badly =
+        |t: &TargetState| matches!(t.status, TargetStatus::Failed | TargetStatus::Cancelled);
+    let host = Arch::host().map(Arch::as_str);
+    p.targets
+        .iter()
+        .find(|(_, t)| ended_badly(t))
+        .or_else(|| p.targets.iter().find(|(a, _)| Some(a.as_str()) == host))
+        .or_else(|| p.targets.iter().next())
+        .map(|(a, _)| a.as_str())
 }
 
 pub async fn cancel(client: &Client, req: CancelRequest) -> anyhow::Result<Outcome> {
@@ -431,7 +523,8 @@ mod tests {
     use crate::testing::{T0, summary, tag};
 
     /// The real API, and a test double for the daemon core that queues one build per
-    /// request and publishes its lifecycle, failing packages named `*/broken`.
+    /// request and publishes its lifecycle: `*/broken` and `linuxkit/init` fail,
+    /// `linuxkit/hello` is cancelled, the rest succeed.
     async fn server() -> (tempfile::TempDir, Client) {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("k.sock");
@@ -470,23 +563,29 @@ mod tests {
                         progress: None,
                     },
                 });
-                let (outcome, event): (_, fn(String, String, BuildSummary) -> Event) =
-                    if req.package.ends_with("/broken") {
-                        (BuildOutcome::Failed, |package, arch, summary| {
-                            Event::Failed {
-                                package,
-                                arch,
-                                summary,
-                            }
-                        })
-                    } else {
-                        (BuildOutcome::Ok, |package, arch, summary| Event::Finished {
-                            package,
-                            arch,
-                            summary,
-                        })
-                    };
-                core_bus.publish(event(q.package, arch, summary(&id.0, outcome, 1200)));
+                let outcome = match req.package.as_str() {
+                    p if p.ends_with("/broken") || p == "linuxkit/init" => BuildOutcome::Failed,
+                    "linuxkit/hello" => BuildOutcome::Cancelled,
+                    _ => BuildOutcome::Ok,
+                };
+                let (package, summary) = (q.package, summary(&id.0, outcome, 1200));
+                core_bus.publish(match outcome {
+                    BuildOutcome::Ok => Event::Finished {
+                        package,
+                        arch,
+                        summary,
+                    },
+                    BuildOutcome::Failed => Event::Failed {
+                        package,
+                        arch,
+                        summary,
+                    },
+                    BuildOutcome::Cancelled => Event::Cancelled {
+                        package,
+                        arch,
+                        summary,
+                    },
+                });
             }
         });
         let api = Api::bind(&socket).await.unwrap();
@@ -521,6 +620,55 @@ mod tests {
         .await
         .unwrap();
         assert!(matches!(failed, Outcome::Failure));
+    }
+
+    #[tokio::test]
+    async fn logs_fail_as_the_build_did() {
+        let (_dir, client) = server().await;
+        for (package, ok) in [
+            ("linuxkit/alpine", true),
+            ("linuxkit/init", false),
+            ("linuxkit/hello", false),
+        ] {
+            let req = BuildRequest {
+                package: package.into(),
+                arch: Some("amd64".into()),
+                force: true,
+                builder: None,
+            };
+            build(&client, req).await.unwrap();
+            for follow in [false, true] {
+                let o = logs(&client, package, Some("amd64"), follow).await.unwrap();
+                assert_eq!(
+                    matches!(o, Outcome::Success),
+                    ok,
+                    "{package}, follow {follow}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn logs_show_the_failed_arch_else_the_host_s() {
+        let s = crate::testing::snapshot();
+        // linuxkit/init: amd64 failed, arm64 served from the cache.
+        assert_eq!(log_arch(&s.packages["linuxkit/init"]), Some("amd64"));
+        let mut p = s.packages["linuxkit/init"].clone();
+        p.targets.get_mut("amd64").unwrap().status = TargetStatus::Ok;
+        p.targets.get_mut("arm64").unwrap().status = TargetStatus::Cancelled;
+        assert_eq!(log_arch(&p), Some("arm64"));
+        // Both fine: the host's, whichever built last.
+        let host = Arch::host().unwrap().as_str();
+        assert_eq!(log_arch(&s.packages["linuxkit/alpine"]), Some(host));
+    }
+
+    #[test]
+    fn status_shows_whole_tags_dirty_or_not() {
+        let mut s = crate::testing::snapshot();
+        let dirty = tag("4f2a9c1be07d33554f2a9c1be07d33554f2a9c1b-dirty-1a2b3c4");
+        s.packages.get_mut("linuxkit/hello").unwrap().tag = Some(dirty.clone());
+        let text = render_status(&s);
+        assert!(text.contains(dirty.as_str()), "{text}");
     }
 
     #[test]

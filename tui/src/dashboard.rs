@@ -2,7 +2,7 @@
 //! and one loop that selects over terminal input, messages from kilnd and, only while a
 //! build runs, a one-second tick. It draws only after a message changed the model.
 
-use std::io::Stdout;
+use std::io::{IsTerminal, Stdout};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -202,8 +202,20 @@ fn to_msg(event: TermEvent) -> Option<Msg> {
     }
 }
 
+/// Whether stdin and stdout are a terminal the dashboard can draw on and read keys from.
+pub fn has_terminal() -> bool {
+    std::io::stdin().is_terminal() && std::io::stdout().is_terminal()
+}
+
+/// What `kiln` says when it has no terminal to draw on.
+pub const NO_TERMINAL: &str = "the dashboard needs a terminal (stdin and stdout are not one): \
+use `kiln status` (or `kiln status --json`) to read kilnd's state, `kiln logs PKG` for a build's log";
+
 /// Runs the dashboard until the user quits.
 pub async fn run(client: Client) -> anyhow::Result<()> {
+    if !has_terminal() {
+        anyhow::bail!(NO_TERMINAL);
+    }
     let mut guard = TerminalGuard::enter()?;
     let size = guard
         .terminal

@@ -92,12 +92,18 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             dashboard::run(client).await?;
             Ok(Outcome::Success)
         }
-        Some(Command::Up { dir, no_dashboard }) => {
+        Some(Command::Up {
+            dir,
+            no_dashboard,
+            kilnd,
+        }) => {
             let dir = match dir {
                 Some(d) => d,
                 None => std::env::current_dir().context("cannot read the current directory")?,
             };
-            match up::ensure(&client, &dir).await? {
+            // Without a terminal there is no dashboard to open: say what runs, and stop.
+            let no_dashboard = no_dashboard || !dashboard::has_terminal();
+            match up::ensure(&client, &dir, &kilnd).await? {
                 up::Started::AlreadyRunning => {
                     tracing::info!("kilnd already runs for {}", dir.display());
                     if no_dashboard {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use kiln_shared::protocol::Ready;
 
+use crate::cli::KilndFlags;
 use crate::client::Client;
 
 /// How long kilnd may take to become ready.
@@ -46,8 +47,22 @@ pub enum Started {
     Started { ready: Ready, log: PathBuf },
 }
 
-/// Makes sure a kilnd for `dir` answers on the client's socket.
-pub async fn ensure(client: &Client, dir: &Path) -> anyhow::Result<Started> {
+/// The log file of the kilnd on `socket`: one per socket (one kilnd per socket), so two
+/// workspaces' kilnds never share one. `/run/user/0/kiln/kilnd.sock` logs to
+/// `kilnd@run-user-0-kiln-kilnd.sock.log`.
+pub fn log_path(state: &Path, socket: &Path) -> PathBuf {
+    let flat: String = socket
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .chars()
+        .map(|c| if c == '/' { '-' } else { c })
+        .collect();
+    state.join(format!("kilnd@{flat}.log"))
+}
+
+/// Makes sure a kilnd for `dir` answers on the client's socket, starting one with
+/// `flags` if none does.
+pub async fn ensure(client: &Client, dir: &Path, flags: &KilndFlags) -> anyhow::Result<Started> {
     let dir = dir
         .canonicalize()
         .with_context(|| format!("cannot open the workspace {}", dir.display()))?;
@@ -74,12 +89,17 @@ pub async fn ensure(client: &Client, dir: &Path) -> anyhow::Result<Started> {
     let state = state_dir();
     std::fs::create_dir_all(&state)
         .with_context(|| format!("cannot create kiln's state directory {}", state.display()))?;
-    let log_path = state.join("kilnd.log");
+    let log_path = log_path(&state, client.socket());
     let log = OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
         .with_context(|| format!("cannot open kilnd's log {}", log_path.display()))?;
+    // Where this start's lines begin: an earlier kilnd's lines are not this one's story.
+    let start_offset = log
+        .metadata()
+        .with_context(|| format!("cannot read kilnd's log {}", log_path.display()))?
+        .len();
     let ready_path = state.join(format!("kilnd-{}.ready", std::process::id()));
     let _ = std::fs::remove_file(&ready_path);
     let kilnd = kilnd_path();
@@ -89,6 +109,7 @@ pub async fn ensure(client: &Client, dir: &Path) -> anyhow::Result<Started> {
         .arg(client.socket())
         .arg("--ready-file")
         .arg(&ready_path)
+        .args(flags.to_args())
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("cannot share kilnd's log file")?)
         .stderr(log)
@@ -117,8 +138,8 @@ pub async fn ensure(client: &Client, dir: &Path) -> anyhow::Result<Started> {
         }
         if let Some(status) = child.try_wait().context("cannot wait for kilnd")? {
             bail!(
-                "kilnd exited ({status}) before it was ready:\n{}\n(full log: {})",
-                tail(&log_path, 20),
+                "kilnd exited ({status}) before it was ready:\n{}\n(its log: {})",
+                lines_since(&log_path, start_offset, 40),
                 log_path.display()
             );
         }
@@ -128,15 +149,24 @@ pub async fn ensure(client: &Client, dir: &Path) -> anyhow::Result<Started> {
                 child.id(),
                 READY_DEADLINE.as_secs(),
                 log_path.display(),
-                tail(&log_path, 20)
+                lines_since(&log_path, start_offset, 40)
             );
         }
         tokio::time::sleep(POLL).await;
     }
 }
 
-fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+/// The last `n` lines written to `path` from byte `offset` on.
+fn lines_since(path: &Path, offset: u64, n: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path)
+        && f.seek(SeekFrom::Start(offset)).is_ok()
+    {
+        let mut bytes = Vec::new();
+        let _ = f.read_to_end(&mut bytes);
+        text = String::from_utf8_lossy(&bytes).into_owned();
+    }
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
@@ -167,7 +197,9 @@ mod tests {
         daemon_for(&ws.canonicalize().unwrap(), &socket).await;
         // A relative or non-canonical spelling of the same directory matches.
         let spelled = dir.path().join("ws/../ws");
-        let r = ensure(&Client::new(&socket), &spelled).await.unwrap();
+        let r = ensure(&Client::new(&socket), &spelled, &KilndFlags::default())
+            .await
+            .unwrap();
         assert!(matches!(r, Started::AlreadyRunning));
     }
 
@@ -176,10 +208,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("k.sock");
         daemon_for(Path::new("/elsewhere"), &socket).await;
-        let e = ensure(&Client::new(&socket), dir.path()).await.unwrap_err();
+        let e = ensure(&Client::new(&socket), dir.path(), &KilndFlags::default())
+            .await
+            .unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("a kilnd for /elsewhere already runs"), "{msg}");
         assert!(msg.contains("pid 99") && msg.contains("--socket"), "{msg}");
+    }
+
+    #[test]
+    fn each_socket_has_its_own_log() {
+        let state = Path::new("/state");
+        let a = log_path(state, Path::new("/run/user/0/kiln/kilnd.sock"));
+        let b = log_path(state, Path::new("/tmp/other/kilnd.sock"));
+        assert_eq!(a, Path::new("/state/kilnd@run-user-0-kiln-kilnd.sock.log"));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_failed_start_shows_its_own_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("k.log");
+        std::fs::write(&log, "old kilnd: listening\nold kilnd: stopped\n").unwrap();
+        let offset = std::fs::metadata(&log).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        std::io::Write::write_all(&mut f, b"kilnd: cannot listen on 127.0.0.1:5000\n").unwrap();
+        assert_eq!(
+            lines_since(&log, offset, 40),
+            "kilnd: cannot listen on 127.0.0.1:5000"
+        );
     }
 
     #[tokio::test]
@@ -188,6 +245,7 @@ mod tests {
         let e = ensure(
             &Client::new(dir.path().join("k.sock")),
             &dir.path().join("nope"),
+            &KilndFlags::default(),
         )
         .await
         .unwrap_err();

@@ -50,10 +50,11 @@ pub struct Args {
     #[arg(long, env = "KILN_CACHE", value_name = "DIR")]
     pub cache: Option<PathBuf>,
 
-    /// Address for the registry to listen on (repeatable; port 0 picks a free port)
+    /// Address for the registry to listen on, as IP:PORT or NAME:PORT (a name listens on
+    /// every address it resolves to; repeatable; port 0 picks a free port)
     /// [default: 127.0.0.1:5000 and [::1]:5000]
     #[arg(long, env = "KILN_LISTEN", value_name = "ADDR", value_delimiter = ',')]
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<String>,
 
     /// Host name the registry answers to besides loopback names (repeatable); needed when
     /// listening on a non-loopback address.
@@ -181,7 +182,7 @@ pub struct Config {
     /// Addresses to bind, and whether they are kilnd's defaults (a default that cannot be
     /// bound, such as `[::1]` on a host without IPv6, is a warning, not an error).
     pub listen: Vec<SocketAddr>,
-    pub listen_is_default: bool,
+    pub skip_unavailable: bool,
     pub allow_hosts: Vec<String>,
     pub allow_delete: bool,
     pub uploads: crate::registry::UploadLimits,
@@ -244,21 +245,44 @@ impl Config {
 
         let uploads = registry_uploads(&file.registry, config_file.as_deref())?;
         let allow_delete = args.allow_delete || file.registry.allow_delete.unwrap_or(false);
-        let (listen, listen_is_default) = if !args.listen.is_empty() {
-            (args.listen, false)
-        } else if let Some(list) = file.registry.listen {
-            let parsed = list
-                .iter()
-                .map(|s| {
-                    s.parse::<SocketAddr>().map_err(|e| ConfigError::Parse {
-                        path: config_file.clone().unwrap_or_default(),
-                        message: format!(
-                            "registry.listen: {s:?} is not an address such as 127.0.0.1:5000: {e}"
-                        ),
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            (parsed, false)
+        let mut allow_hosts = if args.allow_hosts.is_empty() {
+            file.registry.allow_hosts.unwrap_or_default()
+        } else {
+            args.allow_hosts
+        };
+        let listen_given = if args.listen.is_empty() {
+            file.registry.listen.map(|l| (l, true))
+        } else {
+            Some((args.listen, false))
+        };
+        let (listen, skip_unavailable) = if let Some((list, in_file)) = listen_given {
+            let mut addrs = Vec::new();
+            let mut several = false;
+            for entry in &list {
+                let resolved = resolve_listen(entry).map_err(|message| {
+                    if in_file {
+                        ConfigError::Parse {
+                            path: config_file.clone().unwrap_or_default(),
+                            message: format!("registry.listen: {message}"),
+                        }
+                    } else {
+                        ConfigError::Invalid(format!("--listen: {message}"))
+                    }
+                })?;
+                several |= resolved.addrs.len() > 1;
+                // A name the registry listens under is a name clients reach it by.
+                if let Some(name) = resolved.name
+                    && !allow_hosts.contains(&name)
+                {
+                    allow_hosts.push(name);
+                }
+                for a in resolved.addrs {
+                    if !addrs.contains(&a) {
+                        addrs.push(a);
+                    }
+                }
+            }
+            (addrs, several)
         } else {
             (
                 vec![
@@ -273,12 +297,6 @@ impl Config {
                 "registry.listen is empty: give at least one address".into(),
             ));
         }
-
-        let allow_hosts = if args.allow_hosts.is_empty() {
-            file.registry.allow_hosts.unwrap_or_default()
-        } else {
-            args.allow_hosts
-        };
 
         let socket = match (args.socket, file.api.socket) {
             (Some(p), _) => cwd.join(p),
@@ -375,7 +393,7 @@ impl Config {
             roots,
             cache,
             listen,
-            listen_is_default,
+            skip_unavailable,
             allow_hosts,
             allow_delete,
             uploads,
@@ -469,6 +487,45 @@ fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
+/// What one `--listen` entry stands for.
+struct Listen {
+    /// The host name, when the entry named one rather than an IP.
+    name: Option<String>,
+    addrs: Vec<SocketAddr>,
+}
+
+/// `IP:PORT`, `[IPv6]:PORT` or `NAME:PORT`; a name is resolved (`localhost:5000` is
+/// 127.0.0.1:5000 and [::1]:5000), as the registry clients that connect to it will.
+fn resolve_listen(entry: &str) -> Result<Listen, String> {
+    if let Ok(addr) = entry.parse::<SocketAddr>() {
+        return Ok(Listen {
+            name: None,
+            addrs: vec![addr],
+        });
+    }
+    let shape = || format!("{entry:?} is not an address such as 127.0.0.1:5000 or localhost:5000");
+    let (host, port) = entry.rsplit_once(':').ok_or_else(shape)?;
+    let port: u16 = port.parse().map_err(|_| shape())?;
+    if host.is_empty() || host.contains(['[', ']', '/', ' ']) {
+        return Err(shape());
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|e| format!("cannot resolve {host:?} (from {entry:?}): {e}"))?
+        .fold(Vec::new(), |mut v, a| {
+            if !v.contains(&a) {
+                v.push(a);
+            }
+            v
+        });
+    if addrs.is_empty() {
+        return Err(format!("{host:?} (from {entry:?}) resolves to no address"));
+    }
+    Ok(Listen {
+        name: Some(host.to_ascii_lowercase()),
+        addrs,
+    })
+}
+
 /// `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
 pub fn default_cache_dir() -> Result<PathBuf, ConfigError> {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
@@ -509,7 +566,7 @@ mod tests {
         let c = Config::load(args(&[r])).unwrap();
         assert_eq!(c.cache, root.join("c"));
         assert_eq!(c.listen, ["127.0.0.1:6000".parse().unwrap()]);
-        assert!(!c.listen_is_default);
+        assert!(!c.skip_unavailable);
         assert_eq!(c.allow_hosts, ["box"]);
 
         let c = Config::load(args(&[r, "--listen", "127.0.0.1:0", "--cache", "/x/y"])).unwrap();
@@ -521,11 +578,67 @@ mod tests {
     fn defaults_listen_on_loopback_only() {
         let dir = tempfile::tempdir().unwrap();
         let c = Config::load(args(&[dir.path().to_str().unwrap(), "--cache", "/c"])).unwrap();
-        assert!(c.listen_is_default);
+        assert!(c.skip_unavailable);
         assert!(
             c.listen
                 .iter()
                 .all(|a| a.ip().is_loopback() && a.port() == 5000)
+        );
+    }
+
+    #[test]
+    fn every_argument_says_what_it_is() {
+        use clap::CommandFactory;
+        let cmd = Args::command();
+        let missing: Vec<String> = cmd
+            .get_arguments()
+            .filter(|a| a.get_help().is_none())
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "kilnd arguments without a description: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn listen_names_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path().to_str().unwrap();
+        let c = Config::load(args(&[r, "--cache", "/c", "--listen", "localhost:5001"])).unwrap();
+        assert!(!c.listen.is_empty());
+        assert!(
+            c.listen
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 5001),
+            "{:?}",
+            c.listen
+        );
+        let c = Config::load(args(&[
+            r,
+            "--cache",
+            "/c",
+            "--listen",
+            "[::1]:7,127.0.0.1:7",
+        ]))
+        .unwrap();
+        assert_eq!(c.listen.len(), 2);
+        assert!(!c.skip_unavailable);
+        for bad in ["localhost", "localhost:http", "no-such-host.invalid:5000"] {
+            let err = Config::load(args(&[r, "--cache", "/c", "--listen", bad])).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains("--listen") && msg.contains(bad), "{msg}");
+        }
+        std::fs::write(
+            dir.path().join("kiln.toml"),
+            "[registry]\nlisten = [\"localhost:6000\"]\n",
+        )
+        .unwrap();
+        let c = Config::load(args(&[r, "--cache", "/c"])).unwrap();
+        assert!(
+            c.listen
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 6000)
         );
     }
 

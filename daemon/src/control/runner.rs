@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kiln_shared::protocol::BuildId;
+use kiln_shared::protocol::{BuildId, BuildOutcome};
 use kiln_shared::reference::{Tag, arch_ref};
 use tokio_util::sync::CancellationToken;
 
@@ -96,7 +96,15 @@ impl Runner for BuildRunner {
             };
             let result = inner.build(&job, &mut log, cancel).await;
             if let Err(e) = &result {
-                log.line(&format!("error: {e}"));
+                // The live log gets this line from the bus when the build's end is
+                // published; the kept copy gets the same line here.
+                let outcome = match e {
+                    RunError::Failed(_) => BuildOutcome::Failed,
+                    RunError::Superseded(_) => BuildOutcome::Cancelled,
+                };
+                if let Some(line) = crate::bus::end_line(outcome, Some(&e.to_string())) {
+                    log.keep(line);
+                }
             }
             inner.save_log(&job, &log.lines);
             result
@@ -117,10 +125,15 @@ const LOG_FILE_LINES: usize = 10_000;
 impl Log {
     fn line(&mut self, text: &str) {
         self.bus.log_line(&self.id, text);
+        self.keep(text.to_owned());
+    }
+
+    /// Adds a line to the kept copy only.
+    fn keep(&mut self, text: String) {
         if self.lines.len() == LOG_FILE_LINES {
             self.lines.pop_front();
         }
-        self.lines.push_back(text.to_owned());
+        self.lines.push_back(text);
     }
 }
 

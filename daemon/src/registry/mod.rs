@@ -81,10 +81,10 @@ pub struct RegistryConfig {
     /// [::1]:5000. A non-loopback address is used only when listed here; its IP is then
     /// also an accepted Host.
     pub listen: Vec<SocketAddr>,
-    /// Whether `listen` is the default list rather than the user's: then an address the
-    /// machine does not have (`[::1]` without IPv6) is skipped with a warning instead of
-    /// failing, as long as another one is bound.
-    pub listen_is_default: bool,
+    /// Whether an address the machine does not have (`[::1]` without IPv6) is skipped
+    /// with a warning instead of failing, as long as another one is bound: true for the
+    /// default list and for names that resolve to several addresses (`localhost`).
+    pub skip_unavailable: bool,
     /// Host names (or IP literals) besides loopback ones that requests may carry in
     /// their Host header.
     pub allowed_hosts: Vec<String>,
@@ -101,7 +101,7 @@ impl Default for RegistryConfig {
                 SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT)),
                 SocketAddr::from((Ipv6Addr::LOCALHOST, DEFAULT_PORT)),
             ],
-            listen_is_default: true,
+            skip_unavailable: true,
             allowed_hosts: Vec::new(),
             uploads: UploadLimits::default(),
             allow_delete: false,
@@ -113,7 +113,7 @@ impl From<&crate::config::Config> for RegistryConfig {
     fn from(c: &crate::config::Config) -> Self {
         RegistryConfig {
             listen: c.listen.clone(),
-            listen_is_default: c.listen_is_default,
+            skip_unavailable: c.skip_unavailable,
             allowed_hosts: c.allow_hosts.clone(),
             uploads: c.uploads,
             allow_delete: c.allow_delete,

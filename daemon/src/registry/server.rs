@@ -41,7 +41,7 @@ pub async fn bind(cfg: RegistryConfig) -> Result<Registry, RegistryError> {
         match TcpListener::bind(addr).await {
             Ok(l) => listeners.push(l),
             Err(e)
-                if cfg.listen_is_default
+                if cfg.skip_unavailable
                     && matches!(
                         e.raw_os_error(),
                         Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
@@ -222,7 +222,7 @@ mod tests {
     fn cfg(listen: &[&str], default: bool) -> RegistryConfig {
         RegistryConfig {
             listen: listen.iter().map(|a| a.parse().unwrap()).collect(),
-            listen_is_default: default,
+            skip_unavailable: default,
             ..RegistryConfig::default()
         }
     }

@@ -258,9 +258,11 @@ fn a_failed_arch_blocks_neither_the_other_arch_nor_other_packages_and_keeps_its_
     assert_eq!(image.run(&["cat", "/arch"]), "x86_64");
 
     // The failure's log: the RUN's own output, and the failure.
+    // A failed build's log: kiln logs fails as the build did.
     let log = kiln(&kilnd)
         .args(["logs", "kiln/picky", "--arch", "arm64"])
-        .stdout();
+        .run_fails()
+        .stdout_str();
     assert!(
         log.contains(&format!("checking aarch64 for {nonce}")),
         "{log}"

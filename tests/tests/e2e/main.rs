@@ -4,6 +4,7 @@
 
 mod base_images;
 mod build;
+mod cli;
 mod crash;
 mod kilnd;
 mod native_run;

@@ -3,7 +3,7 @@
 
 use super::*;
 
-pub(super) fn on_mouse(model: &mut Model, mouse: MouseEvent) -> bool {
+pub(super) fn on_mouse(model: &mut Model, mouse: MouseEvent, cmds: &mut Vec<Cmd>) -> bool {
     let up = match mouse.kind {
         MouseEventKind::ScrollUp => true,
         MouseEventKind::ScrollDown => false,
@@ -16,6 +16,7 @@ pub(super) fn on_mouse(model: &mut Model, mouse: MouseEvent) -> bool {
         model.log.scroll_by(if up { lines } else { -lines });
     } else {
         model.move_selection(!up);
+        follow_selection(model, cmds);
     }
     true
 }
@@ -70,25 +71,33 @@ pub(super) fn on_key(model: &mut Model, key: KeyEvent, cmds: &mut Vec<Cmd>) -> b
         }
         KeyCode::Up | KeyCode::Char('k') => {
             match model.focus {
-                Focus::Packages => model.move_selection(false),
+                Focus::Packages => {
+                    model.move_selection(false);
+                    follow_selection(model, cmds);
+                }
                 Focus::Log => model.log.scroll_by(1),
             }
             true
         }
         KeyCode::Down | KeyCode::Char('j') => {
             match model.focus {
-                Focus::Packages => model.move_selection(true),
+                Focus::Packages => {
+                    model.move_selection(true);
+                    follow_selection(model, cmds);
+                }
                 Focus::Log => model.log.scroll_by(-1),
             }
             true
         }
         KeyCode::Left | KeyCode::Char('h') => {
             model.arch = model.arch.saturating_sub(1);
+            follow_selection(model, cmds);
             true
         }
         KeyCode::Right | KeyCode::Char('l') => {
             let n = model.archs().len();
             model.arch = (model.arch + 1).min(n.saturating_sub(1));
+            follow_selection(model, cmds);
             true
         }
         KeyCode::PageUp => {
@@ -107,10 +116,12 @@ pub(super) fn on_key(model: &mut Model, key: KeyEvent, cmds: &mut Vec<Cmd>) -> b
         }
         KeyCode::Home => {
             model.log.scroll = model.log.lines.len().saturating_sub(1);
+            model.log.current = None;
             true
         }
         KeyCode::End | KeyCode::Char('G') => {
             model.log.scroll = 0;
+            model.log.current = None;
             true
         }
         KeyCode::Enter => open_log(model, cmds),
@@ -132,8 +143,8 @@ pub(super) fn on_key(model: &mut Model, key: KeyEvent, cmds: &mut Vec<Cmd>) -> b
             model.input_buf.clear();
             true
         }
-        KeyCode::Char('n') => search_again(model, true),
-        KeyCode::Char('N') => search_again(model, false),
+        KeyCode::Char('n') => search_again(model, false),
+        KeyCode::Char('N') => search_again(model, true),
         _ => false,
     };
     changed || had_notice
@@ -167,7 +178,7 @@ pub(super) fn on_input_key(model: &mut Model, key: KeyEvent) -> bool {
                     model.fix_selection();
                 }
                 Input::Search => {
-                    model.log.search = text;
+                    model.log.set_search(text);
                     if !model.log.search.is_empty() {
                         // Search backwards from the bottom: the newest match first.
                         model.log.scroll = 0;
@@ -200,17 +211,22 @@ pub(super) fn on_input_key(model: &mut Model, key: KeyEvent) -> bool {
     true
 }
 
-pub(super) fn open_log(model: &mut Model, cmds: &mut Vec<Cmd>) -> bool {
-    let Some((p, arch, t)) = model.selected_target() else {
-        model.notice("no package selected", true);
-        return true;
-    };
+/// The selected target and its build in flight, else its last one.
+fn selected_build(model: &Model) -> Option<((String, String), Option<BuildId>)> {
+    let (p, arch, t) = model.selected_target()?;
     let build = t.and_then(|t| {
         t.build
             .clone()
             .or_else(|| t.last.as_ref().map(|l| l.id.clone()))
     });
-    let name = p.name.clone();
+    Some(((p.name.clone(), arch), build))
+}
+
+pub(super) fn open_log(model: &mut Model, cmds: &mut Vec<Cmd>) -> bool {
+    let Some(((name, arch), build)) = selected_build(model) else {
+        model.notice("no package selected", true);
+        return true;
+    };
     let Some(build) = build else {
         model.notice(
             format!("{name} {arch} has not been built by this kilnd yet: press r to build it"),
@@ -218,9 +234,27 @@ pub(super) fn open_log(model: &mut Model, cmds: &mut Vec<Cmd>) -> bool {
         );
         return true;
     };
-    model.log.reset((name, arch), build.clone());
+    model.log.reset((name, arch), Some(build.clone()));
     cmds.push(Cmd::FollowLog(build));
     true
+}
+
+/// Once a log is open, it shows the selected target's: moving the selection (a package,
+/// an arch with left/right) moves the log with it.
+fn follow_selection(model: &mut Model, cmds: &mut Vec<Cmd>) {
+    if model.log.target.is_none() {
+        return;
+    }
+    let Some((target, build)) = selected_build(model) else {
+        return;
+    };
+    if model.log.target.as_ref() == Some(&target) && model.log.build == build {
+        return;
+    }
+    if let Some(b) = &build {
+        cmds.push(Cmd::FollowLog(b.clone()));
+    }
+    model.log.reset(target, build);
 }
 
 pub(super) fn build(model: &mut Model, force: bool, cmds: &mut Vec<Cmd>) -> bool {

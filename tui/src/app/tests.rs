@@ -93,6 +93,33 @@ fn enter_opens_the_log_of_the_selected_build() {
 }
 
 #[test]
+fn the_open_log_follows_the_selected_arch_and_package() {
+    let mut m = model();
+    // Nothing open: moving opens nothing.
+    assert!(update(&mut m, key(KeyCode::Right)).is_empty());
+    update(&mut m, key(KeyCode::Left));
+    update(&mut m, key(KeyCode::Enter));
+    assert_eq!(m.log.build, Some("b1".into()));
+    // alpine arm64 was built as b2.
+    assert_eq!(
+        update(&mut m, key(KeyCode::Right)),
+        vec![Cmd::FollowLog("b2".into())]
+    );
+    assert_eq!(
+        m.log.target,
+        Some(("linuxkit/alpine".into(), "arm64".into()))
+    );
+    // hello arm64 is queued as b5.
+    assert_eq!(update(&mut m, ch('j')), vec![Cmd::FollowLog("b5".into())]);
+    // runc arm64 does not exist, runc amd64 was never built: the pane says so.
+    update(&mut m, ch('j'));
+    update(&mut m, ch('j'));
+    update(&mut m, key(KeyCode::Left));
+    assert_eq!(m.log.target, Some(("linuxkit/runc".into(), "amd64".into())));
+    assert_eq!(m.log.build, None);
+}
+
+#[test]
 fn log_lines_for_another_build_are_ignored() {
     let mut m = model();
     update(&mut m, key(KeyCode::Enter));
@@ -354,10 +381,17 @@ fn search_jumps_to_matches_newest_first() {
     update(&mut m, key(KeyCode::Enter));
     // Newest match of "line 1" (case-insensitive) is line 19: 30 lines above the bottom.
     assert_eq!(m.log.scroll, 30);
-    update(&mut m, ch('n'));
-    assert_eq!(m.log.scroll, 31, "line 18");
+    assert_eq!((m.log.current, m.log.matches), (Some(11), 11));
+    // N: the previous (older) match, as in less and vim; n: the next one.
     update(&mut m, ch('N'));
+    assert_eq!(m.log.scroll, 31, "line 18");
+    assert_eq!(m.log.current, Some(10));
+    update(&mut m, ch('n'));
     assert_eq!(m.log.scroll, 30, "back to line 19");
+    // Past the newest, n wraps around to the oldest (line 1).
+    update(&mut m, ch('n'));
+    assert_eq!(m.log.scroll, 48);
+    assert_eq!(m.log.current, Some(1));
     update(&mut m, ch('/'));
     type_text(&mut m, "nope");
     update(&mut m, key(KeyCode::Enter));

@@ -1,11 +1,12 @@
-//! The cache pane: size against the cap, blobs, references, hit ratio, last GC.
+//! The cache pane: size against the cap, blobs, references, hit ratio, last GC, and the
+//! upstream registries with whether each answers.
 
 use ratatui::Frame;
 use ratatui::layout::Rect;
 use ratatui::style::{Color, Style};
 use ratatui::symbols;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Paragraph};
+use ratatui::widgets::{Block, Paragraph, Wrap};
 
 use super::{border, dim, fmt};
 use crate::app::Model;
@@ -77,5 +78,28 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
         }
         None => lines.push(Line::styled("no GC yet", dim())),
     }
-    frame.render_widget(Paragraph::new(lines).block(block), area);
+    for u in &s.upstreams {
+        let (glyph, color) = match u.state.as_str() {
+            "up" => ("●", Color::Green),
+            "down" => ("✗", Color::Red),
+            _ => ("◌", Color::DarkGray),
+        };
+        let mut spans = vec![
+            Span::styled(format!("{glyph} {} ", u.state), Style::new().fg(color)),
+            Span::raw(u.name.clone()),
+        ];
+        if u.push {
+            spans.push(Span::styled(" (push)", dim()));
+        }
+        lines.push(Line::from(spans));
+        if let Some(e) = &u.error {
+            lines.push(Line::styled(format!("  {e}"), Style::new().fg(Color::Red)));
+        }
+    }
+    frame.render_widget(
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: false })
+            .block(block),
+        area,
+    );
 }

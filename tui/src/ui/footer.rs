@@ -1,4 +1,5 @@
-//! The footer: the keys, or the line being typed, or the last action's result.
+//! The bottom lines: the keys, always, and above them, when there is one, the line being
+//! typed (filter, search) or the last action's result.
 
 use ratatui::Frame;
 use ratatui::layout::Rect;
@@ -22,7 +23,24 @@ const KEYS: [(&str, &str); 10] = [
     ("q", "quit"),
 ];
 
-pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
+pub(super) fn draw(frame: &mut Frame, area: Rect) {
+    let line = Line::from(
+        KEYS.iter()
+            .flat_map(|(k, what)| {
+                [
+                    Span::styled(*k, bold()),
+                    Span::styled(format!(" {what} "), dim()),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    );
+    frame.render_widget(Paragraph::new(line), area);
+}
+
+pub(super) fn draw_message(model: &Model, frame: &mut Frame, area: Rect) {
+    if area.height == 0 {
+        return;
+    }
     let line = match model.input {
         Input::Filter | Input::Search => {
             let label = if model.input == Input::Filter {
@@ -42,16 +60,7 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
                 n.text.clone(),
                 Style::new().fg(if n.error { Color::Red } else { Color::Green }),
             ),
-            None => Line::from(
-                KEYS.iter()
-                    .flat_map(|(k, what)| {
-                        [
-                            Span::styled(*k, bold()),
-                            Span::styled(format!(" {what} "), dim()),
-                        ]
-                    })
-                    .collect::<Vec<_>>(),
-            ),
+            None => return,
         },
     };
     frame.render_widget(Paragraph::new(line), area);

@@ -14,7 +14,7 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 
-use crate::app::Model;
+use crate::app::{Input, Model};
 
 /// Where each pane goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +24,8 @@ pub struct Areas {
     pub log: Rect,
     pub cache: Rect,
     pub activity: Rect,
+    /// The last action's result or the line being typed (height 0 when there is none).
+    pub message: Rect,
     pub footer: Rect,
 }
 
@@ -36,11 +38,13 @@ pub fn layout(area: Rect, model: &Model) -> Areas {
     let rows = u16::try_from(model.row_count()).unwrap_or(u16::MAX);
     let max_top = (area.height.saturating_mul(45) / 100).max(5);
     let top = rows.saturating_add(3).clamp(5, max_top);
-    let [title, packages, bottom, activity, footer] = Layout::vertical([
+    let message = u16::from(model.notice.is_some() || model.input != Input::Keys);
+    let [title, packages, bottom, activity, message, footer] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(top),
         Constraint::Min(3),
         Constraint::Length(1),
+        Constraint::Length(message),
         Constraint::Length(1),
     ])
     .areas(area);
@@ -53,6 +57,7 @@ pub fn layout(area: Rect, model: &Model) -> Areas {
         log,
         cache,
         activity,
+        message,
         footer,
     }
 }
@@ -67,7 +72,8 @@ pub fn view(model: &Model, frame: &mut Frame) {
         cache::draw(model, frame, areas.cache);
     }
     activity::draw(model, frame, areas.activity);
-    footer::draw(model, frame, areas.footer);
+    footer::draw_message(model, frame, areas.message);
+    footer::draw(frame, areas.footer);
     if model.help {
         help::draw(frame, frame.area());
     }

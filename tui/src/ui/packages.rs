@@ -23,7 +23,16 @@ pub fn glyph(status: TargetStatus) -> (&'static str, Color) {
     }
 }
 
-fn status_cell(t: Option<&TargetState>, package_error: bool, selected: bool) -> Cell<'static> {
+/// Characters of a clean tag shown in the table.
+const TAG_WIDTH: usize = 12;
+
+/// A target's cell; `selected` is `Some(focused)` for the selected one: reversed while
+/// the table has the focus, underlined while the log has it.
+fn status_cell(
+    t: Option<&TargetState>,
+    package_error: bool,
+    selected: Option<bool>,
+) -> Cell<'static> {
     let Some(t) = t else {
         return Cell::from(Span::styled("", dim()));
     };
@@ -35,10 +44,11 @@ fn status_cell(t: Option<&TargetState>, package_error: bool, selected: bool) -> 
         (s, _) => format!("{s:?}").to_lowercase(),
     };
     let color = if package_error { Color::Red } else { color };
-    let mut style = Style::new().fg(color);
-    if selected {
-        style = style.add_modifier(Modifier::REVERSED);
-    }
+    let style = match selected {
+        Some(true) => Style::new().fg(color).add_modifier(Modifier::REVERSED),
+        Some(false) => Style::new().fg(color).add_modifier(Modifier::UNDERLINED),
+        None => Style::new().fg(color),
+    };
     Cell::from(Span::styled(format!("{g} {word}"), style))
 }
 
@@ -85,13 +95,17 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
     let selected_row = model.selected_row();
     let shown_arch = archs.get(model.arch);
     let mut header = vec![Cell::from("PACKAGE"), Cell::from("TAG")];
-    // The selected arch's header is underlined: LAST and DIGEST are about it.
+    // The selected arch's header is bracketed (visible without colour) and underlined:
+    // LAST, BY, DIGEST and the log are about it.
     header.extend(archs.iter().enumerate().map(|(j, a)| {
-        let cell = Cell::from(a.clone());
-        if j == model.arch && archs.len() > 1 {
-            cell.style(Style::new().add_modifier(Modifier::UNDERLINED))
+        if j == model.arch {
+            Cell::from(format!("[{a}]")).style(
+                Style::new()
+                    .add_modifier(Modifier::UNDERLINED | Modifier::BOLD)
+                    .fg(Color::Reset),
+            )
         } else {
-            cell
+            Cell::from(format!(" {a}"))
         }
     }));
     header.extend([Cell::from("LAST"), Cell::from("BY"), Cell::from("DIGEST")]);
@@ -107,13 +121,12 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
             Cell::from(Span::styled(
                 p.tag
                     .as_ref()
-                    .map_or("-", |t| fmt::short(t.as_str(), 12))
-                    .to_owned(),
+                    .map_or_else(|| "-".to_owned(), |t| fmt::tag(t.as_str(), TAG_WIDTH)),
                 dim(),
             )),
         ];
         for (j, a) in archs.iter().enumerate() {
-            let sel = focused && selected_row == Some(i) && j == model.arch;
+            let sel = (selected_row == Some(i) && j == model.arch).then_some(focused);
             cells.push(status_cell(p.targets.get(a), error, sel));
         }
         let (last, digest) = last_and_digest(shown_arch.and_then(|a| p.targets.get(a)));
@@ -140,14 +153,22 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
         .max()
         .unwrap_or(0)
         .clamp(14, 48);
+    // As wide as the shown tags: a dirty tag's `-dirty-` part is never cut.
+    let tag_width = rows
+        .iter()
+        .filter_map(|p| p.tag.as_ref())
+        .map(|t| fmt::tag(t.as_str(), TAG_WIDTH).chars().count())
+        .max()
+        .unwrap_or(TAG_WIDTH)
+        .max(TAG_WIDTH);
     let mut widths = vec![
         Constraint::Length(u16::try_from(name_width).unwrap_or(14)),
-        Constraint::Length(12),
+        Constraint::Length(u16::try_from(tag_width).unwrap_or(12)),
     ];
     widths.extend(
         archs
             .iter()
-            .map(|a| Constraint::Length(u16::try_from(a.len().max(10)).unwrap_or(10))),
+            .map(|a| Constraint::Length(u16::try_from(a.len().max(8) + 2).unwrap_or(10))),
     );
     widths.extend([
         Constraint::Length(7),

@@ -259,7 +259,7 @@ fn ten_thousand_log_lines_a_second_stay_bounded() {
             assert!(m.dirty);
             t.draw(|f| view(&m, f)).unwrap();
             m.dirty = false;
-            assert!(log::visible(&m, log_height).len() <= log_height);
+            assert!(log::visible(&m, log_height, 78).len() <= log_height);
             let newest = format!("#{n:07}");
             assert!(
                 screen(&t).contains(&newest),
@@ -303,4 +303,210 @@ fn last_and_digest_are_the_selected_arch_s() {
     update(&mut m, key(KeyCode::Right));
     let arm64 = init_row(&m);
     assert!(arm64.contains("cccccccccccc"), "{arm64}");
+}
+
+/// Applies `event` to the model as the next one of the stream.
+fn apply(m: &mut Model, event: kiln_shared::protocol::Event) -> Vec<crate::app::Cmd> {
+    let seq = m.snapshot.as_ref().unwrap().seq + 1;
+    update(
+        m,
+        Msg::Stream(kiln_shared::protocol::StreamItem::Event { seq, event }),
+    )
+}
+
+/// The screen's text with the style of the cell where `needle` starts.
+fn style_at(t: &Terminal<TestBackend>, needle: &str) -> ratatui::style::Style {
+    let s = screen(t);
+    let (y, line) = s
+        .lines()
+        .enumerate()
+        .find(|(_, l)| l.contains(needle))
+        .unwrap_or_else(|| panic!("{needle:?} not on screen:\n{s}"));
+    let byte = line.find(needle).unwrap();
+    let x = line[..byte].chars().count();
+    t.backend().buffer()[(x as u16, y as u16)].style()
+}
+
+#[test]
+fn long_log_lines_wrap_and_errors_are_red() {
+    let mut m = model();
+    update(&mut m, key(KeyCode::Enter));
+    let long = format!("error: {} THE-END", "word ".repeat(30));
+    update(
+        &mut m,
+        Msg::LogLines {
+            build: "b1".into(),
+            lines: vec!["#1 [1/2] FROM scratch".into(), long, "done".into()],
+        },
+    );
+    let mut t = Terminal::new(TestBackend::new(80, 24)).unwrap();
+    t.draw(|f| view(&m, f)).unwrap();
+    let s = screen(&t);
+    assert!(s.contains("THE-END"), "the end of a long line is cut:\n{s}");
+    assert_eq!(
+        style_at(&t, "error: word").fg,
+        Some(ratatui::style::Color::Red)
+    );
+    assert_eq!(style_at(&t, "THE-END").fg, Some(ratatui::style::Color::Red));
+    assert_ne!(style_at(&t, "done").fg, Some(ratatui::style::Color::Red));
+    assert_screen!(s);
+}
+
+#[test]
+fn a_failed_build_s_log_is_titled_failed() {
+    let mut m = model();
+    // linuxkit/init amd64: build b3 failed.
+    update(&mut m, ch('j'));
+    update(&mut m, ch('j'));
+    update(&mut m, key(KeyCode::Enter));
+    assert_eq!(m.log.build, Some("b3".into()));
+    update(&mut m, Msg::LogEnded { build: "b3".into() });
+    let s = render(&m, 100, 24);
+    assert!(s.contains("linuxkit/init amd64 · build b3 · failed"), "{s}");
+    // An ok build's ended log is done.
+    update(&mut m, ch('k'));
+    update(&mut m, ch('k'));
+    update(&mut m, Msg::LogEnded { build: "b1".into() });
+    let s = render(&m, 100, 24);
+    assert!(s.contains("linuxkit/alpine amd64 · build b1 · done"), "{s}");
+}
+
+#[test]
+fn a_dirty_tag_does_not_look_like_the_clean_one() {
+    let mut m = model();
+    let clean = render(&m, 120, 32);
+    let dirty: kiln_shared::reference::Tag =
+        "4f2a9c1be07d33554f2a9c1be07d33554f2a9c1b-dirty-1a2b3c4"
+            .parse()
+            .unwrap();
+    apply(
+        &mut m,
+        kiln_shared::protocol::Event::TargetPlanned {
+            package: "linuxkit/alpine".into(),
+            arch: "amd64".into(),
+            tag: dirty,
+        },
+    );
+    let s = render(&m, 120, 32);
+    let row = |s: &str| {
+        s.lines()
+            .find(|l| l.contains("linuxkit/alpine"))
+            .unwrap()
+            .to_owned()
+    };
+    assert!(row(&s).contains("4f2a9c1b-dirty-1a2b3c4"), "{s}");
+    assert_ne!(row(&s), row(&clean));
+}
+
+#[test]
+fn the_selected_arch_shows_without_colour() {
+    let mut m = model();
+    let header = |m: &Model| {
+        render(m, 100, 24)
+            .lines()
+            .find(|l| l.contains("PACKAGE"))
+            .unwrap()
+            .to_owned()
+    };
+    assert!(header(&m).contains("[amd64]") && !header(&m).contains("[arm64]"));
+    update(&mut m, key(KeyCode::Right));
+    assert!(header(&m).contains("[arm64]") && !header(&m).contains("[amd64]"));
+}
+
+#[test]
+fn the_footer_keeps_the_keys_while_a_message_shows() {
+    let mut m = model();
+    update(&mut m, ch('r'));
+    assert!(m.notice.is_some());
+    update(
+        &mut m,
+        Msg::Failed("no package \"linuxkit/alpine\": a long reason".into()),
+    );
+    let s = render(&m, 80, 24);
+    let lines: Vec<&str> = s.lines().collect();
+    assert!(
+        lines[23].contains("? help") && lines[23].contains("q quit"),
+        "{s}"
+    );
+    assert!(lines[22].contains("a long reason"), "{s}");
+    // Typing a filter keeps them too.
+    update(&mut m, ch('f'));
+    let s = render(&m, 80, 24);
+    assert!(s.lines().nth(23).unwrap().contains("q quit"), "{s}");
+    assert!(s.lines().nth(22).unwrap().starts_with("filter:"), "{s}");
+}
+
+#[test]
+fn a_search_counts_its_matches_in_the_title() {
+    let mut m = model();
+    update(&mut m, key(KeyCode::Enter));
+    let lines = (0..30).map(|i| format!("step {i}")).collect();
+    update(
+        &mut m,
+        Msg::LogLines {
+            build: "b1".into(),
+            lines,
+        },
+    );
+    update(&mut m, ch('/'));
+    type_text(&mut m, "step 1");
+    update(&mut m, key(KeyCode::Enter));
+    // step 1, step 10..19: 11 matches; the newest first.
+    assert!(render(&m, 100, 24).contains("/step 1 11/11"));
+    update(&mut m, ch('N'));
+    assert!(render(&m, 100, 24).contains("/step 1 10/11"));
+    update(&mut m, ch('n'));
+    assert!(render(&m, 100, 24).contains("/step 1 11/11"));
+}
+
+#[test]
+fn upstream_states_and_pulled_targets_are_drawn() {
+    use kiln_shared::protocol::{BuildOutcome, BuiltBy, Event, UpstreamInfo};
+    let mut m = model();
+    apply(
+        &mut m,
+        Event::Upstreams {
+            upstreams: vec![
+                UpstreamInfo {
+                    name: "127.0.0.1:5001".into(),
+                    push: true,
+                    state: "up".into(),
+                    error: None,
+                },
+                UpstreamInfo {
+                    name: "team.example".into(),
+                    push: false,
+                    state: "down".into(),
+                    error: Some("connect timed out".into()),
+                },
+            ],
+        },
+    );
+    let mut pulled = summary("b6", BuildOutcome::Ok, 120);
+    pulled.builder = Some(BuiltBy::Upstream);
+    pulled.pulled_from = Some("127.0.0.1:5001".into());
+    apply(
+        &mut m,
+        Event::Finished {
+            package: "linuxkit/alpine".into(),
+            arch: "arm64".into(),
+            summary: pulled,
+        },
+    );
+    update(&mut m, key(KeyCode::Right));
+    let s = render(&m, 100, 30);
+    assert!(s.contains("● up 127.0.0.1:5001 (push)"), "{s}");
+    assert!(s.contains("✗ down team.example"), "{s}");
+    assert!(s.contains("connect timed out"), "{s}");
+    assert!(
+        s.contains("linuxkit/alpine arm64: pulled from 127.0.0.1:5001 in 120 ms"),
+        "{s}"
+    );
+    // A built target says it was built.
+    update(&mut m, key(KeyCode::Left));
+    let s = render(&m, 100, 30);
+    assert!(
+        s.contains("linuxkit/alpine amd64: built by native in"),
+        "{s}"
+    );
 }

@@ -54,7 +54,7 @@ impl Server {
             rt.block_on(async move {
                 let reg = registry::bind(RegistryConfig {
                     listen: vec!["127.0.0.1:0".parse().unwrap()],
-                    listen_is_default: false,
+                    skip_unavailable: false,
                     ..RegistryConfig::default()
                 })
                 .await
