@@ -104,8 +104,7 @@ pub struct Args {
     )]
     pub engines: Vec<String>,
 
-    /// How long a save whose file is still open for writing is waited for, in ms (a save
-    /// whose files are closed is acted on at once) [default: 50]
+    /// Quiet window that folds a burst of file events into one change, in ms [default: 50]
     #[arg(long, env = "KILN_QUIET_MS", value_name = "MS")]
     pub quiet_ms: Option<u64>,
 

@@ -1,13 +1,6 @@
 //! Watching the workspace: inotify (through notify) over every root, recursively,
-//! including directories created later; editor temporaries, `.git` internals and kiln's
-//! own cache ignored.
-//!
-//! A change is reported as soon as it is whole, with no fixed delay: when no file it
-//! touched is still open for writing (a file created or written stays so until inotify
-//! says it was closed after writing). A file written and not closed is waited for until
-//! the quiet window passes without an event (or 20 windows in all), so the quiet window
-//! only bounds how long a burst is waited for. Each later event of a burst is reported
-//! again, and the newer plan replaces what the earlier one started.
+//! including directories created later; an editor's burst of events folded into one change
+//! after a quiet window; editor temporaries, `.git` internals and kiln's own cache ignored.
 //!
 //! When inotify cannot keep up (its queue overflowed) the change is "everything": a
 //! [`WatchEvent::Rescan`]. When its watch limit is reached the watcher says so, with the
@@ -34,8 +27,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// What the watcher reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEvent {
-    /// Files or directories that changed (created, written, removed, renamed), once no
-    /// file among them is open for writing (or after the quiet window).
+    /// Files or directories that changed (created, written, removed, renamed), after the
+    /// quiet window.
     Changed(BTreeSet<PathBuf>),
     /// Events were lost (inotify's queue overflowed): everything must be looked at again.
     Rescan { reason: String },
@@ -60,8 +53,7 @@ pub struct WatchConfig {
     pub roots: Vec<PathBuf>,
     /// Paths whose contents are never reported (kiln's cache, if it lies in a root).
     pub exclude: Vec<PathBuf>,
-    /// How long a burst whose files are still open for writing is waited for: the
-    /// change is reported once this passes without an event.
+    /// Quiet window that folds a burst of events into one change.
     pub quiet: Duration,
     /// Where each relevant event is recorded as it arrives, before the quiet window.
     pub touched: Arc<Touched>,
@@ -313,51 +305,23 @@ fn is_change(kind: &EventKind) -> bool {
     }
 }
 
-/// Whether an event says a file is being written: created (open for writing) or
-/// written. It is whole once inotify reports it closed after writing.
-fn opens(kind: &EventKind) -> bool {
-    matches!(
-        kind,
-        EventKind::Create(notify::event::CreateKind::File)
-            | EventKind::Modify(notify::event::ModifyKind::Data(_))
-    )
-}
-
-/// Whether an event says a file is done being written (closed, removed, renamed).
-fn closes(kind: &EventKind) -> bool {
-    matches!(
-        kind,
-        EventKind::Access(AccessKind::Close(AccessMode::Write))
-            | EventKind::Remove(_)
-            | EventKind::Modify(notify::event::ModifyKind::Name(_))
-    )
-}
-
-/// Folds raw events into changes: paths gather while a file among them is open for
-/// writing, and go out as soon as none is; a file left open goes out once `quiet` passes
-/// without a new event (or 20 quiet windows pass in all, so a never-ending stream still
-/// gets through).
+/// Folds raw events into changes: paths gather until `quiet` passes without a new one
+/// (or 20 quiet windows pass in all, so a never-ending stream still gets through).
 async fn fold(cfg: WatchConfig, mut raw: mpsc::Receiver<Raw>, out: mpsc::Sender<WatchEvent>) {
     let mut pending: BTreeSet<PathBuf> = BTreeSet::new();
-    // Files written and not closed yet: their content may be half-written.
-    let mut open: BTreeSet<PathBuf> = BTreeSet::new();
     let mut first: Option<Instant> = None;
     let mut last = Instant::now();
     let mut limit_reported = false;
     loop {
-        if first.is_some() && open.is_empty() {
-            let batch = std::mem::take(&mut pending);
-            first = None;
-            if !batch.is_empty() && out.send(WatchEvent::Changed(batch)).await.is_err() {
-                return;
-            }
-        }
         let deadline = first.map(|f| (last + cfg.quiet).min(f + cfg.quiet * 20));
         let next = tokio::select! {
             ev = raw.recv() => ev,
             _ = async { sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => {
-                // Still open for writing after the quiet window: taken as it is now.
-                open.clear();
+                let batch = std::mem::take(&mut pending);
+                first = None;
+                if !batch.is_empty() && out.send(WatchEvent::Changed(batch)).await.is_err() {
+                    return;
+                }
                 continue;
             }
         };
@@ -382,11 +346,6 @@ async fn fold(cfg: WatchConfig, mut raw: mpsc::Receiver<Raw>, out: mpsc::Sender<
                     for p in ev.paths {
                         if !is_ignored(&p, &cfg.roots, &cfg.exclude) {
                             cfg.touched.record(now.into_std(), &p);
-                            if opens(&ev.kind) {
-                                open.insert(p.clone());
-                            } else if closes(&ev.kind) {
-                                open.remove(&p);
-                            }
                             pending.insert(p);
                             relevant = true;
                         }
