@@ -17,7 +17,7 @@ use crate::api::{Api, ApiError};
 use crate::build::docker::EngineError;
 use crate::cache::{Cache, CacheError};
 use crate::config::Config;
-use crate::control::runner::publish_upstreams;
+use crate::control::publish_upstreams;
 use crate::control::{
     ControlConfig, Controller, Core, Inputs, PullMiss, QueueConfig, cache_stats, describe,
     flush_usage, start_queue,
@@ -98,6 +98,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             dev_tag: config.dev_tag.clone(),
             jobs: config.jobs,
             upstreams: upstreams.clone(),
+            imports: crate::control::Imports {
+                names: config.imports.iter().map(|(_, _, n)| n.clone()).collect(),
+                fallbacks: config.fallback_imports.clone(),
+            },
         },
         |_| {},
     )?;
@@ -441,6 +445,10 @@ pub async fn build_once(
             dev_tag: dev_tag.clone(),
             jobs: req.jobs,
             upstreams: None,
+            imports: crate::control::Imports {
+                names: req.imports.iter().map(|(_, _, n)| n.clone()).collect(),
+                fallbacks: Vec::new(),
+            },
         },
         move |e| {
             if let Some(text) = describe(e) {

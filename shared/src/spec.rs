@@ -87,8 +87,16 @@ fn de_arches<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Arch>, D::Error> {
             }
             Ok(arches)
         }
+        // `arches:` with no value: LinuxKit reads it as no list, so the default arches
+        // (linuxkit's own pkg/bpftrace says `arches:` with nothing after it).
+        fn visit_unit<E: de::Error>(self) -> Result<Vec<Arch>, E> {
+            Ok(default_arches())
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Vec<Arch>, E> {
+            Ok(default_arches())
+        }
     }
-    d.deserialize_seq(V)
+    d.deserialize_any(V)
 }
 
 /// LinuxKit's `config` (a `moby.ImageConfig`), kept as a JSON object.

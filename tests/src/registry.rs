@@ -39,17 +39,23 @@ impl Registry {
     /// Starts a plain-HTTP registry listening on 127.0.0.1 on a port the kernel picks,
     /// and waits until it says where it listens.
     pub fn start() -> Registry {
-        Registry::launch(false)
+        Registry::launch(false, "127.0.0.1:0")
+    }
+
+    /// As [`Registry::start`], on a given address (a registry that comes up later than
+    /// its clients, at the address they were told).
+    pub fn start_at(addr: &str) -> Registry {
+        Registry::launch(false, addr)
     }
 
     /// As [`Registry::start`], with TLS (a certificate for 127.0.0.1 signed by a CA made
     /// here with openssl: [`Registry::ca`]) and htpasswd Basic auth
     /// ([`REGISTRY_USER`], [`REGISTRY_PASSWORD`]).
     pub fn start_secure() -> Registry {
-        Registry::launch(true)
+        Registry::launch(true, "127.0.0.1:0")
     }
 
-    fn launch(secure: bool) -> Registry {
+    fn launch(secure: bool, addr: &str) -> Registry {
         let dir = Dir::new("registry");
         let mut extra = String::new();
         if secure {
@@ -80,7 +86,7 @@ impl Registry {
                 "version: 0.1\n\
                  log:\n  level: info\n  formatter: text\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: 127.0.0.1:0\n  secret: kiln-tests\n{extra}",
+                 http:\n  addr: {addr}\n  secret: kiln-tests\n{extra}",
                 dir.join("data").display()
             ),
         );

@@ -28,7 +28,7 @@ pub async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {
         serde_json::to_writer_pretty(&mut out, &s)?;
         writeln!(out)?;
     } else {
-        out.write_all(render_status(&s).as_bytes())?;
+        out.write_all(render_status(&s, kiln_shared::protocol::now_ms()).as_bytes())?;
     }
     Ok(Outcome::Success)
 }
@@ -114,8 +114,8 @@ fn exited(pid: nix::unistd::Pid) -> bool {
         .unwrap_or(false)
 }
 
-/// `kiln status` as plain text.
-pub fn render_status(s: &Snapshot) -> String {
+/// `kiln status` as plain text, as of `now` (Unix ms).
+pub fn render_status(s: &Snapshot, now: u64) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
     let roots: Vec<String> = s.roots.iter().map(|r| r.display().to_string()).collect();
@@ -147,7 +147,12 @@ pub fn render_status(s: &Snapshot) -> String {
             if let (TargetStatus::Building, Some(pr)) = (t.status, &t.progress) {
                 cell.push_str(&format!(" {}/{}", pr.current, pr.total));
             }
-            if let Some(l) = &t.last {
+            // A duration next to a state is that state's: the build in flight so far,
+            // or the build that ended as the status says (not an earlier build's).
+            if let Some(at) = s.started_at(t) {
+                let so_far = now.saturating_sub(at);
+                cell.push_str(&format!(" ({})", fmt::duration_ms(so_far)));
+            } else if let Some(l) = t.settled_by() {
                 match l.builder {
                     _ if l.pulled_from.is_some() => cell.push_str(&format!(
                         " (pulled from {} in {} ms)",
@@ -161,6 +166,8 @@ pub fn render_status(s: &Snapshot) -> String {
                     )),
                     None => cell.push_str(&format!(" ({})", fmt::duration_ms(l.duration_ms))),
                 }
+            } else if t.status == TargetStatus::Ok {
+                cell.push_str(" (cached)");
             }
             let _ = write!(o, "  {cell}");
         }
@@ -196,9 +203,15 @@ pub fn render_status(s: &Snapshot) -> String {
         );
     }
     for p in s.pushes.values().filter(|p| p.error.is_some()) {
+        let retry = p.next_try_at_ms.map_or(String::new(), |at| {
+            let secs = at
+                .saturating_sub(kiln_shared::protocol::now_ms())
+                .div_ceil(1000);
+            format!("; next try in {secs} s")
+        });
         let _ = writeln!(
             o,
-            "push of {}:{} to {} failed: {}",
+            "push of {}:{} to {} failed: {}{retry}",
             p.package,
             p.tag,
             p.upstream,
@@ -386,6 +399,13 @@ pub async fn logs(
             }
         );
     };
+    if let Some(e) = &p.error {
+        if s.build_of(package, None).is_none() {
+            bail!("{package} cannot be built: {e}");
+        }
+        // Its last log is of files that have changed since.
+        eprintln!("kiln: {package} cannot be built now: {e}");
+    }
     let arch = match arch {
         Some(a) if p.targets.contains_key(a) => a.to_owned(),
         Some(a) => {
@@ -667,12 +687,13 @@ mod tests {
         let mut s = crate::testing::snapshot();
         let dirty = tag("4f2a9c1be07d33554f2a9c1be07d33554f2a9c1b-dirty-1a2b3c4");
         s.packages.get_mut("linuxkit/hello").unwrap().tag = Some(dirty.clone());
-        let text = render_status(&s);
+        let text = render_status(&s, crate::testing::T0);
         assert!(text.contains(dirty.as_str()), "{text}");
     }
 
     #[test]
     fn plain_status() {
-        insta::assert_snapshot!(render_status(&crate::testing::snapshot()));
+        let now = crate::testing::T0 + 4_200;
+        insta::assert_snapshot!(render_status(&crate::testing::snapshot(), now));
     }
 }

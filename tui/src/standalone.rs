@@ -121,7 +121,12 @@ pub async fn build(
             builders: config.builders,
             engines: config.engines,
             jobs: config.jobs,
-            imports: config.imports,
+            // No upstreams here: the fallbacks are the images.
+            imports: config
+                .imports
+                .into_iter()
+                .chain(config.fallback_imports)
+                .collect(),
         },
         |line| println!("{line}"),
     )

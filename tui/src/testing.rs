@@ -137,6 +137,7 @@ pub fn events() -> Vec<Event> {
         dir: "/ws/runc".into(),
         error: "/ws/runc/build.yml:2:1: unknown field `imagee`, expected one of `image`, `org`"
             .into(),
+        archs: vec![],
     });
     e.push(Event::CacheStats {
         stats: CacheStats {

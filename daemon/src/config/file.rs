@@ -67,6 +67,11 @@ pub struct Import {
     pub reference: String,
     /// The name in the cache (`org/image:tag`); default: the same as `ref`.
     pub name: Option<String>,
+    /// Only when the upstreams cannot give the image (offline): the name is resolved
+    /// through the upstreams first, as any base, and this layout stands in when they
+    /// fail. Without it, the layout is the image (imported at start, never looked up).
+    #[serde(default)]
+    pub fallback: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -198,6 +198,8 @@ pub struct Config {
     pub max_size: Option<u64>,
     /// Images to import at start: (layout, reference inside it, full cache name).
     pub imports: Vec<(PathBuf, String, String)>,
+    /// Images to import only when the upstreams cannot give them (`fallback = true`).
+    pub fallback_imports: Vec<(PathBuf, String, String)>,
     /// Upstream registries: Docker Hub mirrors first, then the others, each in order.
     pub upstreams: Vec<UpstreamSpec>,
 }
@@ -362,19 +364,25 @@ impl Config {
             return Err(ConfigError::Invalid("jobs must be at least 1".into()));
         }
 
-        let imports = file
-            .import
+        let (fallback_imports, imports): (Vec<_>, Vec<_>) =
+            file.import.into_iter().partition(|i| i.fallback);
+        let parse_import = |i: file::Import| {
+            let name = match &i.name {
+                Some(n) => n
+                    .parse::<kiln_shared::reference::ImageRef>()
+                    .map(|r| r.cache_name())
+                    .map_err(|e| file_err(format!("import name: {e}")))?,
+                None => i.reference.clone(),
+            };
+            Ok((base.join(&i.layout), i.reference, name))
+        };
+        let imports = imports
             .into_iter()
-            .map(|i| {
-                let name = match &i.name {
-                    Some(n) => n
-                        .parse::<kiln_shared::reference::ImageRef>()
-                        .map(|r| r.cache_name())
-                        .map_err(|e| file_err(format!("import name: {e}")))?,
-                    None => i.reference.clone(),
-                };
-                Ok((base.join(&i.layout), i.reference, name))
-            })
+            .map(parse_import)
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let fallback_imports = fallback_imports
+            .into_iter()
+            .map(parse_import)
             .collect::<Result<Vec<_>, ConfigError>>()?;
 
         let upstreams = upstreams(
@@ -389,6 +397,7 @@ impl Config {
         Ok(Config {
             upstreams,
             imports,
+            fallback_imports,
             roots,
             cache,
             listen,

@@ -8,8 +8,10 @@
 //! that uses `watch` and `bus`.
 
 mod events;
+mod fetch;
 mod gc;
 mod pull;
+mod push;
 mod request;
 pub mod runner;
 mod stats;
@@ -29,15 +31,16 @@ use tokio_util::task::TaskTracker;
 use crate::build::docker::{EngineError, Engines};
 use crate::bus::Bus;
 use crate::cache::{Cache, point_dev};
-use crate::plan::{self, Builders, Planner};
+use crate::plan::{self, Builders, PackageProblem, Planner};
 use crate::schedule::{CancelFilter, SchedEvent, Scheduler};
 use crate::watch::{Touched, WatchEvent};
 use crate::workspace::{PackageTable, Planned};
 
 pub use events::{describe, to_event};
 pub use pull::PullMiss;
+pub use push::publish_upstreams;
 pub use request::{ControlError, ControlRequest, Reply};
-pub use runner::BuildRunner;
+pub use runner::{BuildRunner, Imports};
 pub use stats::cache_stats;
 
 /// Settings of the control layer.
@@ -62,6 +65,11 @@ pub struct Controller {
     /// Where the tasks it spawns (gc) are tracked, for shutdown to await them.
     tasks: TaskTracker,
     cfg: ControlConfig,
+    /// The packages that cannot be built, by row name (why a request for one fails).
+    broken: BTreeMap<String, PackageProblem>,
+    /// The rows published (planned and broken packages): a row whose package is no
+    /// longer on disk (or is now named otherwise) is removed.
+    rows: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -96,6 +104,8 @@ pub struct QueueConfig<'a> {
     pub jobs: usize,
     /// Registries to fetch from, pull through and push to (none for one-off builds).
     pub upstreams: Option<Arc<crate::upstream::Upstreams>>,
+    /// What `kiln.toml` imports from layouts.
+    pub imports: runner::Imports,
 }
 
 /// Starts the bus and the build queue. `on_event` sees each queue event before the bus.
@@ -125,6 +135,7 @@ pub fn start_queue(
         q.dev_tag,
         Arc::clone(&touched),
         q.upstreams,
+        q.imports,
     );
     let sched_bus = bus.clone();
     let sched = Scheduler::start(Arc::new(runner), q.jobs, move |e| {
@@ -167,6 +178,8 @@ impl Controller {
             table,
             tasks,
             cfg,
+            broken: BTreeMap::new(),
+            rows: BTreeSet::new(),
         }
     }
 
@@ -233,23 +246,28 @@ impl Controller {
     /// Re-tags the workspace and plans the packages whose tag, arches or dependencies
     /// changed, plus `affected`: what the cache holds is served at once, the rest queued.
     async fn replan(&mut self, affected: &BTreeSet<PathBuf>, reason: &str) {
-        let (planned, problems) = tokio::task::block_in_place(|| self.planner.tag(affected));
-        for p in problems {
-            tracing::warn!(package = %p.package, "{}", p.error);
-            self.bus.publish(Event::PackageError {
-                package: p.package,
-                dir: p.dir,
-                error: p.error,
-            });
-        }
+        let tagged = tokio::task::block_in_place(|| self.planner.tag(affected));
+        let planned = tagged.planned;
         let previous = self.table.read().map(|t| t.clone()).unwrap_or_default();
         let index = self.cache.index().ok();
         let diff = plan::diff(&previous, &planned, affected, index.as_deref());
 
-        for name in diff.removed {
+        // State follows the files: a row stays while its package is on disk, planned or
+        // broken (under its name, with its error), and goes with it.
+        self.broken = tagged
+            .broken
+            .values()
+            .map(|p| (p.package.clone(), p.clone()))
+            .collect();
+        let rows: BTreeSet<String> = planned.keys().chain(self.broken.keys()).cloned().collect();
+        for name in self.rows.difference(&rows) {
             self.bus.publish(Event::PackageRemoved {
                 package: name.clone(),
             });
+        }
+        self.rows = rows;
+        // What is no longer planned (gone, or broken) stops building.
+        for name in diff.removed {
             let _ = self
                 .sched
                 .cancel(CancelFilter {
@@ -257,6 +275,17 @@ impl Controller {
                     ..CancelFilter::default()
                 })
                 .await;
+        }
+        for p in tagged.broken.values() {
+            if tagged.report.contains(&p.dir) {
+                tracing::warn!(package = %p.package, "{}", p.error);
+                self.bus.publish(Event::PackageError {
+                    package: p.package.clone(),
+                    dir: p.dir.clone(),
+                    error: p.error.clone(),
+                    archs: p.archs.clone(),
+                });
+            }
         }
         if let Ok(mut t) = self.table.write() {
             *t = planned;
@@ -297,7 +326,7 @@ impl Controller {
             }
         }
         if !jobs.is_empty() {
-            let _ = self.sched.submit(jobs).await;
+            self.submit(jobs).await;
         }
     }
 }

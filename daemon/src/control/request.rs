@@ -6,12 +6,14 @@ use kiln_shared::protocol::{
     TransferRequest, TransferResponse,
 };
 use kiln_shared::reference::arch_ref;
+use std::sync::Arc;
+
 use tokio::sync::oneshot;
 
 use super::Controller;
 use crate::plan;
 use crate::schedule::{CancelFilter, Outcome};
-use crate::workspace::BuilderKind;
+use crate::workspace::{BuilderKind, Planned};
 
 /// Why the daemon core refused or failed a control request. Each maps to an HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,18 +84,7 @@ impl Controller {
         &mut self,
         req: BuildRequest,
     ) -> Result<(BuildResponse, Vec<oneshot::Receiver<Outcome>>), ControlError> {
-        let Some(p) = plan::find(&self.table, &req.package) else {
-            let known: Vec<String> = self
-                .table
-                .read()
-                .map(|t| t.keys().cloned().collect())
-                .unwrap_or_default();
-            return Err(ControlError::NotFound(format!(
-                "no package {:?} in the workspace (known: {})",
-                req.package,
-                known.join(", ")
-            )));
-        };
+        let p = self.planned(&req.package)?;
         let archs = match &req.arch {
             Some(a) if p.archs().contains(a) => vec![a.clone()],
             Some(a) => {
@@ -156,6 +147,34 @@ impl Controller {
             up_to_date,
         };
         Ok((response, waits))
+    }
+
+    /// The planned package a request names (`org/image` or its directory); a broken
+    /// package is a conflict that says why it cannot be built.
+    pub(super) fn planned(&self, package: &str) -> Result<Arc<Planned>, ControlError> {
+        if let Some(p) = plan::find(&self.table, package) {
+            return Ok(p);
+        }
+        let dir = std::fs::canonicalize(package).ok();
+        if let Some(b) = self
+            .broken
+            .values()
+            .find(|b| b.package == package || Some(&b.dir) == dir.as_ref())
+        {
+            return Err(ControlError::Conflict(format!(
+                "{} cannot be built: {} (kilnd plans it again when the file is saved)",
+                b.package, b.error
+            )));
+        }
+        let known: Vec<String> = self
+            .table
+            .read()
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default();
+        Err(ControlError::NotFound(format!(
+            "no package {package:?} in the workspace (known: {})",
+            known.join(", ")
+        )))
     }
 
     async fn cancel_request(&mut self, req: CancelRequest) -> Result<CancelResponse, ControlError> {

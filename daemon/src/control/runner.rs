@@ -4,22 +4,25 @@
 //! since its tag was computed, moves the `dev` tag, and keeps the log: live on the bus
 //! and, when done, in `<cache>/.kiln/logs/`.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use kiln_shared::digest::Digest;
 use kiln_shared::protocol::{BuildId, BuildOutcome};
 use kiln_shared::reference::{Tag, arch_ref};
 use tokio_util::sync::CancellationToken;
 
+mod bases;
 mod pin;
+
+use super::push::{is_dirty, publish_upstreams};
 
 use crate::build::docker::{
     self, DockerBuild, Engines, LinuxkitInfo, linuxkit_build_args, linuxkit_labels,
     platform_for_arch,
 };
-use crate::build::dockerfile::Dockerfile;
-use crate::build::native::{self, NativeBuild, NativeError, WorkspaceResolver, cache_names};
+use crate::build::native::{self, NativeBuild, NativeError, WorkspaceResolver};
 use crate::bus::Bus;
 use crate::cache::Cache;
 use crate::oci::Platform;
@@ -49,6 +52,20 @@ struct Inner {
     /// Registries a target is fetched from before it is built, base images are pulled
     /// through, and builds are pushed to.
     upstreams: Option<Arc<Upstreams>>,
+    /// The cache names `kiln.toml` imports (pinned by their layouts, never looked up).
+    imported: BTreeSet<String>,
+    /// Layouts that stand in for a base the upstreams cannot give: (layout, reference
+    /// in it, cache name).
+    fallbacks: Vec<(PathBuf, String, String)>,
+}
+
+/// The images `kiln.toml` imports from OCI layouts, as the runner needs them.
+#[derive(Debug, Clone, Default)]
+pub struct Imports {
+    /// Imported at start: their cache names.
+    pub names: BTreeSet<String>,
+    /// `fallback = true`: (layout, reference in it, cache name), imported on demand.
+    pub fallbacks: Vec<(PathBuf, String, String)>,
 }
 
 impl std::fmt::Debug for BuildRunner {
@@ -68,6 +85,7 @@ impl BuildRunner {
         dev_tag: Tag,
         touched: Arc<Touched>,
         upstreams: Option<Arc<Upstreams>>,
+        imports: Imports,
     ) -> Self {
         BuildRunner {
             inner: Arc::new(Inner {
@@ -79,6 +97,8 @@ impl BuildRunner {
                 dev_tag,
                 touched,
                 upstreams,
+                imported: imports.names,
+                fallbacks: imports.fallbacks,
             }),
         }
     }
@@ -175,13 +195,14 @@ impl Inner {
             });
         }
         if !job.force
-            && let Some(built) = self.fetch(job, &planned, &arch, log).await?
+            && job.look_up
+            && let Some(built) = self.fetch(&planned, &arch, log).await?
         {
             return Ok(built);
         }
-        self.pull_bases(&planned, &arch, log).await;
         // The job names its builder: the package's, or the one a request asked for.
         let builder = job.builder;
+        let pins = self.pin_bases_in_lock(&planned, builder, log).await?;
         // What auto chose, and why (a request may have named the builder instead).
         let why = if planned.auto && builder == planned.builder {
             format!(" (auto: {})", native::auto_reason(&planned.pkg.dockerfile))
@@ -193,17 +214,20 @@ impl Inner {
             builder.as_str()
         ));
         let (image_out, engine_tag) = match builder {
-            BuilderKind::Native => match self.native(&planned, &arch, log, cancel.clone()).await {
+            BuilderKind::Native => match self
+                .native(&planned, &arch, &pins, log, cancel.clone())
+                .await
+            {
                 Ok(out) => (out, None),
                 Err(NativeFailure::Refused(why)) if job.fallback => {
                     log.line(&format!("{why}; building with the docker builder instead"));
-                    let (out, tag) = self.docker(&planned, &arch, log, cancel).await?;
+                    let (out, tag) = self.docker(&planned, &arch, &pins, log, cancel).await?;
                     (out, Some(tag))
                 }
                 Err(e) => return Err(e.to_string().into()),
             },
             BuilderKind::Docker => {
-                let (out, tag) = self.docker(&planned, &arch, log, cancel).await?;
+                let (out, tag) = self.docker(&planned, &arch, &pins, log, cancel).await?;
                 (out, Some(tag))
             }
         };
@@ -264,16 +288,11 @@ impl Inner {
         Ok(())
     }
 
-    /// Asks the upstreams for the target before building it. A dirty tag names a local
-    /// state and is never looked up. An upstream that fails is logged and the target is
-    /// built here.
-    async fn fetch(
-        &self,
-        job: &Job,
-        p: &Planned,
-        arch: &str,
-        log: &mut Log,
-    ) -> Result<Option<Built>, String> {
+    /// Asks the upstreams for the target before building it (a job the planner's fetch
+    /// did not ask for: build on pull, `kiln build`): the package's tag is fetched whole
+    /// and lands with every arch the upstream has. A dirty tag names a local state and is
+    /// never looked up. An upstream that fails is logged and the target is built here.
+    async fn fetch(&self, p: &Planned, arch: &str, log: &mut Log) -> Result<Option<Built>, String> {
         let Some(upstreams) = self.upstreams.as_ref().filter(|u| u.has_target_sources()) else {
             return Ok(None);
         };
@@ -281,10 +300,15 @@ impl Inner {
             return Ok(None);
         }
         let image = p.image();
-        let platform = platform_for_arch(arch);
-        let found = upstreams
-            .fetch_target(&self.cache, &image, arch, &platform)
-            .await;
+        let wanted: Vec<_> = p
+            .archs()
+            .into_iter()
+            .map(|a| {
+                let platform = platform_for_arch(&a);
+                (a, platform)
+            })
+            .collect();
+        let found = upstreams.fetch_package(&self.cache, &image, &wanted).await;
         self.publish_upstreams();
         let fetched = match found {
             Ok(Some(f)) => f,
@@ -294,10 +318,24 @@ impl Inner {
                 return Ok(None);
             }
         };
-        let desc = fetched.desc.clone();
-        let landed_platform = desc.platform.clone().unwrap_or(platform);
-        self.land(job, &image, arch, landed_platform, desc.clone())
-            .await?;
+        let Some((_, desc)) = fetched.archs.iter().find(|(a, _)| a == arch).cloned() else {
+            return Ok(None);
+        };
+        let current = self
+            .table
+            .read()
+            .ok()
+            .and_then(|t| t.get(p.pkg.repo.as_str()).map(|c| c.tag == p.tag))
+            .unwrap_or(false);
+        let cache = Arc::clone(&self.cache);
+        let dev = current.then(|| self.dev_tag.clone());
+        let landed = (image.clone(), fetched.clone());
+        tokio::task::spawn_blocking(move || {
+            super::fetch::land_all(&cache, &[(&landed.0, &landed.1, dev.as_ref())])
+        })
+        .await
+        .map_err(|e| format!("landing the image stopped: {e}"))?
+        .map_err(|e| e.to_string())?;
         log.line(&format!(
             "{image} ({arch}): pulled from {} in {} ms ({} bytes new): {}",
             fetched.upstream,
@@ -314,68 +352,13 @@ impl Inner {
         }))
     }
 
-    /// Base images (`FROM`, `COPY --from`) that are neither workspace packages nor in the
-    /// cache are fetched through the upstreams into it, once, so that both builders find
-    /// them there (the docker builder then pulls them from kilnd's registry, pinned by
-    /// digest). What cannot be fetched is left to the builder, which says it is missing.
-    async fn pull_bases(&self, p: &Planned, arch: &str, log: &mut Log) {
-        let Some(upstreams) = &self.upstreams else {
-            return;
-        };
-        let Ok(df) = Dockerfile::read(&p.pkg.dockerfile) else {
-            return; // the builder reports it
-        };
-        let args = linuxkit_build_args(&linuxkit_info(p), &build_args(&p.pkg));
-        let Ok(refs) = df.image_references(&args, &platform_for_arch(arch)) else {
-            return;
-        };
-        for r in refs {
-            let name = r.value.as_str();
-            let repo = native::repository_of(name);
-            let ours = self.registry.as_deref().is_some_and(|r| {
-                crate::upstream::parse_image(name).is_ok_and(|i| i.registry() == r)
-            });
-            if ours || p.deps.iter().any(|(d, _)| d == repo) || self.in_cache(name) {
-                continue;
-            }
-            match upstreams.fetch_image(&self.cache, name).await {
-                Ok(f) => log.line(&format!(
-                    "{name}: pulled from {} in {} ms: {}",
-                    f.upstream,
-                    f.elapsed.as_millis(),
-                    f.desc.digest
-                )),
-                Err(e) => log.line(&format!("warning: {e}")),
-            }
-        }
-        self.publish_upstreams();
-    }
-
-    fn in_cache(&self, name: &str) -> bool {
-        if let Some((_, digest)) = name.split_once('@') {
-            return digest
-                .parse()
-                .ok()
-                .and_then(|d| self.cache.blob_size(&d).ok().flatten())
-                .is_some();
-        }
-        self.cache
-            .index()
-            .is_ok_and(|i| cache_names(name).iter().any(|n| i.get(n).is_some()))
-    }
-
     /// With `push`, sends the package's tag to the upstreams once every arch of it is in
-    /// the cache, in the background: a failed push is reported (event, dashboard, `kiln
-    /// status`) and tried again on the next build or `kiln push`; it never fails the
-    /// build.
+    /// the cache, in the background ([`super::push`]).
     fn push_later(&self, p: &Planned) {
         let Some(upstreams) = self.upstreams.clone().filter(|u| u.pushes()) else {
             return;
         };
         let image = p.image();
-        if is_dirty(&p.tag) {
-            return;
-        }
         let Ok(index) = self.cache.index() else {
             return;
         };
@@ -386,16 +369,13 @@ impl Inner {
         {
             return; // the last arch to land pushes them all
         }
-        let mounts: Vec<kiln_shared::reference::RepoName> =
-            p.deps.iter().filter_map(|(r, _)| r.parse().ok()).collect();
-        let (cache, bus, package) = (
+        super::push::push_in_background(
+            upstreams,
             Arc::clone(&self.cache),
             self.bus.clone(),
-            p.pkg.repo.to_string(),
+            Arc::clone(&self.table),
+            p,
         );
-        tokio::spawn(async move {
-            push_and_report(&upstreams, &cache, &bus, &package, &image, &mounts).await;
-        });
     }
 
     fn publish_upstreams(&self) {
@@ -408,6 +388,7 @@ impl Inner {
         &self,
         p: &Planned,
         arch: &str,
+        pins: &BTreeMap<String, Digest>,
         log: &mut Log,
         cancel: CancellationToken,
     ) -> Result<Landing, NativeFailure> {
@@ -436,6 +417,7 @@ impl Inner {
                     ))
                 })
                 .collect(),
+            pinned: pins.clone(),
         };
         let cache = Arc::clone(&self.cache);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -476,6 +458,7 @@ impl Inner {
         &self,
         p: &Planned,
         arch: &str,
+        pins: &BTreeMap<String, Digest>,
         log: &mut Log,
         cancel: CancellationToken,
     ) -> Result<(Landing, docker::EngineTag), String> {
@@ -491,7 +474,7 @@ impl Inner {
             .map_err(|e| e.to_string())?;
         let info = linuxkit_info(p);
         let args = linuxkit_build_args(&info, &build_args(&p.pkg));
-        let dockerfile = self.pin_bases(p, &platform, &args, &registry)?;
+        let dockerfile = self.pin_bases(p, &platform, &args, &registry, pins)?;
         let build = DockerBuild {
             context_dir: p.pkg.dir.clone(),
             dockerfile: dockerfile
@@ -515,7 +498,10 @@ impl Inner {
             _ => log.line(&l.text),
         };
         let result = docker::build_arch(&engine, &build, &registry, &mut sink, cancel).await;
-        let (outcome, engine_tag) = result.map_err(|e| e.to_string())?;
+        let (outcome, engine_tag) = result.map_err(|e| {
+            docker::explain(&e, &p.pkg.dockerfile, p.pkg.spec.network)
+                .unwrap_or_else(|| e.to_string())
+        })?;
         let landing = Landing {
             built: Built {
                 manifest: outcome.manifest,
@@ -593,64 +579,5 @@ fn linuxkit_info(p: &Planned) -> LinuxkitInfo {
             .config
             .as_ref()
             .and_then(|c| serde_json::to_string(c).ok()),
-    }
-}
-
-/// A tag with uncommitted changes (`-dirty-`) names a local state: never looked up in or
-/// pushed to an upstream.
-fn is_dirty(tag: &Tag) -> bool {
-    tag.as_str().contains("-dirty")
-}
-
-/// Pushes a package's tag to every upstream with `push` and reports each result on the
-/// bus (and in kilnd's log).
-pub async fn push_and_report(
-    upstreams: &Upstreams,
-    cache: &Arc<Cache>,
-    bus: &Bus,
-    package: &str,
-    image: &kiln_shared::reference::ImageRef,
-    mounts: &[kiln_shared::reference::RepoName],
-) -> Vec<kiln_shared::protocol::PushResult> {
-    let start = std::time::Instant::now();
-    let mut out = Vec::new();
-    for (upstream, result) in upstreams.push_target(cache, image, mounts).await {
-        let push = match result {
-            Ok(p) => kiln_shared::protocol::PushResult {
-                package: package.to_owned(),
-                tag: image.tag.clone(),
-                upstream,
-                references: p.references,
-                error: None,
-                duration_ms: u64::try_from(p.elapsed.as_millis()).unwrap_or(u64::MAX),
-                at_ms: kiln_shared::protocol::now_ms(),
-            },
-            Err(e) => {
-                tracing::warn!("push of {image} failed: {e}");
-                kiln_shared::protocol::PushResult {
-                    package: package.to_owned(),
-                    tag: image.tag.clone(),
-                    upstream,
-                    references: Vec::new(),
-                    error: Some(e.to_string()),
-                    duration_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    at_ms: kiln_shared::protocol::now_ms(),
-                }
-            }
-        };
-        bus.publish(kiln_shared::protocol::Event::Pushed {
-            push: Box::new(push.clone()),
-        });
-        out.push(push);
-    }
-    publish_upstreams(upstreams, bus);
-    out
-}
-
-/// The upstreams' states on the bus (the dashboard's upstream list).
-pub fn publish_upstreams(upstreams: &Upstreams, bus: &Bus) {
-    let upstreams = upstreams.info();
-    if bus.watch().borrow().upstreams != upstreams {
-        bus.publish(kiln_shared::protocol::Event::Upstreams { upstreams });
     }
 }

@@ -4,12 +4,13 @@
 
 use std::sync::Arc;
 
-use kiln_shared::protocol::{Event, TransferRequest, TransferResponse, TransferResult};
+use kiln_shared::protocol::{TransferRequest, TransferResponse, TransferResult};
 use kiln_shared::reference::{RepoName, Tag, arch_ref};
 
 use super::Controller;
+use super::fetch::{land_all, report_pulled};
+use super::push::{publish_upstreams, push_and_report};
 use super::request::{ControlError, Reply};
-use super::runner::{publish_upstreams, push_and_report};
 use crate::build::docker::platform_for_arch;
 use crate::bus::Bus;
 use crate::cache::Cache;
@@ -126,71 +127,92 @@ impl Ctx {
             None => p.archs(),
         };
         let mut out = Vec::new();
-        for arch in archs {
-            let shown = format!("{image} ({arch})");
-            if self
-                .cache
-                .index()
-                .is_ok_and(|i| i.get(&arch_ref(&image, &arch)).is_some())
-            {
-                out.push(result(shown, true, "already in the cache"));
-                continue;
-            }
-            let platform = platform_for_arch(&arch);
-            let fetched = match self
-                .upstreams
-                .fetch_target(&self.cache, &image, &arch, &platform)
-                .await
-            {
-                Ok(Some(f)) => f,
-                Ok(None) => {
-                    out.push(result(
-                        shown,
+        let index = self.cache.index().ok();
+        let (cached, missing): (Vec<String>, Vec<String>) = archs.into_iter().partition(|a| {
+            index
+                .as_ref()
+                .is_some_and(|i| i.get(&arch_ref(&image, a)).is_some())
+        });
+        for arch in cached {
+            out.push(result(
+                format!("{image} ({arch})"),
+                true,
+                "already in the cache",
+            ));
+        }
+        if missing.is_empty() {
+            return out;
+        }
+        let wanted: Vec<_> = missing
+            .iter()
+            .map(|a| (a.clone(), platform_for_arch(a)))
+            .collect();
+        let fetched = match self
+            .upstreams
+            .fetch_package(&self.cache, &image, &wanted)
+            .await
+        {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                out.extend(missing.iter().map(|arch| {
+                    result(
+                        format!("{image} ({arch})"),
                         false,
                         "in no upstream (kiln build builds it)",
-                    ));
-                    continue;
-                }
-                Err(e) => {
-                    out.push(result(shown, false, e.to_string()));
-                    continue;
-                }
+                    )
+                }));
+                return out;
+            }
+            Err(e) => {
+                out.extend(
+                    missing
+                        .iter()
+                        .map(|arch| result(format!("{image} ({arch})"), false, e.to_string())),
+                );
+                return out;
+            }
+        };
+        let current = plan::find(&self.table, &package).is_some_and(|c| c.tag == image.tag);
+        let (cache, landed, dev) = (
+            Arc::clone(&self.cache),
+            (image.clone(), fetched.clone()),
+            current.then(|| self.dev_tag.clone()),
+        );
+        let landing = tokio::task::spawn_blocking(move || {
+            land_all(&cache, &[(&landed.0, &landed.1, dev.as_ref())])
+        })
+        .await;
+        let landing = match landing {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("landing stopped: {e}")),
+        };
+        for arch in missing {
+            let shown = format!("{image} ({arch})");
+            let Some((_, desc)) = fetched.archs.iter().find(|(a, _)| *a == arch) else {
+                out.push(result(
+                    shown,
+                    false,
+                    "in no upstream (kiln build builds it)",
+                ));
+                continue;
             };
-            let (cache, landed, suffix, dev) = (
-                Arc::clone(&self.cache),
-                image.clone(),
-                arch.clone(),
-                self.dev_tag.clone(),
-            );
-            let desc = fetched.desc.clone();
-            let landing = tokio::task::spawn_blocking(move || {
-                let platform = desc.platform.clone().unwrap_or(platform);
-                cache.merge_arch(&landed, &suffix, platform, desc, Some(&dev))?;
-                Ok::<_, crate::cache::CacheError>(())
-            })
-            .await;
-            match landing {
-                Ok(Ok(())) => {
-                    self.bus.publish(Event::ServedFromCache {
-                        package: package.clone(),
-                        arch: arch.clone(),
-                        tag: image.tag.clone(),
-                        digest: fetched.desc.digest.clone(),
-                    });
+            match &landing {
+                Ok(()) => {
+                    report_pulled(&self.bus, &package, &arch, &image.tag, desc, &fetched);
                     out.push(result(
                         shown,
                         true,
                         format!(
                             "pulled {} from {} in {} ms ({} bytes new)",
-                            fetched.desc.digest,
+                            desc.digest,
                             fetched.upstream,
                             fetched.elapsed.as_millis(),
                             fetched.bytes
                         ),
                     ));
                 }
-                Ok(Err(e)) => out.push(result(shown, false, e.to_string())),
-                Err(e) => out.push(result(shown, false, format!("landing stopped: {e}"))),
+                Err(e) => out.push(result(shown, false, e.clone())),
             }
         }
         out
@@ -229,6 +251,7 @@ impl Ctx {
             &package,
             &image,
             &mounts,
+            None,
         )
         .await
         .into_iter()

@@ -20,7 +20,7 @@ use crate::build::dockerfile::Dockerfile;
 use crate::build::native::{Capabilities, native_supports};
 use crate::cache::IndexView;
 use crate::schedule::{Job, TargetKey};
-use crate::workspace::{BuilderKind, Package, PackageTable, Planned, Tagger, Workspace};
+use crate::workspace::{BUILD_YML, BuilderKind, Package, PackageTable, Planned, Tagger, Workspace};
 
 /// Which builder builds a package.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -60,13 +60,24 @@ impl Builders {
     }
 }
 
-/// A broken package to report: the same error is returned once, and again when its
-/// package was affected by a change.
+/// A package that cannot be built, under the name its row keeps: its `org/image`, else
+/// (a build.yml that does not say) the name it had when it last loaded, else the
+/// directory. Its arches when its build.yml says them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackageProblem {
     pub package: String,
     pub dir: PathBuf,
     pub error: String,
+    pub archs: Vec<String>,
+}
+
+/// A tagging of the workspace: the packages planned, the broken ones by directory, and
+/// which of those to report (new errors, and those of the directories affected).
+#[derive(Debug, Default)]
+pub struct Tagged {
+    pub planned: BTreeMap<String, Arc<Planned>>,
+    pub broken: PlanErrors,
+    pub report: BTreeSet<PathBuf>,
 }
 
 /// The planner's state: the workspace, its tagger, and what it remembers between plans.
@@ -77,7 +88,9 @@ pub struct Planner {
     /// Followed workspace packages, by package directory (recomputed when it changes).
     deps: BTreeMap<PathBuf, Result<Vec<String>, String>>,
     /// Errors already reported, so that an unchanged broken package is not repeated.
-    errors: BTreeMap<PathBuf, String>,
+    errors: PlanErrors,
+    /// The name each package directory had when its build.yml last loaded.
+    known: BTreeMap<PathBuf, String>,
 }
 
 impl std::fmt::Debug for Planner {
@@ -95,16 +108,20 @@ impl Planner {
             builders,
             deps: BTreeMap::new(),
             errors: BTreeMap::new(),
+            known: BTreeMap::new(),
         }
     }
 
     /// Tags the workspace: the planned packages and every broken package's error (for
     /// a one-off `kiln build` without kilnd). Blocking.
     pub fn load(&mut self) -> (BTreeMap<String, Arc<Planned>>, BTreeMap<PathBuf, String>) {
-        let (planned, errors) =
-            plan_workspace(&self.ws, &mut self.tagger, &mut self.deps, &self.builders);
-        let errors = errors.into_iter().map(|(d, (_, e))| (d, e)).collect();
-        (planned, errors)
+        let tagged = self.tag(&BTreeSet::new());
+        let errors = tagged
+            .broken
+            .into_iter()
+            .map(|(d, p)| (d, p.error))
+            .collect();
+        (tagged.planned, errors)
     }
 
     /// Every package directory.
@@ -144,27 +161,33 @@ impl Planner {
     }
 
     /// Tags every package (cheap: the tagger re-reads only what changed). Returns the
-    /// planned packages and the broken ones to report: new errors, and the errors of
-    /// `affected` packages again. Blocking.
-    pub fn tag(
-        &mut self,
-        affected: &BTreeSet<PathBuf>,
-    ) -> (BTreeMap<String, Arc<Planned>>, Vec<PackageProblem>) {
-        let (planned, errors) =
-            plan_workspace(&self.ws, &mut self.tagger, &mut self.deps, &self.builders);
-        let mut report = Vec::new();
-        for (dir, (name, error)) in &errors {
-            let new = self.errors.get(dir) != Some(error);
-            if new || affected.contains(dir) {
-                report.push(PackageProblem {
-                    package: name.clone(),
-                    dir: dir.clone(),
-                    error: error.clone(),
-                });
+    /// planned packages, every broken one, and which of those to report: new errors,
+    /// and the errors of `affected` packages again. Blocking.
+    pub fn tag(&mut self, affected: &BTreeSet<PathBuf>) -> Tagged {
+        let (planned, broken) = plan_workspace(
+            &self.ws,
+            &mut self.tagger,
+            &mut self.deps,
+            &self.builders,
+            &self.known,
+        );
+        let report = broken
+            .iter()
+            .filter(|(dir, p)| self.errors.get(*dir) != Some(p) || affected.contains(*dir))
+            .map(|(dir, _)| dir.clone())
+            .collect();
+        self.errors.clone_from(&broken);
+        self.known.retain(|d, _| self.ws.packages.contains_key(d));
+        for (dir, p) in &self.ws.packages {
+            if let Ok(p) = p {
+                self.known.insert(dir.clone(), p.repo.to_string());
             }
         }
-        self.errors = errors.into_iter().map(|(d, (_, e))| (d, e)).collect();
-        (planned, report)
+        Tagged {
+            planned,
+            broken,
+            report,
+        }
     }
 }
 
@@ -256,6 +279,7 @@ pub fn job(p: &Planned, arch: &str, force: bool, reason: &str) -> Job {
             })
             .collect(),
         force,
+        look_up: true,
         reason: reason.to_owned(),
         builder: p.builder,
         fallback: p.auto && p.builder == BuilderKind::Native,
@@ -315,67 +339,109 @@ pub fn pull_jobs(p: &Planned, tag: &str, dev_tag: &Tag, index: Option<&IndexView
         .collect()
 }
 
-/// Broken packages: directory -> (package name, what is wrong).
-pub type PlanErrors = BTreeMap<PathBuf, (String, String)>;
+/// Broken packages by directory.
+pub type PlanErrors = BTreeMap<PathBuf, PackageProblem>;
+
+/// A package directory as a row name when it has no name of its own: its path under its
+/// workspace root (the root's own name for a package at the root).
+fn dir_label(ws: &Workspace, dir: &std::path::Path) -> String {
+    ws.roots
+        .iter()
+        .filter_map(|r| dir.strip_prefix(r).ok())
+        .map(|rel| rel.to_string_lossy().into_owned())
+        .find(|rel| !rel.is_empty())
+        .or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| dir.display().to_string())
+}
 
 /// Tags every package of a workspace, dependencies folded in, in dependency order, and
 /// says which packages cannot be built and why. `deps` remembers what each package
-/// follows (drop a directory's entry when its Dockerfile or build.yml changes).
+/// follows (drop a directory's entry when its Dockerfile or build.yml changes); `known`
+/// is the name each directory had when it last loaded (a broken build.yml keeps it).
 /// Blocking: reads files (the tagger re-reads only what changed).
 pub fn plan_workspace(
     ws: &Workspace,
     tagger: &mut Tagger,
     deps: &mut BTreeMap<PathBuf, Result<Vec<String>, String>>,
     builders: &Builders,
+    known: &BTreeMap<PathBuf, String>,
 ) -> (BTreeMap<String, Arc<Planned>>, PlanErrors) {
     let at = std::time::Instant::now();
-    let mut errors: BTreeMap<PathBuf, (String, String)> = BTreeMap::new();
+    let mut errors = PlanErrors::new();
+    let problem =
+        |package: String, dir: &PathBuf, error: String, archs: Vec<String>| PackageProblem {
+            package,
+            dir: dir.clone(),
+            error,
+            archs,
+        };
     let mut by_repo: BTreeMap<String, Package> = BTreeMap::new();
+    for p in ws.packages.values().filter_map(|p| p.as_ref().ok()) {
+        if p.missing_dockerfile().is_none() && !by_repo.contains_key(p.repo.as_str()) {
+            by_repo.insert(p.repo.to_string(), p.clone());
+        }
+    }
+    // The broken ones, each under a name no other row has: its own, the last known or
+    // the one its build.yml still says, else its directory. The workspace packages
+    // among them (named as images) are still followed by their dependents.
+    let mut broken_repos: BTreeSet<String> = BTreeSet::new();
     for (dir, pkg) in &ws.packages {
-        match pkg {
+        let (name, error, archs) = match pkg {
+            Ok(p) if by_repo.get(p.repo.as_str()).is_some_and(|q| q.dir == p.dir) => continue,
             Ok(p) => {
                 let name = p.repo.to_string();
-                if let Some(first) = by_repo.get(&name) {
-                    errors.insert(
-                            dir.clone(),
-                            (
-                                name.clone(),
-                                format!(
-                                    "{}: image {name} is already built from {}; give one of them another image or org",
-                                    p.build_yml().display(),
-                                    first.dir.display()
-                                ),
-                            ),
-                        );
-                } else {
-                    by_repo.insert(name, p.clone());
+                let archs = p.arches.iter().map(|a| a.as_str().to_owned()).collect();
+                match (p.missing_dockerfile(), by_repo.get(&name)) {
+                    (Some(e), _) => (Some(name), e.to_string(), archs),
+                    (None, Some(first)) => (
+                        None,
+                        format!(
+                            "{}: image {name} is already built from {}; give one of them another image or org",
+                            p.build_yml().display(),
+                            first.dir.display()
+                        ),
+                        archs,
+                    ),
+                    (None, None) => continue,
                 }
             }
             Err(e) => {
-                let name = dir.file_name().map_or_else(
-                    || dir.display().to_string(),
-                    |n| n.to_string_lossy().into_owned(),
-                );
-                errors.insert(dir.clone(), (name, e.to_string()));
+                let name = crate::workspace::spec::loose_repo_name(&dir.join(BUILD_YML))
+                    .map(|r| r.to_string())
+                    .or_else(|| known.get(dir).cloned());
+                (name, e.to_string(), Vec::new())
             }
-        }
+        };
+        let taken = |n: &String| by_repo.contains_key(n) || broken_repos.contains(n);
+        let name = match name.filter(|n| !taken(n)) {
+            Some(n) => {
+                broken_repos.insert(n.clone());
+                n
+            }
+            None => dir_label(ws, dir),
+        };
+        errors.insert(dir.clone(), problem(name, dir, error, archs));
     }
     let repos: BTreeSet<String> = by_repo.keys().cloned().collect();
+    // What a dependent may follow: the packages that plan, and the broken ones (whose
+    // dependents then say which base is broken, not that it is missing from the cache).
+    let followable: BTreeSet<String> = repos.union(&broken_repos).cloned().collect();
     let mut graph = BTreeMap::new();
     for (name, p) in &by_repo {
         let deps = deps
             .entry(p.dir.clone())
-            .or_insert_with(|| deps::followed(p, &repos))
+            .or_insert_with(|| deps::followed(p, &followable))
             .clone();
         match deps {
             Ok(d) => {
                 graph.insert(
                     name.clone(),
-                    d.into_iter().filter(|r| repos.contains(r)).collect(),
+                    d.into_iter().filter(|r| followable.contains(r)).collect(),
                 );
             }
             Err(e) => {
-                errors.insert(p.dir.clone(), (name.clone(), e));
+                let archs = p.arches.iter().map(|a| a.as_str().to_owned()).collect();
+                errors.insert(p.dir.clone(), problem(name.clone(), &p.dir, e, archs));
                 graph.insert(name.clone(), Vec::new());
             }
         }
@@ -383,7 +449,8 @@ pub fn plan_workspace(
     let (order, broken) = deps::order(&graph);
     for (name, why) in broken {
         if let Some(p) = by_repo.get(&name) {
-            errors.insert(p.dir.clone(), (name, why));
+            let archs = p.arches.iter().map(|a| a.as_str().to_owned()).collect();
+            errors.insert(p.dir.clone(), problem(name, &p.dir, why, archs));
         }
     }
     let mut planned: BTreeMap<String, Arc<Planned>> = BTreeMap::new();
@@ -394,10 +461,14 @@ pub fn plan_workspace(
         if errors.contains_key(&p.dir) {
             continue;
         }
+        let archs = || p.arches.iter().map(|a| a.as_str().to_owned()).collect();
         let own = match tagger.hash(p) {
             Ok(h) => h,
             Err(e) => {
-                errors.insert(p.dir.clone(), (name.clone(), e.to_string()));
+                errors.insert(
+                    p.dir.clone(),
+                    problem(name.clone(), &p.dir, e.to_string(), archs()),
+                );
                 continue;
             }
         };
@@ -410,23 +481,24 @@ pub fn plan_workspace(
             }
         }
         if let Some(d) = missing {
-            errors.insert(
-                p.dir.clone(),
-                (
-                    name.clone(),
-                    format!("depends on {d}, which cannot be built"),
-                ),
+            // Dependencies come first in `order`: the base's error is known by now.
+            let why = errors
+                .values()
+                .find(|b| b.package == d)
+                .map_or_else(|| "it cannot be built".to_owned(), |b| b.error.clone());
+            let error = format!(
+                "{}: its base package {d} is broken (fix it first): {why}",
+                p.dockerfile.display()
             );
+            errors.insert(p.dir.clone(), problem(name.clone(), &p.dir, error, archs()));
             continue;
         }
         let rendered = p.spec.tag.render(&deps::fold(&own, &dep_tags));
         let tag: Tag = match rendered.parse() {
             Ok(t) => t,
             Err(e) => {
-                errors.insert(
-                    p.dir.clone(),
-                    (name.clone(), format!("{}: {e}", p.build_yml().display())),
-                );
+                let error = format!("{}: {e}", p.build_yml().display());
+                errors.insert(p.dir.clone(), problem(name.clone(), &p.dir, error, archs()));
                 continue;
             }
         };
@@ -466,8 +538,8 @@ fn choose_builder(mode: BuilderMode, p: &Package) -> BuilderKind {
 /// directory outside git.
 pub fn show_tags(dirs: &[PathBuf]) -> Vec<Result<ImageRef, String>> {
     let mut tagger = Tagger::new();
-    let mut planned_roots: BTreeMap<PathBuf, (BTreeMap<String, Arc<Planned>>, PlanErrors)> =
-        BTreeMap::new();
+    type Planned3 = (Workspace, BTreeMap<String, Arc<Planned>>, PlanErrors);
+    let mut planned_roots: BTreeMap<PathBuf, Planned3> = BTreeMap::new();
     dirs.iter()
         .map(|dir| {
             let abs = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -480,12 +552,26 @@ pub fn show_tags(dirs: &[PathBuf]) -> Vec<Result<ImageRef, String>> {
             let root = crate::workspace::git::find_top(&abs)
                 .or_else(|| abs.parent().map(std::path::Path::to_path_buf))
                 .unwrap_or_else(|| abs.clone());
-            let (planned, errors) = planned_roots.entry(root.clone()).or_insert_with(|| {
+            let (ws, planned, errors) = planned_roots.entry(root.clone()).or_insert_with(|| {
                 let ws = Workspace::discover(std::slice::from_ref(&root));
-                plan_workspace(&ws, &mut tagger, &mut BTreeMap::new(), &Builders::default())
+                let (planned, errors) = plan_workspace(
+                    &ws,
+                    &mut tagger,
+                    &mut BTreeMap::new(),
+                    &Builders::default(),
+                    &BTreeMap::new(),
+                );
+                (ws, planned, errors)
             });
-            if let Some((_, e)) = errors.get(&abs) {
-                return Err(e.clone());
+            if let Some(e) = errors.get(&abs).map(|p| &p.error) {
+                // Without its Dockerfile a package follows nothing: its tag is its files'
+                // hash, as `linuxkit pkg show-tag` prints it.
+                return match ws.packages.get(&abs) {
+                    Some(Ok(p)) if p.missing_dockerfile().is_some() => {
+                        tagger.image_ref(p).map_err(|e| e.to_string())
+                    }
+                    _ => Err(e.clone()),
+                };
             }
             planned
                 .values()
@@ -544,6 +630,34 @@ mod tests {
 
         write(&ws, "base/f", "one");
         assert_eq!(tags(&dirs), first, "a revert gives back the earlier tags");
+    }
+
+    /// `linuxkit pkg show-tag` tags a package whose Dockerfile is missing; so does kiln,
+    /// while planning it to build says the file is missing.
+    #[test]
+    fn show_tag_without_a_dockerfile_and_planning_says_it_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        write(&ws, "a/build.yml", "org: kiln\nimage: a\n");
+        write(&ws, "a/file", "x");
+        let tags = show_tags(&[ws.join("a")]);
+        let image = tags[0].as_ref().unwrap();
+        assert_eq!(
+            image.to_string(),
+            crate::workspace::show_tag(&ws.join("a"))
+                .unwrap()
+                .to_string()
+        );
+        assert_eq!(image.repo.as_str(), "kiln/a");
+
+        let mut planner = Planner::new(std::slice::from_ref(&ws), Builders::default());
+        let (planned, errors) = planner.load();
+        assert!(planned.is_empty());
+        let e = &errors[&std::fs::canonicalize(ws.join("a")).unwrap()];
+        assert!(
+            e.contains("Dockerfile") && e.contains("does not exist: create it"),
+            "{e}"
+        );
     }
 
     #[test]

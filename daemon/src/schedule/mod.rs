@@ -45,6 +45,9 @@ pub struct Job {
     pub after: Vec<(TargetKey, Tag)>,
     /// Build even if the cache holds the target (the runner decides what that means).
     pub force: bool,
+    /// Ask the upstreams for the target before building it (false once they were asked
+    /// for this tag and did not have it).
+    pub look_up: bool,
     /// Why it was queued ("files changed", "requested", "pulled"), for display.
     pub reason: String,
     /// Which builder runs it.

@@ -77,6 +77,7 @@ fn job(p: &str, a: &str, t: &str) -> Job {
         tag: tag(t),
         after: vec![],
         force: false,
+        look_up: false,
         reason: "test".into(),
         builder: crate::workspace::BuilderKind::Native,
         fallback: false,

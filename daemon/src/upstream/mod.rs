@@ -217,6 +217,22 @@ pub struct Fetched {
     pub elapsed: Duration,
 }
 
+/// What the upstream holds of a package's tag, now in the cache with all it reaches.
+#[derive(Debug, Clone)]
+pub struct FetchedPackage {
+    /// The upstream it came from (`registry[/prefix]`).
+    pub upstream: String,
+    /// The multi-arch index `tag`, as the upstream has it, when it has one (every
+    /// manifest it lists is in the cache too).
+    pub index: Option<Descriptor>,
+    /// Each wanted arch it has: the arch suffix and the manifest's descriptor with its
+    /// platform (the index's entry verbatim, when there is an index).
+    pub archs: Vec<(String, Descriptor)>,
+    /// Bytes that were not in the cache before.
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
 /// What a push sent.
 #[derive(Debug, Clone)]
 pub struct Pushed {
@@ -286,26 +302,22 @@ impl Upstreams {
         self.remotes.iter().map(|r| r.info()).collect()
     }
 
-    /// Fetches one architecture of a workspace target (`org/image:tag`, arch suffix
-    /// `amd64`...) from the first upstream that has it: the entry of the index `tag` for
-    /// that platform (taken verbatim, so the index kiln then writes is the one the
-    /// upstream has), else the manifest `tag-<arch>`. Only missing blobs are copied.
-    /// Returns the manifest's descriptor with its platform, ready for
-    /// [`Cache::merge_arch`], or `None` when no reachable upstream has it. Upstreams that
-    /// are down are skipped; errors of the others are returned after trying the rest.
-    pub async fn fetch_target(
+    /// Fetches a workspace package's tag (`org/image:tag`) from the first upstream that
+    /// has it, whole: the index `tag` with every manifest it lists (taken verbatim, so
+    /// the cache then holds the upstream's index bit for bit), and for each wanted arch
+    /// (suffix and platform) the index lacks, the manifest `tag-<arch>`. Only missing
+    /// blobs are copied. `None` when no reachable upstream has any wanted arch. Upstreams
+    /// that are down are skipped; errors of the others are returned after trying the
+    /// rest.
+    pub async fn fetch_package(
         &self,
         cache: &Arc<Cache>,
         image: &ImageRef,
-        arch_suffix: &str,
-        platform: &Platform,
-    ) -> Result<Option<Fetched>, UpstreamError> {
+        archs: &[(String, Platform)],
+    ) -> Result<Option<FetchedPackage>, UpstreamError> {
         let mut first_error = None;
         for remote in self.target_sources() {
-            match remote
-                .fetch_target(cache, image, arch_suffix, platform)
-                .await
-            {
+            match remote.fetch_package(cache, image, archs).await {
                 Ok(Some(found)) => return Ok(Some(found)),
                 Ok(None) | Err(UpstreamError::Down { .. }) => {}
                 Err(e) => {

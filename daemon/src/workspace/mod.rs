@@ -15,6 +15,7 @@
 
 pub mod discover;
 pub mod git;
+pub mod lock;
 pub mod package;
 pub mod planned;
 pub mod spec;
@@ -25,6 +26,7 @@ use std::path::{Path, PathBuf};
 use kiln_shared::reference::ImageRef;
 
 pub use discover::Workspace;
+pub use lock::{LOCK_FILE, Lock, LockError};
 pub use package::{BUILD_YML, Package, PackageError};
 pub use planned::{BuilderKind, PackageTable, Planned};
 pub use spec::{SpecError, parse_build_yml};

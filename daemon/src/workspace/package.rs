@@ -125,25 +125,27 @@ impl Package {
         } else {
             std::fs::canonicalize(&dockerfile)
         };
-        let real = resolved.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                df_err(format!(
-                    "{} does not exist: create it or set `dockerfile` in build.yml",
-                    dockerfile.display()
-                ))
-            } else {
-                df_err(format!("cannot read {}: {e}", dockerfile.display()))
+        let real = match resolved {
+            Ok(real) => real,
+            // A package without its Dockerfile still has a tag (its files' hash), as
+            // `linuxkit pkg show-tag` computes it; planning it says the file is missing
+            // (`Package::missing_dockerfile`).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => dockerfile.clone(),
+            Err(e) => return Err(df_err(format!("cannot read {}: {e}", dockerfile.display()))),
+        };
+        // (A missing one is lexically inside the package: `dockerfile` is a clean
+        // relative path.)
+        if real.exists() {
+            if !real.starts_with(&dir) {
+                return Err(df_err(format!(
+                    "resolves to {}, outside the package: the Dockerfile must be inside {}",
+                    real.display(),
+                    dir.display()
+                )));
             }
-        })?;
-        if !real.starts_with(&dir) {
-            return Err(df_err(format!(
-                "resolves to {}, outside the package: the Dockerfile must be inside {}",
-                real.display(),
-                dir.display()
-            )));
-        }
-        if !real.is_file() {
-            return Err(df_err(format!("{} is not a file", real.display())));
+            if !real.is_file() {
+                return Err(df_err(format!("{} is not a file", real.display())));
+            }
         }
 
         // Extra sources: directories inside the workspace root. LinuxKit allows any
@@ -182,6 +184,18 @@ impl Package {
             dockerfile: real,
             extra_sources,
             spec,
+        })
+    }
+
+    /// Why it cannot be built for want of its Dockerfile (none when the file is there).
+    pub fn missing_dockerfile(&self) -> Option<PackageError> {
+        (!self.dockerfile.exists()).then(|| PackageError::Dockerfile {
+            file: self.build_yml(),
+            path: self.spec.dockerfile.to_string(),
+            reason: format!(
+                "{} does not exist: create it or set `dockerfile` in build.yml",
+                self.dockerfile.display()
+            ),
         })
     }
 

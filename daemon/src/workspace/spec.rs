@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use kiln_shared::reference::RepoName;
 use kiln_shared::spec::BuildSpec;
 
 /// A `build.yml` that kiln cannot use.
@@ -45,6 +46,20 @@ pub fn parse_build_yml(file: &Path, text: &str) -> Result<BuildSpec, SpecError> 
             message,
         }
     })
+}
+
+/// The `org/image` a build.yml names, read leniently from a file that does not parse as
+/// a whole (an unknown arch, an unknown key): so that a broken package keeps its name.
+/// None when the file is not YAML or names no valid image.
+pub fn loose_repo_name(file: &Path) -> Option<RepoName> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let value: serde_norway::Value = serde_norway::from_str(&text).ok()?;
+    let image = value.get("image")?.as_str()?;
+    let org = match value.get("org") {
+        None => kiln_shared::spec::DEFAULT_ORG,
+        Some(o) => o.as_str()?,
+    };
+    format!("{org}/{image}").parse().ok()
 }
 
 #[cfg(test)]
@@ -147,6 +162,20 @@ depends:
         assert_eq!(
             s.depends.docker_images.from_file.unwrap().as_str(),
             "images.lst"
+        );
+    }
+
+    /// `arches:` with no value is LinuxKit's default arches (linuxkit's pkg/bpftrace has
+    /// it), as is `arches: ~`; an empty list stays an error.
+    #[test]
+    fn arches_without_a_value_are_the_default() {
+        let default = parse("image: a\n").unwrap().arches;
+        assert_eq!(parse("image: a\narches:\n").unwrap().arches, default);
+        assert_eq!(parse("arches:\nimage: a\n").unwrap().arches, default);
+        assert_eq!(parse("image: a\narches: ~\n").unwrap().arches, default);
+        assert_eq!(
+            parse("image: a\narches:\n  - arm64\n").unwrap().arches,
+            vec![Arch::Arm64]
         );
     }
 

@@ -210,29 +210,34 @@ fn push_then_fetch(spec: UpstreamSpec, auth: AuthFiles, skopeo_args: &[String]) 
             .digest
     );
 
-    // Cache B fetches both arches and ends with the same index, bit for bit.
-    for arch in ["amd64", "arm64"] {
-        let platform = platform_for_arch(arch);
-        let got = rt
-            .block_on(upstreams.fetch_target(&b, &image, arch, &platform))
-            .unwrap()
-            .expect("the upstream has it");
-        assert!(got.bytes > 0);
-        b.merge_arch(&image, arch, platform, got.desc, None)
-            .unwrap();
+    // Cache B fetches the tag whole, both arches in one fetch: the upstream's index
+    // bit for bit, and each arch's entry verbatim.
+    let both: Vec<_> = ["amd64", "arm64"]
+        .into_iter()
+        .map(|a| (a.to_owned(), platform_for_arch(a)))
+        .collect();
+    let got = rt
+        .block_on(upstreams.fetch_package(&b, &image, &both))
+        .unwrap()
+        .expect("the upstream has it");
+    assert!(got.bytes > 0);
+    assert_eq!(got.index.as_ref().unwrap().digest, a_index.digest);
+    assert_eq!(got.archs.len(), 2);
+    for (arch, desc) in got.archs {
+        assert_eq!(
+            Some(&desc.digest),
+            a.index()
+                .unwrap()
+                .get(&format!("docker.io/kiln/hello:t1-{arch}"))
+                .map(|d| &d.digest)
+        );
     }
-    let b_index = b
-        .index()
-        .unwrap()
-        .get("docker.io/kiln/hello:t1")
-        .unwrap()
-        .clone();
-    assert_eq!(b_index.digest, a_index.digest);
+    b.set_ref("docker.io/kiln/hello:t1", got.index.unwrap())
+        .unwrap();
     assert!(fsck(&b, false).unwrap().is_clean());
     // A second fetch copies nothing.
-    let platform = platform_for_arch("amd64");
     let got = rt
-        .block_on(upstreams.fetch_target(&b, &image, "amd64", &platform))
+        .block_on(upstreams.fetch_package(&b, &image, &both[..1]))
         .unwrap()
         .unwrap();
     assert_eq!(got.bytes, 0);
@@ -240,7 +245,7 @@ fn push_then_fetch(spec: UpstreamSpec, auth: AuthFiles, skopeo_args: &[String]) 
     // A tag the upstream does not have is no error.
     let absent: ImageRef = "kiln/hello:nope".parse().unwrap();
     assert!(
-        rt.block_on(upstreams.fetch_target(&b, &absent, "amd64", &platform))
+        rt.block_on(upstreams.fetch_package(&b, &absent, &both))
             .unwrap()
             .is_none()
     );
@@ -303,7 +308,11 @@ fn tls_upstream_with_htpasswd_and_a_docker_config() {
     let cache = Arc::new(Cache::open(&dir.path().join("cache")).unwrap());
     let image: ImageRef = "kiln/hello:t1".parse().unwrap();
     let err = rt()
-        .block_on(upstreams.fetch_target(&cache, &image, "amd64", &platform_for_arch("amd64")))
+        .block_on(upstreams.fetch_package(
+            &cache,
+            &image,
+            &[("amd64".into(), platform_for_arch("amd64"))],
+        ))
         .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, UpstreamError::Unauthorized { .. }), "{msg}");
@@ -311,7 +320,11 @@ fn tls_upstream_with_htpasswd_and_a_docker_config() {
     // No credentials at all: said so.
     let upstreams = Upstreams::new(std::slice::from_ref(&spec), &AuthFiles::default()).unwrap();
     let err = rt()
-        .block_on(upstreams.fetch_target(&cache, &image, "amd64", &platform_for_arch("amd64")))
+        .block_on(upstreams.fetch_package(
+            &cache,
+            &image,
+            &[("amd64".into(), platform_for_arch("amd64"))],
+        ))
         .unwrap_err();
     assert!(err.to_string().contains("no credentials"), "{err}");
     // Without the CA the certificate is refused.
@@ -324,7 +337,11 @@ fn tls_upstream_with_htpasswd_and_a_docker_config() {
     )
     .unwrap();
     let err = rt()
-        .block_on(upstreams.fetch_target(&cache, &image, "amd64", &platform_for_arch("amd64")))
+        .block_on(upstreams.fetch_package(
+            &cache,
+            &image,
+            &[("amd64".into(), platform_for_arch("amd64"))],
+        ))
         .unwrap_err();
     assert!(err.to_string().contains(&up.addr), "{err}");
 }
@@ -339,16 +356,16 @@ fn an_unreachable_upstream_costs_one_try_then_is_down() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(dir.path()).unwrap());
     let image: ImageRef = "kiln/hello:t1".parse().unwrap();
-    let platform = platform_for_arch("amd64");
+    let amd64 = [("amd64".to_owned(), platform_for_arch("amd64"))];
     let rt = rt();
     let err = rt
-        .block_on(upstreams.fetch_target(&cache, &image, "amd64", &platform))
+        .block_on(upstreams.fetch_package(&cache, &image, &amd64))
         .unwrap_err();
     assert!(matches!(err, UpstreamError::Unreachable { .. }), "{err}");
     assert!(err.to_string().contains(&addr), "{err}");
     // Marked down: the next target does not try again, and is simply not found.
     assert!(
-        rt.block_on(upstreams.fetch_target(&cache, &image, "amd64", &platform))
+        rt.block_on(upstreams.fetch_package(&cache, &image, &amd64))
             .unwrap()
             .is_none()
     );
@@ -390,7 +407,11 @@ fn a_corrupt_upstream_blob_is_refused_and_nothing_lands() {
     fs::write(&file, bytes).unwrap();
     let b = Arc::new(Cache::open(&dir.path().join("b")).unwrap());
     let err = rt
-        .block_on(upstreams.fetch_target(&b, &image, "amd64", &platform_for_arch("amd64")))
+        .block_on(upstreams.fetch_package(
+            &b,
+            &image,
+            &[("amd64".into(), platform_for_arch("amd64"))],
+        ))
         .unwrap_err();
     assert!(err.to_string().contains(&layer), "{err}");
     assert!(b.blob_size(&layer.parse().unwrap()).unwrap().is_none());

@@ -30,11 +30,18 @@ pub enum Event {
     PackageRemoved {
         package: String,
     },
-    /// A package cannot be built: bad build.yml, unreadable files, tag failed.
+    /// A package cannot be built: bad build.yml or Dockerfile, unreadable files, tag
+    /// failed, a broken base package. `package` is its `org/image`, the last known one
+    /// when its build.yml does not say, else its directory; the row stays (with its
+    /// error) until the files are fixed or gone.
     PackageError {
         package: String,
         dir: PathBuf,
         error: String,
+        /// The architectures it lists, when its build.yml says (else the row keeps its
+        /// own).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        archs: Vec<String>,
     },
     /// A target's tag is known (new or unchanged).
     TargetPlanned {

@@ -115,10 +115,14 @@ pub struct PushResult {
     pub upstream: String,
     /// The references written (`registry/org/image:tag-<arch>`, `...:tag`).
     pub references: Vec<String>,
-    /// Why it failed; it is retried on the next trigger (a build, `kiln push`).
+    /// Why it failed.
     pub error: Option<String>,
     pub duration_ms: u64,
     pub at_ms: u64,
+    /// When a failed push is tried again (Unix time in milliseconds); none when no retry
+    /// is planned (`kiln push` reports to its caller instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_try_at_ms: Option<u64>,
 }
 
 /// A build step in progress.
@@ -142,6 +146,23 @@ pub struct TargetState {
     pub build: Option<BuildId>,
     pub progress: Option<Progress>,
     pub last: Option<BuildSummary>,
+}
+
+impl TargetState {
+    /// The build whose end is the target's state: the last build, when it was of the
+    /// current tag and ended as the status says (its duration is the state's). None when
+    /// the state comes from elsewhere (served from the cache, a build in flight, a package
+    /// error), so that a duration shown next to a state is never another build's.
+    pub fn settled_by(&self) -> Option<&BuildSummary> {
+        let last = self.last.as_ref()?;
+        let outcome = match self.status {
+            TargetStatus::Ok => BuildOutcome::Ok,
+            TargetStatus::Failed => BuildOutcome::Failed,
+            TargetStatus::Cancelled => BuildOutcome::Cancelled,
+            TargetStatus::Idle | TargetStatus::Queued | TargetStatus::Building => return None,
+        };
+        (last.outcome == outcome && self.tag.as_ref() == Some(&last.tag)).then_some(last)
+    }
 }
 
 /// A package as the workspace describes it.
@@ -337,6 +358,7 @@ impl Snapshot {
                 package,
                 dir,
                 error,
+                archs,
             } => {
                 let p = self
                     .packages
@@ -348,7 +370,23 @@ impl Snapshot {
                         error: None,
                         targets: BTreeMap::new(),
                     });
+                p.dir.clone_from(dir);
                 p.error = Some(error.clone());
+                // A package that cannot be built has no current tag: nothing in the cache
+                // is its image, and what it built before is history (`last`).
+                p.tag = None;
+                if !archs.is_empty() {
+                    p.targets.retain(|a, _| archs.contains(a));
+                    for a in archs {
+                        p.targets.entry(a.clone()).or_default();
+                    }
+                }
+                for t in p.targets.values_mut() {
+                    *t = TargetState {
+                        last: t.last.take(),
+                        ..TargetState::default()
+                    };
+                }
             }
             Event::TargetPlanned { package, arch, tag } => {
                 if let Some(p) = self.packages.get_mut(package) {
@@ -356,11 +394,14 @@ impl Snapshot {
                     p.tag = Some(tag.clone());
                     let t = p.targets.entry(arch.clone()).or_default();
                     if t.tag.as_ref() != Some(tag) {
-                        t.tag = Some(tag.clone());
-                        t.digest = None;
-                        if !t.status.is_active() {
-                            t.status = TargetStatus::Idle;
-                        }
+                        // A build of another tag (a revert while it ran) is no longer the
+                        // target's state: its end is history, and the new tag's state is
+                        // what comes next (served from the cache, or queued).
+                        *t = TargetState {
+                            tag: Some(tag.clone()),
+                            last: t.last.take(),
+                            ..TargetState::default()
+                        };
                     }
                 }
             }
@@ -416,9 +457,15 @@ impl Snapshot {
                 self.queue.retain(|b| b.id != summary.id);
                 self.running.retain(|b| b.id != summary.id);
                 if let Some(t) = self.target_mut(package, arch) {
-                    // A build superseded by a newer one (a later save) must not overwrite
-                    // the newer one's status.
-                    let current = t.build.is_none() || t.build.as_ref() == Some(&summary.id);
+                    // Only the target's own build sets its state: the end of a build
+                    // superseded by a newer one (a later save) or of another tag (a
+                    // revert served from the cache) is history, kept in `last`.
+                    let current = match &t.build {
+                        Some(b) => *b == summary.id,
+                        None => {
+                            t.tag.as_ref() == Some(&summary.tag) && t.status != TargetStatus::Ok
+                        }
+                    };
                     if current {
                         t.status = match summary.outcome {
                             BuildOutcome::Ok => TargetStatus::Ok,
@@ -463,6 +510,15 @@ impl Snapshot {
                 self.pushes.insert(push.package.clone(), (**push).clone());
             }
         }
+    }
+
+    /// When the build in flight for `t` started (Unix ms), if one is running.
+    pub fn started_at(&self, t: &TargetState) -> Option<u64> {
+        let id = t.build.as_ref()?;
+        self.running
+            .iter()
+            .find(|r| &r.id == id)
+            .map(|r| r.started_at_ms)
     }
 
     fn target_mut(&mut self, package: &str, arch: &str) -> Option<&mut TargetState> {

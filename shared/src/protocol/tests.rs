@@ -152,6 +152,7 @@ fn every_event() -> Vec<Event> {
             package: "linuxkit/broken".into(),
             dir: "/ws/broken".into(),
             error: "/ws/broken/build.yml:3:1: unknown field `imagee`".into(),
+            archs: vec![],
         },
         Event::Queued {
             build: queued("b3", "amd64"),
@@ -184,6 +185,7 @@ fn every_event() -> Vec<Event> {
                 error: None,
                 duration_ms: 120,
                 at_ms: 1_700_000_004_000,
+                next_try_at_ms: None,
             }),
         },
     ]
@@ -400,4 +402,129 @@ fn default_socket_prefers_the_runtime_dir() {
         default_socket_path(None, "/c".into()),
         PathBuf::from("/c/kilnd.sock")
     );
+}
+
+/// A revert while a build of the newer tag runs: the reverted tag is in the cache, so the
+/// target is served (ok, with its digest) at once; the build's cancellation is history
+/// (`last`), not the target's state, and no duration is the state's.
+#[test]
+fn a_revert_during_a_build_is_served_and_the_cancelled_build_is_history() {
+    let mut s = Snapshot::default();
+    s.apply(&added());
+    let old = tag("0ld000");
+    let planned = |t: &Tag| Event::TargetPlanned {
+        package: "linuxkit/hello".into(),
+        arch: "arm64".into(),
+        tag: t.clone(),
+    };
+    s.apply(&planned(&old));
+    s.apply(&Event::ServedFromCache {
+        package: "linuxkit/hello".into(),
+        arch: "arm64".into(),
+        tag: old.clone(),
+        digest: digest('a'),
+    });
+    // An edit: the new tag (abc123) builds.
+    s.apply(&planned(&tag("abc123")));
+    s.apply(&Event::Queued {
+        build: queued("b7", "arm64"),
+    });
+    s.apply(&Event::Started {
+        build: running("b7", "arm64"),
+    });
+    assert_eq!(
+        s.started_at(&s.packages["linuxkit/hello"].targets["arm64"]),
+        Some(1_700_000_000_000)
+    );
+    // The revert: the old tag is served from the cache while b7 still runs.
+    s.apply(&planned(&old));
+    s.apply(&Event::ServedFromCache {
+        package: "linuxkit/hello".into(),
+        arch: "arm64".into(),
+        tag: old.clone(),
+        digest: digest('a'),
+    });
+    s.apply(&Event::Cancelled {
+        package: "linuxkit/hello".into(),
+        arch: "arm64".into(),
+        summary: summary("b7", BuildOutcome::Cancelled),
+    });
+    let t = &s.packages["linuxkit/hello"].targets["arm64"];
+    assert_eq!(t.status, TargetStatus::Ok);
+    assert_eq!(t.tag.as_ref(), Some(&old));
+    assert_eq!(t.digest, Some(digest('a')));
+    assert_eq!(t.build, None);
+    assert_eq!(t.last.as_ref().map(|l| l.id.clone()), Some("b7".into()));
+    assert_eq!(t.settled_by(), None, "b7's duration is not the state's");
+    assert!(s.running.is_empty());
+}
+
+/// The last build's duration goes with the state it made, and only with it.
+#[test]
+fn settled_by_is_the_build_that_made_the_state() {
+    let mut s = Snapshot::default();
+    s.apply(&added());
+    s.apply(&Event::Queued {
+        build: queued("b1", "amd64"),
+    });
+    s.apply(&Event::Started {
+        build: running("b1", "amd64"),
+    });
+    s.apply(&Event::Finished {
+        package: "linuxkit/hello".into(),
+        arch: "amd64".into(),
+        summary: summary("b1", BuildOutcome::Ok),
+    });
+    let t = |s: &Snapshot| s.packages["linuxkit/hello"].targets["amd64"].clone();
+    assert_eq!(t(&s).settled_by().map(|l| l.duration_ms), Some(1500));
+    // A rebuild: building, and the earlier build's duration is not its.
+    s.apply(&Event::Queued {
+        build: queued("b2", "amd64"),
+    });
+    s.apply(&Event::Started {
+        build: running("b2", "amd64"),
+    });
+    assert_eq!(t(&s).status, TargetStatus::Building);
+    assert_eq!(t(&s).settled_by(), None);
+    assert_eq!(s.started_at(&t(&s)), Some(1_700_000_000_000));
+}
+
+/// A package that cannot be built keeps its row under its name, with its error and
+/// its arches (idle: no tag of it is current), its builds as history; planning it again
+/// (the file fixed) clears the error.
+#[test]
+fn a_package_error_keeps_the_row_until_it_is_planned_again() {
+    let mut s = folded();
+    s.apply(&Event::PackageError {
+        package: "linuxkit/hello".into(),
+        dir: "/ws/hello".into(),
+        error: "/ws/hello/Dockerfile:3:1: unknown instruction COPYY".into(),
+        archs: vec!["amd64".into(), "arm64".into()],
+    });
+    let p = &s.packages["linuxkit/hello"];
+    assert!(p.error.as_deref().unwrap().contains("Dockerfile:3:1"));
+    assert_eq!(p.tag, None);
+    assert_eq!(p.targets.keys().collect::<Vec<_>>(), vec!["amd64", "arm64"]);
+    for t in p.targets.values() {
+        assert_eq!(t.status, TargetStatus::Idle);
+        assert_eq!(
+            (t.tag.as_ref(), t.digest.as_ref(), t.build.as_ref()),
+            (None, None, None)
+        );
+        assert!(t.last.is_some());
+    }
+    // A build.yml that does not say its arches: the row keeps its own.
+    s.apply(&Event::PackageError {
+        package: "linuxkit/hello".into(),
+        dir: "/ws/hello".into(),
+        error: "/ws/hello/build.yml:2:9: unknown arch".into(),
+        archs: vec![],
+    });
+    assert_eq!(s.packages["linuxkit/hello"].targets.len(), 2);
+    s.apply(&Event::TargetPlanned {
+        package: "linuxkit/hello".into(),
+        arch: "amd64".into(),
+        tag: tag("abc123"),
+    });
+    assert_eq!(s.packages["linuxkit/hello"].error, None);
 }

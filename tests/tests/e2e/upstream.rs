@@ -3,8 +3,9 @@
 //! with no builds and the same digests; a change on B builds only what changed and
 //! pushes it; a dirty tag is never pushed; wrong credentials (TLS + htpasswd) and an
 //! unreachable upstream leave local builds working with a clear message; the native
-//! builder builds `FROM` an image only the upstream has; and `docker pull` through
-//! kilnd fetches from the upstream once, then from the cache.
+//! builder builds `FROM` an image only the upstream has; `docker pull` through kilnd
+//! fetches from the upstream once, then from the cache; a failed push is retried on a
+//! timer; a base image whose registry cannot be reached fails the build naming it.
 
 use std::time::Duration;
 
@@ -372,4 +373,206 @@ fn kiln_pull_and_kiln_push_go_through_kilnd() {
             && (said.contains("not in any upstream") || said.contains("cannot be reached")),
         "{said}"
     );
+}
+
+/// A loopback address nothing listens on (yet).
+fn closed_addr() -> String {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap_or_else(|e| panic!("bind 127.0.0.1:0: {e}"));
+    let addr = closed
+        .local_addr()
+        .unwrap_or_else(|e| panic!("local_addr: {e}"));
+    drop(closed);
+    addr.to_string()
+}
+
+#[test]
+fn a_failed_push_is_retried_on_a_timer_until_the_upstream_takes_it() {
+    let addr = closed_addr();
+    let ws = Dir::new("push-retry");
+    write_package(&ws, "solo", &["amd64"], "FROM scratch\nCOPY a /a\n");
+    ws.write("solo/a", "a\n");
+    let k = Kilnd::start(
+        &[ws.path()],
+        KilndOptions::default()
+            .arg("--upstream")
+            .arg(&addr)
+            .arg("--push"),
+    );
+    let ev = k.events();
+    let s = ev.wait(TIMEOUT, "the push to fail", |s| {
+        s.pushes.get("kiln/solo").is_some_and(|p| p.error.is_some())
+    });
+    let tag = tag_of(&s, "kiln/solo");
+    assert!(
+        package_ok(&s, "kiln/solo"),
+        "the build must not fail: {}",
+        describe(&s)
+    );
+    let push = &s.pushes["kiln/solo"];
+    assert!(push.next_try_at_ms.is_some(), "{push:?}");
+    let status = cmd(target_bin("kiln"))
+        .arg("--socket")
+        .arg(k.socket())
+        .arg("status")
+        .stdout();
+    assert!(
+        status.contains(&format!("push of kiln/solo:{tag} to {addr} failed"))
+            && status.contains("next try in"),
+        "{status}"
+    );
+    // The upstream comes up; nothing else happens: the timer pushes.
+    let up = Registry::start_at(&addr);
+    ev.wait(TIMEOUT, "the retried push", |s| {
+        pushed(s, "kiln/solo", &tag)
+    });
+    assert_eq!(
+        upstream_tags(&up, "kiln/solo"),
+        vec![tag.clone(), format!("{tag}-amd64")]
+    );
+}
+
+#[test]
+fn a_base_image_whose_registry_cannot_be_reached_fails_the_build_naming_it() {
+    let addr = closed_addr();
+    let ws = Dir::new("base-unreachable");
+    write_package(
+        &ws,
+        "solo",
+        &["amd64"],
+        &format!("FROM {addr}/library/thing:1\nCOPY a /a\n"),
+    );
+    ws.write("solo/a", "a\n");
+    let k = Kilnd::start(
+        &[ws.path()],
+        KilndOptions::default().arg("--builder").arg("native"),
+    );
+    let s = k.events().wait(TIMEOUT, "solo to fail", |s| {
+        settled(s)
+            && s.packages.get("kiln/solo").is_some_and(|p| {
+                p.targets
+                    .values()
+                    .all(|t| t.status == kiln_shared::protocol::TargetStatus::Failed)
+            })
+    });
+    let error = s.packages["kiln/solo"].targets["amd64"]
+        .last
+        .as_ref()
+        .and_then(|l| l.error.clone())
+        .unwrap();
+    for said in [
+        format!("{addr}/library/thing:1"),
+        format!("upstream {addr} cannot be reached"),
+        "[[upstream]]".to_owned(),
+    ] {
+        assert!(error.contains(&said), "{said:?} missing from: {error}");
+    }
+    assert!(!error.contains("pull it first"), "{error}");
+    // The log ends with it too (and `kiln logs` of a failed build exits 1).
+    let log = cmd(target_bin("kiln"))
+        .arg("--socket")
+        .arg(k.socket())
+        .args(["logs", "kiln/solo"])
+        .run_fails()
+        .stdout_str();
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(&format!("upstream {addr} cannot be reached")),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_base_image_is_pinned_in_kiln_lock_re_resolved_on_request_and_rebuilt_offline() {
+    let up = busybox_upstream();
+    let d1 = registry_digest(up.addr(), "kiln/busybox:latest");
+    let ws = Dir::new("pinned");
+    write_package(
+        &ws,
+        "onbusy",
+        &["amd64"],
+        "FROM kiln/busybox:latest\nCOPY hi /hi\n",
+    );
+    ws.write("onbusy/hi", "hi\n");
+    let k = Kilnd::start(
+        &[ws.path()],
+        KilndOptions::default()
+            .arg("--upstream")
+            .arg(up.addr())
+            .arg("--builder")
+            .arg("native"),
+    );
+    let ev = k.events();
+    let lock_names = |d: &str| format!("\"kiln/busybox:latest\" = \"{d}\"");
+    // Resolved once, recorded: the lock names the upstream's digest, and the tag covers
+    // the lock (kilnd and `kiln show-tag` agree).
+    let s = ev.wait(TIMEOUT, "onbusy to build on its pinned base", |s| {
+        both_ok_one(s, "kiln/onbusy") && ws.join("onbusy/kiln.lock").exists()
+    });
+    let lock1 = ws.read("onbusy/kiln.lock");
+    assert!(lock1.contains(&lock_names(&d1)), "{lock1}");
+    let tag1 = tag_of(&s, "kiln/onbusy");
+    let show = cmd(target_bin("kiln"))
+        .arg("show-tag")
+        .arg(ws.join("onbusy"))
+        .stdout();
+    assert!(
+        show.trim().ends_with(&format!(":{tag1}")),
+        "{show} vs {tag1}"
+    );
+    let built1 = digests_of(&s, "kiln/onbusy");
+
+    // The upstream's tag moves on; removing the entry resolves it again: a new digest in
+    // the lock, so a new tag for the package.
+    skopeo()
+        .args([
+            "copy",
+            "--all",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("docker://{}/kiln/onbusy:{tag1}", k.registry()))
+        .arg(format!("docker://{}/kiln/busybox:latest", up.addr()))
+        .run();
+    let d2 = registry_digest(up.addr(), "kiln/busybox:latest");
+    assert_ne!(d1, d2);
+    ws.remove("onbusy/kiln.lock");
+    let s = ev.wait(TIMEOUT, "onbusy to build on the re-resolved base", |s| {
+        both_ok_one(s, "kiln/onbusy")
+            && std::fs::read_to_string(ws.join("onbusy/kiln.lock"))
+                .is_ok_and(|l| l.contains(&lock_names(&d2)))
+            && tag_of(s, "kiln/onbusy") != tag1
+    });
+    let tag2 = tag_of(&s, "kiln/onbusy");
+    assert_ne!(digests_of(&s, "kiln/onbusy"), built1);
+
+    // Offline, the old lock back: the old tag, and a forced rebuild takes the pinned
+    // digest from the cache (the upstream's tag names another image now, and is gone).
+    drop(up);
+    ws.write("onbusy/kiln.lock", &lock1);
+    let s = ev.wait(TIMEOUT, "onbusy back at its first tag", |s| {
+        both_ok_one(s, "kiln/onbusy") && tag_of(s, "kiln/onbusy") == tag1
+    });
+    let before = s.packages["kiln/onbusy"].targets["amd64"]
+        .last
+        .as_ref()
+        .map(|l| l.id.clone());
+    cmd(target_bin("kiln"))
+        .arg("--socket")
+        .arg(k.socket())
+        .args(["build", "kiln/onbusy", "--force"])
+        .run();
+    let s = ev.wait(TIMEOUT, "the forced rebuild", |s| {
+        both_ok_one(s, "kiln/onbusy")
+            && s.packages["kiln/onbusy"].targets["amd64"]
+                .last
+                .as_ref()
+                .is_some_and(|l| Some(&l.id) != before.as_ref() && l.builder.is_some())
+    });
+    assert_eq!(
+        digests_of(&s, "kiln/onbusy"),
+        built1,
+        "not rebuilt from {d1}"
+    );
+    assert_ne!(tag1, tag2);
 }

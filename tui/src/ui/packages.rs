@@ -53,10 +53,11 @@ fn status_cell(
 }
 
 /// The LAST, BY and DIGEST cells of a row: the selected architecture's target (each arch
-/// has its own image), its last build's duration and builder, and the digest in the cache
-/// for its tag.
+/// has its own image), the duration and builder of the build that made its state (not an
+/// earlier build's, nor a cancelled build of another tag: a target served from the cache
+/// shows none), and the digest in the cache for its tag.
 fn last_and_digest(t: Option<&TargetState>) -> (Option<&BuildSummary>, Option<&Digest>) {
-    let last = t.and_then(|t| t.last.as_ref());
+    let last = t.and_then(TargetState::settled_by);
     let digest = t
         .and_then(|t| t.digest.as_ref())
         .or_else(|| last.and_then(|l| l.digest.as_ref()));
@@ -129,11 +130,15 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
             let sel = (selected_row == Some(i) && j == model.arch).then_some(focused);
             cells.push(status_cell(p.targets.get(a), error, sel));
         }
-        let (last, digest) = last_and_digest(shown_arch.and_then(|a| p.targets.get(a)));
-        cells.push(Cell::from(last.map_or_else(
-            || "-".to_owned(),
-            |l| fmt::duration_ms(l.duration_ms),
-        )));
+        let shown = shown_arch.and_then(|a| p.targets.get(a));
+        let (last, digest) = last_and_digest(shown);
+        // Building: how long so far.
+        let started = shown.and_then(|t| model.snapshot.as_ref()?.started_at(t));
+        cells.push(Cell::from(match (started, last) {
+            (Some(at), _) => fmt::duration_ms(model.now_ms.saturating_sub(at)),
+            (None, Some(l)) => fmt::duration_ms(l.duration_ms),
+            (None, None) => "-".to_owned(),
+        }));
         // Which builder made the image the last build landed (native, docker, cache).
         cells.push(Cell::from(Span::styled(
             last.and_then(|l| l.builder).map_or("-", |b| b.as_str()),

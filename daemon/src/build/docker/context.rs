@@ -46,8 +46,8 @@ pub enum ContextError {
         source: IgnoreError,
     },
     #[error(
-        "extra-sources destination {dst:?} (from {src}) must be a relative path inside the \
-         build context"
+        "extra-sources destination {dst:?} (from {src}) leaves the build context: give a \
+         path inside it"
     )]
     BadDestination { src: PathBuf, dst: String },
     #[error("Dockerfile {path} is not a regular file")]
@@ -137,8 +137,15 @@ impl BuildContext {
         walk(&root, &root, "", &ignore, &always, &mut entries)?;
 
         for (src, dst) in extra_sources {
-            let dst_clean = go_clean(dst);
-            if dst_clean.starts_with('/') || dst_clean.starts_with("..") {
+            // An absolute destination is a place in the context, as LinuxKit writes extra
+            // sources into the context's tar (`../shared:/shared` is `shared/`), and as
+            // the native builder reads them.
+            let rooted = go_clean(dst);
+            let dst_clean = match rooted.trim_start_matches('/') {
+                "" => ".".to_owned(),
+                rel => rel.to_owned(),
+            };
+            if dst_clean.starts_with("..") {
                 return Err(ContextError::BadDestination {
                     src: src.clone(),
                     dst: dst.clone(),
@@ -582,6 +589,8 @@ mod tests {
             &[
                 (shared.clone(), "vendor".into()),
                 (d.path().join("single.txt"), "etc/conf.txt".into()),
+                // The README's `../shared:/shared`: absolute means the context's root.
+                (shared.clone(), "/abs/shared".into()),
             ],
         )
         .unwrap();
@@ -596,6 +605,8 @@ mod tests {
             [
                 (".dockerignore", "vendor/lib/ignored\n".to_owned()),
                 ("Dockerfile", "FROM scratch\n".to_owned()),
+                ("abs/shared/lib/ignored", "no".to_owned()),
+                ("abs/shared/lib/one.c", "one".to_owned()),
                 ("etc/conf.txt", "single".to_owned()),
                 ("vendor/lib/one.c", "one".to_owned()),
             ]

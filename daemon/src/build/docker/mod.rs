@@ -12,6 +12,7 @@
 pub mod context;
 pub mod engine;
 mod engine_tag;
+mod explain;
 pub mod linuxkit;
 pub mod progress;
 pub mod push;
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 pub use context::{BuildContext, ContextError};
 pub use engine::{Endpoint, Engine, EngineError, Engines, parse_engine_flag};
 pub use engine_tag::EngineTag;
+pub use explain::explain;
 pub use linuxkit::{LinuxkitInfo, linuxkit_build_args, linuxkit_labels};
 pub use progress::{LogLine, LogSource};
 pub use push::{PushStats, fetch_manifest};
@@ -564,7 +566,8 @@ fn handle_line(
         }
     };
     if let Some(e) = msg.error_detail.and_then(|d| d.message).or(msg.error) {
-        emit(LogSource::Kiln, None, format!("error: {e}"));
+        // Not logged here: the failed step's ERROR line has said it, and the build's
+        // outcome line says it once more, in Dockerfile terms (`explain`).
         *error = Some(e);
         return;
     }
@@ -682,6 +685,7 @@ mod tests {
         handle_line(b"not json\n", &mut steps, &mut id, &mut err, &mut emit);
         assert_eq!(id.as_deref(), Some("sha256:abc"));
         assert_eq!(err.as_deref(), Some("failed to solve: x"));
-        assert_eq!(lines.len(), 1);
+        // The error is kept for the outcome, not logged twice.
+        assert!(lines.is_empty(), "{lines:?}");
     }
 }

@@ -20,13 +20,24 @@ pub use refs::{host_platform, platform_args};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// A parse error: the Dockerfile, the line, and what is wrong there.
+/// A parse error: the Dockerfile, the line and column, and what is wrong there.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}:{line}: {message}", path.display())]
+#[error("{}:{}: {message}", path.display(), at(*line, *column))]
 pub struct DockerfileError {
     pub path: PathBuf,
     pub line: usize,
+    /// 1-based, where the instruction starts; 0 when unknown.
+    pub column: usize,
     pub message: String,
+}
+
+/// `line:column`, or `line` when the column is unknown.
+fn at(line: usize, column: usize) -> String {
+    if column == 0 {
+        line.to_string()
+    } else {
+        format!("{line}:{column}")
+    }
 }
 
 /// A parsed Dockerfile.
@@ -49,11 +60,13 @@ impl Dockerfile {
         let text = std::fs::read(path).map_err(|e| DockerfileError {
             path: path.to_owned(),
             line: 0,
+            column: 0,
             message: format!("cannot read the Dockerfile: {e}"),
         })?;
         let text = String::from_utf8(text).map_err(|e| DockerfileError {
             path: path.to_owned(),
             line: 0,
+            column: 0,
             message: format!("the Dockerfile is not UTF-8: {e}"),
         })?;
         Dockerfile::parse(path, &text)

@@ -10,15 +10,61 @@ use super::{
 
 struct Ctx<'a> {
     path: &'a Path,
+    lines: &'a [&'a str],
 }
 
 impl Ctx<'_> {
+    /// An error at `line` (1-based), at the column where its text starts.
     fn err(&self, line: usize, message: impl Into<String>) -> DockerfileError {
+        let column = self.lines.get(line.wrapping_sub(1)).map_or(1, |l| {
+            l.chars().take_while(|c| c.is_whitespace()).count() + 1
+        });
         DockerfileError {
             path: self.path.to_owned(),
             line,
+            column,
             message: message.into(),
         }
+    }
+}
+
+/// Every Dockerfile instruction BuildKit knows.
+const INSTRUCTIONS: [&str; 18] = [
+    "ADD",
+    "ARG",
+    "CMD",
+    "COPY",
+    "ENTRYPOINT",
+    "ENV",
+    "EXPOSE",
+    "FROM",
+    "HEALTHCHECK",
+    "LABEL",
+    "MAINTAINER",
+    "ONBUILD",
+    "RUN",
+    "SHELL",
+    "STOPSIGNAL",
+    "USER",
+    "VOLUME",
+    "WORKDIR",
+];
+
+/// What to say of an unknown instruction: the closest known one (a typo), or the list.
+fn unknown_instruction(keyword: &str) -> String {
+    let upper = keyword.to_ascii_uppercase();
+    let closest = INSTRUCTIONS
+        .iter()
+        .map(|i| (strsim::damerau_levenshtein(&upper, i), *i))
+        .min()
+        // One edit away, or two in a longer word ("FOO" is not a typo of FROM).
+        .filter(|(d, _)| *d <= 1 || (*d == 2 && upper.len() >= 5));
+    match closest {
+        Some((_, i)) => format!("unknown instruction {upper}: did you mean {i}?"),
+        None => format!(
+            "unknown instruction {upper}: a Dockerfile line starts with one of {}",
+            INSTRUCTIONS.join(", ")
+        ),
     }
 }
 
@@ -32,12 +78,15 @@ struct Logical {
 }
 
 pub(super) fn parse(path: &Path, text: &str) -> Result<Dockerfile, DockerfileError> {
-    let cx = Ctx { path };
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let lines: Vec<&str> = text
         .split('\n')
         .map(|l| l.strip_suffix('\r').unwrap_or(l))
         .collect();
+    let cx = Ctx {
+        path,
+        lines: &lines,
+    };
 
     // Parser directives: only at the very top; the first line that is not one ends them.
     let mut escape = '\\';
@@ -667,10 +716,7 @@ fn parse_instruction(
             })
         }
         _ => {
-            return Err(cx.err(
-                l.line,
-                format!("unknown instruction: {}", l.keyword.to_ascii_uppercase()),
-            ));
+            return Err(cx.err(l.line, unknown_instruction(&l.keyword)));
         }
     })
 }

@@ -64,6 +64,7 @@ impl Dockerfile {
                             expand(d, self.escape, &vars).map_err(|message| DockerfileError {
                                 path: self.path.clone(),
                                 line: decl.line,
+                                column: 0,
                                 message,
                             })?,
                         )
@@ -90,6 +91,7 @@ impl Dockerfile {
             expand(word, self.escape, &vars).map_err(|message| DockerfileError {
                 path: self.path.clone(),
                 line,
+                column: 0,
                 message,
             })
         };

@@ -81,11 +81,11 @@ fn honours_the_escape_directive() {
     assert_eq!(df.escape, '\\');
     assert_eq!(
         err("# escape=x\nFROM scratch\n"),
-        "pkg/Dockerfile:1: invalid escape token 'x': it must be ` or \\"
+        "pkg/Dockerfile:1:1: invalid escape token 'x': it must be ` or \\"
     );
     assert_eq!(
         err("# syntax=a\n# syntax=b\nFROM scratch\n"),
-        "pkg/Dockerfile:2: only one syntax parser directive can be used"
+        "pkg/Dockerfile:2:1: only one syntax parser directive can be used"
     );
 }
 
@@ -194,7 +194,7 @@ fn skips_heredoc_bodies_and_marks_them() {
     assert_eq!(i[2], (8, Instruction::User("1".into())));
     assert_eq!(
         err("FROM scratch\nRUN <<EOF\nnever ends\n"),
-        "pkg/Dockerfile:2: unterminated heredoc: no line \"EOF\" ends it"
+        "pkg/Dockerfile:2:1: unterminated heredoc: no line \"EOF\" ends it"
     );
 }
 
@@ -203,71 +203,75 @@ fn malformed_dockerfiles_get_line_numbers() {
     let cases = [
         (
             "FROM scratch\nFOO bar\n",
-            "pkg/Dockerfile:2: unknown instruction: FOO",
+            "pkg/Dockerfile:2:1: unknown instruction FOO: a Dockerfile line starts with one of ADD, ARG, CMD, COPY, ENTRYPOINT, ENV, EXPOSE, FROM, HEALTHCHECK, LABEL, MAINTAINER, ONBUILD, RUN, SHELL, STOPSIGNAL, USER, VOLUME, WORKDIR",
+        ),
+        (
+            "FROM scratch\n  COPYY shared/ /x\n",
+            "pkg/Dockerfile:2:3: unknown instruction COPYY: did you mean COPY?",
         ),
         (
             "ENV A=1\nFROM scratch\n",
-            "pkg/Dockerfile:1: ENV comes before the first FROM: only ARG may precede FROM",
+            "pkg/Dockerfile:1:1: ENV comes before the first FROM: only ARG may precede FROM",
         ),
         (
             "# just a comment\n",
-            "pkg/Dockerfile:2: the Dockerfile has no FROM instruction: a build needs at least one stage",
+            "pkg/Dockerfile:2:1: the Dockerfile has no FROM instruction: a build needs at least one stage",
         ),
         (
             "FROM a b\n",
-            "pkg/Dockerfile:1: FROM requires either one or three arguments: FROM <image> [AS <name>]",
+            "pkg/Dockerfile:1:1: FROM requires either one or three arguments: FROM <image> [AS <name>]",
         ),
         (
             "FROM a AS 1x\n",
-            "pkg/Dockerfile:1: invalid stage name \"1x\": start with a letter, then letters, digits, '_', '.' or '-'",
+            "pkg/Dockerfile:1:1: invalid stage name \"1x\": start with a letter, then letters, digits, '_', '.' or '-'",
         ),
         (
             "FROM scratch\n\nCOPY only\n",
-            "pkg/Dockerfile:3: COPY requires at least two arguments, but only one was provided: the destination could not be determined",
+            "pkg/Dockerfile:3:1: COPY requires at least two arguments, but only one was provided: the destination could not be determined",
         ),
         (
             "FROM scratch\nCOPY --mode=1 a b\n",
-            "pkg/Dockerfile:2: unknown flag --mode on COPY",
+            "pkg/Dockerfile:2:1: unknown flag --mode on COPY",
         ),
         (
             "FROM scratch\nCOPY --from a b\n",
-            "pkg/Dockerfile:2: missing a value on flag --from",
+            "pkg/Dockerfile:2:1: missing a value on flag --from",
         ),
         (
             "FROM scratch\nCOPY --chown=1 --chown=2 a b\n",
-            "pkg/Dockerfile:2: duplicate flag specified: --chown",
+            "pkg/Dockerfile:2:1: duplicate flag specified: --chown",
         ),
         (
             "FROM scratch\nENV A=1 B\n",
-            "pkg/Dockerfile:2: syntax error - can't find = in \"B\": it must be of the form name=value",
+            "pkg/Dockerfile:2:1: syntax error - can't find = in \"B\": it must be of the form name=value",
         ),
         (
             "FROM scratch\nENV A\n",
-            "pkg/Dockerfile:2: ENV must have two arguments",
+            "pkg/Dockerfile:2:1: ENV must have two arguments",
         ),
         (
             "FROM scratch\nWORKDIR\n",
-            "pkg/Dockerfile:2: WORKDIR requires exactly one argument",
+            "pkg/Dockerfile:2:1: WORKDIR requires exactly one argument",
         ),
         (
             "FROM scratch\nSHELL /bin/sh -c\n",
-            "pkg/Dockerfile:2: SHELL requires the arguments to be in JSON form, such as [\"/bin/sh\", \"-c\"]",
+            "pkg/Dockerfile:2:1: SHELL requires the arguments to be in JSON form, such as [\"/bin/sh\", \"-c\"]",
         ),
         (
             "FROM scratch\nHEALTHCHECK PING x\n",
-            "pkg/Dockerfile:2: HEALTHCHECK expects CMD or NONE, not \"PING\"",
+            "pkg/Dockerfile:2:1: HEALTHCHECK expects CMD or NONE, not \"PING\"",
         ),
         (
             "FROM scratch\nONBUILD ONBUILD COPY a b\n",
-            "pkg/Dockerfile:2: chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed",
+            "pkg/Dockerfile:2:1: chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed",
         ),
         (
             "FROM scratch\nEXPOSE\n",
-            "pkg/Dockerfile:2: EXPOSE requires at least one argument",
+            "pkg/Dockerfile:2:1: EXPOSE requires at least one argument",
         ),
         (
             "FROM scratch\nVOLUME [\"\"]\n",
-            "pkg/Dockerfile:2: VOLUME specified can not be an empty string",
+            "pkg/Dockerfile:2:1: VOLUME specified can not be an empty string",
         ),
     ];
     for (text, want) in cases {

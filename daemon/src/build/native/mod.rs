@@ -204,6 +204,9 @@ impl BaseResolver for CacheResolver {
 pub struct WorkspaceResolver {
     /// Repository (`org/image`) -> the package's current reference.
     pub packages: BTreeMap<String, ImageRef>,
+    /// Base names (as the Dockerfile writes them) -> the digest the package pins them
+    /// to (its `kiln.lock`).
+    pub pinned: BTreeMap<String, kiln_shared::digest::Digest>,
 }
 
 impl BaseResolver for WorkspaceResolver {
@@ -213,6 +216,10 @@ impl BaseResolver for WorkspaceResolver {
         name: &str,
         platform: &Platform,
     ) -> Result<Descriptor, ResolveError> {
+        if let Some(digest) = self.pinned.get(name) {
+            let base = name.split('@').next().unwrap_or(name);
+            return CacheResolver.resolve(cache, &format!("{base}@{digest}"), platform);
+        }
         let repo = repository_of(name);
         let Some(r) = self.packages.get(repo) else {
             return CacheResolver.resolve(cache, name, platform);

@@ -3,12 +3,13 @@
 
 use std::collections::BTreeMap;
 
+use kiln_shared::digest::Digest;
 use kiln_shared::reference::Tag;
 
 use super::Inner;
 use crate::build::dockerfile::Dockerfile;
 use crate::build::native::{self, cache_names, pick_platform};
-use crate::oci::Platform;
+use crate::oci::{Descriptor, Platform};
 use crate::workspace::Planned;
 
 impl Inner {
@@ -22,6 +23,7 @@ impl Inner {
         platform: &Platform,
         args: &BTreeMap<String, String>,
         registry: &str,
+        pins: &BTreeMap<String, Digest>,
     ) -> Result<Option<tempfile::NamedTempFile>, String> {
         let df = Dockerfile::read(&p.pkg.dockerfile).map_err(|e| e.to_string())?;
         let text = std::fs::read_to_string(&p.pkg.dockerfile)
@@ -35,7 +37,28 @@ impl Inner {
             .map_err(|e| e.to_string())?
         {
             let name = r.value.strip_prefix("docker.io/").unwrap_or(&r.value);
-            let (repo, desc) = if let Some(tag) = deps.get(name) {
+            let (repo, desc) = if let Some(digest) = pins.get(&r.value) {
+                // The digest the package's kiln.lock pins.
+                let full = crate::upstream::parse_image(&r.value)
+                    .map(|i| crate::upstream::cache_name(&i))
+                    .map_err(|e| e.to_string())?;
+                let repo = native::repository_of(&full)
+                    .trim_start_matches("docker.io/")
+                    .to_owned();
+                let manifest = self
+                    .cache
+                    .read_manifest(digest)
+                    .map_err(|e| e.to_string())?;
+                let size = self
+                    .cache
+                    .blob_size(digest)
+                    .map_err(|e| e.to_string())?
+                    .unwrap_or_default();
+                let media_type = manifest
+                    .media_type
+                    .unwrap_or_else(|| crate::oci::OCI_MANIFEST.to_owned());
+                (repo, Descriptor::new(media_type, digest.clone(), size))
+            } else if let Some(tag) = deps.get(name) {
                 let full = format!("docker.io/{name}:{tag}");
                 let d = index.get(&full).cloned().ok_or_else(|| {
                     format!("{name}:{tag} is not in the cache yet; it must be built first")

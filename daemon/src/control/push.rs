@@ -1,0 +1,140 @@
+//! Pushing what kiln builds to the upstreams that take pushes, as `linuxkit pkg push`
+//! writes it (`tag-<arch>` per arch, then the index as `tag`). A push runs in the
+//! background once every arch of a tag is in the cache; a failed one is reported (a
+//! `Pushed` event with the error and the time of the next try, the dashboard, `kiln
+//! status`) and tried again on a timer, backing off from 5 s to 5 min, for as long as the
+//! tag is its package's current one and no later push of the package took over. It never
+//! fails the build or touches the local result. Dirty tags are never pushed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_shared::protocol::{Event, PushResult, now_ms};
+use kiln_shared::reference::{ImageRef, RepoName, Tag};
+
+use crate::bus::Bus;
+use crate::cache::Cache;
+use crate::upstream::Upstreams;
+use crate::workspace::{PackageTable, Planned};
+
+/// The wait before the first retry of a failed push, and the longest wait.
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
+/// A tag with uncommitted changes (`-dirty-`) names a local state: never looked up in or
+/// pushed to an upstream.
+pub(super) fn is_dirty(tag: &Tag) -> bool {
+    tag.as_str().contains("-dirty")
+}
+
+/// Pushes `p`'s current tag in a task of its own, retrying on a timer until it is
+/// pushed, superseded (a newer tag, a later push of the package) or kilnd stops.
+pub(super) fn push_in_background(
+    upstreams: Arc<Upstreams>,
+    cache: Arc<Cache>,
+    bus: Bus,
+    table: Arc<PackageTable>,
+    p: &Planned,
+) {
+    if is_dirty(&p.tag) {
+        return;
+    }
+    let image = p.image();
+    let package = p.pkg.repo.to_string();
+    let mounts: Vec<RepoName> = p.deps.iter().filter_map(|(r, _)| r.parse().ok()).collect();
+    tokio::spawn(async move {
+        let mut wait = FIRST_RETRY;
+        loop {
+            let results = push_and_report(
+                &upstreams,
+                &cache,
+                &bus,
+                &package,
+                &image,
+                &mounts,
+                Some(wait),
+            )
+            .await;
+            if results.iter().all(|r| r.error.is_none()) {
+                return;
+            }
+            let ours = results.iter().map(|r| r.at_ms).max().unwrap_or_default();
+            tokio::time::sleep(wait).await;
+            let current = table
+                .read()
+                .ok()
+                .and_then(|t| t.get(&package).map(|c| c.tag == image.tag))
+                .unwrap_or(false);
+            let taken_over = bus
+                .watch()
+                .borrow()
+                .pushes
+                .get(&package)
+                .is_some_and(|r| r.at_ms > ours || r.tag != image.tag);
+            if !current || taken_over {
+                return;
+            }
+            tracing::info!(image = %image, "pushing again");
+            wait = (wait * 2).min(MAX_RETRY);
+        }
+    });
+}
+
+/// Pushes a package's tag to every upstream with `push` and reports each result on the
+/// bus (and in kilnd's log). A failure reports `retry` as the time of the next try, when
+/// one is planned.
+pub async fn push_and_report(
+    upstreams: &Upstreams,
+    cache: &Arc<Cache>,
+    bus: &Bus,
+    package: &str,
+    image: &ImageRef,
+    mounts: &[RepoName],
+    retry: Option<Duration>,
+) -> Vec<PushResult> {
+    let start = std::time::Instant::now();
+    let mut out = Vec::new();
+    for (upstream, result) in upstreams.push_target(cache, image, mounts).await {
+        let push = match result {
+            Ok(p) => PushResult {
+                package: package.to_owned(),
+                tag: image.tag.clone(),
+                upstream,
+                references: p.references,
+                error: None,
+                duration_ms: u64::try_from(p.elapsed.as_millis()).unwrap_or(u64::MAX),
+                at_ms: now_ms(),
+                next_try_at_ms: None,
+            },
+            Err(e) => {
+                tracing::warn!("push of {image} failed: {e}");
+                PushResult {
+                    package: package.to_owned(),
+                    tag: image.tag.clone(),
+                    upstream,
+                    references: Vec::new(),
+                    error: Some(e.to_string()),
+                    duration_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    at_ms: now_ms(),
+                    next_try_at_ms: retry.map(|r| {
+                        now_ms().saturating_add(u64::try_from(r.as_millis()).unwrap_or(u64::MAX))
+                    }),
+                }
+            }
+        };
+        bus.publish(Event::Pushed {
+            push: Box::new(push.clone()),
+        });
+        out.push(push);
+    }
+    publish_upstreams(upstreams, bus);
+    out
+}
+
+/// The upstreams' states on the bus (the dashboard's upstream list).
+pub fn publish_upstreams(upstreams: &Upstreams, bus: &Bus) {
+    let upstreams = upstreams.info();
+    if bus.watch().borrow().upstreams != upstreams {
+        bus.publish(Event::Upstreams { upstreams });
+    }
+}

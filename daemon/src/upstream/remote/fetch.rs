@@ -1,0 +1,302 @@
+//! Copying from one upstream into the cache: a workspace package's tag (its whole
+//! multi-arch index in one go, as LinuxKit pushes it) or any image, every document kept
+//! bit for bit, only the blobs the cache lacks transferred, each streamed into a
+//! verifying blob writer.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt, TryStreamExt};
+use kiln_shared::reference::ImageRef;
+use oci_client::Reference;
+
+use super::{PARALLEL, Remote, oci_descriptor};
+use crate::cache::{Cache, CacheError, MANIFEST_LIMIT};
+use crate::oci::{AnyManifest, Descriptor, ImageIndex, Platform, is_index, is_manifest};
+use crate::upstream::{Fetched, FetchedPackage, UpstreamError, cache_name};
+
+impl Remote {
+    /// A package's tag, as [`crate::upstream::Upstreams::fetch_package`] says: the index
+    /// `tag` with every manifest it lists (one GET for the index, one per arch, then the
+    /// missing blobs), and for a wanted arch the index lacks, the manifest `tag-<arch>`.
+    pub async fn fetch_package(
+        &self,
+        cache: &Arc<Cache>,
+        image: &ImageRef,
+        archs: &[(String, Platform)],
+    ) -> Result<Option<FetchedPackage>, UpstreamError> {
+        self.ready()?;
+        let start = Instant::now();
+        let repo = self.repo(image.repo.as_str());
+        let tag = image.tag.as_str();
+        let shown = image.to_string();
+        let mut bytes = 0;
+        let mut index = None;
+        let mut found = Vec::new();
+        if let Some((doc, desc)) = self.get_manifest(&self.tagged(&repo, tag)).await?
+            && is_index(&desc.media_type)
+        {
+            let parsed: ImageIndex =
+                serde_json::from_slice(&doc).map_err(|e| UpstreamError::Registry {
+                    upstream: self.spec.to_string(),
+                    image: shown.clone(),
+                    detail: format!("the index is not valid JSON: {e}"),
+                })?;
+            bytes += self.copy_children(cache, &repo, &shown, &doc).await?;
+            // The index last: it is in the cache only once all it names is.
+            bytes += self.store(cache, &shown, &doc, &desc)?;
+            for (suffix, platform) in archs {
+                if let Some(entry) = parsed.manifests.iter().find(|e| {
+                    e.platform
+                        .as_ref()
+                        .is_some_and(|p| same_platform(p, platform))
+                }) {
+                    found.push((suffix.clone(), entry.clone()));
+                }
+            }
+            index = Some(desc);
+        }
+        for (suffix, platform) in archs {
+            if found.iter().any(|(s, _)| s == suffix) {
+                continue;
+            }
+            let shown = format!("{image}-{suffix}");
+            let Some((doc, mut desc)) = self
+                .get_manifest(&self.tagged(&repo, &format!("{tag}-{suffix}")))
+                .await?
+            else {
+                continue;
+            };
+            if !is_manifest(&desc.media_type) {
+                return Err(UpstreamError::Registry {
+                    upstream: self.spec.to_string(),
+                    image: shown,
+                    detail: format!("expected an image manifest, got {}", desc.media_type),
+                });
+            }
+            bytes += self.copy_children(cache, &repo, &shown, &doc).await?;
+            bytes += self.store(cache, &shown, &doc, &desc)?;
+            desc.platform = Some(platform.clone());
+            found.push((suffix.clone(), desc));
+        }
+        if found.is_empty() {
+            return Ok(None);
+        }
+        tracing::info!(image = %shown, upstream = %self.spec, bytes, ms = start.elapsed().as_millis() as u64, "fetched");
+        Ok(Some(FetchedPackage {
+            upstream: self.spec.to_string(),
+            index,
+            archs: found,
+            bytes,
+            elapsed: start.elapsed(),
+        }))
+    }
+
+    /// Any image, whole, named by its full reference in the cache.
+    pub async fn fetch_image(
+        &self,
+        cache: &Arc<Cache>,
+        image: &Reference,
+    ) -> Result<Option<Fetched>, UpstreamError> {
+        self.ready()?;
+        let start = Instant::now();
+        let repo = self.repo(image.repository());
+        let reference = match (image.digest(), image.tag()) {
+            (Some(d), _) => Reference::with_digest(self.host.clone(), repo.clone(), d.to_owned()),
+            (None, t) => self.tagged(&repo, t.unwrap_or("latest")),
+        };
+        let Some((doc, desc)) = self.get_manifest(&reference).await? else {
+            return Ok(None);
+        };
+        let name = cache_name(image);
+        let mut bytes = self.copy_children(cache, &repo, &name, &doc).await?;
+        bytes += self.store(cache, &name, &doc, &desc)?;
+        cache
+            .set_ref(&name, desc.clone())
+            .map_err(|e| self.cache_error(&name, e))?;
+        tracing::info!(image = %name, upstream = %self.spec, bytes, ms = start.elapsed().as_millis() as u64, "fetched");
+        Ok(Some(Fetched {
+            upstream: self.spec.to_string(),
+            desc,
+            bytes,
+            elapsed: start.elapsed(),
+        }))
+    }
+
+    /// Writes a document already in memory into the cache (verified); returns the bytes
+    /// added.
+    fn store(
+        &self,
+        cache: &Cache,
+        image: &str,
+        doc: &[u8],
+        desc: &Descriptor,
+    ) -> Result<u64, UpstreamError> {
+        if cache
+            .blob_size(&desc.digest)
+            .map_err(|e| self.cache_error(image, e))?
+            == Some(desc.size)
+        {
+            return Ok(0);
+        }
+        let mut w = cache
+            .blob_writer()
+            .map_err(|e| self.cache_error(image, e))?;
+        w.write_bytes(doc).map_err(|e| self.cache_error(image, e))?;
+        w.finish(Some(&desc.digest), Some(desc.size))
+            .map_err(|e| self.cache_error(image, e))?;
+        Ok(desc.size)
+    }
+
+    /// Copies what `desc` reaches into the cache, skipping blobs it holds; returns the
+    /// bytes added. Every blob is verified by digest and size before it is visible.
+    fn copy_graph<'a>(
+        &'a self,
+        cache: &'a Arc<Cache>,
+        repo: &'a str,
+        desc: &'a Descriptor,
+    ) -> BoxFuture<'a, Result<u64, UpstreamError>> {
+        async move {
+            let image = format!("{repo}@{}", desc.digest);
+            let have = cache
+                .blob_size(&desc.digest)
+                .map_err(|e| self.cache_error(&image, e))?
+                == Some(desc.size);
+            if !(is_index(&desc.media_type) || is_manifest(&desc.media_type)) {
+                return if have {
+                    Ok(0)
+                } else {
+                    self.copy_blob(cache, repo, desc).await
+                };
+            }
+            // A document goes in after what it names, so the cache never holds a
+            // manifest whose blobs are missing.
+            let (doc, pending) = if have {
+                let doc = cache
+                    .read_blob(&desc.digest, MANIFEST_LIMIT)
+                    .map_err(|e| self.cache_error(&image, e))?;
+                (doc, None)
+            } else {
+                let Some((doc, mut got)) = self
+                    .get_manifest(&self.by_digest(repo, &desc.digest))
+                    .await?
+                else {
+                    return Err(UpstreamError::Registry {
+                        upstream: self.spec.to_string(),
+                        image,
+                        detail: "the upstream names this manifest but does not have it".into(),
+                    });
+                };
+                got.size = desc.size;
+                (doc, Some(got))
+            };
+            let sizes = self.copy_children(cache, repo, &image, &doc).await?;
+            let added = match pending {
+                Some(got) => self.store(cache, &image, &doc, &got)?,
+                None => 0,
+            };
+            Ok(added + sizes)
+        }
+        .boxed()
+    }
+
+    /// Copies what the manifest or index `doc` names (not `doc` itself); returns the
+    /// bytes added.
+    async fn copy_children(
+        &self,
+        cache: &Arc<Cache>,
+        repo: &str,
+        image: &str,
+        doc: &[u8],
+    ) -> Result<u64, UpstreamError> {
+        let parsed: AnyManifest =
+            serde_json::from_slice(doc).map_err(|e| UpstreamError::Registry {
+                upstream: self.spec.to_string(),
+                image: image.to_owned(),
+                detail: format!("not valid JSON: {e}"),
+            })?;
+        let copies: Vec<_> = parsed
+            .children()
+            .map(|c| self.copy_graph(cache, repo, c))
+            .collect();
+        let sizes: Vec<u64> = futures_util::stream::iter(copies)
+            .buffer_unordered(PARALLEL)
+            .try_collect()
+            .await?;
+        Ok(sizes.iter().sum())
+    }
+
+    /// Streams one blob into the cache through a blob writer on a blocking thread (the
+    /// network and the disk overlap); the writer verifies digest and size.
+    async fn copy_blob(
+        &self,
+        cache: &Arc<Cache>,
+        repo: &str,
+        desc: &Descriptor,
+    ) -> Result<u64, UpstreamError> {
+        let image = format!("{repo}@{}", desc.digest);
+        let reference = self.by_digest(repo, &desc.digest);
+        let layer = oci_descriptor(desc);
+        let mut stream = self
+            .client
+            .pull_blob_stream(&reference, &layer)
+            .await
+            .map_err(|e| self.error(&image, e))?;
+        let mut writer = cache
+            .blob_writer()
+            .map_err(|e| self.cache_error(&image, e))?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(32);
+        let (digest, size) = (desc.digest.clone(), desc.size);
+        let write = tokio::task::spawn_blocking(move || {
+            while let Some(chunk) = rx.blocking_recv() {
+                writer.write_bytes(&chunk)?;
+                if writer.size() > size {
+                    return Err(CacheError::SizeMismatch {
+                        expected: size,
+                        actual: writer.size(),
+                    });
+                }
+            }
+            writer.finish(Some(&digest), Some(size))
+        });
+        let mut failed = None;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(chunk) => {
+                    if tx.send(chunk).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let written = write.await.map_err(|e| UpstreamError::Registry {
+            upstream: self.spec.to_string(),
+            image: image.clone(),
+            detail: format!("the blob writer stopped: {e}"),
+        })?;
+        if let Some(e) = failed {
+            return Err(UpstreamError::Registry {
+                upstream: self.spec.to_string(),
+                image,
+                detail: format!("reading the blob: {e}"),
+            });
+        }
+        written.map_err(|e| self.cache_error(&image, e))?;
+        Ok(size)
+    }
+}
+
+/// A platform in an upstream's index is the wanted one: same os and architecture, and the
+/// same variant when the wanted one names a variant (`arm64` is `arm64/v8` there).
+fn same_platform(have: &Platform, want: &Platform) -> bool {
+    have.os == want.os
+        && have.architecture == want.architecture
+        && (want.variant.is_none() || have.variant == want.variant)
+}
