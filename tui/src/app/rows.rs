@@ -146,6 +146,7 @@ mod tests {
                 package: "o/bad".into(),
                 dir: "/ws/o/bad".into(),
                 error: "x".into(),
+                archs: vec!["mips64le".into()],
             },
             Event::PackageRemoved {
                 package: "o/b1".into(),
@@ -172,7 +173,7 @@ mod tests {
         assert_eq!(index.names(), ["o/b2", "o/bad"]);
         assert_eq!(
             index.archs().cloned().collect::<Vec<_>>(),
-            ["amd64", "arm64", "s390x"]
+            ["amd64", "arm64", "mips64le", "s390x"]
         );
     }
 }
