@@ -8,8 +8,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use kiln_daemon::cache::{Cache, GcOptions, format_size, fsck, gc, stats};
+use kiln_daemon::cache::{Cache, GcOptions, fsck, gc, stats};
 use kiln_daemon::oci::{Descriptor, OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST};
+use kiln_shared::size::format_size;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);

@@ -1,5 +1,5 @@
-//! kiln-daemon: the library behind `kilnd`, also used by `kiln` for the commands that
-//! work on a cache or a workspace without a running daemon.
+//! kiln-daemon: the library behind `kilnd` (the daemon and its one-off commands, which
+//! `kiln` runs for the commands that work on a cache or a workspace without a daemon).
 
 pub mod api;
 pub mod build;
@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod oci;
+pub mod oneoff;
 pub mod plan;
 pub mod registry;
 pub mod schedule;

@@ -7,5 +7,6 @@
 pub mod digest;
 pub mod protocol;
 pub mod reference;
+pub mod size;
 pub mod spec;
 pub mod term;

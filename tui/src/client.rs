@@ -61,7 +61,7 @@ pub fn default_cache_dir() -> PathBuf {
     std::env::var_os("KILN_CACHE")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| kiln_daemon::config::default_cache_dir().ok())
+        .or_else(kiln_shared::protocol::default_cache_dir)
         .unwrap_or_else(|| std::env::temp_dir().join("kiln-cache"))
 }
 
@@ -296,33 +296,6 @@ pub fn backoff(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_daemon::api::Api;
-    use kiln_daemon::bus::Bus;
-    use kiln_daemon::control::{ControlError, ControlRequest};
-    use kiln_shared::protocol::{BuildRequest, BuildResponse, Event};
-    use tokio::sync::mpsc;
-
-    /// The real API on a temp socket, with a test double for the daemon core that knows
-    /// no packages.
-    async fn server() -> (tempfile::TempDir, Client, Bus) {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("kilnd.sock");
-        let bus = Bus::new(Snapshot::new("0.1.0", 1, vec!["/ws".into()], vec![]));
-        let (control, mut requests) = mpsc::channel(4);
-        tokio::spawn(async move {
-            while let Some(r) = requests.recv().await {
-                if let ControlRequest::Build { req, reply } = r {
-                    let _ = reply.send(Err(ControlError::NotFound(format!(
-                        "no package {:?} in the workspace",
-                        req.package
-                    ))));
-                }
-            }
-        });
-        let api = Api::bind(&socket).await.unwrap();
-        tokio::spawn(api.serve(bus.clone(), control, std::future::pending()));
-        (dir, Client::new(socket), bus)
-    }
 
     #[tokio::test]
     async fn no_daemon_is_unreachable_with_advice() {
@@ -333,87 +306,6 @@ mod tests {
             .unwrap_err();
         assert!(e.is_unreachable());
         assert!(e.to_string().contains("kiln up"), "{e}");
-    }
-
-    #[tokio::test]
-    async fn state_and_error_bodies() {
-        let (_dir, client, _bus) = server().await;
-        assert_eq!(
-            client.state().await.unwrap().roots,
-            vec![PathBuf::from("/ws")]
-        );
-        let req = BuildRequest {
-            package: "x/y".into(),
-            arch: None,
-            force: false,
-            builder: None,
-        };
-        let e = client
-            .post::<_, BuildResponse>("/build", &req)
-            .await
-            .unwrap_err();
-        assert!(!e.is_unreachable());
-        assert_eq!(
-            e.to_string(),
-            "kilnd answered 404 Not Found: no package \"x/y\" in the workspace"
-        );
-    }
-
-    #[tokio::test]
-    async fn event_stream_reads_a_snapshot_then_events() {
-        let (_dir, client, bus) = server().await;
-        let mut lines = client.events().await.unwrap();
-        let Some(StreamItem::Snapshot { snapshot }) = lines.next_item().await.unwrap() else {
-            panic!("expected a snapshot first");
-        };
-        assert_eq!(snapshot.seq, 0);
-        bus.publish(Event::WatchError {
-            error: "gone".into(),
-        });
-        assert_eq!(
-            lines.next_item().await.unwrap(),
-            Some(StreamItem::Event {
-                seq: 1,
-                event: Event::WatchError {
-                    error: "gone".into()
-                }
-            })
-        );
-    }
-
-    /// A build printing 10,000 lines as fast as it can: the follower gets every line, in
-    /// order, in batches (so the dashboard gets far fewer messages than lines).
-    #[tokio::test]
-    async fn a_followed_log_flood_arrives_whole_and_batched() {
-        let (_dir, client, bus) = server().await;
-        let id = kiln_shared::protocol::BuildId::from("b1");
-        bus.logs().open(&id);
-        let mut lines = client.log(&id, true).await.unwrap();
-        let writer = {
-            let bus = bus.clone();
-            let id = id.clone();
-            tokio::spawn(async move {
-                for i in 0..10_000 {
-                    bus.log_line(&id, &format!("line {i}"));
-                    if i % 1000 == 0 {
-                        tokio::task::yield_now().await;
-                    }
-                }
-                bus.logs().close(&id);
-            })
-        };
-        let mut got = 0usize;
-        let mut batches = 0usize;
-        while let Some(batch) = lines.next_batch(1000).await.unwrap() {
-            for l in batch {
-                assert_eq!(l, format!("line {got}"));
-                got += 1;
-            }
-            batches += 1;
-        }
-        writer.await.unwrap();
-        assert_eq!(got, 10_000);
-        assert!(batches < got, "{batches} batches for {got} lines");
     }
 
     #[test]

@@ -142,7 +142,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             builder,
             cache: Some(cache),
             engines,
-        }) => standalone::build(packages, arch, force, builder, cache, engines).await,
+        }) => standalone::build(packages, arch, force, builder, cache, engines),
         Some(Command::Build {
             packages,
             arch,
@@ -203,13 +203,11 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             if cache.is_none() && max_size.is_none() && !dry_run && kilnd_answers(&client).await {
                 commands::gc(&client).await
             } else {
-                standalone::run_gc(&standalone::cache_dir(cache)?, max_size.as_deref(), dry_run)
+                standalone::gc(cache, max_size, dry_run)
             }
         }
-        Some(Command::Fsck { cache, repair }) => {
-            standalone::run_fsck(&standalone::cache_dir(cache)?, repair)
-        }
-        Some(Command::ShowTag { dirs }) => Ok(standalone::show_tags(&dirs)),
+        Some(Command::Fsck { cache, repair }) => standalone::fsck(cache, repair),
+        Some(Command::ShowTag { dirs }) => standalone::show_tags(dirs),
         Some(Command::Completions { shell }) => {
             clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());
             Ok(Outcome::Success)

@@ -1,77 +1,60 @@
-//! The commands that work on a workspace or a cache directly, with no kilnd: `show-tag`,
-//! `fsck`, and `gc` when no kilnd runs (or a cache or size cap is named).
+//! The commands that work on a workspace or a cache directly, with no kilnd running:
+//! `show-tag`, `fsck`, `gc` on a cache and `build --cache`. kiln becomes (execs) the
+//! kilnd binary's one-off command of the same name, under kiln's own name, so output,
+//! exit code and signals are the command's own, and this crate links none of the daemon.
 
-use std::path::{Path, PathBuf};
-
-use anyhow::Context;
-use kiln_daemon::cache::{Cache, GcOptions, fsck, gc, parse_size};
-use kiln_daemon::plan::show_tags as tags;
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
 
 use crate::commands::Outcome;
 
-/// The cache named on the command line, else kilnd's default.
-pub fn cache_dir(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    match dir {
-        Some(d) => Ok(d),
-        None => Ok(kiln_daemon::config::default_cache_dir()?),
-    }
-}
-
-fn open(dir: &Path) -> anyhow::Result<Cache> {
-    if !dir.join("oci-layout").exists() {
-        anyhow::bail!(
-            "{} is not a kiln cache (no oci-layout file); name one with --cache DIR",
-            dir.display()
-        );
-    }
-    Cache::open(dir).with_context(|| format!("cannot open the cache {}", dir.display()))
+/// The kilnd binary: next to this `kiln`, else on PATH.
+pub fn kilnd_path() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("kilnd")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("kilnd"))
 }
 
 /// `kiln show-tag DIR...`: `org/image:tag` per package, as kilnd tags it.
-pub fn show_tags(dirs: &[PathBuf]) -> Outcome {
-    let mut outcome = Outcome::Success;
-    for r in tags(dirs) {
-        match r {
-            Ok(r) => println!("{r}"),
-            Err(e) => {
-                eprintln!("kiln: {e}");
-                outcome = Outcome::Failure;
-            }
-        }
-    }
-    outcome
+pub fn show_tags(dirs: Vec<PathBuf>) -> anyhow::Result<Outcome> {
+    let mut args: Vec<OsString> = vec!["show-tag".into()];
+    args.extend(dirs.into_iter().map(PathBuf::into_os_string));
+    exec(args)
 }
 
 /// `kiln fsck`: prints the report; fails when the cache is not clean.
-pub fn run_fsck(dir: &Path, repair: bool) -> anyhow::Result<Outcome> {
-    let cache = open(dir)?;
-    let report = fsck(&cache, repair)?;
-    println!("{report}");
-    Ok(if report.is_clean() {
-        Outcome::Success
-    } else {
-        Outcome::Failure
-    })
+pub fn fsck(cache: Option<PathBuf>, repair: bool) -> anyhow::Result<Outcome> {
+    let mut args: Vec<OsString> = vec!["fsck".into()];
+    push_cache(&mut args, cache);
+    if repair {
+        args.push("--repair".into());
+    }
+    exec(args)
 }
 
 /// `kiln gc` on a cache directory.
-pub fn run_gc(dir: &Path, max_size: Option<&str>, dry_run: bool) -> anyhow::Result<Outcome> {
-    let cache = open(dir)?;
-    let max_size = max_size.map(parse_size).transpose().context("--max-size")?;
-    let report = gc(
-        &cache,
-        GcOptions {
-            max_size,
-            dry_run,
-            ..GcOptions::default()
-        },
-    )?;
-    println!("{report}");
-    Ok(Outcome::Success)
+pub fn gc(
+    cache: Option<PathBuf>,
+    max_size: Option<String>,
+    dry_run: bool,
+) -> anyhow::Result<Outcome> {
+    let mut args: Vec<OsString> = vec!["gc".into()];
+    push_cache(&mut args, cache);
+    if let Some(size) = max_size {
+        args.extend(["--max-size".into(), size.into()]);
+    }
+    if dry_run {
+        args.push("--dry-run".into());
+    }
+    exec(args)
 }
 
-/// `kiln build --cache DIR PKG...`: kilnd's planner, queue and builders, in this process.
-pub async fn build(
+/// `kiln build --cache DIR PKG...`: kilnd's planner, queue and builders, once.
+pub fn build(
     packages: Vec<String>,
     arch: Option<String>,
     force: bool,
@@ -79,87 +62,40 @@ pub async fn build(
     cache: PathBuf,
     engines: Vec<String>,
 ) -> anyhow::Result<Outcome> {
-    use clap::Parser;
-    use kiln_daemon::daemon::{OneOff, build_once};
-    use kiln_daemon::schedule::Outcome as Built;
-
-    let cwd = std::env::current_dir().context("cannot read the current directory")?;
-    // The workspace: each package directory's git repository (or its parent directory);
-    // image names are looked up under the current directory.
-    let mut roots: Vec<PathBuf> = Vec::new();
-    for p in &packages {
-        let path = Path::new(p);
-        let root = if path.join(kiln_daemon::workspace::BUILD_YML).exists() {
-            workspace_root(&std::fs::canonicalize(path)?)
-        } else {
-            workspace_root(&cwd)
-        };
-        if !roots.iter().any(|r| root.starts_with(r)) {
-            roots.retain(|r| !r.starts_with(&root));
-            roots.push(root);
-        }
+    let mut args: Vec<OsString> = vec!["build".into()];
+    push_cache(&mut args, Some(cache));
+    if let Some(arch) = arch {
+        args.extend(["--arch".into(), arch.into()]);
     }
-    // kilnd's own configuration rules: these flags, then KILN_*, then kiln.toml.
-    let mut args = vec!["kilnd".into(), "--cache".into(), cache.into_os_string()];
-    if let Some(b) = &builder {
-        args.extend(["--builder".into(), b.into()]);
+    if force {
+        args.push("--force".into());
     }
-    for e in &engines {
-        args.extend(["--engine".into(), e.into()]);
+    if let Some(builder) = builder {
+        args.extend(["--builder".into(), builder.into()]);
     }
-    args.extend(roots.iter().map(|r| r.clone().into_os_string()));
-    let config = kiln_daemon::config::Config::load(
-        kiln_daemon::config::Args::try_parse_from(args).map_err(|e| anyhow::anyhow!("{e}"))?,
-    )?;
-    let results = build_once(
-        OneOff {
-            roots: config.roots,
-            cache: config.cache,
-            packages,
-            arch,
-            force,
-            builders: config.builders,
-            engines: config.engines,
-            jobs: config.jobs,
-            // No upstreams here: the fallbacks are the images.
-            imports: config
-                .imports
-                .into_iter()
-                .chain(config.fallback_imports)
-                .collect(),
-        },
-        |line| println!("{line}"),
-    )
-    .await?;
-    let mut outcome = Outcome::Success;
-    for r in results {
-        match r.outcome {
-            Ok(Built::Built(_)) => {}
-            Ok(Built::Failed(e)) | Err(e) => {
-                eprintln!("kiln: {} ({}): {e}", r.package, r.arch);
-                outcome = Outcome::Failure;
-            }
-            Ok(Built::Cancelled(e)) => {
-                eprintln!("kiln: {} ({}): cancelled: {e}", r.package, r.arch);
-                outcome = Outcome::Failure;
-            }
-        }
+    for engine in engines {
+        args.extend(["--engine".into(), engine.into()]);
     }
-    Ok(outcome)
+    // After `--`, a package named like a flag stays a package.
+    args.push("--".into());
+    args.extend(packages.into_iter().map(OsString::from));
+    exec(args)
 }
 
-/// The workspace a directory belongs to: the nearest directory above it with a
-/// `kiln.toml` (within its git repository), else its git repository, else its parent.
-fn workspace_root(dir: &Path) -> PathBuf {
-    let top = kiln_daemon::workspace::git::find_top(dir);
-    for d in dir.ancestors() {
-        if d.join("kiln.toml").is_file() {
-            return d.to_path_buf();
-        }
-        if top.as_deref() == Some(d) {
-            break;
-        }
+fn push_cache(args: &mut Vec<OsString>, cache: Option<PathBuf>) {
+    if let Some(dir) = cache {
+        args.extend(["--cache".into(), dir.into_os_string()]);
     }
-    top.or_else(|| dir.parent().map(Path::to_path_buf))
-        .unwrap_or_else(|| dir.to_path_buf())
+}
+
+/// Becomes `kilnd ARGS...` (named `kiln`, as the user typed it); returns only when that
+/// cannot start.
+fn exec(args: Vec<OsString>) -> anyhow::Result<Outcome> {
+    let kilnd = kilnd_path();
+    tracing::debug!(kilnd = %kilnd.display(), ?args, "running kilnd's one-off command");
+    let error = Command::new(&kilnd).arg0("kiln").args(&args).exec();
+    Err(anyhow::anyhow!(
+        "cannot run {}: {error}; this command needs kilnd: install it next to kiln or on PATH",
+        kilnd.display()
+    ))
 }

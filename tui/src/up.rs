@@ -31,15 +31,6 @@ pub fn state_dir() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("kiln-state"))
 }
 
-/// The kilnd binary: next to this `kiln`, else on PATH.
-fn kilnd_path() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join("kilnd")))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from("kilnd"))
-}
-
 /// What `ensure` found or did.
 #[derive(Debug)]
 pub enum Started {
@@ -102,7 +93,7 @@ pub async fn ensure(client: &Client, dir: &Path, flags: &KilndFlags) -> anyhow::
         .len();
     let ready_path = state.join(format!("kilnd-{}.ready", std::process::id()));
     let _ = std::fs::remove_file(&ready_path);
-    let kilnd = kilnd_path();
+    let kilnd = crate::standalone::kilnd_path();
     let mut child = Command::new(&kilnd)
         .arg(&dir)
         .arg("--socket")
@@ -174,47 +165,6 @@ fn lines_since(path: &Path, offset: u64, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_daemon::api::Api;
-    use kiln_daemon::bus::Bus;
-    use kiln_shared::protocol::Snapshot;
-
-    async fn daemon_for(root: &Path, socket: &Path) {
-        let bus = Bus::new(Snapshot::new("0.1.0", 99, vec![root.to_owned()], vec![]));
-        let (control, _requests) = tokio::sync::mpsc::channel(1);
-        let api = Api::bind(socket).await.unwrap();
-        tokio::spawn(async move {
-            let _keep = _requests;
-            api.serve(bus, control, std::future::pending()).await
-        });
-    }
-
-    #[tokio::test]
-    async fn a_kilnd_for_the_same_workspace_is_reused() {
-        let dir = tempfile::tempdir().unwrap();
-        let ws = dir.path().join("ws");
-        std::fs::create_dir(&ws).unwrap();
-        let socket = dir.path().join("k.sock");
-        daemon_for(&ws.canonicalize().unwrap(), &socket).await;
-        // A relative or non-canonical spelling of the same directory matches.
-        let spelled = dir.path().join("ws/../ws");
-        let r = ensure(&Client::new(&socket), &spelled, &KilndFlags::default())
-            .await
-            .unwrap();
-        assert!(matches!(r, Started::AlreadyRunning));
-    }
-
-    #[tokio::test]
-    async fn a_kilnd_for_another_workspace_is_not_taken_over() {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("k.sock");
-        daemon_for(Path::new("/elsewhere"), &socket).await;
-        let e = ensure(&Client::new(&socket), dir.path(), &KilndFlags::default())
-            .await
-            .unwrap_err();
-        let msg = e.to_string();
-        assert!(msg.contains("a kilnd for /elsewhere already runs"), "{msg}");
-        assert!(msg.contains("pid 99") && msg.contains("--socket"), "{msg}");
-    }
 
     #[test]
     fn each_socket_has_its_own_log() {

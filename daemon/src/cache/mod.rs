@@ -60,7 +60,7 @@ pub use gc::{DEFAULT_GRACE, GcOptions, GcReport, SizeError, gc, parse_size};
 pub use index::{IndexView, MANIFEST_LIMIT};
 pub use leftovers::Leftover;
 pub use lock::CacheLock;
-pub use stats::{CacheStats, format_size, stats};
+pub use stats::{CacheStats, stats};
 
 use crate::oci::OCI_LAYOUT_VERSION;
 

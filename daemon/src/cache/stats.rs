@@ -6,6 +6,7 @@ use std::fs;
 use std::io;
 
 use kiln_shared::digest::Digest;
+use kiln_shared::size::format_size;
 
 use super::{Cache, CacheError};
 
@@ -64,41 +65,10 @@ pub fn stats(cache: &Cache) -> Result<CacheStats, CacheError> {
     Ok(out)
 }
 
-/// A byte count for people: `512 B`, `1.5 KiB`, `1.2 GiB` (binary units, one decimal).
-pub fn format_size(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    // 1023.96 KiB would print as "1024.0 KiB": show the next unit instead.
-    if value >= 1023.95 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::oci::{Descriptor, OCI_MANIFEST};
-
-    #[test]
-    fn sizes_read_well() {
-        assert_eq!(format_size(0), "0 B");
-        assert_eq!(format_size(1023), "1023 B");
-        assert_eq!(format_size(1024), "1.0 KiB");
-        assert_eq!(format_size(1536), "1.5 KiB");
-        assert_eq!(format_size(1024 * 1024 - 1), "1.0 MiB");
-        assert_eq!(format_size(1_288_490_189), "1.2 GiB");
-        assert_eq!(format_size(u64::MAX), "16.0 EiB");
-    }
 
     #[test]
     fn stats_count_blobs_bytes_and_references() {

@@ -36,8 +36,8 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// kilnd: watches container packages, builds them into an OCI cache, serves it as a
-/// registry on localhost:5000.
+/// kilnd's flags as a daemon (`kilnd [OPTIONS] [ROOT]...`; main.rs adds the one-off
+/// commands).
 #[derive(Debug, Clone, Parser)]
 #[command(name = "kilnd", version, about, long_about = None)]
 pub struct Args {
@@ -536,15 +536,11 @@ fn resolve_listen(entry: &str) -> Result<Listen, String> {
 
 /// `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
 pub fn default_cache_dir() -> Result<PathBuf, ConfigError> {
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-        return Ok(PathBuf::from(dir).join("kiln"));
-    }
-    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-        Some(home) => Ok(PathBuf::from(home).join(".cache").join("kiln")),
-        None => Err(ConfigError::Invalid(
+    kiln_shared::protocol::default_cache_dir().ok_or_else(|| {
+        ConfigError::Invalid(
             "neither XDG_CACHE_HOME nor HOME is set: give the cache directory with --cache".into(),
-        )),
-    }
+        )
+    })
 }
 
 /// `$XDG_RUNTIME_DIR/kiln/kilnd.sock`, else `<cache>/kilnd.sock`.

@@ -115,6 +115,9 @@ impl Batch {
                     Err(e) => tracing::warn!("{e}; building {} here", ask.image),
                 }
             }
+            // The upstreams' states first, so a client that sees a target pulled sees
+            // its upstream up.
+            publish_upstreams(&self.upstreams, &self.bus);
             landed.extend(self.land(found).await);
         }
         drop(arrivals);

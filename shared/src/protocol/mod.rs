@@ -39,6 +39,27 @@ pub fn default_socket_path(runtime_dir: Option<PathBuf>, cache_dir: PathBuf) -> 
     }
 }
 
+/// kilnd's default cache directory: `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`; `None`
+/// when neither variable is set (the cache must then be named).
+pub fn default_cache_dir() -> Option<PathBuf> {
+    default_cache_dir_from(
+        std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from),
+        std::env::var_os("HOME").map(PathBuf::from),
+    )
+}
+
+/// [`default_cache_dir`] from the values of `XDG_CACHE_HOME` and `HOME` (empty is unset).
+pub fn default_cache_dir_from(
+    xdg_cache: Option<PathBuf>,
+    home: Option<PathBuf>,
+) -> Option<PathBuf> {
+    if let Some(dir) = xdg_cache.filter(|d| !d.as_os_str().is_empty()) {
+        return Some(dir.join("kiln"));
+    }
+    home.filter(|d| !d.as_os_str().is_empty())
+        .map(|h| h.join(".cache").join("kiln"))
+}
+
 /// Now, in Unix milliseconds: the time unit of every timestamp in the protocol.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

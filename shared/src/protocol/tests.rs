@@ -389,6 +389,19 @@ fn hit_ratio() {
 }
 
 #[test]
+fn default_cache_dir_prefers_xdg_then_home() {
+    assert_eq!(
+        default_cache_dir_from(Some("/x".into()), Some("/h".into())),
+        Some(PathBuf::from("/x/kiln"))
+    );
+    assert_eq!(
+        default_cache_dir_from(Some("".into()), Some("/h".into())),
+        Some(PathBuf::from("/h/.cache/kiln"))
+    );
+    assert_eq!(default_cache_dir_from(None, Some("".into())), None);
+}
+
+#[test]
 fn default_socket_prefers_the_runtime_dir() {
     assert_eq!(
         default_socket_path(Some("/run/user/1".into()), "/c".into()),

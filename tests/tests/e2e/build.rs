@@ -1,6 +1,6 @@
 //! The docker-builder issue's acceptance, against the real kilnd, the Docker engine (arm64
 //! under qemu), docker and skopeo: the examples workspace builds for both platforms and
-//! runs; a second kilnd on the same cache builds nothing; a change to the base rebuilds
+//! every example image runs; a second kilnd on the same cache builds nothing; a change to the base rebuilds
 //! its dependents and nothing else; a failed arch blocks neither the other arch nor other
 //! packages and keeps its log; a `FROM` cycle is an error naming it.
 
@@ -12,7 +12,7 @@ use kiln_tests::workspace::{
     busybox_kiln_toml, copy_examples, index_platforms, registry_digest, registry_manifest,
     write_package,
 };
-use kiln_tests::{Dir, Kilnd, KilndOptions, PulledImage, cmd, git, target_bin};
+use kiln_tests::{Dir, Kilnd, KilndOptions, PulledImage, cmd, docker, git, target_bin, wait_until};
 
 /// Long enough for a few docker builds (arm64 under qemu) on a loaded two-core machine.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(300);
@@ -95,6 +95,56 @@ fn examples_build_for_both_platforms_rebuild_nothing_again_and_a_base_change_reb
             image.inspect("{{index .Config.Labels \"org.opencontainers.image.revision\"}}"),
             commit,
             "{platform}"
+        );
+    }
+
+    // Every example image runs with `docker run` as it is (its own CMD), on both arches:
+    // base, extras and hello print, hello-site serves its pages with busybox's httpd. The
+    // busybox they start from is pinned in their kiln.lock.
+    for arch in ["amd64", "arm64"] {
+        let platform = format!("linux/{arch}");
+        let pull = |p: &str| {
+            PulledImage::pull(&format!("{registry}/{p}:{}", tag_of(&first, p)), &platform)
+        };
+        assert!(
+            pull("kiln/base").run(&[]).contains("hello from kiln/base"),
+            "{arch}"
+        );
+        assert!(
+            pull("kiln/extras").run(&[]).contains("Shared by packages"),
+            "{arch}"
+        );
+        assert_eq!(
+            pull("kiln/hello").run(&[]),
+            format!("hello from Welcome to hello on {arch}, built by kiln."),
+        );
+        let site = pull("kiln/hello-site");
+        let id = docker()
+            .args(["run", "-d", "--pull", "never", "--network", "none"])
+            .args(["--platform", &platform, site.reference()])
+            .stdout();
+        let mut page = String::new();
+        wait_until(
+            BUILD_TIMEOUT,
+            format!("hello-site's httpd ({arch})"),
+            || {
+                docker()
+                    .args(["exec", &id, "wget", "-qO-", "http://127.0.0.1:8080/"])
+                    .try_run()
+                    .is_ok_and(|o| {
+                        page = o.stdout_str();
+                        o.status.success()
+                    })
+            },
+        );
+        docker().args(["rm", "-f", &id]).run();
+        assert!(page.contains("<h1>hello from kiln</h1>"), "{arch}: {page}");
+    }
+    for p in ["base", "hello"] {
+        assert!(
+            std::fs::read_to_string(ws.join(p).join("kiln.lock"))
+                .is_ok_and(|l| l.contains("\"busybox:1.35.0\" = \"sha256:")),
+            "{p}/kiln.lock"
         );
     }
 

@@ -5,6 +5,7 @@
 mod base_images;
 mod build;
 mod cli;
+mod commands;
 mod crash;
 mod docker_errors;
 mod kilnd;

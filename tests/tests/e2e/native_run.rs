@@ -201,6 +201,14 @@ fn a_cancelled_run_and_a_killed_kilnd_leave_nothing_behind() {
     let s = events.wait(BUILD_TIMEOUT, "the build to end", |s| s.running.is_empty());
     assert!(!package_ok(&s, &pkg), "{}", describe(&s));
     assert_eq!(leftovers(&cache), Vec::<String>::new());
+    // The log of a cancelled build fails as the build did, followed or not.
+    for follow in [&[][..], &["--follow"][..]] {
+        let out = kiln(&kilnd)
+            .args(["logs", &pkg, "--arch", "amd64"])
+            .args(follow)
+            .run_fails();
+        assert_eq!(out.status.code(), Some(1), "{out}");
+    }
     drop(events);
     drop(kilnd);
 

@@ -3,7 +3,7 @@
 use kiln_shared::protocol::{BuildOutcome, BuildSummary, BuiltBy};
 
 /// `1.5 KiB`, `10.0 MiB`; bytes below 1 KiB as `512 B` (the daemon's own form).
-pub use kiln_daemon::cache::format_size as bytes;
+pub use kiln_shared::size::format_size as bytes;
 
 /// `850ms`, `1.5s`, `2m03s`, `1h02m`.
 pub fn duration_ms(ms: u64) -> String {

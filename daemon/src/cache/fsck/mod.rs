@@ -19,9 +19,9 @@ use kiln_shared::digest::Digest;
 use sha2::{Digest as _, Sha256};
 
 use super::leftovers::{self, FOREIGN_MAX_AGE, Leftover, age, tree_size};
-use super::stats::format_size;
 use super::{Cache, CacheError};
 use crate::oci::{AnyManifest, Descriptor, is_index, is_manifest};
+use kiln_shared::size::format_size;
 
 const READ_BUFFER: usize = 1024 * 1024;
 

@@ -30,9 +30,9 @@ use std::time::{Duration, SystemTime};
 
 use kiln_shared::digest::Digest;
 
-use super::stats::format_size;
 use super::{Cache, CacheError, IndexView};
 use crate::oci::{AnyManifest, Descriptor, is_index, is_manifest};
+use kiln_shared::size::format_size;
 
 /// How old an unreferenced blob must be before gc removes it, by default: long enough for
 /// a push or a build to reference what it uploaded.

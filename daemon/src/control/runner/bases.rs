@@ -157,16 +157,21 @@ impl Inner {
                         "{name} is pinned to {digest} in {LOCK_FILE}, which the cache lacks"
                     ));
                 };
-                let f = upstreams
-                    .fetch_image(&self.cache, &pinned)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                log.line(&format!(
-                    "{name}: pulled {digest} (pinned) from {} in {} ms",
-                    f.upstream,
-                    f.elapsed.as_millis()
-                ));
-                Ok(())
+                match upstreams.fetch_image(&self.cache, &pinned).await {
+                    Ok(f) => {
+                        log.line(&format!(
+                            "{name}: pulled {digest} (pinned) from {} in {} ms",
+                            f.upstream,
+                            f.elapsed.as_millis()
+                        ));
+                        Ok(())
+                    }
+                    // The offline fallback may be that very image.
+                    Err(e) => match self.import_fallback(name, log).await {
+                        Some(d) if d == *digest => Ok(()),
+                        _ => Err(e.to_string()),
+                    },
+                }
             }
         }
     }
