@@ -292,6 +292,7 @@ impl Controller {
         }
 
         let mut jobs = Vec::new();
+        let mut served = Vec::new();
         for change in diff.packages {
             let p: &Planned = &change.planned;
             self.bus.publish(Event::PackageAdded {
@@ -309,12 +310,15 @@ impl Controller {
                     tag: p.tag.clone(),
                 });
                 match cached {
-                    Some(digest) => self.bus.publish(Event::ServedFromCache {
-                        package: change.name.clone(),
-                        arch: arch.clone(),
-                        tag: p.tag.clone(),
-                        digest: digest.clone(),
-                    }),
+                    Some(digest) => {
+                        self.bus.publish(Event::ServedFromCache {
+                            package: change.name.clone(),
+                            arch: arch.clone(),
+                            tag: p.tag.clone(),
+                            digest: digest.clone(),
+                        });
+                        served.push((change.name.clone(), arch.clone(), p.tag.clone()));
+                    }
                     None => jobs.push(plan::job(p, arch, false, reason)),
                 }
             }
@@ -325,8 +329,44 @@ impl Controller {
                 let _ = tokio::task::spawn_blocking(move || point_dev(&cache, &image, &dev)).await;
             }
         }
+        self.cancel_stale(&served).await;
         if !jobs.is_empty() {
             self.submit(jobs).await;
+        }
+    }
+
+    /// A target served from the cache at its tag (a revert) needs no build of another
+    /// tag: those queued or running stop, and their end is history.
+    async fn cancel_stale(&mut self, served: &[(String, String, Tag)]) {
+        if served.is_empty() {
+            return;
+        }
+        let stale: Vec<(String, Tag)> = {
+            let state = self.bus.watch();
+            let s = state.borrow();
+            s.running
+                .iter()
+                .map(|b| (&b.id, &b.package, &b.arch, &b.tag))
+                .chain(s.queue.iter().map(|b| (&b.id, &b.package, &b.arch, &b.tag)))
+                .filter_map(|(id, pkg, arch, tag)| {
+                    let (_, _, current) = served
+                        .iter()
+                        .find(|(p, a, t)| p == pkg && a == arch && t != tag)?;
+                    Some((id.0.clone(), current.clone()))
+                })
+                .collect()
+        };
+        for (id, tag) in stale {
+            let _ = self
+                .sched
+                .cancel(CancelFilter {
+                    build_id: Some(id),
+                    reason: Some(format!(
+                        "superseded: tag {tag} is current again and served from the cache"
+                    )),
+                    ..CancelFilter::default()
+                })
+                .await;
         }
     }
 }

@@ -184,6 +184,7 @@ impl Controller {
                 build_id: req.build.map(|b| b.0),
                 package: req.package,
                 arch: req.arch,
+                reason: None,
             })
             .await
             .map_err(|e| ControlError::Failed(e.to_string()))?;

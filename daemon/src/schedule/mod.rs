@@ -178,6 +178,8 @@ pub struct CancelFilter {
     pub build_id: Option<String>,
     pub package: Option<String>,
     pub arch: Option<String>,
+    /// Why, for the builds' outcome (`cancelled by request` when none is given).
+    pub reason: Option<String>,
 }
 
 impl CancelFilter {
@@ -282,6 +284,10 @@ struct Running {
     cancelled: Option<String>,
     waiters: Vec<oneshot::Sender<Outcome>>,
     started: Instant,
+    /// The same target and tag asked for again while it runs: its files may have
+    /// changed under it (a touch, a save of the same bytes), so if the run ends
+    /// superseded this job runs again instead of nobody building the tag.
+    again: Option<Job>,
 }
 
 struct Actor {
@@ -337,7 +343,9 @@ impl Actor {
     fn submit(&mut self, job: Job) -> String {
         if let Some(r) = self.running.get_mut(&job.key) {
             if r.tag == job.tag && r.cancelled.is_none() {
-                return r.build_id.clone(); // already building this content
+                let id = r.build_id.clone(); // already building this content
+                r.again = Some(job);
+                return id;
             }
             if r.cancelled.is_none() {
                 r.cancelled = Some(format!("superseded by tag {}", job.tag));
@@ -388,6 +396,10 @@ impl Actor {
     }
 
     fn cancel(&mut self, filter: &CancelFilter) -> Vec<String> {
+        let reason = filter
+            .reason
+            .clone()
+            .unwrap_or_else(|| "cancelled by request".into());
         let mut ids = Vec::new();
         for r in self
             .running
@@ -395,7 +407,7 @@ impl Actor {
             .filter(|(k, r)| filter.matches(k, &r.build_id))
         {
             if r.1.cancelled.is_none() {
-                r.1.cancelled = Some("cancelled by request".into());
+                r.1.cancelled = Some(reason.clone());
                 r.1.cancel.cancel();
                 ids.push(r.1.build_id.clone());
             }
@@ -407,7 +419,7 @@ impl Actor {
         self.queued = kept.into();
         for q in gone {
             ids.push(q.build_id.clone());
-            self.finish_queued(q, "cancelled by request".into());
+            self.finish_queued(q, reason.clone());
         }
         ids
     }
@@ -445,13 +457,25 @@ impl Actor {
         let Some(r) = self.running.remove(&key) else {
             return;
         };
+        let superseded = matches!(result, Err(RunError::Superseded(_))) && r.cancelled.is_none();
         let outcome = match (result, r.cancelled) {
             (_, Some(reason)) => Outcome::Cancelled(reason),
             (Ok(built), None) => Outcome::Built(built),
             (Err(RunError::Failed(e)), None) => Outcome::Failed(e),
             (Err(e @ RunError::Superseded(_)), None) => Outcome::Cancelled(e.to_string()),
         };
-        self.announce(&key, &r.tag, r.build_id, r.started, r.waiters, &outcome);
+        match r.again.filter(|_| superseded) {
+            // Asked for again while its files changed under it: it runs again, and
+            // this run's waiters wait for that one.
+            Some(job) => {
+                self.announce(&key, &r.tag, r.build_id, r.started, Vec::new(), &outcome);
+                let build_id = self.submit(job);
+                if let Some(q) = self.queued.iter_mut().find(|q| q.build_id == build_id) {
+                    q.waiters.extend(r.waiters);
+                }
+            }
+            None => self.announce(&key, &r.tag, r.build_id, r.started, r.waiters, &outcome),
+        }
         self.finished.insert(key, (r.tag, outcome));
     }
 
@@ -529,6 +553,7 @@ impl Actor {
                 cancelled: None,
                 waiters: q.waiters,
                 started: Instant::now(),
+                again: None,
             },
         );
         let fut = self.runner.run(q.job, build_id, cancel);

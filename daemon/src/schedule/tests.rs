@@ -167,6 +167,50 @@ async fn a_run_that_no_longer_matches_its_tag_is_cancelled_not_failed() {
 }
 
 #[tokio::test]
+async fn a_run_superseded_after_the_same_tag_was_asked_again_runs_again() {
+    // A touch (or a save of the same bytes) while a build runs: the tag is the same, so
+    // the new job joins the run; the run then ends superseded, as its files changed
+    // under it, and someone must build the tag.
+    let mut h = harness(1);
+    h.sched.submit(vec![job("a", "amd64", "1")]).await.unwrap();
+    let first = h.started.recv().await.unwrap();
+    let joined = h.sched.submit(vec![job("a", "amd64", "1")]).await.unwrap();
+    let waiter = h
+        .sched
+        .join(key("a", "amd64"), tag("1"))
+        .await
+        .unwrap()
+        .unwrap();
+    first
+        .finish
+        .send(Err(RunError::Superseded("files changed".into())))
+        .unwrap();
+    assert_eq!(
+        h.next_finished().await.2,
+        Outcome::Cancelled("superseded: files changed".into())
+    );
+    let second = h.started.recv().await.unwrap();
+    assert_eq!(second.job.tag, tag("1"));
+    assert!(!joined.is_empty());
+    second.finish.send(Ok(desc(1))).unwrap();
+    assert_eq!(h.next_finished().await.2, Outcome::Built(desc(1)));
+    assert_eq!(waiter.await.unwrap(), Outcome::Built(desc(1)));
+}
+
+#[tokio::test]
+async fn a_superseded_run_nobody_asked_for_again_is_left_to_the_change() {
+    let mut h = harness(1);
+    h.sched.submit(vec![job("a", "amd64", "1")]).await.unwrap();
+    let p = h.started.recv().await.unwrap();
+    p.finish
+        .send(Err(RunError::Superseded("files changed".into())))
+        .unwrap();
+    h.next_finished().await;
+    h.sched.cancel(nothing()).await.unwrap();
+    assert!(h.no_start_pending());
+}
+
+#[tokio::test]
 async fn the_same_target_is_not_queued_twice() {
     let mut h = harness(1);
     let first = h.sched.submit(vec![job("a", "amd64", "1")]).await.unwrap();

@@ -2,15 +2,16 @@
 //! cannot be built keeps its row under its `org/image` with its error (file:line:column
 //! and what to do) in the state, `kiln status` and its JSON; every action on it says why
 //! it cannot build; a dependent names its broken base; the rows follow the files (the
-//! error clears when the file is fixed, a row goes when its package does).
+//! error clears when the file is fixed, a row goes when its package does); a target's
+//! state is what the cache holds (a revert during a build is served, the build history).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use kiln_shared::protocol::Snapshot;
-use kiln_tests::api::{package_ok, settled};
-use kiln_tests::workspace::write_package;
-use kiln_tests::{Dir, Kilnd, KilndOptions, cmd, target_bin};
+use kiln_shared::protocol::{BuildOutcome, Snapshot, TargetStatus};
+use kiln_tests::api::{package_ok, settled, tag_of};
+use kiln_tests::workspace::{busybox_kiln_toml, write_package};
+use kiln_tests::{Dir, Kilnd, KilndOptions, cmd, target_bin, wait_until};
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -185,4 +186,67 @@ fn a_broken_build_yml_keeps_the_last_known_name_and_rows_follow_the_files() {
         rows(s) == BTreeSet::from(["kiln/hello2".to_owned()])
     });
     assert!(package_ok(&s, "kiln/hello2") || s.packages["kiln/hello2"].error.is_none());
+}
+
+/// A revert while the newer content builds: the reverted tag is in the cache, so the
+/// target is served (ok, up to date) at once and the newer build stops; its cancellation
+/// is history (`last`), not the target's state.
+#[test]
+fn a_revert_during_a_build_is_served_from_the_cache_and_the_build_is_history() {
+    let ws = Dir::new("ws");
+    ws.write("kiln.toml", busybox_kiln_toml());
+    // v1 builds at once; v2's RUN takes a minute (the build's content, not a test wait).
+    write_package(
+        &ws,
+        "slow",
+        &["amd64"],
+        "FROM kiln/busybox:latest\nCOPY f /f\nRUN if [ \"$(cat /f)\" = v2 ]; then sleep 60; fi\n",
+    );
+    ws.write("slow/f", "v1\n");
+    let kilnd = Kilnd::start(&[ws.path()], KilndOptions::default());
+    let events = kilnd.events();
+    let v1 = events.wait(TIMEOUT, "v1 built", |s| {
+        settled(s) && package_ok(s, "kiln/slow")
+    });
+    let v1_tag = tag_of(&v1, "kiln/slow");
+    let target = |s: &Snapshot| s.packages["kiln/slow"].targets["amd64"].clone();
+
+    ws.write("slow/f", "v2\n");
+    let v2 = events.wait(TIMEOUT, "v2 building", |s| {
+        let t = target(s);
+        t.status == TargetStatus::Building && t.tag.as_ref().map(|t| t.as_str()) != Some(&v1_tag)
+    });
+    let v2_build = target(&v2).build.unwrap();
+    // Its RUN runs (on v2's file) before the revert.
+    wait_until(TIMEOUT, "v2's RUN step to start", || {
+        let out = kiln(&kilnd).args(["logs", "kiln/slow"]).output().unwrap();
+        out.stdout_str().contains("RUN if [")
+    });
+    ws.write("slow/f", "v1\n");
+    let s = events.wait(TIMEOUT, "v1 served again and v2's build stopped", |s| {
+        s.running.is_empty()
+            && target(s).last.as_ref().is_some_and(|l| l.id == v2_build)
+            && target(s).tag.as_ref().map(|t| t.as_str()) == Some(&v1_tag)
+    });
+    let t = target(&s);
+    assert_eq!(t.status, TargetStatus::Ok, "{t:?}");
+    assert_eq!(
+        t.last.as_ref().map(|l| l.outcome),
+        Some(BuildOutcome::Cancelled)
+    );
+    assert_eq!(t.tag.as_ref().map(|t| t.as_str()), Some(v1_tag.as_str()));
+    assert!(t.digest.is_some() && t.build.is_none(), "{t:?}");
+    let why = t
+        .last
+        .as_ref()
+        .and_then(|l| l.error.clone())
+        .unwrap_or_default();
+    assert!(why.contains("served from the cache"), "{why}");
+    // kiln status says so, with no duration of the cancelled build.
+    let status = kiln(&kilnd).args(["status"]).stdout();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("kiln/slow"))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(line.contains("amd64:ok (cached)"), "{status}");
 }

@@ -228,10 +228,17 @@ pub(super) fn open_log(model: &mut Model, cmds: &mut Vec<Cmd>) -> bool {
         return true;
     };
     let Some(build) = build else {
-        model.notice(
-            format!("{name} {arch} has not been built by this kilnd yet: press r to build it"),
-            true,
-        );
+        let error = model
+            .snapshot
+            .as_ref()
+            .and_then(|s| s.packages.get(&name)?.error.clone());
+        let text = match error {
+            Some(e) => format!("{name} cannot be built: {e}"),
+            None => {
+                format!("{name} {arch} has not been built by this kilnd yet: press r to build it")
+            }
+        };
+        model.notice(text, true);
         return true;
     };
     model.log.reset((name, arch), Some(build.clone()));

@@ -80,13 +80,24 @@ fn enter_opens_the_log_of_the_selected_build() {
         update(&mut m, key(KeyCode::Enter)),
         vec![Cmd::FollowLog("b4".into())]
     );
-    // A target never built says so.
+    // A target never built says so; one of a package that cannot be built says why.
     update(&mut m, ch('j'));
-    update(&mut m, ch('j'));
+    update(&mut m, key(KeyCode::Right));
     assert!(update(&mut m, key(KeyCode::Enter)).is_empty());
     let n = m.notice.clone().unwrap();
     assert!(
         n.error && n.text.contains("has not been built"),
+        "{}",
+        n.text
+    );
+    update(&mut m, ch('j'));
+    update(&mut m, key(KeyCode::Left));
+    assert!(update(&mut m, key(KeyCode::Enter)).is_empty());
+    let n = m.notice.clone().unwrap();
+    assert!(
+        n.error
+            && n.text.contains("linuxkit/runc cannot be built")
+            && n.text.contains("unknown field `imagee`"),
         "{}",
         n.text
     );

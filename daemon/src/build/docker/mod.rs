@@ -196,19 +196,6 @@ struct ErrorDetail {
     message: Option<String>,
 }
 
-/// Percent-encodes a query value.
-fn q(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// The reference the engine builds and pushes: `<push_to>/org/image:tag-<arch>`.
 pub fn push_reference(build: &DockerBuild, push_to: &str) -> (String, String) {
     (
@@ -418,23 +405,25 @@ fn build_query(build: &DockerBuild, ctx: &BuildContext, reference: &str) -> Stri
         // A map of strings always serialises.
         serde_json::to_string(m).unwrap_or_else(|_| "{}".into())
     };
-    let mut query = format!(
-        "version=2&t={}&dockerfile={}&platform={}&networkmode={}&rm=1&forcerm=1",
-        q(reference),
-        q(ctx.dockerfile_name()),
-        q(&build.platform_string()),
-        if build.network { "host" } else { "none" },
-    );
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query
+        .append_pair("version", "2")
+        .append_pair("t", reference)
+        .append_pair("dockerfile", ctx.dockerfile_name())
+        .append_pair("platform", &build.platform_string())
+        .append_pair("networkmode", if build.network { "host" } else { "none" })
+        .append_pair("rm", "1")
+        .append_pair("forcerm", "1");
     if build.no_cache {
-        query.push_str("&nocache=1");
+        query.append_pair("nocache", "1");
     }
     if !build.build_args.is_empty() {
-        query.push_str(&format!("&buildargs={}", q(&json(&build.build_args))));
+        query.append_pair("buildargs", &json(&build.build_args));
     }
     if !build.labels.is_empty() {
-        query.push_str(&format!("&labels={}", q(&json(&build.labels))));
+        query.append_pair("labels", &json(&build.labels));
     }
-    query
+    query.finish()
 }
 
 type Emit<'a> = dyn FnMut(LogSource, Option<String>, String) + Send + 'a;
@@ -627,13 +616,28 @@ mod tests {
             ("127.0.0.1:5000/kiln/hello", "abc-arm64")
         );
         let query = build_query(&b, &ctx, &format!("{repo}:{tag}"));
+        // What the engine reads back (Go's url.ParseQuery).
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let expected = [
+            ("version", "2"),
+            ("t", "127.0.0.1:5000/kiln/hello:abc-arm64"),
+            ("dockerfile", "Dockerfile"),
+            ("platform", "linux/arm64"),
+            ("networkmode", "none"),
+            ("rm", "1"),
+            ("forcerm", "1"),
+            ("nocache", "1"),
+            ("buildargs", r#"{"A":"x y&z"}"#),
+            ("labels", r#"{"org.mobyproject.config":"{\"a\":1}"}"#),
+        ];
         assert_eq!(
-            query,
-            "version=2&t=127.0.0.1%3A5000%2Fkiln%2Fhello%3Aabc-arm64&dockerfile=Dockerfile\
-             &platform=linux%2Farm64&networkmode=none&rm=1&forcerm=1&nocache=1\
-             &buildargs=%7B%22A%22%3A%22x%20y%26z%22%7D\
-             &labels=%7B%22org.mobyproject.config%22%3A%22%7B%5C%22a%5C%22%3A1%7D%22%7D"
+            pairs,
+            expected.map(|(k, v)| (k.to_owned(), v.to_owned())),
+            "{query}"
         );
+        assert!(!query.contains(' ') && !query.contains('"'), "{query}");
         let mut b = sample();
         b.network = true;
         b.no_cache = false;
