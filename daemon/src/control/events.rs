@@ -21,7 +21,7 @@ pub fn to_event(e: SchedEvent) -> Event {
             reason,
         } => Event::Queued {
             build: QueuedBuild {
-                id: build_id.as_str().into(),
+                id: build_id,
                 package: key.package,
                 arch: key.arch,
                 tag,
@@ -35,7 +35,7 @@ pub fn to_event(e: SchedEvent) -> Event {
             builder,
         } => Event::Started {
             build: RunningBuild {
-                id: build_id.as_str().into(),
+                id: build_id,
                 package: key.package,
                 arch: key.arch,
                 tag,
@@ -52,7 +52,7 @@ pub fn to_event(e: SchedEvent) -> Event {
             duration,
         } => {
             let mut summary = BuildSummary {
-                id: build_id.as_str().into(),
+                id: build_id,
                 tag,
                 outcome: BuildOutcome::Ok,
                 duration_ms: ms(duration),

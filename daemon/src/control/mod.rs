@@ -341,7 +341,7 @@ impl Controller {
         if served.is_empty() {
             return;
         }
-        let stale: Vec<(String, Tag)> = {
+        let stale: Vec<(kiln_shared::protocol::BuildId, Tag)> = {
             let state = self.bus.watch();
             let s = state.borrow();
             s.running
@@ -352,7 +352,7 @@ impl Controller {
                     let (_, _, current) = served
                         .iter()
                         .find(|(p, a, t)| p == pkg && a == arch && t != tag)?;
-                    Some((id.0.clone(), current.clone()))
+                    Some((id.clone(), current.clone()))
                 })
                 .collect()
         };

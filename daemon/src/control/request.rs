@@ -131,13 +131,13 @@ impl Controller {
             .submit_joined(jobs.clone())
             .await
             .map_err(|e| ControlError::Failed(e.to_string()))?;
-        let (ids, waits): (Vec<String>, Vec<_>) = joined.into_iter().unzip();
+        let (ids, waits): (Vec<BuildId>, Vec<_>) = joined.into_iter().unzip();
         let response = BuildResponse {
             builds: jobs
                 .into_iter()
                 .zip(ids)
                 .map(|(j, id)| QueuedBuild {
-                    id: BuildId(id),
+                    id,
                     package: j.key.package,
                     arch: j.key.arch,
                     tag: j.tag,
@@ -181,15 +181,13 @@ impl Controller {
         let ids = self
             .sched
             .cancel(CancelFilter {
-                build_id: req.build.map(|b| b.0),
+                build_id: req.build,
                 package: req.package,
                 arch: req.arch,
                 reason: None,
             })
             .await
             .map_err(|e| ControlError::Failed(e.to_string()))?;
-        Ok(CancelResponse {
-            cancelled: ids.into_iter().map(BuildId).collect(),
-        })
+        Ok(CancelResponse { cancelled: ids })
     }
 }

@@ -105,10 +105,9 @@ impl BuildRunner {
 }
 
 impl Runner for BuildRunner {
-    fn run(&self, job: Job, build_id: String, cancel: CancellationToken) -> RunFuture {
+    fn run(&self, job: Job, id: BuildId, cancel: CancellationToken) -> RunFuture {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {
-            let id = BuildId(build_id);
             let mut log = Log {
                 bus: inner.bus.clone(),
                 id: id.clone(),

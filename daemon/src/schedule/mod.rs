@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kiln_shared::protocol::BuildId;
 use kiln_shared::reference::Tag;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -89,19 +90,19 @@ pub enum SchedEvent {
     Queued {
         key: TargetKey,
         tag: Tag,
-        build_id: String,
+        build_id: BuildId,
         reason: String,
     },
     Started {
         key: TargetKey,
         tag: Tag,
-        build_id: String,
+        build_id: BuildId,
         builder: BuilderKind,
     },
     Finished {
         key: TargetKey,
         tag: Tag,
-        build_id: String,
+        build_id: BuildId,
         outcome: Outcome,
         duration: Duration,
     },
@@ -136,13 +137,13 @@ impl From<&str> for RunError {
 /// Runs one build. `cancel` fires when the build is superseded or cancelled; the runner
 /// must then stop its work (abort the engine build) and return.
 pub trait Runner: Send + Sync + 'static {
-    fn run(&self, job: Job, build_id: String, cancel: CancellationToken) -> RunFuture;
+    fn run(&self, job: Job, build_id: BuildId, cancel: CancellationToken) -> RunFuture;
 }
 
 enum Cmd {
     Submit {
         jobs: Vec<Job>,
-        reply: oneshot::Sender<Vec<(String, oneshot::Receiver<Outcome>)>>,
+        reply: oneshot::Sender<Vec<(BuildId, oneshot::Receiver<Outcome>)>>,
     },
     Wait {
         key: TargetKey,
@@ -151,7 +152,7 @@ enum Cmd {
     },
     Cancel {
         filter: CancelFilter,
-        reply: oneshot::Sender<Vec<String>>,
+        reply: oneshot::Sender<Vec<BuildId>>,
     },
     Done {
         key: TargetKey,
@@ -175,7 +176,7 @@ impl fmt::Debug for Scheduler {
 /// Which builds to cancel: every field that is set must match; nothing set matches all.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CancelFilter {
-    pub build_id: Option<String>,
+    pub build_id: Option<BuildId>,
     pub package: Option<String>,
     pub arch: Option<String>,
     /// Why, for the builds' outcome (`cancelled by request` when none is given).
@@ -183,8 +184,8 @@ pub struct CancelFilter {
 }
 
 impl CancelFilter {
-    fn matches(&self, key: &TargetKey, build_id: &str) -> bool {
-        self.build_id.as_deref().is_none_or(|b| b == build_id)
+    fn matches(&self, key: &TargetKey, build_id: &BuildId) -> bool {
+        self.build_id.as_ref().is_none_or(|b| b == build_id)
             && self.package.as_deref().is_none_or(|p| p == key.package)
             && self.arch.as_deref().is_none_or(|a| a == key.arch)
     }
@@ -220,7 +221,7 @@ impl Scheduler {
     /// Queues jobs (in the order given, which should be dependency order). Returns the
     /// build id of each job: a new one, or that of the same build already queued or
     /// running.
-    pub async fn submit(&self, jobs: Vec<Job>) -> Result<Vec<String>, Stopped> {
+    pub async fn submit(&self, jobs: Vec<Job>) -> Result<Vec<BuildId>, Stopped> {
         Ok(self
             .submit_joined(jobs)
             .await?
@@ -234,7 +235,7 @@ impl Scheduler {
     pub async fn submit_joined(
         &self,
         jobs: Vec<Job>,
-    ) -> Result<Vec<(String, oneshot::Receiver<Outcome>)>, Stopped> {
+    ) -> Result<Vec<(BuildId, oneshot::Receiver<Outcome>)>, Stopped> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Submit { jobs, reply })
@@ -259,7 +260,7 @@ impl Scheduler {
     }
 
     /// Cancels the queued and running builds that `filter` matches. Returns their ids.
-    pub async fn cancel(&self, filter: CancelFilter) -> Result<Vec<String>, Stopped> {
+    pub async fn cancel(&self, filter: CancelFilter) -> Result<Vec<BuildId>, Stopped> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Cancel { filter, reply })
@@ -271,14 +272,14 @@ impl Scheduler {
 
 struct Queued {
     job: Job,
-    build_id: String,
+    build_id: BuildId,
     waiters: Vec<oneshot::Sender<Outcome>>,
     since: Instant,
 }
 
 struct Running {
     tag: Tag,
-    build_id: String,
+    build_id: BuildId,
     cancel: CancellationToken,
     /// Why it was cancelled, if it was.
     cancelled: Option<String>,
@@ -340,7 +341,7 @@ impl Actor {
         }
     }
 
-    fn submit(&mut self, job: Job) -> String {
+    fn submit(&mut self, job: Job) -> BuildId {
         if let Some(r) = self.running.get_mut(&job.key) {
             if r.tag == job.tag && r.cancelled.is_none() {
                 let id = r.build_id.clone(); // already building this content
@@ -361,7 +362,7 @@ impl Actor {
                 self.finish_queued(old, format!("superseded by tag {}", job.tag));
             }
         }
-        let build_id = format!("b{}", self.next_id);
+        let build_id = BuildId(format!("b{}", self.next_id));
         self.next_id += 1;
         (self.events)(SchedEvent::Queued {
             key: job.key.clone(),
@@ -395,7 +396,7 @@ impl Actor {
         Some(rx)
     }
 
-    fn cancel(&mut self, filter: &CancelFilter) -> Vec<String> {
+    fn cancel(&mut self, filter: &CancelFilter) -> Vec<BuildId> {
         let reason = filter
             .reason
             .clone()
@@ -436,7 +437,7 @@ impl Actor {
         &self,
         key: &TargetKey,
         tag: &Tag,
-        build_id: String,
+        build_id: BuildId,
         since: Instant,
         waiters: Vec<oneshot::Sender<Outcome>>,
         outcome: &Outcome,

@@ -21,7 +21,7 @@ struct HandRunner {
 }
 
 impl Runner for HandRunner {
-    fn run(&self, job: Job, _id: String, cancel: CancellationToken) -> RunFuture {
+    fn run(&self, job: Job, _id: BuildId, cancel: CancellationToken) -> RunFuture {
         let (finish, rx) = oneshot::channel();
         let tx = self.started.lock().unwrap().clone().unwrap();
         tx.send(Pending {
@@ -393,15 +393,21 @@ async fn cancel_by_build_id() {
         .await
         .unwrap();
     let running = h.started.recv().await.unwrap();
-    let by_id = |id: &str| CancelFilter {
-        build_id: Some(id.to_owned()),
+    let by_id = |id: &BuildId| CancelFilter {
+        build_id: Some(id.clone()),
         ..CancelFilter::default()
     };
     assert_eq!(
         h.sched.cancel(by_id(&ids[1])).await.unwrap(),
         [ids[1].clone()]
     );
-    assert!(h.sched.cancel(by_id("b999")).await.unwrap().is_empty());
+    assert!(
+        h.sched
+            .cancel(by_id(&BuildId::from("b999")))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(!running.cancel.is_cancelled());
     assert_eq!(
         h.sched.cancel(by_id(&ids[0])).await.unwrap(),

@@ -109,8 +109,11 @@ impl Lock {
             path: path.clone(),
             source,
         };
+        // Named as an editor's temporary (`.x.tmp.<n>`), which the watcher ignores: the
+        // rename into place is the one change it sees, so the package is planned once,
+        // at its new tag, and no late event of the write supersedes that build.
         let mut tmp = tempfile::Builder::new()
-            .prefix(".kiln.lock.")
+            .prefix(".kiln.lock.tmp.")
             .tempfile_in(dir)
             .map_err(io)?;
         tmp.write_all(format!("{HEADER}{body}").as_bytes())

@@ -400,8 +400,9 @@ fn a_failed_push_is_retried_on_a_timer_until_the_upstream_takes_it() {
             .arg("--push"),
     );
     let ev = k.events();
-    let s = ev.wait(TIMEOUT, "the push to fail", |s| {
-        s.pushes.get("kiln/solo").is_some_and(|p| p.error.is_some())
+    // (The push starts once the arch lands, before the build counts as finished.)
+    let s = ev.wait(TIMEOUT, "the build to end and the push to fail", |s| {
+        settled(s) && s.pushes.get("kiln/solo").is_some_and(|p| p.error.is_some())
     });
     let tag = tag_of(&s, "kiln/solo");
     assert!(

@@ -25,8 +25,28 @@ impl Vars for Vec<(String, String)> {
     }
 }
 
+/// Why a word cannot be expanded (BuildKit's shell lexer's messages).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExpandError {
+    #[error("missing '{0}' in substitution")]
+    Unclosed(char),
+    #[error("unexpected end of statement while looking for matching {0}-quote")]
+    Unquoted(&'static str),
+    #[error("bad substitution: a variable name is expected after '${{'")]
+    NoName,
+    /// `${NAME:?message}` or `${NAME?message}` on an unset (or empty) variable.
+    #[error("{name}: {}", or_default_message(message))]
+    Required { name: String, message: String },
+    #[error("unsupported modifier (:{0}) in substitution")]
+    ColonModifier(char),
+    #[error(
+        "unsupported modifier ({modifier}) in substitution of ${{{name}}}: the native builder supports :-, -, :+, +, :? and ?"
+    )]
+    Modifier { modifier: char, name: String },
+}
+
 /// Expands one word: removes quotes and escapes, substitutes variables.
-pub fn expand(word: &str, escape: char, vars: &dyn Vars) -> Result<String, String> {
+pub fn expand(word: &str, escape: char, vars: &dyn Vars) -> Result<String, ExpandError> {
     let chars: Vec<char> = word.chars().collect();
     let mut lx = Lexer {
         chars: &chars,
@@ -56,12 +76,12 @@ impl Lexer<'_> {
     }
 
     /// Processes until the end, or until `stop` (unescaped, unquoted) which is consumed.
-    fn process(&mut self, stop: Option<char>) -> Result<String, String> {
+    fn process(&mut self, stop: Option<char>) -> Result<String, ExpandError> {
         let mut out = String::new();
         loop {
             let Some(c) = self.next() else {
                 if let Some(stop) = stop {
-                    return Err(format!("missing '{stop}' in substitution"));
+                    return Err(ExpandError::Unclosed(stop));
                 }
                 return Ok(out);
             };
@@ -83,15 +103,12 @@ impl Lexer<'_> {
         }
     }
 
-    fn single_quoted(&mut self) -> Result<String, String> {
+    fn single_quoted(&mut self) -> Result<String, ExpandError> {
         let mut out = String::new();
         loop {
             match self.next() {
                 None => {
-                    return Err(
-                        "unexpected end of statement while looking for matching single-quote"
-                            .into(),
-                    );
+                    return Err(ExpandError::Unquoted("single"));
                 }
                 Some('\'') => return Ok(out),
                 Some(c) => out.push(c),
@@ -99,15 +116,12 @@ impl Lexer<'_> {
         }
     }
 
-    fn double_quoted(&mut self) -> Result<String, String> {
+    fn double_quoted(&mut self) -> Result<String, ExpandError> {
         let mut out = String::new();
         loop {
             match self.next() {
                 None => {
-                    return Err(
-                        "unexpected end of statement while looking for matching double-quote"
-                            .into(),
-                    );
+                    return Err(ExpandError::Unquoted("double"));
                 }
                 Some('"') => return Ok(out),
                 Some('$') => out.push_str(&self.dollar()?),
@@ -136,13 +150,13 @@ impl Lexer<'_> {
         name
     }
 
-    fn dollar(&mut self) -> Result<String, String> {
+    fn dollar(&mut self) -> Result<String, ExpandError> {
         match self.peek() {
             Some('{') => {
                 self.pos += 1;
                 let name = self.name();
                 if name.is_empty() {
-                    return Err("bad substitution: a variable name is expected after '${'".into());
+                    return Err(ExpandError::NoName);
                 }
                 let value = self.vars.get(&name).map(str::to_owned);
                 match self.next() {
@@ -162,11 +176,14 @@ impl Lexer<'_> {
                                 if set_nonempty {
                                     Ok(value.unwrap_or_default())
                                 } else {
-                                    Err(format!("{name}: {}", or_default_message(&word)))
+                                    Err(ExpandError::Required {
+                                        name,
+                                        message: word,
+                                    })
                                 }
                             }
-                            Some(c) => Err(format!("unsupported modifier (:{c}) in substitution")),
-                            None => Err("missing '}' in substitution".into()),
+                            Some(c) => Err(ExpandError::ColonModifier(c)),
+                            None => Err(ExpandError::Unclosed('}')),
                         }
                     }
                     Some(op @ ('-' | '+' | '?')) => {
@@ -174,14 +191,14 @@ impl Lexer<'_> {
                         match op {
                             '-' => Ok(value.unwrap_or(word)),
                             '+' => Ok(if value.is_some() { word } else { String::new() }),
-                            _ => value
-                                .ok_or_else(|| format!("{name}: {}", or_default_message(&word))),
+                            _ => value.ok_or(ExpandError::Required {
+                                name,
+                                message: word,
+                            }),
                         }
                     }
-                    Some(c) => Err(format!(
-                        "unsupported modifier ({c}) in substitution of ${{{name}}}: the native builder supports :-, -, :+, +, :? and ?"
-                    )),
-                    None => Err("missing '}' in substitution".into()),
+                    Some(modifier) => Err(ExpandError::Modifier { modifier, name }),
+                    None => Err(ExpandError::Unclosed('}')),
                 }
             }
             Some(c) if c.is_ascii_alphanumeric() || c == '_' => {
@@ -214,7 +231,7 @@ mod tests {
         ]
     }
 
-    fn x(word: &str) -> Result<String, String> {
+    fn x(word: &str) -> Result<String, ExpandError> {
         expand(word, '\\', &vars())
     }
 
@@ -232,19 +249,28 @@ mod tests {
         assert_eq!(x("${UNSET:+p}[${EMPTY:+q}]${A:+r}").unwrap(), "[]r");
         assert_eq!(x("${EMPTY+s}${UNSET+t}").unwrap(), "s");
         assert_eq!(x("${A:-$B}${UNSET:-${B}x}").unwrap(), "alphatwox");
-        assert_eq!(x("${UNSET:?need it}").unwrap_err(), "UNSET: need it");
         assert_eq!(
-            x("${EMPTY:?}").unwrap_err(),
+            x("${UNSET:?need it}").unwrap_err().to_string(),
+            "UNSET: need it"
+        );
+        assert_eq!(
+            x("${EMPTY:?}").unwrap_err().to_string(),
             "EMPTY: is not allowed to be unset"
         );
         assert_eq!(x("${EMPTY?}").unwrap(), "");
         assert!(
             x("${A#x}")
                 .unwrap_err()
+                .to_string()
                 .contains("unsupported modifier (#)")
         );
-        assert!(x("${A").unwrap_err().contains("missing '}'"));
-        assert!(x("${}").unwrap_err().contains("bad substitution"));
+        assert!(x("${A").unwrap_err().to_string().contains("missing '}'"));
+        assert!(
+            x("${}")
+                .unwrap_err()
+                .to_string()
+                .contains("bad substitution")
+        );
     }
 
     #[test]
@@ -252,8 +278,13 @@ mod tests {
         assert_eq!(x(r#""a b $A" 'c $A'"#).unwrap(), "a b alpha c $A");
         assert_eq!(x(r"\$A \\ \x").unwrap(), r"$A \ x");
         assert_eq!(x(r#""q\"q \n""#).unwrap(), r#"q"q \n"#);
-        assert!(x("'open").unwrap_err().contains("single-quote"));
-        assert!(x("\"open").unwrap_err().contains("double-quote"));
+        assert!(x("'open").unwrap_err().to_string().contains("single-quote"));
+        assert!(
+            x("\"open")
+                .unwrap_err()
+                .to_string()
+                .contains("double-quote")
+        );
         assert_eq!(expand("`$A C:\\x", '`', &vars()).unwrap(), "$A C:\\x");
     }
 }

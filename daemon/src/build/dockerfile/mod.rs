@@ -14,7 +14,7 @@ mod mount;
 mod parse;
 mod refs;
 
-pub use mount::{MountKind, RunMount, Sharing};
+pub use mount::{MountError, MountKind, RunMount, Sharing};
 pub use refs::{host_platform, platform_args};
 
 use std::fmt;

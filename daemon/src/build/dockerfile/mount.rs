@@ -3,6 +3,8 @@
 //! default, `target`/`dst`/`destination`, `source`/`src`, `from`, `ro`/`readonly`,
 //! `rw`/`readwrite`, and per type `id`, `sharing`, `mode`, `uid`, `gid`, `size`.
 
+use crate::cache::{SizeError, parse_size};
+
 /// What a mount is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MountKind {
@@ -55,9 +57,45 @@ pub struct RunMount {
     pub size: Option<u64>,
 }
 
+/// Why a `--mount` value is not one (BuildKit's `--mount` fields).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MountError {
+    #[error("unsupported mount type {0:?}")]
+    Type(String),
+    #[error("{key}={value}: expected true or false")]
+    NotABool { key: String, value: String },
+    #[error("{0} needs a value ({0}=...)")]
+    NoValue(String),
+    #[error("sharing={0}: expected shared, private or locked")]
+    Sharing(String),
+    #[error("mode={value}: expected an octal mode")]
+    Mode {
+        value: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    #[error("{key}={value}: expected a number")]
+    Number {
+        key: String,
+        value: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    #[error("size: {0}")]
+    Size(#[source] SizeError),
+    #[error("unexpected key {0:?} in --mount")]
+    Key(String),
+    #[error("a mount needs a target (target=/path)")]
+    NoTarget,
+    #[error("a tmpfs mount takes no source or from")]
+    TmpfsSource,
+    #[error("unterminated quote")]
+    Quote,
+}
+
 impl RunMount {
     /// Parses one `--mount` value (after variable expansion).
-    pub fn parse(value: &str) -> Result<RunMount, String> {
+    pub fn parse(value: &str) -> Result<RunMount, MountError> {
         let fields = split_fields(value)?;
         let mut kind = MountKind::Bind;
         for f in &fields {
@@ -68,7 +106,7 @@ impl RunMount {
                     "tmpfs" => MountKind::Tmpfs,
                     "secret" => MountKind::Secret,
                     "ssh" => MountKind::Ssh,
-                    t => return Err(format!("unsupported mount type {t:?}")),
+                    t => return Err(MountError::Type(t.to_owned())),
                 };
             }
         }
@@ -93,11 +131,14 @@ impl RunMount {
             let flag = |v: Option<&str>| match v {
                 None | Some("true") => Ok(true),
                 Some("false") => Ok(false),
-                Some(v) => Err(format!("{key}={v}: expected true or false")),
+                Some(v) => Err(MountError::NotABool {
+                    key: key.clone(),
+                    value: v.to_owned(),
+                }),
             };
             let need = |v: Option<&str>| {
                 v.map(str::to_owned)
-                    .ok_or_else(|| format!("{key} needs a value ({key}=...)"))
+                    .ok_or_else(|| MountError::NoValue(key.clone()))
             };
             match key.as_str() {
                 "type" => {}
@@ -112,47 +153,47 @@ impl RunMount {
                         "shared" => Sharing::Shared,
                         "private" => Sharing::Private,
                         "locked" => Sharing::Locked,
-                        s => {
-                            return Err(format!("sharing={s}: expected shared, private or locked"));
-                        }
+                        s => return Err(MountError::Sharing(s.to_owned())),
                     }
                 }
                 "mode" => {
                     let v = need(value)?;
                     m.mode = Some(
                         u32::from_str_radix(&v, 8)
-                            .map_err(|_| format!("mode={v}: expected an octal mode"))?,
+                            .map_err(|source| MountError::Mode { value: v, source })?,
                     );
                 }
                 "uid" | "gid" => {
                     let v = need(value)?;
-                    let n = v
-                        .parse::<u64>()
-                        .map_err(|_| format!("{key}={v}: expected a number"))?;
+                    let n = v.parse::<u64>().map_err(|source| MountError::Number {
+                        key: key.clone(),
+                        value: v,
+                        source,
+                    })?;
                     if key == "uid" {
                         m.uid = Some(n);
                     } else {
                         m.gid = Some(n);
                     }
                 }
-                "size" => m.size = Some(parse_size(&need(value)?)?),
+                "size" => m.size = Some(parse_size(&need(value)?).map_err(MountError::Size)?),
                 // Secret and ssh options: the native builder refuses those mounts.
                 "required" | "env" => {}
-                k => return Err(format!("unexpected key {k:?} in --mount")),
+                k => return Err(MountError::Key(k.to_owned())),
             }
         }
         if m.target.is_empty() && !matches!(m.kind, MountKind::Secret | MountKind::Ssh) {
-            return Err("a mount needs a target (target=/path)".into());
+            return Err(MountError::NoTarget);
         }
         if m.kind == MountKind::Tmpfs && (m.source.is_some() || m.from.is_some()) {
-            return Err("a tmpfs mount takes no source or from".into());
+            return Err(MountError::TmpfsSource);
         }
         Ok(m)
     }
 }
 
 /// Comma-separated fields; a field may be quoted (`"a,b"`), as in a CSV record.
-fn split_fields(value: &str) -> Result<Vec<String>, String> {
+fn split_fields(value: &str) -> Result<Vec<String>, MountError> {
     let mut fields = Vec::new();
     let mut cur = String::new();
     let mut quoted = false;
@@ -164,7 +205,7 @@ fn split_fields(value: &str) -> Result<Vec<String>, String> {
         }
     }
     if quoted {
-        return Err("unterminated quote".into());
+        return Err(MountError::Quote);
     }
     fields.push(cur);
     Ok(fields
@@ -172,23 +213,6 @@ fn split_fields(value: &str) -> Result<Vec<String>, String> {
         .map(|f| f.trim().to_owned())
         .filter(|f| !f.is_empty())
         .collect())
-}
-
-/// `64m`, `1g`, `4096` (bytes), as Docker's `RAMInBytes` reads a size.
-fn parse_size(v: &str) -> Result<u64, String> {
-    let lower = v.to_ascii_lowercase();
-    let lower = lower.trim_end_matches('b');
-    let (digits, mult) = match lower.char_indices().last() {
-        Some((i, 'k')) => (&lower[..i], 1u64 << 10),
-        Some((i, 'm')) => (&lower[..i], 1 << 20),
-        Some((i, 'g')) => (&lower[..i], 1 << 30),
-        _ => (lower, 1),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("size={v}: expected a size such as 64m"))
 }
 
 #[cfg(test)]
@@ -211,11 +235,23 @@ mod tests {
         assert_eq!(b.from.as_deref(), Some("build"));
         let t = RunMount::parse("type=tmpfs,dst=/tmp,size=64m").unwrap();
         assert_eq!(t.size, Some(64 << 20));
+        let t = RunMount::parse("type=tmpfs,dst=/tmp,size=1.5g").unwrap();
+        assert_eq!(t.size, Some(3 << 29));
         assert_eq!(
             RunMount::parse("type=cache").unwrap_err(),
-            "a mount needs a target (target=/path)"
+            MountError::NoTarget
         );
-        assert!(RunMount::parse("type=nfs,target=/x").is_err());
-        assert!(RunMount::parse("target=/x,bogus=1").is_err());
+        assert!(matches!(
+            RunMount::parse("type=tmpfs,target=/t,size=big"),
+            Err(MountError::Size(_))
+        ));
+        assert_eq!(
+            RunMount::parse("type=nfs,target=/x").unwrap_err(),
+            MountError::Type("nfs".into())
+        );
+        assert_eq!(
+            RunMount::parse("target=/x,bogus=1").unwrap_err(),
+            MountError::Key("bogus".into())
+        );
     }
 }

@@ -60,14 +60,12 @@ impl Dockerfile {
                 let value = match (build_args.get(&a.name), &a.default) {
                     (Some(v), _) => Some(v.clone()),
                     (None, Some(d)) => {
-                        Some(
-                            expand(d, self.escape, &vars).map_err(|message| DockerfileError {
-                                path: self.path.clone(),
-                                line: decl.line,
-                                column: 0,
-                                message,
-                            })?,
-                        )
+                        Some(expand(d, self.escape, &vars).map_err(|e| DockerfileError {
+                            path: self.path.clone(),
+                            line: decl.line,
+                            column: 0,
+                            message: e.to_string(),
+                        })?)
                     }
                     (None, None) => None,
                 };
@@ -88,11 +86,11 @@ impl Dockerfile {
     ) -> Result<Vec<Located<String>>, DockerfileError> {
         let vars = self.global_arg_values(build_args, target)?;
         let x = |word: &str, line: usize| {
-            expand(word, self.escape, &vars).map_err(|message| DockerfileError {
+            expand(word, self.escape, &vars).map_err(|e| DockerfileError {
                 path: self.path.clone(),
                 line,
                 column: 0,
-                message,
+                message: e.to_string(),
             })
         };
         let mut out = Vec::new();

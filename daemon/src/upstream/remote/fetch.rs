@@ -240,8 +240,7 @@ impl Remote {
         let reference = self.by_digest(repo, &desc.digest);
         let layer = oci_descriptor(desc);
         let mut stream = self
-            .client
-            .pull_blob_stream(&reference, &layer)
+            .blob_stream(&reference, &layer)
             .await
             .map_err(|e| self.error(&image, e))?;
         let mut writer = cache

@@ -155,7 +155,8 @@ impl Run<'_, '_> {
     }
 
     fn expand_global(&self, word: &str, line: usize) -> Result<String, NativeError> {
-        expand(word, self.df().escape, &self.global_vars()).map_err(|e| self.err(line, e))
+        expand(word, self.df().escape, &self.global_vars())
+            .map_err(|e| self.err(line, e.to_string()))
     }
 
     fn base_of(&self, i: usize) -> Result<Base, NativeError> {
@@ -492,7 +493,7 @@ impl Run<'_, '_> {
     }
 
     fn x(&self, st: &StageState, word: &str, line: usize) -> Result<String, NativeError> {
-        expand(word, self.df().escape, &self.vars(st)).map_err(|e| self.err(line, e))
+        expand(word, self.df().escape, &self.vars(st)).map_err(|e| self.err(line, e.to_string()))
     }
 
     fn history(&self, st: &mut StageState, created_by: String, empty_layer: bool) {
