@@ -94,9 +94,15 @@ impl LogPane {
                 .contains(&self.search.to_ascii_lowercase())
     }
 
+    /// Adds lines as a terminal would show them: the dashboard draws cells, and a
+    /// build's own escape codes or carriage returns would scramble them.
     fn push(&mut self, lines: Vec<String>) {
         let added = lines.len();
         for line in lines {
+            let line = match kiln_shared::term::plain(&line) {
+                std::borrow::Cow::Borrowed(b) if b.len() == line.len() => line,
+                shown => shown.into_owned(),
+            };
             if self.lines.len() == LOG_CAPACITY
                 && let Some(old) = self.lines.pop_front()
             {

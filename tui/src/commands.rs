@@ -435,10 +435,16 @@ pub async fn logs(
         .log(&build, follow)
         .await
         .with_context(|| format!("reading the log of build {build}"))?;
+    // A file or a pipe gets the build's output without its escape codes.
+    let raw = kiln_shared::term::colour(std::io::stdout().is_terminal());
     let mut out = std::io::stdout().lock();
     while let Some(batch) = lines.next_batch(1024).await? {
         for l in batch {
-            writeln!(out, "{l}")?;
+            if raw {
+                writeln!(out, "{l}")?;
+            } else {
+                writeln!(out, "{}", kiln_shared::term::plain(&l))?;
+            }
         }
         out.flush()?;
     }

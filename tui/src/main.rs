@@ -106,6 +106,12 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             match up::ensure(&client, &dir, &kilnd).await? {
                 up::Started::AlreadyRunning => {
                     tracing::info!("kilnd already runs for {}", dir.display());
+                    if !kilnd.to_args().is_empty() {
+                        eprintln!(
+                            "kiln: kilnd already runs for {}; the kilnd options given do not change it (kiln stop, then kiln up with them)",
+                            dir.display()
+                        );
+                    }
                     if no_dashboard {
                         println!(
                             "kilnd already runs for {} on {}",

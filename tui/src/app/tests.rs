@@ -311,6 +311,22 @@ fn with_log(lines: usize) -> Model {
 }
 
 #[test]
+fn a_build_s_escape_codes_do_not_reach_the_screen() {
+    let mut m = with_log(0);
+    update(
+        &mut m,
+        Msg::LogLines {
+            build: "b1".into(),
+            lines: vec![
+                "\u{1b}[31merror:\u{1b}[0m red".into(),
+                " 10%\r 60%\r100%".into(),
+            ],
+        },
+    );
+    assert_eq!(m.log.lines, ["error: red", "100%"]);
+}
+
+#[test]
 fn the_log_keeps_the_newest_lines_only() {
     let mut m = with_log(LOG_CAPACITY + 250);
     assert_eq!(m.log.lines.len(), LOG_CAPACITY);

@@ -6,7 +6,7 @@
 
 use std::ops::Range;
 
-use kiln_shared::protocol::BuildOutcome;
+use kiln_shared::protocol::{BuildOutcome, TargetStatus};
 use ratatui::Frame;
 use ratatui::layout::Rect;
 use ratatui::style::{Color, Modifier, Style};
@@ -225,14 +225,18 @@ fn idle_lines(model: &Model) -> Vec<Line<'static>> {
         return vec![Line::styled(e, Style::new().fg(Color::Red))];
     }
     let mut lines = Vec::new();
+    // The build that made the target's state (a state served from the cache has none).
     if let (Some(p), Some(arch)) = (selected, model.selected_arch())
-        && let Some(last) = p.targets.get(&arch).and_then(|t| t.last.as_ref())
+        && let Some(t) = p.targets.get(&arch)
     {
-        lines.push(Line::raw(format!(
-            "{} {arch}: {}",
-            p.name,
-            fmt::last_build(last)
-        )));
+        let how = match t.settled_by() {
+            Some(last) => Some(fmt::last_build(last)),
+            None if t.status == TargetStatus::Ok => Some("in the cache".to_owned()),
+            None => None,
+        };
+        if let Some(how) = how {
+            lines.push(Line::raw(format!("{} {arch}: {how}", p.name)));
+        }
     }
     if model.log.target.is_some() {
         lines.push(Line::styled(
