@@ -2,7 +2,7 @@
 //! [`Model`] and returns [`Cmd`]s for the outside world (requests to kilnd, log
 //! streams, quitting). The view (`ui`) is a pure function of the model.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseEvent, MouseEventKind};
@@ -12,8 +12,10 @@ use kiln_shared::protocol::{
 use ratatui::layout::{Position, Rect};
 
 mod keys;
+mod rows;
 
 use keys::{on_key, on_mouse};
+use rows::RowIndex;
 
 /// Log lines the dashboard keeps (the newest).
 pub const LOG_CAPACITY: usize = 10_000;
@@ -189,6 +191,8 @@ pub struct Model {
     /// Set by `update` when the screen must be redrawn.
     pub dirty: bool,
     pub quit: bool,
+    /// The shown rows and arch columns, kept as events arrive (O(log n) per event).
+    index: RowIndex,
 }
 
 /// What happens to the dashboard.
@@ -253,6 +257,7 @@ impl Model {
             area,
             dirty: true,
             quit: false,
+            index: RowIndex::default(),
         }
     }
 
@@ -261,33 +266,43 @@ impl Model {
         let Some(s) = &self.snapshot else {
             return Vec::new();
         };
-        let filter = self.filter.to_lowercase();
-        s.packages
-            .values()
-            .filter(|p| {
-                filter.is_empty()
-                    || p.name.to_lowercase().contains(&filter)
-                    || p.dir.to_string_lossy().to_lowercase().contains(&filter)
-            })
+        if !self.index.is_for(&self.filter) {
+            // The filter changed and no update ran since: answer from the snapshot.
+            return RowIndex::build(s, &self.filter)
+                .names()
+                .iter()
+                .filter_map(|n| s.packages.get(n))
+                .collect();
+        }
+        self.index
+            .names()
+            .iter()
+            .filter_map(|n| s.packages.get(n))
             .collect()
+    }
+
+    /// How many packages are shown.
+    pub fn row_count(&self) -> usize {
+        if self.index.is_for(&self.filter) {
+            self.index.names().len()
+        } else {
+            self.rows().len()
+        }
     }
 
     /// The architecture columns: every arch any package lists.
     pub fn archs(&self) -> Vec<String> {
-        let set: BTreeSet<&String> = self
-            .snapshot
-            .iter()
-            .flat_map(|s| s.packages.values())
-            .flat_map(|p| p.targets.keys())
-            .collect();
-        set.into_iter().cloned().collect()
+        self.index.archs().cloned().collect()
     }
 
     /// The index of the selected row among [`Model::rows`].
     pub fn selected_row(&self) -> Option<usize> {
-        let rows = self.rows();
         let name = self.selected.as_deref()?;
-        rows.iter().position(|p| p.name == name)
+        if self.index.is_for(&self.filter) {
+            self.index.position(name)
+        } else {
+            self.rows().iter().position(|p| p.name == name)
+        }
     }
 
     pub fn selected_arch(&self) -> Option<String> {
@@ -318,44 +333,38 @@ impl Model {
         });
     }
 
-    /// Keeps the selection on a shown package.
+    /// Keeps the selection on a shown package (and the rows on the filter).
     fn fix_selection(&mut self) {
-        let first = {
-            let rows = self.rows();
-            let ok = self
-                .selected
-                .as_deref()
-                .is_some_and(|n| rows.iter().any(|p| p.name == n));
-            if ok {
-                None
-            } else {
-                Some(rows.first().map(|p| p.name.clone()))
-            }
-        };
-        if let Some(first) = first {
-            self.selected = first;
+        if !self.index.is_for(&self.filter)
+            && let Some(s) = &self.snapshot
+        {
+            self.index = RowIndex::build(s, &self.filter);
         }
-        let n = self.archs().len();
+        let shown = self
+            .selected
+            .as_deref()
+            .is_some_and(|n| self.index.position(n).is_some());
+        if !shown {
+            self.selected = self.index.names().first().cloned();
+        }
+        let n = self.index.arch_count();
         if n > 0 && self.arch >= n {
             self.arch = n - 1;
         }
     }
 
     fn move_selection(&mut self, down: bool) {
-        let next = {
-            let rows = self.rows();
-            if rows.is_empty() {
-                return;
-            }
-            let i = self.selected_row().unwrap_or(0);
-            let j = if down {
-                (i + 1).min(rows.len() - 1)
-            } else {
-                i.saturating_sub(1)
-            };
-            rows[j].name.clone()
+        let names = self.index.names();
+        if names.is_empty() {
+            return;
+        }
+        let i = self.selected_row().unwrap_or(0);
+        let j = if down {
+            (i + 1).min(names.len() - 1)
+        } else {
+            i.saturating_sub(1)
         };
-        self.selected = Some(next);
+        self.selected = Some(names[j].clone());
     }
 
     fn log_page(&self) -> usize {
@@ -442,6 +451,7 @@ fn on_stream(model: &mut Model, item: StreamItem, cmds: &mut Vec<Cmd>) -> bool {
                 // Another kilnd (a restart): its build ids mean other builds.
                 model.log = LogPane::default();
             }
+            model.index = RowIndex::build(&snapshot, &model.filter);
             model.snapshot = Some(*snapshot);
             model.conn = Conn::Connected;
         }
@@ -460,7 +470,14 @@ fn on_stream(model: &mut Model, item: StreamItem, cmds: &mut Vec<Cmd>) -> bool {
                 cmds.push(Cmd::Reconnect);
                 return false;
             }
+            let touched = rows::package_of(&event);
+            if let Some(name) = touched {
+                model.index.forget(s, name);
+            }
             s.apply(&event);
+            if let Some(name) = touched {
+                model.index.note(s, name);
+            }
             follow_new_build(model, &event, cmds);
         }
     }

@@ -4,6 +4,7 @@
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use kiln_shared::digest::Digest;
@@ -12,6 +13,25 @@ use sha2::{Digest as _, Sha256};
 use super::CacheError;
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// What this process added to `blobs/sha256` since the cache was opened: the new blobs
+/// and their bytes (a blob that was there already is not counted). With one scan of the
+/// directory this keeps the cache's size current without scanning it again per write.
+#[derive(Debug, Default)]
+pub(super) struct Added {
+    blobs: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Added {
+    /// (blobs, bytes) added so far.
+    pub(super) fn get(&self) -> (u64, u64) {
+        (
+            self.blobs.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+}
 
 /// The write buffer of an open writer.
 const BUFFER: usize = 256 * 1024;
@@ -33,10 +53,11 @@ pub struct BlobWriter {
     blobs: PathBuf,
     hasher: Sha256,
     size: u64,
+    added: Arc<Added>,
 }
 
 impl BlobWriter {
-    pub(super) fn create(tmp: &Path, blobs: &Path) -> Result<Self, CacheError> {
+    pub(super) fn create(tmp: &Path, blobs: &Path, added: Arc<Added>) -> Result<Self, CacheError> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = tmp.join(format!("blob-{}-{n}", std::process::id()));
         let file = fs::OpenOptions::new()
@@ -51,6 +72,7 @@ impl BlobWriter {
             blobs: blobs.to_owned(),
             hasher: Sha256::new(),
             size: 0,
+            added,
         })
     }
 
@@ -144,7 +166,12 @@ impl BlobWriter {
         }
         file.sync_all().map_err(CacheError::io(&self.path))?;
         drop(file);
-        fs::rename(&self.path, &target).map_err(CacheError::io(&target))?;
+        if !rename_new(&self.path, &target)? {
+            // Another writer put the same bytes in place meanwhile: theirs is kept.
+            return Ok(actual);
+        }
+        self.added.blobs.fetch_add(1, Ordering::Relaxed);
+        self.added.bytes.fetch_add(self.size, Ordering::Relaxed);
         File::open(&self.blobs)
             .and_then(|d| d.sync_all())
             .map_err(CacheError::io(&self.blobs))?;
@@ -156,6 +183,23 @@ impl Drop for BlobWriter {
     fn drop(&mut self) {
         // Finished or not, the temp path is gone afterwards (renamed, or removed here).
         let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Renames `from` to `to` unless `to` exists (`renameat2` with `RENAME_NOREPLACE`, so two
+/// writers of the same blob count it once); false when it existed. Filesystems without
+/// the flag get a plain rename, which replaces the identical bytes.
+fn rename_new(from: &Path, to: &Path) -> Result<bool, CacheError> {
+    use nix::errno::Errno;
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(true),
+        Err(Errno::EEXIST) => Ok(false),
+        Err(Errno::EINVAL | Errno::ENOSYS) => {
+            fs::rename(from, to).map_err(CacheError::io(to))?;
+            Ok(true)
+        }
+        Err(e) => Err(CacheError::io(to)(e.into())),
     }
 }
 

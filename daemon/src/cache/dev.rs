@@ -4,10 +4,10 @@
 
 use kiln_shared::reference::{ImageRef, Tag};
 
-use super::{Cache, set_ref_in};
+use super::{Cache, CacheError};
 
 /// Points the moving tag (`dev`) of `image`'s repository at `image`'s index, when the
-/// cache has it.
+/// cache has it. Blocking (it waits for the commit of `index.json`).
 pub fn point_dev(cache: &Cache, image: &ImageRef, dev: &Tag) {
     let name = image.cache_name();
     let dev_name = ImageRef::new(image.repo.clone(), dev.clone()).cache_name();
@@ -19,20 +19,21 @@ pub fn point_dev(cache: &Cache, image: &ImageRef, dev: &Tag) {
             _ => {}
         }
     }
-    // Read and write under the writer lock: two arches landing at once must not leave
-    // `dev` at the index the first one read.
-    let moved = cache.update_index(|index| {
-        let Some(mut desc) = index
-            .manifests
-            .iter()
-            .find(|d| d.ref_name() == Some(name.as_str()))
-            .cloned()
-        else {
-            return Ok(());
+    // Read and write in one change: two arches landing at once must not leave `dev` at
+    // the index the first one read.
+    let target = dev_name.clone();
+    let moved = cache.update_refs(move |edit| {
+        let Some(mut desc) = edit.get(&name).cloned() else {
+            return Ok::<_, CacheError>(());
         };
+        if edit
+            .get(&target)
+            .is_some_and(|cur| cur.digest == desc.digest)
+        {
+            return Ok(());
+        }
         desc.annotations.clear();
-        set_ref_in(index, &dev_name, desc);
-        Ok(())
+        edit.set(&target, desc)
     });
     if let Err(e) = moved {
         tracing::warn!("cannot move {dev_name}: {e}");
@@ -65,7 +66,7 @@ mod tests {
                         let m = Descriptor::new(OCI_MANIFEST, d, body.len() as u64);
                         barrier.wait();
                         cache
-                            .merge_arch(&image, arch, Platform::linux(arch, None), m)
+                            .merge_arch(&image, arch, Platform::linux(arch, None), m, None)
                             .unwrap();
                         point_dev(&cache, &image, &dev);
                     })

@@ -103,6 +103,7 @@ mod tests {
                 "arm64",
                 Platform::linux("arm64", None),
                 Descriptor::new(OCI_MANIFEST, md, m.len() as u64),
+                None,
             )
             .unwrap();
         assert_eq!(idx.media_type, OCI_INDEX);

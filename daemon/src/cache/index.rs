@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use kiln_shared::digest::Digest;
-use kiln_shared::reference::ImageRef;
+use kiln_shared::reference::{ImageRef, Tag};
 
 use super::{Cache, CacheError};
 use crate::oci::{
@@ -57,22 +57,35 @@ impl IndexView {
     }
 
     fn new(index: ImageIndex, key: Option<FileKey>) -> Self {
-        let by_name = index
+        IndexView {
+            key,
+            by_name: IndexView::names_of(&index),
+            index,
+        }
+    }
+
+    fn names_of(index: &ImageIndex) -> HashMap<String, usize> {
+        index
             .manifests
             .iter()
             .enumerate()
             .filter_map(|(i, d)| d.ref_name().map(|n| (n.to_owned(), i)))
-            .collect();
-        IndexView {
-            key,
-            index,
-            by_name,
-        }
+            .collect()
     }
 
     /// The whole index.
     pub fn index(&self) -> &ImageIndex {
         &self.index
+    }
+
+    /// The position of each named reference in the index.
+    pub(super) fn names(&self) -> &HashMap<String, usize> {
+        &self.by_name
+    }
+
+    /// How many named references the index holds.
+    pub fn ref_count(&self) -> usize {
+        self.by_name.len()
     }
 
     /// The descriptor a full reference name (`docker.io/org/image:tag`) points at.
@@ -130,6 +143,17 @@ impl Cache {
     /// the new one after, never one that a crash could still take back. A push is
     /// acknowledged after this returns, so an acknowledged reference survives a crash.
     pub(super) fn write_index(&self, index: ImageIndex) -> Result<(), CacheError> {
+        let by_name = IndexView::names_of(&index);
+        self.write_index_with(index, by_name)
+    }
+
+    /// As [`Cache::write_index`], with the name map already made (the group commit
+    /// keeps it up to date as it applies changes).
+    pub(super) fn write_index_with(
+        &self,
+        index: ImageIndex,
+        by_name: HashMap<String, usize>,
+    ) -> Result<(), CacheError> {
         use std::io::Write;
         let path = self.root.join("index.json");
         let bytes = serde_json::to_vec(&index).map_err(|source| CacheError::Json {
@@ -151,8 +175,11 @@ impl Cache {
         })();
         match durable {
             Ok(key) => {
-                *self.view.write().unwrap_or_else(|p| p.into_inner()) =
-                    Arc::new(IndexView::new(index, Some(key)));
+                *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(IndexView {
+                    key: Some(key),
+                    index,
+                    by_name,
+                });
                 Ok(())
             }
             Err(e) => {
@@ -162,18 +189,11 @@ impl Cache {
         }
     }
 
-    /// Changes `index.json` under the writer lock: reads the file afresh, applies `f`,
-    /// checks that every descriptor names a blob on disk, and replaces the file
-    /// atomically. If `f` fails, nothing is written.
-    pub fn update_index<R>(
-        &self,
-        f: impl FnOnce(&mut ImageIndex) -> Result<R, CacheError>,
-    ) -> Result<R, CacheError> {
-        let _lock = self.lock()?;
-        self.update_index_locked(f)
-    }
-
-    /// As [`Cache::update_index`], for a caller that already holds the lock (gc).
+    /// Rewrites `index.json` whole, for a caller that holds the writer lock and changes
+    /// many references at once (gc, fsck): reads the file afresh, applies `f`, checks
+    /// that every descriptor names a blob on disk, and replaces the file atomically. If
+    /// `f` fails, nothing is written. Writers of a few references use
+    /// [`Cache::update_refs`], which groups them.
     pub fn update_index_locked<R>(
         &self,
         f: impl FnOnce(&mut ImageIndex) -> Result<R, CacheError>,
@@ -194,19 +214,14 @@ impl Cache {
 
     /// Points the full reference `name` at `desc` (replacing what it named before).
     pub fn set_ref(&self, name: &str, desc: Descriptor) -> Result<(), CacheError> {
-        self.update_index(|index| {
-            set_ref_in(index, name, desc);
-            Ok(())
-        })
+        let name = name.to_owned();
+        self.update_refs(move |edit| edit.set(&name, desc))
     }
 
     /// Removes the reference `name`; returns whether it existed.
     pub fn remove_ref(&self, name: &str) -> Result<bool, CacheError> {
-        self.update_index(|index| {
-            let before = index.manifests.len();
-            index.manifests.retain(|d| d.ref_name() != Some(name));
-            Ok(index.manifests.len() != before)
-        })
+        let name = name.to_owned();
+        self.update_refs(move |edit| Ok::<_, CacheError>(edit.remove(&name)))
     }
 
     /// Reads and parses a manifest or index blob.
@@ -221,66 +236,74 @@ impl Cache {
     /// Lands one architecture's image of a package: `image:tag-<arch>` names `manifest`,
     /// and the multi-arch index `image:tag` gains it, replacing the entry of the same
     /// os/architecture/variant. Entries are kept sorted by platform so the same set of
-    /// images always gives the same index digest. Returns the new index's descriptor.
+    /// images always gives the same index digest. With `dev`, the repository's moving tag
+    /// names the new index too, in the same commit. Returns the new index's descriptor.
     pub fn merge_arch(
         &self,
         image: &ImageRef,
         arch_suffix: &str,
         platform: Platform,
         manifest: Descriptor,
+        dev: Option<&Tag>,
     ) -> Result<Descriptor, CacheError> {
         let index_name = image.cache_name();
         let arch_name = format!("{index_name}-{arch_suffix}");
+        let dev_name = dev.map(|t| ImageRef::new(image.repo.clone(), t.clone()).cache_name());
         let mut entry = manifest;
         entry.annotations.remove(ANNOTATION_REF_NAME);
         entry.platform = Some(platform.clone());
-        self.update_index(|index| {
-            let mut image_index = match find_ref(index, &index_name) {
-                Some(d) if is_index(&d.media_type) => {
-                    let bytes = self.read_blob(&d.digest, MANIFEST_LIMIT)?;
-                    serde_json::from_slice::<ImageIndex>(&bytes).map_err(|source| {
-                        CacheError::Json {
-                            path: self.blob_path(&d.digest),
-                            source,
-                        }
-                    })?
-                }
-                _ => ImageIndex::new(),
+        // Merge into the index as served now, before taking a place in the commit (the
+        // blob write is the slow part); the commit merges again only if a concurrent
+        // landing of the same tag changed it meanwhile.
+        let base = self.index()?.get(&index_name).cloned();
+        let merged = merge_into(self, base.as_ref(), &entry, &platform)?;
+        self.update_refs(move |edit| {
+            let now = edit.get(&index_name).cloned();
+            let index_desc = if now.as_ref().map(|d| &d.digest) == base.as_ref().map(|d| &d.digest)
+            {
+                merged
+            } else {
+                merge_into(edit.cache(), now.as_ref(), &entry, &platform)?
             };
-            image_index
-                .manifests
-                .retain(|d| !d.platform.as_ref().is_some_and(|p| p.same_slot(&platform)));
-            image_index.manifests.push(entry.clone());
-            image_index
-                .manifests
-                .sort_by(|a, b| a.platform.cmp(&b.platform));
-            let bytes = serde_json::to_vec(&image_index).map_err(|source| CacheError::Json {
-                path: self.root.join("index.json"),
-                source,
-            })?;
-            let digest = self.put_blob(&bytes)?;
-            let index_desc = Descriptor::new(OCI_INDEX, digest, bytes.len() as u64);
-            set_ref_in(index, &arch_name, entry);
-            set_ref_in(index, &index_name, index_desc.clone());
+            edit.set(&arch_name, entry)?;
+            edit.set(&index_name, index_desc.clone())?;
+            if let Some(dev_name) = dev_name {
+                edit.set(&dev_name, index_desc.clone())?;
+            }
             Ok(index_desc)
         })
     }
 }
 
-fn find_ref<'a>(index: &'a ImageIndex, name: &str) -> Option<&'a Descriptor> {
-    index.manifests.iter().find(|d| d.ref_name() == Some(name))
-}
-
-/// Sets `name` to `desc` inside an index being updated, in place if it exists.
-pub fn set_ref_in(index: &mut ImageIndex, name: &str, mut desc: Descriptor) {
-    desc.annotations
-        .insert(ANNOTATION_REF_NAME.to_owned(), name.to_owned());
-    match index
+/// Writes the multi-arch index that `base` (an index blob, if any) becomes once it holds
+/// `entry` in `platform`'s slot, and returns its descriptor.
+fn merge_into(
+    cache: &Cache,
+    base: Option<&Descriptor>,
+    entry: &Descriptor,
+    platform: &Platform,
+) -> Result<Descriptor, CacheError> {
+    let mut image_index = match base {
+        Some(d) if is_index(&d.media_type) => {
+            let bytes = cache.read_blob(&d.digest, MANIFEST_LIMIT)?;
+            serde_json::from_slice::<ImageIndex>(&bytes).map_err(|source| CacheError::Json {
+                path: cache.blob_path(&d.digest),
+                source,
+            })?
+        }
+        _ => ImageIndex::new(),
+    };
+    image_index
         .manifests
-        .iter_mut()
-        .find(|d| d.ref_name() == Some(name))
-    {
-        Some(slot) => *slot = desc,
-        None => index.manifests.push(desc),
-    }
+        .retain(|d| !d.platform.as_ref().is_some_and(|p| p.same_slot(platform)));
+    image_index.manifests.push(entry.clone());
+    image_index
+        .manifests
+        .sort_by(|a, b| a.platform.cmp(&b.platform));
+    let bytes = serde_json::to_vec(&image_index).map_err(|source| CacheError::Json {
+        path: cache.root.join("index.json"),
+        source,
+    })?;
+    let digest = cache.put_blob(&bytes)?;
+    Ok(Descriptor::new(OCI_INDEX, digest, bytes.len() as u64))
 }

@@ -22,6 +22,9 @@
 //!   the new index after the file is synced and renamed and the directory synced. There
 //!   is no window in which a pull sees a tag that a crash would lose;
 //! - a manifest PUT answers 201 after that, so an acknowledged push survives a crash;
+//! - reference changes are grouped ([`commit`]): writers that arrive while `index.json`
+//!   is being written share the next write, so a landing costs what it adds plus a share
+//!   of one write, not a whole write each, and each is still acknowledged only once durable;
 //! - gc and writers agree through the writer lock and blob mtimes (see [`gc`]): what a
 //!   writer checked under the lock stays until the index names it, and a blob a client
 //!   HEADed or mounted is leased for the grace period.
@@ -31,6 +34,7 @@
 //! of each reference, `.kiln/usage.json`) and `stats` (sizes for the dashboard).
 
 mod blob;
+mod commit;
 mod dev;
 mod fsck;
 mod gc;
@@ -49,10 +53,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use kiln_shared::digest::Digest;
 
 pub use blob::BlobWriter;
+pub use commit::RefEdit;
 pub use dev::point_dev;
 pub use fsck::{BadReference, CorruptBlob, FsckReport, Problem, fsck};
 pub use gc::{DEFAULT_GRACE, GcOptions, GcReport, SizeError, gc, parse_size};
-pub use index::{IndexView, MANIFEST_LIMIT, set_ref_in};
+pub use index::{IndexView, MANIFEST_LIMIT};
 pub use leftovers::Leftover;
 pub use lock::CacheLock;
 pub use stats::{CacheStats, stats};
@@ -136,6 +141,10 @@ pub struct Cache {
     /// writers inside this process, the fcntl lock those of other processes.
     writers: Mutex<()>,
     view: RwLock<Arc<IndexView>>,
+    /// New blobs written by this process, for the cache's size without a rescan.
+    added: Arc<blob::Added>,
+    /// The writers waiting for the next commit of `index.json` (see [`commit`]).
+    group: commit::Group,
     /// When each reference was last used (LRU for gc), kept in memory until flushed.
     usage: usage::Usage,
 }
@@ -195,6 +204,8 @@ impl Cache {
             blobs,
             tmp,
             writers: Mutex::new(()),
+            group: commit::Group::default(),
+            added: Arc::default(),
             usage: usage::Usage::default(),
         };
         if !cache.root.join("index.json").exists() {
@@ -269,7 +280,7 @@ impl Cache {
 
     /// Starts writing a blob; see [`BlobWriter`].
     pub fn blob_writer(&self) -> Result<BlobWriter, CacheError> {
-        BlobWriter::create(&self.tmp, &self.blobs)
+        BlobWriter::create(&self.tmp, &self.blobs, Arc::clone(&self.added))
     }
 
     /// Writes a whole blob held in memory and returns its digest.
@@ -277,6 +288,13 @@ impl Cache {
         let mut w = self.blob_writer()?;
         w.write_bytes(bytes)?;
         w.finish(None, None)
+    }
+
+    /// The blobs (count, bytes) this process added to the cache since it opened it: with
+    /// a [`stats`] taken at some point, what was added since (gc and other processes
+    /// are not counted: measure again after a collection).
+    pub fn blobs_added(&self) -> (u64, u64) {
+        self.added.get()
     }
 
     /// Takes the cache's writer lock: the in-process mutex, then the fcntl lock on

@@ -84,7 +84,7 @@ mod tests {
             )
             .unwrap();
         cache
-            .update_index(|i| {
+            .update_index_locked(|i| {
                 i.manifests.push(Descriptor::new(OCI_MANIFEST, a, 5));
                 Ok(())
             })

@@ -117,6 +117,7 @@ fn merge_arch_replaces_the_same_platform_and_is_deterministic() {
             "arm64",
             arm.clone(),
             Descriptor::new(OCI_MANIFEST, m1, 7),
+            None,
         )
         .unwrap();
     let both = cache
@@ -125,6 +126,7 @@ fn merge_arch_replaces_the_same_platform_and_is_deterministic() {
             "amd64",
             amd.clone(),
             Descriptor::new(OCI_MANIFEST, m2.clone(), 7),
+            None,
         )
         .unwrap();
     let replaced = cache
@@ -133,6 +135,7 @@ fn merge_arch_replaces_the_same_platform_and_is_deterministic() {
             "arm64",
             arm.clone(),
             Descriptor::new(OCI_MANIFEST, m3.clone(), 7),
+            None,
         )
         .unwrap();
     assert_ne!(both.digest, replaced.digest);
@@ -162,6 +165,7 @@ fn merge_arch_replaces_the_same_platform_and_is_deterministic() {
                 suffix,
                 p.clone(),
                 Descriptor::new(OCI_MANIFEST, d, 7),
+                None,
             )
             .unwrap();
     }
@@ -273,4 +277,72 @@ except OSError:
     assert_eq!(try_lock(), "held");
     drop(lock);
     assert_eq!(try_lock(), "free");
+}
+
+#[test]
+fn concurrent_reference_changes_are_grouped_and_all_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = std::sync::Arc::new(Cache::open(&dir.path().join("c")).unwrap());
+    let d = cache.put_blob(b"{}").unwrap();
+    let desc = Descriptor::new(OCI_MANIFEST, d, 2);
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let (cache, desc) = (cache.clone(), desc.clone());
+            std::thread::spawn(move || {
+                for i in 0..40 {
+                    let name = format!("docker.io/g/t{t}:{i}");
+                    cache.set_ref(&name, desc.clone()).unwrap();
+                    // Acknowledged means served and on disk.
+                    assert!(cache.index().unwrap().get(&name).is_some());
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let reopened = Cache::open(cache.root()).unwrap();
+    let view = reopened.index().unwrap();
+    assert_eq!(view.ref_count(), 320);
+    let writes = cache.group.writes();
+    eprintln!("{writes} writes of index.json for 320 changes");
+    assert!(
+        writes < 320,
+        "{writes} writes for 320 changes: nothing was grouped"
+    );
+}
+
+#[test]
+fn a_failed_change_leaves_the_others_of_its_batch_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&dir.path().join("c")).unwrap();
+    let d = cache.put_blob(b"{}").unwrap();
+    let missing: kiln_shared::digest::Digest =
+        format!("sha256:{}", "0".repeat(64)).parse().unwrap();
+    let err = cache
+        .update_refs(move |edit| {
+            edit.set(
+                "docker.io/a/b:ok-first",
+                Descriptor::new(OCI_MANIFEST, d, 2),
+            )?;
+            edit.set(
+                "docker.io/a/b:gone",
+                Descriptor::new(OCI_MANIFEST, missing, 2),
+            )
+        })
+        .unwrap_err();
+    assert!(matches!(err, CacheError::DanglingReference { .. }), "{err}");
+    // Nothing of the failed change was written, not even its first edit.
+    assert!(
+        cache
+            .index()
+            .unwrap()
+            .get("docker.io/a/b:ok-first")
+            .is_none()
+    );
+    let d = cache.put_blob(b"{}").unwrap();
+    cache
+        .set_ref("docker.io/a/b:later", Descriptor::new(OCI_MANIFEST, d, 2))
+        .unwrap();
+    assert!(cache.index().unwrap().get("docker.io/a/b:later").is_some());
 }

@@ -18,7 +18,7 @@ use super::Controller;
 use super::push::{is_dirty, publish_upstreams};
 use crate::build::docker::platform_for_arch;
 use crate::bus::Bus;
-use crate::cache::{Cache, CacheError, set_ref_in};
+use crate::cache::{Cache, CacheError};
 use crate::oci::{ANNOTATION_REF_NAME, Descriptor, is_index};
 use crate::schedule::{Job, Scheduler};
 use crate::upstream::{FetchedPackage, Upstreams};
@@ -249,25 +249,30 @@ pub(super) fn land_all(
             && view.get(&image.cache_name()).is_none()
     });
     if !whole.is_empty() {
-        cache.update_index(|index| {
-            for (image, f, dev) in &whole {
-                let name = image.cache_name();
-                if let Some(desc) = &f.index {
-                    set_ref_in(index, &name, desc.clone());
-                    for (arch, entry) in &f.archs {
-                        let mut entry = entry.clone();
-                        entry.annotations.remove(ANNOTATION_REF_NAME);
-                        set_ref_in(index, &format!("{name}-{arch}"), entry);
-                    }
-                    if let Some(dev) = dev {
-                        let mut at = desc.clone();
-                        at.annotations.clear();
-                        let dev_name = ImageRef::new(image.repo.clone(), (*dev).clone());
-                        set_ref_in(index, &dev_name.cache_name(), at);
-                    }
+        // Every name of every whole package, in one commit.
+        let mut names: Vec<(String, Descriptor)> = Vec::new();
+        for (image, f, dev) in &whole {
+            let name = image.cache_name();
+            if let Some(desc) = &f.index {
+                names.push((name.clone(), desc.clone()));
+                for (arch, entry) in &f.archs {
+                    let mut entry = entry.clone();
+                    entry.annotations.remove(ANNOTATION_REF_NAME);
+                    names.push((format!("{name}-{arch}"), entry));
+                }
+                if let Some(dev) = dev {
+                    let mut at = desc.clone();
+                    at.annotations.clear();
+                    let dev_name = ImageRef::new(image.repo.clone(), (*dev).clone());
+                    names.push((dev_name.cache_name(), at));
                 }
             }
-            Ok(())
+        }
+        cache.update_refs(move |edit| {
+            for (name, desc) in names {
+                edit.set(&name, desc)?;
+            }
+            Ok::<_, CacheError>(())
         })?;
     }
     for (image, f, dev) in merges {
@@ -276,10 +281,7 @@ pub(super) fn land_all(
                 .platform
                 .clone()
                 .unwrap_or_else(|| platform_for_arch(arch));
-            cache.merge_arch(image, arch, platform, desc.clone())?;
-        }
-        if let Some(dev) = dev {
-            crate::cache::point_dev(cache, image, dev);
+            cache.merge_arch(image, arch, platform, desc.clone(), dev)?;
         }
     }
     Ok(())

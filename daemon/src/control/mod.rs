@@ -323,7 +323,10 @@ impl Controller {
                 }
             }
             if change.all_cached() {
-                point_dev(&self.cache, &p.image(), &self.cfg.dev_tag);
+                let (cache, image, dev) =
+                    (Arc::clone(&self.cache), p.image(), self.cfg.dev_tag.clone());
+                // It waits for the commit of index.json: off the event loop's thread.
+                let _ = tokio::task::spawn_blocking(move || point_dev(&cache, &image, &dev)).await;
             }
         }
         self.cancel_stale(&served).await;

@@ -24,7 +24,7 @@ use crate::build::docker::{
 };
 use crate::build::native::{self, NativeBuild, NativeError, WorkspaceResolver};
 use crate::bus::Bus;
-use crate::cache::{Cache, point_dev};
+use crate::cache::Cache;
 use crate::oci::Platform;
 use crate::plan::deps::build_args;
 use crate::schedule::{Built, Job, RunError, RunFuture, Runner};
@@ -260,7 +260,7 @@ impl Inner {
     }
 
     /// Names the image in the cache (the package's index gains the arch) and moves
-    /// `dev` to it, unless a newer tag was planned meanwhile.
+    /// `dev` to it in the same commit, unless a newer tag was planned meanwhile.
     async fn land(
         &self,
         job: &Job,
@@ -269,26 +269,21 @@ impl Inner {
         platform: Platform,
         manifest: crate::oci::Descriptor,
     ) -> Result<(), String> {
-        let cache = Arc::clone(&self.cache);
-        let (landed_image, suffix) = (image.clone(), arch.to_owned());
-        tokio::task::spawn_blocking(move || {
-            cache.merge_arch(&landed_image, &suffix, platform, manifest)
-        })
-        .await
-        .map_err(|e| format!("landing the image stopped: {e}"))?
-        .map_err(|e| e.to_string())?;
         let current = self
             .table
             .read()
             .ok()
             .and_then(|t| t.get(&job.key.package).map(|p| p.tag == job.tag))
             .unwrap_or(false);
-        if current {
-            let cache = Arc::clone(&self.cache);
-            let dev = self.dev_tag.clone();
-            let image = image.clone();
-            let _ = tokio::task::spawn_blocking(move || point_dev(&cache, &image, &dev)).await;
-        }
+        let cache = Arc::clone(&self.cache);
+        let (landed_image, suffix) = (image.clone(), arch.to_owned());
+        let dev = current.then(|| self.dev_tag.clone());
+        tokio::task::spawn_blocking(move || {
+            cache.merge_arch(&landed_image, &suffix, platform, manifest, dev.as_ref())
+        })
+        .await
+        .map_err(|e| format!("landing the image stopped: {e}"))?
+        .map_err(|e| e.to_string())?;
         Ok(())
     }
 

@@ -9,8 +9,9 @@ use crate::bus::Bus;
 use crate::cache::Cache;
 
 /// Keeps the cache figures on the bus: counts hits (targets served from the cache,
-/// pulls) and misses (builds), and re-reads the cache's size only after builds and
-/// collections, never per pull.
+/// pulls) and misses (builds). The cache's size is measured (a scan of its blobs) at
+/// start and after each collection; after a build it is that figure plus what the cache
+/// counted as written since, so a landing costs O(1) here, not a scan of the cache.
 pub async fn cache_stats(cache: Arc<Cache>, bus: Bus, cap: Option<u64>) {
     let mut stats = kiln_shared::protocol::CacheStats {
         dir: cache.root().to_owned(),
@@ -19,16 +20,25 @@ pub async fn cache_stats(cache: Arc<Cache>, bus: Bus, cap: Option<u64>) {
     };
     let mut sub = bus.subscribe();
     let mut rescan = true;
+    // The scan's figures and the writes counted when it started.
+    let mut measured = (0u64, 0u64);
+    let mut added_then = (0u64, 0u64);
     loop {
         if rescan {
             let c = Arc::clone(&cache);
+            let before = cache.blobs_added();
             if let Ok(Ok(s)) = tokio::task::spawn_blocking(move || crate::cache::stats(&c)).await {
-                stats.bytes_used = s.blob_bytes;
-                stats.blobs = s.blobs;
-                stats.references = s.refs;
+                measured = (s.blobs, s.blob_bytes);
+                added_then = before;
             }
             rescan = false;
         }
+        let now = cache.blobs_added();
+        stats.blobs = measured.0 + now.0.saturating_sub(added_then.0);
+        stats.bytes_used = measured.1 + now.1.saturating_sub(added_then.1);
+        stats.references = cache
+            .index()
+            .map_or(stats.references, |v| v.ref_count() as u64);
         bus.publish(Event::CacheStats {
             stats: stats.clone(),
         });
@@ -41,7 +51,7 @@ pub async fn cache_stats(cache: Arc<Cache>, bus: Bus, cap: Option<u64>) {
             match event {
                 Event::ServedFromCache { .. } | Event::Pulled { .. } => stats.hits += 1,
                 Event::Queued { .. } => stats.misses += 1,
-                Event::Finished { .. } => rescan = true,
+                Event::Finished { .. } => {}
                 Event::GcFinished { gc } => {
                     stats.last_gc = Some(gc);
                     rescan = true;

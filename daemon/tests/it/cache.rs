@@ -189,6 +189,7 @@ fn write_image(cache: &Cache, rng: &mut Rng) {
             suffix,
             Platform::linux(arch, variant),
             Descriptor::new(OCI_MANIFEST, d, bytes.len() as u64),
+            None,
         )
         .unwrap();
 }
@@ -418,7 +419,7 @@ fn random_graph(cache: &Cache, rng: &mut Rng, round: u64) -> Graph {
         entries.push(d);
     }
     cache
-        .update_index(|index| {
+        .update_index_locked(|index| {
             index.manifests = entries.clone();
             Ok(())
         })

@@ -35,7 +35,7 @@ const CACHE_WIDTH: u16 = 28;
 /// Splits the screen. The packages table takes what its rows need, up to 45% of the
 /// height; the log and cache panes share the rest.
 pub fn layout(area: Rect, model: &Model) -> Areas {
-    let rows = u16::try_from(model.rows().len()).unwrap_or(u16::MAX);
+    let rows = u16::try_from(model.row_count()).unwrap_or(u16::MAX);
     let max_top = (area.height.saturating_mul(45) / 100).max(5);
     let top = rows.saturating_add(3).clamp(5, max_top);
     let message = u16::from(model.notice.is_some() || model.input != Input::Keys);

@@ -329,7 +329,7 @@ pub fn build(
     let mut index = None;
     let mut per_arch = Vec::new();
     for (suffix, platform, manifest) in built.images {
-        index = Some(cache.merge_arch(&input.image, &suffix, platform, manifest.clone())?);
+        index = Some(cache.merge_arch(&input.image, &suffix, platform, manifest.clone(), None)?);
         per_arch.push((suffix, manifest));
     }
     let index = index.ok_or_else(|| NativeError::Invalid("no architecture was built".into()))?;

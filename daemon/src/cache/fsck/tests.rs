@@ -31,6 +31,7 @@ fn image(cache: &Cache, name: &str, layer: &[u8]) -> Image {
             "amd64",
             Platform::linux("amd64", None),
             Descriptor::new(OCI_MANIFEST, manifest_d.clone(), bytes.len() as u64),
+            None,
         )
         .unwrap();
     Image {
@@ -144,7 +145,7 @@ fn missing_blobs_and_wrong_sizes_are_dangling_references() {
 
     let b = cache.put_blob(b"12345").unwrap();
     cache
-        .update_index(|i| {
+        .update_index_locked(|i| {
             i.manifests.push(Descriptor::new("x/y", b.clone(), 4));
             Ok(())
         })

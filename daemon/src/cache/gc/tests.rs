@@ -46,7 +46,7 @@ fn image(
     match name {
         Some(n) => cache.set_ref(n, desc.clone()).unwrap(),
         None => cache
-            .update_index(|i| {
+            .update_index_locked(|i| {
                 i.manifests.push(desc.clone());
                 Ok(())
             })

@@ -9,7 +9,7 @@ use kiln_shared::digest::Digest;
 use kiln_shared::reference::{RepoName, Tag};
 
 use super::*;
-use crate::cache::{Cache, set_ref_in};
+use crate::cache::{Cache, CacheError};
 use crate::oci::Descriptor;
 use crate::registry::PullEvent;
 use crate::registry::accept::{Accepts, ManifestKind, Negotiated, negotiate};
@@ -196,38 +196,35 @@ impl Service {
                 .artifact_type
                 .clone()
                 .filter(|_| info.subject.is_some());
-            // Checked again under the writer lock, and referenced before the lock is let
-            // go: gc sweeps under the same lock, so nothing checked here can go before
-            // index.json names it.
-            let _lock = cache.lock().map_err(internal)?;
-            check_references(&cache, &info)?;
-            cache
-                .update_index_locked(|index| {
-                    match &reference {
-                        Reference::Tag(tag) => {
-                            set_ref_in(index, &tag_ref_name(&repo_s, tag.as_str()), desc);
-                            // The tag now keeps it; a digest-only name is redundant.
-                            let by_digest = digest_ref_name(&repo_s, &digest);
-                            index
-                                .manifests
-                                .retain(|d| d.ref_name() != Some(by_digest.as_str()));
-                        }
-                        Reference::Digest(_) => {
-                            let prefix =
-                                format!("{}/{repo_s}:", kiln_shared::reference::DEFAULT_DOMAIN);
-                            let tagged = index.manifests.iter().any(|d| {
-                                d.digest == digest
-                                    && d.ref_name().is_some_and(|n| n.starts_with(&prefix))
-                            });
-                            if !tagged {
-                                set_ref_in(index, &digest_ref_name(&repo_s, &digest), desc);
-                            }
+            // Checked again under the writer lock, in the commit that names it: gc sweeps
+            // under the same lock, so nothing checked there can go before index.json names
+            // it. The 201 goes out once that commit is durable.
+            let subject = info.subject.clone();
+            let named = digest.clone();
+            let cache2 = Arc::clone(&cache);
+            cache.update_refs(move |edit| {
+                check_references(&cache2, &info)?;
+                match &reference {
+                    Reference::Tag(tag) => {
+                        edit.set(&tag_ref_name(&repo_s, tag.as_str()), desc)?;
+                        // The tag now keeps it; a digest-only name is redundant.
+                        edit.remove(&digest_ref_name(&repo_s, &named));
+                    }
+                    Reference::Digest(_) => {
+                        let prefix =
+                            format!("{}/{repo_s}:", kiln_shared::reference::DEFAULT_DOMAIN);
+                        let tagged = edit
+                            .refs()
+                            .iter()
+                            .any(|(n, d)| d.digest == named && n.starts_with(&prefix));
+                        if !tagged {
+                            edit.set(&digest_ref_name(&repo_s, &named), desc)?;
                         }
                     }
-                    Ok(())
-                })
-                .map_err(internal)?;
-            Ok((digest, info.subject))
+                }
+                Ok::<_, OciError>(())
+            })?;
+            Ok((digest, subject))
         })
         .await?;
         tracing::info!(%repo, %digest, "manifest pushed");
@@ -254,28 +251,23 @@ impl Service {
         };
         let removed = blocking(move || {
             cache
-                .update_index(|index| {
-                    let before = index.manifests.len();
-                    match &reference {
-                        Reference::Tag(tag) => {
-                            let name = tag_ref_name(&repo_s, tag.as_str());
-                            index
-                                .manifests
-                                .retain(|d| d.ref_name() != Some(name.as_str()));
-                        }
-                        Reference::Digest(digest) => {
-                            index.manifests.retain(|d| {
-                                !(d.digest == *digest
-                                    && d.ref_name().and_then(view::RefName::parse).is_some_and(
-                                        |r| match r {
-                                            view::RefName::Tag { repo, .. }
-                                            | view::RefName::Digest { repo, .. } => repo == repo_s,
-                                        },
-                                    ))
-                            });
-                        }
-                    }
-                    Ok(before - index.manifests.len())
+                .update_refs(move |edit| {
+                    let names: Vec<String> = match &reference {
+                        Reference::Tag(tag) => vec![tag_ref_name(&repo_s, tag.as_str())],
+                        Reference::Digest(digest) => edit
+                            .refs()
+                            .into_iter()
+                            .filter(|(n, d)| {
+                                d.digest == *digest
+                                    && view::RefName::parse(n).is_some_and(|r| match r {
+                                        view::RefName::Tag { repo, .. }
+                                        | view::RefName::Digest { repo, .. } => repo == repo_s,
+                                    })
+                            })
+                            .map(|(n, _)| n)
+                            .collect(),
+                    };
+                    Ok::<_, CacheError>(names.iter().filter(|n| edit.remove(n)).count())
                 })
                 .map_err(internal)
         })

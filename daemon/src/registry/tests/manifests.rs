@@ -369,6 +369,7 @@ async fn the_view_follows_cache_writes_made_elsewhere() {
             "amd64",
             crate::oci::Platform::linux("amd64", None),
             Descriptor::new(OCI_MANIFEST, d.clone(), body.len() as u64),
+            None,
         )
         .unwrap();
     let a = r

@@ -203,6 +203,7 @@ impl Image {
                 &self.arch,
                 self.platform(),
                 Descriptor::new(OCI_MANIFEST, self.digest(), self.manifest.len() as u64),
+                None,
             )
             .unwrap();
     }

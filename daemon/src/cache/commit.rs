@@ -1,0 +1,307 @@
+//! Group commit of reference changes, as databases commit their log: a writer hands its
+//! change to the group and waits for the commit that holds it; one writer at a time, the
+//! leader, takes every change pending, applies them in order to the index, writes
+//! `index.json` once (temp file, fsync, rename, directory fsync) under the writer lock, and
+//! wakes every writer of the batch. A landing thus costs what it adds plus its share of one
+//! write, instead of a whole write of the index each: the write is shared by all the
+//! changes that arrived while the previous one was on its way to disk.
+//!
+//! The guarantees of a single write stay: a change is acknowledged (its writer returns)
+//! only once `index.json` holding it is durable and served, readers see only whole states
+//! (the view is swapped after the rename), and a crash leaves the old file or the new one.
+//! A change that fails (its closure returns an error, a blob it names is missing) is left
+//! out of the batch alone: each change is recorded in its own overlay and folded in only
+//! when its closure succeeded. Leadership passes on after each batch, so no writer keeps
+//! committing other writers' changes for long.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+
+use super::index::IndexView;
+use super::{Cache, CacheError};
+use crate::oci::{ANNOTATION_REF_NAME, Descriptor, ImageIndex};
+
+/// One writer's change, applied by the leader: true when it succeeded (its overlay is
+/// folded in), false when it failed (its result, an error, is already in its slot).
+type Change = Box<dyn FnOnce(&mut RefEdit<'_>) -> bool + Send>;
+
+/// How a batch's write ended, shared by every writer of the batch.
+type Outcome = Arc<OnceLock<Result<(), Failed>>>;
+
+/// A failed write of `index.json`, kept so every writer of the batch can be told.
+#[derive(Debug, Clone)]
+struct Failed {
+    path: PathBuf,
+    kind: io::ErrorKind,
+    message: String,
+}
+
+impl Failed {
+    fn of(path: PathBuf, e: &CacheError) -> Self {
+        let kind = match e {
+            CacheError::Io { source, .. } => source.kind(),
+            _ => io::ErrorKind::Other,
+        };
+        Failed {
+            path,
+            kind,
+            message: e.to_string(),
+        }
+    }
+
+    fn error(&self) -> CacheError {
+        CacheError::Io {
+            path: self.path.clone(),
+            source: io::Error::new(self.kind, self.message.clone()),
+        }
+    }
+}
+
+/// The changes waiting for a commit, and whether a leader is committing.
+#[derive(Default)]
+struct Queue {
+    pending: Vec<(Change, Outcome)>,
+    leading: bool,
+}
+
+/// The group of writers of one cache.
+#[derive(Default)]
+pub(super) struct Group {
+    queue: Mutex<Queue>,
+    /// Signalled after each batch: its writers are done, and a new leader may be needed.
+    turn: Condvar,
+    /// Writes of `index.json` by batches, for tests and the debug log.
+    writes: AtomicU64,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Group")
+    }
+}
+
+impl Group {
+    /// How many times a batch wrote `index.json`.
+    #[cfg(test)]
+    pub(super) fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // The queue is only pushed to and drained whole: a panic cannot leave it half done.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The references as one change sees them: the index as committed so far in this batch,
+/// plus this change's own edits, which are folded in only if the change succeeds.
+pub struct RefEdit<'a> {
+    cache: &'a Cache,
+    index: &'a ImageIndex,
+    by_name: &'a HashMap<String, usize>,
+    /// This change's edits in order: a name set to a descriptor, or removed (`None`).
+    edits: Vec<(String, Option<Descriptor>)>,
+}
+
+impl RefEdit<'_> {
+    /// The cache, to read or write blobs while changing references.
+    pub fn cache(&self) -> &Cache {
+        self.cache
+    }
+
+    /// What a full reference name points at now.
+    pub fn get(&self, name: &str) -> Option<&Descriptor> {
+        match self.edits.iter().rev().find(|(n, _)| n == name) {
+            Some((_, d)) => d.as_ref(),
+            None => self.by_name.get(name).map(|&i| &self.index.manifests[i]),
+        }
+    }
+
+    /// Points `name` at `desc`, which must name a blob in the cache (an index never
+    /// names a blob that is not on disk). The check is made under the writer lock, so gc
+    /// cannot take the blob before the index names it.
+    pub fn set(&mut self, name: &str, mut desc: Descriptor) -> Result<(), CacheError> {
+        if self.cache.blob_size(&desc.digest)?.is_none() {
+            return Err(CacheError::DanglingReference {
+                name: name.to_owned(),
+                digest: desc.digest,
+            });
+        }
+        desc.annotations
+            .insert(ANNOTATION_REF_NAME.to_owned(), name.to_owned());
+        self.edits.push((name.to_owned(), Some(desc)));
+        Ok(())
+    }
+
+    /// Removes `name`; returns whether it existed.
+    pub fn remove(&mut self, name: &str) -> bool {
+        let existed = self.get(name).is_some();
+        if existed {
+            self.edits.push((name.to_owned(), None));
+        }
+        existed
+    }
+
+    /// Every named reference with its descriptor, as this change sees them (a scan of
+    /// the whole index: for the rare changes that look for a digest, not a name).
+    pub fn refs(&self) -> Vec<(String, Descriptor)> {
+        let mut out: Vec<(String, Descriptor)> = self
+            .index
+            .manifests
+            .iter()
+            .filter_map(|d| d.ref_name().map(|n| (n.to_owned(), d.clone())))
+            .collect();
+        for (name, edit) in &self.edits {
+            out.retain(|(n, _)| n != name);
+            if let Some(d) = edit {
+                out.push((name.clone(), d.clone()));
+            }
+        }
+        out
+    }
+}
+
+/// Folds one change's edits into the index and its name map.
+fn fold(
+    index: &mut ImageIndex,
+    by_name: &mut HashMap<String, usize>,
+    edits: Vec<(String, Option<Descriptor>)>,
+) {
+    for (name, edit) in edits {
+        match (edit, by_name.get(&name).copied()) {
+            (Some(desc), Some(i)) => index.manifests[i] = desc,
+            (Some(desc), None) => {
+                by_name.insert(name, index.manifests.len());
+                index.manifests.push(desc);
+            }
+            (None, Some(i)) => {
+                // Rare (a tag deleted): the positions after it move down by one.
+                index.manifests.remove(i);
+                by_name.remove(&name);
+                for slot in by_name.values_mut() {
+                    if *slot > i {
+                        *slot -= 1;
+                    }
+                }
+            }
+            (None, None) => {}
+        }
+    }
+}
+
+impl Cache {
+    /// Changes references through the group commit: `f` sees the index as committed so
+    /// far and records its edits; it returns once `index.json` holding them is durable
+    /// and served (or with the error of `f`, in which case nothing of it was written, or
+    /// of the write). Blocking: call it from a blocking thread.
+    ///
+    /// `f` runs under the writer lock, possibly on another writer's thread, so it must
+    /// be short: read a blob, compare, set a few names.
+    pub fn update_refs<R, E>(
+        &self,
+        f: impl FnOnce(&mut RefEdit<'_>) -> Result<R, E> + Send + 'static,
+    ) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<CacheError> + Send + 'static,
+    {
+        let slot: Arc<Mutex<Option<Result<R, E>>>> = Arc::new(Mutex::new(None));
+        let out = Arc::clone(&slot);
+        let change: Change = Box::new(move |edit| {
+            let result = f(edit);
+            let ok = result.is_ok();
+            *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+            ok
+        });
+        let written = self.commit(change);
+        let result = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match (result, written) {
+            (Some(Err(e)), _) => Err(e),
+            (Some(Ok(_)), Err(e)) => Err(e.into()),
+            (Some(Ok(r)), Ok(())) => Ok(r),
+            // The leader panicked while applying it: nothing of it was written.
+            (None, Err(e)) => Err(e.into()),
+            (None, Ok(())) => Err(CacheError::Invalid(
+                "a reference change was lost: the writer that applied it stopped".into(),
+            )
+            .into()),
+        }
+    }
+
+    /// Queues `change` and returns when the batch holding it is written: as the leader
+    /// (committing batches until its own is done) or woken by the leader that did.
+    fn commit(&self, change: Change) -> Result<(), CacheError> {
+        let outcome: Outcome = Arc::default();
+        let mut queue = self.group.lock();
+        queue.pending.push((change, Arc::clone(&outcome)));
+        loop {
+            if let Some(done) = outcome.get() {
+                return done.clone().map_err(|f| f.error());
+            }
+            if queue.leading {
+                queue = self
+                    .group
+                    .turn
+                    .wait(queue)
+                    .unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            // Lead one batch (it holds this writer's change, or an earlier leader took it
+            // and this one waits for that batch's end above).
+            queue.leading = true;
+            let batch = std::mem::take(&mut queue.pending);
+            drop(queue);
+            let outcomes: Vec<Outcome> = batch.iter().map(|(_, o)| Arc::clone(o)).collect();
+            let path = self.root.join("index.json");
+            // A change that panics must not leave the group without a leader for ever.
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write_batch(batch)))
+                    .unwrap_or_else(|_| {
+                        Err(CacheError::Invalid(
+                            "a reference change panicked; its batch was not written".into(),
+                        ))
+                    })
+                    .map_err(|e| Failed::of(path, &e));
+            for o in outcomes {
+                let _ = o.set(result.clone());
+            }
+            queue = self.group.lock();
+            queue.leading = false;
+            self.group.turn.notify_all();
+        }
+    }
+
+    /// Applies a batch under the writer lock and writes `index.json` once if anything
+    /// changed.
+    fn write_batch(&self, batch: Vec<(Change, Outcome)>) -> Result<(), CacheError> {
+        let _lock = self.lock()?;
+        // Under the lock the file is what the last writer (this process or another) left.
+        let base: Arc<IndexView> = self.index()?;
+        let mut index = base.index().clone();
+        let mut by_name = base.names().clone();
+        let mut changed = false;
+        let changes = batch.len();
+        for (change, _) in batch {
+            let mut edit = RefEdit {
+                cache: self,
+                index: &index,
+                by_name: &by_name,
+                edits: Vec::new(),
+            };
+            if change(&mut edit) {
+                let edits = edit.edits;
+                changed |= !edits.is_empty();
+                fold(&mut index, &mut by_name, edits);
+            }
+        }
+        if changed {
+            self.write_index_with(index, by_name)?;
+            let n = self.group.writes.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::debug!(changes, writes = n, "index.json committed");
+        }
+        Ok(())
+    }
+}
