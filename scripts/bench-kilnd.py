@@ -28,7 +28,6 @@ Timestamps: time.monotonic(); polling is a tight loop (no sleep between HEADs).
 """
 
 import argparse
-import http.client
 import json
 import os
 import shutil
@@ -36,25 +35,14 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
+
+from benchlib import Registry, die, write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCKER = os.environ.get("KILN_DOCKER", "/usr/bin/docker")
 BASE_DIR = os.environ.get("KILN_BASE_DIR", "/var/lib/kiln/base")
-INDEX = "application/vnd.oci.image.index.v1+json"
-ACCEPT = ", ".join([
-    INDEX,
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-])
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
 
 
 def free_port():
@@ -74,38 +62,6 @@ def wait(what, pred, seconds):
         if time.monotonic() > end:
             die(f"timed out after {seconds}s waiting for {what}")
         time.sleep(0.05)
-
-
-class Registry:
-    """HEADs over one kept-alive HTTP connection."""
-
-    def __init__(self, addr):
-        self.addr = addr
-        self.conn = None
-
-    def head(self, repo, ref):
-        for _ in range(2):
-            try:
-                if self.conn is None:
-                    host, port = self.addr.rsplit(":", 1)
-                    self.conn = http.client.HTTPConnection(host, int(port), timeout=300)
-                self.conn.request("HEAD", f"/v2/{repo}/manifests/{ref}", headers={"Accept": ACCEPT})
-                r = self.conn.getresponse()
-                r.read()
-                return r.status, r.getheader("Docker-Content-Digest"), r.getheader("Content-Type")
-            except (OSError, http.client.HTTPException):
-                if self.conn is not None:
-                    self.conn.close()
-                self.conn = None
-        return 0, None, None
-
-    def get_json(self, repo, ref):
-        c = http.client.HTTPConnection(*self.addr.rsplit(":", 1), timeout=30)
-        c.request("GET", f"/v2/{repo}/manifests/{ref}", headers={"Accept": ACCEPT})
-        r = c.getresponse()
-        body = r.read()
-        c.close()
-        return r.status, json.loads(body) if r.status == 200 else body
 
 
 def poll_until(reg, repo, ref, want_digest=None, seconds=600):
@@ -129,11 +85,6 @@ PACKAGES = {
     "run-early": "COPY file /file\n"
                  "RUN i=0; while [ $i -lt 2000 ]; do echo \"line $i\"; i=$((i+1)); done > /work.txt && cat /file >> /work.txt && md5sum /work.txt > /work.md5\n",
 }
-
-
-def write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
 
 
 def show_tag(kiln, scratch, content):

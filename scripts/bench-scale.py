@@ -29,66 +29,12 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
+from benchlib import Registry, die, load, write
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INDEX = "application/vnd.oci.image.index.v1+json"
-ACCEPT = ", ".join([
-    INDEX,
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-])
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-def write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def load():
-    return " ".join(open("/proc/loadavg").read().split()[:3])
-
-
-class Registry:
-    """HEAD and GET of manifests over one kept-alive HTTP connection."""
-
-    def __init__(self, addr):
-        self.addr = addr
-        self.conn = None
-
-    def request(self, method, repo, ref):
-        for _ in range(2):
-            try:
-                if self.conn is None:
-                    host, port = self.addr.rsplit(":", 1)
-                    self.conn = http.client.HTTPConnection(host, int(port), timeout=60)
-                self.conn.request(method, f"/v2/{repo}/manifests/{ref}", headers={"Accept": ACCEPT})
-                r = self.conn.getresponse()
-                body = r.read()
-                return r.status, r.getheader("Docker-Content-Digest"), body
-            except (OSError, http.client.HTTPException):
-                if self.conn is not None:
-                    self.conn.close()
-                self.conn = None
-        return 0, None, b""
-
-    def head(self, repo, ref):
-        status, digest, _ = self.request("HEAD", repo, ref)
-        return status, digest
-
-    def arches(self, repo, ref):
-        status, _, body = self.request("GET", repo, ref)
-        if status != 200:
-            return []
-        return sorted(m.get("platform", {}).get("architecture", "?") for m in json.loads(body).get("manifests", []))
 
 
 class UnixHTTP(http.client.HTTPConnection):
@@ -200,7 +146,7 @@ def poll_dev(reg, repo, accept, seconds=120):
     """Tight HEAD loop on `dev` until `accept(digest)`; returns (monotonic time, digest)."""
     end = time.monotonic() + seconds
     while True:
-        status, digest = reg.head(repo, "dev")
+        status, digest, _ = reg.head(repo, "dev")
         now = time.monotonic()
         if status == 200 and accept(digest):
             return now, digest
@@ -214,7 +160,7 @@ def edit_loop(kilnd, ws, pkg, rounds, run_id, label):
     repo = f"scale/{pkg}"
     path = os.path.join(ws, pkg, "src", "a")
     reg = kilnd.reg
-    _, dev0 = reg.head(repo, "dev")
+    _, dev0, _ = reg.head(repo, "dev")
     prev_content, prev_digest = open(path).read(), dev0
     saves, reverts = [], []
     for i in range(rounds + 1):
