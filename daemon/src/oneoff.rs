@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+use kiln_shared::error::Chain;
+
 use clap::{Parser, Subcommand};
 
 use crate::cache::{Cache, CacheError, GcOptions, SizeError, fsck, gc, parse_size};
@@ -260,8 +262,12 @@ async fn build(
     for r in results {
         match r.outcome {
             Ok(Built::Built(_)) => {}
-            Ok(Built::Failed(e)) | Err(e) => {
-                eprintln!("{prog}: {} ({}): {e}", r.package, r.arch);
+            Ok(Built::Failed(e)) => {
+                eprintln!("{prog}: {} ({}): {}", r.package, r.arch, Chain(&e));
+                verdict = Verdict::Failure;
+            }
+            Err(e) => {
+                eprintln!("{prog}: {} ({}): {}", r.package, r.arch, Chain(&e));
                 verdict = Verdict::Failure;
             }
             Ok(Built::Cancelled(e)) => {

@@ -32,7 +32,7 @@ use crate::build::docker::{EngineError, Engines};
 use crate::bus::Bus;
 use crate::cache::{Cache, point_dev};
 use crate::plan::{self, Builders, PackageProblem, Planner};
-use crate::schedule::{CancelFilter, SchedEvent, Scheduler};
+use crate::schedule::{CancelFilter, CancelReason, SchedEvent, Scheduler};
 use crate::watch::{Touched, WatchEvent};
 use crate::workspace::{PackageTable, Planned};
 
@@ -271,6 +271,7 @@ impl Controller {
             let _ = self
                 .sched
                 .cancel(CancelFilter {
+                    reason: Some(CancelReason::Unplanned(name.clone())),
                     package: Some(name),
                     ..CancelFilter::default()
                 })
@@ -361,9 +362,7 @@ impl Controller {
                 .sched
                 .cancel(CancelFilter {
                     build_id: Some(id),
-                    reason: Some(format!(
-                        "superseded: tag {tag} is current again and served from the cache"
-                    )),
+                    reason: Some(CancelReason::Served(tag)),
                     ..CancelFilter::default()
                 })
                 .await;
