@@ -125,11 +125,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         on_pull: Some(Arc::new(move |p: crate::registry::PullEvent| {
             pulled_bus.publish(Event::Pulled {
                 pull: Pull {
-                    reference: if p.reference.starts_with("sha256:") {
-                        format!("{}@{}", p.repo, p.reference)
-                    } else {
-                        format!("{}:{}", p.repo, p.reference)
-                    },
+                    reference: p.reference.qualified(&p.repo),
                     digest: p.digest,
                     client: Some(p.peer.to_string()),
                     at_ms: now_ms(),
@@ -181,7 +177,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             },
         )
     });
-    controller.plan_all("start").await;
+    controller
+        .plan_all(crate::schedule::QueueReason::Start)
+        .await;
 
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
