@@ -26,7 +26,7 @@ pub fn to_event(e: SchedEvent) -> Event {
                 package: key.package,
                 arch: key.arch,
                 tag,
-                reason,
+                reason: reason.to_string(),
             },
         },
         SchedEvent::Started {

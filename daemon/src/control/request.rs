@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 
 use super::Controller;
 use crate::plan;
-use crate::schedule::{CancelFilter, Outcome};
+use crate::schedule::{CancelFilter, Outcome, QueueReason};
 use crate::workspace::{BuilderKind, Planned};
 
 /// Why the daemon core refused or failed a control request. Each maps to an HTTP status:
@@ -124,7 +124,7 @@ impl Controller {
                 up_to_date.push(arch);
             } else {
                 plan::missing_deps(&self.table, &p, &arch, &index, &mut jobs);
-                let mut job = plan::job(&p, &arch, req.force, "requested");
+                let mut job = plan::job(&p, &arch, req.force, QueueReason::Requested);
                 if let Some(b) = builder {
                     job.builder = b;
                     job.fallback = false;
@@ -143,7 +143,7 @@ impl Controller {
                     package: j.key.package,
                     arch: j.key.arch,
                     tag: j.tag,
-                    reason: j.reason,
+                    reason: j.reason.to_string(),
                 })
                 .collect(),
             up_to_date,

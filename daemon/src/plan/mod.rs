@@ -19,7 +19,7 @@ use kiln_shared::reference::{ImageRef, Tag, arch_ref};
 use crate::build::dockerfile::Dockerfile;
 use crate::build::native::{Capabilities, native_supports};
 use crate::cache::IndexView;
-use crate::schedule::{Job, TargetKey};
+use crate::schedule::{Job, QueueReason, TargetKey};
 use crate::workspace::{BUILD_YML, BuilderKind, Package, PackageTable, Planned, Tagger, Workspace};
 
 /// Which builder builds a package.
@@ -261,7 +261,7 @@ pub fn diff(
 }
 
 /// The job that builds `arch` of a planned package.
-pub fn job(p: &Planned, arch: &str, force: bool, reason: &str) -> Job {
+pub fn job(p: &Planned, arch: &str, force: bool, reason: QueueReason) -> Job {
     Job {
         key: TargetKey {
             package: p.pkg.repo.to_string(),
@@ -283,7 +283,7 @@ pub fn job(p: &Planned, arch: &str, force: bool, reason: &str) -> Job {
             .collect(),
         force,
         look_up: true,
-        reason: reason.to_owned(),
+        reason,
         builder: p.builder,
         fallback: p.auto && p.builder == BuilderKind::Native,
     }
@@ -316,7 +316,7 @@ pub fn missing_deps(
                 .any(|j| j.key.package == *repo && j.key.arch == arch)
         {
             missing_deps(table, &d, arch, index, jobs);
-            jobs.push(job(&d, arch, false, "dependency"));
+            jobs.push(job(&d, arch, false, QueueReason::Dependency));
         }
     }
 }
@@ -338,7 +338,7 @@ pub fn pull_jobs(p: &Planned, tag: &str, dev_tag: &Tag, index: Option<&IndexView
     archs
         .iter()
         .filter(|a| index.is_none_or(|i| i.get(&arch_ref(&image, a)).is_none()))
-        .map(|a| job(p, a, false, "pulled"))
+        .map(|a| job(p, a, false, QueueReason::Pulled))
         .collect()
 }
 

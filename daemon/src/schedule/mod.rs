@@ -49,13 +49,49 @@ pub struct Job {
     /// Ask the upstreams for the target before building it (false once they were asked
     /// for this tag and did not have it).
     pub look_up: bool,
-    /// Why it was queued ("files changed", "requested", "pulled"), for display.
-    pub reason: String,
+    /// Why it was queued, for display.
+    pub reason: QueueReason,
     /// Which builder runs it.
     pub builder: BuilderKind,
     /// The builder was `auto`'s choice: native, unless it refuses something it finds only
     /// while building (an xz archive in ADD, a base with ONBUILD), then docker.
     pub fallback: bool,
+}
+
+/// Why a target was queued (shown as the protocol's `QueuedBuild::reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueReason {
+    /// kilnd started and planned the workspace.
+    Start,
+    /// Files of the package (or of one it follows) changed.
+    FilesChanged,
+    /// The watcher lost events and the workspace was planned again.
+    Rescan,
+    /// A package being built follows it.
+    Dependency,
+    /// `kiln build`.
+    Requested,
+    /// A client pulled a tag of it that the cache lacks.
+    Pulled,
+}
+
+impl QueueReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueReason::Start => "start",
+            QueueReason::FilesChanged => "files changed",
+            QueueReason::Rescan => "rescan",
+            QueueReason::Dependency => "dependency",
+            QueueReason::Requested => "requested",
+            QueueReason::Pulled => "pulled",
+        }
+    }
+}
+
+impl fmt::Display for QueueReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What a successful build produced.
@@ -137,7 +173,7 @@ pub enum SchedEvent {
         key: TargetKey,
         tag: Tag,
         build_id: BuildId,
-        reason: String,
+        reason: QueueReason,
     },
     Started {
         key: TargetKey,
@@ -402,7 +438,7 @@ impl Actor {
             key: job.key.clone(),
             tag: job.tag.clone(),
             build_id: build_id.clone(),
-            reason: job.reason.clone(),
+            reason: job.reason,
         });
         self.queued.push_back(Queued {
             job,

@@ -78,7 +78,7 @@ fn job(p: &str, a: &str, t: &str) -> Job {
         after: vec![],
         force: false,
         look_up: false,
-        reason: "test".into(),
+        reason: QueueReason::Requested,
         builder: crate::workspace::BuilderKind::Native,
         fallback: false,
     }
