@@ -11,7 +11,6 @@ use kiln_shared::reference::{ImageRef, RepoName, Tag};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::api::{Api, ApiError};
 use crate::build::docker::EngineError;
@@ -19,7 +18,7 @@ use crate::cache::{Cache, CacheError};
 use crate::config::Config;
 use crate::control::publish_upstreams;
 use crate::control::{
-    ControlConfig, Controller, Core, Inputs, PullMiss, QueueConfig, cache_stats, describe,
+    ControlConfig, Controller, Core, Inputs, Owned, PullMiss, QueueConfig, cache_stats, describe,
     flush_usage, start_queue,
 };
 use crate::registry::{BoxFuture, Hooks, ManifestMiss, MissError, RegistryConfig, RegistryError};
@@ -57,6 +56,10 @@ pub enum DaemonError {
     Task(#[from] tokio::task::JoinError),
 }
 
+/// How long each phase of shutdown may take (draining what is in flight, then ending the
+/// builds) before kilnd stops anyway, saying so.
+const SHUTDOWN_PHASE: Duration = Duration::from_secs(60);
+
 /// Runs kilnd until a termination signal.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let cache = open_cache(&config.cache, &config.imports).await?;
@@ -83,6 +86,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         &config.upstreams,
         &AuthFiles::from_env(),
     )?));
+    // Every task is owned: shutdown stops accepting, drains what is in flight (uploads,
+    // pushes), then cancels and awaits the builds.
+    let owned = Owned::default();
     let Core {
         bus,
         table,
@@ -103,6 +109,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 names: config.imports.iter().map(|(_, _, n)| n.clone()).collect(),
                 fallbacks: config.fallback_imports.clone(),
             },
+            owned: &owned,
         },
         |_| {},
     )?;
@@ -121,6 +128,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             wait: config.pull_wait,
             cache: Arc::clone(&cache),
             upstreams: upstreams.clone(),
+            stopping: owned.stopping.clone(),
         })),
         on_pull: Some(Arc::new(move |p: crate::registry::PullEvent| {
             pulled_bus.publish(Event::Pulled {
@@ -133,13 +141,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             });
         })),
     };
-    // Every task is owned: shutdown cancels `stop` and awaits what `tasks` tracks, then
-    // stops the registry last (it drains: pushes in flight at shutdown finish).
-    let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let stop_registry = CancellationToken::new();
-    let registry_task =
-        tokio::spawn(registry.serve(Arc::clone(&cache), hooks, stop_registry.clone()));
+    // The registry drains at shutdown: pushes in flight finish.
+    let (stop, tasks) = (owned.stopping.clone(), owned.drain.clone());
+    tasks.spawn(registry.serve(Arc::clone(&cache), hooks, stop.clone()));
 
     let (control_tx, control_rx) = mpsc::channel(64);
     let api_stop = stop.clone();
@@ -204,11 +208,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
-    stop.cancel();
-    tasks.close();
-    tasks.wait().await;
-    stop_registry.cancel();
-    let _ = registry_task.await;
+    owned.shutdown(SHUTDOWN_PHASE).await;
     Ok(())
 }
 
@@ -281,6 +281,9 @@ pub struct BuildOnPull {
     /// (kilnd as the machine's pull-through cache), then served from the cache.
     pub cache: Arc<Cache>,
     pub upstreams: Option<Arc<Upstreams>>,
+    /// Once kilnd stops, a pull that waits for a build is answered at once: the drain
+    /// does not wait for builds, which are cancelled after it.
+    pub stopping: CancellationToken,
 }
 
 impl ManifestMiss for BuildOnPull {
@@ -288,6 +291,7 @@ impl ManifestMiss for BuildOnPull {
         let tx = self.tx.clone();
         let wait = self.wait;
         let (cache, upstreams) = (Arc::clone(&self.cache), self.upstreams.clone());
+        let stopping = self.stopping.clone();
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
             let miss = PullMiss {
@@ -322,6 +326,12 @@ impl ManifestMiss for BuildOnPull {
                 };
             }
             let all = futures_util::future::join_all(waits);
+            let all = async {
+                tokio::select! {
+                    outcomes = all => Some(outcomes),
+                    () = stopping.cancelled() => None,
+                }
+            };
             let image = ImageRef::new(repo, tag);
             let outcomes = tokio::time::timeout(wait, all).await.map_err(|_| {
                 miss_error(PullBuildError::StillRunning {
@@ -329,6 +339,9 @@ impl ManifestMiss for BuildOnPull {
                     wait,
                 })
             })?;
+            let Some(outcomes) = outcomes else {
+                return Err(miss_error(PullBuildError::ShuttingDown));
+            };
             for o in outcomes {
                 let e = match o {
                     Ok(Outcome::Built(_)) => continue,
@@ -352,7 +365,7 @@ impl ManifestMiss for BuildOnPull {
 /// Why a pull that waited for a build gets no image.
 #[derive(Debug, thiserror::Error)]
 enum PullBuildError {
-    #[error("kilnd is shutting down")]
+    #[error("kilnd is shutting down; pull again once it runs")]
     ShuttingDown,
     #[error(
         "the build of {image} is still running after {}s; pull again later, or raise \
@@ -466,9 +479,9 @@ pub async fn build_once(
     .await?;
     let push_to = registry.local_addrs().first().map(ToString::to_string);
     // Serves the engine for this one run; stopped (drained) when the builds are done.
-    let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    tasks.spawn(registry.serve(Arc::clone(&cache), Hooks::default(), stop.clone()));
+    let owned = Owned::default();
+    let tasks = owned.drain.clone();
+    tasks.spawn(registry.serve(Arc::clone(&cache), Hooks::default(), owned.stopping.clone()));
     let dev_tag: Tag = "dev"
         .parse()
         .map_err(|e| DaemonError::Invalid(format!("dev tag: {e}")))?;
@@ -494,6 +507,7 @@ pub async fn build_once(
                 names: req.imports.iter().map(|(_, _, n)| n.clone()).collect(),
                 fallbacks: Vec::new(),
             },
+            owned: &owned,
         },
         move |e| {
             if let Some(text) = describe(e) {
@@ -564,8 +578,6 @@ pub async fn build_once(
         });
     }
     flush_usage(&cache).await;
-    stop.cancel();
-    tasks.close();
-    tasks.wait().await;
+    owned.shutdown(SHUTDOWN_PHASE).await;
     Ok(results)
 }

@@ -565,7 +565,7 @@ fn handle_line(
     }
     match (msg.id.as_deref(), msg.aux) {
         (Some("moby.buildkit.trace"), Some(serde_json::Value::String(b64))) => {
-            match progress::base64_decode(&b64).and_then(|b| progress::decode_status(&b)) {
+            match progress::decode_trace(&b64) {
                 Ok(status) => {
                     for (source, step, text) in steps.apply(status) {
                         emit(source, step, text);
