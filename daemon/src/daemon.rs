@@ -11,7 +11,6 @@ use kiln_shared::reference::{RepoName, Tag};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::api::{Api, ApiError};
 use crate::build::docker::EngineError;
@@ -19,7 +18,7 @@ use crate::cache::{Cache, CacheError};
 use crate::config::Config;
 use crate::control::publish_upstreams;
 use crate::control::{
-    ControlConfig, Controller, Core, Inputs, PullMiss, QueueConfig, cache_stats, describe,
+    ControlConfig, Controller, Core, Inputs, Owned, PullMiss, QueueConfig, cache_stats, describe,
     flush_usage, start_queue,
 };
 use crate::registry::{BoxFuture, Hooks, ManifestMiss, MissError, RegistryConfig, RegistryError};
@@ -56,6 +55,10 @@ pub enum DaemonError {
     Task(#[from] tokio::task::JoinError),
 }
 
+/// How long each phase of shutdown may take (draining what is in flight, then ending the
+/// builds) before kilnd stops anyway, saying so.
+const SHUTDOWN_PHASE: Duration = Duration::from_secs(60);
+
 /// Runs kilnd until a termination signal.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let cache = open_cache(&config.cache, &config.imports).await?;
@@ -82,6 +85,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         &config.upstreams,
         &AuthFiles::from_env(),
     )?));
+    // Every task is owned: shutdown stops accepting, drains what is in flight (uploads,
+    // pushes), then cancels and awaits the builds.
+    let owned = Owned::default();
     let Core {
         bus,
         table,
@@ -102,6 +108,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 names: config.imports.iter().map(|(_, _, n)| n.clone()).collect(),
                 fallbacks: config.fallback_imports.clone(),
             },
+            owned: &owned,
         },
         |_| {},
     )?;
@@ -120,6 +127,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             wait: config.pull_wait,
             cache: Arc::clone(&cache),
             upstreams: upstreams.clone(),
+            stopping: owned.stopping.clone(),
         })),
         on_pull: Some(Arc::new(move |p: crate::registry::PullEvent| {
             pulled_bus.publish(Event::Pulled {
@@ -136,13 +144,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             });
         })),
     };
-    // Every task is owned: shutdown cancels `stop` and awaits what `tasks` tracks, then
-    // stops the registry last (it drains: pushes in flight at shutdown finish).
-    let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let stop_registry = CancellationToken::new();
-    let registry_task =
-        tokio::spawn(registry.serve(Arc::clone(&cache), hooks, stop_registry.clone()));
+    // The registry drains at shutdown: pushes in flight finish.
+    let (stop, tasks) = (owned.stopping.clone(), owned.drain.clone());
+    tasks.spawn(registry.serve(Arc::clone(&cache), hooks, stop.clone()));
 
     let (control_tx, control_rx) = mpsc::channel(64);
     let api_stop = stop.clone();
@@ -205,11 +209,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
-    stop.cancel();
-    tasks.close();
-    tasks.wait().await;
-    stop_registry.cancel();
-    let _ = registry_task.await;
+    owned.shutdown(SHUTDOWN_PHASE).await;
     Ok(())
 }
 
@@ -282,6 +282,9 @@ pub struct BuildOnPull {
     /// (kilnd as the machine's pull-through cache), then served from the cache.
     pub cache: Arc<Cache>,
     pub upstreams: Option<Arc<Upstreams>>,
+    /// Once kilnd stops, a pull that waits for a build is answered at once: the drain
+    /// does not wait for builds, which are cancelled after it.
+    pub stopping: CancellationToken,
 }
 
 impl ManifestMiss for BuildOnPull {
@@ -289,6 +292,7 @@ impl ManifestMiss for BuildOnPull {
         let tx = self.tx.clone();
         let wait = self.wait;
         let (cache, upstreams) = (Arc::clone(&self.cache), self.upstreams.clone());
+        let stopping = self.stopping.clone();
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
             let miss = PullMiss {
@@ -321,6 +325,12 @@ impl ManifestMiss for BuildOnPull {
                 };
             }
             let all = futures_util::future::join_all(waits);
+            let all = async {
+                tokio::select! {
+                    outcomes = all => Some(outcomes),
+                    () = stopping.cancelled() => None,
+                }
+            };
             let outcomes = tokio::time::timeout(wait, all).await.map_err(|_| {
                 format!(
                     "the build of {repo}:{tag} is still running after {}s; pull again later, \
@@ -328,6 +338,9 @@ impl ManifestMiss for BuildOnPull {
                     wait.as_secs()
                 )
             })?;
+            let Some(outcomes) = outcomes else {
+                return Err("kilnd is shutting down; pull again once it runs".into());
+            };
             for o in outcomes {
                 match o {
                     Ok(Outcome::Built(_)) => {}
@@ -421,9 +434,9 @@ pub async fn build_once(
     .await?;
     let push_to = registry.local_addrs().first().map(ToString::to_string);
     // Serves the engine for this one run; stopped (drained) when the builds are done.
-    let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    tasks.spawn(registry.serve(Arc::clone(&cache), Hooks::default(), stop.clone()));
+    let owned = Owned::default();
+    let tasks = owned.drain.clone();
+    tasks.spawn(registry.serve(Arc::clone(&cache), Hooks::default(), owned.stopping.clone()));
     let dev_tag: Tag = "dev"
         .parse()
         .map_err(|e| DaemonError::Invalid(format!("dev tag: {e}")))?;
@@ -449,6 +462,7 @@ pub async fn build_once(
                 names: req.imports.iter().map(|(_, _, n)| n.clone()).collect(),
                 fallbacks: Vec::new(),
             },
+            owned: &owned,
         },
         move |e| {
             if let Some(text) = describe(e) {
@@ -519,8 +533,6 @@ pub async fn build_once(
         });
     }
     flush_usage(&cache).await;
-    stop.cancel();
-    tasks.close();
-    tasks.wait().await;
+    owned.shutdown(SHUTDOWN_PHASE).await;
     Ok(results)
 }

@@ -5,6 +5,7 @@
 //! pulling in tokio, hyper, ratatui or bollard.
 
 pub mod digest;
+pub mod error;
 pub mod protocol;
 pub mod reference;
 pub mod size;

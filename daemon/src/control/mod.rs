@@ -10,6 +10,7 @@
 mod events;
 mod fetch;
 mod gc;
+mod owned;
 mod pull;
 mod push;
 mod request;
@@ -37,6 +38,7 @@ use crate::watch::{Touched, WatchEvent};
 use crate::workspace::{PackageTable, Planned};
 
 pub use events::{describe, to_event};
+pub use owned::Owned;
 pub use pull::PullMiss;
 pub use push::publish_upstreams;
 pub use request::{ControlError, ControlRequest, Reply};
@@ -106,6 +108,8 @@ pub struct QueueConfig<'a> {
     pub upstreams: Option<Arc<crate::upstream::Upstreams>>,
     /// What `kiln.toml` imports from layouts.
     pub imports: runner::Imports,
+    /// Where the queue, its builds and the pushes run.
+    pub owned: &'a Owned,
 }
 
 /// Starts the bus and the build queue. `on_event` sees each queue event before the bus.
@@ -136,12 +140,19 @@ pub fn start_queue(
         Arc::clone(&touched),
         q.upstreams,
         q.imports,
+        q.owned,
     );
     let sched_bus = bus.clone();
-    let sched = Scheduler::start(Arc::new(runner), q.jobs, move |e| {
-        on_event(&e);
-        sched_bus.publish(to_event(e));
-    });
+    let sched = Scheduler::start(
+        Arc::new(runner),
+        q.jobs,
+        move |e| {
+            on_event(&e);
+            sched_bus.publish(to_event(e));
+        },
+        &q.owned.builds,
+        q.owned.cancel_builds.clone(),
+    );
     Ok(Core {
         bus,
         table,

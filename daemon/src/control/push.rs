@@ -4,7 +4,8 @@
 //! `Pushed` event with the error and the time of the next try, the dashboard, `kiln
 //! status`) and tried again on a timer, backing off from 5 s to 5 min, for as long as the
 //! tag is its package's current one and no later push of the package took over. It never
-//! fails the build or touches the local result. Dirty tags are never pushed.
+//! fails the build or touches the local result. Dirty tags are never pushed. A push runs
+//! on kilnd's drain tracker: one in flight at shutdown finishes; its retries stop.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,8 @@ use crate::bus::Bus;
 use crate::cache::Cache;
 use crate::upstream::Upstreams;
 use crate::workspace::{PackageTable, Planned};
+
+use super::Owned;
 
 /// The wait before the first retry of a failed push, and the longest wait.
 const FIRST_RETRY: Duration = Duration::from_secs(5);
@@ -30,6 +33,7 @@ pub(super) fn is_dirty(tag: &Tag) -> bool {
 /// Pushes `p`'s current tag in a task of its own, retrying on a timer until it is
 /// pushed, superseded (a newer tag, a later push of the package) or kilnd stops.
 pub(super) fn push_in_background(
+    owned: &Owned,
     upstreams: Arc<Upstreams>,
     cache: Arc<Cache>,
     bus: Bus,
@@ -42,7 +46,12 @@ pub(super) fn push_in_background(
     let image = p.image();
     let package = p.pkg.repo.to_string();
     let mounts: Vec<RepoName> = p.deps.iter().filter_map(|(r, _)| r.parse().ok()).collect();
-    tokio::spawn(async move {
+    if owned.stopping.is_cancelled() {
+        tracing::warn!(image = %image, "not pushed: kilnd is stopping");
+        return;
+    }
+    let stopping = owned.stopping.clone();
+    owned.drain.spawn(async move {
         let mut wait = FIRST_RETRY;
         loop {
             let results = push_and_report(
@@ -59,7 +68,13 @@ pub(super) fn push_in_background(
                 return;
             }
             let ours = results.iter().map(|r| r.at_ms).max().unwrap_or_default();
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = stopping.cancelled() => {
+                    tracing::warn!(image = %image, "push not tried again: kilnd is stopping");
+                    return;
+                }
+            }
             let current = table
                 .read()
                 .ok()

@@ -57,6 +57,8 @@ struct Inner {
     /// Layouts that stand in for a base the upstreams cannot give: (layout, reference
     /// in it, cache name).
     fallbacks: Vec<(PathBuf, String, String)>,
+    /// Where pushes run (they drain at shutdown).
+    owned: super::Owned,
 }
 
 /// The images `kiln.toml` imports from OCI layouts, as the runner needs them.
@@ -86,6 +88,7 @@ impl BuildRunner {
         touched: Arc<Touched>,
         upstreams: Option<Arc<Upstreams>>,
         imports: Imports,
+        owned: &super::Owned,
     ) -> Self {
         BuildRunner {
             inner: Arc::new(Inner {
@@ -99,6 +102,7 @@ impl BuildRunner {
                 upstreams,
                 imported: imports.names,
                 fallbacks: imports.fallbacks,
+                owned: owned.clone(),
             }),
         }
     }
@@ -369,6 +373,7 @@ impl Inner {
             return; // the last arch to land pushes them all
         }
         super::push::push_in_background(
+            &self.owned,
             upstreams,
             Arc::clone(&self.cache),
             self.bus.clone(),

@@ -32,16 +32,19 @@ pub enum BuilderMode {
     Docker,
 }
 
+/// A builder name that is none of `auto`, `native`, `docker`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown builder {0:?}: use auto, native or docker")]
+pub struct UnknownBuilder(pub String);
+
 impl std::str::FromStr for BuilderMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownBuilder;
+    fn from_str(s: &str) -> Result<Self, UnknownBuilder> {
         match s {
             "auto" => Ok(BuilderMode::Auto),
             "native" => Ok(BuilderMode::Native),
             "docker" => Ok(BuilderMode::Docker),
-            other => Err(format!(
-                "unknown builder {other:?}: use auto, native or docker"
-            )),
+            other => Err(UnknownBuilder(other.to_owned())),
         }
     }
 }
@@ -532,22 +535,46 @@ fn choose_builder(mode: BuilderMode, p: &Package) -> BuilderKind {
     }
 }
 
+/// Why `show-tag` has no tag for a directory.
+#[derive(Debug, thiserror::Error)]
+pub enum ShowTagError {
+    #[error("{}: {source}", dir.display())]
+    Read {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: no build.yml here: give a package directory", .0.display())]
+    NoBuildYml(PathBuf),
+    #[error(transparent)]
+    Tag(crate::workspace::TagError),
+    /// The package cannot be planned: the problem as planning reports it.
+    #[error("{0}")]
+    Broken(String),
+    #[error(
+        "{}: not a package of the workspace {} (is it ignored by git?)",
+        dir.display(),
+        root.display()
+    )]
+    NotInWorkspace { dir: PathBuf, root: PathBuf },
+}
+
 /// `kiln show-tag DIR...`: `org/image:tag` of each package as kilnd tags it, the tags of
 /// the workspace packages it follows folded in (otherwise the same as
 /// `linuxkit pkg show-tag`). The workspace is the package's git repository, or its parent
 /// directory outside git.
-pub fn show_tags(dirs: &[PathBuf]) -> Vec<Result<ImageRef, String>> {
+pub fn show_tags(dirs: &[PathBuf]) -> Vec<Result<ImageRef, ShowTagError>> {
     let mut tagger = Tagger::new();
     type Planned3 = (Workspace, BTreeMap<String, Arc<Planned>>, PlanErrors);
     let mut planned_roots: BTreeMap<PathBuf, Planned3> = BTreeMap::new();
     dirs.iter()
         .map(|dir| {
-            let abs = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let abs = std::fs::canonicalize(dir).map_err(|source| ShowTagError::Read {
+                dir: dir.clone(),
+                source,
+            })?;
             if !abs.join(crate::workspace::BUILD_YML).exists() {
-                return Err(format!(
-                    "{}: no build.yml here: give a package directory",
-                    dir.display()
-                ));
+                return Err(ShowTagError::NoBuildYml(dir.clone()));
             }
             let root = crate::workspace::git::find_top(&abs)
                 .or_else(|| abs.parent().map(std::path::Path::to_path_buf))
@@ -568,21 +595,18 @@ pub fn show_tags(dirs: &[PathBuf]) -> Vec<Result<ImageRef, String>> {
                 // hash, as `linuxkit pkg show-tag` prints it.
                 return match ws.packages.get(&abs) {
                     Some(Ok(p)) if p.missing_dockerfile().is_some() => {
-                        tagger.image_ref(p).map_err(|e| e.to_string())
+                        tagger.image_ref(p).map_err(ShowTagError::Tag)
                     }
-                    _ => Err(e.clone()),
+                    _ => Err(ShowTagError::Broken(e.clone())),
                 };
             }
             planned
                 .values()
                 .find(|p| p.pkg.dir == abs)
                 .map(|p| p.image())
-                .ok_or_else(|| {
-                    format!(
-                        "{}: not a package of the workspace {} (is it ignored by git?)",
-                        dir.display(),
-                        root.display()
-                    )
+                .ok_or_else(|| ShowTagError::NotInWorkspace {
+                    dir: dir.clone(),
+                    root: root.clone(),
                 })
         })
         .collect()
@@ -671,7 +695,7 @@ mod tests {
         write(&ws, "c/build.yml", "org: kiln\nimage: c\n");
         write(&ws, "c/Dockerfile", "FROM scratch\n");
         let r = show_tags(&[ws.join("a"), ws.join("c")]);
-        let err = r[0].as_ref().unwrap_err();
+        let err = r[0].as_ref().unwrap_err().to_string();
         assert!(err.contains("kiln/a -> kiln/b -> kiln/a"), "{err}");
         assert!(r[1].is_ok());
     }

@@ -4,7 +4,10 @@
 //!
 //! One actor task owns all state; callers talk to it through [`Scheduler`]. What a build
 //! does is the [`Runner`]'s business (the docker or the native builder); what happens is
-//! reported through [`SchedEvent`]s.
+//! reported through [`SchedEvent`]s. The actor and every build run on the caller's
+//! [`TaskTracker`]; cancelling the stop token cancels what runs, ends what is queued, and
+//! ends the actor once the running builds have stopped, so awaiting the tracker awaits
+//! them all.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -17,6 +20,7 @@ use kiln_shared::protocol::BuildId;
 use kiln_shared::reference::Tag;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::oci::Descriptor;
 use crate::workspace::BuilderKind;
@@ -197,11 +201,14 @@ impl CancelFilter {
 pub struct Stopped;
 
 impl Scheduler {
-    /// Starts the queue with at most `jobs` builds at once.
+    /// Starts the queue with at most `jobs` builds at once, its actor and builds on
+    /// `tasks`, until `stop` is cancelled.
     pub fn start(
         runner: Arc<dyn Runner>,
         jobs: usize,
         events: impl Fn(SchedEvent) + Send + 'static,
+        tasks: &TaskTracker,
+        stop: CancellationToken,
     ) -> Scheduler {
         let (tx, rx) = mpsc::channel(1024);
         let actor = Actor {
@@ -213,8 +220,9 @@ impl Scheduler {
             finished: HashMap::new(),
             next_id: 1,
             tx: tx.clone(),
+            tasks: tasks.clone(),
         };
-        tokio::spawn(actor.run(rx));
+        tasks.spawn(actor.run(rx, stop));
         Scheduler { tx }
     }
 
@@ -301,7 +309,12 @@ struct Actor {
     finished: HashMap<TargetKey, (Tag, Outcome)>,
     next_id: u64,
     tx: mpsc::Sender<Cmd>,
+    /// Where builds run (the caller's tracker).
+    tasks: TaskTracker,
 }
+
+/// Why builds end when kilnd stops.
+const SHUTTING_DOWN: &str = "kilnd is shutting down";
 
 enum Readiness {
     Ready,
@@ -310,9 +323,28 @@ enum Readiness {
 }
 
 impl Actor {
-    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
-        while let Some(cmd) = rx.recv().await {
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, stop: CancellationToken) {
+        let mut stopping = false;
+        loop {
+            let cmd = tokio::select! {
+                () = stop.cancelled(), if !stopping => {
+                    // Nothing new starts; what runs is cancelled, what is queued ends.
+                    stopping = true;
+                    self.cancel(&CancelFilter {
+                        reason: Some(SHUTTING_DOWN.into()),
+                        ..CancelFilter::default()
+                    });
+                    if self.running.is_empty() {
+                        break;
+                    }
+                    continue;
+                }
+                cmd = rx.recv() => cmd,
+            };
+            let Some(cmd) = cmd else { break };
             match cmd {
+                // Once stopping, a caller that submits or waits gets `Stopped`.
+                Cmd::Submit { .. } | Cmd::Wait { .. } if stopping => {}
                 Cmd::Submit { jobs, reply } => {
                     let mut joined = Vec::new();
                     for job in jobs {
@@ -333,11 +365,13 @@ impl Actor {
                 }
                 Cmd::Done { key, result } => self.done(key, *result),
             }
-            self.dispatch();
-        }
-        // Every handle is gone: stop what runs.
-        for r in self.running.values() {
-            r.cancel.cancel();
+            if stopping {
+                if self.running.is_empty() {
+                    break;
+                }
+            } else {
+                self.dispatch();
+            }
         }
     }
 
@@ -559,9 +593,10 @@ impl Actor {
         );
         let fut = self.runner.run(q.job, build_id, cancel);
         let tx = self.tx.clone();
-        tokio::spawn(async move {
+        let tasks = self.tasks.clone();
+        self.tasks.spawn(async move {
             // A panicking build is a failed build, not a stuck slot.
-            let result = match tokio::spawn(fut).await {
+            let result = match tasks.spawn(fut).await {
                 Ok(r) => r,
                 Err(e) => Err(RunError::Failed(format!("the build task failed: {e}"))),
             };

@@ -43,6 +43,8 @@ struct Harness {
     sched: Scheduler,
     started: UnboundedReceiver<Pending>,
     events: UnboundedReceiver<SchedEvent>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
 }
 
 fn harness(jobs: usize) -> Harness {
@@ -50,13 +52,22 @@ fn harness(jobs: usize) -> Harness {
     let (stx, started) = mpsc::unbounded_channel();
     *runner.started.lock().unwrap() = Some(stx);
     let (etx, events) = mpsc::unbounded_channel();
-    let sched = Scheduler::start(runner, jobs, move |e| {
-        let _ = etx.send(e);
-    });
+    let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
+    let sched = Scheduler::start(
+        runner,
+        jobs,
+        move |e| {
+            let _ = etx.send(e);
+        },
+        &tasks,
+        stop.clone(),
+    );
     Harness {
         sched,
         started,
         events,
+        tasks,
+        stop,
     }
 }
 
@@ -414,4 +425,29 @@ async fn cancel_by_build_id() {
         [ids[0].clone()]
     );
     running.cancel.cancelled().await;
+}
+
+#[tokio::test]
+async fn stopping_cancels_running_builds_ends_queued_ones_and_the_tracker_awaits_them() {
+    let mut h = harness(1);
+    let waits = h
+        .sched
+        .submit_joined(vec![job("a", "amd64", "1"), job("b", "amd64", "1")])
+        .await
+        .unwrap();
+    let running = h.started.recv().await.unwrap();
+    h.stop.cancel();
+    running.cancel.cancelled().await;
+    for (_, rx) in waits {
+        let outcome = rx.await.unwrap();
+        assert!(
+            matches!(&outcome, Outcome::Cancelled(r) if r == SHUTTING_DOWN),
+            "{outcome:?}"
+        );
+    }
+    // The actor and the build ran on the tracker: both are over.
+    h.tasks.close();
+    h.tasks.wait().await;
+    assert!(h.sched.submit(vec![job("c", "amd64", "1")]).await.is_err());
+    assert!(h.no_start_pending());
 }

@@ -188,7 +188,7 @@ impl Engine {
         let docker = tokio::time::timeout(CONNECT_TIMEOUT, self.docker.clone().negotiate_version())
             .await
             .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|e| unreachable(error_chain(&e)))?;
+            .map_err(|e| unreachable(kiln_shared::error::chain(&e)))?;
         *self.lock_negotiated() = Some(docker.clone());
         Ok(docker)
     }
@@ -274,23 +274,8 @@ where
     let resp = sender
         .send_request(req)
         .await
-        .map_err(|e| io::Error::other(error_chain(&e)))?;
+        .map_err(|e| io::Error::other(kiln_shared::error::chain(&e)))?;
     Ok((resp, guard))
-}
-
-/// An error and its sources, joined by ": ".
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = inner.source();
-    }
-    s
 }
 
 /// Which engine builds which platform: a default plus per-platform overrides.

@@ -97,6 +97,17 @@ pub enum NativeError {
         arch: String,
         message: String,
     },
+    /// A COPY or ADD failed.
+    #[error("{}:{line}: {instruction} {source} ({arch})", path.display())]
+    Copy {
+        path: PathBuf,
+        line: usize,
+        arch: String,
+        /// `COPY` or `ADD`.
+        instruction: &'static str,
+        #[source]
+        source: Box<copy::CopyError>,
+    },
     #[error("build context: {0}")]
     Context(#[from] ContextError),
     #[error(transparent)]
