@@ -16,7 +16,7 @@ use std::sync::Arc;
 use kiln_shared::digest::Digest;
 use kiln_shared::reference::{ImageRef, Tag, arch_ref};
 
-use crate::build::dockerfile::Dockerfile;
+use crate::build::dockerfile::{Dockerfile, DockerfileError};
 use crate::build::native::{Capabilities, native_supports};
 use crate::cache::IndexView;
 use crate::schedule::{Job, QueueReason, TargetKey};
@@ -89,7 +89,7 @@ pub struct Planner {
     tagger: Tagger,
     builders: Builders,
     /// Followed workspace packages, by package directory (recomputed when it changes).
-    deps: BTreeMap<PathBuf, Result<Vec<String>, String>>,
+    deps: BTreeMap<PathBuf, Result<Vec<String>, DockerfileError>>,
     /// Errors already reported, so that an unchanged broken package is not repeated.
     errors: PlanErrors,
     /// The name each package directory had when its build.yml last loaded.
@@ -365,7 +365,7 @@ fn dir_label(ws: &Workspace, dir: &std::path::Path) -> String {
 pub fn plan_workspace(
     ws: &Workspace,
     tagger: &mut Tagger,
-    deps: &mut BTreeMap<PathBuf, Result<Vec<String>, String>>,
+    deps: &mut BTreeMap<PathBuf, Result<Vec<String>, DockerfileError>>,
     builders: &Builders,
     known: &BTreeMap<PathBuf, String>,
 ) -> (BTreeMap<String, Arc<Planned>>, PlanErrors) {
@@ -444,7 +444,10 @@ pub fn plan_workspace(
             }
             Err(e) => {
                 let archs = p.arches.iter().map(|a| a.as_str().to_owned()).collect();
-                errors.insert(p.dir.clone(), problem(name.clone(), &p.dir, e, archs));
+                errors.insert(
+                    p.dir.clone(),
+                    problem(name.clone(), &p.dir, e.to_string(), archs),
+                );
                 graph.insert(name.clone(), Vec::new());
             }
         }
