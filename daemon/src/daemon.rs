@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_shared::protocol::{Event, Pull, Ready, now_ms};
-use kiln_shared::reference::{RepoName, Tag};
+use kiln_shared::reference::{ImageRef, RepoName, Tag};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -22,9 +22,10 @@ use crate::control::{
     flush_usage, start_queue,
 };
 use crate::registry::{BoxFuture, Hooks, ManifestMiss, MissError, RegistryConfig, RegistryError};
-use crate::schedule::Outcome;
+use crate::schedule::{CancelReason, Failure, Outcome};
 use crate::upstream::{AuthFiles, UpstreamError, Upstreams};
 use crate::watch::{WatchConfig, WatchError, Watcher};
+use kiln_shared::error::Chain;
 
 /// Why kilnd stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -137,11 +138,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         on_pull: Some(Arc::new(move |p: crate::registry::PullEvent| {
             pulled_bus.publish(Event::Pulled {
                 pull: Pull {
-                    reference: if p.reference.starts_with("sha256:") {
-                        format!("{}@{}", p.repo, p.reference)
-                    } else {
-                        format!("{}:{}", p.repo, p.reference)
-                    },
+                    reference: p.reference.qualified(&p.repo),
                     digest: p.digest,
                     client: Some(p.peer.to_string()),
                     at_ms: now_ms(),
@@ -189,7 +186,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             },
         )
     });
-    controller.plan_all("start").await;
+    controller
+        .plan_all(crate::schedule::QueueReason::Start)
+        .await;
 
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -306,9 +305,11 @@ impl ManifestMiss for BuildOnPull {
                 reply,
             };
             if tx.send(miss).await.is_err() {
-                return Err("kilnd is shutting down".into());
+                return Err(miss_error(PullBuildError::ShuttingDown));
             }
-            let waits = rx.await.map_err(|_| "kilnd is shutting down".to_owned())?;
+            let waits = rx
+                .await
+                .map_err(|_| miss_error(PullBuildError::ShuttingDown))?;
             if waits.is_empty() {
                 let Some(upstreams) = upstreams else {
                     return Ok(false);
@@ -336,34 +337,66 @@ impl ManifestMiss for BuildOnPull {
                     () = stopping.cancelled() => None,
                 }
             };
+            let image = ImageRef::new(repo, tag);
             let outcomes = tokio::time::timeout(wait, all).await.map_err(|_| {
-                format!(
-                    "the build of {repo}:{tag} is still running after {}s; pull again later, \
-                     or raise kilnd's --pull-wait (`kiln status` shows the build)",
-                    wait.as_secs()
-                )
+                miss_error(PullBuildError::StillRunning {
+                    image: image.clone(),
+                    wait,
+                })
             })?;
             let Some(outcomes) = outcomes else {
-                return Err("kilnd is shutting down; pull again once it runs".into());
+                return Err(miss_error(PullBuildError::ShuttingDown));
             };
             for o in outcomes {
-                match o {
-                    Ok(Outcome::Built(_)) => {}
-                    Ok(Outcome::Failed(e)) => {
-                        return Err(format!(
-                            "the build of {repo}:{tag} failed: {e} (`kiln logs {repo}` shows its log)"
-                        )
-                        .into());
-                    }
-                    Ok(Outcome::Cancelled(e)) => {
-                        return Err(format!("the build of {repo}:{tag} was cancelled: {e}").into());
-                    }
-                    Err(_) => return Err("kilnd is shutting down".into()),
-                }
+                let e = match o {
+                    Ok(Outcome::Built(_)) => continue,
+                    Ok(Outcome::Failed(source)) => PullBuildError::Failed {
+                        image: image.clone(),
+                        source,
+                    },
+                    Ok(Outcome::Cancelled(reason)) => PullBuildError::Cancelled {
+                        image: image.clone(),
+                        reason,
+                    },
+                    Err(_) => PullBuildError::ShuttingDown,
+                };
+                return Err(miss_error(e));
             }
             Ok(true)
         })
     }
+}
+
+/// Why a pull that waited for a build gets no image.
+#[derive(Debug, thiserror::Error)]
+enum PullBuildError {
+    #[error("kilnd is shutting down; pull again once it runs")]
+    ShuttingDown,
+    #[error(
+        "the build of {image} is still running after {}s; pull again later, or raise \
+         kilnd's --pull-wait (`kiln status` shows the build)",
+        .wait.as_secs()
+    )]
+    StillRunning { image: ImageRef, wait: Duration },
+    #[error(
+        "the build of {image} failed: {} (`kiln logs {}` shows its log)",
+        Chain(.source),
+        .image.repo
+    )]
+    Failed {
+        image: ImageRef,
+        #[source]
+        source: Failure,
+    },
+    #[error("the build of {image} was cancelled: {reason}")]
+    Cancelled {
+        image: ImageRef,
+        reason: CancelReason,
+    },
+}
+
+fn miss_error(e: PullBuildError) -> MissError {
+    MissError::from(Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
 }
 
 /// Runs `task` until it ends or `stop` fires (then drops it).
@@ -411,13 +444,25 @@ pub struct OneOff {
 }
 
 /// How one target of a one-off build ended.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct OneOffResult {
     pub package: String,
     pub arch: String,
     /// The tag built, when the package could be planned.
     pub tag: Option<Tag>,
-    pub outcome: Result<Outcome, String>,
+    pub outcome: Result<Outcome, NotQueued>,
+}
+
+/// Why a target of a one-off build never reached the queue, or got no answer from it.
+#[derive(Debug, thiserror::Error)]
+pub enum NotQueued {
+    /// The package cannot be planned: the problem as planning reports it.
+    #[error("{0}")]
+    Unplanned(String),
+    #[error(transparent)]
+    Refused(#[from] crate::control::ControlError),
+    #[error("the build queue stopped")]
+    QueueStopped,
 }
 
 /// Builds what `req` asks for into its cache, with kilnd's own planner, queue and
@@ -501,7 +546,7 @@ pub async fn build_once(
                 package: package.clone(),
                 arch: req.arch.clone().unwrap_or_default(),
                 tag: None,
-                outcome: Err(e.clone()),
+                outcome: Err(NotQueued::Unplanned(e.clone())),
             });
             continue;
         }
@@ -524,12 +569,12 @@ pub async fn build_once(
                 package: package.clone(),
                 arch: req.arch.clone().unwrap_or_default(),
                 tag: None,
-                outcome: Err(e.to_string()),
+                outcome: Err(e.into()),
             }),
         }
     }
     for (b, rx) in waits {
-        let outcome = rx.await.map_err(|_| "the build queue stopped".to_owned());
+        let outcome = rx.await.map_err(|_| NotQueued::QueueStopped);
         results.push(OneOffResult {
             package: b.package,
             arch: b.arch,

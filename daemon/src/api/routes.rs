@@ -64,9 +64,12 @@ impl From<ControlError> for Failure {
             ControlError::NotFound(_) => StatusCode::NOT_FOUND,
             ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
             ControlError::Conflict(_) => StatusCode::CONFLICT,
-            ControlError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ControlError::Cache(_)
+            | ControlError::Snapshots(_)
+            | ControlError::Stopped(_)
+            | ControlError::GcStopped(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        Failure(status, e.to_string())
+        Failure(status, kiln_shared::error::chain(&e))
     }
 }
 

@@ -47,6 +47,8 @@ pub enum ConfigError {
     },
     #[error("{0}")]
     Builder(#[source] crate::plan::UnknownBuilder),
+    #[error(transparent)]
+    Upstream(Box<crate::upstream::UpstreamError>),
     #[error("{0}")]
     Invalid(String),
 }
@@ -448,7 +450,7 @@ fn upstreams(
 ) -> Result<Vec<UpstreamSpec>, ConfigError> {
     let parse = |s: &str| {
         s.parse::<UpstreamSpec>()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))
+            .map_err(|e| ConfigError::Upstream(Box::new(e)))
     };
     let mut from_file = Vec::new();
     for (i, u) in file.into_iter().enumerate() {

@@ -33,7 +33,7 @@ use crate::build::docker::{EngineError, Engines};
 use crate::bus::Bus;
 use crate::cache::{Cache, point_dev};
 use crate::plan::{self, Builders, PackageProblem, Planner};
-use crate::schedule::{CancelFilter, SchedEvent, Scheduler};
+use crate::schedule::{CancelFilter, CancelReason, QueueReason, SchedEvent, Scheduler};
 use crate::watch::{Touched, WatchEvent};
 use crate::workspace::{PackageTable, Planned};
 
@@ -221,7 +221,7 @@ impl Controller {
     }
 
     /// Plans every package (at start, and after a rescan).
-    pub async fn plan_all(&mut self, reason: &str) {
+    pub async fn plan_all(&mut self, reason: QueueReason) {
         let all = self.planner.dirs();
         self.replan(&all, reason).await;
     }
@@ -239,13 +239,13 @@ impl Controller {
                     at_ms: now_ms(),
                 });
                 if !affected.is_empty() {
-                    self.replan(&affected, "files changed").await;
+                    self.replan(&affected, QueueReason::FilesChanged).await;
                 }
             }
             WatchEvent::Rescan { reason } => {
                 tracing::warn!("{reason}");
                 tokio::task::block_in_place(|| self.planner.rescan());
-                self.plan_all("rescan").await;
+                self.plan_all(QueueReason::Rescan).await;
             }
             WatchEvent::Error { message } => {
                 tracing::error!("{message}");
@@ -256,7 +256,7 @@ impl Controller {
 
     /// Re-tags the workspace and plans the packages whose tag, arches or dependencies
     /// changed, plus `affected`: what the cache holds is served at once, the rest queued.
-    async fn replan(&mut self, affected: &BTreeSet<PathBuf>, reason: &str) {
+    async fn replan(&mut self, affected: &BTreeSet<PathBuf>, reason: QueueReason) {
         let tagged = tokio::task::block_in_place(|| self.planner.tag(affected));
         let planned = tagged.planned;
         let previous = self.table.read().map(|t| t.clone()).unwrap_or_default();
@@ -282,6 +282,7 @@ impl Controller {
             let _ = self
                 .sched
                 .cancel(CancelFilter {
+                    reason: Some(CancelReason::Unplanned(name.clone())),
                     package: Some(name),
                     ..CancelFilter::default()
                 })
@@ -372,9 +373,7 @@ impl Controller {
                 .sched
                 .cancel(CancelFilter {
                     build_id: Some(id),
-                    reason: Some(format!(
-                        "superseded: tag {tag} is current again and served from the cache"
-                    )),
+                    reason: Some(CancelReason::Served(tag)),
                     ..CancelFilter::default()
                 })
                 .await;

@@ -16,10 +16,10 @@ use std::sync::Arc;
 use kiln_shared::digest::Digest;
 use kiln_shared::reference::{ImageRef, Tag, arch_ref};
 
-use crate::build::dockerfile::Dockerfile;
+use crate::build::dockerfile::{Dockerfile, DockerfileError};
 use crate::build::native::{Capabilities, native_supports};
 use crate::cache::IndexView;
-use crate::schedule::{Job, TargetKey};
+use crate::schedule::{Job, QueueReason, TargetKey};
 use crate::workspace::{BUILD_YML, BuilderKind, Package, PackageTable, Planned, Tagger, Workspace};
 
 /// Which builder builds a package.
@@ -89,7 +89,7 @@ pub struct Planner {
     tagger: Tagger,
     builders: Builders,
     /// Followed workspace packages, by package directory (recomputed when it changes).
-    deps: BTreeMap<PathBuf, Result<Vec<String>, String>>,
+    deps: BTreeMap<PathBuf, Result<Vec<String>, DockerfileError>>,
     /// Errors already reported, so that an unchanged broken package is not repeated.
     errors: PlanErrors,
     /// The name each package directory had when its build.yml last loaded.
@@ -261,7 +261,7 @@ pub fn diff(
 }
 
 /// The job that builds `arch` of a planned package.
-pub fn job(p: &Planned, arch: &str, force: bool, reason: &str) -> Job {
+pub fn job(p: &Planned, arch: &str, force: bool, reason: QueueReason) -> Job {
     Job {
         key: TargetKey {
             package: p.pkg.repo.to_string(),
@@ -283,7 +283,7 @@ pub fn job(p: &Planned, arch: &str, force: bool, reason: &str) -> Job {
             .collect(),
         force,
         look_up: true,
-        reason: reason.to_owned(),
+        reason,
         builder: p.builder,
         fallback: p.auto && p.builder == BuilderKind::Native,
     }
@@ -316,7 +316,7 @@ pub fn missing_deps(
                 .any(|j| j.key.package == *repo && j.key.arch == arch)
         {
             missing_deps(table, &d, arch, index, jobs);
-            jobs.push(job(&d, arch, false, "dependency"));
+            jobs.push(job(&d, arch, false, QueueReason::Dependency));
         }
     }
 }
@@ -338,7 +338,7 @@ pub fn pull_jobs(p: &Planned, tag: &str, dev_tag: &Tag, index: Option<&IndexView
     archs
         .iter()
         .filter(|a| index.is_none_or(|i| i.get(&arch_ref(&image, a)).is_none()))
-        .map(|a| job(p, a, false, "pulled"))
+        .map(|a| job(p, a, false, QueueReason::Pulled))
         .collect()
 }
 
@@ -365,7 +365,7 @@ fn dir_label(ws: &Workspace, dir: &std::path::Path) -> String {
 pub fn plan_workspace(
     ws: &Workspace,
     tagger: &mut Tagger,
-    deps: &mut BTreeMap<PathBuf, Result<Vec<String>, String>>,
+    deps: &mut BTreeMap<PathBuf, Result<Vec<String>, DockerfileError>>,
     builders: &Builders,
     known: &BTreeMap<PathBuf, String>,
 ) -> (BTreeMap<String, Arc<Planned>>, PlanErrors) {
@@ -444,7 +444,10 @@ pub fn plan_workspace(
             }
             Err(e) => {
                 let archs = p.arches.iter().map(|a| a.as_str().to_owned()).collect();
-                errors.insert(p.dir.clone(), problem(name.clone(), &p.dir, e, archs));
+                errors.insert(
+                    p.dir.clone(),
+                    problem(name.clone(), &p.dir, e.to_string(), archs),
+                );
                 graph.insert(name.clone(), Vec::new());
             }
         }

@@ -162,7 +162,7 @@ impl From<&str> for MissError {
 pub struct PullEvent {
     pub repo: RepoName,
     /// The tag or digest the client asked for.
-    pub reference: String,
+    pub reference: kiln_shared::reference::Reference,
     /// The manifest served.
     pub digest: Digest,
     pub media_type: &'static str,

@@ -50,10 +50,24 @@ pub enum EngineError {
     )]
     BadFlag(String),
     #[error(
-        "cannot reach the Docker engine at {endpoint}: {detail}; start dockerd or set \
-         DOCKER_HOST / --engine"
+        "cannot reach the Docker engine at {endpoint}: {}; start dockerd or set \
+         DOCKER_HOST / --engine",
+        kiln_shared::error::Chain(&**.source)
     )]
-    Unreachable { endpoint: Endpoint, detail: String },
+    Unreachable {
+        endpoint: Endpoint,
+        /// Shared: the engine's state is reported to every build that asks.
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "cannot reach the Docker engine at {endpoint}: no answer within {timeout:?}; start \
+         dockerd or set DOCKER_HOST / --engine"
+    )]
+    NoAnswer {
+        endpoint: Endpoint,
+        timeout: Duration,
+    },
 }
 
 /// Where an engine listens.
@@ -157,7 +171,7 @@ impl Engine {
         }
         .map_err(|e| EngineError::Unreachable {
             endpoint: endpoint.clone(),
-            detail: e.to_string(),
+            source: Arc::new(e),
         })?;
         Ok(Engine {
             endpoint,
@@ -181,14 +195,16 @@ impl Engine {
         if let Some(d) = self.lock_negotiated().as_ref() {
             return Ok(d.clone());
         }
-        let unreachable = |detail: String| EngineError::Unreachable {
-            endpoint: self.endpoint.clone(),
-            detail,
-        };
         let docker = tokio::time::timeout(CONNECT_TIMEOUT, self.docker.clone().negotiate_version())
             .await
-            .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|e| unreachable(kiln_shared::error::chain(&e)))?;
+            .map_err(|_| EngineError::NoAnswer {
+                endpoint: self.endpoint.clone(),
+                timeout: CONNECT_TIMEOUT,
+            })?
+            .map_err(|e| EngineError::Unreachable {
+                endpoint: self.endpoint.clone(),
+                source: Arc::new(e),
+            })?;
         *self.lock_negotiated() = Some(docker.clone());
         Ok(docker)
     }

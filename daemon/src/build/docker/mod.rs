@@ -20,6 +20,7 @@ pub mod push;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
@@ -459,7 +460,10 @@ async fn run_build(
                 DockerBuildError::Engine {
                     image: image.to_owned(),
                     arch: arch.to_owned(),
-                    source: EngineError::Unreachable { endpoint: engine.endpoint().clone(), detail: e.to_string() },
+                    source: EngineError::Unreachable {
+                        endpoint: engine.endpoint().clone(),
+                        source: Arc::new(e),
+                    },
                 }
             } else {
                 lost(e.to_string())

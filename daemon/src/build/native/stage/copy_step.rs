@@ -55,7 +55,7 @@ impl Run<'_, '_> {
                         format!("{kw} --chmod={m} is not an octal mode (symbolic modes are not supported)"),
                     ));
                 }
-                Some(u32::from_str_radix(&m, 8).map_err(|e| self.err(line, e.to_string()))?)
+                Some(u32::from_str_radix(&m, 8).map_err(|e| self.fail(line, e))?)
             }
             None => None,
         };
