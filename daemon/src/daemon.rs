@@ -16,11 +16,11 @@ use crate::api::{Api, ApiError};
 use crate::build::docker::EngineError;
 use crate::cache::{Cache, CacheError};
 use crate::config::Config;
-use crate::control::publish_upstreams;
 use crate::control::{
     ControlConfig, Controller, Core, Inputs, Owned, PullMiss, QueueConfig, cache_stats, describe,
     flush_usage, start_queue,
 };
+use crate::control::{publish_upstreams, resume_pushes};
 use crate::registry::{BoxFuture, Hooks, ManifestMiss, MissError, RegistryConfig, RegistryError};
 use crate::schedule::{CancelReason, Failure, Outcome};
 use crate::upstream::{AuthFiles, UpstreamError, Upstreams};
@@ -176,7 +176,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             Arc::clone(&cache),
             bus.clone(),
             sched,
-            table,
+            Arc::clone(&table),
             tasks.clone(),
             ControlConfig {
                 builders: config.builders.clone(),
@@ -189,6 +189,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     controller
         .plan_all(crate::schedule::QueueReason::Start)
         .await;
+    if let Some(u) = &upstreams {
+        resume_pushes(&owned, u, &cache, &bus, &table).await;
+    }
 
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;

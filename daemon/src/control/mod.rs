@@ -40,7 +40,7 @@ use crate::workspace::{PackageTable, Planned};
 pub use events::{describe, to_event};
 pub use owned::Owned;
 pub use pull::PullMiss;
-pub use push::publish_upstreams;
+pub use push::{publish_upstreams, resume_pushes};
 pub use request::{ControlError, ControlRequest, Reply};
 pub use runner::{BuildRunner, Imports};
 pub use stats::cache_stats;
