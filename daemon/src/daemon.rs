@@ -89,6 +89,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // Every task is owned: shutdown stops accepting, drains what is in flight (uploads,
     // pushes), then cancels and awaits the builds.
     let owned = Owned::default();
+    // The clients fetches will use load the system's CA certificates (~100 ms of CPU):
+    // that happens while the workspace is read and tagged, not when the first fetch starts.
+    if let Some(u) = &upstreams {
+        owned.drain.spawn(Arc::clone(u).warm());
+    }
     let Core {
         bus,
         table,

@@ -288,6 +288,12 @@ impl Upstreams {
         self.remotes.iter().filter(|r| !r.spec().mirror)
     }
 
+    /// Builds the clients that fetching workspace targets will use (each loads the
+    /// system's CA certificates); a failure is left for the first fetch to report.
+    pub async fn warm(self: Arc<Self>) {
+        futures_util::future::join_all(self.target_sources().map(|r| r.warm())).await;
+    }
+
     /// Whether any upstream holds workspace targets.
     pub fn has_target_sources(&self) -> bool {
         self.target_sources().next().is_some()

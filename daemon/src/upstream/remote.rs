@@ -134,6 +134,18 @@ impl Remote {
         matches!(self.auth, RegistryAuth::Anonymous) && !self.challenged.load(Ordering::Relaxed)
     }
 
+    /// Builds the client reads will go through now (see [`super::Upstreams::warm`]).
+    pub async fn warm(&self) {
+        let built = if self.open() {
+            self.plain().await.map(drop)
+        } else {
+            self.client().await.map(drop)
+        };
+        if let Err(e) = built {
+            tracing::debug!("{e}");
+        }
+    }
+
     /// Runs `op`, and once more through the token flow if the registry refused it
     /// without credentials (as Docker Hub does until the client fetches a token).
     async fn challenged_once<T, F, Fut>(&self, op: F) -> Result<T, UpstreamError>
