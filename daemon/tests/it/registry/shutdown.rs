@@ -1,5 +1,6 @@
 //! Shutdown drains: a push in flight when the registry is told to stop finishes (201,
-//! the blob stored), and then nothing more is accepted.
+//! the blob stored), and then nothing more is accepted; an upload session a client left
+//! idle does not keep the registry listening.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
