@@ -20,12 +20,46 @@ use std::fmt;
 
 use regex::Regex;
 
-/// A `.dockerignore` that cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(".dockerignore line {line}: {message}")]
+/// A `.dockerignore` that cannot be used: the line and what is wrong with it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(".dockerignore line {line}: {problem}")]
 pub struct IgnoreError {
     pub line: usize,
-    pub message: String,
+    #[source]
+    pub problem: LineError,
+}
+
+/// What is wrong with a line of a `.dockerignore`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LineError {
+    #[error("illegal exclusion pattern: \"!\"")]
+    EmptyExclusion,
+    #[error("pattern {pattern:?}: {source}")]
+    Pattern {
+        pattern: String,
+        #[source]
+        source: PatternError,
+    },
+}
+
+/// Why a pattern does not compile (what Go's `filepath.Match` rejects, or the regex).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PatternError {
+    #[error("a '\\' at the end escapes nothing")]
+    TrailingEscape,
+    #[error("an empty character class; write a ']' member as '\\]'")]
+    EmptyClass,
+    #[error("a range cannot end with '-'; escape it")]
+    RangeEndsWithDash,
+    #[error(
+        "a '-' in a character class makes a range between two members; \
+         escape a '-' member as '\\-'"
+    )]
+    LoneDash,
+    #[error("unterminated character class '['")]
+    UnterminatedClass,
+    #[error("not a valid pattern: {0}")]
+    Regex(#[source] regex::Error),
 }
 
 /// One pattern of a `.dockerignore`.
@@ -75,7 +109,7 @@ impl DockerIgnore {
                 if pattern.is_empty() {
                     return Err(IgnoreError {
                         line,
-                        message: "illegal exclusion pattern: \"!\"".into(),
+                        problem: LineError::EmptyExclusion,
                     });
                 }
             }
@@ -83,9 +117,12 @@ impl DockerIgnore {
             if cleaned.len() > 1 && cleaned.starts_with('/') {
                 cleaned.remove(0);
             }
-            let regex = compile(&cleaned).map_err(|message| IgnoreError {
+            let regex = compile(&cleaned).map_err(|source| IgnoreError {
                 line,
-                message: format!("pattern {raw:?}: {message}"),
+                problem: LineError::Pattern {
+                    pattern: raw.to_owned(),
+                    source,
+                },
             })?;
             ignore.has_exclusions |= exclusion;
             ignore.patterns.push(Pattern {
@@ -167,14 +204,14 @@ struct Class {
 
 /// A cleaned pattern as the anchored regular expression moby compiles it to, checked as
 /// Go's `filepath.Match` checks it (moby rejects what that rejects).
-fn compile(pattern: &str) -> Result<Regex, String> {
+fn compile(pattern: &str) -> Result<Regex, PatternError> {
     let literal = |c: char| regex::escape(c.encode_utf8(&mut [0; 4]));
     let mut re = String::from("^");
     let mut chars = pattern.chars().peekable();
     let mut class: Option<Class> = None;
     while let Some(c) = chars.next() {
         let escaped = if c == '\\' {
-            Some(chars.next().ok_or("a '\\' at the end escapes nothing")?)
+            Some(chars.next().ok_or(PatternError::TrailingEscape)?)
         } else {
             None
         };
@@ -186,7 +223,7 @@ fn compile(pattern: &str) -> Result<Regex, String> {
                     continue;
                 }
                 (']', None) => {
-                    return Err("an empty character class; write a ']' member as '\\]'".into());
+                    return Err(PatternError::EmptyClass);
                 }
                 ('^', None) if !cl.members && re.ends_with('[') => re.push('^'),
                 ('-', None) if cl.may_range && chars.peek().is_some_and(|&n| n != ']') => {
@@ -194,19 +231,15 @@ fn compile(pattern: &str) -> Result<Regex, String> {
                     cl.may_range = false;
                     // The range's end: a member that starts no range.
                     let end = match chars.next() {
-                        Some('\\') => chars.next().ok_or("a '\\' at the end escapes nothing")?,
-                        Some('-') => return Err("a range cannot end with '-'; escape it".into()),
+                        Some('\\') => chars.next().ok_or(PatternError::TrailingEscape)?,
+                        Some('-') => return Err(PatternError::RangeEndsWithDash),
                         Some(e) => e,
-                        None => return Err("unterminated character class '['".into()),
+                        None => return Err(PatternError::UnterminatedClass),
                     };
                     re.push_str(&literal(end));
                 }
                 ('-', None) => {
-                    return Err(
-                        "a '-' in a character class makes a range between two members; \
-                         escape a '-' member as '\\-'"
-                            .into(),
-                    );
+                    return Err(PatternError::LoneDash);
                 }
                 (c, None) | (_, Some(c)) => {
                     re.push_str(&literal(c));
@@ -240,10 +273,10 @@ fn compile(pattern: &str) -> Result<Regex, String> {
         }
     }
     if class.is_some() {
-        return Err("unterminated character class '['".into());
+        return Err(PatternError::UnterminatedClass);
     }
     re.push('$');
-    Regex::new(&re).map_err(|e| format!("not a valid pattern: {e}"))
+    Regex::new(&re).map_err(PatternError::Regex)
 }
 
 #[cfg(test)]

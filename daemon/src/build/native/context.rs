@@ -8,8 +8,8 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::tree::{Content, Kind, Node, Tree, clean, join, parent};
-use crate::build::dockerignore::DockerIgnore;
+use super::tree::{Content, Kind, Node, ResolveError, Tree, clean, join, parent};
+use crate::build::dockerignore::{DockerIgnore, IgnoreError};
 
 /// Go's `filepath.Match` on one path component, through `globset`: `*`, `?`, `[...]`
 /// (with `^` or `!` negation and ranges), `\` escapes; `{a,b}` is literal, as in Go.
@@ -42,8 +42,26 @@ pub enum ContextError {
         #[source]
         source: io::Error,
     },
-    #[error("{0}")]
-    Invalid(String),
+    #[error("{path}: {source}")]
+    Ignore {
+        path: PathBuf,
+        #[source]
+        source: IgnoreError,
+    },
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("extra source {src}: {source}")]
+    ExtraPlace {
+        src: PathBuf,
+        #[source]
+        source: ResolveError,
+    },
+    #[error("extra source {0} is a file and cannot replace the context root")]
+    ExtraFileAtRoot(PathBuf),
+    #[error("{0}: sockets, FIFOs and devices cannot be part of a build context")]
+    Special(PathBuf),
+    #[error("{0}: a file name is not UTF-8")]
+    NotUtf8(PathBuf),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ContextError + '_ {
@@ -57,15 +75,15 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ContextError + '_ {
 /// absolute file or directory) placed at its destination inside the context.
 pub fn read_context(dir: &Path, extra: &[(PathBuf, String)]) -> Result<Tree, ContextError> {
     let ignore = match fs::read_to_string(dir.join(".dockerignore")) {
-        Ok(t) => DockerIgnore::parse(&t).map_err(|e| ContextError::Invalid(e.to_string()))?,
+        Ok(t) => DockerIgnore::parse(&t).map_err(|source| ContextError::Ignore {
+            path: dir.join(".dockerignore"),
+            source,
+        })?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => DockerIgnore::default(),
         Err(e) => return Err(io_err(&dir.join(".dockerignore"))(e)),
     };
     if !fs::metadata(dir).map_err(io_err(dir))?.is_dir() {
-        return Err(ContextError::Invalid(format!(
-            "{} is not a directory",
-            dir.display()
-        )));
+        return Err(ContextError::NotADirectory(dir.to_owned()));
     }
     // The context's root arrives in BuildKit as a 0755 directory, whatever the mode of
     // the package directory (checked against `docker build` in tests/it/native.rs).
@@ -74,14 +92,14 @@ pub fn read_context(dir: &Path, extra: &[(PathBuf, String)]) -> Result<Tree, Con
     for (src, dst) in extra {
         let dst = clean(dst);
         tree.mkdir_all(parent(&dst), 0o755, 0, 0, 0)
-            .map_err(|e| ContextError::Invalid(format!("extra source {}: {e}", src.display())))?;
+            .map_err(|source| ContextError::ExtraPlace {
+                src: src.clone(),
+                source,
+            })?;
         let m = fs::symlink_metadata(src).map_err(io_err(src))?;
         if dst.is_empty() {
             if !m.is_dir() {
-                return Err(ContextError::Invalid(format!(
-                    "extra source {} is a file and cannot replace the context root",
-                    src.display()
-                )));
+                return Err(ContextError::ExtraFileAtRoot(src.clone()));
             }
         } else {
             tree.insert(&dst, node_of(src, &m)?);
@@ -106,10 +124,7 @@ fn node_of(path: &Path, m: &fs::Metadata) -> Result<Node, ContextError> {
             size: m.len(),
         }
     } else {
-        return Err(ContextError::Invalid(format!(
-            "{}: sockets, FIFOs and devices cannot be part of a build context",
-            path.display()
-        )));
+        return Err(ContextError::Special(path.to_owned()));
     };
     Ok(Node {
         kind,
@@ -134,10 +149,7 @@ fn walk(
     names.sort();
     for name in names {
         let Some(name_str) = name.to_str() else {
-            return Err(ContextError::Invalid(format!(
-                "{}: a file name is not UTF-8",
-                dir.join(&name).display()
-            )));
+            return Err(ContextError::NotUtf8(dir.join(&name)));
         };
         let rel = join(at, name_str);
         let path = dir.join(&name);
