@@ -16,6 +16,9 @@ in one run, against its reference.
    `skopeo copy docker://U/... oci:LAYOUT` (the reference). Target: kilnd no slower.
 
 Times are time.monotonic(); readiness is polled (50 ms) through `kiln status --json`.
+For the fetch it also prints what bounds it: the requests kilnd B made (from the
+upstream's access log: `GET /v2/` probes, manifests, blobs) and the CPU time kilnd B and
+the upstream spent, which share this machine's cores.
 """
 
 import argparse
@@ -60,6 +63,12 @@ def load_avg():
     return open("/proc/loadavg").read().split()[:3]
 
 
+def cpu_s(pid):
+    """User + system CPU seconds of a running process."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Upstream:
     """Debian's docker-registry on 127.0.0.1, a free port."""
 
@@ -83,6 +92,15 @@ class Upstream:
             return None
 
         self.addr = wait("docker-registry to listen", addr, 30)
+
+    def requests(self):
+        """The URI of every request answered so far."""
+        out = []
+        for line in open(self.log):
+            if 'msg="response completed"' in line and "http.request.uri=" in line:
+                uri = line.split("http.request.uri=", 1)[1].lstrip('"')
+                out.append(uri.split('"', 1)[0].split(" ", 1)[0])
+        return out
 
 
 class Kilnd:
@@ -227,16 +245,25 @@ def main():
         wait("A to push every package", pushed, 1800, 0.2)
         a.stop()
 
+        seen, up_cpu = len(up.requests()), cpu_s(up.proc.pid)
         b = Kilnd(args, work, "b", ws, ["--upstream", up.addr])
         procs.append(b.proc)
         state = wait("B to serve every target", lambda: all_ok(b.status(), n), 1800, 0.05)
         fetch_s = time.monotonic() - b.t0
+        b_cpu, up_cpu = cpu_s(b.proc.pid), cpu_s(up.proc.pid) - up_cpu
+        made = up.requests()[seen:]
         built_on_b = [f"{name}/{arch}" for name, p in state["packages"].items()
                       for arch, t in p["targets"].items()
                       if not (t.get("last") or {}).get("pulled_from")]
         print(f"fetch all ({n} x 2 targets, kilnd B, empty cache):  {fetch_s:8.2f} s "
               f"(ready after {b.ready_s:.2f} s; load {' '.join(load_avg())}); "
               f"built on B: {len(built_on_b)}")
+        print(f"  kilnd B made {len(made)} requests to the upstream: "
+              f"{sum(u == '/v2/' for u in made)} GET /v2/ probes, "
+              f"{sum('/manifests/' in u for u in made)} manifests, "
+              f"{sum('/blobs/' in u for u in made)} blobs "
+              f"({len(set(u for u in made if '/blobs/' in u))} distinct); "
+              f"CPU until all served: kilnd B {b_cpu:.2f} s, upstream {up_cpu:.2f} s")
         print(f"ratio build/fetch: {build_s / fetch_s:.1f}x (target >= 20x)", flush=True)
 
         # The 256 MiB image.

@@ -7,25 +7,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_shared::protocol::{Event, Pull, Ready, now_ms};
-use kiln_shared::reference::{RepoName, Tag};
+use kiln_shared::reference::{ImageRef, RepoName, Tag};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::api::{Api, ApiError};
 use crate::build::docker::EngineError;
 use crate::cache::{Cache, CacheError};
 use crate::config::Config;
-use crate::control::publish_upstreams;
 use crate::control::{
-    ControlConfig, Controller, Core, Inputs, PullMiss, QueueConfig, cache_stats, describe,
+    ControlConfig, Controller, Core, Inputs, Owned, PullMiss, QueueConfig, cache_stats, describe,
     flush_usage, start_queue,
 };
+use crate::control::{publish_upstreams, resume_pushes};
 use crate::registry::{BoxFuture, Hooks, ManifestMiss, MissError, RegistryConfig, RegistryError};
-use crate::schedule::Outcome;
+use crate::schedule::{CancelReason, Failure, Outcome};
 use crate::upstream::{AuthFiles, UpstreamError, Upstreams};
 use crate::watch::{WatchConfig, WatchError, Watcher};
+use kiln_shared::error::Chain;
 
 /// Why kilnd stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,10 @@ pub enum DaemonError {
     Task(#[from] tokio::task::JoinError),
 }
 
+/// How long each phase of shutdown may take (draining what is in flight, then ending the
+/// builds) before kilnd stops anyway, saying so.
+const SHUTDOWN_PHASE: Duration = Duration::from_secs(60);
+
 /// Runs kilnd until a termination signal.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let cache = open_cache(&config.cache, &config.imports).await?;
@@ -82,6 +86,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         &config.upstreams,
         &AuthFiles::from_env(),
     )?));
+    // Every task is owned: shutdown stops accepting, drains what is in flight (uploads,
+    // pushes), then cancels and awaits the builds.
+    let owned = Owned::default();
+    // The clients fetches will use load the system's CA certificates (~100 ms of CPU):
+    // that happens while the workspace is read and tagged, not when the first fetch starts.
+    if let Some(u) = &upstreams {
+        owned.drain.spawn(Arc::clone(u).warm());
+    }
     let Core {
         bus,
         table,
@@ -102,6 +114,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 names: config.imports.iter().map(|(_, _, n)| n.clone()).collect(),
                 fallbacks: config.fallback_imports.clone(),
             },
+            owned: &owned,
         },
         |_| {},
     )?;
@@ -120,15 +133,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             wait: config.pull_wait,
             cache: Arc::clone(&cache),
             upstreams: upstreams.clone(),
+            stopping: owned.stopping.clone(),
         })),
         on_pull: Some(Arc::new(move |p: crate::registry::PullEvent| {
             pulled_bus.publish(Event::Pulled {
                 pull: Pull {
-                    reference: if p.reference.starts_with("sha256:") {
-                        format!("{}@{}", p.repo, p.reference)
-                    } else {
-                        format!("{}:{}", p.repo, p.reference)
-                    },
+                    reference: p.reference.qualified(&p.repo),
                     digest: p.digest,
                     client: Some(p.peer.to_string()),
                     at_ms: now_ms(),
@@ -136,13 +146,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             });
         })),
     };
-    // Every task is owned: shutdown cancels `stop` and awaits what `tasks` tracks, then
-    // stops the registry last (it drains: pushes in flight at shutdown finish).
-    let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let stop_registry = CancellationToken::new();
-    let registry_task =
-        tokio::spawn(registry.serve(Arc::clone(&cache), hooks, stop_registry.clone()));
+    // The registry drains at shutdown: pushes in flight finish.
+    let (stop, tasks) = (owned.stopping.clone(), owned.drain.clone());
+    tasks.spawn(registry.serve(Arc::clone(&cache), hooks, stop.clone()));
 
     let (control_tx, control_rx) = mpsc::channel(64);
     let api_stop = stop.clone();
@@ -171,7 +177,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             Arc::clone(&cache),
             bus.clone(),
             sched,
-            table,
+            Arc::clone(&table),
             tasks.clone(),
             ControlConfig {
                 builders: config.builders.clone(),
@@ -182,7 +188,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             },
         )
     });
-    controller.plan_all("start").await;
+    controller
+        .plan_all(crate::schedule::QueueReason::Start)
+        .await;
+    if let Some(u) = &upstreams {
+        resume_pushes(&owned, u, &cache, &bus, &table).await;
+    }
 
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -207,11 +218,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
-    stop.cancel();
-    tasks.close();
-    tasks.wait().await;
-    stop_registry.cancel();
-    let _ = registry_task.await;
+    owned.shutdown(SHUTDOWN_PHASE).await;
     Ok(())
 }
 
@@ -284,6 +291,9 @@ pub struct BuildOnPull {
     /// (kilnd as the machine's pull-through cache), then served from the cache.
     pub cache: Arc<Cache>,
     pub upstreams: Option<Arc<Upstreams>>,
+    /// Once kilnd stops, a pull that waits for a build is answered at once: the drain
+    /// does not wait for builds, which are cancelled after it.
+    pub stopping: CancellationToken,
 }
 
 impl ManifestMiss for BuildOnPull {
@@ -291,6 +301,7 @@ impl ManifestMiss for BuildOnPull {
         let tx = self.tx.clone();
         let wait = self.wait;
         let (cache, upstreams) = (Arc::clone(&self.cache), self.upstreams.clone());
+        let stopping = self.stopping.clone();
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
             let miss = PullMiss {
@@ -299,9 +310,11 @@ impl ManifestMiss for BuildOnPull {
                 reply,
             };
             if tx.send(miss).await.is_err() {
-                return Err("kilnd is shutting down".into());
+                return Err(miss_error(PullBuildError::ShuttingDown));
             }
-            let waits = rx.await.map_err(|_| "kilnd is shutting down".to_owned())?;
+            let waits = rx
+                .await
+                .map_err(|_| miss_error(PullBuildError::ShuttingDown))?;
             if waits.is_empty() {
                 let Some(upstreams) = upstreams else {
                     return Ok(false);
@@ -323,31 +336,72 @@ impl ManifestMiss for BuildOnPull {
                 };
             }
             let all = futures_util::future::join_all(waits);
-            let outcomes = tokio::time::timeout(wait, all).await.map_err(|_| {
-                format!(
-                    "the build of {repo}:{tag} is still running after {}s; pull again later, \
-                     or raise kilnd's --pull-wait (`kiln status` shows the build)",
-                    wait.as_secs()
-                )
-            })?;
-            for o in outcomes {
-                match o {
-                    Ok(Outcome::Built(_)) => {}
-                    Ok(Outcome::Failed(e)) => {
-                        return Err(format!(
-                            "the build of {repo}:{tag} failed: {e} (`kiln logs {repo}` shows its log)"
-                        )
-                        .into());
-                    }
-                    Ok(Outcome::Cancelled(e)) => {
-                        return Err(format!("the build of {repo}:{tag} was cancelled: {e}").into());
-                    }
-                    Err(_) => return Err("kilnd is shutting down".into()),
+            let all = async {
+                tokio::select! {
+                    outcomes = all => Some(outcomes),
+                    () = stopping.cancelled() => None,
                 }
+            };
+            let image = ImageRef::new(repo, tag);
+            let outcomes = tokio::time::timeout(wait, all).await.map_err(|_| {
+                miss_error(PullBuildError::StillRunning {
+                    image: image.clone(),
+                    wait,
+                })
+            })?;
+            let Some(outcomes) = outcomes else {
+                return Err(miss_error(PullBuildError::ShuttingDown));
+            };
+            for o in outcomes {
+                let e = match o {
+                    Ok(Outcome::Built(_)) => continue,
+                    Ok(Outcome::Failed(source)) => PullBuildError::Failed {
+                        image: image.clone(),
+                        source,
+                    },
+                    Ok(Outcome::Cancelled(reason)) => PullBuildError::Cancelled {
+                        image: image.clone(),
+                        reason,
+                    },
+                    Err(_) => PullBuildError::ShuttingDown,
+                };
+                return Err(miss_error(e));
             }
             Ok(true)
         })
     }
+}
+
+/// Why a pull that waited for a build gets no image.
+#[derive(Debug, thiserror::Error)]
+enum PullBuildError {
+    #[error("kilnd is shutting down; pull again once it runs")]
+    ShuttingDown,
+    #[error(
+        "the build of {image} is still running after {}s; pull again later, or raise \
+         kilnd's --pull-wait (`kiln status` shows the build)",
+        .wait.as_secs()
+    )]
+    StillRunning { image: ImageRef, wait: Duration },
+    #[error(
+        "the build of {image} failed: {} (`kiln logs {}` shows its log)",
+        Chain(.source),
+        .image.repo
+    )]
+    Failed {
+        image: ImageRef,
+        #[source]
+        source: Failure,
+    },
+    #[error("the build of {image} was cancelled: {reason}")]
+    Cancelled {
+        image: ImageRef,
+        reason: CancelReason,
+    },
+}
+
+fn miss_error(e: PullBuildError) -> MissError {
+    MissError::from(Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
 }
 
 /// Runs `task` until it ends or `stop` fires (then drops it).
@@ -395,13 +449,25 @@ pub struct OneOff {
 }
 
 /// How one target of a one-off build ended.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct OneOffResult {
     pub package: String,
     pub arch: String,
     /// The tag built, when the package could be planned.
     pub tag: Option<Tag>,
-    pub outcome: Result<Outcome, String>,
+    pub outcome: Result<Outcome, NotQueued>,
+}
+
+/// Why a target of a one-off build never reached the queue, or got no answer from it.
+#[derive(Debug, thiserror::Error)]
+pub enum NotQueued {
+    /// The package cannot be planned: the problem as planning reports it.
+    #[error("{0}")]
+    Unplanned(String),
+    #[error(transparent)]
+    Refused(#[from] crate::control::ControlError),
+    #[error("the build queue stopped")]
+    QueueStopped,
 }
 
 /// Builds what `req` asks for into its cache, with kilnd's own planner, queue and
@@ -423,9 +489,9 @@ pub async fn build_once(
     .await?;
     let push_to = registry.local_addrs().first().map(ToString::to_string);
     // Serves the engine for this one run; stopped (drained) when the builds are done.
-    let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    tasks.spawn(registry.serve(Arc::clone(&cache), Hooks::default(), stop.clone()));
+    let owned = Owned::default();
+    let tasks = owned.drain.clone();
+    tasks.spawn(registry.serve(Arc::clone(&cache), Hooks::default(), owned.stopping.clone()));
     let dev_tag: Tag = "dev"
         .parse()
         .map_err(|e| DaemonError::Invalid(format!("dev tag: {e}")))?;
@@ -451,6 +517,7 @@ pub async fn build_once(
                 names: req.imports.iter().map(|(_, _, n)| n.clone()).collect(),
                 fallbacks: Vec::new(),
             },
+            owned: &owned,
         },
         move |e| {
             if let Some(text) = describe(e) {
@@ -485,7 +552,7 @@ pub async fn build_once(
                 package: package.clone(),
                 arch: req.arch.clone().unwrap_or_default(),
                 tag: None,
-                outcome: Err(e.clone()),
+                outcome: Err(NotQueued::Unplanned(e.clone())),
             });
             continue;
         }
@@ -508,12 +575,12 @@ pub async fn build_once(
                 package: package.clone(),
                 arch: req.arch.clone().unwrap_or_default(),
                 tag: None,
-                outcome: Err(e.to_string()),
+                outcome: Err(e.into()),
             }),
         }
     }
     for (b, rx) in waits {
-        let outcome = rx.await.map_err(|_| "the build queue stopped".to_owned());
+        let outcome = rx.await.map_err(|_| NotQueued::QueueStopped);
         results.push(OneOffResult {
             package: b.package,
             arch: b.arch,
@@ -522,8 +589,6 @@ pub async fn build_once(
         });
     }
     flush_usage(&cache).await;
-    stop.cancel();
-    tasks.close();
-    tasks.wait().await;
+    owned.shutdown(SHUTDOWN_PHASE).await;
     Ok(results)
 }

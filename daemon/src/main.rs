@@ -114,7 +114,10 @@ mod tests {
         let cli = Cli::try_parse_from(["kilnd", "fsck", "--cache", "/c", "--repair"]).unwrap();
         assert!(matches!(
             cli.once,
-            Some(OneOffCommand::Fsck { repair: true, .. })
+            Some(OneOffCommand::Fsck(kiln_shared::cli::FsckArgs {
+                repair: true,
+                ..
+            }))
         ));
         let cli = Cli::try_parse_from(["kilnd", "./fsck"]).unwrap();
         assert!(cli.once.is_none());

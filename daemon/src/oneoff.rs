@@ -5,67 +5,31 @@
 
 use std::path::{Path, PathBuf};
 
+use kiln_shared::error::Chain;
+
 use clap::{Parser, Subcommand};
+use kiln_shared::cli::{BuildArgs, FsckArgs, GcArgs, ShowTagArgs};
 
 use crate::cache::{Cache, CacheError, GcOptions, SizeError, fsck, gc, parse_size};
 use crate::config::{Args, Config, ConfigError};
 use crate::daemon::{DaemonError, OneOff, build_once};
 use crate::schedule::Outcome as Built;
 
-/// A command kilnd runs once and exits (rather than serving).
+/// A command kilnd runs once and exits (rather than serving). The arguments are
+/// [`kiln_shared::cli`]'s, which `kiln` parses too before it becomes this command.
 #[derive(Debug, Clone, Subcommand)]
 pub enum OneOffCommand {
     /// Collect garbage directly on a cache (no kilnd needed; `kiln gc` runs this when no
     /// kilnd answers, or when --cache or --max-size is given).
-    Gc {
-        /// The cache directory [default: $XDG_CACHE_HOME/kiln]
-        #[arg(long, env = "KILN_CACHE", value_name = "DIR")]
-        cache: Option<PathBuf>,
-        /// Drop references, least recently used first, until the cache fits (e.g. 10G,
-        /// 500MiB).
-        #[arg(long, value_name = "SIZE")]
-        max_size: Option<String>,
-        /// Say what would be freed; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Gc(GcArgs),
     /// Check the cache: every blob hashes to its name, every reference resolves, and
     /// leftovers of interrupted writes are listed.
-    Fsck {
-        /// The cache directory [default: $XDG_CACHE_HOME/kiln]
-        #[arg(long, env = "KILN_CACHE", value_name = "DIR")]
-        cache: Option<PathBuf>,
-        /// Remove leftovers and corrupt blobs, and drop references whose images are broken.
-        #[arg(long)]
-        repair: bool,
-    },
+    Fsck(FsckArgs),
     /// Print `org/image:tag` for each package directory, as `linuxkit pkg show-tag`.
-    ShowTag {
-        /// Package directories.
-        #[arg(required = true, value_name = "DIR")]
-        dirs: Vec<PathBuf>,
-    },
-    /// Build packages into a cache directory without a running kilnd, and wait.
-    Build {
-        /// Packages: directories or image names (`org/image`).
-        #[arg(required = true, value_name = "PKG")]
-        packages: Vec<String>,
-        /// Build only this architecture.
-        #[arg(long, value_name = "ARCH")]
-        arch: Option<String>,
-        /// Build even if the tag is already in the cache.
-        #[arg(long)]
-        force: bool,
-        /// native or docker [default: as kilnd chooses for the package]
-        #[arg(long, value_name = "BUILDER")]
-        builder: Option<String>,
-        /// The cache to build into.
-        #[arg(long, value_name = "DIR")]
-        cache: PathBuf,
-        /// A Docker engine for a platform, PLATFORM=ENDPOINT (repeatable).
-        #[arg(long = "engine", value_name = "PLATFORM=ENDPOINT")]
-        engines: Vec<String>,
-    },
+    ShowTag(ShowTagArgs),
+    /// Build packages into a cache directory (--cache DIR) without a running kilnd, and
+    /// wait.
+    Build(BuildArgs),
 }
 
 /// Why a one-off command could not do its work (as opposed to finding a problem it
@@ -98,6 +62,11 @@ pub enum OneOffError {
     Flags(#[source] clap::Error),
     #[error(transparent)]
     Build(#[from] DaemonError),
+    #[error(
+        "build without a running kilnd needs the cache to build into: give --cache DIR \
+         (`kiln build` without it asks the running kilnd)"
+    )]
+    NoCache,
 }
 
 /// How a one-off command ended when it could do its work.
@@ -114,21 +83,24 @@ pub enum Verdict {
 /// `prog: `.
 pub async fn run(command: OneOffCommand, prog: &str) -> Result<Verdict, OneOffError> {
     match command {
-        OneOffCommand::Gc {
+        OneOffCommand::Gc(GcArgs {
             cache,
             max_size,
             dry_run,
-        } => run_gc(&cache_dir(cache)?, max_size.as_deref(), dry_run),
-        OneOffCommand::Fsck { cache, repair } => run_fsck(&cache_dir(cache)?, repair),
-        OneOffCommand::ShowTag { dirs } => Ok(show_tags(&dirs, prog)),
-        OneOffCommand::Build {
+        }) => run_gc(&cache_dir(cache)?, max_size.as_deref(), dry_run),
+        OneOffCommand::Fsck(FsckArgs { cache, repair }) => run_fsck(&cache_dir(cache)?, repair),
+        OneOffCommand::ShowTag(ShowTagArgs { dirs }) => Ok(show_tags(&dirs, prog)),
+        OneOffCommand::Build(BuildArgs {
             packages,
             arch,
             force,
             builder,
             cache,
             engines,
-        } => build(packages, arch, force, builder, cache, engines, prog).await,
+        }) => {
+            let cache = cache.ok_or(OneOffError::NoCache)?;
+            build(packages, arch, force, builder, cache, engines, prog).await
+        }
     }
 }
 
@@ -260,8 +232,12 @@ async fn build(
     for r in results {
         match r.outcome {
             Ok(Built::Built(_)) => {}
-            Ok(Built::Failed(e)) | Err(e) => {
-                eprintln!("{prog}: {} ({}): {e}", r.package, r.arch);
+            Ok(Built::Failed(e)) => {
+                eprintln!("{prog}: {} ({}): {}", r.package, r.arch, Chain(&e));
+                verdict = Verdict::Failure;
+            }
+            Err(e) => {
+                eprintln!("{prog}: {} ({}): {}", r.package, r.arch, Chain(&e));
                 verdict = Verdict::Failure;
             }
             Ok(Built::Cancelled(e)) => {

@@ -7,6 +7,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::digest::Digest;
+
 /// The registry host that LinuxKit writes into `org.opencontainers.image.ref.name`.
 pub const DEFAULT_DOMAIN: &str = "docker.io";
 
@@ -149,6 +151,33 @@ impl FromStr for ImageRef {
             repo: s[..colon].parse()?,
             tag: s[colon + 1..].parse()?,
         })
+    }
+}
+
+/// What names a manifest in a repository: a tag, or the manifest's digest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Reference {
+    Tag(Tag),
+    Digest(Digest),
+}
+
+impl Reference {
+    /// The reference as clients write it after the repository: `repo:tag` or
+    /// `repo@sha256:...`.
+    pub fn qualified(&self, repo: &RepoName) -> String {
+        match self {
+            Reference::Tag(t) => format!("{repo}:{t}"),
+            Reference::Digest(d) => format!("{repo}@{d}"),
+        }
+    }
+}
+
+impl fmt::Display for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reference::Tag(t) => t.fmt(f),
+            Reference::Digest(d) => d.fmt(f),
+        }
     }
 }
 

@@ -5,6 +5,8 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 
+use kiln_shared::error::chain;
+
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseEvent, MouseEventKind};
 use kiln_shared::protocol::{
     BuildId, BuildRequest, CancelRequest, Event, PackageState, Snapshot, StreamItem, TargetState,
@@ -16,6 +18,8 @@ mod rows;
 
 use keys::{on_key, on_mouse};
 use rows::RowIndex;
+
+use crate::client::ClientError;
 
 /// Log lines the dashboard keeps (the newest).
 pub const LOG_CAPACITY: usize = 10_000;
@@ -196,7 +200,7 @@ pub struct Model {
 }
 
 /// What happens to the dashboard.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum Msg {
     Key(KeyEvent),
     Mouse(MouseEvent),
@@ -217,11 +221,11 @@ pub enum Msg {
     },
     LogFailed {
         build: BuildId,
-        error: String,
+        error: ClientError,
     },
     /// An action (build, cancel, gc) succeeded or failed.
     Done(String),
-    Failed(String),
+    Failed(ClientError),
     Tick(u64),
 }
 
@@ -418,7 +422,7 @@ pub fn update(model: &mut Model, msg: Msg) -> Vec<Cmd> {
         Msg::LogFailed { build, error } => {
             let ours = model.log.build.as_ref() == Some(&build);
             if ours {
-                model.log.error = Some(error);
+                model.log.error = Some(chain(&error));
                 model.log.ended = true;
             }
             ours
@@ -427,8 +431,8 @@ pub fn update(model: &mut Model, msg: Msg) -> Vec<Cmd> {
             model.notice(text, false);
             true
         }
-        Msg::Failed(text) => {
-            model.notice(text, true);
+        Msg::Failed(e) => {
+            model.notice(chain(&e), true);
             true
         }
         Msg::Tick(now) => {

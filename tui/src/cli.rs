@@ -1,9 +1,11 @@
 //! The command line: `kiln` (the dashboard), `kiln up`, and the commands that talk to a
-//! running kilnd.
+//! running kilnd. The arguments of the commands that also work without one (`gc`,
+//! `fsck`, `show-tag`, `build`) are kilnd's own ([`kiln_shared::cli`]), declared once.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use kiln_shared::cli::{BuildArgs, FsckArgs, GcArgs, ShowTagArgs};
 
 /// kiln: the dashboard and command line for kilnd, the local container package builder.
 ///
@@ -47,27 +49,7 @@ pub enum Command {
     },
     /// Build packages now (all their architectures unless --arch) and wait for the
     /// result: through the running kilnd, or without one into --cache DIR.
-    Build {
-        /// Packages: directories or image names (`org/image`).
-        #[arg(required = true, value_name = "PKG")]
-        packages: Vec<String>,
-        /// Build only this architecture.
-        #[arg(long, value_name = "ARCH")]
-        arch: Option<String>,
-        /// Build even if the tag is already in the cache.
-        #[arg(long)]
-        force: bool,
-        /// native or docker [default: kilnd's choice for the package: native where it can
-        /// do all of the Dockerfile]
-        #[arg(long, value_name = "BUILDER")]
-        builder: Option<String>,
-        /// Build without kilnd, into this cache directory.
-        #[arg(long, value_name = "DIR")]
-        cache: Option<PathBuf>,
-        /// Without kilnd: a Docker engine for a platform, PLATFORM=ENDPOINT (repeatable).
-        #[arg(long = "engine", value_name = "PLATFORM=ENDPOINT", requires = "cache")]
-        engines: Vec<String>,
-    },
+    Build(BuildArgs),
     /// Fetch packages (their current tags, every arch unless --arch) or any image
     /// (`alpine:3.20`) from kilnd's upstream registries into the cache, without building.
     Pull {
@@ -111,34 +93,12 @@ pub enum Command {
     },
     /// Collect garbage: through the running kilnd, or directly on a cache when none runs
     /// or when --cache or --max-size is given.
-    Gc {
-        /// The cache directory [default: kilnd's, $XDG_CACHE_HOME/kiln]
-        #[arg(long, env = "KILN_CACHE", value_name = "DIR")]
-        cache: Option<PathBuf>,
-        /// Drop references, least recently used first, until the cache fits (e.g. 10G,
-        /// 500MiB).
-        #[arg(long, value_name = "SIZE")]
-        max_size: Option<String>,
-        /// Say what would be freed; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Gc(GcArgs),
     /// Check the cache: every blob hashes to its name, every reference resolves, and
     /// leftovers of interrupted writes are listed.
-    Fsck {
-        /// The cache directory [default: $XDG_CACHE_HOME/kiln]
-        #[arg(long, env = "KILN_CACHE", value_name = "DIR")]
-        cache: Option<PathBuf>,
-        /// Remove leftovers and corrupt blobs, and drop references whose images are broken.
-        #[arg(long)]
-        repair: bool,
-    },
+    Fsck(FsckArgs),
     /// Print `org/image:tag` for each package directory, as `linuxkit pkg show-tag`.
-    ShowTag {
-        /// Package directories.
-        #[arg(required = true, value_name = "DIR")]
-        dirs: Vec<PathBuf>,
-    },
+    ShowTag(ShowTagArgs),
     /// Print a shell completion script.
     Completions {
         /// bash, zsh, fish, elvish or powershell

@@ -25,11 +25,13 @@ pub enum ClientError {
     )]
     Connect {
         socket: PathBuf,
+        #[source]
         error: std::io::Error,
     },
     #[error("talking to kilnd at {socket} failed: {error}")]
     Http {
         socket: PathBuf,
+        #[source]
         error: hyper::Error,
     },
     #[error("kilnd answered {status}: {message}")]
@@ -39,7 +41,15 @@ pub enum ClientError {
     )]
     Version { socket: PathBuf, theirs: String },
     #[error("kilnd sent something this kiln cannot read: {0}")]
-    Decode(String),
+    Decode(#[source] serde_json::Error),
+    #[error("kilnd sent an event stream line that this kiln cannot read: {0}")]
+    DecodeEvent(#[source] serde_json::Error),
+    #[error("kilnd sent a line longer than {0} bytes")]
+    LineTooLong(usize),
+    #[error("cannot encode the request: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("cannot make the request: {0}")]
+    Request(#[source] http::Error),
 }
 
 impl ClientError {
@@ -117,7 +127,7 @@ impl Client {
         }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ClientError::Decode(e.to_string()))?;
+            .map_err(ClientError::Request)?;
         let resp = sender.send_request(req).await.map_err(http)?;
         let theirs = resp
             .headers()
@@ -154,7 +164,7 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
-        let body = serde_json::to_vec(body).map_err(|e| ClientError::Decode(e.to_string()))?;
+        let body = serde_json::to_vec(body).map_err(ClientError::Encode)?;
         let resp = self.request(Method::POST, path, Some(body)).await?;
         decode(&collect(resp, &self.socket).await?)
     }
@@ -194,7 +204,7 @@ async fn collect(resp: hyper::Response<Incoming>, socket: &Path) -> Result<Bytes
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ClientError> {
-    serde_json::from_slice(bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    serde_json::from_slice(bytes).map_err(ClientError::Decode)
 }
 
 /// The longest line accepted from a stream (a snapshot of a big workspace is one line).
@@ -248,9 +258,7 @@ impl Lines {
                 Some(Ok(frame)) => {
                     if let Ok(mut data) = frame.into_data() {
                         if self.buf.len() + data.remaining() > MAX_LINE {
-                            return Err(ClientError::Decode(format!(
-                                "a line longer than {MAX_LINE} bytes"
-                            )));
+                            return Err(ClientError::LineTooLong(MAX_LINE));
                         }
                         self.buf
                             .extend_from_slice(&data.copy_to_bytes(data.remaining()));
@@ -283,7 +291,7 @@ impl Lines {
             None => Ok(None),
             Some(line) => serde_json::from_str(&line)
                 .map(Some)
-                .map_err(|e| ClientError::Decode(format!("event stream line: {e}"))),
+                .map_err(ClientError::DecodeEvent),
         }
     }
 }

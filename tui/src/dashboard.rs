@@ -135,10 +135,7 @@ fn spawn_log(
         let msg = match followed {
             Ok(true) => Msg::LogEnded { build },
             Ok(false) => return,
-            Err(e) => Msg::LogFailed {
-                build,
-                error: e.to_string(),
-            },
+            Err(error) => Msg::LogFailed { build, error },
         };
         let _ = tx.send(msg).await;
     })
@@ -149,12 +146,12 @@ fn spawn_action(client: Client, cmd: Cmd, tx: mpsc::Sender<Msg>) {
         let msg = match cmd {
             Cmd::Build(req) => match client.post::<_, BuildResponse>("/build", &req).await {
                 Ok(r) => Msg::Done(describe_build(&req.package, &r)),
-                Err(e) => Msg::Failed(e.to_string()),
+                Err(e) => Msg::Failed(e),
             },
             Cmd::Cancel(req) => match client.post::<_, CancelResponse>("/cancel", &req).await {
                 Ok(r) if r.cancelled.is_empty() => Msg::Done("nothing was cancelled".into()),
                 Ok(r) => Msg::Done(format!("cancelled {} build(s)", r.cancelled.len())),
-                Err(e) => Msg::Failed(e.to_string()),
+                Err(e) => Msg::Failed(e),
             },
             Cmd::Gc => match client
                 .post::<_, GcResponse>("/gc", &serde_json::json!({}))
@@ -166,7 +163,7 @@ fn spawn_action(client: Client, cmd: Cmd, tx: mpsc::Sender<Msg>) {
                     r.gc.removed_blobs,
                     ui::fmt::duration_ms(r.gc.duration_ms)
                 )),
-                Err(e) => Msg::Failed(e.to_string()),
+                Err(e) => Msg::Failed(e),
             },
             Cmd::Quit | Cmd::Reconnect | Cmd::FollowLog(_) => return,
         };

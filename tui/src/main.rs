@@ -18,6 +18,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
+use kiln_shared::cli::BuildArgs;
 use kiln_shared::protocol::{BuildId, BuildRequest, CancelRequest, TransferRequest};
 
 use crate::cli::{Cli, Command};
@@ -141,22 +142,14 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Some(Command::Status { json }) => commands::status(&client, json).await,
         Some(Command::Stop) => commands::stop(&client).await,
-        Some(Command::Build {
+        Some(Command::Build(args)) if args.cache.is_some() => standalone::build(&args),
+        Some(Command::Build(BuildArgs {
             packages,
             arch,
             force,
             builder,
-            cache: Some(cache),
-            engines,
-        }) => standalone::build(packages, arch, force, builder, cache, engines),
-        Some(Command::Build {
-            packages,
-            arch,
-            force,
-            builder,
-            cache: None,
             ..
-        }) => {
+        })) => {
             let mut outcome = Outcome::Success;
             for package in packages {
                 let req = BuildRequest {
@@ -201,19 +194,19 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             )
             .await
         }
-        Some(Command::Gc {
-            cache,
-            max_size,
-            dry_run,
-        }) => {
-            if cache.is_none() && max_size.is_none() && !dry_run && kilnd_answers(&client).await {
+        Some(Command::Gc(args)) => {
+            if args.cache.is_none()
+                && args.max_size.is_none()
+                && !args.dry_run
+                && kilnd_answers(&client).await
+            {
                 commands::gc(&client).await
             } else {
-                standalone::gc(cache, max_size, dry_run)
+                standalone::gc(&args)
             }
         }
-        Some(Command::Fsck { cache, repair }) => standalone::fsck(cache, repair),
-        Some(Command::ShowTag { dirs }) => standalone::show_tags(dirs),
+        Some(Command::Fsck(args)) => standalone::fsck(&args),
+        Some(Command::ShowTag(args)) => standalone::show_tags(&args),
         Some(Command::Completions { shell }) => {
             clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());
             Ok(Outcome::Success)

@@ -6,6 +6,8 @@
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
+
+use kiln_shared::cli::{BuildArgs, FsckArgs, GcArgs, ShowTagArgs};
 use std::process::Command;
 
 use crate::commands::Outcome;
@@ -20,80 +22,35 @@ pub fn kilnd_path() -> PathBuf {
 }
 
 /// `kiln show-tag DIR...`: `org/image:tag` per package, as kilnd tags it.
-pub fn show_tags(dirs: Vec<PathBuf>) -> anyhow::Result<Outcome> {
-    let mut args: Vec<OsString> = vec!["show-tag".into()];
-    args.extend(dirs.into_iter().map(PathBuf::into_os_string));
-    exec(args)
+pub fn show_tags(args: &ShowTagArgs) -> anyhow::Result<Outcome> {
+    exec("show-tag", args.to_args())
 }
 
 /// `kiln fsck`: prints the report; fails when the cache is not clean.
-pub fn fsck(cache: Option<PathBuf>, repair: bool) -> anyhow::Result<Outcome> {
-    let mut args: Vec<OsString> = vec!["fsck".into()];
-    push_cache(&mut args, cache);
-    if repair {
-        args.push("--repair".into());
-    }
-    exec(args)
+pub fn fsck(args: &FsckArgs) -> anyhow::Result<Outcome> {
+    exec("fsck", args.to_args())
 }
 
 /// `kiln gc` on a cache directory.
-pub fn gc(
-    cache: Option<PathBuf>,
-    max_size: Option<String>,
-    dry_run: bool,
-) -> anyhow::Result<Outcome> {
-    let mut args: Vec<OsString> = vec!["gc".into()];
-    push_cache(&mut args, cache);
-    if let Some(size) = max_size {
-        args.extend(["--max-size".into(), size.into()]);
-    }
-    if dry_run {
-        args.push("--dry-run".into());
-    }
-    exec(args)
+pub fn gc(args: &GcArgs) -> anyhow::Result<Outcome> {
+    exec("gc", args.to_args())
 }
 
 /// `kiln build --cache DIR PKG...`: kilnd's planner, queue and builders, once.
-pub fn build(
-    packages: Vec<String>,
-    arch: Option<String>,
-    force: bool,
-    builder: Option<String>,
-    cache: PathBuf,
-    engines: Vec<String>,
-) -> anyhow::Result<Outcome> {
-    let mut args: Vec<OsString> = vec!["build".into()];
-    push_cache(&mut args, Some(cache));
-    if let Some(arch) = arch {
-        args.extend(["--arch".into(), arch.into()]);
-    }
-    if force {
-        args.push("--force".into());
-    }
-    if let Some(builder) = builder {
-        args.extend(["--builder".into(), builder.into()]);
-    }
-    for engine in engines {
-        args.extend(["--engine".into(), engine.into()]);
-    }
-    // After `--`, a package named like a flag stays a package.
-    args.push("--".into());
-    args.extend(packages.into_iter().map(OsString::from));
-    exec(args)
+pub fn build(args: &BuildArgs) -> anyhow::Result<Outcome> {
+    exec("build", args.to_args())
 }
 
-fn push_cache(args: &mut Vec<OsString>, cache: Option<PathBuf>) {
-    if let Some(dir) = cache {
-        args.extend(["--cache".into(), dir.into_os_string()]);
-    }
-}
-
-/// Becomes `kilnd ARGS...` (named `kiln`, as the user typed it); returns only when that
+/// Becomes `kilnd COMMAND ARGS...` (named `kiln`, as the user typed it); returns only when that
 /// cannot start.
-fn exec(args: Vec<OsString>) -> anyhow::Result<Outcome> {
+fn exec(command: &str, args: Vec<OsString>) -> anyhow::Result<Outcome> {
     let kilnd = kilnd_path();
-    tracing::debug!(kilnd = %kilnd.display(), ?args, "running kilnd's one-off command");
-    let error = Command::new(&kilnd).arg0("kiln").args(&args).exec();
+    tracing::debug!(kilnd = %kilnd.display(), command, ?args, "running kilnd's one-off command");
+    let error = Command::new(&kilnd)
+        .arg0("kiln")
+        .arg(command)
+        .args(&args)
+        .exec();
     Err(anyhow::anyhow!(
         "cannot run {}: {error}; this command needs kilnd: install it next to kiln or on PATH",
         kilnd.display()

@@ -17,6 +17,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tokio_util::task::TaskTracker;
 
 use crate::bus::Bus;
 use crate::control::ControlRequest;
@@ -86,7 +87,8 @@ impl Api {
         control: mpsc::Sender<ControlRequest>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ApiError> {
-        let state = routes::State::new(bus, control);
+        let streams = TaskTracker::new();
+        let state = routes::State::new(bus, control, streams.clone());
         let mut conns = JoinSet::new();
         tokio::pin!(shutdown);
         let result = loop {
@@ -116,7 +118,11 @@ impl Api {
                 }
             }
         };
+        // A connection's streaming body goes with it, and its feeding task sees that.
         conns.abort_all();
+        while conns.join_next().await.is_some() {}
+        streams.close();
+        streams.wait().await;
         if let Err(e) = std::fs::remove_file(&self.path) {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the API socket");
         }

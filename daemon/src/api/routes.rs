@@ -13,6 +13,7 @@ use kiln_shared::protocol::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
 
 use super::body::{ChannelBody, ResponseBody, full};
 use crate::bus::{Bus, LogChunk};
@@ -28,12 +29,20 @@ const LOG_LINES_PER_CHUNK: usize = 256;
 #[derive(Clone)]
 pub(super) struct State {
     inner: Arc<(Bus, mpsc::Sender<ControlRequest>)>,
+    /// The tasks that feed streaming responses (events, followed logs): the server
+    /// awaits them when it stops.
+    streams: TaskTracker,
 }
 
 impl State {
-    pub(super) fn new(bus: Bus, control: mpsc::Sender<ControlRequest>) -> Self {
+    pub(super) fn new(
+        bus: Bus,
+        control: mpsc::Sender<ControlRequest>,
+        streams: TaskTracker,
+    ) -> Self {
         State {
             inner: Arc::new((bus, control)),
+            streams,
         }
     }
 
@@ -55,9 +64,12 @@ impl From<ControlError> for Failure {
             ControlError::NotFound(_) => StatusCode::NOT_FOUND,
             ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
             ControlError::Conflict(_) => StatusCode::CONFLICT,
-            ControlError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ControlError::Cache(_)
+            | ControlError::Snapshots(_)
+            | ControlError::Stopped(_)
+            | ControlError::GcStopped(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        Failure(status, e.to_string())
+        Failure(status, kiln_shared::error::chain(&e))
     }
 }
 
@@ -98,7 +110,7 @@ async fn route(req: Request<Incoming>, state: &State) -> Answer {
         }
         "/events" => {
             expect_method(&req, &Method::GET)?;
-            Ok(events(state.bus().clone()))
+            Ok(events(state.bus().clone(), &state.streams))
         }
         "/build" => {
             expect_method(&req, &Method::POST)?;
@@ -145,7 +157,7 @@ async fn route(req: Request<Incoming>, state: &State) -> Answer {
             {
                 expect_method(&req, &Method::GET)?;
                 let follow = query_flag(req.uri().query(), "follow");
-                return log(state.bus(), &BuildId(id.to_owned()), follow);
+                return log(state.bus(), &state.streams, &BuildId(id.to_owned()), follow);
             }
             Err(not_found(&path))
         }
@@ -277,9 +289,9 @@ fn ndjson_line<T: Serialize>(value: &T) -> Option<Bytes> {
     }
 }
 
-fn events(bus: Bus) -> Response<ResponseBody> {
+fn events(bus: Bus, streams: &TaskTracker) -> Response<ResponseBody> {
     let (tx, body) = ChannelBody::channel(STREAM_CHUNKS);
-    tokio::spawn(async move {
+    streams.spawn(async move {
         let mut sub = bus.subscribe();
         loop {
             let item = tokio::select! {
@@ -307,7 +319,7 @@ fn dropped_line(n: u64) -> String {
     format!("kiln: {n} earlier lines dropped (kilnd keeps the newest 1 MiB of a build's log)\n")
 }
 
-fn log(bus: &Bus, id: &BuildId, follow: bool) -> Answer {
+fn log(bus: &Bus, streams: &TaskTracker, id: &BuildId, follow: bool) -> Answer {
     let Some(mut reader) = bus.logs().reader(id) else {
         return Err(Failure(
             StatusCode::NOT_FOUND,
@@ -329,7 +341,7 @@ fn log(bus: &Bus, id: &BuildId, follow: bool) -> Answer {
     };
     let body = if follow {
         let (tx, body) = ChannelBody::channel(STREAM_CHUNKS);
-        tokio::spawn(async move {
+        streams.spawn(async move {
             loop {
                 let chunk = tokio::select! {
                     () = tx.closed() => break,

@@ -6,8 +6,19 @@
 //! included), `[...]` is a character class, `\` escapes, and a later `!pattern` re-includes
 //! what an earlier one excluded. A path is excluded when it or one of its parent
 //! directories matches (the last matching pattern wins).
+//!
+//! moby matches by compiling each pattern to a regular expression; so does this module,
+//! with the `regex` crate and moby's translation (`*` is `[^/]*`, `?` is `[^/]`, `**/` is
+//! `(.*/)?`, a final `**` is `.*`, a class is the regex class it spells, so `[^a]` negates
+//! and matches `/`, while `[!a]` holds `!`). `globset` cannot express these: its `**`
+//! exists only as a whole path component (moby's `a**/b` is `a(.*/)?b`) and `[!a]`
+//! negates there. Where moby passes a pattern to the regexp compiler unchecked, this
+//! module reads it as `filepath.Match` does: an escaped character and every character of
+//! a class are literal, and a trailing `\` is an error.
 
 use std::fmt;
+
+use regex::Regex;
 
 /// A `.dockerignore` that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -17,30 +28,12 @@ pub struct IgnoreError {
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Token {
-    Char(char),
-    /// `*`: any run of characters other than `/`.
-    Star,
-    /// `?`: one character other than `/`.
-    One,
-    /// `[...]`: one character (never `/` unless listed) in or out of the set.
-    Class {
-        negated: bool,
-        items: Vec<(char, char)>,
-    },
-    /// `**` followed by more pattern: any number of whole directories, zero included.
-    AnyDirs,
-    /// `**` at the end: anything at all.
-    AnyRest,
-}
-
 /// One pattern of a `.dockerignore`.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Pattern {
     text: String,
     exclusion: bool,
-    tokens: Vec<Token>,
+    regex: Regex,
 }
 
 impl fmt::Debug for Pattern {
@@ -90,7 +83,7 @@ impl DockerIgnore {
             if cleaned.len() > 1 && cleaned.starts_with('/') {
                 cleaned.remove(0);
             }
-            let tokens = compile(&cleaned).map_err(|message| IgnoreError {
+            let regex = compile(&cleaned).map_err(|message| IgnoreError {
                 line,
                 message: format!("pattern {raw:?}: {message}"),
             })?;
@@ -98,7 +91,7 @@ impl DockerIgnore {
             ignore.patterns.push(Pattern {
                 text: cleaned,
                 exclusion,
-                tokens,
+                regex,
             });
         }
         Ok(ignore)
@@ -117,30 +110,17 @@ impl DockerIgnore {
 
     /// Whether `path` (relative to the context root, `/`-separated, no leading `/`) is
     /// left out of the context: it or one of its parents matches, and the last pattern
-    /// that matches is not an exception.
+    /// that matches is not an exception (moby's `MatchesOrParentMatches`).
     pub fn excludes(&self, path: &str) -> bool {
         let path = go_clean(path);
-        let parents: Vec<&str> = match path.rfind('/') {
-            Some(i) => path[..i].split('/').collect(),
-            None => Vec::new(),
-        };
+        let parents: Vec<&str> = path.match_indices('/').map(|(i, _)| &path[..i]).collect();
         let mut matched = false;
         for pattern in &self.patterns {
             // An exception can only change an exclusion and vice versa.
             if pattern.exclusion != matched {
                 continue;
             }
-            let mut hit = glob(&pattern.tokens, &path.chars().collect::<Vec<_>>());
-            if !hit {
-                for i in 0..parents.len() {
-                    let parent = parents[..=i].join("/");
-                    if glob(&pattern.tokens, &parent.chars().collect::<Vec<_>>()) {
-                        hit = true;
-                        break;
-                    }
-                }
-            }
-            if hit {
+            if pattern.regex.is_match(&path) || parents.iter().any(|p| pattern.regex.is_match(p)) {
                 matched = !pattern.exclusion;
             }
         }
@@ -176,118 +156,94 @@ pub(crate) fn go_clean(path: &str) -> String {
     }
 }
 
-fn compile(pattern: &str) -> Result<Vec<Token>, String> {
-    let chars: Vec<char> = pattern.chars().collect();
-    let mut tokens = Vec::new();
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        i += 1;
-        match c {
-            '*' if chars.get(i) == Some(&'*') => {
-                i += 1;
-                if chars.get(i) == Some(&'/') {
-                    i += 1;
-                }
-                if i >= chars.len() {
-                    tokens.push(Token::AnyRest);
-                } else {
-                    tokens.push(Token::AnyDirs);
-                }
-            }
-            '*' => tokens.push(Token::Star),
-            '?' => tokens.push(Token::One),
-            '\\' => match chars.get(i) {
-                Some(&next) => {
-                    tokens.push(Token::Char(next));
-                    i += 1;
-                }
-                None => tokens.push(Token::Char('\\')),
-            },
-            '[' => {
-                let mut negated = false;
-                // Only '^' negates, as in filepath.Match and the regexp Docker compiles
-                // the pattern to ('!' is an ordinary member).
-                if chars.get(i) == Some(&'^') {
-                    negated = true;
-                    i += 1;
-                }
-                let mut items = Vec::new();
-                let mut closed = false;
-                let mut first = true;
-                while i < chars.len() {
-                    let mut lo = chars[i];
-                    i += 1;
-                    if lo == ']' && !first {
-                        closed = true;
-                        break;
-                    }
-                    first = false;
-                    if lo == '\\' {
-                        lo = *chars.get(i).ok_or("unterminated character class")?;
-                        i += 1;
-                    }
-                    let mut hi = lo;
-                    if chars.get(i) == Some(&'-') && chars.get(i + 1).is_some_and(|&c| c != ']') {
-                        hi = chars[i + 1];
-                        i += 2;
-                        if hi == '\\' {
-                            hi = *chars.get(i).ok_or("unterminated character class")?;
-                            i += 1;
-                        }
-                        if hi < lo {
-                            return Err(format!("bad range {lo}-{hi} in character class"));
-                        }
-                    }
-                    items.push((lo, hi));
-                }
-                if !closed {
-                    return Err("unterminated character class '['".into());
-                }
-                tokens.push(Token::Class { negated, items });
-            }
-            c => tokens.push(Token::Char(c)),
-        }
-    }
-    Ok(tokens)
+/// Where the compiler is inside a `[...]`.
+#[derive(Clone, Copy)]
+struct Class {
+    /// Whether a member has been read (a `]` before one is an error, as in Go).
+    members: bool,
+    /// Whether the last member may start a range (`a` in `a-z`, not `z`).
+    may_range: bool,
 }
 
-/// Matches the whole of `s` against `tokens` (backtracking; patterns are short).
-fn glob(tokens: &[Token], s: &[char]) -> bool {
-    let Some((first, rest)) = tokens.split_first() else {
-        return s.is_empty();
-    };
-    match first {
-        Token::Char(c) => s.first() == Some(c) && glob(rest, &s[1..]),
-        Token::One => s.first().is_some_and(|&c| c != '/') && glob(rest, &s[1..]),
-        Token::Class { negated, items } => {
-            s.first().is_some_and(|&c| {
-                // As in the regexp Docker compiles the pattern to, a negated class matches
-                // any other character, '/' included.
-                items.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *negated
-            }) && glob(rest, &s[1..])
-        }
-        Token::Star => {
-            let mut i = 0;
-            loop {
-                if glob(rest, &s[i..]) {
-                    return true;
+/// A cleaned pattern as the anchored regular expression moby compiles it to, checked as
+/// Go's `filepath.Match` checks it (moby rejects what that rejects).
+fn compile(pattern: &str) -> Result<Regex, String> {
+    let literal = |c: char| regex::escape(c.encode_utf8(&mut [0; 4]));
+    let mut re = String::from("^");
+    let mut chars = pattern.chars().peekable();
+    let mut class: Option<Class> = None;
+    while let Some(c) = chars.next() {
+        let escaped = if c == '\\' {
+            Some(chars.next().ok_or("a '\\' at the end escapes nothing")?)
+        } else {
+            None
+        };
+        if let Some(mut cl) = class {
+            match (c, escaped) {
+                (']', None) if cl.members => {
+                    re.push(']');
+                    class = None;
+                    continue;
                 }
-                if i >= s.len() || s[i] == '/' {
-                    return false;
+                (']', None) => {
+                    return Err("an empty character class; write a ']' member as '\\]'".into());
                 }
-                i += 1;
+                ('^', None) if !cl.members && re.ends_with('[') => re.push('^'),
+                ('-', None) if cl.may_range && chars.peek().is_some_and(|&n| n != ']') => {
+                    re.push('-');
+                    cl.may_range = false;
+                    // The range's end: a member that starts no range.
+                    let end = match chars.next() {
+                        Some('\\') => chars.next().ok_or("a '\\' at the end escapes nothing")?,
+                        Some('-') => return Err("a range cannot end with '-'; escape it".into()),
+                        Some(e) => e,
+                        None => return Err("unterminated character class '['".into()),
+                    };
+                    re.push_str(&literal(end));
+                }
+                ('-', None) => {
+                    return Err(
+                        "a '-' in a character class makes a range between two members; \
+                         escape a '-' member as '\\-'"
+                            .into(),
+                    );
+                }
+                (c, None) | (_, Some(c)) => {
+                    re.push_str(&literal(c));
+                    cl.members = true;
+                    cl.may_range = true;
+                }
             }
+            class = Some(cl);
+            continue;
         }
-        Token::AnyRest => true,
-        Token::AnyDirs => {
-            // `(.*/)?`: nothing, or anything up to and including some '/'.
-            if glob(rest, s) {
-                return true;
+        match (c, escaped) {
+            ('*', None) if chars.peek() == Some(&'*') => {
+                chars.next();
+                chars.next_if_eq(&'/');
+                re.push_str(if chars.peek().is_none() {
+                    ".*"
+                } else {
+                    "(.*/)?"
+                });
             }
-            (0..s.len()).any(|i| s[i] == '/' && glob(rest, &s[i + 1..]))
+            ('*', None) => re.push_str("[^/]*"),
+            ('?', None) => re.push_str("[^/]"),
+            ('[', None) => {
+                re.push('[');
+                class = Some(Class {
+                    members: false,
+                    may_range: false,
+                });
+            }
+            (c, None) | (_, Some(c)) => re.push_str(&literal(c)),
         }
     }
+    if class.is_some() {
+        return Err("unterminated character class '['".into());
+    }
+    re.push('$');
+    Regex::new(&re).map_err(|e| format!("not a valid pattern: {e}"))
 }
 
 #[cfg(test)]
@@ -417,5 +373,163 @@ mod tests {
         assert!(e.to_string().contains("unterminated"), "{e}");
         let e = DockerIgnore::parse("!\n").unwrap_err();
         assert!(e.to_string().contains("illegal exclusion"), "{e}");
+    }
+
+    /// moby/patternmatcher's `TestMatches` table (patternmatcher_test.go), as
+    /// `MatchesOrParentMatches` reads it: the cases it marks `exact` or `inexact` are
+    /// excluded, `fail` ones are not.
+    #[test]
+    fn moby_patternmatcher_matches_table() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("**", "file", true),
+            ("**", "file/", true),
+            ("**/", "file", true),
+            ("**/", "file/", true),
+            ("**", "/", true),
+            ("**/", "/", true),
+            ("**", "dir/file", true),
+            ("**/", "dir/file", true),
+            ("**", "dir/file/", true),
+            ("**/", "dir/file/", true),
+            ("**/**", "dir/file", true),
+            ("**/**", "dir/file/", true),
+            ("dir/**", "dir/file", true),
+            ("dir/**", "dir/file/", true),
+            ("dir/**", "dir/dir2/file", true),
+            ("dir/**", "dir/dir2/file/", true),
+            ("**/dir", "dir", true),
+            ("**/dir", "dir/file", true),
+            ("**/dir2/*", "dir/dir2/file", true),
+            ("**/dir2/*", "dir/dir2/file/", true),
+            ("**/dir2/**", "dir/dir2/dir3/file", true),
+            ("**/dir2/**", "dir/dir2/dir3/file/", true),
+            ("**file", "file", true),
+            ("**file", "dir/file", true),
+            ("**/file", "dir/file", true),
+            ("**file", "dir/dir/file", true),
+            ("**/file", "dir/dir/file", true),
+            ("**/file*", "dir/dir/file", true),
+            ("**/file*", "dir/dir/file.txt", true),
+            ("**/file*txt", "dir/dir/file.txt", true),
+            ("**/file*.txt", "dir/dir/file.txt", true),
+            ("**/file*.txt*", "dir/dir/file.txt", true),
+            ("**/**/*.txt", "dir/dir/file.txt", true),
+            ("**/**/*.txt2", "dir/dir/file.txt", false),
+            ("**/*.txt", "file.txt", true),
+            ("**/**/*.txt", "file.txt", true),
+            ("a**/*.txt", "a/file.txt", true),
+            ("a**/*.txt", "a/dir/file.txt", true),
+            ("a**/*.txt", "a/dir/dir/file.txt", true),
+            ("a/*.txt", "a/dir/file.txt", false),
+            ("a/*.txt", "a/file.txt", true),
+            ("a/*.txt**", "a/file.txt", true),
+            ("a[b-d]e", "ae", false),
+            ("a[b-d]e", "ace", true),
+            ("a[b-d]e", "aae", false),
+            ("a[^b-d]e", "aze", true),
+            (".*", ".foo", true),
+            (".*", "foo", false),
+            ("abc.def", "abcdef", false),
+            ("abc.def", "abc.def", true),
+            ("abc.def", "abcZdef", false),
+            ("abc?def", "abcZdef", true),
+            ("abc?def", "abcdef", false),
+            ("**/foo/bar", "foo/bar", true),
+            ("**/foo/bar", "dir/foo/bar", true),
+            ("**/foo/bar", "dir/dir2/foo/bar", true),
+            ("abc/**", "abc", false),
+            ("abc/**", "abc/def", true),
+            ("abc/**", "abc/def/ghi", true),
+            ("**/.foo", ".foo", true),
+            ("**/.foo", "bar.foo", false),
+            ("a(b)c/def", "a(b)c/def", true),
+            ("a(b)c/def", "a(b)c/xyz", false),
+            ("a.|)$(}+{bc", "a.|)$(}+{bc", true),
+            (
+                "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
+                "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
+                true,
+            ),
+            (
+                "dist/*.whl",
+                "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
+                true,
+            ),
+            ("a\\\\", "a\\", true),
+            ("a\\*b", "a*b", true),
+        ];
+        for &(pattern, path, want) in cases {
+            assert_eq!(ig(pattern).excludes(path), want, "{pattern:?} {path:?}");
+        }
+        for (patterns, path, want) in [
+            ("**\n!util/docker/web", "util/docker/web/foo", false),
+            (
+                "**\n!util/docker/web\nutil/docker/web/foo",
+                "util/docker/web/foo",
+                true,
+            ),
+            (
+                "**\n!dist/*.whl",
+                "dist/proxy.py-2.4.0rc3-py3-none-any.whl",
+                false,
+            ),
+        ] {
+            assert_eq!(ig(patterns).excludes(path), want, "{patterns:?} {path:?}");
+        }
+    }
+
+    /// Go's `filepath.Match` cases that moby's `TestMatch` runs through its matcher
+    /// (patternmatcher_test.go `matchTests`): matches, and the patterns it rejects.
+    #[test]
+    fn moby_filepath_match_table() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("abc", "abc", true),
+            ("*", "abc", true),
+            ("*c", "abc", true),
+            ("a*", "a", true),
+            ("a*", "abc", true),
+            ("a*", "ab/c", true),
+            ("a*/b", "abc/b", true),
+            ("a*/b", "a/c/b", false),
+            ("a*b*c*d*e*/f", "axbxcxdxe/f", true),
+            ("a*b*c*d*e*/f", "axbxcxdxexxx/f", true),
+            ("a*b*c*d*e*/f", "axbxcxdxe/xxx/f", false),
+            ("a*b*c*d*e*/f", "axbxcxdxexxx/fff", false),
+            ("a*b?c*x", "abxbbxdbxebxczzx", true),
+            ("a*b?c*x", "abxbbxdbxebxczzy", false),
+            ("ab[c]", "abc", true),
+            ("ab[b-d]", "abc", true),
+            ("ab[e-g]", "abc", false),
+            ("ab[^c]", "abc", false),
+            ("ab[^b-d]", "abc", false),
+            ("ab[^e-g]", "abc", true),
+            ("a\\*b", "a*b", true),
+            ("a\\*b", "ab", false),
+            ("a?b", "a\u{263a}b", true),
+            ("a[^a]b", "a\u{263a}b", true),
+            ("a???b", "a\u{263a}b", false),
+            ("a[^a][^a][^a]b", "a\u{263a}b", false),
+            ("[a-\u{3b6}]*", "\u{3b1}", true),
+            ("*[a-\u{3b6}]", "A", false),
+            ("a?b", "a/b", false),
+            ("a*b", "a/b", false),
+            ("[\\]a]", "]", true),
+            ("[\\-]", "-", true),
+            ("[x\\-]", "x", true),
+            ("[x\\-]", "-", true),
+            ("[x\\-]", "z", false),
+            ("[\\-x]", "x", true),
+            ("[\\-x]", "-", true),
+            ("[\\-x]", "a", false),
+            ("*x", "xxx", true),
+        ];
+        for &(pattern, path, want) in cases {
+            assert_eq!(ig(pattern).excludes(path), want, "{pattern:?} {path:?}");
+        }
+        for bad in [
+            "[]a]", "[-]", "[x-]", "[-x]", "\\", "[a-b-c]", "[", "[^", "[^bc", "a[",
+        ] {
+            assert!(DockerIgnore::parse(bad).is_err(), "{bad:?} is accepted");
+        }
     }
 }

@@ -31,7 +31,8 @@
 //!
 //! Maintenance lives beside the core: `fsck` (checks and repairs), `gc` (mark and sweep,
 //! LRU under a size cap, using `.kiln/trash/` to remove blobs safely), `usage` (last use
-//! of each reference, `.kiln/usage.json`) and `stats` (sizes for the dashboard).
+//! of each reference, `.kiln/usage.json`), `pushes` (pushes to upstreams still owed,
+//! `.kiln/pushes.json`) and `stats` (sizes for the dashboard).
 
 mod blob;
 mod commit;
@@ -42,6 +43,7 @@ mod import;
 mod index;
 mod leftovers;
 mod lock;
+mod pushes;
 mod stats;
 mod usage;
 

@@ -32,8 +32,33 @@ pub enum ConfigError {
     },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {source}")]
+    Toml {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A `--listen` entry, or one of `registry.listen` in the config file `path`.
+    #[error("{}: {source}", listen_origin(.path.as_deref()))]
+    Listen {
+        path: Option<PathBuf>,
+        #[source]
+        source: ListenError,
+    },
+    #[error("{0}")]
+    Builder(#[source] crate::plan::UnknownBuilder),
+    #[error(transparent)]
+    Upstream(Box<crate::upstream::UpstreamError>),
     #[error("{0}")]
     Invalid(String),
+}
+
+/// Where a `--listen` entry came from, as [`ConfigError::Listen`] names it.
+fn listen_origin(file: Option<&Path>) -> String {
+    match file {
+        Some(p) => format!("config file {}: registry.listen", p.display()),
+        None => "--listen".to_owned(),
+    }
 }
 
 /// kilnd's flags as a daemon (`kilnd [OPTIONS] [ROOT]...`; main.rs adds the one-off
@@ -260,15 +285,9 @@ impl Config {
             let mut addrs = Vec::new();
             let mut several = false;
             for entry in &list {
-                let resolved = resolve_listen(entry).map_err(|message| {
-                    if in_file {
-                        ConfigError::Parse {
-                            path: config_file.clone().unwrap_or_default(),
-                            message: format!("registry.listen: {message}"),
-                        }
-                    } else {
-                        ConfigError::Invalid(format!("--listen: {message}"))
-                    }
+                let resolved = resolve_listen(entry).map_err(|source| ConfigError::Listen {
+                    path: in_file.then(|| config_file.clone().unwrap_or_default()),
+                    source,
                 })?;
                 several |= resolved.addrs.len() > 1;
                 // A name the registry listens under is a name clients reach it by.
@@ -312,7 +331,7 @@ impl Config {
         // `--builder` decides for every package; else kiln.toml, per package first.
         let builders = match args.builder {
             Some(b) => Builders {
-                default: b.parse().map_err(ConfigError::Invalid)?,
+                default: b.parse().map_err(ConfigError::Builder)?,
                 packages: Default::default(),
             },
             None => Builders {
@@ -431,7 +450,7 @@ fn upstreams(
 ) -> Result<Vec<UpstreamSpec>, ConfigError> {
     let parse = |s: &str| {
         s.parse::<UpstreamSpec>()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))
+            .map_err(|e| ConfigError::Upstream(Box::new(e)))
     };
     let mut from_file = Vec::new();
     for (i, u) in file.into_iter().enumerate() {
@@ -489,9 +508,9 @@ fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+    toml::from_str(&text).map_err(|source| ConfigError::Toml {
         path: path.to_owned(),
-        message: e.to_string(),
+        source,
     })
 }
 
@@ -502,23 +521,43 @@ struct Listen {
     addrs: Vec<SocketAddr>,
 }
 
+/// Why a `--listen` entry names no address.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("{0:?} is not an address such as 127.0.0.1:5000 or localhost:5000")]
+    Shape(String),
+    #[error("cannot resolve {host:?} (from {entry:?}): {source}")]
+    Resolve {
+        host: String,
+        entry: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{host:?} (from {entry:?}) resolves to no address")]
+    NoAddress { host: String, entry: String },
+}
+
 /// `IP:PORT`, `[IPv6]:PORT` or `NAME:PORT`; a name is resolved (`localhost:5000` is
 /// 127.0.0.1:5000 and [::1]:5000), as the registry clients that connect to it will.
-fn resolve_listen(entry: &str) -> Result<Listen, String> {
+fn resolve_listen(entry: &str) -> Result<Listen, ListenError> {
     if let Ok(addr) = entry.parse::<SocketAddr>() {
         return Ok(Listen {
             name: None,
             addrs: vec![addr],
         });
     }
-    let shape = || format!("{entry:?} is not an address such as 127.0.0.1:5000 or localhost:5000");
+    let shape = || ListenError::Shape(entry.to_owned());
     let (host, port) = entry.rsplit_once(':').ok_or_else(shape)?;
     let port: u16 = port.parse().map_err(|_| shape())?;
     if host.is_empty() || host.contains(['[', ']', '/', ' ']) {
         return Err(shape());
     }
     let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
-        .map_err(|e| format!("cannot resolve {host:?} (from {entry:?}): {e}"))?
+        .map_err(|source| ListenError::Resolve {
+            host: host.to_owned(),
+            entry: entry.to_owned(),
+            source,
+        })?
         .fold(Vec::new(), |mut v, a| {
             if !v.contains(&a) {
                 v.push(a);
@@ -526,7 +565,10 @@ fn resolve_listen(entry: &str) -> Result<Listen, String> {
             v
         });
     if addrs.is_empty() {
-        return Err(format!("{host:?} (from {entry:?}) resolves to no address"));
+        return Err(ListenError::NoAddress {
+            host: host.to_owned(),
+            entry: entry.to_owned(),
+        });
     }
     Ok(Listen {
         name: Some(host.to_ascii_lowercase()),

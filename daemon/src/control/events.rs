@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use kiln_shared::error::Chain;
 use kiln_shared::protocol::{BuildOutcome, BuildSummary, Event, QueuedBuild, RunningBuild, now_ms};
 
 use crate::schedule::{Outcome, SchedEvent};
@@ -25,7 +26,7 @@ pub fn to_event(e: SchedEvent) -> Event {
                 package: key.package,
                 arch: key.arch,
                 tag,
-                reason,
+                reason: reason.to_string(),
             },
         },
         SchedEvent::Started {
@@ -80,7 +81,7 @@ pub fn to_event(e: SchedEvent) -> Event {
                 }
                 Outcome::Failed(e) => {
                     summary.outcome = BuildOutcome::Failed;
-                    summary.error = Some(e);
+                    summary.error = Some(Chain(&e).to_string());
                     Event::Failed {
                         package,
                         arch,
@@ -89,7 +90,7 @@ pub fn to_event(e: SchedEvent) -> Event {
                 }
                 Outcome::Cancelled(e) => {
                     summary.outcome = BuildOutcome::Cancelled;
-                    summary.error = Some(e);
+                    summary.error = Some(Chain(&e).to_string());
                     Event::Cancelled {
                         package,
                         arch,
@@ -135,9 +136,16 @@ pub fn describe(e: &SchedEvent) -> Option<String> {
                 duration.as_secs_f64(),
                 b.manifest.digest
             ),
-            Outcome::Failed(e) => format!("FAILED {}:{tag} ({}): {e}", key.package, key.arch),
+            Outcome::Failed(e) => {
+                format!("FAILED {}:{tag} ({}): {}", key.package, key.arch, Chain(e))
+            }
             Outcome::Cancelled(e) => {
-                format!("cancelled {}:{tag} ({}): {e}", key.package, key.arch)
+                format!(
+                    "cancelled {}:{tag} ({}): {}",
+                    key.package,
+                    key.arch,
+                    Chain(e)
+                )
             }
         }),
     }

@@ -25,14 +25,11 @@ impl Controller {
                         max_size,
                         ..GcOptions::default()
                     },
-                )
-                .map_err(|e| ControlError::Failed(e.to_string()))?;
+                )?;
                 // Then the RUN snapshots: those no kept image needs, and past --max-size
                 // (what the blobs leave of it) the least recently used.
                 let budget = max_size.map(|m| m.saturating_sub(report.bytes_after));
-                let snapshots = Snapshots::open(&cache)
-                    .and_then(|s| s.collect(&cache, budget))
-                    .map_err(|e| ControlError::Failed(e.to_string()))?;
+                let snapshots = Snapshots::open(&cache).and_then(|s| s.collect(&cache, budget))?;
                 Ok::<_, ControlError>((report, snapshots))
             })
             .await;
@@ -51,7 +48,7 @@ impl Controller {
                     Ok(GcResponse { gc: summary })
                 }
                 Ok(Err(e)) => Err(e),
-                Err(e) => Err(ControlError::Failed(format!("gc stopped: {e}"))),
+                Err(e) => Err(ControlError::GcStopped(e)),
             };
             let _ = reply.send(answer);
         });

@@ -10,6 +10,7 @@
 mod events;
 mod fetch;
 mod gc;
+mod owned;
 mod pull;
 mod push;
 mod request;
@@ -32,13 +33,14 @@ use crate::build::docker::{EngineError, Engines};
 use crate::bus::Bus;
 use crate::cache::{Cache, point_dev};
 use crate::plan::{self, Builders, PackageProblem, Planner};
-use crate::schedule::{CancelFilter, SchedEvent, Scheduler};
+use crate::schedule::{CancelFilter, CancelReason, QueueReason, SchedEvent, Scheduler};
 use crate::watch::{Touched, WatchEvent};
 use crate::workspace::{PackageTable, Planned};
 
 pub use events::{describe, to_event};
+pub use owned::Owned;
 pub use pull::PullMiss;
-pub use push::publish_upstreams;
+pub use push::{publish_upstreams, resume_pushes};
 pub use request::{ControlError, ControlRequest, Reply};
 pub use runner::{BuildRunner, Imports};
 pub use stats::cache_stats;
@@ -117,6 +119,8 @@ pub struct QueueConfig<'a> {
     pub upstreams: Option<Arc<crate::upstream::Upstreams>>,
     /// What `kiln.toml` imports from layouts.
     pub imports: runner::Imports,
+    /// Where the queue, its builds and the pushes run.
+    pub owned: &'a Owned,
 }
 
 /// Starts the bus and the build queue. `on_event` sees each queue event before the bus.
@@ -147,12 +151,19 @@ pub fn start_queue(
         Arc::clone(&touched),
         q.upstreams,
         q.imports,
+        q.owned,
     );
     let sched_bus = bus.clone();
-    let sched = Scheduler::start(Arc::new(runner), q.jobs, move |e| {
-        on_event(&e);
-        sched_bus.publish(to_event(e));
-    });
+    let sched = Scheduler::start(
+        Arc::new(runner),
+        q.jobs,
+        move |e| {
+            on_event(&e);
+            sched_bus.publish(to_event(e));
+        },
+        &q.owned.builds,
+        q.owned.cancel_builds.clone(),
+    );
     Ok(Core {
         bus,
         table,
@@ -219,7 +230,7 @@ impl Controller {
             tokio::select! {
                 Some(ev) = inputs.watch.recv() => self.on_watch(ev).await,
                 () = tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)), if retry.is_some() => {
-                    self.replan(&BTreeSet::new(), "files changed", std::time::Instant::now()).await;
+                    self.replan(&BTreeSet::new(), QueueReason::FilesChanged, std::time::Instant::now()).await;
                 }
                 Some(req) = inputs.control.recv() => self.on_control(req).await,
                 Some(miss) = inputs.pulls.recv() => self.on_pull_miss(miss).await,
@@ -231,7 +242,7 @@ impl Controller {
     }
 
     /// Plans every package (at start, and after a rescan).
-    pub async fn plan_all(&mut self, reason: &str) {
+    pub async fn plan_all(&mut self, reason: QueueReason) {
         let since = std::time::Instant::now();
         let all = self.planner.dirs();
         self.replan(&all, reason, since).await;
@@ -254,13 +265,14 @@ impl Controller {
                 // A plan that waited for this change is made now, even if the change
                 // names none of its packages' files any more.
                 if !affected.is_empty() || self.deferred.is_some() {
-                    self.replan(&affected, "files changed", since).await;
+                    self.replan(&affected, QueueReason::FilesChanged, since)
+                        .await;
                 }
             }
             WatchEvent::Rescan { reason } => {
                 tracing::warn!("{reason}");
                 tokio::task::block_in_place(|| self.planner.rescan());
-                self.plan_all("rescan").await;
+                self.plan_all(QueueReason::Rescan).await;
             }
             WatchEvent::Error { message } => {
                 tracing::error!("{message}");
@@ -277,7 +289,7 @@ impl Controller {
     async fn replan(
         &mut self,
         affected: &BTreeSet<PathBuf>,
-        reason: &str,
+        reason: QueueReason,
         since: std::time::Instant,
     ) {
         let mut affected = affected.clone();
@@ -345,6 +357,7 @@ impl Controller {
             let _ = self
                 .sched
                 .cancel(CancelFilter {
+                    reason: Some(CancelReason::Unplanned(name.clone())),
                     package: Some(name),
                     ..CancelFilter::default()
                 })
@@ -435,9 +448,7 @@ impl Controller {
                 .sched
                 .cancel(CancelFilter {
                     build_id: Some(id),
-                    reason: Some(format!(
-                        "superseded: tag {tag} is current again and served from the cache"
-                    )),
+                    reason: Some(CancelReason::Served(tag)),
                     ..CancelFilter::default()
                 })
                 .await;

@@ -4,7 +4,11 @@
 //! `Pushed` event with the error and the time of the next try, the dashboard, `kiln
 //! status`) and tried again on a timer, backing off from 5 s to 5 min, for as long as the
 //! tag is its package's current one and no later push of the package took over. It never
-//! fails the build or touches the local result. Dirty tags are never pushed.
+//! fails the build or touches the local result. Dirty tags are never pushed. A push runs
+//! on kilnd's drain tracker: one in flight at shutdown finishes; its retries stop. A push
+//! is recorded as owed in the cache until it succeeds or is superseded, and the next
+//! kilnd on the cache pushes what is still owed ([`resume_pushes`]): never half-pushed
+//! and forgotten.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +20,8 @@ use crate::bus::Bus;
 use crate::cache::Cache;
 use crate::upstream::Upstreams;
 use crate::workspace::{PackageTable, Planned};
+
+use super::Owned;
 
 /// The wait before the first retry of a failed push, and the longest wait.
 const FIRST_RETRY: Duration = Duration::from_secs(5);
@@ -30,6 +36,7 @@ pub(super) fn is_dirty(tag: &Tag) -> bool {
 /// Pushes `p`'s current tag in a task of its own, retrying on a timer until it is
 /// pushed, superseded (a newer tag, a later push of the package) or kilnd stops.
 pub(super) fn push_in_background(
+    owned: &Owned,
     upstreams: Arc<Upstreams>,
     cache: Arc<Cache>,
     bus: Bus,
@@ -42,7 +49,16 @@ pub(super) fn push_in_background(
     let image = p.image();
     let package = p.pkg.repo.to_string();
     let mounts: Vec<RepoName> = p.deps.iter().filter_map(|(r, _)| r.parse().ok()).collect();
-    tokio::spawn(async move {
+    if owned.stopping.is_cancelled() {
+        tracing::warn!(image = %image, "not pushed now: kilnd is stopping; it pushes it when it starts again");
+        owned
+            .drain
+            .spawn(async move { owe(&cache, &image, true).await });
+        return;
+    }
+    let stopping = owned.stopping.clone();
+    owned.drain.spawn(async move {
+        owe(&cache, &image, true).await;
         let mut wait = FIRST_RETRY;
         loop {
             let results = push_and_report(
@@ -56,10 +72,17 @@ pub(super) fn push_in_background(
             )
             .await;
             if results.iter().all(|r| r.error.is_none()) {
+                owe(&cache, &image, false).await;
                 return;
             }
             let ours = results.iter().map(|r| r.at_ms).max().unwrap_or_default();
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = stopping.cancelled() => {
+                    tracing::warn!(image = %image, "push not tried again now: kilnd is stopping; it pushes it when it starts again");
+                    return;
+                }
+            }
             let current = table
                 .read()
                 .ok()
@@ -72,12 +95,69 @@ pub(super) fn push_in_background(
                 .get(&package)
                 .is_some_and(|r| r.at_ms > ours || r.tag != image.tag);
             if !current || taken_over {
+                owe(&cache, &image, false).await;
                 return;
             }
             tracing::info!(image = %image, "pushing again");
             wait = (wait * 2).min(MAX_RETRY);
         }
     });
+}
+
+/// Records in the cache that `image`'s push is owed, or no longer is.
+async fn owe(cache: &Arc<Cache>, image: &ImageRef, owed: bool) {
+    let (cache, name) = (Arc::clone(cache), image.clone());
+    match tokio::task::spawn_blocking(move || cache.mark_push(&name, owed)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(image = %image, "cannot record the push as owed: {e}"),
+        Err(e) => tracing::warn!(image = %image, "recording the push stopped: {e}"),
+    }
+}
+
+/// Pushes again what an earlier kilnd on this cache owed (its push cut by a shutdown, or
+/// failing until one), for each tag that is still its package's current one; forgets
+/// the others (superseded). Call once the workspace is planned.
+pub async fn resume_pushes(
+    owned: &Owned,
+    upstreams: &Arc<Upstreams>,
+    cache: &Arc<Cache>,
+    bus: &Bus,
+    table: &Arc<PackageTable>,
+) {
+    let c = Arc::clone(cache);
+    let owed = match tokio::task::spawn_blocking(move || c.pending_pushes()).await {
+        Ok(Ok(owed)) => owed,
+        Ok(Err(e)) => {
+            tracing::warn!("cannot read the pushes owed: {e}");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!("reading the pushes owed stopped: {e}");
+            return;
+        }
+    };
+    for image in owed {
+        let current = table
+            .read()
+            .ok()
+            .and_then(|t| t.get(&image.repo.to_string()).cloned())
+            .filter(|p| p.tag == image.tag);
+        match current {
+            Some(p) if upstreams.pushes() => {
+                tracing::info!(image = %image, "pushing what the last run did not finish pushing");
+                push_in_background(
+                    owned,
+                    Arc::clone(upstreams),
+                    Arc::clone(cache),
+                    bus.clone(),
+                    Arc::clone(table),
+                    &p,
+                );
+            }
+            Some(_) => {} // no upstream takes pushes now: still owed
+            None => owe(cache, &image, false).await,
+        }
+    }
 }
 
 /// Pushes a package's tag to every upstream with `push` and reports each result on the

@@ -12,11 +12,12 @@ use tokio::sync::oneshot;
 
 use super::Controller;
 use crate::plan;
-use crate::schedule::{CancelFilter, Outcome};
+use crate::schedule::{CancelFilter, Outcome, QueueReason};
 use crate::workspace::{BuilderKind, Planned};
 
-/// Why the daemon core refused or failed a control request. Each maps to an HTTP status.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why the daemon core refused or failed a control request. Each maps to an HTTP status:
+/// the refusals to theirs, the failures (which keep their source) to 500.
+#[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// No such package, arch or build (404).
     #[error("{0}")]
@@ -27,9 +28,17 @@ pub enum ControlError {
     /// It cannot be done now (409), e.g. a GC while one runs.
     #[error("{0}")]
     Conflict(String),
-    /// It was tried and failed (500).
-    #[error("{0}")]
-    Failed(String),
+    /// The cache could not be read or changed.
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
+    /// The RUN snapshots could not be collected.
+    #[error(transparent)]
+    Snapshots(#[from] crate::build::native::snapshot::SnapshotError),
+    /// The build queue has stopped.
+    #[error(transparent)]
+    Stopped(#[from] crate::schedule::Stopped),
+    #[error("gc stopped: {0}")]
+    GcStopped(#[source] tokio::task::JoinError),
 }
 
 /// What a control request answers.
@@ -106,10 +115,7 @@ impl Controller {
                 )));
             }
         };
-        let index = self
-            .cache
-            .index()
-            .map_err(|e| ControlError::Failed(e.to_string()))?;
+        let index = self.cache.index()?;
         let image = p.image();
         let mut jobs = Vec::new();
         let mut up_to_date = Vec::new();
@@ -118,7 +124,7 @@ impl Controller {
                 up_to_date.push(arch);
             } else {
                 plan::missing_deps(&self.table, &p, &arch, &index, &mut jobs);
-                let mut job = plan::job(&p, &arch, req.force, "requested");
+                let mut job = plan::job(&p, &arch, req.force, QueueReason::Requested);
                 if let Some(b) = builder {
                     job.builder = b;
                     job.fallback = false;
@@ -126,11 +132,7 @@ impl Controller {
                 jobs.push(job);
             }
         }
-        let joined = self
-            .sched
-            .submit_joined(jobs.clone())
-            .await
-            .map_err(|e| ControlError::Failed(e.to_string()))?;
+        let joined = self.sched.submit_joined(jobs.clone()).await?;
         let (ids, waits): (Vec<BuildId>, Vec<_>) = joined.into_iter().unzip();
         let response = BuildResponse {
             builds: jobs
@@ -141,7 +143,7 @@ impl Controller {
                     package: j.key.package,
                     arch: j.key.arch,
                     tag: j.tag,
-                    reason: j.reason,
+                    reason: j.reason.to_string(),
                 })
                 .collect(),
             up_to_date,
@@ -186,8 +188,7 @@ impl Controller {
                 arch: req.arch,
                 reason: None,
             })
-            .await
-            .map_err(|e| ControlError::Failed(e.to_string()))?;
+            .await?;
         Ok(CancelResponse { cancelled: ids })
     }
 }

@@ -14,7 +14,10 @@ use kiln_shared::reference::{Tag, arch_ref};
 use tokio_util::sync::CancellationToken;
 
 mod bases;
+mod error;
 mod pin;
+
+pub use error::{BaseError, BuildError, PinError, Superseded};
 
 use super::push::{is_dirty, publish_upstreams};
 
@@ -31,6 +34,7 @@ use crate::schedule::{Built, Job, RunError, RunFuture, Runner};
 use crate::upstream::Upstreams;
 use crate::watch::Touched;
 use crate::workspace::{BuilderKind, PackageTable, Planned};
+use kiln_shared::error::Chain;
 
 /// Builds targets for the queue.
 #[derive(Clone)]
@@ -57,6 +61,8 @@ struct Inner {
     /// Layouts that stand in for a base the upstreams cannot give: (layout, reference
     /// in it, cache name).
     fallbacks: Vec<(PathBuf, String, String)>,
+    /// Where pushes run (they drain at shutdown).
+    owned: super::Owned,
 }
 
 /// The images `kiln.toml` imports from OCI layouts, as the runner needs them.
@@ -86,6 +92,7 @@ impl BuildRunner {
         touched: Arc<Touched>,
         upstreams: Option<Arc<Upstreams>>,
         imports: Imports,
+        owned: &super::Owned,
     ) -> Self {
         BuildRunner {
             inner: Arc::new(Inner {
@@ -99,6 +106,7 @@ impl BuildRunner {
                 upstreams,
                 imported: imports.names,
                 fallbacks: imports.fallbacks,
+                owned: owned.clone(),
             }),
         }
     }
@@ -121,7 +129,7 @@ impl Runner for BuildRunner {
                     RunError::Failed(_) => BuildOutcome::Failed,
                     RunError::Superseded(_) => BuildOutcome::Cancelled,
                 };
-                if let Some(line) = crate::bus::end_line(outcome, Some(&e.to_string())) {
+                if let Some(line) = crate::bus::end_line(outcome, Some(&Chain(e).to_string())) {
                     log.keep(line);
                 }
             }
@@ -168,12 +176,13 @@ impl Inner {
             .read()
             .ok()
             .and_then(|t| t.get(&job.key.package).cloned())
-            .ok_or_else(|| format!("package {} is no longer in the workspace", job.key.package))?;
+            .ok_or_else(|| BuildError::Gone(job.key.package.clone()))?;
         if planned.tag != job.tag {
-            return Err(RunError::Superseded(format!(
-                "{} is now at tag {}",
-                job.key.package, planned.tag
-            )));
+            return Err(Superseded::NewTag {
+                package: job.key.package.clone(),
+                tag: planned.tag.clone(),
+            }
+            .into());
         }
         let image = planned.image();
         let arch = job.key.arch.clone();
@@ -218,12 +227,12 @@ impl Inner {
                 .await
             {
                 Ok(out) => (out, None),
-                Err(NativeFailure::Refused(why)) if job.fallback => {
+                Err(BuildError::Native(NativeError::Refused(why))) if job.fallback => {
                     log.line(&format!("{why}; building with the docker builder instead"));
                     let (out, tag) = self.docker(&planned, &arch, &pins, log, cancel).await?;
                     (out, Some(tag))
                 }
-                Err(e) => return Err(e.to_string().into()),
+                Err(e) => return Err(e.into()),
             },
             BuilderKind::Docker => {
                 let (out, tag) = self.docker(&planned, &arch, &pins, log, cancel).await?;
@@ -236,10 +245,11 @@ impl Inner {
             .chain(planned.pkg.extra_sources.iter().map(|(s, _)| s.as_path()))
             .collect();
         if self.touched.since(planned.at, &dirs) {
-            return Err(RunError::Superseded(format!(
-                "files of {} changed while it was built at tag {}; the change builds it again",
-                job.key.package, job.tag
-            )));
+            return Err(Superseded::FilesChanged {
+                package: job.key.package.clone(),
+                tag: job.tag.clone(),
+            }
+            .into());
         }
         let Landing { built, platform } = image_out;
         self.land(job, &image, &arch, platform, built.manifest.clone())
@@ -251,7 +261,8 @@ impl Inner {
             let reference = tag.reference().to_owned();
             if let Err(e) = tag.remove().await {
                 log.line(&format!(
-                    "warning: cannot remove {reference} from the engine: {e}"
+                    "warning: cannot remove {reference} from the engine: {}",
+                    Chain(&e)
                 ));
             }
         }
@@ -268,7 +279,7 @@ impl Inner {
         arch: &str,
         platform: Platform,
         manifest: crate::oci::Descriptor,
-    ) -> Result<(), String> {
+    ) -> Result<(), BuildError> {
         let current = self
             .table
             .read()
@@ -282,8 +293,7 @@ impl Inner {
             cache.merge_arch(&landed_image, &suffix, platform, manifest, dev.as_ref())
         })
         .await
-        .map_err(|e| format!("landing the image stopped: {e}"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(BuildError::LandingStopped)??;
         Ok(())
     }
 
@@ -291,7 +301,12 @@ impl Inner {
     /// did not ask for: build on pull, `kiln build`): the package's tag is fetched whole
     /// and lands with every arch the upstream has. A dirty tag names a local state and is
     /// never looked up. An upstream that fails is logged and the target is built here.
-    async fn fetch(&self, p: &Planned, arch: &str, log: &mut Log) -> Result<Option<Built>, String> {
+    async fn fetch(
+        &self,
+        p: &Planned,
+        arch: &str,
+        log: &mut Log,
+    ) -> Result<Option<Built>, BuildError> {
         let Some(upstreams) = self.upstreams.as_ref().filter(|u| u.has_target_sources()) else {
             return Ok(None);
         };
@@ -313,7 +328,7 @@ impl Inner {
             Ok(Some(f)) => f,
             Ok(None) => return Ok(None),
             Err(e) => {
-                log.line(&format!("warning: {e}; building it here"));
+                log.line(&format!("warning: {}; building it here", Chain(&e)));
                 return Ok(None);
             }
         };
@@ -333,8 +348,7 @@ impl Inner {
             super::fetch::land_all(&cache, &[(&landed.0, &landed.1, dev.as_ref())])
         })
         .await
-        .map_err(|e| format!("landing the image stopped: {e}"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(BuildError::LandingStopped)??;
         log.line(&format!(
             "{image} ({arch}): pulled from {} in {} ms ({} bytes new): {}",
             fetched.upstream,
@@ -369,6 +383,7 @@ impl Inner {
             return; // the last arch to land pushes them all
         }
         super::push::push_in_background(
+            &self.owned,
             upstreams,
             Arc::clone(&self.cache),
             self.bus.clone(),
@@ -390,7 +405,7 @@ impl Inner {
         pins: &BTreeMap<String, Digest>,
         log: &mut Log,
         cancel: CancellationToken,
-    ) -> Result<Landing, NativeFailure> {
+    ) -> Result<Landing, BuildError> {
         let input = NativeBuild {
             context: p.pkg.dir.clone(),
             dockerfile: p.pkg.dockerfile.clone(),
@@ -429,18 +444,9 @@ impl Inner {
         while let Some(line) = rx.recv().await {
             log.line(&line);
         }
-        let out = task
-            .await
-            .map_err(|e| NativeFailure::Failed(format!("the native build stopped: {e}")))?
-            .map_err(|e| match e {
-                NativeError::Refused(r) => NativeFailure::Refused(r.to_string()),
-                e => NativeFailure::Failed(e.to_string()),
-            })?;
+        let out = task.await.map_err(BuildError::NativeStopped)??;
         let (steps, cache_hits) = (out.steps, out.cache_hits);
-        let (_, platform, manifest) =
-            out.images.into_iter().next().ok_or_else(|| {
-                NativeFailure::Failed("the native builder produced no image".into())
-            })?;
+        let (_, platform, manifest) = out.images.into_iter().next().ok_or(BuildError::NoImage)?;
         Ok(Landing {
             built: Built {
                 manifest,
@@ -460,17 +466,10 @@ impl Inner {
         pins: &BTreeMap<String, Digest>,
         log: &mut Log,
         cancel: CancellationToken,
-    ) -> Result<(Landing, docker::EngineTag), String> {
-        let registry = self.registry.clone().ok_or_else(|| {
-            "the docker builder pushes into kilnd's registry, which listens on no IPv4 \
-             loopback address: add --listen 127.0.0.1:PORT"
-                .to_owned()
-        })?;
+    ) -> Result<(Landing, docker::EngineTag), BuildError> {
+        let registry = self.registry.clone().ok_or(BuildError::NoRegistry)?;
         let platform = platform_for_arch(arch);
-        let engine = self
-            .engines
-            .engine_for(&format!("linux/{arch}"))
-            .map_err(|e| e.to_string())?;
+        let engine = self.engines.engine_for(&format!("linux/{arch}"))?;
         let info = linuxkit_info(p);
         let args = linuxkit_build_args(&info, &build_args(&p.pkg));
         let dockerfile = self.pin_bases(p, &platform, &args, &registry, pins)?;
@@ -498,8 +497,13 @@ impl Inner {
         };
         let result = docker::build_arch(&engine, &build, &registry, &mut sink, cancel).await;
         let (outcome, engine_tag) = result.map_err(|e| {
-            docker::explain(&e, &p.pkg.dockerfile, p.pkg.spec.network)
-                .unwrap_or_else(|| e.to_string())
+            match docker::explain(&e, &p.pkg.dockerfile, p.pkg.spec.network) {
+                Some(explanation) => BuildError::Explained {
+                    explanation,
+                    engine: e,
+                },
+                None => BuildError::Docker(e),
+            }
         })?;
         let landing = Landing {
             built: Built {
@@ -537,22 +541,6 @@ impl Inner {
 struct Landing {
     built: Built,
     platform: Platform,
-}
-
-/// Why a native build failed: it refused something (the docker builder can do it), or
-/// it failed.
-#[derive(Debug)]
-enum NativeFailure {
-    Refused(String),
-    Failed(String),
-}
-
-impl std::fmt::Display for NativeFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NativeFailure::Refused(m) | NativeFailure::Failed(m) => f.write_str(m),
-        }
-    }
 }
 
 /// `SOURCE_DATE_EPOCH` for native layers (default 0).

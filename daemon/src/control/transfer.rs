@@ -56,7 +56,7 @@ impl Controller {
             upstreams,
             dev_tag: self.cfg.dev_tag.clone(),
         };
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let mut results = Vec::new();
             for name in &req.names {
                 if push {

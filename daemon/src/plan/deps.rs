@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use kiln_shared::reference::Tag;
 use sha1::{Digest as _, Sha1};
 
-use crate::build::dockerfile::Dockerfile;
+use crate::build::dockerfile::{Dockerfile, DockerfileError};
 use crate::oci::Platform;
 use crate::workspace::Package;
 
@@ -26,16 +26,13 @@ pub fn build_args(pkg: &Package) -> BTreeMap<String, String> {
 
 /// The workspace repositories (`org/image`) that `pkg` follows, over all its arches,
 /// sorted. `repos` is every workspace repository.
-pub fn followed(pkg: &Package, repos: &BTreeSet<String>) -> Result<Vec<String>, String> {
-    let df = Dockerfile::read(&pkg.dockerfile).map_err(|e| e.to_string())?;
+pub fn followed(pkg: &Package, repos: &BTreeSet<String>) -> Result<Vec<String>, DockerfileError> {
+    let df = Dockerfile::read(&pkg.dockerfile)?;
     let args = build_args(pkg);
     let mut out = BTreeSet::new();
     for arch in &pkg.arches {
         let platform = Platform::linux(arch.as_str(), None);
-        for r in df
-            .image_references(&args, &platform)
-            .map_err(|e| e.to_string())?
-        {
+        for r in df.image_references(&args, &platform)? {
             let name = r.value.strip_prefix("docker.io/").unwrap_or(&r.value);
             if repos.contains(name) && name != pkg.repo.as_str() {
                 out.insert(name.to_owned());

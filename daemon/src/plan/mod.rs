@@ -16,10 +16,10 @@ use std::sync::Arc;
 use kiln_shared::digest::Digest;
 use kiln_shared::reference::{ImageRef, Tag, arch_ref};
 
-use crate::build::dockerfile::Dockerfile;
+use crate::build::dockerfile::{Dockerfile, DockerfileError};
 use crate::build::native::{Capabilities, native_supports};
 use crate::cache::IndexView;
-use crate::schedule::{Job, TargetKey};
+use crate::schedule::{Job, QueueReason, TargetKey};
 use crate::workspace::{BUILD_YML, BuilderKind, Package, PackageTable, Planned, Tagger, Workspace};
 
 /// Which builder builds a package.
@@ -32,16 +32,19 @@ pub enum BuilderMode {
     Docker,
 }
 
+/// A builder name that is none of `auto`, `native`, `docker`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown builder {0:?}: use auto, native or docker")]
+pub struct UnknownBuilder(pub String);
+
 impl std::str::FromStr for BuilderMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownBuilder;
+    fn from_str(s: &str) -> Result<Self, UnknownBuilder> {
         match s {
             "auto" => Ok(BuilderMode::Auto),
             "native" => Ok(BuilderMode::Native),
             "docker" => Ok(BuilderMode::Docker),
-            other => Err(format!(
-                "unknown builder {other:?}: use auto, native or docker"
-            )),
+            other => Err(UnknownBuilder(other.to_owned())),
         }
     }
 }
@@ -86,7 +89,7 @@ pub struct Planner {
     tagger: Tagger,
     builders: Builders,
     /// Followed workspace packages, by package directory (recomputed when it changes).
-    deps: BTreeMap<PathBuf, Result<Vec<String>, String>>,
+    deps: BTreeMap<PathBuf, Result<Vec<String>, DockerfileError>>,
     /// Errors already reported, so that an unchanged broken package is not repeated.
     errors: PlanErrors,
     /// The name each package directory had when its build.yml last loaded.
@@ -268,7 +271,7 @@ pub fn diff(
 }
 
 /// The job that builds `arch` of a planned package.
-pub fn job(p: &Planned, arch: &str, force: bool, reason: &str) -> Job {
+pub fn job(p: &Planned, arch: &str, force: bool, reason: QueueReason) -> Job {
     Job {
         key: TargetKey {
             package: p.pkg.repo.to_string(),
@@ -290,7 +293,7 @@ pub fn job(p: &Planned, arch: &str, force: bool, reason: &str) -> Job {
             .collect(),
         force,
         look_up: true,
-        reason: reason.to_owned(),
+        reason,
         builder: p.builder,
         fallback: p.auto && p.builder == BuilderKind::Native,
     }
@@ -323,7 +326,7 @@ pub fn missing_deps(
                 .any(|j| j.key.package == *repo && j.key.arch == arch)
         {
             missing_deps(table, &d, arch, index, jobs);
-            jobs.push(job(&d, arch, false, "dependency"));
+            jobs.push(job(&d, arch, false, QueueReason::Dependency));
         }
     }
 }
@@ -345,7 +348,7 @@ pub fn pull_jobs(p: &Planned, tag: &str, dev_tag: &Tag, index: Option<&IndexView
     archs
         .iter()
         .filter(|a| index.is_none_or(|i| i.get(&arch_ref(&image, a)).is_none()))
-        .map(|a| job(p, a, false, "pulled"))
+        .map(|a| job(p, a, false, QueueReason::Pulled))
         .collect()
 }
 
@@ -372,7 +375,7 @@ fn dir_label(ws: &Workspace, dir: &std::path::Path) -> String {
 pub fn plan_workspace(
     ws: &Workspace,
     tagger: &mut Tagger,
-    deps: &mut BTreeMap<PathBuf, Result<Vec<String>, String>>,
+    deps: &mut BTreeMap<PathBuf, Result<Vec<String>, DockerfileError>>,
     builders: &Builders,
     known: &BTreeMap<PathBuf, String>,
 ) -> (BTreeMap<String, Arc<Planned>>, PlanErrors) {
@@ -451,7 +454,10 @@ pub fn plan_workspace(
             }
             Err(e) => {
                 let archs = p.arches.iter().map(|a| a.as_str().to_owned()).collect();
-                errors.insert(p.dir.clone(), problem(name.clone(), &p.dir, e, archs));
+                errors.insert(
+                    p.dir.clone(),
+                    problem(name.clone(), &p.dir, e.to_string(), archs),
+                );
                 graph.insert(name.clone(), Vec::new());
             }
         }
@@ -542,22 +548,46 @@ fn choose_builder(mode: BuilderMode, p: &Package) -> BuilderKind {
     }
 }
 
+/// Why `show-tag` has no tag for a directory.
+#[derive(Debug, thiserror::Error)]
+pub enum ShowTagError {
+    #[error("{}: {source}", dir.display())]
+    Read {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: no build.yml here: give a package directory", .0.display())]
+    NoBuildYml(PathBuf),
+    #[error(transparent)]
+    Tag(crate::workspace::TagError),
+    /// The package cannot be planned: the problem as planning reports it.
+    #[error("{0}")]
+    Broken(String),
+    #[error(
+        "{}: not a package of the workspace {} (is it ignored by git?)",
+        dir.display(),
+        root.display()
+    )]
+    NotInWorkspace { dir: PathBuf, root: PathBuf },
+}
+
 /// `kiln show-tag DIR...`: `org/image:tag` of each package as kilnd tags it, the tags of
 /// the workspace packages it follows folded in (otherwise the same as
 /// `linuxkit pkg show-tag`). The workspace is the package's git repository, or its parent
 /// directory outside git.
-pub fn show_tags(dirs: &[PathBuf]) -> Vec<Result<ImageRef, String>> {
+pub fn show_tags(dirs: &[PathBuf]) -> Vec<Result<ImageRef, ShowTagError>> {
     let mut tagger = Tagger::new();
     type Planned3 = (Workspace, BTreeMap<String, Arc<Planned>>, PlanErrors);
     let mut planned_roots: BTreeMap<PathBuf, Planned3> = BTreeMap::new();
     dirs.iter()
         .map(|dir| {
-            let abs = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let abs = std::fs::canonicalize(dir).map_err(|source| ShowTagError::Read {
+                dir: dir.clone(),
+                source,
+            })?;
             if !abs.join(crate::workspace::BUILD_YML).exists() {
-                return Err(format!(
-                    "{}: no build.yml here: give a package directory",
-                    dir.display()
-                ));
+                return Err(ShowTagError::NoBuildYml(dir.clone()));
             }
             let root = crate::workspace::git::find_top(&abs)
                 .or_else(|| abs.parent().map(std::path::Path::to_path_buf))
@@ -578,21 +608,18 @@ pub fn show_tags(dirs: &[PathBuf]) -> Vec<Result<ImageRef, String>> {
                 // hash, as `linuxkit pkg show-tag` prints it.
                 return match ws.packages.get(&abs) {
                     Some(Ok(p)) if p.missing_dockerfile().is_some() => {
-                        tagger.image_ref(p).map_err(|e| e.to_string())
+                        tagger.image_ref(p).map_err(ShowTagError::Tag)
                     }
-                    _ => Err(e.clone()),
+                    _ => Err(ShowTagError::Broken(e.clone())),
                 };
             }
             planned
                 .values()
                 .find(|p| p.pkg.dir == abs)
                 .map(|p| p.image())
-                .ok_or_else(|| {
-                    format!(
-                        "{}: not a package of the workspace {} (is it ignored by git?)",
-                        dir.display(),
-                        root.display()
-                    )
+                .ok_or_else(|| ShowTagError::NotInWorkspace {
+                    dir: dir.clone(),
+                    root: root.clone(),
                 })
         })
         .collect()
@@ -681,7 +708,7 @@ mod tests {
         write(&ws, "c/build.yml", "org: kiln\nimage: c\n");
         write(&ws, "c/Dockerfile", "FROM scratch\n");
         let r = show_tags(&[ws.join("a"), ws.join("c")]);
-        let err = r[0].as_ref().unwrap_err();
+        let err = r[0].as_ref().unwrap_err().to_string();
         assert!(err.contains("kiln/a -> kiln/b -> kiln/a"), "{err}");
         assert!(r[1].is_ok());
     }

@@ -34,11 +34,15 @@
 //!     on_pull: Some(std::sync::Arc::new(|pull| tracing::info!(?pull, "pulled"))),
 //!     manifest_miss: None,
 //! };
-//! let shutdown = tokio_util::sync::CancellationToken::new();
-//! let served = tokio::spawn(reg.serve(cache, hooks, shutdown.clone()));
+//! let (shutdown, tasks) = (
+//!     tokio_util::sync::CancellationToken::new(),
+//!     tokio_util::task::TaskTracker::new(),
+//! );
+//! tasks.spawn(reg.serve(cache, hooks, shutdown.clone()));
 //! // ...
 //! shutdown.cancel(); // stop accepting, finish what is in flight
-//! let _ = served.await;
+//! tasks.close();
+//! tasks.wait().await;
 //! # Ok(())
 //! # }
 //! ```
@@ -158,7 +162,7 @@ impl From<&str> for MissError {
 pub struct PullEvent {
     pub repo: RepoName,
     /// The tag or digest the client asked for.
-    pub reference: String,
+    pub reference: kiln_shared::reference::Reference,
     /// The manifest served.
     pub digest: Digest,
     pub media_type: &'static str,

@@ -1,7 +1,12 @@
 //! Listening sockets and the connection loop: HTTP/1.1 with keep-alive, one task per
-//! connection, all of them owned by the serving future. Shutdown is graceful: once the
-//! token is cancelled the listeners close, every request in flight is answered (a push
-//! finishes) and idle connections close; `serve` returns when the last one has.
+//! connection, all of them owned by the serving future. Shutdown drains: every request
+//! in flight is answered, and a push in flight finishes. A push is several requests
+//! (POST, PATCH, PUT per blob, then the manifest), and the Docker engine opens a new
+//! connection for each (its registry client disables keep-alive), so once the token is
+//! cancelled the listeners stay open while an upload session is open, and for
+//! [`DRAIN_IDLE`] after the last one ends (the manifest follows at once); a connection
+//! closes once it has been idle that long. The whole drain is bounded by kilnd's
+//! shutdown. `serve` returns when the last connection has closed.
 //! Accept errors (out of descriptors, typically) never stop the server: it waits for a
 //! connection to close or backs off, and logs the streak once.
 
@@ -106,13 +111,20 @@ impl Registry {
     pub async fn serve(self, cache: Arc<Cache>, hooks: Hooks, shutdown: CancellationToken) {
         let service = self.service(cache, hooks);
         let mut tasks = JoinSet::new();
+        let close = CancellationToken::new();
         for listener in self.listeners {
             tasks.spawn(accept_loop(
                 listener,
                 Arc::clone(&service),
+                close.clone(),
                 shutdown.clone(),
             ));
         }
+        tasks.spawn(close_when_drained(
+            Arc::clone(&service),
+            shutdown.clone(),
+            close.clone(),
+        ));
         let reaper = Arc::clone(&service);
         tasks.spawn(async move {
             let period =
@@ -123,7 +135,7 @@ impl Registry {
                     _ = tick.tick() => {
                         reaper.uploads().expire();
                     }
-                    () = shutdown.cancelled() => break,
+                    () = close.cancelled() => break,
                 }
             }
         });
@@ -131,13 +143,49 @@ impl Registry {
     }
 }
 
+/// Once `shutdown` is cancelled, cancels `close` (the listeners close) when no upload
+/// session is open and none ended in the last [`DRAIN_IDLE`].
+async fn close_when_drained(
+    service: Arc<Service>,
+    shutdown: CancellationToken,
+    close: CancellationToken,
+) {
+    shutdown.cancelled().await;
+    let mut open = service.uploads().watch_open();
+    loop {
+        let Ok(now) = open.wait_for(|o| o.sessions == 0).await.map(|o| *o) else {
+            break;
+        };
+        let quiet = now.last_ended.map_or(Duration::MAX, |t| t.elapsed());
+        if quiet >= DRAIN_IDLE {
+            break;
+        }
+        tracing::debug!("registry: an upload ended just now; listening a moment longer");
+        tokio::select! {
+            () = tokio::time::sleep(DRAIN_IDLE - quiet) => {}
+            _ = open.wait_for(|o| o.sessions > 0) => {}
+        }
+    }
+    close.cancel();
+}
+
+/// After shutdown began: how long a connection must have been idle to be closed, and
+/// how long the listeners stay open after the last upload session ended.
+const DRAIN_IDLE: Duration = Duration::from_secs(2);
+
 /// How often a streak of accept errors is logged.
 const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// The shortest and longest pause after an accept error with no connection to wait for.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
 
-async fn accept_loop(listener: TcpListener, service: Arc<Service>, shutdown: CancellationToken) {
+/// Accepts until `close`; each connection drains once `shutdown` is cancelled.
+async fn accept_loop(
+    listener: TcpListener,
+    service: Arc<Service>,
+    close: CancellationToken,
+    shutdown: CancellationToken,
+) {
     let mut conns = JoinSet::new();
     let mut backoff = BACKOFF.0;
     // Logged once a minute at most, with how many failed in between.
@@ -145,7 +193,7 @@ async fn accept_loop(listener: TcpListener, service: Arc<Service>, shutdown: Can
     let mut unlogged = 0u64;
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = close.cancelled() => break,
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
@@ -169,7 +217,7 @@ async fn accept_loop(listener: TcpListener, service: Arc<Service>, shutdown: Can
                             () = tokio::time::sleep(backoff) => {
                                 backoff = (backoff * 2).min(BACKOFF.1);
                             }
-                            () = shutdown.cancelled() => break,
+                            () = close.cancelled() => break,
                         }
                         continue;
                     }
@@ -185,17 +233,57 @@ async fn accept_loop(listener: TcpListener, service: Arc<Service>, shutdown: Can
     while conns.join_next().await.is_some() {}
 }
 
-/// One connection, until the client closes it or, after shutdown, its request in flight
-/// is answered.
+/// When a connection last had a request in flight.
+#[derive(Debug)]
+struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    last: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Activity {
+    fn mark(&self, delta: isize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if delta > 0 {
+            self.in_flight.fetch_add(1, SeqCst);
+        } else {
+            self.in_flight.fetch_sub(1, SeqCst);
+        }
+        if let Ok(mut last) = self.last.lock() {
+            *last = std::time::Instant::now();
+        }
+    }
+
+    /// How long the connection has been idle (zero while a request is in flight).
+    fn idle(&self) -> Duration {
+        if self.in_flight.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return Duration::ZERO;
+        }
+        self.last.lock().map_or(Duration::MAX, |l| l.elapsed())
+    }
+}
+
+/// One connection, until the client closes it or, after shutdown, it has been idle for
+/// [`DRAIN_IDLE`] and its request in flight is answered.
 async fn connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     service: Arc<Service>,
     shutdown: CancellationToken,
 ) {
+    let activity = Arc::new(Activity {
+        in_flight: 0.into(),
+        last: std::sync::Mutex::new(std::time::Instant::now()),
+    });
+    let seen = Arc::clone(&activity);
     let svc = hyper::service::service_fn(move |req| {
         let service = Arc::clone(&service);
-        async move { Ok::<_, std::convert::Infallible>(service.handle(req, peer).await) }
+        let seen = Arc::clone(&seen);
+        seen.mark(1);
+        async move {
+            let response = service.handle(req, peer).await;
+            seen.mark(-1);
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -205,9 +293,16 @@ async fn connection(
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+        () = shutdown.cancelled() => loop {
+            let idle = activity.idle();
+            if idle >= DRAIN_IDLE {
+                conn.as_mut().graceful_shutdown();
+                break conn.await;
+            }
+            tokio::select! {
+                r = conn.as_mut() => break r,
+                () = tokio::time::sleep(DRAIN_IDLE - idle) => {}
+            }
         }
     };
     if let Err(e) = result {

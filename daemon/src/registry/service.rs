@@ -10,7 +10,7 @@ use http::{HeaderValue, Method, Request, StatusCode};
 
 use super::Hooks;
 use super::error::OciError;
-use super::handlers::{Reference, ReqBody, Resp, blocking, internal, json_response};
+use super::handlers::{ReqBody, Resp, blocking, internal, json_response, parse_reference};
 use super::host::HostGuard;
 use super::route::Route;
 use super::uploads::{UploadLimits, Uploads};
@@ -108,7 +108,7 @@ impl Service {
             },
             Route::Manifest { name, reference } => {
                 let repo = super::handlers::repo_name(name)?;
-                let reference = match Reference::parse(reference) {
+                let reference = match parse_reference(reference) {
                     // What is not a tag names no manifest here (as the distribution
                     // conformance tests expect); a push of it is a bad request.
                     Err(OciError::TagInvalid(why)) if matches!(*m, Method::GET | Method::HEAD) => {

@@ -70,6 +70,15 @@ pub struct Uploads {
     key: [u8; 16],
     next: AtomicU64,
     limits: UploadLimits,
+    /// How many sessions are open, and when the last one ended (for shutdown's drain).
+    open: tokio::sync::watch::Sender<Open>,
+}
+
+/// The sessions open now, and when the last one ended.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Open {
+    pub sessions: usize,
+    pub last_ended: Option<Instant>,
 }
 
 /// Why no upload can start now.
@@ -86,7 +95,23 @@ impl Uploads {
             key: random_key(),
             next: AtomicU64::new(0),
             limits,
+            open: tokio::sync::watch::Sender::new(Open::default()),
         }
+    }
+
+    /// Follows how many sessions are open.
+    pub fn watch_open(&self) -> tokio::sync::watch::Receiver<Open> {
+        self.open.subscribe()
+    }
+
+    /// Publishes the count after a change to `map`.
+    fn changed(&self, map: &HashMap<String, Slot>) {
+        self.open.send_modify(|o| {
+            if map.len() < o.sessions {
+                o.last_ended = Some(Instant::now());
+            }
+            o.sessions = map.len();
+        });
     }
 
     /// Whether a new session (or a monolithic upload) may start: under both bounds.
@@ -124,7 +149,9 @@ impl Uploads {
             writer: Some(writer),
             last_used: Instant::now(),
         }));
-        self.map().insert(id.clone(), Arc::clone(&slot));
+        let mut map = self.map();
+        map.insert(id.clone(), Arc::clone(&slot));
+        self.changed(&map);
         (id, slot)
     }
 
@@ -139,7 +166,10 @@ impl Uploads {
 
     /// Forgets a session; its writer (and temp file) goes when the last holder drops it.
     pub fn remove(&self, id: &str) -> Option<Slot> {
-        self.map().remove(id)
+        let mut map = self.map();
+        let gone = map.remove(id);
+        self.changed(&map);
+        gone
     }
 
     pub fn len(&self) -> usize {
@@ -162,6 +192,7 @@ impl Uploads {
             }
             _ => true,
         });
+        self.changed(&map);
         before - map.len()
     }
 

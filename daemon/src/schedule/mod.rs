@@ -4,7 +4,10 @@
 //!
 //! One actor task owns all state; callers talk to it through [`Scheduler`]. What a build
 //! does is the [`Runner`]'s business (the docker or the native builder); what happens is
-//! reported through [`SchedEvent`]s.
+//! reported through [`SchedEvent`]s. The actor and every build run on the caller's
+//! [`TaskTracker`]; cancelling the stop token cancels what runs, ends what is queued, and
+//! ends the actor once the running builds have stopped, so awaiting the tracker awaits
+//! them all.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -17,6 +20,7 @@ use kiln_shared::protocol::BuildId;
 use kiln_shared::reference::Tag;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::oci::Descriptor;
 use crate::workspace::BuilderKind;
@@ -49,13 +53,49 @@ pub struct Job {
     /// Ask the upstreams for the target before building it (false once they were asked
     /// for this tag and did not have it).
     pub look_up: bool,
-    /// Why it was queued ("files changed", "requested", "pulled"), for display.
-    pub reason: String,
+    /// Why it was queued, for display.
+    pub reason: QueueReason,
     /// Which builder runs it.
     pub builder: BuilderKind,
     /// The builder was `auto`'s choice: native, unless it refuses something it finds only
     /// while building (an xz archive in ADD, a base with ONBUILD), then docker.
     pub fallback: bool,
+}
+
+/// Why a target was queued (shown as the protocol's `QueuedBuild::reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueReason {
+    /// kilnd started and planned the workspace.
+    Start,
+    /// Files of the package (or of one it follows) changed.
+    FilesChanged,
+    /// The watcher lost events and the workspace was planned again.
+    Rescan,
+    /// A package being built follows it.
+    Dependency,
+    /// `kiln build`.
+    Requested,
+    /// A client pulled a tag of it that the cache lacks.
+    Pulled,
+}
+
+impl QueueReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueReason::Start => "start",
+            QueueReason::FilesChanged => "files changed",
+            QueueReason::Rescan => "rescan",
+            QueueReason::Dependency => "dependency",
+            QueueReason::Requested => "requested",
+            QueueReason::Pulled => "pulled",
+        }
+    }
+}
+
+impl fmt::Display for QueueReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What a successful build produced.
@@ -74,24 +114,73 @@ pub struct Built {
 }
 
 /// How a build ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)] // rare, short-lived values
 pub enum Outcome {
     Built(Built),
-    Failed(String),
-    Cancelled(String),
+    Failed(Failure),
+    Cancelled(CancelReason),
+}
+
+/// An error any part of a build may end with, its sources kept; shared, as the same
+/// error goes to the bus and to every waiter.
+pub type SharedError = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a build failed: the runner's error, or the queue's own reason.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Failure {
+    #[error(transparent)]
+    Run(SharedError),
+    /// A target it follows failed at the tag it needs.
+    #[error("dependency {dep} failed: {source}")]
+    Dependency {
+        dep: TargetKey,
+        #[source]
+        source: Box<Failure>,
+    },
+    #[error("dependency {dep} was cancelled: {reason}")]
+    DependencyCancelled {
+        dep: TargetKey,
+        reason: CancelReason,
+    },
+    /// The build's task ended without an answer (it panicked).
+    #[error("the build task failed: {0}")]
+    Task(#[source] Arc<tokio::task::JoinError>),
+}
+
+/// Why a build was cancelled.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CancelReason {
+    /// `kiln cancel`, or a cancel with no reason of its own.
+    #[error("cancelled by request")]
+    Requested,
+    /// kilnd stops.
+    #[error("kilnd is shutting down")]
+    ShuttingDown,
+    /// The package is no longer planned (removed, or broken).
+    #[error("{0} is no longer a package of the workspace that can be built")]
+    Unplanned(String),
+    /// A newer tag of the target was queued.
+    #[error("superseded by tag {0}")]
+    NewerTag(Tag),
+    /// The tag it builds is current again and the cache serves it.
+    #[error("superseded: tag {0} is current again and served from the cache")]
+    Served(Tag),
+    /// The runner found that what it would land no longer matches the tag.
+    #[error("superseded: {0}")]
+    Superseded(SharedError),
 }
 
 /// What the queue did, for the event bus. (Events are rare; boxing the larger variant
 /// would buy nothing.)
 #[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum SchedEvent {
     Queued {
         key: TargetKey,
         tag: Tag,
         build_id: BuildId,
-        reason: String,
+        reason: QueueReason,
     },
     Started {
         key: TargetKey,
@@ -112,26 +201,14 @@ pub enum SchedEvent {
 pub type RunFuture = Pin<Box<dyn Future<Output = Result<Built, RunError>> + Send>>;
 
 /// Why a run produced no image.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RunError {
-    #[error("{0}")]
-    Failed(String),
+    #[error(transparent)]
+    Failed(SharedError),
     /// What it would land no longer matches its tag (its files changed meanwhile): the
     /// build is cancelled, not failed; the change plans the next one.
     #[error("superseded: {0}")]
-    Superseded(String),
-}
-
-impl From<String> for RunError {
-    fn from(s: String) -> Self {
-        RunError::Failed(s)
-    }
-}
-
-impl From<&str> for RunError {
-    fn from(s: &str) -> Self {
-        RunError::Failed(s.to_owned())
-    }
+    Superseded(SharedError),
 }
 
 /// Runs one build. `cancel` fires when the build is superseded or cancelled; the runner
@@ -174,13 +251,13 @@ impl fmt::Debug for Scheduler {
 }
 
 /// Which builds to cancel: every field that is set must match; nothing set matches all.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct CancelFilter {
     pub build_id: Option<BuildId>,
     pub package: Option<String>,
     pub arch: Option<String>,
-    /// Why, for the builds' outcome (`cancelled by request` when none is given).
-    pub reason: Option<String>,
+    /// Why, for the builds' outcome ([`CancelReason::Requested`] when none is given).
+    pub reason: Option<CancelReason>,
 }
 
 impl CancelFilter {
@@ -197,11 +274,14 @@ impl CancelFilter {
 pub struct Stopped;
 
 impl Scheduler {
-    /// Starts the queue with at most `jobs` builds at once.
+    /// Starts the queue with at most `jobs` builds at once, its actor and builds on
+    /// `tasks`, until `stop` is cancelled.
     pub fn start(
         runner: Arc<dyn Runner>,
         jobs: usize,
         events: impl Fn(SchedEvent) + Send + 'static,
+        tasks: &TaskTracker,
+        stop: CancellationToken,
     ) -> Scheduler {
         let (tx, rx) = mpsc::channel(1024);
         let actor = Actor {
@@ -213,8 +293,9 @@ impl Scheduler {
             finished: HashMap::new(),
             next_id: 1,
             tx: tx.clone(),
+            tasks: tasks.clone(),
         };
-        tokio::spawn(actor.run(rx));
+        tasks.spawn(actor.run(rx, stop));
         Scheduler { tx }
     }
 
@@ -282,7 +363,7 @@ struct Running {
     build_id: BuildId,
     cancel: CancellationToken,
     /// Why it was cancelled, if it was.
-    cancelled: Option<String>,
+    cancelled: Option<CancelReason>,
     waiters: Vec<oneshot::Sender<Outcome>>,
     started: Instant,
     /// The same target and tag asked for again while it runs: its files may have
@@ -301,18 +382,39 @@ struct Actor {
     finished: HashMap<TargetKey, (Tag, Outcome)>,
     next_id: u64,
     tx: mpsc::Sender<Cmd>,
+    /// Where builds run (the caller's tracker).
+    tasks: TaskTracker,
 }
 
 enum Readiness {
     Ready,
     Waiting,
-    Blocked(String),
+    Blocked(Failure),
 }
 
 impl Actor {
-    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
-        while let Some(cmd) = rx.recv().await {
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, stop: CancellationToken) {
+        let mut stopping = false;
+        loop {
+            let cmd = tokio::select! {
+                () = stop.cancelled(), if !stopping => {
+                    // Nothing new starts; what runs is cancelled, what is queued ends.
+                    stopping = true;
+                    self.cancel(&CancelFilter {
+                        reason: Some(CancelReason::ShuttingDown),
+                        ..CancelFilter::default()
+                    });
+                    if self.running.is_empty() {
+                        break;
+                    }
+                    continue;
+                }
+                cmd = rx.recv() => cmd,
+            };
+            let Some(cmd) = cmd else { break };
             match cmd {
+                // Once stopping, a caller that submits or waits gets `Stopped`.
+                Cmd::Submit { .. } | Cmd::Wait { .. } if stopping => {}
                 Cmd::Submit { jobs, reply } => {
                     let mut joined = Vec::new();
                     for job in jobs {
@@ -333,11 +435,13 @@ impl Actor {
                 }
                 Cmd::Done { key, result } => self.done(key, *result),
             }
-            self.dispatch();
-        }
-        // Every handle is gone: stop what runs.
-        for r in self.running.values() {
-            r.cancel.cancel();
+            if stopping {
+                if self.running.is_empty() {
+                    break;
+                }
+            } else {
+                self.dispatch();
+            }
         }
     }
 
@@ -349,7 +453,7 @@ impl Actor {
                 return id;
             }
             if r.cancelled.is_none() {
-                r.cancelled = Some(format!("superseded by tag {}", job.tag));
+                r.cancelled = Some(CancelReason::NewerTag(job.tag.clone()));
                 r.cancel.cancel();
             }
         }
@@ -359,7 +463,7 @@ impl Actor {
                 return self.queued[pos].build_id.clone();
             }
             if let Some(old) = self.queued.remove(pos) {
-                self.finish_queued(old, format!("superseded by tag {}", job.tag));
+                self.finish_queued(old, CancelReason::NewerTag(job.tag.clone()));
             }
         }
         let build_id = BuildId(format!("b{}", self.next_id));
@@ -368,7 +472,7 @@ impl Actor {
             key: job.key.clone(),
             tag: job.tag.clone(),
             build_id: build_id.clone(),
-            reason: job.reason.clone(),
+            reason: job.reason,
         });
         self.queued.push_back(Queued {
             job,
@@ -397,10 +501,7 @@ impl Actor {
     }
 
     fn cancel(&mut self, filter: &CancelFilter) -> Vec<BuildId> {
-        let reason = filter
-            .reason
-            .clone()
-            .unwrap_or_else(|| "cancelled by request".into());
+        let reason = filter.reason.clone().unwrap_or(CancelReason::Requested);
         let mut ids = Vec::new();
         for r in self
             .running
@@ -425,7 +526,7 @@ impl Actor {
         ids
     }
 
-    fn finish_queued(&mut self, q: Queued, reason: String) {
+    fn finish_queued(&mut self, q: Queued, reason: CancelReason) {
         let outcome = Outcome::Cancelled(reason);
         self.announce(
             &q.job.key, &q.job.tag, q.build_id, q.since, q.waiters, &outcome,
@@ -462,8 +563,8 @@ impl Actor {
         let outcome = match (result, r.cancelled) {
             (_, Some(reason)) => Outcome::Cancelled(reason),
             (Ok(built), None) => Outcome::Built(built),
-            (Err(RunError::Failed(e)), None) => Outcome::Failed(e),
-            (Err(e @ RunError::Superseded(_)), None) => Outcome::Cancelled(e.to_string()),
+            (Err(RunError::Failed(e)), None) => Outcome::Failed(Failure::Run(e)),
+            (Err(RunError::Superseded(e)), None) => Outcome::Cancelled(CancelReason::Superseded(e)),
         };
         match r.again.filter(|_| superseded) {
             // Asked for again while its files changed under it: it runs again, and
@@ -492,10 +593,16 @@ impl Actor {
             }
             match self.finished.get(dep) {
                 Some((t, Outcome::Failed(e))) if t == tag => {
-                    return Readiness::Blocked(format!("dependency {dep} failed: {e}"));
+                    return Readiness::Blocked(Failure::Dependency {
+                        dep: dep.clone(),
+                        source: Box::new(e.clone()),
+                    });
                 }
                 Some((t, Outcome::Cancelled(e))) if t == tag => {
-                    return Readiness::Blocked(format!("dependency {dep} was cancelled: {e}"));
+                    return Readiness::Blocked(Failure::DependencyCancelled {
+                        dep: dep.clone(),
+                        reason: e.clone(),
+                    });
                 }
                 _ => {}
             }
@@ -559,11 +666,12 @@ impl Actor {
         );
         let fut = self.runner.run(q.job, build_id, cancel);
         let tx = self.tx.clone();
-        tokio::spawn(async move {
+        let tasks = self.tasks.clone();
+        self.tasks.spawn(async move {
             // A panicking build is a failed build, not a stuck slot.
-            let result = match tokio::spawn(fut).await {
+            let result = match tasks.spawn(fut).await {
                 Ok(r) => r,
-                Err(e) => Err(RunError::Failed(format!("the build task failed: {e}"))),
+                Err(e) => Err(RunError::Failed(Arc::new(Failure::Task(Arc::new(e))))),
             };
             let _ = tx
                 .send(Cmd::Done {

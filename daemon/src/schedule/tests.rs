@@ -32,8 +32,8 @@ impl Runner for HandRunner {
         .unwrap();
         Box::pin(async move {
             tokio::select! {
-                r = rx => r.unwrap_or(Err("test dropped".into())),
-                _ = cancel.cancelled() => Err("aborted".into()),
+                r = rx => r.unwrap_or(Err(failed("test dropped"))),
+                _ = cancel.cancelled() => Err(failed("aborted")),
             }
         })
     }
@@ -43,6 +43,8 @@ struct Harness {
     sched: Scheduler,
     started: UnboundedReceiver<Pending>,
     events: UnboundedReceiver<SchedEvent>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
 }
 
 fn harness(jobs: usize) -> Harness {
@@ -50,13 +52,22 @@ fn harness(jobs: usize) -> Harness {
     let (stx, started) = mpsc::unbounded_channel();
     *runner.started.lock().unwrap() = Some(stx);
     let (etx, events) = mpsc::unbounded_channel();
-    let sched = Scheduler::start(runner, jobs, move |e| {
-        let _ = etx.send(e);
-    });
+    let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
+    let sched = Scheduler::start(
+        runner,
+        jobs,
+        move |e| {
+            let _ = etx.send(e);
+        },
+        &tasks,
+        stop.clone(),
+    );
     Harness {
         sched,
         started,
         events,
+        tasks,
+        stop,
     }
 }
 
@@ -78,7 +89,7 @@ fn job(p: &str, a: &str, t: &str) -> Job {
         after: vec![],
         force: false,
         look_up: false,
-        reason: "test".into(),
+        reason: QueueReason::Requested,
         builder: crate::workspace::BuilderKind::Native,
         fallback: false,
     }
@@ -102,14 +113,46 @@ fn desc(n: u8) -> Built {
     }
 }
 
+/// An outcome as the tests compare it: what was built, or the text a failure or a
+/// cancellation shows (with its sources).
+#[derive(Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)] // test values
+enum Seen {
+    Built(Built),
+    Failed(String),
+    Cancelled(String),
+}
+
+fn seen(o: Outcome) -> Seen {
+    match o {
+        Outcome::Built(b) => Seen::Built(b),
+        Outcome::Failed(e) => Seen::Failed(kiln_shared::error::chain(&e)),
+        Outcome::Cancelled(r) => Seen::Cancelled(kiln_shared::error::chain(&r)),
+    }
+}
+
+/// A runner's failure saying `text`.
+fn failed(text: &str) -> RunError {
+    RunError::Failed(Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(
+        text,
+    )))
+}
+
+/// A runner's "superseded" saying `text`.
+fn superseded(text: &str) -> RunError {
+    RunError::Superseded(Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(
+        text,
+    )))
+}
+
 impl Harness {
-    async fn next_finished(&mut self) -> (TargetKey, Tag, Outcome) {
+    async fn next_finished(&mut self) -> (TargetKey, Tag, Seen) {
         loop {
             if let SchedEvent::Finished {
                 key, tag, outcome, ..
             } = self.events.recv().await.unwrap()
             {
-                return (key, tag, outcome);
+                return (key, tag, seen(outcome));
             }
         }
     }
@@ -142,14 +185,14 @@ async fn concurrency_is_bounded_and_queue_order_kept() {
     p1.finish.send(Ok(desc(1))).unwrap();
     let p3 = h.started.recv().await.unwrap();
     assert_eq!(p3.job.key, key("b", "amd64"));
-    p2.finish.send(Err("boom".into())).unwrap();
+    p2.finish.send(Err(failed("boom"))).unwrap();
     p3.finish.send(Ok(desc(3))).unwrap();
     let mut outcomes = Vec::new();
     for _ in 0..3 {
         outcomes.push(h.next_finished().await);
     }
-    assert!(outcomes.contains(&(key("a", "arm64"), tag("1"), Outcome::Failed("boom".into()))));
-    assert!(outcomes.contains(&(key("b", "amd64"), tag("1"), Outcome::Built(desc(3)))));
+    assert!(outcomes.contains(&(key("a", "arm64"), tag("1"), Seen::Failed("boom".into()))));
+    assert!(outcomes.contains(&(key("b", "amd64"), tag("1"), Seen::Built(desc(3)))));
 }
 
 #[tokio::test]
@@ -157,12 +200,10 @@ async fn a_run_that_no_longer_matches_its_tag_is_cancelled_not_failed() {
     let mut h = harness(1);
     h.sched.submit(vec![job("a", "amd64", "1")]).await.unwrap();
     let p = h.started.recv().await.unwrap();
-    p.finish
-        .send(Err(RunError::Superseded("files changed".into())))
-        .unwrap();
+    p.finish.send(Err(superseded("files changed"))).unwrap();
     assert_eq!(
         h.next_finished().await.2,
-        Outcome::Cancelled("superseded: files changed".into())
+        Seen::Cancelled("superseded: files changed".into())
     );
 }
 
@@ -181,20 +222,17 @@ async fn a_run_superseded_after_the_same_tag_was_asked_again_runs_again() {
         .await
         .unwrap()
         .unwrap();
-    first
-        .finish
-        .send(Err(RunError::Superseded("files changed".into())))
-        .unwrap();
+    first.finish.send(Err(superseded("files changed"))).unwrap();
     assert_eq!(
         h.next_finished().await.2,
-        Outcome::Cancelled("superseded: files changed".into())
+        Seen::Cancelled("superseded: files changed".into())
     );
     let second = h.started.recv().await.unwrap();
     assert_eq!(second.job.tag, tag("1"));
     assert!(!joined.is_empty());
     second.finish.send(Ok(desc(1))).unwrap();
-    assert_eq!(h.next_finished().await.2, Outcome::Built(desc(1)));
-    assert_eq!(waiter.await.unwrap(), Outcome::Built(desc(1)));
+    assert_eq!(h.next_finished().await.2, Seen::Built(desc(1)));
+    assert_eq!(seen(waiter.await.unwrap()), Seen::Built(desc(1)));
 }
 
 #[tokio::test]
@@ -202,9 +240,7 @@ async fn a_superseded_run_nobody_asked_for_again_is_left_to_the_change() {
     let mut h = harness(1);
     h.sched.submit(vec![job("a", "amd64", "1")]).await.unwrap();
     let p = h.started.recv().await.unwrap();
-    p.finish
-        .send(Err(RunError::Superseded("files changed".into())))
-        .unwrap();
+    p.finish.send(Err(superseded("files changed"))).unwrap();
     h.next_finished().await;
     h.sched.cancel(nothing()).await.unwrap();
     assert!(h.no_start_pending());
@@ -224,7 +260,7 @@ async fn the_same_target_is_not_queued_twice() {
     h.sched.cancel(nothing()).await.unwrap();
     assert!(h.no_start_pending());
     p.finish.send(Ok(desc(1))).unwrap();
-    assert_eq!(h.next_finished().await.2, Outcome::Built(desc(1)));
+    assert_eq!(h.next_finished().await.2, Seen::Built(desc(1)));
     h.sched.cancel(nothing()).await.unwrap();
     assert!(h.no_start_pending());
 }
@@ -238,11 +274,11 @@ async fn a_newer_tag_cancels_the_build_in_flight_and_then_builds() {
     old.cancel.cancelled().await;
     let (_, t, outcome) = h.next_finished().await;
     assert_eq!(t, tag("1"));
-    assert_eq!(outcome, Outcome::Cancelled("superseded by tag 2".into()));
+    assert_eq!(outcome, Seen::Cancelled("superseded by tag 2".into()));
     let new = h.started.recv().await.unwrap();
     assert_eq!(new.job.tag, tag("2"));
     new.finish.send(Ok(desc(2))).unwrap();
-    assert_eq!(h.next_finished().await.2, Outcome::Built(desc(2)));
+    assert_eq!(h.next_finished().await.2, Seen::Built(desc(2)));
 }
 
 #[tokio::test]
@@ -256,7 +292,7 @@ async fn a_newer_tag_replaces_a_queued_one() {
     h.sched.submit(vec![job("a", "amd64", "2")]).await.unwrap();
     let (k, t, outcome) = h.next_finished().await;
     assert_eq!((k, t), (key("a", "amd64"), tag("1")));
-    assert!(matches!(outcome, Outcome::Cancelled(_)));
+    assert!(matches!(outcome, Seen::Cancelled(_)));
     blocker.finish.send(Ok(desc(9))).unwrap();
     assert_eq!(h.started.recv().await.unwrap().job.tag, tag("2"));
 }
@@ -289,13 +325,13 @@ async fn dependencies_build_first_and_a_failure_blocks_only_dependents() {
         .position(|p| p.job.key == key("base", "arm64"))
         .unwrap();
     let arm = started.remove(arm);
-    arm.finish.send(Err("compile error".into())).unwrap();
+    arm.finish.send(Err(failed("compile error"))).unwrap();
     loop {
         let (k, _, outcome) = h.next_finished().await;
         if k == key("app", "arm64") {
             assert_eq!(
                 outcome,
-                Outcome::Failed("dependency base (arm64) failed: compile error".into())
+                Seen::Failed("dependency base (arm64) failed: compile error".into())
             );
             break;
         }
@@ -352,8 +388,8 @@ async fn waiters_join_a_build_and_unknown_builds_answer_none() {
             .is_none()
     );
     p.finish.send(Ok(desc(5))).unwrap();
-    assert_eq!(queued.await.unwrap(), Outcome::Built(desc(5)));
-    assert_eq!(running.await.unwrap(), Outcome::Built(desc(5)));
+    assert_eq!(seen(queued.await.unwrap()), Seen::Built(desc(5)));
+    assert_eq!(seen(running.await.unwrap()), Seen::Built(desc(5)));
 }
 
 #[tokio::test]
@@ -414,4 +450,29 @@ async fn cancel_by_build_id() {
         [ids[0].clone()]
     );
     running.cancel.cancelled().await;
+}
+
+#[tokio::test]
+async fn stopping_cancels_running_builds_ends_queued_ones_and_the_tracker_awaits_them() {
+    let mut h = harness(1);
+    let waits = h
+        .sched
+        .submit_joined(vec![job("a", "amd64", "1"), job("b", "amd64", "1")])
+        .await
+        .unwrap();
+    let running = h.started.recv().await.unwrap();
+    h.stop.cancel();
+    running.cancel.cancelled().await;
+    for (_, rx) in waits {
+        let outcome = rx.await.unwrap();
+        assert!(
+            matches!(&outcome, Outcome::Cancelled(CancelReason::ShuttingDown)),
+            "{outcome:?}"
+        );
+    }
+    // The actor and the build ran on the tracker: both are over.
+    h.tasks.close();
+    h.tasks.wait().await;
+    assert!(h.sched.submit(vec![job("c", "amd64", "1")]).await.is_err());
+    assert!(h.no_start_pending());
 }

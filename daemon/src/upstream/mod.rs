@@ -1,7 +1,8 @@
 //! Upstreams: the registries beyond localhost that kiln reads targets and base images
 //! from, and pushes what it builds to (a team cache, Docker Hub, GHCR, Harbor, zot...).
 //!
-//! The wire protocol is the `oci-client` crate's; what is here is kiln's part: which
+//! The wire protocol is the `oci-client` crate's (but for plain reads of an upstream that
+//! asks for no credentials: see [`remote`]); what is here is kiln's part: which
 //! upstream to ask for what name (a workspace target `org/image:tag` is
 //! `PREFIX/org/image:tag` on each upstream in turn; `alpine` is `docker.io/library/alpine`
 //! on Docker Hub, whose API host is `registry-1.docker.io`, or on a mirror), credentials
@@ -53,6 +54,8 @@ pub enum UpstreamError {
     },
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error("upstream {upstream}: cannot set up its client: {detail}")]
+    Client { upstream: String, detail: String },
     #[error("image name {name:?} is invalid: {message}")]
     Name { name: String, message: String },
     #[error(
@@ -283,6 +286,12 @@ impl Upstreams {
     /// Upstreams that hold workspace targets (not the Docker Hub mirrors).
     fn target_sources(&self) -> impl Iterator<Item = &Arc<Remote>> {
         self.remotes.iter().filter(|r| !r.spec().mirror)
+    }
+
+    /// Builds the clients that fetching workspace targets will use (each loads the
+    /// system's CA certificates); a failure is left for the first fetch to report.
+    pub async fn warm(self: Arc<Self>) {
+        futures_util::future::join_all(self.target_sources().map(|r| r.warm())).await;
     }
 
     /// Whether any upstream holds workspace targets.

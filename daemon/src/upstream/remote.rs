@@ -3,7 +3,18 @@
 //! every read starts with, a manifest by tag or digest. Copying an image's graph into the
 //! cache is [`fetch`]'s, pushing one from the cache is [`push`]'s.
 //!
-//! Two pieces are written here because `oci-client` 0.15 has no call for them:
+//! Clients are built at first use, not when kilnd starts: each one is a TLS context, for
+//! which OpenSSL parses the system's whole CA bundle (twice, through native-tls), about
+//! 100 ms of CPU; Docker Hub's is then built only when a `docker.io` image is needed.
+//!
+//! Three pieces are written here because `oci-client` 0.15 has no call for them:
+//! - reads without credentials ([`plain`]): its token cache holds only tokens, so a
+//!   client holding any auth, even anonymous, sends `GET /v2/` before every request to a
+//!   registry that asks for none (`get_auth_token` in its client.rs finds no token and
+//!   authenticates again), which doubles the requests of a fetch. An upstream with no
+//!   credentials is read with plain GETs until it answers 401; from then on (Docker Hub,
+//!   which wants a token even for anonymous pulls) `oci-client`'s token flow takes over,
+//!   one probe and token per repository, kept while the token is valid;
 //! - it has no blob HEAD, so whether the upstream has a blob is asked with a ranged GET
 //!   of its first byte (`Range: bytes=0-0`, through the client's own authentication): a
 //!   404 means missing; a registry that ignores Range answers 200 and the body is
@@ -12,12 +23,16 @@
 //!   the cache whole before it is pushed.
 //!
 //! Streaming a blob with verification is the crate's (`pull_blob_stream` checks the
-//! digest); the cache's blob writer checks digest and size again before the blob becomes
-//! visible, so nothing unverified ever lands.
+//! digest) or, for plain reads, the cache's blob writer's, which checks digest and size
+//! before the blob becomes visible, so nothing unverified ever lands.
 
 mod fetch;
+mod plain;
 mod push;
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -29,6 +44,7 @@ use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest as _, Sha256};
+use tokio::sync::{OnceCell, watch};
 
 use super::health::Tracker;
 use super::{AuthFiles, CONNECT_TIMEOUT, UpstreamError, UpstreamSpec, api_host, digest_str};
@@ -49,19 +65,25 @@ const PARALLEL: usize = 4;
 /// How long a read from an upstream may stall before the transfer fails.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// An upstream with its client, credentials and health.
+const USER_AGENT: &str = concat!("kiln/", env!("CARGO_PKG_VERSION"));
+
+/// An upstream with its clients, credentials and health.
 pub struct Remote {
     spec: UpstreamSpec,
     host: String,
-    client: Client,
-    /// Anonymous upstreams only: a client that never holds credentials, for blob reads.
-    /// `oci-client` sends `GET /v2/` before every request of a client that holds any
-    /// (even anonymous ones) when the registry asks for none, which doubles the requests
-    /// of a fetch; this one sends the request alone. Set aside for good once a blob read
-    /// is refused (a registry that wants a token even for anonymous pulls, as Docker
-    /// Hub does).
-    bare: Option<Client>,
-    bare_refused: AtomicBool,
+    /// The CA certificate the spec names (PEM), read and checked when kilnd starts.
+    ca: Option<Vec<u8>>,
+    /// `oci-client`'s, built at first use.
+    client: OnceCell<Client>,
+    /// Plain reads while [`Remote::open`]: built at first use.
+    plain: OnceCell<reqwest::Client>,
+    /// Blobs being copied from this upstream, each with a receiver that wakes when the
+    /// copy's sender is dropped ([`Remote::copy_blob`] copies a blob once however many
+    /// ask at once).
+    copying: Mutex<HashMap<Digest, watch::Receiver<()>>>,
+    /// The registry answered 401 to a request without credentials: from then on every
+    /// request goes through `oci-client`'s token flow.
+    challenged: AtomicBool,
     /// Never logged: `Remote`'s Debug leaves it out.
     auth: RegistryAuth,
     health: Tracker,
@@ -78,52 +100,117 @@ impl std::fmt::Debug for Remote {
 
 impl Remote {
     pub fn new(spec: UpstreamSpec, auth: &AuthFiles) -> Result<Remote, UpstreamError> {
-        let mut extra_root_certificates = Vec::new();
-        if let Some(path) = &spec.ca_file {
-            let data = std::fs::read(path).map_err(|e| UpstreamError::CaFile {
-                upstream: spec.to_string(),
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
-            extra_root_certificates.push(Certificate {
-                encoding: CertificateEncoding::Pem,
-                data,
-            });
-        }
-        let config = || ClientConfig {
-            protocol: if spec.insecure {
-                ClientProtocol::Http
-            } else {
-                ClientProtocol::Https
-            },
-            extra_root_certificates: extra_root_certificates.clone(),
-            connect_timeout: Some(CONNECT_TIMEOUT),
-            read_timeout: Some(READ_TIMEOUT),
-            use_monolithic_push: true,
-            platform_resolver: None,
-            user_agent: concat!("kiln/", env!("CARGO_PKG_VERSION")),
-            ..ClientConfig::default()
+        let ca = match &spec.ca_file {
+            Some(path) => {
+                let ca_error = |message: String| UpstreamError::CaFile {
+                    upstream: spec.to_string(),
+                    path: path.clone(),
+                    message,
+                };
+                let data = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
+                // Checked now (one certificate: cheap), so a bad file stops kilnd's start.
+                reqwest::Certificate::from_pem(&data).map_err(|e| ca_error(e.to_string()))?;
+                Some(data)
+            }
+            None => None,
         };
-        let ca_error = |e: OciDistributionError| UpstreamError::CaFile {
-            upstream: spec.to_string(),
-            path: spec.ca_file.clone().unwrap_or_default(),
-            message: e.to_string(),
-        };
-        let client = Client::try_from(config()).map_err(ca_error)?;
         let auth = auth.credentials_for(&spec.registry)?;
-        let bare = match auth {
-            RegistryAuth::Anonymous => Some(Client::try_from(config()).map_err(ca_error)?),
-            _ => None,
-        };
         Ok(Remote {
             host: api_host(&spec.registry).to_owned(),
             spec,
-            client,
-            bare,
-            bare_refused: AtomicBool::new(false),
+            ca,
+            client: OnceCell::new(),
+            plain: OnceCell::new(),
+            copying: Mutex::default(),
+            challenged: AtomicBool::new(false),
             auth,
             health: Tracker::default(),
         })
+    }
+
+    /// Whether requests go out without credentials: none are configured and the
+    /// registry has not asked for any.
+    fn open(&self) -> bool {
+        matches!(self.auth, RegistryAuth::Anonymous) && !self.challenged.load(Ordering::Relaxed)
+    }
+
+    /// Builds the client reads will go through now (see [`super::Upstreams::warm`]).
+    pub async fn warm(&self) {
+        let built = if self.open() {
+            self.plain().await.map(drop)
+        } else {
+            self.client().await.map(drop)
+        };
+        if let Err(e) = built {
+            tracing::debug!("{e}");
+        }
+    }
+
+    /// Runs `op`, and once more through the token flow if the registry refused it
+    /// without credentials (as Docker Hub does until the client fetches a token).
+    async fn challenged_once<T, F, Fut>(&self, op: F) -> Result<T, UpstreamError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, UpstreamError>>,
+    {
+        let was_open = self.open();
+        match op().await {
+            Err(UpstreamError::Unauthorized { .. }) if was_open => {
+                tracing::debug!(upstream = %self.spec, "the upstream wants a token: asking for one");
+                self.challenged.store(true, Ordering::Relaxed);
+                op().await
+            }
+            other => other,
+        }
+    }
+
+    /// `oci-client`'s client, built at first use (on a blocking thread: it loads the
+    /// system's CA certificates), holding the credentials unless the upstream is
+    /// [`open`](Remote::open).
+    async fn client(&self) -> Result<&Client, UpstreamError> {
+        let client = self
+            .client
+            .get_or_try_init(|| async {
+                let config = ClientConfig {
+                    protocol: if self.spec.insecure {
+                        ClientProtocol::Http
+                    } else {
+                        ClientProtocol::Https
+                    },
+                    extra_root_certificates: self
+                        .ca
+                        .iter()
+                        .map(|data| Certificate {
+                            encoding: CertificateEncoding::Pem,
+                            data: data.clone(),
+                        })
+                        .collect(),
+                    connect_timeout: Some(CONNECT_TIMEOUT),
+                    read_timeout: Some(READ_TIMEOUT),
+                    use_monolithic_push: true,
+                    platform_resolver: None,
+                    user_agent: USER_AGENT,
+                    ..ClientConfig::default()
+                };
+                let built = tokio::task::spawn_blocking(move || Client::try_from(config)).await;
+                match built {
+                    Ok(Ok(client)) => Ok(client),
+                    Ok(Err(e)) => Err(self.setup_error(e.to_string())),
+                    Err(e) => Err(self.setup_error(e.to_string())),
+                }
+            })
+            .await?;
+        if !self.open() {
+            client.store_auth_if_needed(&self.host, &self.auth).await;
+        }
+        Ok(client)
+    }
+
+    fn setup_error(&self, detail: String) -> UpstreamError {
+        UpstreamError::Client {
+            upstream: self.spec.to_string(),
+            detail,
+        }
     }
 
     pub fn spec(&self) -> &UpstreamSpec {
@@ -202,23 +289,55 @@ impl Remote {
         }
     }
 
-    /// A blob's bytes as a stream: through the bare client while it is not refused.
+    /// A blob's bytes as a stream: a plain GET while the upstream is
+    /// [`open`](Remote::open), else through `oci-client` (which checks the digest too).
     async fn blob_stream(
         &self,
         reference: &Reference,
         layer: &OciDescriptor,
-    ) -> Result<oci_client::client::SizedStream, OciDistributionError> {
-        if let Some(bare) = self
-            .bare
-            .as_ref()
-            .filter(|_| !self.bare_refused.load(Ordering::Relaxed))
-        {
-            match bare.pull_blob_stream(reference, layer).await {
-                Err(e) if unauthorized(&e) => self.bare_refused.store(true, Ordering::Relaxed),
-                other => return other,
-            }
-        }
-        self.client.pull_blob_stream(reference, layer).await
+    ) -> Result<oci_client::client::SizedStream, UpstreamError> {
+        let got = if self.open() {
+            plain::blob(self.plain().await?, &self.spec, reference, &layer.digest).await
+        } else {
+            self.client()
+                .await?
+                .pull_blob_stream(reference, layer)
+                .await
+        };
+        got.map_err(|e| self.error(&reference.whole(), e))
+    }
+
+    /// The digest of the manifest `reference` names (a HEAD), or the client's error.
+    async fn manifest_digest(
+        &self,
+        reference: &Reference,
+    ) -> Result<Result<String, OciDistributionError>, UpstreamError> {
+        Ok(if self.open() {
+            plain::manifest_digest(self.plain().await?, &self.spec, reference, ACCEPT).await
+        } else {
+            self.client()
+                .await?
+                .fetch_manifest_digest(reference, &self.auth)
+                .await
+        })
+    }
+
+    /// The client of plain reads, built at first use.
+    async fn plain(&self) -> Result<&reqwest::Client, UpstreamError> {
+        self.plain
+            .get_or_try_init(|| async {
+                let ca = self.ca.clone();
+                let built = tokio::task::spawn_blocking(move || {
+                    plain::client(ca.as_deref(), CONNECT_TIMEOUT, READ_TIMEOUT)
+                })
+                .await;
+                match built {
+                    Ok(Ok(client)) => Ok(client),
+                    Ok(Err(e)) => Err(self.setup_error(e.to_string())),
+                    Err(e) => Err(self.setup_error(e.to_string())),
+                }
+            })
+            .await
     }
 
     fn cache_error(&self, image: &str, source: CacheError) -> UpstreamError {
@@ -236,12 +355,17 @@ impl Remote {
         reference: &Reference,
     ) -> Result<Option<(Vec<u8>, Descriptor)>, UpstreamError> {
         let shown = reference.whole();
-        match self
-            .client
-            .pull_manifest_raw(reference, &self.auth, ACCEPT)
-            .await
-        {
-            Ok((bytes, _)) => {
+        let got = if self.open() {
+            plain::manifest(self.plain().await?, &self.spec, reference, ACCEPT).await
+        } else {
+            self.client()
+                .await?
+                .pull_manifest_raw(reference, &self.auth, ACCEPT)
+                .await
+                .map(|(bytes, _)| bytes)
+        };
+        match got {
+            Ok(bytes) => {
                 self.health.up();
                 let digest = Digest::from_sha256_bytes(&Sha256::digest(&bytes).into());
                 if let Some(want) = reference.digest()

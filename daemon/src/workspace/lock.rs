@@ -40,12 +40,13 @@ pub enum LockError {
         source: toml::de::Error,
     },
     #[error(
-        "{path}: image {name:?}: {message}; fix the entry or remove it to resolve the image again"
+        "{path}: image {name:?}: {source}; fix the entry or remove it to resolve the image again"
     )]
     Digest {
         path: PathBuf,
         name: String,
-        message: String,
+        #[source]
+        source: kiln_shared::digest::DigestError,
     },
 }
 
@@ -78,13 +79,11 @@ impl Lock {
         })?;
         let mut images = BTreeMap::new();
         for (name, digest) in raw.images {
-            let digest = digest
-                .parse()
-                .map_err(|e: kiln_shared::digest::DigestError| LockError::Digest {
-                    path: path.clone(),
-                    name: name.clone(),
-                    message: e.to_string(),
-                })?;
+            let digest = digest.parse().map_err(|source| LockError::Digest {
+                path: path.clone(),
+                name: name.clone(),
+                source,
+            })?;
             images.insert(name, digest);
         }
         Ok(Lock { images })

@@ -109,6 +109,19 @@ impl Upstream {
         fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
 
+    /// The URIs of the requests the registry has answered so far, in order.
+    fn requests(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("response completed"))
+            .filter_map(|l| {
+                let v = &l[l.find("http.request.uri=")? + 17..];
+                let v = v.trim_start_matches('"');
+                Some(v[..v.find(['"', ' ']).unwrap_or(v.len())].to_owned())
+            })
+            .collect()
+    }
+
     fn blob_file(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
         self.dir
@@ -158,8 +171,15 @@ fn two_arch(cache: &Cache, image: &str, note: &str) {
 }
 
 /// Pushes `kiln/hello:t1` from cache A, fetches it arch by arch into cache B, and checks
-/// digests, references (skopeo reads them), only-missing transfers and fsck.
-fn push_then_fetch(spec: UpstreamSpec, auth: AuthFiles, skopeo_args: &[String]) {
+/// digests, references (skopeo reads them), only-missing transfers, the requests the
+/// fetch made (`probes`: at most that many `GET /v2/`; each blob once) and fsck.
+fn push_then_fetch(
+    up: &Upstream,
+    spec: UpstreamSpec,
+    auth: AuthFiles,
+    skopeo_args: &[String],
+    probes: usize,
+) {
     let dir = tempfile::tempdir().unwrap();
     let a = Arc::new(Cache::open(&dir.path().join("a")).unwrap());
     let b = Arc::new(Cache::open(&dir.path().join("b")).unwrap());
@@ -216,11 +236,24 @@ fn push_then_fetch(spec: UpstreamSpec, auth: AuthFiles, skopeo_args: &[String]) 
         .into_iter()
         .map(|a| (a.to_owned(), platform_for_arch(a)))
         .collect();
+    let before = up.requests().len();
     let got = rt
         .block_on(upstreams.fetch_package(&b, &image, &both))
         .unwrap()
         .expect("the upstream has it");
     assert!(got.bytes > 0);
+    let made = up.requests().split_off(before);
+    let probed = made.iter().filter(|u| *u == "/v2/").count();
+    assert!(probed <= probes, "{probed} probes: {made:#?}");
+    let mut blobs: Vec<_> = made.iter().filter(|u| u.contains("/blobs/")).collect();
+    let all = blobs.len();
+    assert!(
+        all > 0,
+        "cache B was empty, yet no blob was read: {made:#?}"
+    );
+    blobs.sort();
+    blobs.dedup();
+    assert_eq!(all, blobs.len(), "a blob was read twice: {made:#?}");
     assert_eq!(got.index.as_ref().unwrap().digest, a_index.digest);
     assert_eq!(got.archs.len(), 2);
     for (arch, desc) in got.archs {
@@ -272,7 +305,14 @@ fn plain_http_upstream_push_and_fetch() {
     let (up, _) = Upstream::start(false);
     let spec: UpstreamSpec = up.addr.parse().unwrap();
     assert!(spec.insecure, "loopback is plain HTTP by default");
-    push_then_fetch(spec, AuthFiles::default(), &["--tls-verify=false".into()]);
+    // Nothing asks for credentials: no request is preceded by a `GET /v2/` probe.
+    push_then_fetch(
+        &up,
+        spec,
+        AuthFiles::default(),
+        &["--tls-verify=false".into()],
+        0,
+    );
 }
 
 #[test]
@@ -290,7 +330,9 @@ fn tls_upstream_with_htpasswd_and_a_docker_config() {
     let certs = dir.path().join("certs");
     fs::create_dir_all(&certs).unwrap();
     fs::copy(&ca, certs.join("ca.crt")).unwrap();
+    // Basic auth: one probe for the repository, then the credentials are sent at once.
     push_then_fetch(
+        &up,
         spec.clone(),
         auth,
         &[
@@ -300,6 +342,7 @@ fn tls_upstream_with_htpasswd_and_a_docker_config() {
                 dir.path().join("docker/config.json").display()
             ),
         ],
+        1,
     );
 
     // Wrong credentials: a clear error naming the upstream, never the password.

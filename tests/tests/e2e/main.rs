@@ -11,5 +11,6 @@ mod docker_errors;
 mod kilnd;
 mod native_run;
 mod package_errors;
+mod shutdown;
 mod upstream;
 mod watch;

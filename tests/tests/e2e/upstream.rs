@@ -5,7 +5,8 @@
 //! unreachable upstream leave local builds working with a clear message; the native
 //! builder builds `FROM` an image only the upstream has; `docker pull` through kilnd
 //! fetches from the upstream once, then from the cache; a failed push is retried on a
-//! timer; a base image whose registry cannot be reached fails the build naming it.
+//! timer, and one still owed when kilnd stops is pushed by the next kilnd on the cache;
+//! a base image whose registry cannot be reached fails the build naming it.
 
 use std::time::Duration;
 
@@ -427,6 +428,42 @@ fn a_failed_push_is_retried_on_a_timer_until_the_upstream_takes_it() {
     ev.wait(TIMEOUT, "the retried push", |s| {
         pushed(s, "kiln/solo", &tag)
     });
+    assert_eq!(
+        upstream_tags(&up, "kiln/solo"),
+        vec![tag.clone(), format!("{tag}-amd64")]
+    );
+}
+
+#[test]
+fn a_push_still_owed_at_shutdown_is_pushed_by_the_next_kilnd() {
+    let addr = closed_addr();
+    let ws = Dir::new("push-owed");
+    write_package(&ws, "solo", &["amd64"], "FROM scratch\nCOPY a /a\n");
+    ws.write("solo/a", "a\n");
+    let state = Dir::new("push-owed-state");
+    let cache = state.join("cache");
+    let options = || {
+        KilndOptions::default()
+            .cache(&cache)
+            .arg("--upstream")
+            .arg(&addr)
+            .arg("--push")
+    };
+    let mut k = Kilnd::start(&[ws.path()], options());
+    let s = k
+        .events()
+        .wait(TIMEOUT, "the build to end and the push to fail", |s| {
+            settled(s) && s.pushes.get("kiln/solo").is_some_and(|p| p.error.is_some())
+        });
+    let tag = tag_of(&s, "kiln/solo");
+    let (status, killed) = k.stop();
+    assert!(status.success() && !killed, "kilnd exited with {status}");
+    drop(k);
+    // The upstream comes up while no kilnd runs; the next one pushes what is owed.
+    let up = Registry::start_at(&addr);
+    let k = Kilnd::start(&[ws.path()], options());
+    k.events()
+        .wait(TIMEOUT, "the owed push", |s| pushed(s, "kiln/solo", &tag));
     assert_eq!(
         upstream_tags(&up, "kiln/solo"),
         vec![tag.clone(), format!("{tag}-amd64")]

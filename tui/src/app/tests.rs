@@ -269,7 +269,13 @@ fn keys_r_build_shift_r_force_c_cancel_g_gc() {
 #[test]
 fn action_results_show_until_the_next_key() {
     let mut m = model();
-    update(&mut m, Msg::Failed("kilnd answered 404: no package".into()));
+    update(
+        &mut m,
+        Msg::Failed(crate::client::ClientError::Status {
+            status: http::StatusCode::NOT_FOUND,
+            message: "no package".into(),
+        }),
+    );
     assert!(m.notice.as_ref().unwrap().error);
     update(&mut m, ch('z'));
     assert_eq!(m.notice, None);

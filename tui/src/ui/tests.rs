@@ -420,7 +420,10 @@ fn the_footer_keeps_the_keys_while_a_message_shows() {
     assert!(m.notice.is_some());
     update(
         &mut m,
-        Msg::Failed("no package \"linuxkit/alpine\": a long reason".into()),
+        Msg::Failed(crate::client::ClientError::Status {
+            status: http::StatusCode::NOT_FOUND,
+            message: "no package \"linuxkit/alpine\": a long reason".into(),
+        }),
     );
     let s = render(&m, 80, 24);
     let lines: Vec<&str> = s.lines().collect();

@@ -50,10 +50,24 @@ pub enum EngineError {
     )]
     BadFlag(String),
     #[error(
-        "cannot reach the Docker engine at {endpoint}: {detail}; start dockerd or set \
-         DOCKER_HOST / --engine"
+        "cannot reach the Docker engine at {endpoint}: {}; start dockerd or set \
+         DOCKER_HOST / --engine",
+        kiln_shared::error::Chain(&**.source)
     )]
-    Unreachable { endpoint: Endpoint, detail: String },
+    Unreachable {
+        endpoint: Endpoint,
+        /// Shared: the engine's state is reported to every build that asks.
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "cannot reach the Docker engine at {endpoint}: no answer within {timeout:?}; start \
+         dockerd or set DOCKER_HOST / --engine"
+    )]
+    NoAnswer {
+        endpoint: Endpoint,
+        timeout: Duration,
+    },
 }
 
 /// Where an engine listens.
@@ -157,7 +171,7 @@ impl Engine {
         }
         .map_err(|e| EngineError::Unreachable {
             endpoint: endpoint.clone(),
-            detail: e.to_string(),
+            source: Arc::new(e),
         })?;
         Ok(Engine {
             endpoint,
@@ -181,14 +195,16 @@ impl Engine {
         if let Some(d) = self.lock_negotiated().as_ref() {
             return Ok(d.clone());
         }
-        let unreachable = |detail: String| EngineError::Unreachable {
-            endpoint: self.endpoint.clone(),
-            detail,
-        };
         let docker = tokio::time::timeout(CONNECT_TIMEOUT, self.docker.clone().negotiate_version())
             .await
-            .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|e| unreachable(error_chain(&e)))?;
+            .map_err(|_| EngineError::NoAnswer {
+                endpoint: self.endpoint.clone(),
+                timeout: CONNECT_TIMEOUT,
+            })?
+            .map_err(|e| EngineError::Unreachable {
+                endpoint: self.endpoint.clone(),
+                source: Arc::new(e),
+            })?;
         *self.lock_negotiated() = Some(docker.clone());
         Ok(docker)
     }
@@ -274,23 +290,8 @@ where
     let resp = sender
         .send_request(req)
         .await
-        .map_err(|e| io::Error::other(error_chain(&e)))?;
+        .map_err(|e| io::Error::other(kiln_shared::error::chain(&e)))?;
     Ok((resp, guard))
-}
-
-/// An error and its sources, joined by ": ".
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = inner.source();
-    }
-    s
 }
 
 /// Which engine builds which platform: a default plus per-platform overrides.

@@ -27,7 +27,7 @@ impl EngineTag {
     }
 
     /// Removes the tag (and what only it used) from the engine.
-    pub async fn remove(mut self) -> Result<(), String> {
+    pub async fn remove(mut self) -> Result<(), RemoveError> {
         match self.docker.take() {
             Some(docker) => remove_bounded(&docker, &self.reference).await,
             None => Ok(()),
@@ -42,7 +42,7 @@ impl Drop for EngineTag {
             let reference = std::mem::take(&mut self.reference);
             rt.spawn(async move {
                 if let Err(e) = remove_bounded(&docker, &reference).await {
-                    tracing::warn!(%reference, error = %e, "cannot remove an abandoned build's image");
+                    tracing::warn!(%reference, error = %kiln_shared::error::Chain(&e), "cannot remove an abandoned build's image");
                 }
             });
         }
@@ -53,11 +53,21 @@ impl Drop for EngineTag {
 /// connections but does not answer).
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Why an engine's tag could not be removed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    #[error(transparent)]
+    Engine(#[from] bollard::errors::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
 pub(super) async fn remove_bounded(
     docker: &bollard::Docker,
     reference: &str,
-) -> Result<(), String> {
+) -> Result<(), RemoveError> {
     tokio::time::timeout(CLEANUP_TIMEOUT, push::remove_local(docker, reference))
         .await
-        .map_err(|_| format!("no answer within {CLEANUP_TIMEOUT:?}"))?
+        .map_err(|_| RemoveError::Timeout(CLEANUP_TIMEOUT))?
+        .map_err(RemoveError::from)
 }

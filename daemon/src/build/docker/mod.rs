@@ -20,6 +20,7 @@ pub mod push;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
@@ -30,14 +31,13 @@ use tokio_util::sync::CancellationToken;
 
 pub use context::{BuildContext, ContextError};
 pub use engine::{Endpoint, Engine, EngineError, Engines, parse_engine_flag};
-pub use engine_tag::EngineTag;
+pub use engine_tag::{EngineTag, RemoveError};
 pub use explain::explain;
 pub use linuxkit::{LinuxkitInfo, linuxkit_build_args, linuxkit_labels};
 pub use progress::{LogLine, LogSource};
-pub use push::{PushStats, fetch_manifest};
+pub use push::{ManifestError, PushStats, fetch_manifest};
 
 use crate::oci::{Descriptor, Platform};
-use engine::error_chain;
 use engine_tag::remove_bounded;
 use progress::Steps;
 
@@ -157,11 +157,12 @@ pub enum DockerBuildError {
         registry: String,
         message: String,
     },
-    #[error("{image} ({arch}): cannot read the pushed manifest back: {message}")]
+    #[error("{image} ({arch}): cannot read the pushed manifest back")]
     Manifest {
         image: String,
         arch: String,
-        message: String,
+        #[source]
+        source: push::ManifestError,
     },
     #[error("{image} ({arch}): cancelled")]
     Cancelled { image: String, arch: String },
@@ -269,7 +270,7 @@ pub async fn build_arch(
         remove_bounded(&docker, &reference),
     );
     if let Err(e) = stale {
-        tracing::debug!(%reference, error = %e, "cannot remove a stale tag before building");
+        tracing::debug!(%reference, error = %kiln_shared::error::Chain(&e), "cannot remove a stale tag before building");
     }
     let ctx = scanned
         .map_err(|e| DockerBuildError::Context {
@@ -349,7 +350,10 @@ pub async fn build_arch(
                 emit(
                     LogSource::Kiln,
                     None,
-                    format!("warning: cannot remove {reference} from the engine: {why}"),
+                    format!(
+                        "warning: cannot remove {reference} from the engine: {}",
+                        kiln_shared::error::Chain(&why)
+                    ),
                 );
             }
             return Err(e);
@@ -362,12 +366,12 @@ pub async fn build_arch(
         Some(d) => d.clone(),
         None => match fetch_manifest(push_to, &build.image.repo.to_string(), &tag).await {
             Ok(d) => d,
-            Err(message) => {
+            Err(source) => {
                 let _ = engine_tag.remove().await;
                 return Err(DockerBuildError::Manifest {
                     image: image.clone(),
                     arch: arch.clone(),
-                    message,
+                    source,
                 });
             }
         },
@@ -456,7 +460,10 @@ async fn run_build(
                 DockerBuildError::Engine {
                     image: image.to_owned(),
                     arch: arch.to_owned(),
-                    source: EngineError::Unreachable { endpoint: engine.endpoint().clone(), detail: e.to_string() },
+                    source: EngineError::Unreachable {
+                        endpoint: engine.endpoint().clone(),
+                        source: Arc::new(e),
+                    },
                 }
             } else {
                 lost(e.to_string())
@@ -495,7 +502,7 @@ async fn run_build(
         };
         let data: Bytes = match frame {
             None => break,
-            Some(Err(e)) => return Err(lost(error_chain(&e))),
+            Some(Err(e)) => return Err(lost(kiln_shared::error::chain(&e))),
             Some(Ok(f)) => match f.into_data() {
                 Ok(d) => d,
                 Err(_) => continue,
@@ -562,7 +569,7 @@ fn handle_line(
     }
     match (msg.id.as_deref(), msg.aux) {
         (Some("moby.buildkit.trace"), Some(serde_json::Value::String(b64))) => {
-            match progress::base64_decode(&b64).and_then(|b| progress::decode_status(&b)) {
+            match progress::decode_trace(&b64) {
                 Ok(status) => {
                     for (source, step, text) in steps.apply(status) {
                         emit(source, step, text);

@@ -1,10 +1,13 @@
 //! BuildKit's progress, as the engine reports it during `POST /build?version=2`: JSON
 //! lines whose `aux` (with `"id":"moby.buildkit.trace"`) is a base64 protobuf
 //! `moby.buildkit.v1.StatusResponse` (vertexes = build steps with cached/started/completed
-//! /error, and their log output). This module decodes those messages (a small protobuf
-//! reader for the fields kiln uses) and folds them into steps and log lines.
+//! /error, and their log output). This module decodes those messages (`base64`, and
+//! `prost` with the fields kiln uses declared in [`wire`]) and folds them into steps and
+//! log lines.
 
 use std::collections::HashMap;
+
+use base64::Engine;
 
 /// One build step (a BuildKit vertex), as far as it is known.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -33,158 +36,107 @@ pub struct Status {
 }
 
 /// A malformed trace message.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("malformed BuildKit progress message: {0}")]
-pub struct DecodeError(pub &'static str);
-
-/// Decodes standard base64 (with or without padding).
-pub fn base64_decode(s: &str) -> Result<Vec<u8>, DecodeError> {
-    fn val(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    }
-    let bytes = s.trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for &c in bytes {
-        acc = (acc << 6) | val(c).ok_or(DecodeError("bad base64"))?;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Ok(out)
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("malformed BuildKit progress message: not base64: {0}")]
+    Base64(#[from] base64::DecodeError),
+    #[error("malformed BuildKit progress message: {0}")]
+    Protobuf(#[from] prost::DecodeError),
 }
 
-/// A minimal protobuf wire-format reader.
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-enum Value<'a> {
-    Varint(u64),
-    Bytes(&'a [u8]),
-    Other,
-}
-
-impl<'a> Reader<'a> {
-    fn varint(&mut self) -> Result<u64, DecodeError> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let (&b, rest) = self
-                .buf
-                .split_first()
-                .ok_or(DecodeError("truncated varint"))?;
-            self.buf = rest;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(DecodeError("varint too long"))
+/// BuildKit's messages (`api/services/control/control.proto`, `moby.buildkit.v1`), with
+/// the fields kiln reads; prost skips the others (statuses, warnings, inputs, progress
+/// groups). Strings that BuildKit does not promise to be UTF-8 (step names and errors
+/// echo the Dockerfile and the program's output) are read as bytes and decoded lossily,
+/// so one odd byte does not lose the whole message.
+mod wire {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct StatusResponse {
+        #[prost(message, repeated, tag = "1")]
+        pub vertexes: Vec<Vertex>,
+        #[prost(message, repeated, tag = "3")]
+        pub logs: Vec<VertexLog>,
     }
 
-    fn next(&mut self) -> Result<Option<(u64, Value<'a>)>, DecodeError> {
-        if self.buf.is_empty() {
-            return Ok(None);
-        }
-        let key = self.varint()?;
-        let value = match key & 7 {
-            0 => Value::Varint(self.varint()?),
-            1 => {
-                self.skip(8)?;
-                Value::Other
-            }
-            2 => {
-                let len =
-                    usize::try_from(self.varint()?).map_err(|_| DecodeError("length too large"))?;
-                if len > self.buf.len() {
-                    return Err(DecodeError("truncated field"));
-                }
-                let (v, rest) = self.buf.split_at(len);
-                self.buf = rest;
-                Value::Bytes(v)
-            }
-            5 => {
-                self.skip(4)?;
-                Value::Other
-            }
-            _ => return Err(DecodeError("unsupported wire type")),
-        };
-        Ok(Some((key >> 3, value)))
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Vertex {
+        #[prost(bytes = "vec", tag = "1")]
+        pub digest: Vec<u8>,
+        #[prost(bytes = "vec", tag = "3")]
+        pub name: Vec<u8>,
+        #[prost(bool, tag = "4")]
+        pub cached: bool,
+        #[prost(message, optional, tag = "5")]
+        pub started: Option<Timestamp>,
+        #[prost(message, optional, tag = "6")]
+        pub completed: Option<Timestamp>,
+        #[prost(bytes = "vec", tag = "7")]
+        pub error: Vec<u8>,
     }
 
-    fn skip(&mut self, n: usize) -> Result<(), DecodeError> {
-        if n > self.buf.len() {
-            return Err(DecodeError("truncated field"));
-        }
-        self.buf = &self.buf[n..];
-        Ok(())
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct VertexLog {
+        #[prost(bytes = "vec", tag = "1")]
+        pub vertex: Vec<u8>,
+        #[prost(int64, tag = "3")]
+        pub stream: i64,
+        #[prost(bytes = "vec", tag = "4")]
+        pub msg: Vec<u8>,
+    }
+
+    /// `google.protobuf.Timestamp`: only its presence matters to kiln.
+    #[derive(Clone, Copy, PartialEq, prost::Message)]
+    pub struct Timestamp {
+        #[prost(int64, tag = "1")]
+        pub seconds: i64,
+        #[prost(int32, tag = "2")]
+        pub nanos: i32,
     }
 }
+
+/// Base64 as Go's `encoding/json` writes `[]byte` (standard alphabet, padded); padding
+/// is not required.
+const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
 
 fn string(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Decodes a `StatusResponse` (vertexes = 1, logs = 3; statuses and warnings skipped).
+/// Decodes a trace message: the base64 text of a protobuf `StatusResponse`.
+pub fn decode_trace(b64: &str) -> Result<Status, DecodeError> {
+    decode_status(&BASE64.decode(b64)?)
+}
+
+/// Decodes a protobuf `StatusResponse`.
 pub fn decode_status(buf: &[u8]) -> Result<Status, DecodeError> {
-    let mut status = Status::default();
-    let mut r = Reader { buf };
-    while let Some((field, value)) = r.next()? {
-        match (field, value) {
-            (1, Value::Bytes(b)) => status.vertexes.push(decode_vertex(b)?),
-            (3, Value::Bytes(b)) => status.logs.push(decode_log(b)?),
-            _ => {}
-        }
-    }
-    Ok(status)
-}
-
-fn decode_vertex(buf: &[u8]) -> Result<Vertex, DecodeError> {
-    // Vertex: digest 1, inputs 2, name 3, cached 4, started 5, completed 6, error 7.
-    let mut v = Vertex::default();
-    let mut r = Reader { buf };
-    while let Some((field, value)) = r.next()? {
-        match (field, value) {
-            (1, Value::Bytes(b)) => v.digest = string(b),
-            (3, Value::Bytes(b)) => v.name = string(b),
-            (4, Value::Varint(x)) => v.cached = x != 0,
-            (5, Value::Bytes(_)) => v.started = true,
-            (6, Value::Bytes(_)) => v.completed = true,
-            (7, Value::Bytes(b)) if !b.is_empty() => v.error = Some(string(b)),
-            _ => {}
-        }
-    }
-    Ok(v)
-}
-
-fn decode_log(buf: &[u8]) -> Result<VertexLog, DecodeError> {
-    // VertexLog: vertex 1, timestamp 2, stream 3, msg 4.
-    let mut l = VertexLog {
-        vertex: String::new(),
-        stream: 0,
-        msg: Vec::new(),
-    };
-    let mut r = Reader { buf };
-    while let Some((field, value)) = r.next()? {
-        match (field, value) {
-            (1, Value::Bytes(b)) => l.vertex = string(b),
-            (3, Value::Varint(x)) => l.stream = x as i64,
-            (4, Value::Bytes(b)) => l.msg = b.to_vec(),
-            _ => {}
-        }
-    }
-    Ok(l)
+    let msg = <wire::StatusResponse as prost::Message>::decode(buf)?;
+    Ok(Status {
+        vertexes: msg
+            .vertexes
+            .into_iter()
+            .map(|v| Vertex {
+                digest: string(&v.digest),
+                name: string(&v.name),
+                cached: v.cached,
+                started: v.started.is_some(),
+                completed: v.completed.is_some(),
+                error: (!v.error.is_empty()).then(|| string(&v.error)),
+            })
+            .collect(),
+        logs: msg
+            .logs
+            .into_iter()
+            .map(|l| VertexLog {
+                vertex: string(&l.vertex),
+                stream: l.stream,
+                msg: l.msg,
+            })
+            .collect(),
+    })
 }
 
 /// Where a log line came from.
@@ -350,17 +302,17 @@ mod tests {
     }
 
     #[test]
-    fn base64_round_trips_known_values() {
-        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
-        assert_eq!(base64_decode("aGVsbG8").unwrap(), b"hello");
-        assert_eq!(base64_decode("").unwrap(), b"");
-        assert_eq!(base64_decode("/+8=").unwrap(), [0xff, 0xef]);
-        assert!(base64_decode("a$b").is_err());
+    fn base64_is_standard_with_or_without_padding() {
+        assert_eq!(BASE64.decode("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(BASE64.decode("aGVsbG8").unwrap(), b"hello");
+        assert_eq!(BASE64.decode("").unwrap(), b"");
+        assert_eq!(BASE64.decode("/+8=").unwrap(), [0xff, 0xef]);
+        assert!(matches!(decode_trace("a$b"), Err(DecodeError::Base64(_))));
     }
 
     #[test]
     fn decodes_a_captured_engine_message() {
-        let status = decode_status(&base64_decode(CAPTURED).unwrap()).unwrap();
+        let status = decode_trace(CAPTURED).unwrap();
         assert_eq!(status.vertexes.len(), 1);
         let v = &status.vertexes[0];
         assert_eq!(v.name, "copy /context /");

@@ -15,7 +15,6 @@ use hyper_util::rt::TokioExecutor;
 use kiln_shared::digest::Digest;
 use sha2::{Digest as _, Sha256};
 
-use super::engine::error_chain;
 use crate::oci::{DOCKER_MANIFEST, Descriptor, OCI_INDEX, OCI_MANIFEST};
 
 /// What a push did.
@@ -71,7 +70,7 @@ pub(crate) async fn push(
             | bollard::errors::Error::DockerStreamError { error: message } => {
                 PushError::Engine(message)
             }
-            other => PushError::Connection(error_chain(&other)),
+            other => PushError::Connection(kiln_shared::error::chain(&other)),
         })?;
         if let Some(e) = info.error_detail.and_then(|d| d.message).or(info.error) {
             return Err(PushError::Engine(e));
@@ -98,7 +97,10 @@ pub(crate) async fn push(
 
 /// Removes the local image `reference` (the tag kiln built), pruning what only it used.
 /// A reference that is already gone is fine.
-pub(crate) async fn remove_local(docker: &Docker, reference: &str) -> Result<(), String> {
+pub(crate) async fn remove_local(
+    docker: &Docker,
+    reference: &str,
+) -> Result<(), bollard::errors::Error> {
     let options = RemoveImageOptions {
         force: false,
         noprune: false,
@@ -108,14 +110,56 @@ pub(crate) async fn remove_local(docker: &Docker, reference: &str) -> Result<(),
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
         }) => Ok(()),
-        Err(e) => Err(error_chain(&e)),
+        Err(e) => Err(e),
     }
+}
+
+/// Why the pushed manifest could not be read back from the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("GET {uri}")]
+    Request {
+        uri: String,
+        #[source]
+        source: hyper::http::Error,
+    },
+    #[error("GET {uri}")]
+    Connect {
+        uri: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("GET {uri}")]
+    Body {
+        uri: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("GET {uri}: {status}: {body}")]
+    Status {
+        uri: String,
+        status: hyper::StatusCode,
+        /// The start of the registry's answer (its OCI error JSON).
+        body: String,
+    },
+    #[error(
+        "GET {uri}: the registry says the manifest is {claimed} but its bytes hash to {digest}"
+    )]
+    DigestMismatch {
+        uri: String,
+        claimed: String,
+        digest: Digest,
+    },
 }
 
 /// Reads the manifest `repo:tag` from the registry at `registry` (`host:port`, plain
 /// HTTP) and describes it: media type, digest of the exact bytes, size. If the registry
 /// sends `Docker-Content-Digest`, it must agree.
-pub async fn fetch_manifest(registry: &str, repo: &str, tag: &str) -> Result<Descriptor, String> {
+pub async fn fetch_manifest(
+    registry: &str,
+    repo: &str,
+    tag: &str,
+) -> Result<Descriptor, ManifestError> {
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let uri = format!("http://{registry}/v2/{repo}/manifests/{tag}");
     let req = hyper::Request::get(&uri)
@@ -124,11 +168,17 @@ pub async fn fetch_manifest(registry: &str, repo: &str, tag: &str) -> Result<Des
             format!("{DOCKER_MANIFEST}, {OCI_MANIFEST}, {OCI_INDEX}"),
         )
         .body(Empty::new())
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| ManifestError::Request {
+            uri: uri.clone(),
+            source,
+        })?;
     let resp = client
         .request(req)
         .await
-        .map_err(|e| format!("GET {uri}: {}", error_chain(&e)))?;
+        .map_err(|source| ManifestError::Connect {
+            uri: uri.clone(),
+            source,
+        })?;
     let status = resp.status();
     let header = |name: &str| {
         resp.headers()
@@ -142,21 +192,26 @@ pub async fn fetch_manifest(registry: &str, repo: &str, tag: &str) -> Result<Des
         .into_body()
         .collect()
         .await
-        .map_err(|e| format!("GET {uri}: {}", error_chain(&e)))?
+        .map_err(|source| ManifestError::Body {
+            uri: uri.clone(),
+            source,
+        })?
         .to_bytes();
     if !status.is_success() {
-        return Err(format!(
-            "GET {uri}: {status}: {}",
-            String::from_utf8_lossy(&body[..body.len().min(500)])
-        ));
+        return Err(ManifestError::Status {
+            uri,
+            status,
+            body: String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned(),
+        });
     }
     let digest = Digest::from_sha256_bytes(&Sha256::digest(&body).into());
     if let Some(claimed) = claimed {
         if claimed != digest.to_string() {
-            return Err(format!(
-                "GET {uri}: the registry says the manifest is {claimed} but its bytes hash to \
-                 {digest}"
-            ));
+            return Err(ManifestError::DigestMismatch {
+                uri,
+                claimed,
+                digest,
+            });
         }
     }
     let media_type = serde_json::from_slice::<serde_json::Value>(&body)

@@ -11,7 +11,7 @@ use std::io::{self, Read};
 use std::sync::Arc;
 
 use super::context::{has_wildcard, match_component};
-use super::tree::{Kind, Node, Tree, base_name, clean, join, parent};
+use super::tree::{Kind, Node, ResolveError, Tree, base_name, clean, join, parent};
 
 /// Options of one COPY/ADD.
 #[derive(Debug, Clone)]
@@ -25,18 +25,87 @@ pub struct CopyOpts {
     pub confine: bool,
 }
 
-/// What a COPY or ADD could not do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a COPY or ADD could not do. Most are failures (a message for the user, without
+/// location); [`CopyError::is_refusal`] tells the archives the native builder cannot
+/// read, which the docker builder can.
+#[derive(Debug, thiserror::Error)]
 pub enum CopyError {
-    /// Not possible as asked (a message for the user, without location).
-    Failed(String),
-    /// An archive the native builder cannot read: the build must use docker.
-    Unsupported(String),
+    #[error("destination /{dest}: {source}")]
+    Destination {
+        dest: String,
+        #[source]
+        source: ResolveError,
+    },
+    #[error(
+        "source {path}: symlink {link} points to {target}, outside the build context; copy \
+         what it points to into the package instead"
+    )]
+    Escapes {
+        path: String,
+        link: String,
+        target: String,
+    },
+    #[error("source {path}: {source}")]
+    Source {
+        path: String,
+        #[source]
+        source: ResolveError,
+    },
+    #[error("source {pattern}: {source}")]
+    Pattern {
+        pattern: String,
+        #[source]
+        source: globset::Error,
+    },
+    #[error("{0}: not found in the build context (or excluded by .dockerignore)")]
+    NotInContext(String),
+    #[error("/{0}: not found in the source stage or image")]
+    NotInStage(String),
+    #[error("cannot copy directory /{from} onto /{to}, which is not a directory")]
+    DirOntoFile { from: String, to: String },
+    #[error("cannot overwrite directory /{to} with the non-directory /{from}")]
+    FileOntoDir { from: String, to: String },
+    #[error("reading {name}: {source}")]
+    Read {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("unpacking {archive}: {source}")]
+    Unpacking {
+        archive: String,
+        #[source]
+        source: Box<CopyError>,
+    },
+    #[error("reading the archive: {0}")]
+    Archive(#[source] io::Error),
+    #[error("the archive's /{path} would replace the directory /{target}")]
+    ArchiveOverDir { path: String, target: String },
+    /// Refused: the docker builder can do it.
+    #[error(
+        "ADD --chown/--chmod of the archive {0}: how they apply to unpacked files differs \
+         between BuildKit versions"
+    )]
+    ArchiveOwnership(String),
+    /// Refused: the docker builder can do it.
+    #[error(
+        "ADD {name}: the file is {compression}-compressed; the native builder unpacks only \
+         plain and gzip-compressed tar archives"
+    )]
+    Compressed {
+        name: String,
+        compression: &'static str,
+    },
 }
 
-impl From<String> for CopyError {
-    fn from(s: String) -> Self {
-        CopyError::Failed(s)
+impl CopyError {
+    /// The native builder cannot do this exactly, the docker builder can: the build is
+    /// refused rather than failed (`auto` falls back to docker).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            CopyError::ArchiveOwnership(_) | CopyError::Compressed { .. }
+        )
     }
 }
 
@@ -62,7 +131,10 @@ pub fn copy(
     let (uid, gid) = opts.chown.unwrap_or((0, 0));
     let dest_r = dst
         .resolve(dest, true, false)
-        .map_err(|e| format!("destination /{dest}: {e}"))?;
+        .map_err(|source| CopyError::Destination {
+            dest: dest.to_owned(),
+            source,
+        })?;
     let ensure = if dest_dir {
         dest_r.as_str()
     } else {
@@ -70,38 +142,48 @@ pub fn copy(
     };
     for p in dst
         .mkdir_all(ensure, 0o755, uid, gid, opts.epoch)
-        .map_err(|e| format!("destination /{dest}: {e}"))?
+        .map_err(|source| CopyError::Destination {
+            dest: dest.to_owned(),
+            source,
+        })?
     {
         changed.insert(p);
     }
     for m in matches {
         let followed = src.resolve(&m, true, opts.confine).map_err(|e| match e {
-            super::tree::ResolveError::Escapes { link, target } => format!(
-                "source {m}: symlink {link} points to {target}, outside the build context; \
-                 copy what it points to into the package instead"
-            ),
-            e => format!("source {m}: {e}"),
+            ResolveError::Escapes { link, target } => CopyError::Escapes {
+                path: m.clone(),
+                link,
+                target,
+            },
+            source => CopyError::Source {
+                path: m.clone(),
+                source,
+            },
         })?;
         let Some(node) = src.get(&followed) else {
-            return Err(CopyError::Failed(if opts.confine {
-                format!("{m}: not found in the build context (or excluded by .dockerignore)")
+            return Err(if opts.confine {
+                CopyError::NotInContext(m)
             } else {
-                format!("/{m}: not found in the source stage or image")
-            }));
+                CopyError::NotInStage(m)
+            });
         };
         if opts.unpack
             && matches!(node.kind, Kind::File { .. })
             && let Some(archive) = open_archive(node, &m)?
         {
             if opts.chown.is_some() || opts.chmod.is_some() {
-                return Err(CopyError::Unsupported(format!(
-                    "ADD --chown/--chmod of the archive {m}: how they apply to unpacked files \
-                     differs between BuildKit versions"
-                )));
+                return Err(CopyError::ArchiveOwnership(m));
             }
-            unpack(dst, &dest_r, archive, opts, spool, changed).map_err(|e| match e {
-                CopyError::Failed(why) => CopyError::Failed(format!("unpacking {m}: {why}")),
-                e => e,
+            unpack(dst, &dest_r, archive, opts, spool, changed).map_err(|e| {
+                if e.is_refusal() {
+                    e
+                } else {
+                    CopyError::Unpacking {
+                        archive: m.clone(),
+                        source: Box::new(e),
+                    }
+                }
             })?;
             continue;
         }
@@ -111,7 +193,10 @@ pub fn copy(
         }
         for p in dst
             .mkdir_all(parent(&dest_path), 0o755, uid, gid, opts.epoch)
-            .map_err(|e| format!("destination /{dest_path}: {e}"))?
+            .map_err(|source| CopyError::Destination {
+                dest: dest_path.clone(),
+                source,
+            })?
         {
             changed.insert(p);
         }
@@ -152,9 +237,10 @@ fn copy_node(
                 None => true,
                 Some(d) if d.is_dir() => false,
                 Some(_) => {
-                    return Err(CopyError::Failed(format!(
-                        "cannot copy directory /{sp} onto /{dp}, which is not a directory"
-                    )));
+                    return Err(CopyError::DirOntoFile {
+                        from: sp.to_owned(),
+                        to: dp.to_owned(),
+                    });
                 }
             };
             // The top of a copy is made as BuildKit's `MkdirAll(dest, 0755, chown)` makes
@@ -187,9 +273,10 @@ fn copy_node(
         }
         _ => {
             if dst.get(dp).is_some_and(Node::is_dir) {
-                return Err(CopyError::Failed(format!(
-                    "cannot overwrite directory /{dp} with the non-directory /{sp}"
-                )));
+                return Err(CopyError::FileOntoDir {
+                    from: sp.to_owned(),
+                    to: dp.to_owned(),
+                });
             }
             let mut n = meta(node);
             if matches!(n.kind, Kind::Symlink(_)) {
@@ -210,15 +297,19 @@ fn wildcard_matches(src: &Tree, pattern: &str, confine: bool) -> Result<Vec<Stri
         for dir in &current {
             let real = src
                 .resolve(dir, true, confine)
-                .map_err(|e| format!("source {pattern}: {e}"))?;
+                .map_err(|source| CopyError::Source {
+                    path: pattern.to_owned(),
+                    source,
+                })?;
             if !src.get(&real).is_some_and(Node::is_dir) {
                 continue;
             }
             if has_wildcard(comp) {
                 for child in src.children(&real) {
-                    if match_component(comp, &child)
-                        .map_err(|e| format!("source {pattern}: {e}"))?
-                    {
+                    if match_component(comp, &child).map_err(|source| CopyError::Pattern {
+                        pattern: pattern.to_owned(),
+                        source,
+                    })? {
                         next.push(join(dir, &child));
                     }
                 }
@@ -234,7 +325,10 @@ fn wildcard_matches(src: &Tree, pattern: &str, confine: bool) -> Result<Vec<Stri
 /// Opens a file node as a tar stream if it is a tar archive (plain or gzip-compressed);
 /// `None` when it is not an archive (ADD then copies it as a file).
 fn open_archive<'a>(node: &'a Node, name: &str) -> Result<Option<Box<dyn Read + 'a>>, CopyError> {
-    let io_err = |e: io::Error| CopyError::Failed(format!("reading {name}: {e}"));
+    let io_err = |source: io::Error| CopyError::Read {
+        name: name.to_owned(),
+        source,
+    };
     let mut head = [0u8; 6];
     let n = read_full(&mut node.open().map_err(io_err)?, &mut head).map_err(io_err)?;
     let head = &head[..n];
@@ -255,10 +349,10 @@ fn open_archive<'a>(node: &'a Node, name: &str) -> Result<Option<Box<dyn Read + 
         )),
         "plain" => node.open().map_err(io_err)?,
         other => {
-            return Err(CopyError::Unsupported(format!(
-                "ADD {name}: the file is {other}-compressed; the native builder unpacks only \
-                 plain and gzip-compressed tar archives"
-            )));
+            return Err(CopyError::Compressed {
+                name: name.to_owned(),
+                compression: other,
+            });
         }
     };
     // Docker unpacks only what reads as a tar archive: a valid first header.
@@ -317,14 +411,17 @@ fn unpack(
 ) -> Result<(), CopyError> {
     for p in dst
         .mkdir_all(dest, 0o755, 0, 0, opts.epoch)
-        .map_err(|e| e.to_string())?
+        .map_err(|source| CopyError::Destination {
+            dest: dest.to_owned(),
+            source,
+        })?
     {
         changed.insert(p);
     }
     let mut staged = Tree::new(Node::dir(0o755, 0, 0, opts.epoch));
     staged
         .apply_layer(archive, Some(spool), &|_| true)
-        .map_err(|e| e.to_string())?;
+        .map_err(CopyError::Archive)?;
     for path in staged.descendants("") {
         let Some(node) = staged.get(&path) else {
             continue;
@@ -333,9 +430,7 @@ fn unpack(
         node.mtime = opts.epoch;
         let target = join(dest, &path);
         if !node.is_dir() && dst.get(&target).is_some_and(Node::is_dir) {
-            return Err(CopyError::Failed(format!(
-                "the archive's /{path} would replace the directory /{target}"
-            )));
+            return Err(CopyError::ArchiveOverDir { path, target });
         }
         dst.insert(&target, node);
         changed.insert(target);

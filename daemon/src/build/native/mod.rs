@@ -97,6 +97,27 @@ pub enum NativeError {
         arch: String,
         message: String,
     },
+    /// A COPY or ADD failed.
+    #[error("{}:{line}: {instruction} {source} ({arch})", path.display())]
+    Copy {
+        path: PathBuf,
+        line: usize,
+        arch: String,
+        /// `COPY` or `ADD`.
+        instruction: &'static str,
+        #[source]
+        source: Box<copy::CopyError>,
+    },
+    /// An instruction failed on an error of its own (a snapshot, the step cache, a
+    /// base that does not resolve, ...), kept as the source.
+    #[error("{}:{line}: {source} ({arch})", path.display())]
+    Step {
+        path: PathBuf,
+        line: usize,
+        arch: String,
+        #[source]
+        source: Box<StepError>,
+    },
     #[error("build context: {0}")]
     Context(#[from] ContextError),
     #[error(transparent)]
@@ -107,6 +128,29 @@ pub enum NativeError {
     Invalid(String),
     #[error("the build was cancelled")]
     Cancelled,
+}
+
+/// What an instruction failed on ([`NativeError::Step`]).
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error(transparent)]
+    StepCache(#[from] steps::StepCacheError),
+    #[error(transparent)]
+    Emulator(#[from] runtime::NoEmulator),
+    #[error(transparent)]
+    Expand(#[from] crate::build::dockerfile::lex::ExpandError),
+    #[error(transparent)]
+    Platform(#[from] image::BadPlatform),
+    #[error(transparent)]
+    Base(#[from] ResolveError),
+    #[error(transparent)]
+    Path(#[from] tree::ResolveError),
+    #[error(transparent)]
+    Expose(#[from] stage::ExposeError),
+    #[error("not an octal mode: {0}")]
+    Mode(#[from] std::num::ParseIntError),
 }
 
 /// Why a `FROM` (or `COPY --from`) name does not resolve to an image in the cache.

@@ -113,28 +113,15 @@ impl Read for SpoolReader<'_> {
 }
 
 /// Why a path could not be resolved in a tree.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResolveError {
+    #[error("/{0} is not a directory")]
     NotADirectory(String),
+    #[error("too many levels of symbolic links at /{0}")]
     TooManyLinks(String),
     /// A symlink leads outside the tree (only reported when `confine` is asked for).
-    Escapes {
-        link: String,
-        target: String,
-    },
-}
-
-impl std::fmt::Display for ResolveError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ResolveError::NotADirectory(p) => write!(f, "/{p} is not a directory"),
-            ResolveError::TooManyLinks(p) => write!(f, "too many levels of symbolic links at /{p}"),
-            ResolveError::Escapes { link, target } => write!(
-                f,
-                "symlink {link} points to {target}, outside the build context"
-            ),
-        }
-    }
+    #[error("symlink {link} points to {target}, outside the build context")]
+    Escapes { link: String, target: String },
 }
 
 /// Paths are relative, `/`-separated, cleaned, without a leading `/`; the root is "".

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use kiln_shared::digest::Digest;
 
-use super::{Inner, Log, linuxkit_info};
+use super::{BaseError, BuildError, Inner, Log, Superseded, linuxkit_info};
 use crate::build::docker::{linuxkit_build_args, platform_for_arch};
 use crate::build::dockerfile::Dockerfile;
 use crate::build::native::{self, cache_names};
@@ -21,11 +21,7 @@ use crate::plan::deps::build_args;
 use crate::schedule::RunError;
 use crate::upstream::{UpstreamError, cache_name, parse_image};
 use crate::workspace::{BuilderKind, LOCK_FILE, Lock, Planned};
-
-/// What a build may do about the bases it cannot get.
-const WHAT_TO_DO: &str = "Check the network, add an upstream or mirror that has it \
-    (--upstream, --mirror, [[upstream]] in kiln.toml), or import it from an OCI layout \
-    ([[import]] in kiln.toml)";
+use kiln_shared::error::Chain;
 
 impl Inner {
     /// The package's bases to pin, for every arch it lists: the names (after build
@@ -74,7 +70,7 @@ impl Inner {
             return Ok(BTreeMap::new());
         }
         let dir = &p.pkg.dir;
-        let mut lock = Lock::read(dir).map_err(|e| RunError::Failed(e.to_string()))?;
+        let mut lock = Lock::read(dir).map_err(BuildError::from)?;
         let mut pins = BTreeMap::new();
         let mut recorded = Vec::new();
         for name in &names {
@@ -84,7 +80,7 @@ impl Inner {
                     .await
                     .map(|()| digest.clone()),
                 None if self.upstreams.is_some() => {
-                    let resolved = self.resolve(name, log).await.map_err(|e| e.to_string());
+                    let resolved = self.resolve(name, log).await.map_err(BaseError::from);
                     if let Ok(d) = &resolved {
                         lock.images.insert(name.clone(), d.clone());
                         recorded.push(format!("{name}@{d}"));
@@ -99,13 +95,15 @@ impl Inner {
                     pins.insert(name.clone(), d);
                 }
                 Err(e) if builder == BuilderKind::Native => {
-                    return Err(RunError::Failed(format!(
-                        "base image {name} is not in the cache and cannot be fetched: {e}. \
-                         {WHAT_TO_DO}"
-                    )));
+                    return Err(BuildError::BaseUnavailable {
+                        name: name.clone(),
+                        source: e,
+                    }
+                    .into());
                 }
                 Err(e) => log.line(&format!(
-                    "warning: base image {name}: {e}; the engine resolves it"
+                    "warning: base image {name}: {}; the engine resolves it",
+                    Chain(&e)
                 )),
             }
         }
@@ -113,34 +111,26 @@ impl Inner {
         if recorded.is_empty() {
             return Ok(pins);
         }
-        lock.write(dir)
-            .map_err(|e| RunError::Failed(e.to_string()))?;
+        lock.write(dir).map_err(BuildError::from)?;
         let line = format!(
             "pinned {} in {}",
             recorded.join(", "),
             dir.join(LOCK_FILE).display()
         );
         log.line(&line);
-        Err(RunError::Superseded(format!(
-            "{line}: the package's tag changed; it builds again at the new tag"
-        )))
+        Err(Superseded::Pinned { line }.into())
     }
 
     /// Makes sure the pinned `name@digest` is in the cache, named so gc keeps it.
-    async fn pinned(&self, name: &str, digest: &Digest, log: &mut Log) -> Result<(), String> {
+    async fn pinned(&self, name: &str, digest: &Digest, log: &mut Log) -> Result<(), BaseError> {
         let pinned = format!("{}@{digest}", name.split('@').next().unwrap_or(name));
-        let full = parse_image(&pinned)
-            .map(|r| cache_name(&r))
-            .map_err(|e| e.to_string())?;
+        let full = parse_image(&pinned).map(|r| cache_name(&r))?;
         let have = self.cache.blob_size(digest).ok().flatten();
         let named = self.cache.index().is_ok_and(|i| i.get(&full).is_some());
         match have {
             Some(_) if named => Ok(()),
             Some(size) => {
-                let manifest = self
-                    .cache
-                    .read_manifest(digest)
-                    .map_err(|e| e.to_string())?;
+                let manifest = self.cache.read_manifest(digest)?;
                 let media_type = manifest
                     .media_type
                     .unwrap_or_else(|| crate::oci::OCI_MANIFEST.to_owned());
@@ -149,13 +139,15 @@ impl Inner {
                         &full,
                         crate::oci::Descriptor::new(media_type, digest.clone(), size),
                     )
-                    .map_err(|e| e.to_string())
+                    .map_err(BaseError::from)
             }
             None => {
                 let Some(upstreams) = &self.upstreams else {
-                    return Err(format!(
-                        "{name} is pinned to {digest} in {LOCK_FILE}, which the cache lacks"
-                    ));
+                    return Err(BaseError::Missing {
+                        name: name.to_owned(),
+                        digest: digest.clone(),
+                        lock: LOCK_FILE,
+                    });
                 };
                 match upstreams.fetch_image(&self.cache, &pinned).await {
                     Ok(f) => {
@@ -169,7 +161,7 @@ impl Inner {
                     // The offline fallback may be that very image.
                     Err(e) => match self.import_fallback(name, log).await {
                         Some(d) if d == *digest => Ok(()),
-                        _ => Err(e.to_string()),
+                        _ => Err(e.into()),
                     },
                 }
             }

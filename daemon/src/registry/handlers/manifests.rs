@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use kiln_shared::digest::Digest;
-use kiln_shared::reference::{RepoName, Tag};
+use kiln_shared::reference::{Reference, RepoName, Tag};
 
 use super::*;
 use crate::cache::{Cache, CacheError};
@@ -103,10 +103,7 @@ impl Service {
         if !head && let Some(on_pull) = &self.hooks.on_pull {
             on_pull(PullEvent {
                 repo: repo.clone(),
-                reference: match &reference {
-                    Reference::Tag(t) => t.to_string(),
-                    Reference::Digest(d) => d.to_string(),
-                },
+                reference: reference.clone(),
                 digest: served.digest.clone(),
                 media_type: served.kind().media_type(),
                 peer,
@@ -245,10 +242,7 @@ impl Service {
     ) -> Result<Resp, OciError> {
         let cache = Arc::clone(&self.cache);
         let repo_s = repo.as_str().to_owned();
-        let what = match &reference {
-            Reference::Tag(t) => format!("{repo}:{t}"),
-            Reference::Digest(d) => format!("{repo}@{d}"),
-        };
+        let what = reference.qualified(repo);
         let removed = blocking(move || {
             cache
                 .update_refs(move |edit| {

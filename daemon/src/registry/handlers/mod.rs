@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Body;
 use kiln_shared::digest::Digest;
-use kiln_shared::reference::{RepoName, Tag};
+use kiln_shared::reference::{Reference, RepoName};
 
 use super::body::RegBody;
 use super::error::OciError;
@@ -34,33 +34,16 @@ pub type Resp = Response<RegBody>;
 pub trait ReqBody: Body<Data = Bytes, Error: std::fmt::Display> + Send + Unpin {}
 impl<B> ReqBody for B where B: Body<Data = Bytes, Error: std::fmt::Display> + Send + Unpin {}
 
-/// A reference in a manifest path.
-pub enum Reference {
-    Tag(Tag),
-    Digest(Digest),
-}
-
-impl Reference {
-    /// A digest if it has a `:`, else a tag.
-    pub fn parse(s: &str) -> Result<Reference, OciError> {
-        if s.contains(':') {
-            parse_digest(s).map(Reference::Digest)
-        } else {
-            s.parse()
-                .map(Reference::Tag)
-                .map_err(|e: kiln_shared::reference::ReferenceError| {
-                    OciError::TagInvalid(e.to_string())
-                })
-        }
-    }
-}
-
-impl std::fmt::Display for Reference {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Reference::Tag(t) => t.fmt(f),
-            Reference::Digest(d) => d.fmt(f),
-        }
+/// The reference in a manifest path: a digest if it has a `:`, else a tag.
+pub fn parse_reference(s: &str) -> Result<Reference, OciError> {
+    if s.contains(':') {
+        parse_digest(s).map(Reference::Digest)
+    } else {
+        s.parse()
+            .map(Reference::Tag)
+            .map_err(|e: kiln_shared::reference::ReferenceError| {
+                OciError::TagInvalid(e.to_string())
+            })
     }
 }
 

@@ -465,7 +465,7 @@ async fn miss_hook_and_pull_events() {
     let pulls = pulls.lock().unwrap();
     assert_eq!(pulls.len(), 2);
     assert_eq!(pulls[0].digest, d);
-    assert_eq!(pulls[0].reference, "buildable");
+    assert_eq!(pulls[0].reference.to_string(), "buildable");
     assert_eq!(pulls[0].repo.as_str(), "org/img");
     assert_eq!(pulls[0].peer, PEER);
 }

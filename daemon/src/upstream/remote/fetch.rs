@@ -27,6 +27,16 @@ impl Remote {
         image: &ImageRef,
         archs: &[(String, Platform)],
     ) -> Result<Option<FetchedPackage>, UpstreamError> {
+        self.challenged_once(|| self.fetch_package_once(cache, image, archs))
+            .await
+    }
+
+    async fn fetch_package_once(
+        &self,
+        cache: &Arc<Cache>,
+        image: &ImageRef,
+        archs: &[(String, Platform)],
+    ) -> Result<Option<FetchedPackage>, UpstreamError> {
         self.ready()?;
         let start = Instant::now();
         let repo = self.repo(image.repo.as_str());
@@ -96,6 +106,15 @@ impl Remote {
 
     /// Any image, whole, named by its full reference in the cache.
     pub async fn fetch_image(
+        &self,
+        cache: &Arc<Cache>,
+        image: &Reference,
+    ) -> Result<Option<Fetched>, UpstreamError> {
+        self.challenged_once(|| self.fetch_image_once(cache, image))
+            .await
+    }
+
+    async fn fetch_image_once(
         &self,
         cache: &Arc<Cache>,
         image: &Reference,
@@ -228,9 +247,58 @@ impl Remote {
         Ok(sizes.iter().sum())
     }
 
+    /// Copies one blob, once: a copy of a blob this upstream is already copying (the
+    /// layer two arches share, the base layer of packages fetched together) waits for
+    /// that one, then takes the blob from the cache (or, if that copy failed, tries
+    /// itself, to report its own error).
+    async fn copy_blob(
+        &self,
+        cache: &Arc<Cache>,
+        repo: &str,
+        desc: &Descriptor,
+    ) -> Result<u64, UpstreamError> {
+        let turn = {
+            let mut copying = self.copying.lock().unwrap_or_else(|p| p.into_inner());
+            match copying.get(&desc.digest) {
+                // A live entry: its sender (the copying one) is still there.
+                Some(copy) if copy.has_changed().is_ok() => Err(copy.clone()),
+                _ => {
+                    let (done, copy) = tokio::sync::watch::channel(());
+                    copying.insert(desc.digest.clone(), copy);
+                    Ok(done)
+                }
+            }
+        };
+        match turn {
+            Ok(done) => {
+                let copied = self.stream_blob(cache, repo, desc).await;
+                self.copying
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&desc.digest);
+                // The sender goes (here, or with this future if it is dropped): that
+                // wakes every copy that waits.
+                drop(done);
+                copied
+            }
+            Err(mut copy) => {
+                // Nothing is ever sent: this returns when the sender is gone.
+                let _ = copy.changed().await;
+                let image = format!("{repo}@{}", desc.digest);
+                match cache
+                    .blob_size(&desc.digest)
+                    .map_err(|e| self.cache_error(&image, e))?
+                {
+                    Some(size) if size == desc.size => Ok(0),
+                    _ => self.stream_blob(cache, repo, desc).await,
+                }
+            }
+        }
+    }
+
     /// Streams one blob into the cache through a blob writer on a blocking thread (the
     /// network and the disk overlap); the writer verifies digest and size.
-    async fn copy_blob(
+    async fn stream_blob(
         &self,
         cache: &Arc<Cache>,
         repo: &str,
@@ -239,10 +307,7 @@ impl Remote {
         let image = format!("{repo}@{}", desc.digest);
         let reference = self.by_digest(repo, &desc.digest);
         let layer = oci_descriptor(desc);
-        let mut stream = self
-            .blob_stream(&reference, &layer)
-            .await
-            .map_err(|e| self.error(&image, e))?;
+        let mut stream = self.blob_stream(&reference, &layer).await?;
         let mut writer = cache
             .blob_writer()
             .map_err(|e| self.cache_error(&image, e))?;

@@ -27,6 +27,16 @@ impl Remote {
         image: &ImageRef,
         mount_from: &[RepoName],
     ) -> Result<Pushed, UpstreamError> {
+        self.challenged_once(|| self.push_target_once(cache, image, mount_from))
+            .await
+    }
+
+    async fn push_target_once(
+        &self,
+        cache: &Arc<Cache>,
+        image: &ImageRef,
+        mount_from: &[RepoName],
+    ) -> Result<Pushed, UpstreamError> {
         self.ready()?;
         let start = Instant::now();
         let shown = image.to_string();
@@ -103,11 +113,7 @@ impl Remote {
                 None => self.by_digest(repo, &desc.digest),
             };
             // HEAD first: a manifest the upstream has under this name is done.
-            match self
-                .client
-                .fetch_manifest_digest(&reference, &self.auth)
-                .await
-            {
+            match self.manifest_digest(&reference).await? {
                 Ok(d) if d == digest_str(&desc.digest) => return Ok(0),
                 Ok(_) => {}
                 Err(e) if not_found(&e) => {}
@@ -137,7 +143,8 @@ impl Remote {
                     image: image.clone(),
                     detail: format!("media type {:?}: {e}", desc.media_type),
                 })?;
-            self.client
+            self.client()
+                .await?
                 .push_manifest_raw(&reference, doc, content_type)
                 .await
                 .map_err(|e| self.error(&image, e))?;
@@ -157,12 +164,8 @@ impl Remote {
     ) -> Result<u64, UpstreamError> {
         let image = format!("{repo}@{}", desc.digest);
         let reference = self.by_digest(repo, &desc.digest);
-        // Make sure the credentials are known to the client before the first push call.
-        self.client
-            .store_auth_if_needed(reference.resolve_registry(), &self.auth)
-            .await;
-        match self
-            .client
+        let client = self.client().await?;
+        match client
             .pull_blob_stream_partial(&reference, &oci_descriptor(desc), 0, Some(1))
             .await
         {
@@ -173,8 +176,7 @@ impl Remote {
         }
         for from in mounts {
             let source = self.by_digest(from, &desc.digest);
-            if self
-                .client
+            if client
                 .mount_blob(&reference, &source, &digest_str(&desc.digest))
                 .await
                 .is_ok()
@@ -186,7 +188,7 @@ impl Remote {
         let data = tokio::fs::read(&path)
             .await
             .map_err(|e| self.cache_error(&image, CacheError::Io { path, source: e }))?;
-        self.client
+        client
             .push_blob(&reference, &data, &digest_str(&desc.digest))
             .await
             .map_err(|e| self.error(&image, e))?;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
-use super::super::copy::{self, CopyError, CopyOpts};
+use super::super::copy::{self, CopyOpts};
 use super::super::layer::write_layer;
 use super::super::refuse::is_octal_mode;
 use super::super::tree::{Content, Kind, Node, Tree, clean, join, parent};
@@ -55,7 +55,7 @@ impl Run<'_, '_> {
                         format!("{kw} --chmod={m} is not an octal mode (symbolic modes are not supported)"),
                     ));
                 }
-                Some(u32::from_str_radix(&m, 8).map_err(|e| self.err(line, e.to_string()))?)
+                Some(u32::from_str_radix(&m, 8).map_err(|e| self.fail(line, e))?)
             }
             None => None,
         };
@@ -133,9 +133,18 @@ impl Run<'_, '_> {
             let dst = st.tree.as_mut().ok_or_else(|| self.err(line, "no tree"))?;
             for s in &sources {
                 copy::copy(dst, src, s, &dest, dest_dir, &opts, &spool, &mut changed).map_err(
-                    |e| match e {
-                        CopyError::Failed(m) => self.err(line, format!("{kw} {m}")),
-                        CopyError::Unsupported(m) => self.refuse(line, m),
+                    |e| {
+                        if e.is_refusal() {
+                            self.refuse(line, e.to_string())
+                        } else {
+                            NativeError::Copy {
+                                path: self.df().path.clone(),
+                                line,
+                                arch: self.suffix.clone(),
+                                instruction: kw,
+                                source: Box::new(e),
+                            }
+                        }
                     },
                 )?;
             }

@@ -94,10 +94,10 @@ impl Run<'_, '_> {
                     };
                     let real = tree
                         .resolve(&wd, true, false)
-                        .map_err(|e| self.err(line, e.to_string()))?;
+                        .map_err(|e| self.fail(line, e))?;
                     for p in tree
                         .mkdir_all(&real, 0o755, uid, gid, self.shared.input.source_date_epoch)
-                        .map_err(|e| self.err(line, e.to_string()))?
+                        .map_err(|e| self.fail(line, e))?
                     {
                         changed.insert(p);
                     }
@@ -119,7 +119,7 @@ impl Run<'_, '_> {
                 let mut keys = Vec::new();
                 for p in ports {
                     for word in self.x(st, p, line)?.split_whitespace() {
-                        keys.extend(expose_keys(word).map_err(|e| self.err(line, e))?);
+                        keys.extend(expose_keys(word).map_err(|e| self.fail(line, e))?);
                     }
                 }
                 let map = st
@@ -274,16 +274,28 @@ fn json(v: &Option<Vec<String>>) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 
+/// An `EXPOSE` word that names no port.
+#[derive(Debug, thiserror::Error)]
+pub enum ExposeError {
+    #[error("invalid proto {proto:?} in EXPOSE {spec}")]
+    Proto { proto: String, spec: String },
+    #[error("invalid port {0:?} in EXPOSE: use PORT[/PROTO] or START-END[/PROTO]")]
+    Port(String),
+}
+
 /// `80`, `80/udp`, `8000-8002/tcp` as `ExposedPorts` keys.
-fn expose_keys(spec: &str) -> Result<Vec<String>, String> {
+fn expose_keys(spec: &str) -> Result<Vec<String>, ExposeError> {
     let (ports, proto) = match spec.split_once('/') {
         Some((p, proto)) => (p, proto.to_ascii_lowercase()),
         None => (spec, "tcp".to_owned()),
     };
     if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
-        return Err(format!("invalid proto {proto:?} in EXPOSE {spec}"));
+        return Err(ExposeError::Proto {
+            proto,
+            spec: spec.to_owned(),
+        });
     }
-    let bad = || format!("invalid port {spec:?} in EXPOSE: use PORT[/PROTO] or START-END[/PROTO]");
+    let bad = || ExposeError::Port(spec.to_owned());
     let (lo, hi) = match ports.split_once('-') {
         Some((a, b)) => (
             a.parse::<u16>().map_err(|_| bad())?,

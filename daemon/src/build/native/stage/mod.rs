@@ -8,6 +8,8 @@ mod instruction;
 mod run_step;
 mod user;
 
+pub use instruction::ExposeError;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Read;
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use super::image::{History, ImageConfig, parse_platform, rfc3339};
 use super::layer::Layer;
 use super::tree::{Node, Tree};
-use super::{BaseResolver, NativeBuild, NativeError, Refusal};
+use super::{BaseResolver, NativeBuild, NativeError, Refusal, StepError};
 use crate::build::dockerfile::lex::expand;
 use crate::build::dockerfile::platform_args;
 use crate::build::dockerfile::{CopyArgs, Dockerfile, Instruction, MountKind, RunMount};
@@ -139,6 +141,16 @@ impl Run<'_, '_> {
         }
     }
 
+    /// The instruction at `line` failed on `source`.
+    fn fail(&self, line: usize, source: impl Into<StepError>) -> NativeError {
+        NativeError::Step {
+            path: self.df().path.clone(),
+            line,
+            arch: self.suffix.clone(),
+            source: Box::new(source.into()),
+        }
+    }
+
     fn refuse(&self, line: usize, what: impl Into<String>) -> NativeError {
         NativeError::Refused(Refusal {
             path: self.df().path.clone(),
@@ -155,8 +167,7 @@ impl Run<'_, '_> {
     }
 
     fn expand_global(&self, word: &str, line: usize) -> Result<String, NativeError> {
-        expand(word, self.df().escape, &self.global_vars())
-            .map_err(|e| self.err(line, e.to_string()))
+        expand(word, self.df().escape, &self.global_vars()).map_err(|e| self.fail(line, e))
     }
 
     fn base_of(&self, i: usize) -> Result<Base, NativeError> {
@@ -346,7 +357,7 @@ impl Run<'_, '_> {
         let platform = match &stage.platform {
             Some(p) => {
                 let p = self.expand_global(p, stage.line)?;
-                parse_platform(&p).map_err(|e| self.err(stage.line, e.to_string()))?
+                parse_platform(&p).map_err(|e| self.fail(stage.line, e))?
             }
             None => self.platform.clone(),
         };
@@ -410,7 +421,7 @@ impl Run<'_, '_> {
             .shared
             .resolver
             .resolve(cache, name, platform)
-            .map_err(|e| self.err(line, e.to_string()))?;
+            .map_err(|e| self.fail(line, e))?;
         let manifest = cache
             .read_manifest(&desc.digest)
             .map_err(|e| self.err(line, format!("{name}: {e}")))?;
@@ -493,7 +504,7 @@ impl Run<'_, '_> {
     }
 
     fn x(&self, st: &StageState, word: &str, line: usize) -> Result<String, NativeError> {
-        expand(word, self.df().escape, &self.vars(st)).map_err(|e| self.err(line, e.to_string()))
+        expand(word, self.df().escape, &self.vars(st)).map_err(|e| self.fail(line, e))
     }
 
     fn history(&self, st: &mut StageState, created_by: String, empty_layer: bool) {

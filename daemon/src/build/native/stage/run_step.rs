@@ -81,7 +81,7 @@ impl Run<'_, '_> {
         }
 
         let cache = self.shared.cache;
-        let snapshots = Snapshots::open(cache).map_err(|e| self.err(line, e.to_string()))?;
+        let snapshots = Snapshots::open(cache).map_err(|e| self.fail(line, e))?;
         let chains = Snapshots::chain_ids(&st.config.rootfs.diff_ids);
         // Each stage or image a bind mount shows, mounted read-only for the step.
         let mut views = Vec::new();
@@ -110,7 +110,7 @@ impl Run<'_, '_> {
             };
             let lowers = snapshots
                 .ensure(cache, &layers, &diff_ids)
-                .map_err(|e| self.err(line, e.to_string()))?;
+                .map_err(|e| self.fail(line, e))?;
             let view = runtime::View::mount(&snapshots, &lowers)
                 .map_err(|e| self.err(line, format!("--mount from={from}: {e}")))?;
             let chain = Snapshots::chain_ids(&diff_ids)
@@ -141,7 +141,7 @@ impl Run<'_, '_> {
             network,
             mounts: mount_plan.key.clone(),
         };
-        let steps = StepCache::open(cache).map_err(|e| self.err(line, e.to_string()))?;
+        let steps = StepCache::open(cache).map_err(|e| self.fail(line, e))?;
         let shown = ins.text.clone();
         let created_by = created_by(&args, &arg_env);
         if !self.shared.input.no_cache
@@ -152,10 +152,10 @@ impl Run<'_, '_> {
             self.push_run_layer(st, hit.layer, hit.diff_id, created_by, line)?;
             return Ok(());
         }
-        runtime::check_emulator(&self.platform).map_err(|e| self.err(line, e.to_string()))?;
+        runtime::check_emulator(&self.platform).map_err(|e| self.fail(line, e))?;
         let lowers = snapshots
             .ensure(cache, &st.layers, &st.config.rootfs.diff_ids)
-            .map_err(|e| self.err(line, e.to_string()))?;
+            .map_err(|e| self.fail(line, e))?;
         let step = Step {
             args,
             env,
@@ -199,7 +199,7 @@ impl Run<'_, '_> {
         if let Some(chain) = Snapshots::chain_ids(&with).last() {
             snapshots
                 .commit(&finished.upper, chain)
-                .map_err(|e| self.err(line, e.to_string()))?;
+                .map_err(|e| self.fail(line, e))?;
         }
         drop(finished);
         steps.put(&key, &layer.desc, &layer.diff_id);
