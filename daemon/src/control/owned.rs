@@ -28,29 +28,21 @@ impl Owned {
     /// most `limit` (what is left then is logged, and dropped when kilnd exits).
     pub async fn shutdown(&self, limit: Duration) {
         self.stopping.cancel();
-        self.drain.close();
-        if tokio::time::timeout(limit, self.drain.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                tasks = self.drain.len(),
-                "shutdown: uploads, pushes or transfers still run after {}s; stopping anyway",
-                limit.as_secs()
-            );
-        }
+        bounded_wait(&self.drain, limit, "uploads, pushes or transfers").await;
         self.cancel_builds.cancel();
-        self.builds.close();
-        if tokio::time::timeout(limit, self.builds.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                tasks = self.builds.len(),
-                "shutdown: cancelled builds still run after {}s; stopping anyway",
-                limit.as_secs()
-            );
-        }
+        bounded_wait(&self.builds, limit, "cancelled builds").await;
+    }
+}
+
+/// Closes `tasks` and waits for them, at most `limit`; says so when that is not enough.
+async fn bounded_wait(tasks: &TaskTracker, limit: Duration, what: &str) {
+    tasks.close();
+    if tokio::time::timeout(limit, tasks.wait()).await.is_err() {
+        tracing::warn!(
+            tasks = tasks.len(),
+            "shutdown: {what} still run after {}s; stopping anyway",
+            limit.as_secs()
+        );
     }
 }
 

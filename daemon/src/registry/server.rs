@@ -3,10 +3,11 @@
 //! in flight is answered, and a push in flight finishes. A push is several requests
 //! (POST, PATCH, PUT per blob, then the manifest), and the Docker engine opens a new
 //! connection for each (its registry client disables keep-alive), so once the token is
-//! cancelled the listeners stay open while an upload session is open, and for
-//! [`DRAIN_IDLE`] after the last one ends (the manifest follows at once); a connection
-//! closes once it has been idle that long. The whole drain is bounded by kilnd's
-//! shutdown. `serve` returns when the last connection has closed.
+//! cancelled the listeners stay open until no upload session has been in use for
+//! [`DRAIN_IDLE`] (the next blob, or the manifest, follows at once; a session idle that
+//! long is a client that went away); a connection closes once it has been idle that
+//! long. The whole drain is bounded by kilnd's shutdown. `serve` returns when the last
+//! connection has closed.
 //! Accept errors (out of descriptors, typically) never stop the server: it waits for a
 //! connection to close or backs off, and logs the streak once.
 
@@ -144,27 +145,20 @@ impl Registry {
 }
 
 /// Once `shutdown` is cancelled, cancels `close` (the listeners close) when no upload
-/// session is open and none ended in the last [`DRAIN_IDLE`].
+/// session has been in use for [`DRAIN_IDLE`]; checks again when that may be so.
 async fn close_when_drained(
     service: Arc<Service>,
     shutdown: CancellationToken,
     close: CancellationToken,
 ) {
     shutdown.cancelled().await;
-    let mut open = service.uploads().watch_open();
     loop {
-        let Ok(now) = open.wait_for(|o| o.sessions == 0).await.map(|o| *o) else {
-            break;
-        };
-        let quiet = now.last_ended.map_or(Duration::MAX, |t| t.elapsed());
+        let quiet = service.uploads().quiet_for();
         if quiet >= DRAIN_IDLE {
             break;
         }
-        tracing::debug!("registry: an upload ended just now; listening a moment longer");
-        tokio::select! {
-            () = tokio::time::sleep(DRAIN_IDLE - quiet) => {}
-            _ = open.wait_for(|o| o.sessions > 0) => {}
-        }
+        tracing::debug!("registry: a push is in flight; listening until it ends");
+        tokio::time::sleep(DRAIN_IDLE - quiet).await;
     }
     close.cancel();
 }

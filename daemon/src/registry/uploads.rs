@@ -70,15 +70,8 @@ pub struct Uploads {
     key: [u8; 16],
     next: AtomicU64,
     limits: UploadLimits,
-    /// How many sessions are open, and when the last one ended (for shutdown's drain).
-    open: tokio::sync::watch::Sender<Open>,
-}
-
-/// The sessions open now, and when the last one ended.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Open {
-    pub sessions: usize,
-    pub last_ended: Option<Instant>,
+    /// When a session last ended (for shutdown's drain: a push's next request follows).
+    last_ended: Mutex<Option<Instant>>,
 }
 
 /// Why no upload can start now.
@@ -95,23 +88,33 @@ impl Uploads {
             key: random_key(),
             next: AtomicU64::new(0),
             limits,
-            open: tokio::sync::watch::Sender::new(Open::default()),
+            last_ended: Mutex::new(None),
         }
     }
 
-    /// Follows how many sessions are open.
-    pub fn watch_open(&self) -> tokio::sync::watch::Receiver<Open> {
-        self.open.subscribe()
+    /// How long no upload has been in use: zero while a request works on a session,
+    /// else the time since a session was last used or ended (`Duration::MAX` if none
+    /// ever was). A session idle longer is a client that went away, not a push in flight.
+    pub fn quiet_for(&self) -> Duration {
+        let mut quiet = self
+            .last_ended
+            .lock()
+            .ok()
+            .and_then(|t| t.map(|t| t.elapsed()))
+            .unwrap_or(Duration::MAX);
+        for slot in self.map().values() {
+            match slot.try_lock() {
+                Ok(s) => quiet = quiet.min(s.last_used.elapsed()),
+                Err(_) => return Duration::ZERO,
+            }
+        }
+        quiet
     }
 
-    /// Publishes the count after a change to `map`.
-    fn changed(&self, map: &HashMap<String, Slot>) {
-        self.open.send_modify(|o| {
-            if map.len() < o.sessions {
-                o.last_ended = Some(Instant::now());
-            }
-            o.sessions = map.len();
-        });
+    fn ended(&self) {
+        if let Ok(mut t) = self.last_ended.lock() {
+            *t = Some(Instant::now());
+        }
     }
 
     /// Whether a new session (or a monolithic upload) may start: under both bounds.
@@ -149,9 +152,7 @@ impl Uploads {
             writer: Some(writer),
             last_used: Instant::now(),
         }));
-        let mut map = self.map();
-        map.insert(id.clone(), Arc::clone(&slot));
-        self.changed(&map);
+        self.map().insert(id.clone(), Arc::clone(&slot));
         (id, slot)
     }
 
@@ -166,9 +167,10 @@ impl Uploads {
 
     /// Forgets a session; its writer (and temp file) goes when the last holder drops it.
     pub fn remove(&self, id: &str) -> Option<Slot> {
-        let mut map = self.map();
-        let gone = map.remove(id);
-        self.changed(&map);
+        let gone = self.map().remove(id);
+        if gone.is_some() {
+            self.ended();
+        }
         gone
     }
 
@@ -192,7 +194,6 @@ impl Uploads {
             }
             _ => true,
         });
-        self.changed(&map);
         before - map.len()
     }
 
@@ -309,5 +310,31 @@ mod tests {
         });
         uploads.start("a/b", cache.blob_writer().unwrap());
         assert_eq!(uploads.admit(), Err(Full::Sessions(1)));
+    }
+
+    #[tokio::test]
+    async fn quiet_is_zero_while_a_session_is_in_use_and_counts_from_its_last_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let uploads = Uploads::new(UploadLimits::default());
+        assert_eq!(uploads.quiet_for(), Duration::MAX, "no upload ever");
+        let (id, slot) = uploads.start("a/b", cache.blob_writer().unwrap());
+        let busy = slot.lock().await;
+        assert_eq!(
+            uploads.quiet_for(),
+            Duration::ZERO,
+            "a request holds the session"
+        );
+        drop(busy);
+        assert!(
+            uploads.quiet_for() < Duration::from_secs(60),
+            "used just now"
+        );
+        uploads.remove(&id);
+        assert!(uploads.is_empty());
+        assert!(
+            uploads.quiet_for() < Duration::from_secs(60),
+            "a session ended just now: the push's next request may follow"
+        );
     }
 }
