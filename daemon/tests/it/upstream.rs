@@ -29,13 +29,33 @@ struct Secured {
     ca: PathBuf,
 }
 
+/// How an [`Upstream`] is set up.
+enum Mode<'a> {
+    /// Plain HTTP, no auth.
+    Plain,
+    /// TLS with a CA made here, htpasswd Basic auth.
+    Secure,
+    /// Plain HTTP, token auth as Docker Hub does it: every request without a token is
+    /// answered 401 `Bearer realm=...`, tokens come from this server.
+    Token(&'a TokenServer),
+}
+
 impl Upstream {
-    fn start(secure: bool) -> (Upstream, Option<Secured>) {
+    fn start(mode: Mode) -> (Upstream, Option<Secured>) {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let mut extra = String::new();
         let mut secured = None;
-        if secure {
+        if let Mode::Token(server) = &mode {
+            fs::copy(&server.cert, d.join("token-root.pem")).unwrap();
+            extra = format!(
+                "auth:\n  token:\n    realm: http://{}/token\n    service: {SERVICE}\n\
+                 \x20   issuer: {ISSUER}\n    rootcertbundle: {}/token-root.pem\n",
+                server.addr,
+                d.display()
+            );
+        }
+        if let Mode::Secure = mode {
             let sh = |script: &str| {
                 run(Command::new("sh").arg("-ec").arg(script).current_dir(d));
             };
@@ -139,6 +159,101 @@ impl Drop for Upstream {
         let _ = self.child.wait();
         if std::thread::panicking() {
             eprintln!("--- upstream log ---\n{}", self.log());
+        }
+    }
+}
+
+const SERVICE: &str = "kiln-test";
+const ISSUER: &str = "kiln-test-issuer";
+
+/// A token server for [`Mode::Token`]: one JWT (RS256, its certificate in `x5c`, the
+/// registry trusting that certificate) granting pull and push on `kiln/hello`, handed to
+/// anyone who asks, as Docker Hub hands anonymous pull tokens. Counts the requests.
+struct TokenServer {
+    addr: String,
+    cert: PathBuf,
+    asked: Arc<std::sync::atomic::AtomicUsize>,
+    _dir: tempfile::TempDir,
+}
+
+impl TokenServer {
+    fn start() -> TokenServer {
+        use base64::Engine;
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        use std::io::{BufRead, BufReader, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        run(Command::new("sh").arg("-ec").current_dir(d).arg(
+            "openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=kiln-token \
+             -keyout token.key -out token.pem 2>/dev/null
+             openssl x509 -in token.pem -outform DER -out token.der",
+        ));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let header = serde_json::json!({
+            "typ": "JWT",
+            "alg": "RS256",
+            "x5c": [STANDARD.encode(fs::read(d.join("token.der")).unwrap())],
+        });
+        let claims = serde_json::json!({
+            "iss": ISSUER,
+            "sub": "",
+            "aud": SERVICE,
+            "exp": now + 3600,
+            "nbf": now - 60,
+            "iat": now - 60,
+            "jti": "kiln-test-token",
+            "access": [{"type": "repository", "name": "kiln/hello", "actions": ["pull", "push"]}],
+        });
+        let signed = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        fs::write(d.join("signed"), &signed).unwrap();
+        run(Command::new("openssl")
+            .args([
+                "dgst",
+                "-sha256",
+                "-sign",
+                "token.key",
+                "-out",
+                "sig",
+                "signed",
+            ])
+            .current_dir(d));
+        let token = format!(
+            "{signed}.{}",
+            URL_SAFE_NO_PAD.encode(fs::read(d.join("sig")).unwrap())
+        );
+        let body = serde_json::json!({ "token": token, "expires_in": 3600 }).to_string();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = Arc::clone(&asked);
+        // Serves until the test process ends (the listener dies with it).
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut head = String::new();
+                let mut reader = BufReader::new(&conn);
+                while reader.read_line(&mut head).is_ok_and(|n| n > 2) {}
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        TokenServer {
+            addr,
+            cert: d.join("token.pem"),
+            asked,
+            _dir: dir,
         }
     }
 }
@@ -302,7 +417,7 @@ fn push_then_fetch(
 
 #[test]
 fn plain_http_upstream_push_and_fetch() {
-    let (up, _) = Upstream::start(false);
+    let (up, _) = Upstream::start(Mode::Plain);
     let spec: UpstreamSpec = up.addr.parse().unwrap();
     assert!(spec.insecure, "loopback is plain HTTP by default");
     // Nothing asks for credentials: no request is preceded by a `GET /v2/` probe.
@@ -317,7 +432,7 @@ fn plain_http_upstream_push_and_fetch() {
 
 #[test]
 fn tls_upstream_with_htpasswd_and_a_docker_config() {
-    let (up, secured) = Upstream::start(true);
+    let (up, secured) = Upstream::start(Mode::Secure);
     let ca = secured.unwrap().ca;
     let dir = tempfile::tempdir().unwrap();
     let auth = docker_config(&dir.path().join("docker"), &up.addr, "kiln", "s3cret-pass");
@@ -390,6 +505,31 @@ fn tls_upstream_with_htpasswd_and_a_docker_config() {
 }
 
 #[test]
+fn token_auth_upstream_without_credentials_as_docker_hub_does() {
+    let tokens = TokenServer::start();
+    let (up, _) = Upstream::start(Mode::Token(&tokens));
+    let spec: UpstreamSpec = up.addr.parse().unwrap();
+    // The first request of each operation goes without a token and is refused; then
+    // oci-client's token flow takes over: one probe and one token per repository and
+    // operation (push, then pull), kept for what follows.
+    push_then_fetch(
+        &up,
+        spec,
+        AuthFiles::default(),
+        &["--tls-verify=false".into()],
+        1,
+    );
+    // Tokens and probes are per repository and operation, not per request: kiln's
+    // push (its pull and push scopes), its fetches, skopeo's two inspects.
+    let asked = tokens.asked.load(std::sync::atomic::Ordering::SeqCst);
+    let made = up.requests();
+    let probes = made.iter().filter(|u| *u == "/v2/").count();
+    assert!(made.len() > 30, "{made:#?}");
+    assert!((1..=6).contains(&asked), "{asked} token requests");
+    assert!(probes <= 6, "{probes} probes: {made:#?}");
+}
+
+#[test]
 fn an_unreachable_upstream_costs_one_try_then_is_down() {
     // A port nothing listens on: refused at once.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -422,7 +562,7 @@ fn an_unreachable_upstream_costs_one_try_then_is_down() {
 
 #[test]
 fn a_corrupt_upstream_blob_is_refused_and_nothing_lands() {
-    let (up, _) = Upstream::start(false);
+    let (up, _) = Upstream::start(Mode::Plain);
     let dir = tempfile::tempdir().unwrap();
     let a = Arc::new(Cache::open(&dir.path().join("a")).unwrap());
     two_arch(&a, "kiln/bad:t1", "bad");
