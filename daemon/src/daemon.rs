@@ -50,8 +50,8 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
-    #[error("{0}")]
-    Invalid(String),
+    #[error("dev tag: {0}")]
+    DevTag(#[source] kiln_shared::reference::ReferenceError),
     #[error("a startup task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -490,9 +490,7 @@ pub async fn build_once(
     let owned = Owned::default();
     let tasks = owned.drain.clone();
     tasks.spawn(registry.serve(Arc::clone(&cache), Hooks::default(), owned.stopping.clone()));
-    let dev_tag: Tag = "dev"
-        .parse()
-        .map_err(|e| DaemonError::Invalid(format!("dev tag: {e}")))?;
+    let dev_tag: Tag = "dev".parse().map_err(DaemonError::DevTag)?;
     let line = Arc::new(line);
     let events_line = Arc::clone(&line);
     let Core {

@@ -95,11 +95,11 @@ fn spawn_feed(client: Client, tx: mpsc::Sender<Msg>) -> JoinHandle<()> {
                                 }
                             }
                             Ok(None) => break "kilnd closed the event stream".to_owned(),
-                            Err(e) => break e.to_string(),
+                            Err(e) => break kiln_shared::error::chain(&e),
                         }
                     }
                 }
-                Err(e) => e.to_string(),
+                Err(e) => kiln_shared::error::chain(&e),
             };
             attempt = attempt.saturating_add(1);
             tracing::info!(%error, attempt, "event stream lost; reconnecting");

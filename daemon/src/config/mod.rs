@@ -49,6 +49,12 @@ pub enum ConfigError {
     Builder(#[source] crate::plan::UnknownBuilder),
     #[error(transparent)]
     Upstream(Box<crate::upstream::UpstreamError>),
+    #[error("cannot read the current directory: {0}")]
+    Cwd(#[source] std::io::Error),
+    #[error("dev tag: {0}")]
+    DevTag(#[source] kiln_shared::reference::ReferenceError),
+    #[error("max-size: {0}")]
+    MaxSize(#[source] crate::cache::SizeError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -232,8 +238,7 @@ pub struct Config {
 impl Config {
     /// Merges flags and environment (already in `args`) over `kiln.toml` over defaults.
     pub fn load(args: Args) -> Result<Config, ConfigError> {
-        let cwd = std::env::current_dir()
-            .map_err(|e| ConfigError::Invalid(format!("cannot read the current directory: {e}")))?;
+        let cwd = std::env::current_dir().map_err(ConfigError::Cwd)?;
         let roots: Vec<PathBuf> = if args.roots.is_empty() {
             vec![cwd.clone()]
         } else {
@@ -366,15 +371,13 @@ impl Config {
             .dev_tag
             .or(file.watch.dev_tag)
             .unwrap_or_else(|| "dev".into());
-        let dev_tag: Tag = dev_tag
-            .parse()
-            .map_err(|e| ConfigError::Invalid(format!("dev tag: {e}")))?;
+        let dev_tag: Tag = dev_tag.parse().map_err(ConfigError::DevTag)?;
         let max_size = args
             .max_size
             .or(file.cache.max_size)
             .map(|s| parse_size(&s))
             .transpose()
-            .map_err(|e| ConfigError::Invalid(format!("max-size: {e}")))?;
+            .map_err(ConfigError::MaxSize)?;
         let jobs = args
             .jobs
             .or(file.build.jobs)

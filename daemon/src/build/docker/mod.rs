@@ -20,7 +20,6 @@ pub mod push;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
@@ -460,10 +459,7 @@ async fn run_build(
                 DockerBuildError::Engine {
                     image: image.to_owned(),
                     arch: arch.to_owned(),
-                    source: EngineError::Unreachable {
-                        endpoint: engine.endpoint().clone(),
-                        source: Arc::new(e),
-                    },
+                    source: EngineError::Unreachable { endpoint: engine.endpoint().clone(), source: std::sync::Arc::new(e) },
                 }
             } else {
                 lost(e.to_string())
