@@ -126,6 +126,12 @@ pub enum NativeError {
     Cache(#[from] CacheError),
     #[error("{0}")]
     Invalid(String),
+    #[error("serialising {what}: {source}")]
+    Serialise {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("the build was cancelled")]
     Cancelled,
 }

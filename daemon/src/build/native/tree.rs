@@ -384,7 +384,7 @@ impl Tree {
                 continue;
             }
             self.mkdir_all(&dir, 0o755, 0, 0, 0)
-                .map_err(|e| io::Error::other(e.to_string()))?;
+                .map_err(io::Error::other)?;
             let h = entry.header().clone();
             let mode = h.mode()? & 0o7777;
             let (uid, gid, mtime) = (h.uid()?, h.gid()?, h.mtime()? as i64);

@@ -332,8 +332,10 @@ impl Run<'_, '_> {
         st.config.os = target_platform.os.clone();
         st.config.variant = target_platform.variant.clone();
         let cache = self.shared.cache;
-        let config = serde_json::to_vec(&st.config)
-            .map_err(|e| NativeError::Invalid(format!("serialising the image config: {e}")))?;
+        let config = serde_json::to_vec(&st.config).map_err(|source| NativeError::Serialise {
+            what: "the image config",
+            source,
+        })?;
         let config_digest = cache.put_blob(&config)?;
         let manifest = ImageManifest {
             schema_version: 2,
@@ -345,8 +347,10 @@ impl Run<'_, '_> {
             annotations: BTreeMap::new(),
             extra: BTreeMap::new(),
         };
-        let bytes = serde_json::to_vec(&manifest)
-            .map_err(|e| NativeError::Invalid(format!("serialising the manifest: {e}")))?;
+        let bytes = serde_json::to_vec(&manifest).map_err(|source| NativeError::Serialise {
+            what: "the manifest",
+            source,
+        })?;
         let digest = cache.put_blob(&bytes)?;
         log(format!("[{}] manifest {digest}", self.suffix));
         Ok(Descriptor::new(OCI_MANIFEST, digest, bytes.len() as u64))
