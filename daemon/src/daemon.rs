@@ -167,7 +167,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         roots: roots.clone(),
         exclude: vec![cache.root().to_owned()],
         quiet: config.quiet,
-        touched,
+        touched: Arc::clone(&touched),
+        fence_dir: Some(cache.root().join(".kiln").join("fence")),
     })?;
 
     let mut controller = tokio::task::block_in_place(|| {
@@ -183,6 +184,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 dev_tag: config.dev_tag.clone(),
                 max_size: config.max_size,
                 upstreams: upstreams.clone(),
+                touched,
             },
         )
     });
@@ -498,7 +500,7 @@ pub async fn build_once(
         table,
         sched,
         roots,
-        ..
+        touched,
     } = start_queue(
         QueueConfig {
             cache: &cache,
@@ -534,6 +536,7 @@ pub async fn build_once(
                 dev_tag,
                 max_size: None,
                 upstreams: None,
+                touched,
             },
         )
     });

@@ -55,7 +55,15 @@ pub struct ControlConfig {
     pub max_size: Option<u64>,
     /// The upstream registries, for `kiln pull` and `kiln push`.
     pub upstreams: Option<Arc<crate::upstream::Upstreams>>,
+    /// What the watcher saw change, and the files open for writing: a plan whose files
+    /// changed while it read them waits for that change instead of acting.
+    pub touched: Arc<Touched>,
 }
+
+/// The longest a plan waits for files that keep changing while it reads them (a file
+/// written without pause): after that it acts on what it read, and a build whose files
+/// changed while it ran is still dropped before it lands.
+const DEFER_LIMIT: Duration = Duration::from_secs(1);
 
 /// The event loop's state: the planner, the queue, and what they share.
 pub struct Controller {
@@ -72,6 +80,9 @@ pub struct Controller {
     /// The rows published (planned and broken packages): a row whose package is no
     /// longer on disk (or is now named otherwise) is removed.
     rows: BTreeSet<String>,
+    /// A plan not acted on because its files were being written as it read them: the
+    /// package directories it was for, and since when plans have waited.
+    deferred: Option<(BTreeSet<PathBuf>, std::time::Instant)>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -191,6 +202,7 @@ impl Controller {
             cfg,
             broken: BTreeMap::new(),
             rows: BTreeSet::new(),
+            deferred: None,
         }
     }
 
@@ -209,8 +221,17 @@ impl Controller {
     pub async fn run(mut self, mut inputs: Inputs, stop: CancellationToken) {
         let mut flush = tokio::time::interval(Duration::from_secs(30));
         loop {
+            // A plan that waited on files being written is made after DEFER_LIMIT even if
+            // no change comes.
+            let retry = self
+                .deferred
+                .as_ref()
+                .map(|(_, t)| tokio::time::Instant::from_std(*t + DEFER_LIMIT));
             tokio::select! {
                 Some(ev) = inputs.watch.recv() => self.on_watch(ev).await,
+                () = tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)), if retry.is_some() => {
+                    self.replan(&BTreeSet::new(), QueueReason::FilesChanged, std::time::Instant::now()).await;
+                }
                 Some(req) = inputs.control.recv() => self.on_control(req).await,
                 Some(miss) = inputs.pulls.recv() => self.on_pull_miss(miss).await,
                 _ = flush.tick() => flush_usage(&self.cache).await,
@@ -222,14 +243,17 @@ impl Controller {
 
     /// Plans every package (at start, and after a rescan).
     pub async fn plan_all(&mut self, reason: QueueReason) {
+        let since = std::time::Instant::now();
         let all = self.planner.dirs();
-        self.replan(&all, reason).await;
+        self.replan(&all, reason, since).await;
     }
 
     /// Handles what the watcher reports.
     pub async fn on_watch(&mut self, ev: WatchEvent) {
         match ev {
             WatchEvent::Changed(paths) => {
+                // Before anything is read: what changes from now on makes this plan stale.
+                let since = std::time::Instant::now();
                 let paths: Vec<PathBuf> = paths.into_iter().collect();
                 let affected = tokio::task::block_in_place(|| self.planner.changed(&paths));
                 let names = self.planner.names(&affected);
@@ -238,8 +262,11 @@ impl Controller {
                     packages: names,
                     at_ms: now_ms(),
                 });
-                if !affected.is_empty() {
-                    self.replan(&affected, QueueReason::FilesChanged).await;
+                // A plan that waited for this change is made now, even if the change
+                // names none of its packages' files any more.
+                if !affected.is_empty() || self.deferred.is_some() {
+                    self.replan(&affected, QueueReason::FilesChanged, since)
+                        .await;
                 }
             }
             WatchEvent::Rescan { reason } => {
@@ -256,12 +283,60 @@ impl Controller {
 
     /// Re-tags the workspace and plans the packages whose tag, arches or dependencies
     /// changed, plus `affected`: what the cache holds is served at once, the rest queued.
-    async fn replan(&mut self, affected: &BTreeSet<PathBuf>, reason: QueueReason) {
+    /// `since` is when the files started to be read: a package with a file written from
+    /// then on (or still open for writing) may have been read half-written, and its plan
+    /// is not acted on; the change on its way plans it again.
+    async fn replan(
+        &mut self,
+        affected: &BTreeSet<PathBuf>,
+        reason: QueueReason,
+        since: std::time::Instant,
+    ) {
+        let mut affected = affected.clone();
+        if let Some((dirs, _)) = &self.deferred {
+            affected.extend(dirs.iter().cloned());
+        }
+        let affected = &affected;
         let tagged = tokio::task::block_in_place(|| self.planner.tag(affected));
         let planned = tagged.planned;
         let previous = self.table.read().map(|t| t.clone()).unwrap_or_default();
         let index = self.cache.index().ok();
         let diff = plan::diff(&previous, &planned, affected, index.as_deref());
+
+        let read: Vec<Vec<&std::path::Path>> = diff
+            .packages
+            .iter()
+            .map(|c| {
+                std::iter::once(c.planned.pkg.dir.as_path())
+                    .chain(c.planned.pkg.extra_sources.iter().map(|(s, _)| s.as_path()))
+                    .collect()
+            })
+            .chain(tagged.report.iter().map(|d| vec![d.as_path()]))
+            .collect();
+        if !read.is_empty() {
+            self.cfg.touched.settle().await;
+            let touched = &self.cfg.touched;
+            let busy: BTreeSet<PathBuf> = read
+                .iter()
+                .filter(|dirs| touched.busy(since, dirs))
+                .map(|dirs| dirs[0].to_owned())
+                .collect();
+            let waited = self.deferred.as_ref().map(|(_, t)| t.elapsed());
+            if !busy.is_empty() && waited.is_none_or(|w| w < DEFER_LIMIT) {
+                tracing::debug!(
+                    ?busy,
+                    "files changed while they were read: waiting for that change"
+                );
+                tokio::task::block_in_place(|| self.planner.forget(&busy));
+                let first = self
+                    .deferred
+                    .as_ref()
+                    .map_or_else(std::time::Instant::now, |(_, t)| *t);
+                self.deferred = Some((affected.clone(), first));
+                return;
+            }
+        }
+        self.deferred = None;
 
         // State follows the files: a row stays while its package is on disk, planned or
         // broken (under its name, with its error), and goes with it.

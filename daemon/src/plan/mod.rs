@@ -147,6 +147,16 @@ impl Planner {
         affected
     }
 
+    /// Forgets the hashes of the packages in `dirs` (read while they were being
+    /// written): the next plan reads them again.
+    pub fn forget(&mut self, dirs: &BTreeSet<PathBuf>) {
+        for dir in dirs {
+            self.deps.remove(dir);
+        }
+        let dirs: Vec<PathBuf> = dirs.iter().cloned().collect();
+        self.tagger.invalidate(&dirs);
+    }
+
     /// The names (`org/image`) of the packages in `dirs` that load.
     pub fn names(&self, dirs: &BTreeSet<PathBuf>) -> Vec<String> {
         dirs.iter()

@@ -8,18 +8,20 @@
 //! silence. The [`Watcher`] owns the notify handle; dropping it stops everything.
 
 mod ignore;
+mod touched;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
 pub use self::ignore::is_ignored;
+pub use self::touched::Touched;
 
 /// How often the fallback poller rescans the roots.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -53,65 +55,15 @@ pub struct WatchConfig {
     pub roots: Vec<PathBuf>,
     /// Paths whose contents are never reported (kiln's cache, if it lies in a root).
     pub exclude: Vec<PathBuf>,
-    /// Quiet window that folds a burst of events into one change.
+    /// The longest a change waits for a file of it that is open for writing (written or
+    /// created, not closed yet) to be closed. A change with no such file is reported at
+    /// once.
     pub quiet: Duration,
     /// Where each relevant event is recorded as it arrives, before the quiet window.
     pub touched: Arc<Touched>,
-}
-
-/// When files changed, as the watcher sees them arrive (before the quiet window folds
-/// them). A build checks it before it lands: a file of its package that changed after
-/// the tag was computed may have gone into the image, which would then not be what the
-/// tag names.
-#[derive(Debug, Default)]
-pub struct Touched {
-    inner: Mutex<TouchedLog>,
-}
-
-#[derive(Debug, Default)]
-struct TouchedLog {
-    recent: VecDeque<(std::time::Instant, PathBuf)>,
-    /// The newest time dropped from `recent` (or of a lost event): anything that old
-    /// may have touched anything.
-    unknown_until: Option<std::time::Instant>,
-}
-
-impl Touched {
-    /// Changes remembered one by one; older ones only as a time.
-    const KEEP: usize = 16_384;
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, TouchedLog> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// `path` changed at `at`.
-    pub fn record(&self, at: std::time::Instant, path: &Path) {
-        let mut log = self.lock();
-        if log.recent.len() == Self::KEEP
-            && let Some((t, _)) = log.recent.pop_front()
-        {
-            log.unknown_until = Some(log.unknown_until.map_or(t, |u| u.max(t)));
-        }
-        log.recent.push_back((at, path.to_owned()));
-    }
-
-    /// Events were lost at `at` (inotify's queue overflowed): anything may have changed.
-    pub fn record_unknown(&self, at: std::time::Instant) {
-        let mut log = self.lock();
-        log.unknown_until = Some(log.unknown_until.map_or(at, |u| u.max(at)));
-    }
-
-    /// Whether something under one of `dirs` changed at or after `since`.
-    pub fn since(&self, since: std::time::Instant, dirs: &[&Path]) -> bool {
-        let log = self.lock();
-        log.unknown_until.is_some_and(|u| u >= since)
-            || log
-                .recent
-                .iter()
-                .rev()
-                .take_while(|(t, _)| *t >= since)
-                .any(|(_, p)| dirs.iter().any(|d| p.starts_with(d)))
-    }
+    /// A private directory (kilnd's, in its cache) for [`Touched::settle`]'s markers,
+    /// made if missing; `None`: settling does not wait.
+    pub fence_dir: Option<PathBuf>,
 }
 
 /// What watches: inotify, or the fallback poller.
@@ -142,27 +94,65 @@ impl Watcher {
         // Bounded: if kilnd falls behind, the notify thread waits, the kernel queue fills
         // and overflows, and that is reported as a Rescan: lag is never silent.
         let (raw_tx, raw_rx) = mpsc::channel::<Raw>(4096);
-        let (out_tx, out_rx) = mpsc::channel(64);
+        // One change waits at most: while kilnd works on it, what follows gathers into the
+        // next one instead of queueing up as many small ones.
+        let (out_tx, out_rx) = mpsc::channel(1);
 
+        // The fence directory exists before watching starts, so its first marker is seen.
+        let fence_dir = cfg
+            .fence_dir
+            .as_ref()
+            .and_then(|d| match std::fs::create_dir_all(d) {
+                Ok(()) => Some(d.clone()),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot make {}: {e}; plans do not wait for the watcher",
+                        d.display()
+                    );
+                    None
+                }
+            });
+        // Changes are recorded as notify delivers them, on its thread, before they queue
+        // for the fold: a plan or a build that checks `Touched` knows every event the
+        // kernel has given out, not only those the fold got to.
+        let recorder = Recorder {
+            touched: Arc::clone(&cfg.touched),
+            roots: cfg.roots.clone(),
+            exclude: cfg.exclude.clone(),
+        };
         let handler = {
             let raw_tx = raw_tx.clone();
+            let recorder = recorder.clone();
             move |ev: Raw| {
+                recorder.note(&ev);
                 let _ = raw_tx.blocking_send(ev);
             }
         };
         let backend = match start_inotify(&cfg.roots, handler) {
-            Ok(w) => Backend::Inotify(w),
+            Ok(mut w) => {
+                if let Some(dir) = fence_dir {
+                    match w.watch(&dir, RecursiveMode::NonRecursive) {
+                        Ok(()) => cfg.touched.set_fence(dir),
+                        Err(e) => tracing::warn!(
+                            "cannot watch {}: {e}; plans do not wait for the watcher",
+                            dir.display()
+                        ),
+                    }
+                }
+                Backend::Inotify(w)
+            }
             Err(StartError::Limit(message)) => {
                 let _ = out_tx.try_send(WatchEvent::Error { message });
                 Backend::Poll(tokio::spawn(poll(
                     cfg.roots.clone(),
                     cfg.exclude.clone(),
                     raw_tx,
+                    recorder.clone(),
                 )))
             }
             Err(StartError::Other(e)) => return Err(e),
         };
-        let task = tokio::spawn(fold(cfg, raw_rx, out_tx));
+        let task = tokio::spawn(fold(cfg, recorder, raw_rx, out_tx));
         Ok((Watcher { backend, task }, out_rx))
     }
 
@@ -263,7 +253,12 @@ fn scan(roots: &[PathBuf], exclude: &[PathBuf]) -> std::collections::HashMap<Pat
 
 /// The fallback when inotify cannot watch everything: rescans the roots every
 /// [`POLL_INTERVAL`] and reports what was created, changed or removed.
-async fn poll(roots: Vec<PathBuf>, exclude: Vec<PathBuf>, raw_tx: mpsc::Sender<Raw>) {
+async fn poll(
+    roots: Vec<PathBuf>,
+    exclude: Vec<PathBuf>,
+    raw_tx: mpsc::Sender<Raw>,
+    recorder: Recorder,
+) {
     let scan_now = |roots: Vec<PathBuf>, exclude: Vec<PathBuf>| {
         tokio::task::spawn_blocking(move || scan(&roots, &exclude))
     };
@@ -289,7 +284,9 @@ async fn poll(roots: Vec<PathBuf>, exclude: Vec<PathBuf>, raw_tx: mpsc::Sender<R
         }
         let mut ev = notify::Event::new(EventKind::Modify(notify::event::ModifyKind::Any));
         ev.paths = changed;
-        if raw_tx.send(Ok(ev)).await.is_err() {
+        let ev = Ok(ev);
+        recorder.note(&ev);
+        if raw_tx.send(ev).await.is_err() {
             return;
         }
     }
@@ -305,22 +302,121 @@ fn is_change(kind: &EventKind) -> bool {
     }
 }
 
-/// Folds raw events into changes: paths gather until `quiet` passes without a new one
-/// (or 20 quiet windows pass in all, so a never-ending stream still gets through).
-async fn fold(cfg: WatchConfig, mut raw: mpsc::Receiver<Raw>, out: mpsc::Sender<WatchEvent>) {
+/// Records each relevant change in [`Touched`] as it arrives: when, and whether the file
+/// is now open for writing.
+#[derive(Clone)]
+struct Recorder {
+    touched: Arc<Touched>,
+    roots: Vec<PathBuf>,
+    exclude: Vec<PathBuf>,
+}
+
+impl Recorder {
+    fn note(&self, ev: &Raw) {
+        let now = std::time::Instant::now();
+        match ev {
+            Ok(ev) if ev.need_rescan() => self.touched.record_unknown(now),
+            Ok(ev) => {
+                for p in &ev.paths {
+                    if !self.relevant(p) {
+                        continue;
+                    }
+                    if is_change(&ev.kind) {
+                        self.touched.record(now, p);
+                    }
+                    match writing(&ev.kind, p) {
+                        Some(true) => self.touched.set_open(p, Some(now)),
+                        Some(false) => self.touched.set_open(p, None),
+                        None => {}
+                    }
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Neither a fence marker nor an ignored path.
+    fn relevant(&self, p: &Path) -> bool {
+        !self.touched.fence_marker(p) && !is_ignored(p, &self.roots, &self.exclude)
+    }
+}
+
+/// Whether an event leaves its paths whole: renamed into place (or away), or a directory
+/// made. (A removal may be one of many, as `rm -r` does them.)
+fn whole(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Modify(ModifyKind::Name(_)) | EventKind::Create(CreateKind::Folder)
+    )
+}
+
+/// Whether an event leaves `path` open for writing (`Some(true)`: written, or created as
+/// a file; its content may be partial until it is closed), done with (`Some(false)`:
+/// closed after writing, removed, renamed), or says nothing about it.
+fn writing(kind: &EventKind, path: &Path) -> Option<bool> {
+    match kind {
+        EventKind::Modify(ModifyKind::Data(_)) => Some(true),
+        // A symlink, a fifo or a hard link is created whole: no close follows.
+        EventKind::Create(CreateKind::File | CreateKind::Any) => {
+            use std::os::unix::fs::MetadataExt;
+            Some(
+                path.symlink_metadata()
+                    .is_ok_and(|m| m.is_file() && m.nlink() == 1),
+            )
+        }
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Remove(_)
+        | EventKind::Modify(ModifyKind::Name(_)) => Some(false),
+        _ => None,
+    }
+}
+
+/// Folds raw events into changes. A change whose files were all renamed into place (an
+/// editor's atomic save, a revert by rename, a package moved in) is reported at once. One with a
+/// file written in place waits until the file is closed and a quiet window has passed
+/// without a new event (at most 20 in all, so a never-ending stream still gets through):
+/// a reader could see such a file between a truncation and its write before the kernel
+/// has posted the truncation's event, and no check afterwards can tell. A file open for a
+/// whole quiet window is taken as it is. While kilnd works on one change, the next
+/// gathers (the output holds one).
+async fn fold(
+    cfg: WatchConfig,
+    recorder: Recorder,
+    mut raw: mpsc::Receiver<Raw>,
+    out: mpsc::Sender<WatchEvent>,
+) {
     let mut pending: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut first: Option<Instant> = None;
-    let mut last = Instant::now();
+    // Whether a file of the pending change was written in place, created or removed rather
+    // than renamed into place.
+    let mut in_place = false;
+    let (mut first, mut last) = (Instant::now(), Instant::now());
     let mut limit_reported = false;
     loop {
-        let deadline = first.map(|f| (last + cfg.quiet).min(f + cfg.quiet * 20));
+        let now = Instant::now();
+        let opened = if pending.is_empty() {
+            None
+        } else {
+            cfg.touched.open_since(pending.iter())
+        };
+        let quiet_until = in_place.then(|| (last + cfg.quiet).min(first + cfg.quiet * 20));
+        let ready = !pending.is_empty() && opened.is_none() && quiet_until.is_none_or(|t| t <= now);
+        let open_until = opened.map(|t| Instant::from_std(t) + cfg.quiet);
+        let wake = match (open_until, quiet_until) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
         let next = tokio::select! {
             ev = raw.recv() => ev,
-            _ = async { sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => {
-                let batch = std::mem::take(&mut pending);
-                first = None;
-                if !batch.is_empty() && out.send(WatchEvent::Changed(batch)).await.is_err() {
-                    return;
+            permit = out.reserve(), if ready => {
+                let Ok(permit) = permit else { return };
+                permit.send(WatchEvent::Changed(std::mem::take(&mut pending)));
+                in_place = false;
+                continue;
+            }
+            () = sleep_until(wake.unwrap_or(now)), if !ready && wake.is_some() => {
+                // Open for a whole quiet window: taken as it is now.
+                if let Some(before) = Instant::now().checked_sub(cfg.quiet) {
+                    cfg.touched.close_older(&pending, before.into_std());
                 }
                 continue;
             }
@@ -328,7 +424,6 @@ async fn fold(cfg: WatchConfig, mut raw: mpsc::Receiver<Raw>, out: mpsc::Sender<
         let Some(ev) = next else { return };
         let sent = match ev {
             Ok(ev) if ev.need_rescan() => {
-                cfg.touched.record_unknown(std::time::Instant::now());
                 out.send(WatchEvent::Rescan {
                     reason: "inotify's event queue overflowed (fs.inotify.max_queued_events); \
                              looking at everything again"
@@ -338,21 +433,15 @@ async fn fold(cfg: WatchConfig, mut raw: mpsc::Receiver<Raw>, out: mpsc::Sender<
             }
             Ok(ev) => {
                 if is_change(&ev.kind) {
-                    // Every relevant event restarts the quiet window, also one on a path
-                    // already pending: a file still being written must not be read (and
-                    // tagged) half-written in the middle of its burst.
-                    let mut relevant = false;
-                    let now = Instant::now();
                     for p in ev.paths {
-                        if !is_ignored(&p, &cfg.roots, &cfg.exclude) {
-                            cfg.touched.record(now.into_std(), &p);
+                        if recorder.relevant(&p) {
+                            if pending.is_empty() {
+                                first = Instant::now();
+                            }
+                            last = Instant::now();
+                            in_place |= !whole(&ev.kind);
                             pending.insert(p);
-                            relevant = true;
                         }
-                    }
-                    if relevant {
-                        first.get_or_insert(now);
-                        last = now;
                     }
                 }
                 Ok(())

@@ -6,11 +6,16 @@ use std::time::Duration;
 use super::*;
 
 fn start(root: &Path) -> (Watcher, mpsc::Receiver<WatchEvent>) {
+    start_quiet(root, Duration::from_millis(50))
+}
+
+fn start_quiet(root: &Path, quiet: Duration) -> (Watcher, mpsc::Receiver<WatchEvent>) {
     Watcher::start(WatchConfig {
         roots: vec![root.to_owned()],
         exclude: vec![root.join("cache")],
-        quiet: Duration::from_millis(50),
+        quiet,
         touched: Arc::default(),
+        fence_dir: None,
     })
     .unwrap()
 }
@@ -29,6 +34,9 @@ fn changed(ev: WatchEvent) -> BTreeSet<PathBuf> {
     }
 }
 
+/// A quiet window no test waits out: a change that arrives was reported without it.
+const FOREVER: Duration = Duration::from_secs(3600);
+
 #[tokio::test]
 async fn a_burst_of_writes_is_one_change() {
     let dir = tempfile::tempdir().unwrap();
@@ -45,6 +53,116 @@ async fn a_burst_of_writes_is_one_change() {
             .into_iter()
             .collect()
     );
+}
+
+#[tokio::test]
+async fn a_save_renamed_into_place_is_reported_without_the_quiet_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fs::canonicalize(dir.path()).unwrap();
+    fs::write(root.join("a.txt"), "old").unwrap();
+    let (_w, mut rx) = start_quiet(&root, FOREVER);
+    // As JetBrains' safe write (or a revert by rename) does: the temporary is ignored.
+    fs::write(root.join("a.txt___jb_tmp___"), "new").unwrap();
+    fs::rename(root.join("a.txt___jb_tmp___"), root.join("a.txt")).unwrap();
+    assert_eq!(
+        changed(next(&mut rx).await),
+        [root.join("a.txt")].into_iter().collect()
+    );
+}
+
+#[tokio::test]
+async fn a_file_open_for_writing_holds_the_change_until_it_closes() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let root = fs::canonicalize(dir.path()).unwrap();
+    let ws = root.join("ws");
+    fs::create_dir_all(&ws).unwrap();
+    let touched = Arc::new(Touched::default());
+    let (_w, mut rx) = Watcher::start(WatchConfig {
+        roots: vec![ws.clone()],
+        exclude: Vec::new(),
+        quiet: Duration::from_secs(2),
+        touched: Arc::clone(&touched),
+        fence_dir: Some(root.join("fence")),
+    })
+    .unwrap();
+    // Truncated and half written, as an editor writes in place.
+    let mut f = fs::File::create(ws.join("half.txt")).unwrap();
+    f.write_all(b"first half ").unwrap();
+    fs::write(ws.join("other.txt"), "whole").unwrap();
+    touched.settle().await;
+    // Every event is recorded; the fold, which runs on this thread, gets its turn.
+    tokio::task::yield_now().await;
+    assert!(
+        rx.try_recv().is_err(),
+        "a change was reported while half.txt was open"
+    );
+    f.write_all(b"second half").unwrap();
+    drop(f);
+    let mut seen = BTreeSet::new();
+    while !seen.contains(&ws.join("half.txt")) {
+        seen.extend(changed(next(&mut rx).await));
+    }
+    assert!(seen.contains(&ws.join("other.txt")), "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_file_left_open_is_taken_as_it_is_after_the_quiet_window() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let root = fs::canonicalize(dir.path()).unwrap();
+    let (_w, mut rx) = start_quiet(&root, Duration::from_millis(50));
+    let mut f = fs::File::create(root.join("log.txt")).unwrap();
+    f.write_all(b"a line\n").unwrap();
+    assert_eq!(
+        changed(next(&mut rx).await),
+        [root.join("log.txt")].into_iter().collect()
+    );
+    // A symlink is created whole: reported at once, no close to wait for.
+    std::os::unix::fs::symlink("log.txt", root.join("link")).unwrap();
+    assert_eq!(
+        changed(next(&mut rx).await),
+        [root.join("link")].into_iter().collect()
+    );
+    drop(f);
+}
+
+#[tokio::test]
+async fn settle_knows_every_write_made_before_it() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let root = fs::canonicalize(dir.path()).unwrap();
+    let ws = root.join("ws");
+    fs::create_dir_all(ws.join("pkg")).unwrap();
+    let touched = Arc::new(Touched::default());
+    let (_w, _rx) = Watcher::start(WatchConfig {
+        roots: vec![ws.clone()],
+        exclude: Vec::new(),
+        quiet: FOREVER,
+        touched: Arc::clone(&touched),
+        fence_dir: Some(root.join("fence")),
+    })
+    .unwrap();
+    let pkg = ws.join("pkg");
+    for _ in 0..20 {
+        let since = std::time::Instant::now();
+        touched.settle().await;
+        assert!(!touched.busy(since, &[&pkg]));
+        // Open and half written: busy until closed, and changed since `since`.
+        let mut f = fs::File::create(pkg.join("f")).unwrap();
+        f.write_all(b"half").unwrap();
+        touched.settle().await;
+        assert!(touched.busy(std::time::Instant::now(), &[&pkg]), "open");
+        assert!(touched.busy(since, &[&pkg]));
+        drop(f);
+        touched.settle().await;
+        assert!(
+            !touched.busy(std::time::Instant::now(), &[&pkg]),
+            "closed and nothing since"
+        );
+        assert!(touched.busy(since, &[&pkg]), "written since");
+        assert!(!touched.busy(since, &[&ws.join("other")]));
+    }
 }
 
 #[tokio::test]
@@ -81,11 +199,19 @@ async fn directories_created_later_are_watched() {
     fs::create_dir_all(root.join("new/deep")).unwrap();
     let first = changed(next(&mut rx).await);
     assert!(first.contains(&root.join("new")), "{first:?}");
-    // inotify watches the new directories once their creation is seen.
-    fs::write(root.join("new/deep/f"), "x").unwrap();
+    // inotify watches the new directories once notify has seen their creation, which
+    // may be after the change is reported: write until a write is seen, within 10 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut seen = BTreeSet::new();
     while !seen.contains(&root.join("new/deep/f")) {
-        seen.extend(changed(next(&mut rx).await));
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new/deep/f never seen"
+        );
+        fs::write(root.join("new/deep/f"), "x").unwrap();
+        if let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+            seen.extend(changed(ev));
+        }
     }
 }
 
