@@ -110,7 +110,14 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
         }
     }));
     header.extend([Cell::from("LAST"), Cell::from("BY"), Cell::from("DIGEST")]);
-    let body = rows.iter().enumerate().map(|(i, p)| {
+    // Only the rows that fit are built (a frame costs what it shows, not the package
+    // count): the window ends at the selected row once it is below the first screen, as
+    // ratatui's own scrolling would place it.
+    let fit = usize::from(area.height.saturating_sub(3)).max(1);
+    let start = selected_row.map_or(0, |r| (r + 1).saturating_sub(fit));
+    let shown_rows = &rows[start.min(rows.len())..(start + fit).min(rows.len())];
+    let body = shown_rows.iter().enumerate().map(|(i, p)| {
+        let i = start + i;
         let error = p.error.is_some();
         let name_style = if error {
             Style::new().fg(Color::Red)
@@ -190,6 +197,6 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
         )
         .highlight_symbol(Line::from("▶"))
         .block(block);
-    let mut state = TableState::default().with_selected(selected_row);
+    let mut state = TableState::default().with_selected(selected_row.map(|r| r - start));
     frame.render_stateful_widget(table, area, &mut state);
 }

@@ -513,3 +513,35 @@ fn upstream_states_and_pulled_targets_are_drawn() {
         "{s}"
     );
 }
+
+/// With more packages than fit, the rows around the selection are drawn (and only they
+/// are built): moving down past the screen scrolls the table with it.
+#[test]
+fn many_packages_scroll_with_the_selection() {
+    let mut m = model();
+    for i in 0..300 {
+        apply(
+            &mut m,
+            kiln_shared::protocol::Event::PackageAdded {
+                package: kiln_shared::protocol::PackageInfo {
+                    name: format!("many/p{i:03}"),
+                    dir: format!("/ws/many/p{i:03}").into(),
+                    tag: Some(tag("4f2a9c1be07d3355")),
+                    archs: vec!["amd64".into()],
+                },
+            },
+        );
+    }
+    let first = render(&m, 80, 24);
+    assert!(first.contains("many/p000"), "{first}");
+    for _ in 0..150 {
+        update(&mut m, key(KeyCode::Down));
+    }
+    let moved = render(&m, 80, 24);
+    let selected = moved
+        .lines()
+        .find(|l| l.contains('▶'))
+        .unwrap_or_else(|| panic!("no selected row:\n{moved}"));
+    assert!(selected.contains("many/p"), "{moved}");
+    assert!(!moved.contains("many/p000"), "{moved}");
+}
