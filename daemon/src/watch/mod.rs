@@ -341,13 +341,13 @@ impl Recorder {
     }
 }
 
-/// Whether an event leaves its paths whole: renamed into place (or away), or a directory
-/// made. (A removal may be one of many, as `rm -r` does them.)
+/// Whether an event leaves its paths whole: renamed into place (or away). Not a directory
+/// made: its files usually follow at once, and those written before inotify watches the
+/// new directory give no event, so only a plan read after the quiet window sees them (a
+/// package written file by file was otherwise planned empty and never again). A removal
+/// may be one of many, as `rm -r` does them.
 fn whole(kind: &EventKind) -> bool {
-    matches!(
-        kind,
-        EventKind::Modify(ModifyKind::Name(_)) | EventKind::Create(CreateKind::Folder)
-    )
+    matches!(kind, EventKind::Modify(ModifyKind::Name(_)))
 }
 
 /// Whether an event leaves `path` open for writing (`Some(true)`: written, or created as
