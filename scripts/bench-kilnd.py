@@ -123,6 +123,9 @@ def main():
     ap.add_argument("--kilnd", default=os.environ.get("KILND", os.path.join(ROOT, "target/debug/kilnd")))
     ap.add_argument("--kiln", default=os.environ.get("KILN", os.path.join(ROOT, "target/debug/kiln")))
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--atomic", action="store_true",
+                    help="save as JetBrains' safe write and vim's backupcopy=no do: write a temporary "
+                         "file beside it, then rename it into place (default: write in place)")
     ap.add_argument("--builder", default="docker", choices=["docker", "native", "auto"],
                     help="kilnd's builder (default docker: BuildKit through the engine)")
     ap.add_argument("--package", default="copy", choices=sorted(PACKAGES),
@@ -199,7 +202,7 @@ def run(args, hand_n, work, procs, layout):
     reg = Registry(addr)
     quiet = os.environ.get("KILN_QUIET_MS", "50 (default)")
     print(f"kilnd {args.kilnd} (pid {kilnd.pid}), registry {addr}, builder {args.builder}, package {args.package}, "
-          f"quiet window {quiet} ms, work {work}")
+          f"quiet window {quiet} ms, saves {'renamed into place' if args.atomic else 'written in place'}, work {work}")
     t = time.monotonic()
     poll_until(reg, "bench/pkg", tag0, seconds=600)
     print(f"first build (warm-up, both arches): {1000 * (time.monotonic() - t):.0f} ms")
@@ -213,12 +216,20 @@ def run(args, hand_n, work, procs, layout):
     print(f"warm-up save: {1000 * (t1 - t0):.0f} ms")
     prev = (content, tag)
 
+    def save(text):
+        path = os.path.join(pkg, "file")
+        if args.atomic:
+            write(path + "___jb_tmp___", text)
+            os.replace(path + "___jb_tmp___", path)
+        else:
+            write(path, text)
+
     saves, reverts = [], []
     for i in range(args.saves):
         content = f"save {i} {run_id}\n"
         tag = show_tag(args.kiln, scratch, content)
         t0 = time.monotonic()
-        write(os.path.join(pkg, "file"), content)
+        save(content)
         t1, digest = poll_until(reg, "bench/pkg", tag)
         saves.append(1000 * (t1 - t0))
         print(f"  save {i + 1:2}: {saves[-1]:8.1f} ms  {tag[:12]} {digest[:19]}", flush=True)
@@ -227,12 +238,12 @@ def run(args, hand_n, work, procs, layout):
             poll_until(reg, "bench/pkg", "dev", want_digest=digest)
             _, old_digest, _ = reg.head("bench/pkg", prev[1])
             t0 = time.monotonic()
-            write(os.path.join(pkg, "file"), prev[0])
+            save(prev[0])
             t1, _ = poll_until(reg, "bench/pkg", "dev", want_digest=old_digest, seconds=60)
             reverts.append(1000 * (t1 - t0))
             print(f"  revert {i + 1:2}: {reverts[-1]:6.1f} ms  {prev[1][:12]} {old_digest[:19]} (served from cache)", flush=True)
             # Back to the new content (its tag is cached too) before the next save.
-            write(os.path.join(pkg, "file"), content)
+            save(content)
             poll_until(reg, "bench/pkg", "dev", want_digest=digest, seconds=60)
         prev = (content, tag)
 
