@@ -35,10 +35,9 @@ import signal
 import socket
 import statistics
 import subprocess
-import tempfile
 import time
 
-from benchlib import Registry, die, write
+from benchlib import Registry, die, scratch, write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCKER = os.environ.get("KILN_DOCKER", "/usr/bin/docker")
@@ -144,26 +143,8 @@ def main():
         die(f"no busybox base at {layout}: run scripts/setup")
 
     args.cpu0 = cpu_times()
-    work = tempfile.mkdtemp(prefix="kiln-bench-")
-    procs = []
-
-    def cleanup():
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-
-    try:
+    with scratch("kiln-bench-", args.keep) as (work, procs):
         run(args, hand_n, work, procs, layout)
-    finally:
-        cleanup()
 
 
 def run(args, hand_n, work, procs, layout):

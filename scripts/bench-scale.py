@@ -24,15 +24,13 @@ import argparse
 import http.client
 import json
 import os
-import shutil
 import signal
 import socket
 import statistics
 import subprocess
-import tempfile
 import time
 
-from benchlib import Registry, die, load, write
+from benchlib import Registry, die, load, scratch, write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -202,22 +200,8 @@ def main():
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     run_id = f"{os.getpid()}-{time.time_ns()}"
-    work = tempfile.mkdtemp(prefix="kiln-scale-")
-    procs = []
-    try:
+    with scratch("kiln-scale-", args.keep) as (work, procs):
         run(args, work, procs, run_id)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def run(args, work, procs, run_id):

@@ -28,18 +28,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import tempfile
 import time
 
+from benchlib import INDEX, die, load, scratch, write
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
 
 
 def wait(what, pred, seconds, step=0.05):
@@ -51,16 +45,6 @@ def wait(what, pred, seconds, step=0.05):
         if time.monotonic() > end:
             die(f"timed out after {seconds}s waiting for {what}")
         time.sleep(step)
-
-
-def write(path, data):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-
-
-def load_avg():
-    return open("/proc/loadavg").read().split()[:3]
 
 
 def cpu_s(pid):
@@ -203,7 +187,7 @@ def get_manifest(addr, repo, ref):
     host, port = addr.rsplit(":", 1)
     c = http.client.HTTPConnection(host, int(port), timeout=600)
     c.request("GET", f"/v2/{repo}/manifests/{ref}",
-              headers={"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"})
+              headers={"Accept": f"{OCI_MANIFEST}, {INDEX}"})
     r = c.getresponse()
     body = r.read()
     c.close()
@@ -220,23 +204,21 @@ def main():
     layout = os.path.join(os.environ.get("KILN_BASE_DIR", "/var/lib/kiln/base"), "busybox")
     if not os.path.isdir(layout):
         die(f"no busybox base at {layout}: run scripts/setup (or scripts/base-images)")
-    work = tempfile.mkdtemp(prefix="kiln-bench-upstream-")
-    procs = []
-    try:
+    with scratch("kiln-bench-upstream-", bool(os.environ.get("KILN_BENCH_KEEP"))) as (work, procs):
         up = Upstream(work)
         procs.append(up.proc)
         n = args.packages
         ws = os.path.join(work, "ws")
         make_workspace(ws, n, layout, f"{os.getpid()}-{time.time_ns()}")
         print(f"upstream {up.addr}; {n} packages x 2 arches; kilnd {args.kilnd}; work {work}")
-        print(f"load average before: {' '.join(load_avg())}")
+        print(f"load average before: {load()}")
 
         a = Kilnd(args, work, "a", ws, ["--upstream", up.addr, "--push"])
         procs.append(a.proc)
         wait("A to build every target", lambda: all_ok(a.status(), n), 3600, 0.05)
         build_s = time.monotonic() - a.t0
         print(f"build all ({n} x 2 targets, kilnd A, empty cache): {build_s:8.2f} s "
-              f"(load {' '.join(load_avg())})", flush=True)
+              f"(load {load()})", flush=True)
 
         def pushed():
             s = a.status()
@@ -256,7 +238,7 @@ def main():
                       for arch, t in p["targets"].items()
                       if not (t.get("last") or {}).get("pulled_from")]
         print(f"fetch all ({n} x 2 targets, kilnd B, empty cache):  {fetch_s:8.2f} s "
-              f"(ready after {b.ready_s:.2f} s; load {' '.join(load_avg())}); "
+              f"(ready after {b.ready_s:.2f} s; load {load()}); "
               f"built on B: {len(built_on_b)}")
         print(f"  kilnd B made {len(made)} requests to the upstream: "
               f"{sum(u == '/v2/' for u in made)} GET /v2/ probes, "
@@ -296,17 +278,7 @@ def main():
         print(f"{args.big_mib} MiB image, kilnd fetch into its cache:       "
               f"{', '.join(f'{x:.2f}' for x in times_k)} s (best {min(times_k):.2f})")
         print(f"ratio kilnd/skopeo (best of 3): {min(times_k) / min(times_s):.2f} (target <= 1); "
-              f"load average after: {' '.join(load_avg())}")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-        if not os.environ.get("KILN_BENCH_KEEP"):
-            shutil.rmtree(work, ignore_errors=True)
+              f"load average after: {load()}")
 
 
 if __name__ == "__main__":

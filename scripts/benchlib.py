@@ -1,9 +1,15 @@
-"""What the Python benchmarks share (bench-kilnd.py, bench-scale.py): errors, files, the
-load average, and manifest requests to a registry over one kept-alive connection."""
+"""What the Python benchmarks share (bench-kilnd.py, bench-scale.py, bench-upstream.py):
+errors, files, the work directory and the processes started in it, the load average, and
+manifest requests to a registry over one kept-alive connection."""
 
+import contextlib
 import http.client
 import json
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 
 INDEX = "application/vnd.oci.image.index.v1+json"
 ACCEPT = ", ".join([
@@ -19,9 +25,34 @@ def die(msg):
     sys.exit(1)
 
 
-def write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
+def write(path, data):
+    """Writes text or bytes, making the parent directories."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def scratch(prefix, keep=False):
+    """A work directory and a list for the processes started in it: on the way out each
+    one still running gets SIGTERM (SIGKILL after 30 s), and the directory is removed
+    unless `keep`."""
+    work = tempfile.mkdtemp(prefix=prefix)
+    procs = []
+    try:
+        yield work, procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        if keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def load():
