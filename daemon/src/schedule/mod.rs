@@ -598,6 +598,12 @@ impl Actor {
                         source: Box::new(e.clone()),
                     });
                 }
+                // Its files changed while it ran: the change builds that package again
+                // (at this tag, which this job then waits for, or at a new one, which
+                // gives this job a new tag too and replaces it).
+                Some((t, Outcome::Cancelled(CancelReason::Superseded(_)))) if t == tag => {
+                    return Readiness::Waiting;
+                }
                 Some((t, Outcome::Cancelled(e))) if t == tag => {
                     return Readiness::Blocked(Failure::DependencyCancelled {
                         dep: dep.clone(),

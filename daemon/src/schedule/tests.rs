@@ -247,6 +247,50 @@ async fn a_superseded_run_nobody_asked_for_again_is_left_to_the_change() {
 }
 
 #[tokio::test]
+async fn a_dependent_of_a_superseded_run_waits_for_the_change_to_build_it_again() {
+    // kilnd writes a package's kiln.lock while building it: the build is superseded, and
+    // the change asks for the same tag again only after the run ended. Its dependent must
+    // not fail on the way (nothing would build it again: its tag does not change).
+    let mut h = harness(2);
+    let mut app = job("app", "amd64", "7");
+    app.after = vec![(key("base", "amd64"), tag("1"))];
+    h.sched
+        .submit(vec![job("base", "amd64", "1"), app])
+        .await
+        .unwrap();
+    let base = h.started.recv().await.unwrap();
+    base.finish.send(Err(superseded("files changed"))).unwrap();
+    let (k, _, outcome) = h.next_finished().await;
+    assert_eq!(k, key("base", "amd64"));
+    assert_eq!(outcome, Seen::Cancelled("superseded: files changed".into()));
+    h.sched.cancel(nothing()).await.unwrap();
+    assert!(
+        h.no_start_pending(),
+        "the dependent started without its base"
+    );
+    h.sched
+        .submit(vec![job("base", "amd64", "1")])
+        .await
+        .unwrap();
+    let base = h.started.recv().await.unwrap();
+    assert_eq!(base.job.key, key("base", "amd64"));
+    base.finish.send(Ok(desc(1))).unwrap();
+    let app = tokio::time::timeout(std::time::Duration::from_secs(10), h.started.recv())
+        .await
+        .expect("the dependent never started after its base was built")
+        .unwrap();
+    assert_eq!(app.job.key, key("app", "amd64"));
+    app.finish.send(Ok(desc(7))).unwrap();
+    loop {
+        let (k, _, outcome) = h.next_finished().await;
+        if k == key("app", "amd64") {
+            assert_eq!(outcome, Seen::Built(desc(7)));
+            break;
+        }
+    }
+}
+
+#[tokio::test]
 async fn the_same_target_is_not_queued_twice() {
     let mut h = harness(1);
     let first = h.sched.submit(vec![job("a", "amd64", "1")]).await.unwrap();
