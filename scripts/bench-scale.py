@@ -13,8 +13,14 @@
    workspace, in the same run: the ratios say what the size of the workspace and the
    cache costs a save and a revert.
 
+3. The real dashboard (`kiln`, release) in a private tmux server against the big
+   workspace's kilnd: the time until its first screen shows every package, the time and
+   CPU per key of scrolling (`j`, each key handled and drawn before the next) and of
+   typing a filter, and its CPU over 10 s of idle (nothing builds, nothing pressed).
+
 Targets (2 cores, N = 1000): all 2N targets served in <= 20 s, peak RSS <= 150 MiB,
-save and revert in the big workspace within 1.2x of the one-package figures.
+save and revert in the big workspace within 1.2x of the one-package figures, the
+dashboard idle at 0 CPU.
 
 Timestamps: time.monotonic(); `dev` is polled with HEAD in a tight loop on one
 kept-alive connection (no sleep between HEADs).
@@ -188,6 +194,79 @@ def edit_loop(kilnd, ws, pkg, rounds, run_id, label):
     return saves, reverts
 
 
+class Dashboard:
+    """The real `kiln` dashboard against kilnd, in a private tmux server (160x50)."""
+
+    def __init__(self, kiln, socket, work):
+        self.tmux = ["tmux", "-L", f"kiln-scale-{os.getpid()}", "-f", "/dev/null"]
+        env = {**os.environ, "XDG_STATE_HOME": os.path.join(work, "state"), "TERM": "xterm-256color"}
+        self.t0 = time.monotonic()
+        subprocess.run([*self.tmux, "new-session", "-d", "-s", "bench", "-x", "160", "-y", "50",
+                        f"exec {kiln} --socket {socket}"], check=True, env=env)
+        self.pid = int(subprocess.check_output(
+            [*self.tmux, "list-panes", "-t", "bench", "-F", "#{pane_pid}"], text=True).split()[0])
+
+    def screen(self):
+        return subprocess.run([*self.tmux, "capture-pane", "-p", "-t", "bench"],
+                              capture_output=True, text=True).stdout
+
+    def wait(self, what, ok, seconds=60):
+        """Polls the screen until `ok(screen)`; returns the monotonic time of that."""
+        end = time.monotonic() + seconds
+        while True:
+            screen = self.screen()
+            if ok(screen):
+                return time.monotonic()
+            if time.monotonic() > end:
+                die(f"the dashboard did not show {what} in {seconds} s:\n{screen}")
+
+    def keys(self, *keys):
+        subprocess.run([*self.tmux, "send-keys", "-t", "bench", *keys], check=True)
+
+    def selected(self, screen):
+        """The package on the selected row (the one marked with ▶)."""
+        for line in screen.splitlines():
+            if "▶" in line:
+                return line.split("▶", 1)[1].split()[0]
+        return None
+
+    def stop(self):
+        subprocess.run([*self.tmux, "kill-server"], capture_output=True)
+
+
+def dashboard(args, kilnd, n, work):
+    """First screen, scrolling, filtering and idle CPU of `kiln` on the big workspace.
+    Returns a line of figures."""
+    names = sorted(f"scale/p{i}" for i in range(n))
+    d = Dashboard(args.kiln, kilnd.socket, work)
+    try:
+        t = d.wait(f"{n} packages, connected",
+                   lambda s: f"packages ({n})" in s and "● connected" in s and "✓ ok" in s)
+        first_ms = 1000 * (t - d.t0)
+        # Scrolling: `j` pressed `steps` times, each handled and drawn before the next.
+        steps = min(200, n - 1)
+        cpu0, t0 = proc_cpu_ms(d.pid), time.monotonic()
+        d.keys(*(["j"] * steps))
+        t1 = d.wait(f"row {names[steps]} selected", lambda s: d.selected(s) == names[steps])
+        j_ms, j_cpu = 1000 * (t1 - t0) / steps, (proc_cpu_ms(d.pid) - cpu0) / steps
+        # Filtering: `f`, then each character of the filter re-filters every package.
+        needle = f"p{n // 10 - 1}" if n >= 100 else "p0"
+        shown = sum(1 for x in names if needle in x)
+        cpu0, t0 = proc_cpu_ms(d.pid), time.monotonic()
+        d.keys("f", *needle, "Enter")
+        t1 = d.wait(f"the filter {needle!r}", lambda s: f'packages ({shown}) filter "{needle}"' in s)
+        f_ms, f_cpu = 1000 * (t1 - t0) / (len(needle) + 2), (proc_cpu_ms(d.pid) - cpu0) / (len(needle) + 2)
+        # Idle: nothing builds, nothing is pressed.
+        cpu0 = proc_cpu_ms(d.pid)
+        time.sleep(10)
+        idle_ms = proc_cpu_ms(d.pid) - cpu0
+    finally:
+        d.stop()
+    return (f"dashboard at {n} packages: first screen {first_ms:.0f} ms; `j` {j_ms:.2f} ms and "
+            f"{j_cpu:.2f} ms CPU per key ({steps} keys); filter {f_ms:.2f} ms and {f_cpu:.2f} ms CPU "
+            f"per key ({needle!r}: {shown} rows); idle CPU {idle_ms:.0f} ms in 10 s")
+
+
 def med(xs):
     return statistics.median(xs)
 
@@ -197,6 +276,9 @@ def main():
     ap.add_argument("n", type=int, nargs="?", default=1000, help="packages (default 1000)")
     ap.add_argument("--rounds", type=int, default=10, help="timed saves and reverts in each workspace")
     ap.add_argument("--kilnd", default=os.environ.get("KILND", os.path.join(ROOT, "target/release/kilnd")))
+    ap.add_argument("--kiln", default=os.environ.get("KILN", os.path.join(ROOT, "target/release/kiln")),
+                    help="the dashboard to time in tmux (default target/release/kiln)")
+    ap.add_argument("--no-dashboard", action="store_true", help="do not time the dashboard")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     run_id = f"{os.getpid()}-{time.time_ns()}"
@@ -227,6 +309,9 @@ def run(args, work, procs, run_id):
           f"{all_s:.2f} s after kilnd started ({1000 * all_s / (2 * n):.1f} ms per target); "
           f"kilnd CPU {cpu_ms / 1000:.2f} s; load average {load()}", flush=True)
 
+    board = "dashboard: not timed (--no-dashboard)" if args.no_dashboard else dashboard(args, k, n, big)
+    print(board, flush=True)
+
     big_saves, big_reverts = edit_loop(k, os.path.join(big, "ws"), f"p{n // 2}", args.rounds, run_id, f"{n} packages")
     rss_kib = proc_peak_rss_kib(k.proc.pid)
     k.stop()
@@ -246,6 +331,7 @@ def run(args, work, procs, run_id):
           f"1 package {s_one:.1f} ms, ratio {s_big / s_one:.2f} (target <= 1.2)")
     print(f"revert -> dev at the cached index, median of {args.rounds}: {n} packages {r_big:.1f} ms, "
           f"1 package {r_one:.1f} ms, ratio {r_big / r_one:.2f} (target <= 1.2)")
+    print(board)
     print(f"load average: {load()} (at the end; {os.cpu_count()} cores; other work on the machine counts)")
 
 

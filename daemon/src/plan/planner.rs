@@ -644,6 +644,22 @@ mod tests {
     }
 
     #[test]
+    fn a_gitignore_above_packages_tags_them_again() {
+        let (_d, ws) = workspace(3);
+        let mut planner = Planner::new(std::slice::from_ref(&ws), Builders::default());
+        planner.tag(&planner.dirs());
+        let clean = tag_of(&planner, "kiln/p1");
+        write(&ws, "p1/junk", "x");
+        save(&mut planner, &ws, "p1/junk");
+        assert!(tag_of(&planner, "kiln/p1").contains("-dirty-"));
+
+        write(&ws, ".gitignore", "junk\n");
+        let t = save(&mut planner, &ws, ".gitignore");
+        assert_eq!(tag_of(&planner, "kiln/p1"), clean, "junk is ignored now");
+        assert!(t.touched.contains("kiln/p1"));
+    }
+
+    #[test]
     fn git_add_and_commit_are_seen_without_a_changed_path() {
         let (_d, ws) = workspace(3);
         let mut planner = Planner::new(std::slice::from_ref(&ws), Builders::default());

@@ -18,9 +18,10 @@
 //! and its extra sources: every distinct content has its own tag, a revert gives back
 //! the earlier one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::io::ErrorKind;
+use std::ops::Bound;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -175,7 +176,9 @@ pub struct Tagger {
     /// Directory to the top of its work tree (`None`: not in git).
     tops: HashMap<PathBuf, Option<PathBuf>>,
     memo: Memo,
-    cache: HashMap<PathBuf, Cached>,
+    /// Hashes by package directory, and the packages that list each extra source.
+    cache: BTreeMap<PathBuf, Cached>,
+    by_source: BTreeMap<PathBuf, BTreeSet<PathBuf>>,
     /// What repository changes forgot since the last [`Tagger::refresh`].
     refreshed: Refreshed,
 }
@@ -309,6 +312,11 @@ impl Tagger {
             }
         }
         let hash = self.compute(pkg);
+        self.forget_hash(&pkg.dir);
+        for (src, _) in &pkg.extra_sources {
+            let dirs = self.by_source.entry(src.clone()).or_default();
+            dirs.insert(pkg.dir.clone());
+        }
         self.cache.insert(
             pkg.dir.clone(),
             Cached {
@@ -317,6 +325,22 @@ impl Tagger {
             },
         );
         hash
+    }
+
+    /// Drops the hash of the package in `dir`, and its extra sources from the index.
+    fn forget_hash(&mut self, dir: &Path) -> bool {
+        let Some(c) = self.cache.remove(dir) else {
+            return false;
+        };
+        for (src, _) in &c.sources {
+            if let Some(dirs) = self.by_source.get_mut(src) {
+                dirs.remove(dir);
+                if dirs.is_empty() {
+                    self.by_source.remove(src);
+                }
+            }
+        }
+        true
     }
 
     /// The top of the work tree holding `dir`, remembered.
@@ -339,27 +363,39 @@ impl Tagger {
         {
             self.tops.clear();
         }
-        let mut gone = Vec::new();
-        self.cache.retain(|dir, c| {
-            let hit = paths.iter().any(|p| {
-                let deps = std::iter::once(dir).chain(c.sources.iter().map(|(s, _)| s));
-                let mut deps = deps;
-                deps.any(|d| {
-                    under(p, d)
-                        // A directory above the package (removed, renamed) or a
-                        // .gitignore above it (changes what is untracked).
-                        || under(d, p)
-                        || (p.file_name() == Some(OsStr::new(".gitignore"))
-                            && p.parent().is_some_and(|pp| under(d, pp)))
-                })
-            });
-            if hit {
-                gone.push(dir.clone());
+        // Found by path, not by going over every hash: the package or extra source at
+        // or above a path, and those below it (a directory removed or renamed) or below
+        // a .gitignore's directory (it changes what is untracked).
+        let mut hit: BTreeSet<PathBuf> = BTreeSet::new();
+        for p in paths {
+            for a in p.ancestors() {
+                if self.cache.contains_key(a) {
+                    hit.insert(a.to_owned());
+                }
+                hit.extend(self.by_source.get(a).into_iter().flatten().cloned());
             }
-            !hit
-        });
-        gone.sort();
-        gone
+            let scope = if p.file_name() == Some(OsStr::new(".gitignore")) {
+                p.parent()
+            } else {
+                Some(p.as_path())
+            };
+            let Some(scope) = scope else { continue };
+            let from = (Bound::Included(scope), Bound::Unbounded);
+            hit.extend(
+                self.cache
+                    .range::<Path, _>(from)
+                    .map(|(d, _)| d)
+                    .take_while(|d| under(d, scope))
+                    .cloned(),
+            );
+            hit.extend(
+                self.by_source
+                    .range::<Path, _>(from)
+                    .take_while(|(s, _)| under(s, scope))
+                    .flat_map(|(_, dirs)| dirs.iter().cloned()),
+            );
+        }
+        hit.into_iter().filter(|d| self.forget_hash(d)).collect()
     }
 
     /// Notices a commit, checkout or `git add` in every repository opened so far (a few
