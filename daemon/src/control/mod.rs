@@ -303,23 +303,25 @@ impl Controller {
         let index = self.cache.index().ok();
         let diff = plan::diff(&previous, &planned, affected, index.as_deref());
 
-        let read: Vec<Vec<&std::path::Path>> = diff
+        // What was read, and since when (a remembered tag was read before this plan).
+        let read: Vec<(Vec<&std::path::Path>, std::time::Instant)> = diff
             .packages
             .iter()
             .map(|c| {
-                std::iter::once(c.planned.pkg.dir.as_path())
+                let dirs = std::iter::once(c.planned.pkg.dir.as_path())
                     .chain(c.planned.pkg.extra_sources.iter().map(|(s, _)| s.as_path()))
-                    .collect()
+                    .collect();
+                (dirs, c.planned.at.min(since))
             })
-            .chain(tagged.report.iter().map(|d| vec![d.as_path()]))
+            .chain(tagged.report.iter().map(|d| (vec![d.as_path()], since)))
             .collect();
         if !read.is_empty() {
-            self.cfg.touched.settle().await;
-            let touched = &self.cfg.touched;
+            let unsure = self.cfg.touched.unsure(&read).await;
             let busy: BTreeSet<PathBuf> = read
                 .iter()
-                .filter(|dirs| touched.busy(since, dirs))
-                .map(|dirs| dirs[0].to_owned())
+                .zip(unsure)
+                .filter(|(_, unsure)| *unsure)
+                .map(|((dirs, _), _)| dirs[0].to_owned())
                 .collect();
             let waited = self.deferred.as_ref().map(|(_, t)| t.elapsed());
             if !busy.is_empty() && waited.is_none_or(|w| w < DEFER_LIMIT) {

@@ -524,6 +524,8 @@ pub fn plan_workspace(
         let mode = builders.mode_for(&name);
         let builder = choose_builder(mode, p);
         let git = tagger.git_meta(p);
+        // When its files were read: before this plan if its hash was remembered.
+        let at = tagger.read_at(p).map_or(at, |r| r.min(at));
         planned.insert(
             name,
             Arc::new(Planned {
