@@ -86,6 +86,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         &config.upstreams,
         &AuthFiles::from_env(),
     )?));
+    // Blobs on demand (targets fetched lazily) come from the upstream that named them.
+    if let Some(u) = &upstreams {
+        cache.set_blob_source(Arc::clone(u) as Arc<dyn crate::cache::BlobSource>);
+    }
     // Every task is owned: shutdown stops accepting, drains what is in flight (uploads,
     // pushes), then cancels and awaits the builds.
     let owned = Owned::default();

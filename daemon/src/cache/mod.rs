@@ -8,6 +8,11 @@
 //!   verified, fsynced and renamed into place, and the directory is fsynced;
 //! - `index.json` never names a blob that is not on disk: it is replaced atomically
 //!   (write a temp file, fsync, rename, fsync the directory) after its blobs are durable;
+//!   the one exception is a blob on demand: a config or layer of a target fetched lazily
+//!   from an upstream, recorded in `.kiln/remote.json` (durably, before the index names
+//!   the manifest that references it) and fetched on first read through
+//!   [`Cache::ensure_blob`] (see `ondemand`). The manifests and indexes the index
+//!   reaches are always on disk;
 //! - writers of `index.json` hold a POSIX `fcntl` lock on `<cache>/.lock`, as LinuxKit
 //!   does, so both tools can share one cache.
 //!
@@ -32,7 +37,9 @@
 //! Maintenance lives beside the core: `fsck` (checks and repairs), `gc` (mark and sweep,
 //! LRU under a size cap, using `.kiln/trash/` to remove blobs safely), `usage` (last use
 //! of each reference, `.kiln/usage.json`), `pushes` (pushes to upstreams still owed,
-//! `.kiln/pushes.json`) and `stats` (sizes for the dashboard).
+//! `.kiln/pushes.json`), `ondemand` (blobs left upstream, `.kiln/remote.json`: fsck
+//! counts them apart, gc forgets those no reference reaches, stats show their bytes
+//! apart) and `stats` (sizes for the dashboard).
 
 mod blob;
 mod commit;
@@ -43,14 +50,16 @@ mod import;
 mod index;
 mod leftovers;
 mod lock;
+mod ondemand;
 mod pushes;
 mod stats;
 mod usage;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use kiln_shared::digest::Digest;
 
@@ -62,6 +71,7 @@ pub use gc::{DEFAULT_GRACE, GcOptions, GcReport, SizeError, gc, parse_size};
 pub use index::{IndexView, MANIFEST_LIMIT};
 pub use leftovers::Leftover;
 pub use lock::CacheLock;
+pub use ondemand::{BlobSource, OnDemand, OnDemandFailure};
 pub use stats::{CacheStats, stats};
 
 use crate::oci::OCI_LAYOUT_VERSION;
@@ -97,6 +107,12 @@ pub enum CacheError {
     },
     #[error("index.json would name {digest} ({name}), which is not in the cache")]
     DanglingReference { name: String, digest: Digest },
+    #[error(
+        "blob {} of {} is on demand from {}, which cannot give it: {}; run `kiln pull {}` \
+         when the upstream is back, or build it here with `kiln build --force {}`",
+        .0.digest, .0.image, .0.upstream, .0.detail, .0.image, .0.image
+    )]
+    OnDemand(Box<OnDemandFailure>),
     #[error("blob writer already finished")]
     WriterFinished,
     #[error("{layout} has no reference {reference:?} (it has: {has})")]
@@ -149,6 +165,11 @@ pub struct Cache {
     group: commit::Group,
     /// When each reference was last used (LRU for gc), kept in memory until flushed.
     usage: usage::Usage,
+    /// The blobs on demand (`.kiln/remote.json`), as last read or written; `None` until
+    /// first needed.
+    remote: Mutex<Option<Arc<BTreeMap<Digest, OnDemand>>>>,
+    /// Where blobs on demand come from (see [`ondemand`]).
+    source: OnceLock<Arc<dyn BlobSource>>,
 }
 
 impl Cache {
@@ -209,6 +230,8 @@ impl Cache {
             group: commit::Group::default(),
             added: Arc::default(),
             usage: usage::Usage::default(),
+            remote: Mutex::default(),
+            source: OnceLock::new(),
         };
         if !cache.root.join("index.json").exists() {
             let _lock = cache.lock()?;

@@ -21,6 +21,10 @@ pub struct CacheStats {
     pub refs: u64,
     /// All entries of `index.json`, named or not (the registry keeps referrers unnamed).
     pub index_entries: u64,
+    /// Referenced blobs on demand (not here: fetched from an upstream on first read),
+    /// apart from the blobs held, and their bytes.
+    pub on_demand: u64,
+    pub on_demand_bytes: u64,
 }
 
 impl fmt::Display for CacheStats {
@@ -31,7 +35,16 @@ impl fmt::Display for CacheStats {
             format_size(self.blob_bytes),
             self.blobs,
             self.refs
-        )
+        )?;
+        if self.on_demand > 0 {
+            write!(
+                f,
+                "; {} blobs ({}) on demand from upstreams",
+                self.on_demand,
+                format_size(self.on_demand_bytes)
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -44,6 +57,10 @@ pub fn stats(cache: &Cache) -> Result<CacheStats, CacheError> {
         index_entries: view.index().manifests.len() as u64,
         ..CacheStats::default()
     };
+    for from in cache.missing_on_demand()?.values() {
+        out.on_demand += 1;
+        out.on_demand_bytes += from.size;
+    }
     let dir = cache.blobs_dir();
     for entry in fs::read_dir(dir).map_err(CacheError::io(dir))? {
         let entry = entry.map_err(CacheError::io(dir))?;
@@ -96,7 +113,8 @@ mod tests {
                 blob_bytes: 11,
                 blobs: 2,
                 refs: 1,
-                index_entries: 2
+                index_entries: 2,
+                ..CacheStats::default()
             }
         );
         assert_eq!(s.to_string(), "11 B in 2 blobs, 1 references");

@@ -5,6 +5,11 @@
 //! arrived together), and counts as built ("pulled from <upstream>"); the rest, and
 //! every job of the batch after it, goes to the queue as planned, so a build never
 //! starts before the bases it follows are fetched.
+//!
+//! Fetches here are lazy: a target lands with its index and manifests, its configs and
+//! layers stay upstream as blobs on demand (`cache::ondemand`), fetched when something
+//! reads them (a pull from kilnd's registry, a build on top of it, a push elsewhere).
+//! `kiln pull` is the eager way, for a user who wants the bytes here.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -100,7 +105,9 @@ impl Batch {
                     .iter()
                     .map(|a| (a.clone(), platform_for_arch(a)))
                     .collect();
-                let result = upstreams.fetch_package(cache, &ask.image, &wanted).await;
+                let result = upstreams
+                    .fetch_package(cache, &ask.image, &wanted, true)
+                    .await;
                 (ask, result)
             })
             .buffer_unordered(PACKAGES_AT_ONCE)
@@ -238,11 +245,18 @@ pub(super) fn report_pulled(
 /// whose tag the cache does not hold yet gets the upstream's index verbatim as `tag` and
 /// its arches as `tag-<arch>`; one the cache holds some arches of gains the fetched
 /// arches in its index, as a build's landing does. `dev` moves to the new index of the
-/// packages given a dev tag (those still current).
+/// packages given a dev tag (those still current). The blobs a lazy fetch left on demand
+/// are recorded first, durably, so the index never names a blob that is neither here nor
+/// recorded.
 pub(super) fn land_all(
     cache: &Cache,
     packages: &[(&ImageRef, &FetchedPackage, Option<&Tag>)],
 ) -> Result<(), CacheError> {
+    let on_demand: Vec<_> = packages
+        .iter()
+        .flat_map(|(_, f, _)| f.on_demand.iter().cloned())
+        .collect();
+    cache.record_on_demand(&on_demand)?;
     let view = cache.index()?;
     let (whole, merges): (Vec<_>, Vec<_>) = packages.iter().partition(|(image, f, _)| {
         f.index.as_ref().is_some_and(|d| is_index(&d.media_type))

@@ -324,7 +324,9 @@ impl Inner {
                 (a, platform)
             })
             .collect();
-        let found = upstreams.fetch_package(&self.cache, &image, &wanted).await;
+        let found = upstreams
+            .fetch_package(&self.cache, &image, &wanted, true)
+            .await;
         self.publish_upstreams();
         let fetched = match found {
             Ok(Some(f)) => f,
@@ -408,6 +410,7 @@ impl Inner {
         log: &mut Log,
         cancel: CancellationToken,
     ) -> Result<Landing, BuildError> {
+        self.fetch_bases_on_demand(p, arch, log).await?;
         let input = NativeBuild {
             context: p.pkg.dir.clone(),
             dockerfile: p.pkg.dockerfile.clone(),

@@ -128,17 +128,26 @@ impl Ctx {
         };
         let mut out = Vec::new();
         let index = self.cache.index().ok();
-        let (cached, missing): (Vec<String>, Vec<String>) = archs.into_iter().partition(|a| {
-            index
-                .as_ref()
-                .is_some_and(|i| i.get(&arch_ref(&image, a)).is_some())
-        });
-        for arch in cached {
-            out.push(result(
-                format!("{image} ({arch})"),
-                true,
-                "already in the cache",
-            ));
+        let (mut cached, mut missing) = (Vec::new(), Vec::new());
+        for a in archs {
+            match index.as_ref().and_then(|i| i.get(&arch_ref(&image, &a))) {
+                Some(d) => cached.push((a, d.clone())),
+                None => missing.push(a),
+            }
+        }
+        // A target fetched lazily is in the cache without its bytes: the user asks for
+        // them here (e.g. to work offline).
+        for (arch, desc) in cached {
+            let shown = format!("{image} ({arch})");
+            out.push(match self.cache.ensure_graph(&desc).await {
+                Ok(0) => result(shown, true, "already in the cache"),
+                Ok(bytes) => result(
+                    shown,
+                    true,
+                    format!("already in the cache; fetched its {bytes} bytes on demand"),
+                ),
+                Err(e) => result(shown, false, e.to_string()),
+            });
         }
         if missing.is_empty() {
             return out;
@@ -149,7 +158,7 @@ impl Ctx {
             .collect();
         let fetched = match self
             .upstreams
-            .fetch_package(&self.cache, &image, &wanted)
+            .fetch_package(&self.cache, &image, &wanted, false)
             .await
         {
             Ok(Some(f)) => f,

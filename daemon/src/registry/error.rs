@@ -60,6 +60,9 @@ pub enum OciError {
     TooLarge(String),
     #[error("{0}")]
     TooManyRequests(String),
+    /// A blob on demand its upstream cannot give now (down, or lost it).
+    #[error("{0}")]
+    Unavailable(String, Digest),
     #[error("internal error: {0}")]
     Cache(#[from] crate::cache::CacheError),
     #[error("internal error: {what}: {source}")]
@@ -98,6 +101,8 @@ impl OciError {
             | OciError::MethodNotAllowed { .. }
             | OciError::NotFound(_) => "UNSUPPORTED",
             OciError::TooManyRequests(_) => "TOOMANYREQUESTS",
+            // distribution's code for 503.
+            OciError::Unavailable(..) => "UNAVAILABLE",
             OciError::Cache(_)
             | OciError::Io { .. }
             | OciError::Header(_)
@@ -130,6 +135,7 @@ impl OciError {
             }
             OciError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             OciError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            OciError::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
             OciError::Cache(_)
             | OciError::Io { .. }
             | OciError::Header(_)
@@ -141,7 +147,9 @@ impl OciError {
     /// The structured `detail` member.
     pub fn detail(&self) -> Value {
         match self {
-            OciError::BlobUnknown(d) | OciError::ManifestBlobUnknown(d) => {
+            OciError::BlobUnknown(d)
+            | OciError::ManifestBlobUnknown(d)
+            | OciError::Unavailable(_, d) => {
                 json!({ "digest": d.to_string() })
             }
             OciError::BlobUploadUnknown(id) => json!({ "uuid": id }),
@@ -174,7 +182,7 @@ impl OciError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json; charset=utf-8"),
         );
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER));
         }

@@ -27,7 +27,7 @@ use kiln_shared::protocol::UpstreamInfo;
 use kiln_shared::reference::{ImageRef, RepoName};
 use oci_client::Reference;
 
-use crate::cache::{Cache, CacheError};
+use crate::cache::{BlobSource, Cache, CacheError, OnDemand};
 use crate::oci::{Descriptor, ImageIndex, Platform, is_index};
 
 pub use auth::{AuthError, AuthFiles};
@@ -233,6 +233,9 @@ pub struct FetchedPackage {
     pub archs: Vec<(String, Descriptor)>,
     /// Bytes that were not in the cache before.
     pub bytes: u64,
+    /// A lazy fetch's configs and layers left upstream, to record before the index names
+    /// them (see `cache::ondemand`).
+    pub on_demand: Vec<(Digest, OnDemand)>,
     pub elapsed: Duration,
 }
 
@@ -315,18 +318,19 @@ impl Upstreams {
     /// has it, whole: the index `tag` with every manifest it lists (taken verbatim, so
     /// the cache then holds the upstream's index bit for bit), and for each wanted arch
     /// (suffix and platform) the index lacks, the manifest `tag-<arch>`. Only missing
-    /// blobs are copied. `None` when no reachable upstream has any wanted arch. Upstreams
-    /// that are down are skipped; errors of the others are returned after trying the
-    /// rest.
+    /// blobs are copied; `lazy`, configs and layers are left upstream, on demand. `None`
+    /// when no reachable upstream has any wanted arch. Upstreams that are down are
+    /// skipped; errors of the others are returned after trying the rest.
     pub async fn fetch_package(
         &self,
         cache: &Arc<Cache>,
         image: &ImageRef,
         archs: &[(String, Platform)],
+        lazy: bool,
     ) -> Result<Option<FetchedPackage>, UpstreamError> {
         let mut first_error = None;
         for remote in self.target_sources() {
-            match remote.fetch_package(cache, image, archs).await {
+            match remote.fetch_package(cache, image, archs, lazy).await {
                 Ok(Some(found)) => return Ok(Some(found)),
                 Ok(None) | Err(UpstreamError::Down { .. }) => {}
                 Err(e) => {
@@ -407,6 +411,38 @@ impl Upstreams {
             image: cache_name(&image),
             asked: asked.join(", "),
         }))
+    }
+}
+
+/// Blobs on demand come from the upstream that named them, by its configured name.
+impl BlobSource for Upstreams {
+    fn fetch<'a>(
+        &'a self,
+        cache: &'a Arc<Cache>,
+        digest: &'a Digest,
+        from: &'a OnDemand,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let Some(remote) = self
+                .target_sources()
+                .find(|r| r.spec().to_string() == from.upstream)
+            else {
+                return Err(format!(
+                    "kilnd is not configured with upstream {} any more",
+                    from.upstream
+                ));
+            };
+            let desc = Descriptor::new(
+                "application/octet-stream".to_owned(),
+                digest.clone(),
+                from.size,
+            );
+            remote
+                .fetch_on_demand(cache, &from.repo, &desc)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
     }
 }
 

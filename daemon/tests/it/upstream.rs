@@ -353,7 +353,7 @@ fn push_then_fetch(
         .collect();
     let before = up.requests().len();
     let got = rt
-        .block_on(upstreams.fetch_package(&b, &image, &both))
+        .block_on(upstreams.fetch_package(&b, &image, &both, false))
         .unwrap()
         .expect("the upstream has it");
     assert!(got.bytes > 0);
@@ -385,15 +385,55 @@ fn push_then_fetch(
     assert!(fsck(&b, false).unwrap().is_clean());
     // A second fetch copies nothing.
     let got = rt
-        .block_on(upstreams.fetch_package(&b, &image, &both[..1]))
+        .block_on(upstreams.fetch_package(&b, &image, &both[..1], false))
         .unwrap()
         .unwrap();
     assert_eq!(got.bytes, 0);
 
+    // Lazily, into cache D: the index and manifests only, not one blob request; the
+    // configs and layers are recorded on demand, then named; fsck says where they are.
+    let d = Arc::new(Cache::open(&dir.path().join("d")).unwrap());
+    let upstreams = Arc::new(upstreams);
+    d.set_blob_source(Arc::clone(&upstreams) as Arc<dyn kiln_daemon::cache::BlobSource>);
+    let before = up.requests().len();
+    let lazy = rt
+        .block_on(upstreams.fetch_package(&d, &image, &both, true))
+        .unwrap()
+        .expect("the upstream has it");
+    let made = up.requests().split_off(before);
+    assert!(
+        !made.iter().any(|u| u.contains("/blobs/")),
+        "a lazy fetch read a blob: {made:#?}"
+    );
+    // Two configs and two layers (one each per arch).
+    assert_eq!(lazy.on_demand.len(), 4, "{:?}", lazy.on_demand);
+    d.record_on_demand(&lazy.on_demand).unwrap();
+    d.set_ref("docker.io/kiln/hello:t1", lazy.index.clone().unwrap())
+        .unwrap();
+    let report = fsck(&d, false).unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.on_demand.values().map(|v| v.0).sum::<u64>(), 4);
+    assert!(report.to_string().contains("on demand from"), "{report}");
+    // Reading them fetches each once, verified; then the cache holds everything.
+    let before = up.requests().len();
+    let desc = lazy.index.unwrap();
+    let fetched = rt.block_on(d.ensure_graph(&desc)).unwrap();
+    assert_eq!(
+        fetched,
+        lazy.on_demand.iter().map(|(_, f)| f.size).sum::<u64>()
+    );
+    let made = up.requests().split_off(before);
+    let blob_reads = made.iter().filter(|u| u.contains("/blobs/")).count();
+    assert_eq!(blob_reads, 4, "{made:#?}");
+    assert_eq!(rt.block_on(d.ensure_graph(&desc)).unwrap(), 0);
+    assert!(d.missing_on_demand().unwrap().is_empty());
+    let report = fsck(&d, false).unwrap();
+    assert!(report.is_clean() && report.on_demand.is_empty(), "{report}");
+
     // A tag the upstream does not have is no error.
     let absent: ImageRef = "kiln/hello:nope".parse().unwrap();
     assert!(
-        rt.block_on(upstreams.fetch_package(&b, &absent, &both))
+        rt.block_on(upstreams.fetch_package(&b, &absent, &both, false))
             .unwrap()
             .is_none()
     );
@@ -470,6 +510,7 @@ fn tls_upstream_with_htpasswd_and_a_docker_config() {
             &cache,
             &image,
             &[("amd64".into(), platform_for_arch("amd64"))],
+            false,
         ))
         .unwrap_err();
     let msg = err.to_string();
@@ -482,6 +523,7 @@ fn tls_upstream_with_htpasswd_and_a_docker_config() {
             &cache,
             &image,
             &[("amd64".into(), platform_for_arch("amd64"))],
+            false,
         ))
         .unwrap_err();
     assert!(err.to_string().contains("no credentials"), "{err}");
@@ -499,6 +541,7 @@ fn tls_upstream_with_htpasswd_and_a_docker_config() {
             &cache,
             &image,
             &[("amd64".into(), platform_for_arch("amd64"))],
+            false,
         ))
         .unwrap_err();
     assert!(err.to_string().contains(&up.addr), "{err}");
@@ -542,13 +585,13 @@ fn an_unreachable_upstream_costs_one_try_then_is_down() {
     let amd64 = [("amd64".to_owned(), platform_for_arch("amd64"))];
     let rt = rt();
     let err = rt
-        .block_on(upstreams.fetch_package(&cache, &image, &amd64))
+        .block_on(upstreams.fetch_package(&cache, &image, &amd64, false))
         .unwrap_err();
     assert!(matches!(err, UpstreamError::Unreachable { .. }), "{err}");
     assert!(err.to_string().contains(&addr), "{err}");
     // Marked down: the next target does not try again, and is simply not found.
     assert!(
-        rt.block_on(upstreams.fetch_package(&cache, &image, &amd64))
+        rt.block_on(upstreams.fetch_package(&cache, &image, &amd64, false))
             .unwrap()
             .is_none()
     );
@@ -594,6 +637,7 @@ fn a_corrupt_upstream_blob_is_refused_and_nothing_lands() {
             &b,
             &image,
             &[("amd64".into(), platform_for_arch("amd64"))],
+            false,
         ))
         .unwrap_err();
     assert!(err.to_string().contains(&layer), "{err}");

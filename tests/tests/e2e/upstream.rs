@@ -6,7 +6,10 @@
 //! builder builds `FROM` an image only the upstream has; `docker pull` through kilnd
 //! fetches from the upstream once, then from the cache; a failed push is retried on a
 //! timer, and one still owed when kilnd stops is pushed by the next kilnd on the cache;
-//! a base image whose registry cannot be reached fails the build naming it.
+//! a base image whose registry cannot be reached fails the build naming it; a team cache
+//! is fetched lazily (manifests only) and each blob is read from the upstream once, when
+//! a client (docker, skopeo), a build or `kiln pull` first needs it, with a clear error
+//! once the upstream is gone.
 
 use std::time::Duration;
 
@@ -79,20 +82,18 @@ fn upstream_tags(up: &Registry, repo: &str) -> Vec<String> {
     tags
 }
 
-#[test]
-fn a_team_cache_pushed_by_one_kilnd_serves_another_with_no_builds() {
-    let up = Registry::start();
-    let tmp = Dir::new("team");
-    let ws = team_workspace(&tmp);
-    let opts = || {
-        KilndOptions::default()
-            .arg("--upstream")
-            .arg(up.addr())
-            .arg("--push")
-    };
+/// The options of a kilnd of the team: `up` as upstream, pushing.
+fn team_opts(up: &Registry) -> KilndOptions {
+    KilndOptions::default()
+        .arg("--upstream")
+        .arg(up.addr())
+        .arg("--push")
+}
 
-    // A builds both packages and pushes them: tag-<arch> and tag, as LinuxKit does.
-    let a = Kilnd::start(&[ws.path()], opts());
+/// kilnd A builds both packages of `ws` and pushes them to `up` (tag-<arch> and tag, as
+/// LinuxKit does), then stops; returns its last state.
+fn a_builds_and_pushes(up: &Registry, ws: &Dir) -> Snapshot {
+    let a = Kilnd::start(&[ws.path()], team_opts(up));
     let a_events = a.events();
     let built = a_events.wait(TIMEOUT, "A to build both packages", both_ok);
     let (one, two) = (tag_of(&built, "kiln/one"), tag_of(&built, "kiln/two"));
@@ -101,19 +102,28 @@ fn a_team_cache_pushed_by_one_kilnd_serves_another_with_no_builds() {
         pushed(s, "kiln/one", &one) && pushed(s, "kiln/two", &two)
     });
     assert_eq!(
-        upstream_tags(&up, "kiln/two"),
+        upstream_tags(up, "kiln/two"),
         [two.clone(), format!("{two}-amd64"), format!("{two}-arm64")]
     );
     assert_eq!(
         registry_digest(up.addr(), &format!("kiln/two:{two}")),
         registry_digest(&a.registry(), &format!("kiln/two:{two}"))
     );
+    a_state
+}
+
+#[test]
+fn a_team_cache_pushed_by_one_kilnd_serves_another_with_no_builds() {
+    let up = Registry::start();
+    let tmp = Dir::new("team");
+    let ws = team_workspace(&tmp);
+    let opts = || team_opts(&up);
+    let a_state = a_builds_and_pushes(&up, &ws);
+    let two = tag_of(&a_state, "kiln/two");
     let a_digests = (
         digests_of(&a_state, "kiln/one"),
         digests_of(&a_state, "kiln/two"),
     );
-    drop(a_events);
-    drop(a);
 
     // B, with an empty cache: every target is fetched, none built, same digests.
     let b = Kilnd::start(&[ws.path()], opts());
@@ -613,4 +623,134 @@ fn a_base_image_is_pinned_in_kiln_lock_re_resolved_on_request_and_rebuilt_offlin
         "not rebuilt from {d1}"
     );
     assert_ne!(tag1, tag2);
+}
+
+/// A raw `GET` of a blob from kilnd's registry: (status line, body).
+fn get_blob(registry: &str, repo: &str, digest: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let request = format!(
+        "GET /v2/{repo}/blobs/{digest} HTTP/1.1\r\nHost: {registry}\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = Vec::new();
+    std::net::TcpStream::connect(registry)
+        .and_then(|mut s| {
+            s.write_all(request.as_bytes())?;
+            s.read_to_end(&mut out)
+        })
+        .unwrap_or_else(|e| panic!("GET of {digest} from {registry}: {e}"));
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.lines().next().unwrap_or("").to_owned();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+/// The config and layer digests of a manifest kilnd's registry serves.
+fn blobs_of(registry: &str, reference: &str) -> Vec<String> {
+    let raw = skopeo()
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{registry}/{reference}"))
+        .stdout();
+    let m: serde_json::Value =
+        serde_json::from_str(&raw).unwrap_or_else(|e| panic!("{reference}: {e}: {raw}"));
+    std::iter::once(&m["config"])
+        .chain(m["layers"].as_array().into_iter().flatten())
+        .filter_map(|d| d["digest"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn a_team_cache_is_fetched_lazily_and_each_blob_is_read_upstream_once_on_first_use() {
+    let up = Registry::start();
+    let tmp = Dir::new("lazy");
+    let ws = team_workspace(&tmp);
+    let two = tag_of(&a_builds_and_pushes(&up, &ws), "kiln/two");
+
+    // B fetches the workspace with no build and not one blob request: manifests only.
+    let blobs_before = up.requests("GET", "/blobs/");
+    let b = Kilnd::start(&[ws.path()], team_opts(&up));
+    let b_events = b.events();
+    let s = b_events.wait(TIMEOUT, "B to serve both packages", both_ok);
+    assert!(
+        pulled(&s, "kiln/one") && pulled(&s, "kiln/two"),
+        "B built something:\n{}",
+        describe(&s)
+    );
+    assert_eq!(
+        up.requests("GET", "/blobs/"),
+        blobs_before,
+        "B read blobs before anything asked for them"
+    );
+    let kiln = || cmd(target_bin("kiln")).arg("--socket").arg(b.socket());
+    let fsck = cmd(target_bin("kiln"))
+        .args(["fsck", "--cache"])
+        .arg(b.cache())
+        .stdout();
+    assert!(
+        fsck.contains(&format!("on demand from {}", up.addr())) && fsck.contains("consistent"),
+        "{fsck}"
+    );
+
+    // docker pull of one target reads exactly its blobs from the upstream, once.
+    let amd64 = format!("kiln/two:{two}-amd64");
+    let wanted = blobs_of(&b.registry(), &amd64);
+    let image = format!("{}/{amd64}", b.registry());
+    docker().args(["pull", "-q", &image]).run();
+    assert_eq!(
+        up.requests("GET", "/blobs/") - blobs_before,
+        wanted.len(),
+        "expected exactly {wanted:?} from the upstream:\n{}",
+        up.log()
+    );
+    docker().args(["rmi", &image]).run();
+    let after_first = up.requests("GET", "/blobs/");
+    docker().args(["pull", "-q", &image]).run();
+    docker().args(["rmi", &image]).run();
+    assert_eq!(
+        up.requests("GET", "/blobs/"),
+        after_first,
+        "a second pull read the upstream"
+    );
+    // skopeo (another client) reads the same target from B without the upstream.
+    let layout = tmp.path().join("copy");
+    skopeo()
+        .args(["copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{image}"))
+        .arg(format!("oci:{}:x", layout.display()))
+        .run();
+    assert_eq!(up.requests("GET", "/blobs/"), after_first);
+
+    // `kiln pull` wants the bytes here: nothing of kiln/one is left on demand.
+    let out = kiln().args(["pull", "kiln/one"]).stdout();
+    assert!(out.contains("on demand"), "{out}");
+    let out = kiln().args(["pull", "kiln/one"]).stdout();
+    assert!(!out.contains("on demand"), "{out}");
+
+    // The upstream gone: a blob still on demand fails with the OCI error JSON saying
+    // what and what to do; local builds still work.
+    let arm64_config = blobs_of(&b.registry(), &format!("kiln/two:{two}-arm64")).remove(0);
+    drop(up);
+    let (status, body) = get_blob(&b.registry(), "kiln/two", &arm64_config);
+    assert!(status.contains("503"), "{status}\n{body}");
+    assert!(
+        body.contains("UNAVAILABLE")
+            && body.contains(&arm64_config)
+            && body.contains("kiln pull kiln/two"),
+        "{body}"
+    );
+    let failed = kiln().args(["pull", "kiln/two"]).run_fails();
+    let out = format!("{}{}", failed.stdout_str(), failed.stderr_str());
+    assert!(
+        out.contains("on demand from") && out.contains(&arm64_config),
+        "{out}"
+    );
+    write_package(
+        &ws,
+        "three",
+        &["amd64"],
+        "FROM kiln/one\nCOPY three.txt /three.txt\n",
+    );
+    ws.write("three/three.txt", "three\n");
+    b_events.wait(TIMEOUT, "B to build a new package offline", |s| {
+        settled(s) && package_ok(s, "kiln/three")
+    });
 }

@@ -1,6 +1,7 @@
 //! `kiln fsck`: checks the invariants every cache write keeps (see the parent module):
 //! every blob hashes to its name, every reference of `index.json` and of the manifests it
-//! reaches resolves, and no temp file of a dead writer is left behind. With `repair`,
+//! reaches resolves (to a blob in place, or to a blob on demand that `.kiln/remote.json`
+//! records, of the size the descriptor says: reported as such, not as a problem), and no temp file of a dead writer is left behind. With `repair`,
 //! corrupt blobs are removed (a corrupt blob must never be served), references whose
 //! graph is broken are dropped (kiln rebuilds what it needs), and leftovers are removed.
 //!
@@ -8,7 +9,7 @@
 //! reference walk and the repairs of `index.json` run under it, so a concurrent gc or
 //! writer cannot make a consistent cache look broken.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -19,7 +20,7 @@ use kiln_shared::digest::Digest;
 use sha2::{Digest as _, Sha256};
 
 use super::leftovers::{self, FOREIGN_MAX_AGE, Leftover, age, tree_size};
-use super::{Cache, CacheError};
+use super::{Cache, CacheError, OnDemand};
 use crate::oci::{AnyManifest, Descriptor, is_index, is_manifest};
 use kiln_shared::size::format_size;
 
@@ -88,6 +89,9 @@ pub struct FsckReport {
     /// Blobs nothing refers to: not an error, `gc` removes them.
     pub stray_blobs: u64,
     pub stray_bytes: u64,
+    /// Referenced blobs on demand (missing here, recorded as fetched from an upstream on
+    /// first read), by upstream: (blobs, bytes).
+    pub on_demand: BTreeMap<String, (u64, u64)>,
     /// What repair could not fix.
     pub repair_errors: Vec<String>,
 }
@@ -157,6 +161,13 @@ impl fmt::Display for FsckReport {
                 "{} unreferenced blob(s) ({}): `kiln gc` removes them",
                 self.stray_blobs,
                 format_size(self.stray_bytes)
+            )?;
+        }
+        for (upstream, (n, bytes)) in &self.on_demand {
+            writeln!(
+                f,
+                "{n} blob(s) ({}) on demand from {upstream}",
+                format_size(*bytes)
             )?;
         }
         for e in &self.repair_errors {
@@ -278,9 +289,12 @@ pub fn fsck(cache: &Cache, repair: bool) -> Result<FsckReport, CacheError> {
     let _lock = cache.lock()?;
     let view = cache.index()?;
     let corrupt: HashSet<&Digest> = report.corrupt.iter().map(|c| &c.digest).collect();
+    let remote = cache.on_demand_all()?;
     let mut walk = Walk {
         cache,
         corrupt: &corrupt,
+        remote: &remote,
+        on_demand: HashSet::new(),
         broken: HashMap::new(),
         reached: HashSet::new(),
         bad: Vec::new(),
@@ -302,6 +316,13 @@ pub fn fsck(cache: &Cache, repair: bool) -> Result<FsckReport, CacheError> {
         }
     }
     report.bad_refs = std::mem::take(&mut walk.bad);
+    for d in &walk.on_demand {
+        if let Some(from) = remote.get(d) {
+            let e = report.on_demand.entry(from.upstream.clone()).or_default();
+            e.0 += 1;
+            e.1 += from.size;
+        }
+    }
     for (d, size) in &blobs {
         if !walk.reached.contains(d) {
             report.stray_blobs += 1;
@@ -436,6 +457,9 @@ fn kind_of(d: &Descriptor) -> &'static str {
 struct Walk<'a> {
     cache: &'a Cache,
     corrupt: &'a HashSet<&'a Digest>,
+    /// The blobs on demand as recorded, and those the walk reached.
+    remote: &'a BTreeMap<Digest, OnDemand>,
+    on_demand: HashSet<Digest>,
     /// Descriptor to whether its graph is broken.
     broken: HashMap<DescKey, bool>,
     reached: HashSet<Digest>,
@@ -493,7 +517,16 @@ impl Walk<'_> {
         }
         let size = match self.cache.blob_size(&d.digest) {
             Ok(Some(size)) => size,
-            Ok(None) => return report(Problem::Missing),
+            Ok(None) => match self.remote.get(&d.digest) {
+                Some(from)
+                    if from.size == d.size
+                        && !(is_index(&d.media_type) || is_manifest(&d.media_type)) =>
+                {
+                    self.on_demand.insert(d.digest.clone());
+                    return false;
+                }
+                _ => return report(Problem::Missing),
+            },
             Err(e) => return report(Problem::Unreadable(e.to_string())),
         };
         if size != d.size {

@@ -1,5 +1,7 @@
 //! Garbage collection: mark every blob reachable from `index.json`, sweep the rest, and
-//! over a size cap drop references least recently used first.
+//! over a size cap drop references least recently used first. Blobs on demand (missing
+//! here, fetched from an upstream on first read: see `ondemand`) take no space; their
+//! records that no reference reaches any more, or whose blob is local now, are dropped.
 //!
 //! Safety with writers of this and other processes (how gc and they agree):
 //! - a writer references blobs under the writer lock, after checking there that they are
@@ -78,6 +80,8 @@ pub struct GcReport {
     /// The cap, when one was given and the cache could not be brought under it (what is
     /// left is referenced by nothing gc may drop, or is within the grace period).
     pub still_over: Option<u64>,
+    /// Records of blobs on demand dropped (no reference reaches them, or they are local).
+    pub on_demand_dropped: u64,
 }
 
 impl fmt::Display for GcReport {
@@ -110,6 +114,14 @@ impl fmt::Display for GcReport {
                 plural(self.young_kept),
                 format_size(self.young_bytes),
                 self.grace.as_secs()
+            )?;
+        }
+        if self.on_demand_dropped > 0 {
+            write!(
+                f,
+                "\n  forgot {} blob{} on demand that nothing references",
+                self.on_demand_dropped,
+                plural(self.on_demand_dropped)
             )?;
         }
         if let Some(cap) = self.still_over {
@@ -313,6 +325,7 @@ pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
             }
         }
     }
+    report.on_demand_dropped = forget_on_demand(cache, &mut graph, opts.dry_run)?;
     report.bytes_after = bytes_before.saturating_sub(report.bytes_freed);
     if let Some(cap) = opts.max_size
         && report.bytes_after > cap
@@ -320,6 +333,37 @@ pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
         report.still_over = Some(cap);
     }
     Ok(report)
+}
+
+/// Drops (or, in a dry run, counts) the records of blobs on demand that no reference
+/// reaches or that are local now, under the writer lock.
+fn forget_on_demand(
+    cache: &Cache,
+    graph: &mut Graph<'_>,
+    dry_run: bool,
+) -> Result<u64, CacheError> {
+    let _lock = cache.lock()?;
+    let all = cache.on_demand_all()?;
+    if all.is_empty() {
+        return Ok(0);
+    }
+    let view = cache.index()?;
+    let reachable: HashSet<Digest> = roots_of(graph, &view)?
+        .into_iter()
+        .flat_map(|r| r.reach)
+        .collect();
+    let stale: HashSet<Digest> = all
+        .keys()
+        .filter(|d| !reachable.contains(*d) || cache.blob_size(d).ok().flatten().is_some())
+        .cloned()
+        .collect();
+    if !dry_run && !stale.is_empty() {
+        cache.edit_remote_locked(|all| {
+            all.retain(|d, _| !stale.contains(d));
+            true
+        })?;
+    }
+    Ok(stale.len() as u64)
 }
 
 /// The roots of `view`, each with what it reaches.

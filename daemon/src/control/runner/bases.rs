@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use kiln_shared::digest::Digest;
+use kiln_shared::reference::{ImageRef, arch_ref};
 
 use super::{BaseError, BuildError, Inner, Log, Superseded, linuxkit_info};
 use crate::build::docker::{linuxkit_build_args, platform_for_arch};
@@ -119,6 +120,39 @@ impl Inner {
         );
         log.line(&line);
         Err(Superseded::Pinned { line }.into())
+    }
+
+    /// Makes the bytes of the workspace packages `p` is built on local for `arch` (the
+    /// native builder reads their configs and layers from the cache, synchronously): a
+    /// base fetched lazily from an upstream has its blobs on demand, fetched now. A base
+    /// the cache does not name yet is left to the builder, which reports it.
+    pub(super) async fn fetch_bases_on_demand(
+        &self,
+        p: &Planned,
+        arch: &str,
+        log: &mut Log,
+    ) -> Result<(), BuildError> {
+        for (repo, tag) in &p.deps {
+            let Ok(repo) = repo.parse() else { continue };
+            let image = ImageRef::new(repo, tag.clone());
+            let Ok(index) = self.cache.index() else {
+                continue;
+            };
+            let Some(desc) = index
+                .get(&arch_ref(&image, arch))
+                .or_else(|| index.get(&image.cache_name()))
+                .cloned()
+            else {
+                continue;
+            };
+            let bytes = self.cache.ensure_graph(&desc).await?;
+            if bytes > 0 {
+                log.line(&format!(
+                    "{image} ({arch}): fetched its {bytes} bytes on demand from the upstream"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Makes sure the pinned `name@digest` is in the cache, named so gc keeps it.

@@ -1,4 +1,5 @@
-//! Blobs: GET/HEAD (with ranges), DELETE of an unreferenced blob.
+//! Blobs: GET/HEAD (with ranges), DELETE of an unreferenced blob. A GET of a blob on
+//! demand fetches it from its upstream first (`cache::ondemand`); 503 if it cannot.
 
 use std::sync::Arc;
 
@@ -19,6 +20,16 @@ impl Service {
         head: bool,
         headers: &HeaderMap,
     ) -> Result<Resp, OciError> {
+        // A blob on demand is fetched from its upstream first (a HEAD answers from the
+        // recorded size).
+        if !head {
+            self.cache.ensure_blob(digest).await.map_err(|e| match e {
+                e @ crate::cache::CacheError::OnDemand(_) => {
+                    OciError::Unavailable(e.to_string(), digest.clone())
+                }
+                e => internal(e),
+            })?;
+        }
         let path = self.cache.blob_path(digest);
         let d = digest.clone();
         let cache = Arc::clone(&self.cache);
@@ -37,9 +48,14 @@ impl Service {
                     if !meta.is_file() {
                         return Err(OciError::BlobUnknown(d));
                     }
-                    Ok((f, meta.len()))
+                    Ok((Some(f), meta.len()))
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(OciError::BlobUnknown(d)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    match cache.on_demand(&d).map_err(internal)? {
+                        Some(from) if head => Ok((None, from.size)),
+                        _ => Err(OciError::BlobUnknown(d)),
+                    }
+                }
                 Err(source) => Err(OciError::Io {
                     what: path.display().to_string(),
                     source,
@@ -75,10 +91,9 @@ impl Service {
                 return Ok(r);
             }
         };
-        let mut r = Response::new(if head {
-            RegBody::empty()
-        } else {
-            RegBody::file(file, start, len)
+        let mut r = Response::new(match file {
+            Some(file) if !head => RegBody::file(file, start, len),
+            _ => RegBody::empty(),
         });
         *r.status_mut() = status;
         let h = r.headers_mut();

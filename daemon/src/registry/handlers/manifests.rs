@@ -284,10 +284,15 @@ impl Service {
 /// that kind (the content tells it). Writes nothing.
 fn check_references(cache: &Cache, info: &ManifestInfo) -> Result<(), OciError> {
     let present = |digest: &Digest, field: &str, size: u64| {
-        let stored = cache
-            .touch_blob(digest)
-            .map_err(internal)?
-            .ok_or_else(|| OciError::ManifestBlobUnknown(digest.clone()))?;
+        // A blob on demand is as good as one in place: its upstream holds it.
+        let stored = match cache.touch_blob(digest).map_err(internal)? {
+            Some(size) => size,
+            None => cache
+                .on_demand(digest)
+                .map_err(internal)?
+                .map(|from| from.size)
+                .ok_or_else(|| OciError::ManifestBlobUnknown(digest.clone()))?,
+        };
         if stored != size {
             return Err(OciError::SizeInvalid(format!(
                 "{field} says blob {digest} is {size} bytes, but the stored blob is {stored} \

@@ -1,9 +1,11 @@
 //! Copying from one upstream into the cache: a workspace package's tag (its whole
 //! multi-arch index in one go, as LinuxKit pushes it) or any image, every document kept
 //! bit for bit, only the blobs the cache lacks transferred, each streamed into a
-//! verifying blob writer.
+//! verifying blob writer. A package's tag may be fetched lazily: its index and manifests
+//! only, its configs and layers left upstream as blobs on demand (see `cache::ondemand`),
+//! fetched on first read through [`Remote::copy_blob`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -13,21 +15,28 @@ use kiln_shared::reference::ImageRef;
 use oci_client::Reference;
 
 use super::{PARALLEL, Remote, oci_descriptor};
-use crate::cache::{Cache, CacheError, MANIFEST_LIMIT};
+use crate::cache::{Cache, CacheError, MANIFEST_LIMIT, OnDemand};
 use crate::oci::{AnyManifest, Descriptor, ImageIndex, Platform, is_index, is_manifest};
 use crate::upstream::{Fetched, FetchedPackage, UpstreamError, cache_name};
+
+/// Where a lazy fetch puts the blobs it leaves upstream (`None`: an eager fetch copies
+/// them).
+type Deferred<'a> = Option<&'a Mutex<Vec<Descriptor>>>;
 
 impl Remote {
     /// A package's tag, as [`crate::upstream::Upstreams::fetch_package`] says: the index
     /// `tag` with every manifest it lists (one GET for the index, one per arch, then the
     /// missing blobs), and for a wanted arch the index lacks, the manifest `tag-<arch>`.
+    /// `lazy`: configs and layers are not copied but listed in
+    /// [`FetchedPackage::on_demand`].
     pub async fn fetch_package(
         &self,
         cache: &Arc<Cache>,
         image: &ImageRef,
         archs: &[(String, Platform)],
+        lazy: bool,
     ) -> Result<Option<FetchedPackage>, UpstreamError> {
-        self.challenged_once(|| self.fetch_package_once(cache, image, archs))
+        self.challenged_once(|| self.fetch_package_once(cache, image, archs, lazy))
             .await
     }
 
@@ -36,8 +45,11 @@ impl Remote {
         cache: &Arc<Cache>,
         image: &ImageRef,
         archs: &[(String, Platform)],
+        lazy: bool,
     ) -> Result<Option<FetchedPackage>, UpstreamError> {
         self.ready()?;
+        let deferred = Mutex::new(Vec::new());
+        let defer = lazy.then_some(&deferred);
         let start = Instant::now();
         let repo = self.repo(image.repo.as_str());
         let tag = image.tag.as_str();
@@ -54,7 +66,9 @@ impl Remote {
                     image: shown.clone(),
                     detail: format!("the index is not valid JSON: {e}"),
                 })?;
-            bytes += self.copy_children(cache, &repo, &shown, &doc).await?;
+            bytes += self
+                .copy_children(cache, &repo, &shown, &doc, defer)
+                .await?;
             // The index last: it is in the cache only once all it names is.
             bytes += self.store(cache, &shown, &doc, &desc)?;
             for (suffix, platform) in archs {
@@ -86,7 +100,9 @@ impl Remote {
                     detail: format!("expected an image manifest, got {}", desc.media_type),
                 });
             }
-            bytes += self.copy_children(cache, &repo, &shown, &doc).await?;
+            bytes += self
+                .copy_children(cache, &repo, &shown, &doc, defer)
+                .await?;
             bytes += self.store(cache, &shown, &doc, &desc)?;
             desc.platform = Some(platform.clone());
             found.push((suffix.clone(), desc));
@@ -94,12 +110,28 @@ impl Remote {
         if found.is_empty() {
             return Ok(None);
         }
-        tracing::info!(image = %shown, upstream = %self.spec, bytes, ms = start.elapsed().as_millis() as u64, "fetched");
+        let upstream = self.spec.to_string();
+        let on_demand: Vec<_> = deferred
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .into_iter()
+            .map(|d| {
+                let from = OnDemand {
+                    upstream: upstream.clone(),
+                    repo: repo.clone(),
+                    image: image.repo.to_string(),
+                    size: d.size,
+                };
+                (d.digest, from)
+            })
+            .collect();
+        tracing::info!(image = %shown, %upstream, bytes, on_demand = on_demand.len(), ms = start.elapsed().as_millis() as u64, "fetched");
         Ok(Some(FetchedPackage {
-            upstream: self.spec.to_string(),
+            upstream,
             index,
             archs: found,
             bytes,
+            on_demand,
             elapsed: start.elapsed(),
         }))
     }
@@ -130,7 +162,7 @@ impl Remote {
             return Ok(None);
         };
         let name = cache_name(image);
-        let mut bytes = self.copy_children(cache, &repo, &name, &doc).await?;
+        let mut bytes = self.copy_children(cache, &repo, &name, &doc, None).await?;
         bytes += self.store(cache, &name, &doc, &desc)?;
         cache
             .set_ref(&name, desc.clone())
@@ -170,12 +202,14 @@ impl Remote {
     }
 
     /// Copies what `desc` reaches into the cache, skipping blobs it holds; returns the
-    /// bytes added. Every blob is verified by digest and size before it is visible.
+    /// bytes added. Every blob is verified by digest and size before it is visible. With
+    /// `defer`, a missing config or layer is listed there instead of copied.
     fn copy_graph<'a>(
         &'a self,
         cache: &'a Arc<Cache>,
         repo: &'a str,
         desc: &'a Descriptor,
+        defer: Deferred<'a>,
     ) -> BoxFuture<'a, Result<u64, UpstreamError>> {
         async move {
             let image = format!("{repo}@{}", desc.digest);
@@ -184,14 +218,19 @@ impl Remote {
                 .map_err(|e| self.cache_error(&image, e))?
                 == Some(desc.size);
             if !(is_index(&desc.media_type) || is_manifest(&desc.media_type)) {
-                return if have {
-                    Ok(0)
-                } else {
-                    self.copy_blob(cache, repo, desc).await
+                return match defer {
+                    _ if have => Ok(0),
+                    Some(list) => {
+                        list.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(desc.clone());
+                        Ok(0)
+                    }
+                    None => self.copy_blob(cache, repo, desc).await,
                 };
             }
             // A document goes in after what it names, so the cache never holds a
-            // manifest whose blobs are missing.
+            // manifest whose blobs are missing (but for those deferred).
             let (doc, pending) = if have {
                 let doc = cache
                     .read_blob(&desc.digest, MANIFEST_LIMIT)
@@ -211,7 +250,7 @@ impl Remote {
                 got.size = desc.size;
                 (doc, Some(got))
             };
-            let sizes = self.copy_children(cache, repo, &image, &doc).await?;
+            let sizes = self.copy_children(cache, repo, &image, &doc, defer).await?;
             let added = match pending {
                 Some(got) => self.store(cache, &image, &doc, &got)?,
                 None => 0,
@@ -229,6 +268,7 @@ impl Remote {
         repo: &str,
         image: &str,
         doc: &[u8],
+        defer: Deferred<'_>,
     ) -> Result<u64, UpstreamError> {
         let parsed: AnyManifest =
             serde_json::from_slice(doc).map_err(|e| UpstreamError::Registry {
@@ -238,13 +278,28 @@ impl Remote {
             })?;
         let copies: Vec<_> = parsed
             .children()
-            .map(|c| self.copy_graph(cache, repo, c))
+            .map(|c| self.copy_graph(cache, repo, c, defer))
             .collect();
         let sizes: Vec<u64> = futures_util::stream::iter(copies)
             .buffer_unordered(PARALLEL)
             .try_collect()
             .await?;
         Ok(sizes.iter().sum())
+    }
+
+    /// A blob on demand of `repo` (see `cache::ondemand`), copied into the cache now;
+    /// refused at once while the upstream is down.
+    pub(in crate::upstream) async fn fetch_on_demand(
+        &self,
+        cache: &Arc<Cache>,
+        repo: &str,
+        desc: &Descriptor,
+    ) -> Result<u64, UpstreamError> {
+        self.challenged_once(|| async {
+            self.ready()?;
+            self.copy_blob(cache, repo, desc).await
+        })
+        .await
     }
 
     /// Copies one blob, once: a copy of a blob this upstream is already copying (the

@@ -184,6 +184,11 @@ impl Remote {
                 return Ok(0);
             }
         }
+        // Only now are the bytes needed: a blob on demand is fetched from its upstream.
+        cache
+            .ensure_blob(&desc.digest)
+            .await
+            .map_err(|e| self.cache_error(&image, e))?;
         let path = cache.blob_path(&desc.digest);
         let data = tokio::fs::read(&path)
             .await

@@ -1,0 +1,213 @@
+//! The record and its invariants. The source here is another cache directory (the one a
+//! push came from); fetching through a real upstream is tested in `tests/it/upstream.rs`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::*;
+use crate::cache::{GcOptions, fsck, gc, stats};
+use crate::oci::{OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST};
+
+/// Serves blobs from `from` (or fails with `fail`), counting the fetches.
+#[derive(Debug)]
+struct Layout {
+    from: Arc<Cache>,
+    fail: Option<String>,
+    fetches: AtomicUsize,
+}
+
+impl BlobSource for Layout {
+    fn fetch<'a>(
+        &'a self,
+        cache: &'a Arc<Cache>,
+        digest: &'a Digest,
+        from: &'a OnDemand,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+            if let Some(e) = &self.fail {
+                return Err(e.clone());
+            }
+            let bytes = self
+                .from
+                .read_blob(digest, u64::MAX)
+                .map_err(|e| e.to_string())?;
+            let mut w = cache.blob_writer().map_err(|e| e.to_string())?;
+            w.write_bytes(&bytes).map_err(|e| e.to_string())?;
+            w.finish(Some(digest), Some(from.size))
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// An image made in `up`; `here` gets its manifest only, its config and layer recorded
+/// on demand (as a lazy fetch lands them). Returns the manifest and the blobs on demand.
+fn lazy_image(up: &Cache, here: &Cache, seed: u8) -> (Descriptor, Vec<(Digest, OnDemand)>) {
+    let layer = vec![seed; 1000];
+    let layer_d = up.put_blob(&layer).unwrap();
+    let config = format!(r#"{{"seed":{seed}}}"#);
+    let config_d = up.put_blob(config.as_bytes()).unwrap();
+    let m = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": Descriptor::new(OCI_CONFIG, config_d.clone(), config.len() as u64),
+        "layers": [Descriptor::new(OCI_LAYER_GZIP, layer_d.clone(), layer.len() as u64)],
+    });
+    let bytes = serde_json::to_vec(&m).unwrap();
+    let d = here.put_blob(&bytes).unwrap();
+    let from = |size| OnDemand {
+        upstream: "up.example:5000/team".into(),
+        repo: "team/org/x".into(),
+        image: "org/x".into(),
+        size,
+    };
+    (
+        Descriptor::new(OCI_MANIFEST, d, bytes.len() as u64),
+        vec![
+            (config_d, from(config.len() as u64)),
+            (layer_d, from(layer.len() as u64)),
+        ],
+    )
+}
+
+fn caches() -> (tempfile::TempDir, Arc<Cache>, Arc<Cache>) {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Arc::new(Cache::open(&dir.path().join("up")).unwrap());
+    let here = Arc::new(Cache::open(&dir.path().join("here")).unwrap());
+    (dir, up, here)
+}
+
+#[test]
+fn blobs_on_demand_are_consistent_counted_apart_and_fetched_once_on_read() {
+    let (dir, up, here) = caches();
+    let (desc, on_demand) = lazy_image(&up, &here, 1);
+    here.record_on_demand(&on_demand).unwrap();
+    here.set_ref("docker.io/org/x:t", desc.clone()).unwrap();
+
+    // Durable: a reopened cache knows them.
+    drop(here);
+    let here = Arc::new(Cache::open(&dir.path().join("here")).unwrap());
+    let (config, layer) = (&on_demand[0].0, &on_demand[1].0);
+    assert_eq!(here.on_demand(layer).unwrap(), Some(on_demand[1].1.clone()));
+    let report = fsck(&here, false).unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(
+        report.on_demand.get("up.example:5000/team"),
+        Some(&(2, 1000 + on_demand[0].1.size))
+    );
+    assert!(
+        report
+            .to_string()
+            .contains("2 blob(s) (1010 B) on demand from up.example:5000/team"),
+        "{report}"
+    );
+    let s = stats(&here).unwrap();
+    assert_eq!((s.blobs, s.on_demand), (1, 2), "{s}");
+    // gc keeps the records a reference reaches, and frees nothing for them.
+    let g = gc(&here, GcOptions::default()).unwrap();
+    assert_eq!((g.on_demand_dropped, g.blobs_removed), (0, 0), "{g}");
+
+    let source = Arc::new(Layout {
+        from: Arc::clone(&up),
+        fail: None,
+        fetches: AtomicUsize::new(0),
+    });
+    here.set_blob_source(Arc::clone(&source) as Arc<dyn BlobSource>);
+    let rt = rt();
+    assert_eq!(
+        rt.block_on(here.ensure_blob(config)).unwrap(),
+        Some(on_demand[0].1.size)
+    );
+    assert_eq!(rt.block_on(here.ensure_graph(&desc)).unwrap(), 1000);
+    assert_eq!(rt.block_on(here.ensure_graph(&desc)).unwrap(), 0);
+    assert_eq!(source.fetches.load(Ordering::SeqCst), 2);
+    assert!(here.on_demand_all().unwrap().is_empty());
+    assert_eq!(here.read_blob(layer, 4096).unwrap(), vec![1; 1000]);
+    let report = fsck(&here, false).unwrap();
+    assert!(report.is_clean() && report.on_demand.is_empty(), "{report}");
+    // A blob neither here nor recorded is unknown, as before.
+    let other = up.put_blob(b"elsewhere").unwrap();
+    assert_eq!(rt.block_on(here.ensure_blob(&other)).unwrap(), None);
+}
+
+#[test]
+fn a_blob_on_demand_that_cannot_be_fetched_says_what_and_what_to_do() {
+    let (_dir, up, here) = caches();
+    let (desc, on_demand) = lazy_image(&up, &here, 2);
+    here.record_on_demand(&on_demand).unwrap();
+    here.set_ref("docker.io/org/x:t", desc.clone()).unwrap();
+    let rt = rt();
+    let err = rt.block_on(here.ensure_graph(&desc)).unwrap_err();
+    assert!(err.to_string().contains("no upstream"), "{err}");
+    here.set_blob_source(Arc::new(Layout {
+        from: up,
+        fail: Some("connection refused".into()),
+        fetches: AtomicUsize::new(0),
+    }));
+    let layer = &on_demand[1].0;
+    let err = rt.block_on(here.ensure_blob(layer)).unwrap_err();
+    let msg = err.to_string();
+    for part in [
+        &layer.to_string(),
+        "of org/x",
+        "on demand from up.example:5000/team",
+        "connection refused",
+        "kiln pull org/x",
+        "kiln build --force org/x",
+    ] {
+        assert!(msg.contains(part), "{part:?} missing: {msg}");
+    }
+    // Nothing changed: still on demand, still consistent.
+    assert!(here.on_demand(layer).unwrap().is_some());
+    assert!(fsck(&here, false).unwrap().is_clean());
+}
+
+#[test]
+fn a_crash_between_record_and_index_leaves_a_consistent_cache_and_gc_forgets_the_rest() {
+    let (dir, up, here) = caches();
+    // Recorded, then "killed" before the index named the image: the record is extra.
+    let (_, orphan) = lazy_image(&up, &here, 3);
+    here.record_on_demand(&orphan).unwrap();
+    drop(here);
+    let here = Cache::open(&dir.path().join("here")).unwrap();
+    let report = fsck(&here, false).unwrap();
+    assert!(report.is_clean() && report.on_demand.is_empty(), "{report}");
+    assert_eq!(
+        stats(&here).unwrap().on_demand_bytes,
+        1000 + orphan[0].1.size
+    );
+    // An image that was named and is dropped again: its records go too; a named one
+    // keeps its own.
+    let (gone, gone_blobs) = lazy_image(&up, &here, 4);
+    here.record_on_demand(&gone_blobs).unwrap();
+    here.set_ref("docker.io/org/x:gone", gone).unwrap();
+    let (kept, kept_blobs) = lazy_image(&up, &here, 5);
+    here.record_on_demand(&kept_blobs).unwrap();
+    here.set_ref("docker.io/org/x:kept", kept).unwrap();
+    here.remove_ref("docker.io/org/x:gone").unwrap();
+    let dry = gc(
+        &here,
+        GcOptions {
+            dry_run: true,
+            ..GcOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(dry.on_demand_dropped, 4);
+    assert_eq!(here.on_demand_all().unwrap().len(), 6);
+    let g = gc(&here, GcOptions::default()).unwrap();
+    assert_eq!(g.on_demand_dropped, 4, "{g}");
+    assert!(g.to_string().contains("forgot 4 blobs on demand"), "{g}");
+    let left: Vec<Digest> = here.on_demand_all().unwrap().into_keys().collect();
+    let mut want: Vec<Digest> = kept_blobs.into_iter().map(|(d, _)| d).collect();
+    want.sort();
+    assert_eq!(left, want);
+    assert!(fsck(&here, false).unwrap().is_clean());
+}
