@@ -34,7 +34,7 @@ use crate::bus::Bus;
 use crate::cache::{Cache, point_dev};
 use crate::plan::{self, Builders, PackageProblem, Planner};
 use crate::schedule::{CancelFilter, CancelReason, QueueReason, SchedEvent, Scheduler};
-use crate::watch::{Touched, WatchEvent};
+use crate::watch::{Touched, WatchEvent, is_git_state};
 use crate::workspace::{PackageTable, Planned};
 
 pub use events::{describe, to_event};
@@ -254,17 +254,22 @@ impl Controller {
             WatchEvent::Changed(paths) => {
                 // Before anything is read: what changes from now on makes this plan stale.
                 let since = std::time::Instant::now();
-                let paths: Vec<PathBuf> = paths.into_iter().collect();
+                // A commit or a checkout (git's HEAD, index or refs) changes tags and no
+                // package file: the plan re-reads the repository.
+                let (git, paths): (Vec<PathBuf>, Vec<PathBuf>) =
+                    paths.into_iter().partition(|p| is_git_state(p));
                 let affected = tokio::task::block_in_place(|| self.planner.changed(&paths));
                 let names = self.planner.names(&affected);
-                self.bus.publish(Event::FilesChanged {
-                    paths: paths.iter().take(16).cloned().collect(),
-                    packages: names,
-                    at_ms: now_ms(),
-                });
+                if !paths.is_empty() {
+                    self.bus.publish(Event::FilesChanged {
+                        paths: paths.iter().take(16).cloned().collect(),
+                        packages: names,
+                        at_ms: now_ms(),
+                    });
+                }
                 // A plan that waited for this change is made now, even if the change
                 // names none of its packages' files any more.
-                if !affected.is_empty() || self.deferred.is_some() {
+                if !affected.is_empty() || !git.is_empty() || self.deferred.is_some() {
                     self.replan(&affected, QueueReason::FilesChanged, since)
                         .await;
                 }

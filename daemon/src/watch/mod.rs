@@ -22,7 +22,7 @@ use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
-pub use self::ignore::is_ignored;
+pub use self::ignore::{is_git_state, is_ignored};
 pub use self::touched::Touched;
 
 /// How often the fallback poller rescans the roots.
@@ -513,7 +513,9 @@ impl Gathering {
             Ok(ev) => {
                 if is_change(&ev.kind) {
                     for p in ev.paths {
-                        if recorder.relevant(&p) {
+                        // A git state change is reported (a commit tags again), not
+                        // recorded: it changes no file of a package.
+                        if recorder.relevant(&p) || is_git_state(&p) {
                             let now = Instant::now();
                             if self.pending.is_empty() {
                                 self.first = now;

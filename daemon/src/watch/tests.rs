@@ -252,7 +252,7 @@ async fn settle_knows_every_write_made_before_it() {
 }
 
 #[tokio::test]
-async fn temporaries_git_and_cache_are_ignored() {
+async fn temporaries_git_internals_and_cache_are_ignored_and_git_state_is_not() {
     let dir = tempfile::tempdir().unwrap();
     let root = fs::canonicalize(dir.path()).unwrap();
     fs::create_dir_all(root.join(".git/objects")).unwrap();
@@ -269,12 +269,16 @@ async fn temporaries_git_and_cache_are_ignored() {
         fs::remove_file(root.join(name)).unwrap();
     }
     fs::write(root.join(".git/objects/ab"), "o").unwrap();
-    fs::write(root.join(".git/index"), "i").unwrap();
+    fs::write(root.join(".git/index.lock"), "i").unwrap();
     fs::write(root.join("cache/blobs/x"), "b").unwrap();
     // A real change afterwards: the first event must hold it alone.
     fs::write(root.join("main.go"), "package main").unwrap();
     let paths = changed(next(&mut rx).await);
     assert_eq!(paths, [root.join("main.go")].into_iter().collect());
+    // The index renamed into place (a commit, a checkout) is git state: reported.
+    fs::rename(root.join(".git/index.lock"), root.join(".git/index")).unwrap();
+    let paths = changed(next(&mut rx).await);
+    assert_eq!(paths, [root.join(".git/index")].into_iter().collect());
 }
 
 #[tokio::test]

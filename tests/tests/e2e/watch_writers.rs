@@ -310,3 +310,28 @@ fn a_writer_that_truncates_then_writes_never_lands_the_empty_file_and_dev_ends_a
         format!("two fds {nonce}\ntwo fds {nonce}")
     );
 }
+
+#[test]
+fn a_save_then_its_commit_ends_at_the_clean_tag() {
+    let ws = Dir::new("ws");
+    ws.git_init();
+    let pkg = write_package(&ws, "commit", &["amd64"], "FROM scratch\nCOPY f /f\n");
+    ws.write("commit/f", "v1\n");
+    ws.git_commit_all("v1");
+    let kilnd = Kilnd::start(&[ws.path()], KilndOptions::default());
+    let events = kilnd.events();
+    events.wait_built(BUILD_TIMEOUT, &pkg);
+    // Saved (planned at once, dirty), then committed: no package file changes, the tag does.
+    ws.write("commit/f", "v2\n");
+    let dirty = show_tag(&ws.join("commit"));
+    assert!(dirty.contains("-dirty-"), "{dirty}");
+    events.wait(BUILD_TIMEOUT, "the save to be built", |s| {
+        settled(s) && package_ok(s, &pkg) && tag_of(s, &pkg) == dirty
+    });
+    ws.git_commit_all("v2");
+    let clean = show_tag(&ws.join("commit"));
+    assert!(!clean.contains("-dirty-"), "{clean}");
+    events.wait(BUILD_TIMEOUT, "the commit to give the clean tag", |s| {
+        settled(s) && package_ok(s, &pkg) && tag_of(s, &pkg) == clean
+    });
+}
