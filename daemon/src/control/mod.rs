@@ -80,9 +80,17 @@ pub struct Controller {
     /// The rows published (planned and broken packages): a row whose package is no
     /// longer on disk (or is now named otherwise) is removed.
     rows: BTreeSet<String>,
-    /// A plan not acted on because its files were being written as it read them: the
-    /// package directories it was for, and since when plans have waited.
-    deferred: Option<(BTreeSet<PathBuf>, std::time::Instant)>,
+    /// A plan not acted on because its files were being written as it read them.
+    deferred: Option<Deferred>,
+}
+
+/// A plan not acted on: the package directories it was for, the names it planned anew,
+/// and since when plans have waited.
+#[derive(Debug)]
+struct Deferred {
+    dirs: BTreeSet<PathBuf>,
+    names: BTreeSet<String>,
+    since: std::time::Instant,
 }
 
 impl std::fmt::Debug for Controller {
@@ -226,7 +234,7 @@ impl Controller {
             let retry = self
                 .deferred
                 .as_ref()
-                .map(|(_, t)| tokio::time::Instant::from_std(*t + DEFER_LIMIT));
+                .map(|d| tokio::time::Instant::from_std(d.since + DEFER_LIMIT));
             tokio::select! {
                 Some(ev) = inputs.watch.recv() => self.on_watch(ev).await,
                 () = tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)), if retry.is_some() => {
@@ -259,6 +267,11 @@ impl Controller {
                 let (git, paths): (Vec<PathBuf>, Vec<PathBuf>) =
                     paths.into_iter().partition(|p| is_git_state(p));
                 let affected = tokio::task::block_in_place(|| self.planner.changed(&paths));
+                tracing::debug!(
+                    reading_us = since.elapsed().as_micros(),
+                    packages = affected.len(),
+                    "changed paths read"
+                );
                 let names = self.planner.names(&affected);
                 if !paths.is_empty() {
                     self.bus.publish(Event::FilesChanged {
@@ -286,8 +299,10 @@ impl Controller {
         }
     }
 
-    /// Re-tags the workspace and plans the packages whose tag, arches or dependencies
-    /// changed, plus `affected`: what the cache holds is served at once, the rest queued.
+    /// Plans the packages `affected` names and those that follow them (a rescan or
+    /// kilnd's start names every package): each whose tag, arches or dependencies changed,
+    /// plus `affected`, gets what the cache holds served at once and the rest queued.
+    /// Only the change is published and written to the package table.
     /// `since` is when the files started to be read: a package with a file written from
     /// then on (or still open for writing) may have been read half-written, and its plan
     /// is not acted on; the change on its way plans it again.
@@ -297,16 +312,31 @@ impl Controller {
         reason: QueueReason,
         since: std::time::Instant,
     ) {
+        let started = std::time::Instant::now();
         let mut affected = affected.clone();
-        if let Some((dirs, _)) = &self.deferred {
-            affected.extend(dirs.iter().cloned());
+        let mut touched = BTreeSet::new();
+        if let Some(d) = &self.deferred {
+            affected.extend(d.dirs.iter().cloned());
+            touched.extend(d.names.iter().cloned());
         }
         let affected = &affected;
         let tagged = tokio::task::block_in_place(|| self.planner.tag(affected));
-        let planned = tagged.planned;
-        let previous = self.table.read().map(|t| t.clone()).unwrap_or_default();
+        touched.extend(tagged.touched);
+        let tagging = started.elapsed();
         let index = self.cache.index().ok();
-        let diff = plan::diff(&previous, &planned, affected, index.as_deref());
+        let diff = {
+            let previous = self
+                .table
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            plan::diff(
+                &previous,
+                self.planner.planned(),
+                &touched,
+                affected,
+                index.as_deref(),
+            )
+        };
 
         // What was read, and since when (a remembered tag was read before this plan).
         let read: Vec<(Vec<&std::path::Path>, std::time::Instant)> = diff
@@ -328,7 +358,7 @@ impl Controller {
                 .filter(|(_, unsure)| *unsure)
                 .map(|((dirs, _), _)| dirs[0].to_owned())
                 .collect();
-            let waited = self.deferred.as_ref().map(|(_, t)| t.elapsed());
+            let waited = self.deferred.as_ref().map(|d| d.since.elapsed());
             if !busy.is_empty() && waited.is_none_or(|w| w < DEFER_LIMIT) {
                 tracing::debug!(
                     ?busy,
@@ -338,8 +368,12 @@ impl Controller {
                 let first = self
                     .deferred
                     .as_ref()
-                    .map_or_else(std::time::Instant::now, |(_, t)| *t);
-                self.deferred = Some((affected.clone(), first));
+                    .map_or_else(std::time::Instant::now, |d| d.since);
+                self.deferred = Some(Deferred {
+                    dirs: affected.clone(),
+                    names: touched,
+                    since: first,
+                });
                 return;
             }
         }
@@ -347,18 +381,31 @@ impl Controller {
 
         // State follows the files: a row stays while its package is on disk, planned or
         // broken (under its name, with its error), and goes with it.
-        self.broken = tagged
+        let broken: BTreeMap<String, PackageProblem> = tagged
             .broken
             .values()
             .map(|p| (p.package.clone(), p.clone()))
             .collect();
-        let rows: BTreeSet<String> = planned.keys().chain(self.broken.keys()).cloned().collect();
-        for name in self.rows.difference(&rows) {
-            self.bus.publish(Event::PackageRemoved {
-                package: name.clone(),
-            });
+        let planned = self.planner.planned();
+        let gone: Vec<String> = touched
+            .iter()
+            .chain(self.broken.keys())
+            .filter(|n| !planned.contains_key(*n) && !broken.contains_key(*n))
+            .filter(|n| self.rows.contains(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.rows.remove(&name);
+            self.bus.publish(Event::PackageRemoved { package: name });
         }
-        self.rows = rows;
+        self.rows.extend(
+            touched
+                .iter()
+                .filter(|n| planned.contains_key(*n))
+                .chain(broken.keys())
+                .cloned(),
+        );
+        self.broken = broken;
         // What is no longer planned (gone, or broken) stops building.
         for name in diff.removed {
             let _ = self
@@ -382,8 +429,21 @@ impl Controller {
             }
         }
         if let Ok(mut t) = self.table.write() {
-            *t = planned;
+            let planned = self.planner.planned();
+            for name in &touched {
+                match planned.get(name) {
+                    Some(p) => t.insert(name.clone(), Arc::clone(p)),
+                    None => t.remove(name),
+                };
+            }
         }
+        tracing::debug!(
+            tagging_us = tagging.as_micros(),
+            planned_us = started.elapsed().as_micros(),
+            touched = touched.len(),
+            packages = diff.packages.len(),
+            "planned"
+        );
 
         let mut jobs = Vec::new();
         let mut served = Vec::new();

@@ -24,17 +24,17 @@ pub fn build_args(pkg: &Package) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The workspace repositories (`org/image`) that `pkg` follows, over all its arches,
-/// sorted. `repos` is every workspace repository.
-pub fn followed(pkg: &Package, repos: &BTreeSet<String>) -> Result<Vec<String>, DockerfileError> {
-    let df = Dockerfile::read(&pkg.dockerfile)?;
+/// The untagged image names (`org/image`, without `docker.io/`) that `pkg`'s Dockerfile
+/// names in `FROM` or `COPY --from` over all its arches, sorted, its own excluded: the
+/// workspace packages among them are what it follows.
+pub fn named(pkg: &Package, df: &Dockerfile) -> Result<Vec<String>, DockerfileError> {
     let args = build_args(pkg);
     let mut out = BTreeSet::new();
     for arch in &pkg.arches {
         let platform = Platform::linux(arch.as_str(), None);
         for r in df.image_references(&args, &platform)? {
             let name = r.value.strip_prefix("docker.io/").unwrap_or(&r.value);
-            if repos.contains(name) && name != pkg.repo.as_str() {
+            if name != pkg.repo.as_str() {
                 out.insert(name.to_owned());
             }
         }

@@ -2,14 +2,12 @@
 //! computes it, planned with the rest of its workspace so the tags it follows are folded
 //! in.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use kiln_shared::reference::ImageRef;
 
-use super::{Builders, PlanErrors, plan_workspace};
-use crate::workspace::{Planned, Tagger, Workspace};
+use super::{Builders, PlanErrors, Planner};
 
 /// Why `show-tag` has no tag for a directory.
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +38,7 @@ pub enum ShowTagError {
 /// `linuxkit pkg show-tag`). The workspace is the package's git repository, or its parent
 /// directory outside git.
 pub fn show_tags(dirs: &[PathBuf]) -> Vec<Result<ImageRef, ShowTagError>> {
-    let mut tagger = Tagger::new();
-    type Planned3 = (Workspace, BTreeMap<String, Arc<Planned>>, PlanErrors);
-    let mut planned_roots: BTreeMap<PathBuf, Planned3> = BTreeMap::new();
+    let mut planners: BTreeMap<PathBuf, (Planner, PlanErrors)> = BTreeMap::new();
     dirs.iter()
         .map(|dir| {
             let abs = std::fs::canonicalize(dir).map_err(|source| ShowTagError::Read {
@@ -55,28 +51,21 @@ pub fn show_tags(dirs: &[PathBuf]) -> Vec<Result<ImageRef, ShowTagError>> {
             let root = crate::workspace::git::find_top(&abs)
                 .or_else(|| abs.parent().map(std::path::Path::to_path_buf))
                 .unwrap_or_else(|| abs.clone());
-            let (ws, planned, errors) = planned_roots.entry(root.clone()).or_insert_with(|| {
-                let ws = Workspace::discover(std::slice::from_ref(&root));
-                let (planned, errors) = plan_workspace(
-                    &ws,
-                    &mut tagger,
-                    &mut BTreeMap::new(),
-                    &Builders::default(),
-                    &BTreeMap::new(),
-                );
-                (ws, planned, errors)
+            let (planner, errors) = planners.entry(root.clone()).or_insert_with(|| {
+                let mut planner = Planner::new(std::slice::from_ref(&root), Builders::default());
+                let broken = planner.tag(&BTreeSet::new()).broken;
+                (planner, broken)
             });
             if let Some(e) = errors.get(&abs).map(|p| &p.error) {
                 // Without its Dockerfile a package follows nothing: its tag is its files'
                 // hash, as `linuxkit pkg show-tag` prints it.
-                return match ws.packages.get(&abs) {
-                    Some(Ok(p)) if p.missing_dockerfile().is_some() => {
-                        tagger.image_ref(p).map_err(ShowTagError::Tag)
-                    }
-                    _ => Err(ShowTagError::Broken(e.clone())),
+                return match planner.without_dockerfile(&abs) {
+                    Some(own) => own.map_err(ShowTagError::Tag),
+                    None => Err(ShowTagError::Broken(e.clone())),
                 };
             }
-            planned
+            planner
+                .planned()
                 .values()
                 .find(|p| p.pkg.dir == abs)
                 .map(|p| p.image())

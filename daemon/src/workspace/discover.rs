@@ -14,6 +14,9 @@ pub struct Workspace {
     pub packages: BTreeMap<PathBuf, Result<Package, PackageError>>,
     /// Roots or directories that could not be walked.
     pub errors: Vec<String>,
+    /// Each extra source directory and the package that lists it (few packages have
+    /// any): what a change there affects, found without going over every package.
+    sources: Vec<(PathBuf, PathBuf)>,
 }
 
 impl Workspace {
@@ -34,7 +37,17 @@ impl Workspace {
                 ws.packages.insert(dir, pkg);
             }
         }
+        ws.index_sources();
         ws
+    }
+
+    fn index_sources(&mut self) {
+        self.sources = self
+            .packages
+            .iter()
+            .filter_map(|(d, p)| Some((d, p.as_ref().ok()?)))
+            .flat_map(|(d, p)| p.extra_sources.iter().map(|(s, _)| (s.clone(), d.clone())))
+            .collect();
     }
 
     /// The directories holding a `build.yml` under `start` (itself included).
@@ -83,10 +96,13 @@ impl Workspace {
             } else {
                 p.clone()
             };
+            // Looked up by path (the packages at or below `dir`, the ones above `p`), not
+            // by going over every package: a save costs the same in any workspace.
             let stale: Vec<PathBuf> = self
                 .packages
-                .keys()
-                .filter(|d| d.starts_with(&dir))
+                .range(dir.clone()..)
+                .map(|(d, _)| d)
+                .take_while(|d| d.starts_with(&dir))
                 .cloned()
                 .collect();
             for d in stale {
@@ -95,19 +111,21 @@ impl Workspace {
             }
             // Packages that name the changed path: their Dockerfile or an extra
             // source; and broken packages, whose error may be gone.
-            let affected: Vec<PathBuf> = self
-                .packages
-                .iter()
+            let mut affected: Vec<PathBuf> = p
+                .ancestors()
+                .filter_map(|d| Some((d, self.packages.get(d)?)))
                 .filter(|(d, pkg)| match pkg {
-                    Err(_) => p.starts_with(d),
-                    Ok(pkg) => {
-                        *p == pkg.dockerfile
-                            || *p == d.join(pkg.spec.dockerfile.as_str())
-                            || pkg.extra_sources.iter().any(|(s, _)| s.starts_with(p))
-                    }
+                    Err(_) => true,
+                    Ok(pkg) => *p == pkg.dockerfile || *p == d.join(pkg.spec.dockerfile.as_str()),
                 })
-                .map(|(d, _)| d.clone())
+                .map(|(d, _)| d.to_owned())
                 .collect();
+            affected.extend(
+                self.sources
+                    .iter()
+                    .filter(|(s, d)| s.starts_with(p) && self.packages.contains_key(d))
+                    .map(|(_, d)| d.clone()),
+            );
             for d in affected {
                 let pkg = Package::load_canonical(d.clone(), root.clone());
                 self.packages.insert(d.clone(), pkg);
@@ -120,6 +138,9 @@ impl Workspace {
                     touched.push(d);
                 }
             }
+        }
+        if !touched.is_empty() {
+            self.index_sources();
         }
         touched.sort();
         touched.dedup();

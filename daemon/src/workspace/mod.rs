@@ -30,7 +30,7 @@ pub use lock::{LOCK_FILE, Lock, LockError};
 pub use package::{BUILD_YML, Package, PackageError};
 pub use planned::{BuilderKind, PackageTable, Planned};
 pub use spec::{SpecError, parse_build_yml};
-pub use tag::{GitMeta, TagError, Tagger};
+pub use tag::{GitMeta, Refreshed, TagError, Tagger};
 
 /// An error of `kiln show-tag`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

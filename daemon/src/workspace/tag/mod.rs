@@ -150,6 +150,17 @@ pub struct GitMeta {
     pub go_pkg_version: Option<String>,
 }
 
+/// What [`Tagger::refresh`] found.
+#[derive(Debug, Default)]
+pub struct Refreshed {
+    /// The package directories whose hashes it forgot (their entries in HEAD or the
+    /// index changed).
+    pub forgotten: Vec<PathBuf>,
+    /// A HEAD moved (every package's git metadata changed) or a repository could not be
+    /// read: every package is to be tagged again.
+    pub all: bool,
+}
+
 /// A cached result, with the inputs it depends on.
 #[derive(Debug)]
 struct Cached {
@@ -167,6 +178,8 @@ pub struct Tagger {
     tops: HashMap<PathBuf, Option<PathBuf>>,
     memo: Memo,
     cache: HashMap<PathBuf, Cached>,
+    /// What repository changes forgot since the last [`Tagger::refresh`].
+    refreshed: Refreshed,
 }
 
 impl Tagger {
@@ -360,11 +373,31 @@ impl Tagger {
         gone
     }
 
+    /// Notices a commit, checkout or `git add` in every repository opened so far (a few
+    /// `lstat`s each, git run only when something changed) and forgets the hashes it
+    /// changes: what a plan that re-tags only the changed packages checks first.
+    pub fn refresh(&mut self) -> Refreshed {
+        let tops: Vec<PathBuf> = self.repos.keys().cloned().collect();
+        for top in tops {
+            let _ = self.sync_repo(&top);
+        }
+        let mut out = std::mem::take(&mut self.refreshed);
+        out.forgotten.sort();
+        out.forgotten.dedup();
+        out
+    }
+
     /// Opens the repository at `top` or notices that its HEAD or index changed, and
-    /// forgets the hashes of the packages whose entries changed.
+    /// forgets the hashes of the packages whose entries changed (kept for
+    /// [`Tagger::refresh`] to return, whichever call noticed).
     fn sync_repo(&mut self, top: &Path) -> Result<(), GitError> {
         let changed = match self.repos.get_mut(top) {
-            Some(r) => r.refresh()?,
+            Some(r) => {
+                let head = r.head.clone();
+                let changed = r.refresh().inspect_err(|_| self.refreshed.all = true)?;
+                self.refreshed.all |= r.head != head;
+                changed
+            }
             None => {
                 let r = Repo::open(top)?;
                 // `top` as found on disk may differ from git's spelling; key by both.
@@ -376,12 +409,10 @@ impl Tagger {
                 None
             }
         };
-        if let Some(changed) = changed {
-            let Some(r) = self.repos.get(top) else {
-                return Ok(());
-            };
+        if let Some((changed, r)) = changed.zip(self.repos.get(top)) {
             let abs: Vec<PathBuf> = changed.iter().map(|p| r.abs(p)).collect();
-            self.invalidate(&abs);
+            let gone = self.invalidate(&abs);
+            self.refreshed.forgotten.extend(gone);
         }
         Ok(())
     }
