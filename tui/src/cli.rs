@@ -136,7 +136,7 @@ pub struct KilndFlags {
     /// A Docker engine for a platform, PLATFORM=ENDPOINT (repeatable)
     #[arg(long = "engine", value_name = "PLATFORM=ENDPOINT")]
     pub engines: Vec<String>,
-    /// Quiet window that folds a burst of file events into one change, in ms [default: 50]
+    /// Longest a save waits for a file still open for writing or a new directory to fill, in ms [default: 50]
     #[arg(long, value_name = "MS")]
     pub quiet_ms: Option<String>,
     /// The moving tag that follows each package's newest build [default: dev]

@@ -179,13 +179,14 @@ pub fn render_status(s: &Snapshot, now: u64) -> String {
     let c = &s.cache;
     let _ = writeln!(
         o,
-        "queue {}, building {}; cache {}{}, {} blobs, {} refs, hit ratio {}",
+        "queue {}, building {}; cache {}{}, {} blobs{}, {} refs, hit ratio {}",
         s.queue.len(),
         s.running.len(),
         fmt::bytes(c.bytes_used),
         c.bytes_cap
             .map_or(String::new(), |cap| format!(" / {}", fmt::bytes(cap))),
         c.blobs,
+        fmt::on_demand(c).map_or(String::new(), |d| format!(" + {d}")),
         c.references,
         c.hit_ratio()
             .map_or("-".to_owned(), |r| format!("{:.0}%", r * 100.0))

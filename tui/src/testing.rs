@@ -154,6 +154,8 @@ pub fn events() -> Vec<Event> {
                 removed_blobs: 3,
                 freed_bytes: 5 << 20,
             }),
+            on_demand_blobs: 0,
+            on_demand_bytes: 0,
         },
     });
     e.push(Event::Pulled {

@@ -170,6 +170,8 @@ pub struct Cache {
     remote: Mutex<Option<Arc<BTreeMap<Digest, OnDemand>>>>,
     /// Where blobs on demand come from (see [`ondemand`]).
     source: OnceLock<Arc<dyn BlobSource>>,
+    /// Bumped on every change of the blobs on demand (for the dashboard's figures).
+    remote_changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Cache {
@@ -232,6 +234,7 @@ impl Cache {
             usage: usage::Usage::default(),
             remote: Mutex::default(),
             source: OnceLock::new(),
+            remote_changed: tokio::sync::watch::Sender::new(0),
         };
         if !cache.root.join("index.json").exists() {
             let _lock = cache.lock()?;

@@ -147,7 +147,35 @@ impl Cache {
             write_atomic(&dir, REMOTE_FILE, &bytes)?;
         }
         *self.remote.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(all));
+        self.remote_changed.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Wakes when the blobs on demand change (recorded, fetched, forgotten).
+    pub fn on_demand_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.remote_changed.subscribe()
+    }
+
+    /// The blobs on demand still missing and their bytes, from the record as this
+    /// process last read or wrote it (for the dashboard: a stat per entry).
+    pub fn on_demand_totals(&self) -> Result<(u64, u64), CacheError> {
+        let known = self
+            .remote
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let all = match known {
+            Some(all) => all,
+            None => Arc::new(self.on_demand_all()?),
+        };
+        let mut totals = (0, 0);
+        for (d, from) in all.iter() {
+            if self.blob_size(d)?.is_none() {
+                totals.0 += 1;
+                totals.1 += from.size;
+            }
+        }
+        Ok(totals)
     }
 
     /// Makes a blob local: a blob on demand is fetched from where the record says (once,

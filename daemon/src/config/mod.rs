@@ -135,7 +135,7 @@ pub struct Args {
     )]
     pub engines: Vec<String>,
 
-    /// Quiet window that folds a burst of file events into one change, in ms [default: 50]
+    /// Longest a save waits for a file still open for writing or a new directory to fill, in ms [default: 50]
     #[arg(long, env = "KILN_QUIET_MS", value_name = "MS")]
     pub quiet_ms: Option<u64>,
 

@@ -34,7 +34,7 @@ use crate::bus::Bus;
 use crate::cache::{Cache, point_dev};
 use crate::plan::{self, Builders, PackageProblem, Planner};
 use crate::schedule::{CancelFilter, CancelReason, QueueReason, SchedEvent, Scheduler};
-use crate::watch::{Touched, WatchEvent};
+use crate::watch::{Touched, WatchEvent, is_git_state};
 use crate::workspace::{PackageTable, Planned};
 
 pub use events::{describe, to_event};
@@ -262,7 +262,10 @@ impl Controller {
             WatchEvent::Changed(paths) => {
                 // Before anything is read: what changes from now on makes this plan stale.
                 let since = std::time::Instant::now();
-                let paths: Vec<PathBuf> = paths.into_iter().collect();
+                // A commit or a checkout (git's HEAD, index or refs) changes tags and no
+                // package file: the plan re-reads the repository.
+                let (git, paths): (Vec<PathBuf>, Vec<PathBuf>) =
+                    paths.into_iter().partition(|p| is_git_state(p));
                 let affected = tokio::task::block_in_place(|| self.planner.changed(&paths));
                 tracing::debug!(
                     reading_us = since.elapsed().as_micros(),
@@ -270,14 +273,16 @@ impl Controller {
                     "changed paths read"
                 );
                 let names = self.planner.names(&affected);
-                self.bus.publish(Event::FilesChanged {
-                    paths: paths.iter().take(16).cloned().collect(),
-                    packages: names,
-                    at_ms: now_ms(),
-                });
+                if !paths.is_empty() {
+                    self.bus.publish(Event::FilesChanged {
+                        paths: paths.iter().take(16).cloned().collect(),
+                        packages: names,
+                        at_ms: now_ms(),
+                    });
+                }
                 // A plan that waited for this change is made now, even if the change
                 // names none of its packages' files any more.
-                if !affected.is_empty() || self.deferred.is_some() {
+                if !affected.is_empty() || !git.is_empty() || self.deferred.is_some() {
                     self.replan(&affected, QueueReason::FilesChanged, since)
                         .await;
                 }
@@ -333,23 +338,25 @@ impl Controller {
             )
         };
 
-        let read: Vec<Vec<&std::path::Path>> = diff
+        // What was read, and since when (a remembered tag was read before this plan).
+        let read: Vec<(Vec<&std::path::Path>, std::time::Instant)> = diff
             .packages
             .iter()
             .map(|c| {
-                std::iter::once(c.planned.pkg.dir.as_path())
+                let dirs = std::iter::once(c.planned.pkg.dir.as_path())
                     .chain(c.planned.pkg.extra_sources.iter().map(|(s, _)| s.as_path()))
-                    .collect()
+                    .collect();
+                (dirs, c.planned.at.min(since))
             })
-            .chain(tagged.report.iter().map(|d| vec![d.as_path()]))
+            .chain(tagged.report.iter().map(|d| (vec![d.as_path()], since)))
             .collect();
         if !read.is_empty() {
-            self.cfg.touched.settle().await;
-            let watched = &self.cfg.touched;
+            let unsure = self.cfg.touched.unsure(&read).await;
             let busy: BTreeSet<PathBuf> = read
                 .iter()
-                .filter(|dirs| watched.busy(since, dirs))
-                .map(|dirs| dirs[0].to_owned())
+                .zip(unsure)
+                .filter(|(_, unsure)| *unsure)
+                .map(|((dirs, _), _)| dirs[0].to_owned())
                 .collect();
             let waited = self.deferred.as_ref().map(|d| d.since.elapsed());
             if !busy.is_empty() && waited.is_none_or(|w| w < DEFER_LIMIT) {

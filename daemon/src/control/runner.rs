@@ -240,11 +240,13 @@ impl Inner {
             }
         };
         // The image is what the tag names only if no file of the package changed since
-        // the tag was computed: the builder may have read the newer file.
+        // its files were read for the tag (the builder may have read the newer file), and
+        // none is still being written (the tag and the build may both have read it half
+        // written, before its writer wrote the rest).
         let dirs: Vec<&std::path::Path> = std::iter::once(planned.pkg.dir.as_path())
             .chain(planned.pkg.extra_sources.iter().map(|(s, _)| s.as_path()))
             .collect();
-        if self.touched.since(planned.at, &dirs) {
+        if self.touched.unsure(&[(dirs, planned.at)]).await[0] {
             return Err(Superseded::FilesChanged {
                 package: job.key.package.clone(),
                 tag: job.tag.clone(),

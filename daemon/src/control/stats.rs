@@ -1,5 +1,5 @@
-//! The cache figures on the bus (size, hits, misses, last gc), kept current from the
-//! events that change them.
+//! The cache figures on the bus (size, blobs on demand, hits, misses, last gc), kept
+//! current from the events and cache changes that change them.
 
 use std::sync::Arc;
 
@@ -19,6 +19,7 @@ pub async fn cache_stats(cache: Arc<Cache>, bus: Bus, cap: Option<u64>) {
         ..Default::default()
     };
     let mut sub = bus.subscribe();
+    let mut on_demand = cache.on_demand_changes();
     let mut rescan = true;
     // The scan's figures and the writes counted when it started.
     let mut measured = (0u64, 0u64);
@@ -39,12 +40,23 @@ pub async fn cache_stats(cache: Arc<Cache>, bus: Bus, cap: Option<u64>) {
         stats.references = cache
             .index()
             .map_or(stats.references, |v| v.ref_count() as u64);
+        if let Ok((blobs, bytes)) = cache.on_demand_totals() {
+            (stats.on_demand_blobs, stats.on_demand_bytes) = (blobs, bytes);
+        }
         bus.publish(Event::CacheStats {
             stats: stats.clone(),
         });
         // Wait for something that changes the figures.
         loop {
-            let Some(item) = sub.next().await else { return };
+            let item = tokio::select! {
+                item = sub.next() => item,
+                // A blob on demand recorded or fetched.
+                changed = on_demand.changed() => match changed {
+                    Ok(()) => break,
+                    Err(_) => return,
+                },
+            };
+            let Some(item) = item else { return };
             let StreamItem::Event { event, .. } = item else {
                 continue;
             };

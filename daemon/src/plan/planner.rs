@@ -331,6 +331,8 @@ impl Planner {
                 BuilderMode::Auto => Self::read_of(&mut self.read, p).auto,
             };
             let git = self.tagger.git_meta(p);
+            // When its files were read: before this plan if its hash was remembered.
+            let at = self.tagger.read_at(p).map_or(at, |r| r.min(at));
             planned.insert(
                 name,
                 Arc::new(Planned {

@@ -22,6 +22,32 @@ pub fn is_ignored(path: &Path, roots: &[PathBuf], exclude: &[PathBuf]) -> bool {
     path.file_name().is_some_and(is_editor_temp)
 }
 
+/// Whether `path` is the state of a git repository that a package's tag reads: `HEAD`,
+/// the index, a ref (`refs/...`, `packed-refs`) of a `.git` directory. A commit or a
+/// checkout changes these and no file of a package, and must tag again (a package saved
+/// and then committed goes from `-dirty-` to clean). Their `.lock` files are not.
+pub fn is_git_state(path: &Path) -> bool {
+    let mut parts = path.components().rev().map(Component::as_os_str);
+    let Some(name) = parts.next() else {
+        return false;
+    };
+    if name.to_str().is_none_or(|n| n.ends_with(".lock")) {
+        return false;
+    }
+    if name == "HEAD" || name == "index" || name == "packed-refs" {
+        return parts.next() == Some(OsStr::new(".git"));
+    }
+    // .git/refs/<anything>/<name>
+    let mut seen_refs = false;
+    for p in parts {
+        if p == ".git" {
+            return seen_refs;
+        }
+        seen_refs = p == "refs";
+    }
+    false
+}
+
 /// Editor temporaries and backups: vim (`.x.swp`, `.x.swx`, `4913`, `x~`), emacs (`#x#`,
 /// `.#x`), JetBrains (`x___jb_tmp___`, `x___jb_old___`), VS Code (`.x.tmp.<n>` style
 /// atomic-save files ending in `.tmp`), kate (`.x.kate-swp`, `x.kate-swp`, `x.<rand>.new`
@@ -76,6 +102,32 @@ mod tests {
             "swp",
         ] {
             assert!(!is_editor_temp(OsStr::new(t)), "{t}");
+        }
+    }
+
+    #[test]
+    fn git_state_is_head_the_index_and_the_refs() {
+        for p in [
+            "/ws/.git/HEAD",
+            "/ws/.git/index",
+            "/ws/.git/packed-refs",
+            "/ws/.git/refs/heads/main",
+            "/ws/.git/refs/heads/topic/x",
+            "/ws/sub/.git/refs/tags/v1",
+        ] {
+            assert!(is_git_state(Path::new(p)), "{p}");
+        }
+        for p in [
+            "/ws/.git/index.lock",
+            "/ws/.git/refs/heads/main.lock",
+            "/ws/.git/objects/ab/cdef",
+            "/ws/.git/logs/HEAD",
+            "/ws/.git/refs",
+            "/ws/pkg/HEAD",
+            "/ws/pkg/refs/heads/main",
+            "/ws/.git/FETCH_HEAD",
+        ] {
+            assert!(!is_git_state(Path::new(p)), "{p}");
         }
     }
 

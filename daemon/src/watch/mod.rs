@@ -1,6 +1,7 @@
 //! Watching the workspace: inotify (through notify) over every root, recursively,
-//! including directories created later; an editor's burst of events folded into one change
-//! after a quiet window; editor temporaries, `.git` internals and kiln's own cache ignored.
+//! including directories created later; a change reported as soon as its files are whole
+//! (closed by their writer), and what arrives meanwhile gathered into the next one; editor
+//! temporaries, `.git` internals and kiln's own cache ignored.
 //!
 //! When inotify cannot keep up (its queue overflowed) the change is "everything": a
 //! [`WatchEvent::Rescan`]. When its watch limit is reached the watcher says so, with the
@@ -9,6 +10,7 @@
 
 mod ignore;
 mod touched;
+mod writers;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -20,7 +22,7 @@ use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
-pub use self::ignore::is_ignored;
+pub use self::ignore::{is_git_state, is_ignored};
 pub use self::touched::Touched;
 
 /// How often the fallback poller rescans the roots.
@@ -29,8 +31,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// What the watcher reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEvent {
-    /// Files or directories that changed (created, written, removed, renamed), after the
-    /// quiet window.
+    /// Files or directories that changed (created, written, removed, renamed), once none
+    /// of them is open for writing.
     Changed(BTreeSet<PathBuf>),
     /// Events were lost (inotify's queue overflowed): everything must be looked at again.
     Rescan { reason: String },
@@ -56,10 +58,10 @@ pub struct WatchConfig {
     /// Paths whose contents are never reported (kiln's cache, if it lies in a root).
     pub exclude: Vec<PathBuf>,
     /// The longest a change waits for a file of it that is open for writing (written or
-    /// created, not closed yet) to be closed. A change with no such file is reported at
-    /// once.
+    /// created, not closed yet) to be closed, and how long no event must come after a
+    /// directory was made or something removed. A change with none is reported at once.
     pub quiet: Duration,
-    /// Where each relevant event is recorded as it arrives, before the quiet window.
+    /// Where each relevant event is recorded as it arrives, before the fold.
     pub touched: Arc<Touched>,
     /// A private directory (kilnd's, in its cache) for [`Touched::settle`]'s markers,
     /// made if missing; `None`: settling does not wait.
@@ -77,6 +79,8 @@ enum Backend {
 pub struct Watcher {
     backend: Backend,
     task: tokio::task::JoinHandle<()>,
+    /// SIGIO handled (a broken lease sends it, see `writers.rs`), while leases are used.
+    _sigio: Option<tokio::signal::unix::Signal>,
 }
 
 impl std::fmt::Debug for Watcher {
@@ -152,8 +156,29 @@ impl Watcher {
             }
             Err(StartError::Other(e)) => return Err(e),
         };
+        // Before any lease is taken: SIGIO's default action ends the process.
+        let sigio = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::io()) {
+            Ok(s) => {
+                cfg.touched
+                    .use_leases(cfg.roots.clone(), cfg.exclude.clone());
+                Some(s)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot handle SIGIO ({e}): files being written are known from events only"
+                );
+                None
+            }
+        };
         let task = tokio::spawn(fold(cfg, recorder, raw_rx, out_tx));
-        Ok((Watcher { backend, task }, out_rx))
+        Ok((
+            Watcher {
+                backend,
+                task,
+                _sigio: sigio,
+            },
+            out_rx,
+        ))
     }
 
     /// Whether the watcher fell back to polling.
@@ -341,13 +366,17 @@ impl Recorder {
     }
 }
 
-/// Whether an event leaves its paths whole: renamed into place (or away). Not a directory
-/// made: its files usually follow at once, and those written before inotify watches the
-/// new directory give no event, so only a plan read after the quiet window sees them (a
-/// package written file by file was otherwise planned empty and never again). A removal
-/// may be one of many, as `rm -r` does them.
-fn whole(kind: &EventKind) -> bool {
-    matches!(kind, EventKind::Modify(ModifyKind::Name(_)))
+/// Whether an event is one of a tree's worth that usually come together, so that its
+/// change waits until no event has come for the quiet window. A directory made: its files
+/// follow, and those written before inotify watches it give no event, so only a plan read
+/// after the window sees them (a package written file by file was otherwise planned empty
+/// and never again). A removal: `rm -r` removes a package file by file, and a package
+/// planned half removed would be built.
+fn structural(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Create(CreateKind::Folder) | EventKind::Remove(_)
+    )
 }
 
 /// Whether an event leaves `path` open for writing (`Some(true)`: written, or created as
@@ -371,35 +400,34 @@ fn writing(kind: &EventKind, path: &Path) -> Option<bool> {
     }
 }
 
-/// Folds raw events into changes. A change whose files were all renamed into place (an
-/// editor's atomic save, a revert by rename, a package moved in) is reported at once. One with a
-/// file written in place waits until the file is closed and a quiet window has passed
-/// without a new event (at most 20 in all, so a never-ending stream still gets through):
-/// a reader could see such a file between a truncation and its write before the kernel
-/// has posted the truncation's event, and no check afterwards can tell. A file open for a
-/// whole quiet window is taken as it is. While kilnd works on one change, the next
-/// gathers (the output holds one).
+/// Folds raw events into changes. A change is reported as soon as none of its files is
+/// open for writing: a file written in place once its writer closed it (IN_CLOSE_WRITE),
+/// a file renamed into place or linked at once. The quiet window is only an upper bound:
+/// a file held open for a whole window is taken as it is, and a change that made a
+/// directory or removed something waits until no event has come for a window (at most
+/// 20 in all, so a never-ending stream still gets through). While kilnd works on one change,
+/// the next gathers (the output holds one), so a burst of saves becomes few changes; a
+/// plan or a build whose files change after it read them is not acted on (see
+/// [`Touched`]), and the change on its way plans again from the final bytes.
 async fn fold(
     cfg: WatchConfig,
     recorder: Recorder,
     mut raw: mpsc::Receiver<Raw>,
     out: mpsc::Sender<WatchEvent>,
 ) {
-    let mut pending: BTreeSet<PathBuf> = BTreeSet::new();
-    // Whether a file of the pending change was written in place, created or removed rather
-    // than renamed into place.
-    let mut in_place = false;
-    let (mut first, mut last) = (Instant::now(), Instant::now());
-    let mut limit_reported = false;
+    let mut change = Gathering::default();
     loop {
         let now = Instant::now();
-        let opened = if pending.is_empty() {
+        let opened = if change.pending.is_empty() {
             None
         } else {
-            cfg.touched.open_since(pending.iter())
+            cfg.touched.open_since(change.pending.iter())
         };
-        let quiet_until = in_place.then(|| (last + cfg.quiet).min(first + cfg.quiet * 20));
-        let ready = !pending.is_empty() && opened.is_none() && quiet_until.is_none_or(|t| t <= now);
+        let quiet_until = change
+            .structural
+            .then(|| (change.last + cfg.quiet).min(change.first + cfg.quiet * 20));
+        let ready =
+            !change.pending.is_empty() && opened.is_none() && quiet_until.is_none_or(|t| t <= now);
         let open_until = opened.map(|t| Instant::from_std(t) + cfg.quiet);
         let wake = match (open_until, quiet_until) {
             (Some(a), Some(b)) => Some(a.max(b)),
@@ -409,20 +437,71 @@ async fn fold(
             ev = raw.recv() => ev,
             permit = out.reserve(), if ready => {
                 let Ok(permit) = permit else { return };
-                permit.send(WatchEvent::Changed(std::mem::take(&mut pending)));
-                in_place = false;
+                permit.send(WatchEvent::Changed(std::mem::take(&mut change.pending)));
+                change.structural = false;
                 continue;
             }
             () = sleep_until(wake.unwrap_or(now)), if !ready && wake.is_some() => {
                 // Open for a whole quiet window: taken as it is now.
                 if let Some(before) = Instant::now().checked_sub(cfg.quiet) {
-                    cfg.touched.close_older(&pending, before.into_std());
+                    cfg.touched.close_older(&change.pending, before.into_std());
                 }
                 continue;
             }
         };
-        let Some(ev) = next else { return };
-        let sent = match ev {
+        let Some(mut ev) = next else { return };
+        // What has already arrived joins this change before it is reported (a writer's
+        // close and the events just before it come together), a bounded number at a
+        // time so that a never-ending stream cannot hold a change back.
+        for _ in 0..DRAIN {
+            if change.take(ev, &recorder, &out).await.is_err() {
+                return;
+            }
+            match raw.try_recv() {
+                Ok(more) => ev = more,
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// How many raw events the fold takes in before it looks again at whether its change is
+/// ready.
+const DRAIN: usize = 256;
+
+/// The change being gathered.
+struct Gathering {
+    pending: BTreeSet<PathBuf>,
+    /// Whether it made a directory or removed something (see [`structural`]).
+    structural: bool,
+    /// When its first and its latest event came.
+    first: Instant,
+    last: Instant,
+    /// Whether the watch limit was reported already (once is enough).
+    limit_reported: bool,
+}
+
+impl Default for Gathering {
+    fn default() -> Gathering {
+        Gathering {
+            pending: BTreeSet::new(),
+            structural: false,
+            first: Instant::now(),
+            last: Instant::now(),
+            limit_reported: false,
+        }
+    }
+}
+
+impl Gathering {
+    /// Takes one raw event in; `Err` when kilnd stopped listening.
+    async fn take(
+        &mut self,
+        ev: Raw,
+        recorder: &Recorder,
+        out: &mpsc::Sender<WatchEvent>,
+    ) -> Result<(), mpsc::error::SendError<WatchEvent>> {
+        match ev {
             Ok(ev) if ev.need_rescan() => {
                 out.send(WatchEvent::Rescan {
                     reason: "inotify's event queue overflowed (fs.inotify.max_queued_events); \
@@ -434,13 +513,16 @@ async fn fold(
             Ok(ev) => {
                 if is_change(&ev.kind) {
                     for p in ev.paths {
-                        if recorder.relevant(&p) {
-                            if pending.is_empty() {
-                                first = Instant::now();
+                        // A git state change is reported (a commit tags again), not
+                        // recorded: it changes no file of a package.
+                        if recorder.relevant(&p) || is_git_state(&p) {
+                            let now = Instant::now();
+                            if self.pending.is_empty() {
+                                self.first = now;
                             }
-                            last = Instant::now();
-                            in_place |= !whole(&ev.kind);
-                            pending.insert(p);
+                            self.last = now;
+                            self.structural |= structural(&ev.kind);
+                            self.pending.insert(p);
                         }
                     }
                 }
@@ -448,19 +530,18 @@ async fn fold(
             }
             Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
                 // A directory created later could not be watched.
-                if limit_reported {
-                    Ok(())
-                } else {
-                    limit_reported = true;
-                    let path = e.paths.first().cloned().unwrap_or_default();
-                    out.send(WatchEvent::Error {
-                        message: format!(
-                            "{}; until then new directories are not watched",
-                            limit_message(&path)
-                        ),
-                    })
-                    .await
+                if self.limit_reported {
+                    return Ok(());
                 }
+                self.limit_reported = true;
+                let path = e.paths.first().cloned().unwrap_or_default();
+                out.send(WatchEvent::Error {
+                    message: format!(
+                        "{}; until then new directories are not watched",
+                        limit_message(&path)
+                    ),
+                })
+                .await
             }
             Err(e) => {
                 out.send(WatchEvent::Error {
@@ -468,9 +549,6 @@ async fn fold(
                 })
                 .await
             }
-        };
-        if sent.is_err() {
-            return;
         }
     }
 }

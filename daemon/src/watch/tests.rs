@@ -37,22 +37,108 @@ fn changed(ev: WatchEvent) -> BTreeSet<PathBuf> {
 /// A quiet window no test waits out: a change that arrives was reported without it.
 const FOREVER: Duration = Duration::from_secs(3600);
 
+/// A watcher with a fence, so that a test can wait until every earlier event is
+/// recorded (and queued for the fold).
+fn start_fenced(
+    root: &Path,
+    quiet: Duration,
+) -> (Watcher, mpsc::Receiver<WatchEvent>, Arc<Touched>) {
+    let ws = root.join("ws");
+    fs::create_dir_all(&ws).unwrap();
+    let touched = Arc::new(Touched::default());
+    let (w, rx) = Watcher::start(WatchConfig {
+        roots: vec![ws],
+        exclude: Vec::new(),
+        quiet,
+        touched: Arc::clone(&touched),
+        fence_dir: Some(root.join("fence")),
+    })
+    .unwrap();
+    (w, rx, touched)
+}
+
 #[tokio::test]
-async fn a_burst_of_writes_is_one_change() {
+async fn a_burst_of_writes_while_kilnd_is_busy_is_gathered_into_the_next_change() {
     let dir = tempfile::tempdir().unwrap();
     let root = fs::canonicalize(dir.path()).unwrap();
-    let (_w, mut rx) = start(&root);
-    for i in 0..20 {
-        fs::write(root.join("a.txt"), format!("{i}")).unwrap();
+    let (_w, mut rx, touched) = start_fenced(&root, FOREVER);
+    let ws = root.join("ws");
+    fs::write(ws.join("a.txt"), "first").unwrap();
+    // The first change waits in the output, unread, as while kilnd plans it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while rx.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no change in 10 s");
+        tokio::task::yield_now().await;
     }
-    fs::write(root.join("b.txt"), "b").unwrap();
-    let paths = changed(next(&mut rx).await);
+    for i in 0..20 {
+        fs::write(ws.join("a.txt"), format!("{i}")).unwrap();
+    }
+    fs::write(ws.join("b.txt"), "b").unwrap();
+    touched.settle().await;
     assert_eq!(
-        paths,
-        [root.join("a.txt"), root.join("b.txt")]
-            .into_iter()
-            .collect()
+        changed(next(&mut rx).await),
+        [ws.join("a.txt")].into_iter().collect()
     );
+    assert_eq!(
+        changed(next(&mut rx).await),
+        [ws.join("a.txt"), ws.join("b.txt")].into_iter().collect(),
+        "the burst is one change"
+    );
+    assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn a_file_written_in_place_is_reported_once_closed_without_the_quiet_window() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let root = fs::canonicalize(dir.path()).unwrap();
+    fs::write(root.join("a.txt"), "old").unwrap();
+    let (_w, mut rx) = start_quiet(&root, FOREVER);
+    // Truncated, written in two parts, closed: one writer, one fd.
+    let mut f = fs::File::create(root.join("a.txt")).unwrap();
+    f.write_all(b"new ").unwrap();
+    f.write_all(b"content").unwrap();
+    drop(f);
+    assert_eq!(
+        changed(next(&mut rx).await),
+        [root.join("a.txt")].into_iter().collect()
+    );
+}
+
+#[tokio::test]
+async fn a_directory_made_or_a_file_removed_waits_out_the_quiet_window() {
+    for made in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = fs::canonicalize(dir.path()).unwrap();
+        let ws = root.join("ws");
+        fs::create_dir_all(&ws).unwrap();
+        fs::write(ws.join("f"), "f").unwrap();
+        let change = |ws: &Path| {
+            if made {
+                fs::create_dir(ws.join("new")).unwrap();
+                ws.join("new")
+            } else {
+                fs::remove_file(ws.join("f")).unwrap();
+                ws.join("f")
+            }
+        };
+        {
+            let (_w, mut rx, touched) = start_fenced(&root, FOREVER);
+            let path = change(&ws);
+            touched.settle().await;
+            tokio::task::yield_now().await;
+            assert!(
+                rx.try_recv().is_err(),
+                "{} was reported before the quiet window",
+                path.display()
+            );
+        }
+        fs::write(ws.join("f"), "f").unwrap();
+        let _ = fs::remove_dir(ws.join("new"));
+        let (_w, mut rx) = start_quiet(&ws, Duration::from_millis(50));
+        let path = change(&ws);
+        assert_eq!(changed(next(&mut rx).await), [path].into_iter().collect());
+    }
 }
 
 #[tokio::test]
@@ -166,7 +252,7 @@ async fn settle_knows_every_write_made_before_it() {
 }
 
 #[tokio::test]
-async fn temporaries_git_and_cache_are_ignored() {
+async fn temporaries_git_internals_and_cache_are_ignored_and_git_state_is_not() {
     let dir = tempfile::tempdir().unwrap();
     let root = fs::canonicalize(dir.path()).unwrap();
     fs::create_dir_all(root.join(".git/objects")).unwrap();
@@ -183,12 +269,16 @@ async fn temporaries_git_and_cache_are_ignored() {
         fs::remove_file(root.join(name)).unwrap();
     }
     fs::write(root.join(".git/objects/ab"), "o").unwrap();
-    fs::write(root.join(".git/index"), "i").unwrap();
+    fs::write(root.join(".git/index.lock"), "i").unwrap();
     fs::write(root.join("cache/blobs/x"), "b").unwrap();
     // A real change afterwards: the first event must hold it alone.
     fs::write(root.join("main.go"), "package main").unwrap();
     let paths = changed(next(&mut rx).await);
     assert_eq!(paths, [root.join("main.go")].into_iter().collect());
+    // The index renamed into place (a commit, a checkout) is git state: reported.
+    fs::rename(root.join(".git/index.lock"), root.join(".git/index")).unwrap();
+    let paths = changed(next(&mut rx).await);
+    assert_eq!(paths, [root.join(".git/index")].into_iter().collect());
 }
 
 #[tokio::test]

@@ -12,9 +12,9 @@
 //! What no fence closes: the kernel posts a change's event only after the change is
 //! visible, and the writer can stall in between (`open(O_TRUNC)` empties the file, then
 //! ext4 finishes the truncation before the event is posted). A reader can then see an
-//! empty file no event speaks of yet. The watcher's fold keeps that rare by folding
-//! bursts of writes to the same files in the quiet window; a build from such a read
-//! never lands (its files change while it runs).
+//! empty file no event speaks of yet. [`Touched::unsure`] closes that gap too: after the
+//! read it asks the kernel whether a file is still open for writing (`writers.rs`),
+//! before the fence, so a read of a half-written file is never taken as sure.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -27,6 +27,16 @@ use std::time::{Duration, Instant};
 pub struct Touched {
     inner: Mutex<TouchedLog>,
     fence: Fence,
+    /// Set when the kernel can be asked which files are open for writing (see
+    /// `writers.rs`): what is watched, to skip what is ignored.
+    leases: OnceLock<Watched>,
+}
+
+/// The roots watched and the paths excluded.
+#[derive(Debug)]
+struct Watched {
+    roots: Vec<PathBuf>,
+    exclude: Vec<PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -97,6 +107,47 @@ impl Touched {
                 .open
                 .keys()
                 .any(|p| dirs.iter().any(|d| p.starts_with(d)))
+    }
+
+    /// Which of `reads` (the directories read, and since when) may have been read stale or
+    /// half written: a file under them is open for writing by a recent writer (asked of
+    /// the kernel: a truncation in progress has no event yet), or, once the watcher has
+    /// recorded every event made so far ([`Touched::settle`]), something under them
+    /// changed since, or the events say a file is still open ([`Touched::busy`]).
+    pub async fn unsure(&self, reads: &[(Vec<&Path>, Instant)]) -> Vec<bool> {
+        let writing: Vec<bool> = reads
+            .iter()
+            .map(|(dirs, _)| self.written_now(dirs))
+            .collect();
+        self.settle().await;
+        reads
+            .iter()
+            .zip(writing)
+            .map(|((dirs, since), w)| w || self.busy(*since, dirs))
+            .collect()
+    }
+
+    /// Whether the kernel says a file under `dirs` is open for writing by a recent writer
+    /// (false when it cannot be asked).
+    fn written_now(&self, dirs: &[&Path]) -> bool {
+        let Some(w) = self.leases.get() else {
+            return false;
+        };
+        match super::writers::being_written(dirs, |p| {
+            super::is_ignored(p, &w.roots, &w.exclude) || self.fence_marker(p)
+        }) {
+            Some(file) => {
+                tracing::debug!(file = %file.display(), "open for writing: what was read may be half written");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Makes [`Touched::unsure`] ask the kernel which files under `roots` (less what is
+    /// ignored) are open for writing.
+    pub(super) fn use_leases(&self, roots: Vec<PathBuf>, exclude: Vec<PathBuf>) {
+        let _ = self.leases.set(Watched { roots, exclude });
     }
 
     /// `path` was written or created at `at` (open: its content may be partial), or

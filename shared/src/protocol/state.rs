@@ -238,6 +238,17 @@ pub struct CacheStats {
     /// Lookups that needed a build.
     pub misses: u64,
     pub last_gc: Option<GcSummary>,
+    /// Referenced blobs not in the cache but on demand from an upstream (a target fetched
+    /// lazily: its configs and layers are read from there on first use), and their bytes
+    /// (not in `bytes_used`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub on_demand_blobs: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub on_demand_bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl CacheStats {

@@ -134,6 +134,8 @@ fn every_event() -> Vec<Event> {
                 hits: 3,
                 misses: 1,
                 last_gc: None,
+                on_demand_blobs: 2,
+                on_demand_bytes: 4096,
             },
         },
         Event::GcFinished {

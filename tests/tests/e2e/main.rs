@@ -14,3 +14,4 @@ mod package_errors;
 mod shutdown;
 mod upstream;
 mod watch;
+mod watch_writers;

@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use kiln_shared::protocol::Snapshot;
+use kiln_shared::protocol::{BuiltBy, Snapshot};
 use kiln_tests::api::{describe, digests_of, package_ok, settled, tag_of};
 use kiln_tests::registry::{REGISTRY_PASSWORD, REGISTRY_USER};
 use kiln_tests::workspace::{registry_digest, write_package};
@@ -23,7 +23,9 @@ use kiln_tests::{
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 
-/// Two native packages for two arches, the second built on the first, committed.
+/// Two native packages for two arches, the second built on the first, committed. Their
+/// content is unique to `tmp` (a nonce), so no image of another test (in the shared
+/// engine: its layers would make a `docker pull` skip blobs) is the same.
 fn team_workspace(tmp: &Dir) -> Dir {
     let ws = Dir::new(&format!("{}-ws", tmp.name()));
     write_package(
@@ -32,7 +34,7 @@ fn team_workspace(tmp: &Dir) -> Dir {
         &["amd64", "arm64"],
         "FROM scratch\nCOPY one.txt /one.txt\n",
     );
-    ws.write("one/one.txt", "one\n");
+    ws.write("one/one.txt", format!("one {}\n", tmp.name()));
     write_package(
         &ws,
         "two",
@@ -681,6 +683,12 @@ fn a_team_cache_is_fetched_lazily_and_each_blob_is_read_upstream_once_on_first_u
         "B read blobs before anything asked for them"
     );
     let kiln = || cmd(target_bin("kiln")).arg("--socket").arg(b.socket());
+    // `kiln status` shows the blobs on demand apart.
+    b_events.wait(TIMEOUT, "B's figures to count the blobs on demand", |s| {
+        s.cache.on_demand_blobs > 0
+    });
+    let status = kiln().arg("status").stdout();
+    assert!(status.contains("on demand"), "{status}");
     let fsck = cmd(target_bin("kiln"))
         .args(["fsck", "--cache"])
         .arg(b.cache())
@@ -719,6 +727,28 @@ fn a_team_cache_is_fetched_lazily_and_each_blob_is_read_upstream_once_on_first_u
         .run();
     assert_eq!(up.requests("GET", "/blobs/"), after_first);
 
+    // The native builder builds on a package fetched lazily (an uncommitted package:
+    // a dirty tag, never looked up nor pushed): the base's blobs come first.
+    let blobs_before = up.requests("GET", "/blobs/");
+    write_package(
+        &ws,
+        "three",
+        &["amd64"],
+        "FROM kiln/one\nCOPY three.txt /three.txt\n",
+    );
+    ws.write("three/three.txt", "three\n");
+    let s = b_events.wait(TIMEOUT, "B to build three on one", |s| {
+        settled(s) && package_ok(s, "kiln/three")
+    });
+    let last = s.packages["kiln/three"].targets["amd64"].last.clone();
+    assert_eq!(
+        last.and_then(|l| l.builder),
+        Some(BuiltBy::Native),
+        "{}",
+        describe(&s)
+    );
+    assert!(up.requests("GET", "/blobs/") > blobs_before);
+
     // `kiln pull` wants the bytes here: nothing of kiln/one is left on demand.
     let out = kiln().args(["pull", "kiln/one"]).stdout();
     assert!(out.contains("on demand"), "{out}");
@@ -745,12 +775,12 @@ fn a_team_cache_is_fetched_lazily_and_each_blob_is_read_upstream_once_on_first_u
     );
     write_package(
         &ws,
-        "three",
+        "four",
         &["amd64"],
-        "FROM kiln/one\nCOPY three.txt /three.txt\n",
+        "FROM kiln/one\nCOPY four.txt /four.txt\n",
     );
-    ws.write("three/three.txt", "three\n");
+    ws.write("four/four.txt", "four\n");
     b_events.wait(TIMEOUT, "B to build a new package offline", |s| {
-        settled(s) && package_ok(s, "kiln/three")
+        settled(s) && package_ok(s, "kiln/four")
     });
 }

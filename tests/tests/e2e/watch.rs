@@ -288,9 +288,10 @@ fn a_build_whose_files_change_while_it_runs_does_not_land_under_its_tag() {
     let ws = Dir::new("ws");
     ws.write("kiln.toml", busybox_kiln_toml());
     let nonce = ws.name();
-    // A build long enough to save during it, and a quiet window longer than the build:
-    // the save is planned only after the build has finished, so only the runner's own
-    // check can keep the build (which may have read the new file) from landing.
+    // A build long enough to save during it, and a save whose writer keeps the file open
+    // until the build has finished (within a quiet window longer than the build): the save
+    // is planned only then, so only the runner's own check can keep the build (which may
+    // have read the new file) from landing.
     let pkg = write_package(
         &ws,
         "slow",
@@ -301,18 +302,20 @@ fn a_build_whose_files_change_while_it_runs_does_not_land_under_its_tag() {
     let first = show_tag(&ws.join("slow"));
     let kilnd = Kilnd::start(
         &[ws.path()],
-        KilndOptions::default().arg("--quiet-ms=15000"),
+        KilndOptions::default().arg("--quiet-ms=120000"),
     );
     let registry = kilnd.registry();
     let events = kilnd.events();
     events.wait(BUILD_TIMEOUT, "the first build to start", |s| {
         s.running.iter().any(|b| b.package == pkg)
     });
-    ws.write("slow/msg", format!("second {nonce}\n"));
+    let mut writer = fs::File::create(ws.join("slow/msg")).unwrap();
+    std::io::Write::write_all(&mut writer, format!("second {nonce}\n").as_bytes()).unwrap();
     let second = show_tag(&ws.join("slow"));
     let s = events.wait(BUILD_TIMEOUT, "the first build to end", |s| {
         s.running.is_empty() && s.packages[&pkg].targets["amd64"].last.is_some()
     });
+    drop(writer);
     let last = s.packages[&pkg].targets["amd64"].last.clone().unwrap();
     assert_eq!(
         (last.tag.as_str(), last.outcome),
@@ -329,7 +332,7 @@ fn a_build_whose_files_change_while_it_runs_does_not_land_under_its_tag() {
         !registry_has(&registry, &format!("{pkg}:{first}")),
         "the build landed under the tag of the content it started from"
     );
-    // The save, planned after the quiet window, is built and served.
+    // The save, planned once its writer closed the file, is built and served.
     let s = events.wait(BUILD_TIMEOUT, "the save to be built", |s| {
         settled(s) && package_ok(s, &pkg) && tag_of(s, &pkg) == second
     });

@@ -1,5 +1,5 @@
-//! The cache pane: size against the cap, blobs, references, hit ratio, last GC, and the
-//! upstream registries with whether each answers.
+//! The cache pane: size against the cap, blobs (and those on demand from upstreams),
+//! references, hit ratio, last GC, and the upstream registries with whether each answers.
 
 use ratatui::Frame;
 use ratatui::layout::Rect;
@@ -52,6 +52,9 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
         Span::styled(" · ", dim()),
         Span::raw(format!("{} refs", c.references)),
     ]));
+    if let Some(d) = fmt::on_demand(c) {
+        lines.push(Line::styled(format!("+ {d}"), dim()));
+    }
     lines.push(Line::raw(match c.hit_ratio() {
         Some(r) => format!(
             "hit ratio {:.0}% ({}/{})",

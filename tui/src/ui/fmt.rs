@@ -1,9 +1,21 @@
 //! Short human forms of sizes, durations, times, tags and digests.
 
-use kiln_shared::protocol::{BuildOutcome, BuildSummary, BuiltBy};
+use kiln_shared::protocol::{BuildOutcome, BuildSummary, BuiltBy, CacheStats};
 
 /// `1.5 KiB`, `10.0 MiB`; bytes below 1 KiB as `512 B` (the daemon's own form).
 pub use kiln_shared::size::format_size as bytes;
+
+/// The blobs the cache reads from an upstream on first use (targets fetched lazily), if
+/// any: `6 blobs (1.5 MiB) on demand`.
+pub fn on_demand(c: &CacheStats) -> Option<String> {
+    (c.on_demand_blobs > 0).then(|| {
+        format!(
+            "{} blobs ({}) on demand",
+            c.on_demand_blobs,
+            bytes(c.on_demand_bytes)
+        )
+    })
+}
 
 /// `850ms`, `1.5s`, `2m03s`, `1h02m`.
 pub fn duration_ms(ms: u64) -> String {

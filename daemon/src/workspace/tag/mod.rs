@@ -167,6 +167,8 @@ pub struct Refreshed {
 struct Cached {
     sources: Vec<(PathBuf, String)>,
     hash: Result<String, TagError>,
+    /// When its files started to be read: a change from then on may not be in it.
+    read_at: std::time::Instant,
 }
 
 /// Computes and remembers package hashes. One per daemon; not shared across threads.
@@ -228,7 +230,7 @@ impl Tagger {
         let (head, go_pkg_version) = (repo.head.clone(), repo.go_pkg_version.clone());
         let clean_hash = matches!(
             self.cache.get(&pkg.dir),
-            Some(Cached { hash: Ok(h), sources }) if !h.contains("-dirty-") && *sources == pkg.extra_sources
+            Some(Cached { hash: Ok(h), sources, .. }) if !h.contains("-dirty-") && *sources == pkg.extra_sources
         );
         let dirs: Vec<PathBuf> = std::iter::once(&pkg.dir)
             .chain(pkg.extra_sources.iter().map(|(s, _)| s))
@@ -311,6 +313,7 @@ impl Tagger {
                 return c.hash.clone();
             }
         }
+        let read_at = std::time::Instant::now();
         let hash = self.compute(pkg);
         self.forget_hash(&pkg.dir);
         for (src, _) in &pkg.extra_sources {
@@ -322,6 +325,7 @@ impl Tagger {
             Cached {
                 sources: pkg.extra_sources.clone(),
                 hash: hash.clone(),
+                read_at,
             },
         );
         hash
@@ -341,6 +345,13 @@ impl Tagger {
             }
         }
         true
+    }
+
+    /// When the files behind the package's remembered hash started to be read (the hash
+    /// may be older than the plan that uses it): a change from then on may be missing
+    /// from it.
+    pub fn read_at(&self, pkg: &Package) -> Option<std::time::Instant> {
+        self.cache.get(&pkg.dir).map(|c| c.read_at)
     }
 
     /// The top of the work tree holding `dir`, remembered.
