@@ -285,6 +285,31 @@ impl Model {
             .collect()
     }
 
+    /// The shown packages from the `start`-th, at most `len` of them.
+    pub fn visible_rows(&self, start: usize, len: usize) -> Vec<&PackageState> {
+        let Some(s) = &self.snapshot else {
+            return Vec::new();
+        };
+        if !self.index.is_for(&self.filter) {
+            return self.rows().into_iter().skip(start).take(len).collect();
+        }
+        let names = self.index.names();
+        names[start.min(names.len())..start.saturating_add(len).min(names.len())]
+            .iter()
+            .filter_map(|n| s.packages.get(n))
+            .collect()
+    }
+
+    /// The widest shown name and tag (as the table shows the tag), in characters.
+    pub fn row_widths(&self) -> (usize, usize) {
+        match &self.snapshot {
+            Some(s) if !self.index.is_for(&self.filter) => {
+                RowIndex::build(s, &self.filter).widths()
+            }
+            _ => self.index.widths(),
+        }
+    }
+
     /// How many packages are shown.
     pub fn row_count(&self) -> usize {
         if self.index.is_for(&self.filter) {
@@ -342,7 +367,7 @@ impl Model {
         if !self.index.is_for(&self.filter)
             && let Some(s) = &self.snapshot
         {
-            self.index = RowIndex::build(s, &self.filter);
+            self.index.refilter(s, &self.filter);
         }
         let shown = self
             .selected

@@ -16,6 +16,22 @@ pub struct RowIndex {
     filter: String,
     /// Each arch any package lists, with how many packages list it.
     archs: BTreeMap<String, usize>,
+    /// The shown rows' name and tag widths (width to how many rows have it): the table's
+    /// columns are as wide as the widest, known without going over the rows per frame.
+    name_widths: BTreeMap<usize, usize>,
+    tag_widths: BTreeMap<usize, usize>,
+}
+
+/// Adds one to (or takes one from) the count of `width`.
+fn count(widths: &mut BTreeMap<usize, usize>, width: usize, add: bool) {
+    if add {
+        *widths.entry(width).or_default() += 1;
+    } else if let Some(n) = widths.get_mut(&width) {
+        *n -= 1;
+        if *n == 0 {
+            widths.remove(&width);
+        }
+    }
 }
 
 /// True when `p` is shown under `filter` (already lower case).
@@ -47,10 +63,48 @@ impl RowIndex {
         for p in snapshot.packages.values() {
             if matches(p, &lower) {
                 index.names.push(p.name.clone());
+                index.count_widths(p, true);
             }
             index.count_archs(p, true);
         }
         index
+    }
+
+    /// Makes it the index for `filter`: a filter that contains the current one (typed
+    /// on) keeps only the shown rows that still match; any other goes over every package.
+    pub fn refilter(&mut self, snapshot: &Snapshot, filter: &str) {
+        let lower = filter.to_lowercase();
+        if !lower.contains(&self.filter.to_lowercase()) {
+            *self = RowIndex::build(snapshot, filter);
+            return;
+        }
+        let mut names = std::mem::take(&mut self.names);
+        names.retain(|n| match snapshot.packages.get(n) {
+            Some(p) if matches(p, &lower) => true,
+            Some(p) => {
+                self.count_widths(p, false);
+                false
+            }
+            None => false,
+        });
+        self.names = names;
+        self.filter = filter.to_owned();
+    }
+
+    /// The widest shown name and tag (0 when none shows).
+    pub fn widths(&self) -> (usize, usize) {
+        let widest = |w: &BTreeMap<usize, usize>| w.keys().next_back().copied().unwrap_or(0);
+        (widest(&self.name_widths), widest(&self.tag_widths))
+    }
+
+    fn count_widths(&mut self, p: &PackageState, add: bool) {
+        count(&mut self.name_widths, p.name.chars().count(), add);
+        if let Some(t) = &p.tag {
+            let w = crate::ui::fmt::tag(t.as_str(), crate::ui::fmt::TAG_WIDTH)
+                .chars()
+                .count();
+            count(&mut self.tag_widths, w, add);
+        }
     }
 
     /// True when it was made for `filter`.
@@ -98,6 +152,9 @@ impl RowIndex {
         }
         if let Some(i) = self.position(name) {
             self.names.remove(i);
+            if let Some(p) = snapshot.packages.get(name) {
+                self.count_widths(p, false);
+            }
         }
     }
 
@@ -111,6 +168,7 @@ impl RowIndex {
             && let Err(i) = self.names.binary_search_by(|n| n.as_str().cmp(name))
         {
             self.names.insert(i, name.to_owned());
+            self.count_widths(p, true);
         }
     }
 }
@@ -169,11 +227,34 @@ mod tests {
             let fresh = RowIndex::build(&s, "b");
             assert_eq!(index.names, fresh.names, "after {e:?}");
             assert_eq!(index.archs, fresh.archs, "after {e:?}");
+            assert_eq!(index.name_widths, fresh.name_widths, "after {e:?}");
+            assert_eq!(index.tag_widths, fresh.tag_widths, "after {e:?}");
         }
         assert_eq!(index.names(), ["o/b2", "o/bad"]);
+        assert_eq!(index.widths(), (5, 0), "no shown row has a tag");
         assert_eq!(
             index.archs().cloned().collect::<Vec<_>>(),
             ["amd64", "arm64", "mips64le", "s390x"]
         );
+    }
+
+    /// Typing on narrows the shown rows to those that still match; any other filter is
+    /// the same as an index built for it.
+    #[test]
+    fn a_filter_typed_on_narrows_and_others_rebuild() {
+        let mut s = Snapshot::default();
+        for n in ["o/ab", "o/abc", "o/b", "o/longer-name"] {
+            s.apply(&added(n, &["amd64"]));
+        }
+        let mut index = RowIndex::build(&s, "");
+        for f in ["a", "ab", "abc", "b", "", "LONG"] {
+            index.refilter(&s, f);
+            let fresh = RowIndex::build(&s, f);
+            assert_eq!(index.names, fresh.names, "filter {f:?}");
+            assert_eq!(index.name_widths, fresh.name_widths, "filter {f:?}");
+            assert_eq!(index.archs, fresh.archs, "filter {f:?}");
+            assert!(index.is_for(f));
+        }
+        assert_eq!(index.names(), ["o/longer-name"]);
     }
 }

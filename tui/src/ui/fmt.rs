@@ -60,6 +60,9 @@ pub fn last_build(l: &BuildSummary) -> String {
 
 /// A tag in `n` characters or a few more: a dirty tag keeps its `-dirty-` part, so an
 /// edit shows (`4f2a9c1b-dirty-1a2b3c4`, where the clean tag shows `4f2a9c1be07d`).
+/// Characters of a clean tag shown in the packages table.
+pub const TAG_WIDTH: usize = 12;
+
 pub fn tag(t: &str, n: usize) -> String {
     match t.split_once("-dirty-") {
         Some((hash, dirt)) => format!("{}-dirty-{dirt}", short(hash, n.saturating_sub(4).max(7))),

@@ -23,9 +23,6 @@ pub fn glyph(status: TargetStatus) -> (&'static str, Color) {
     }
 }
 
-/// Characters of a clean tag shown in the table.
-const TAG_WIDTH: usize = 12;
-
 /// A target's cell; `selected` is `Some(focused)` for the selected one: reversed while
 /// the table has the focus, underlined while the log has it.
 fn status_cell(
@@ -66,11 +63,11 @@ fn last_and_digest(t: Option<&TargetState>) -> (Option<&BuildSummary>, Option<&D
 
 pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
     let focused = model.focus == Focus::Packages;
-    let rows = model.rows();
+    let count = model.row_count();
     let title = if model.filter.is_empty() {
-        format!(" packages ({}) ", rows.len())
+        format!(" packages ({count}) ")
     } else {
-        format!(" packages ({}) filter {:?} ", rows.len(), model.filter)
+        format!(" packages ({count}) filter {:?} ", model.filter)
     };
     let block = Block::bordered().title(title).border_style(border(focused));
     if model.snapshot.is_none() {
@@ -83,7 +80,7 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
         frame.render_widget(Paragraph::new(text).style(dim()).block(block), area);
         return;
     }
-    if rows.is_empty() {
+    if count == 0 {
         let text = if model.filter.is_empty() {
             "no packages: kilnd finds directories with a build.yml under its roots"
         } else {
@@ -115,7 +112,7 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
     // ratatui's own scrolling would place it.
     let fit = usize::from(area.height.saturating_sub(3)).max(1);
     let start = selected_row.map_or(0, |r| (r + 1).saturating_sub(fit));
-    let shown_rows = &rows[start.min(rows.len())..(start + fit).min(rows.len())];
+    let shown_rows = model.visible_rows(start, fit);
     let body = shown_rows.iter().enumerate().map(|(i, p)| {
         let i = start + i;
         let error = p.error.is_some();
@@ -129,7 +126,7 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
             Cell::from(Span::styled(
                 p.tag
                     .as_ref()
-                    .map_or_else(|| "-".to_owned(), |t| fmt::tag(t.as_str(), TAG_WIDTH)),
+                    .map_or_else(|| "-".to_owned(), |t| fmt::tag(t.as_str(), fmt::TAG_WIDTH)),
                 dim(),
             )),
         ];
@@ -159,20 +156,11 @@ pub(super) fn draw(model: &Model, frame: &mut Frame, area: Rect) {
     });
     // The name column is as wide as the longest name (the rest of the width stays free at
     // the right rather than stretching the names away from their status).
-    let name_width = rows
-        .iter()
-        .map(|p| p.name.chars().count())
-        .max()
-        .unwrap_or(0)
-        .clamp(14, 48);
+    // Both widths are kept by the model as rows change, not measured here per frame.
+    let (name_width, tag_width) = model.row_widths();
+    let name_width = name_width.clamp(14, 48);
     // As wide as the shown tags: a dirty tag's `-dirty-` part is never cut.
-    let tag_width = rows
-        .iter()
-        .filter_map(|p| p.tag.as_ref())
-        .map(|t| fmt::tag(t.as_str(), TAG_WIDTH).chars().count())
-        .max()
-        .unwrap_or(TAG_WIDTH)
-        .max(TAG_WIDTH);
+    let tag_width = tag_width.max(fmt::TAG_WIDTH);
     let mut widths = vec![
         Constraint::Length(u16::try_from(name_width).unwrap_or(14)),
         Constraint::Length(u16::try_from(tag_width).unwrap_or(12)),
