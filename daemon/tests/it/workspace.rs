@@ -824,19 +824,28 @@ async fn a_burst_of_in_place_rewrites_is_folded_and_ends_clean() {
             }
         })
     };
-    let (mut plans, mut sure) = (0, 0);
+    let (mut plans, mut sure, mut rescans) = (0, 0, 0);
     let mut last = None;
     loop {
         let done = writer.is_finished();
         // Once the writes are done, their last change comes within a quiet window.
         let wait = std::time::Duration::from_secs(if done { 2 } else { 10 });
-        let Ok(Some(WatchEvent::Changed(paths))) = tokio::time::timeout(wait, rx.recv()).await
-        else {
-            assert!(done, "no change within 10 s while writing");
-            break;
+        let paths: Vec<std::path::PathBuf> = match tokio::time::timeout(wait, rx.recv()).await {
+            Ok(Some(WatchEvent::Changed(paths))) => paths.into_iter().collect(),
+            // The writer can outrun the watcher under load: inotify's queue overflows and
+            // everything is looked at again, as kilnd does.
+            Ok(Some(WatchEvent::Rescan { .. })) => {
+                rescans += 1;
+                vec![file.clone()]
+            }
+            Ok(Some(WatchEvent::Error { message })) => panic!("watcher: {message}"),
+            Ok(None) | Err(_) => {
+                assert!(done, "no change within {wait:?} while writing");
+                break;
+            }
         };
         let since = std::time::Instant::now();
-        t.invalidate(&paths.into_iter().collect::<Vec<_>>());
+        t.invalidate(&paths);
         let tag = t.tag(&pkg).unwrap().to_string();
         let unsure = touched.unsure(&[(vec![p.as_path()], since)]).await[0];
         plans += 1;
@@ -850,6 +859,8 @@ async fn a_burst_of_in_place_rewrites_is_folded_and_ends_clean() {
         }
     }
     writer.join().unwrap();
-    eprintln!("{plans} changes for {writes} writes, {sure} read with no write under way");
+    eprintln!(
+        "{plans} changes ({rescans} rescans) for {writes} writes, {sure} read with no write under way"
+    );
     assert_eq!(last, Some((clean, false)), "the last change");
 }
