@@ -173,3 +173,66 @@ async fn a_manifest_put_checks_its_blobs_under_the_writer_lock() {
     let report = fsck(&r.cache, false).unwrap();
     assert!(report.is_clean(), "{report}");
 }
+
+/// Serves one blob held in memory, as an upstream would (through a verifying writer).
+#[derive(Debug)]
+struct Upstream(Vec<u8>);
+
+impl crate::cache::BlobSource for Upstream {
+    fn fetch<'a>(
+        &'a self,
+        cache: &'a Arc<Cache>,
+        digest: &'a Digest,
+        from: &'a crate::cache::OnDemand,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut w = cache.blob_writer().map_err(|e| e.to_string())?;
+            w.write_bytes(&self.0).map_err(|e| e.to_string())?;
+            w.finish(Some(digest), Some(from.size))
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_blob_on_demand_is_headed_from_its_record_fetched_on_get_and_503_when_it_cannot_be() {
+    let r = Reg::new();
+    let layer = b"a layer left upstream".to_vec();
+    let d = sha(&layer);
+    r.cache
+        .record_on_demand(&[(
+            d.clone(),
+            crate::cache::OnDemand {
+                upstream: "up.example:5000".into(),
+                repo: "team/org/x".into(),
+                image: "org/x".into(),
+                size: layer.len() as u64,
+            },
+        )])
+        .unwrap();
+    let uri = format!("/v2/org/x/blobs/{d}");
+    // HEAD answers from the record: nothing is fetched.
+    let head = r.req(Method::HEAD, &uri, &[], Bytes::new()).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(head.header("content-length"), layer.len().to_string());
+    assert_eq!(r.cache.blob_size(&d).unwrap(), None);
+    // No upstream to fetch it from: 503 with what and what to do; nothing written.
+    let get = r.get(&uri, &[]).await;
+    get.is_error(503, "UNAVAILABLE");
+    let message = get.json()["errors"][0]["message"].to_string();
+    assert!(
+        message.contains("on demand from up.example:5000") && message.contains("kiln pull org/x"),
+        "{message}"
+    );
+    assert_eq!(get.json()["errors"][0]["detail"]["digest"], d.to_string());
+    assert!(get.headers.contains_key("retry-after"));
+    assert_eq!(r.cache.blob_size(&d).unwrap(), None);
+    // With its upstream: fetched, verified, served; then held here.
+    r.cache.set_blob_source(Arc::new(Upstream(layer.clone())));
+    let get = r.get(&uri, &[]).await;
+    assert_eq!(get.status, StatusCode::OK);
+    assert_eq!(get.body.as_ref(), layer.as_slice());
+    assert_eq!(r.cache.blob_size(&d).unwrap(), Some(layer.len() as u64));
+    assert!(r.cache.on_demand(&d).unwrap().is_none());
+}
