@@ -437,6 +437,12 @@ async fn fold(
             ev = raw.recv() => ev,
             permit = out.reserve(), if ready => {
                 let Ok(permit) = permit else { return };
+                tracing::debug!(
+                    paths = change.pending.len(),
+                    since_first_us = change.first.elapsed().as_micros(),
+                    since_last_us = change.last.elapsed().as_micros(),
+                    "change reported"
+                );
                 permit.send(WatchEvent::Changed(std::mem::take(&mut change.pending)));
                 change.structural = false;
                 continue;

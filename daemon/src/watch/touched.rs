@@ -115,11 +115,19 @@ impl Touched {
     /// recorded every event made so far ([`Touched::settle`]), something under them
     /// changed since, or the events say a file is still open ([`Touched::busy`]).
     pub async fn unsure(&self, reads: &[(Vec<&Path>, Instant)]) -> Vec<bool> {
+        let start = Instant::now();
         let writing: Vec<bool> = reads
             .iter()
             .map(|(dirs, _)| self.written_now(dirs))
             .collect();
+        let asked = start.elapsed();
         self.settle().await;
+        tracing::debug!(
+            reads = reads.len(),
+            kernel_us = asked.as_micros(),
+            settle_us = (start.elapsed() - asked).as_micros(),
+            "what was read checked"
+        );
         reads
             .iter()
             .zip(writing)
