@@ -247,14 +247,13 @@ impl Cache {
 
     /// The blobs on demand that are still missing (what `stats` and `fsck` show).
     pub fn missing_on_demand(&self) -> Result<BTreeMap<Digest, OnDemand>, CacheError> {
-        let mut all = self.on_demand_all()?;
-        let mut keep = BTreeMap::new();
-        for (d, from) in std::mem::take(&mut all) {
+        let mut missing = BTreeMap::new();
+        for (d, from) in self.on_demand_all()? {
             if self.blob_size(&d)?.is_none() {
-                keep.insert(d, from);
+                missing.insert(d, from);
             }
         }
-        Ok(keep)
+        Ok(missing)
     }
 }
 
