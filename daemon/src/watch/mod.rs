@@ -437,15 +437,25 @@ async fn fold(
             ev = raw.recv() => ev,
             permit = out.reserve(), if ready => {
                 let Ok(permit) = permit else { return };
-                tracing::debug!(
-                    paths = change.pending.len(),
-                    since_first_us = change.first.elapsed().as_micros(),
-                    since_last_us = change.last.elapsed().as_micros(),
-                    "change reported"
-                );
-                permit.send(WatchEvent::Changed(std::mem::take(&mut change.pending)));
-                change.structural = false;
-                continue;
+                // Events that came while the output was full (kilnd busy with the last
+                // change) join this change before it goes: once, so that a never-ending
+                // stream still gets through.
+                if !change.rechecked && !raw.is_empty() {
+                    drop(permit);
+                    change.rechecked = true;
+                    raw.recv().await
+                } else {
+                    tracing::debug!(
+                        paths = change.pending.len(),
+                        since_first_us = change.first.elapsed().as_micros(),
+                        since_last_us = change.last.elapsed().as_micros(),
+                        "change reported"
+                    );
+                    permit.send(WatchEvent::Changed(std::mem::take(&mut change.pending)));
+                    change.structural = false;
+                    change.rechecked = false;
+                    continue;
+                }
             }
             () = sleep_until(wake.unwrap_or(now)), if !ready && wake.is_some() => {
                 // Open for a whole quiet window: taken as it is now.
@@ -485,6 +495,8 @@ struct Gathering {
     last: Instant,
     /// Whether the watch limit was reported already (once is enough).
     limit_reported: bool,
+    /// Whether events that came while the output was full were taken in already.
+    rechecked: bool,
 }
 
 impl Default for Gathering {
@@ -495,6 +507,7 @@ impl Default for Gathering {
             first: Instant::now(),
             last: Instant::now(),
             limit_reported: false,
+            rechecked: false,
         }
     }
 }
