@@ -13,27 +13,22 @@ use crate::registry::error::OciError;
 use crate::registry::range::{RangeAnswer, blob_range};
 use crate::registry::service::Service;
 
+/// A blob as the cache has it.
+enum Found {
+    /// Local: the open file and its size.
+    File(std::fs::File, u64),
+    /// On demand from an upstream (`cache::ondemand`), with its recorded size.
+    OnDemand(u64),
+}
+
 impl Service {
-    pub(in crate::registry) async fn get_blob(
-        &self,
-        digest: &Digest,
-        head: bool,
-        headers: &HeaderMap,
-    ) -> Result<Resp, OciError> {
-        // A blob on demand is fetched from its upstream first (a HEAD answers from the
-        // recorded size).
-        if !head {
-            self.cache.ensure_blob(digest).await.map_err(|e| match e {
-                e @ crate::cache::CacheError::OnDemand(_) => {
-                    OciError::Unavailable(e.to_string(), digest.clone())
-                }
-                e => internal(e),
-            })?;
-        }
+    /// Opens a blob, or finds it on demand; a HEAD leases it from gc (see below). Only a
+    /// blob missing here is looked up in the record of blobs on demand.
+    async fn find_blob(&self, digest: &Digest, head: bool) -> Result<Found, OciError> {
         let path = self.cache.blob_path(digest);
         let d = digest.clone();
         let cache = Arc::clone(&self.cache);
-        let (file, size) = blocking(move || {
+        blocking(move || {
             if head {
                 // A client that HEADs a blob skips its upload and references it in the
                 // manifest it pushes next: lease it from gc until then.
@@ -48,12 +43,12 @@ impl Service {
                     if !meta.is_file() {
                         return Err(OciError::BlobUnknown(d));
                     }
-                    Ok((Some(f), meta.len()))
+                    Ok(Found::File(f, meta.len()))
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     match cache.on_demand(&d).map_err(internal)? {
-                        Some(from) if head => Ok((None, from.size)),
-                        _ => Err(OciError::BlobUnknown(d)),
+                        Some(from) => Ok(Found::OnDemand(from.size)),
+                        None => Err(OciError::BlobUnknown(d)),
                     }
                 }
                 Err(source) => Err(OciError::Io {
@@ -62,7 +57,31 @@ impl Service {
                 }),
             }
         })
-        .await?;
+        .await
+    }
+
+    pub(in crate::registry) async fn get_blob(
+        &self,
+        digest: &Digest,
+        head: bool,
+        headers: &HeaderMap,
+    ) -> Result<Resp, OciError> {
+        let mut found = self.find_blob(digest, head).await?;
+        if matches!(found, Found::OnDemand(_)) && !head {
+            // A blob on demand is fetched from its upstream, then served from the cache.
+            self.cache.ensure_blob(digest).await.map_err(|e| match e {
+                e @ crate::cache::CacheError::OnDemand(_) => {
+                    OciError::Unavailable(e.to_string(), digest.clone())
+                }
+                e => internal(e),
+            })?;
+            found = self.find_blob(digest, head).await?;
+        }
+        let (file, size) = match found {
+            Found::File(f, size) => (Some(f), size),
+            Found::OnDemand(size) if head => (None, size),
+            Found::OnDemand(_) => return Err(OciError::BlobUnknown(digest.clone())),
+        };
         let etag = HeaderValue::from_str(&format!("\"{digest}\"")).map_err(internal)?;
         let digest_hv = HeaderValue::from_str(&digest.to_string()).map_err(internal)?;
         if if_none_match(headers, digest) {
