@@ -234,7 +234,7 @@ pub type PlanErrors = BTreeMap<PathBuf, PackageProblem>;
 mod tests {
     use super::*;
 
-    fn write(root: &std::path::Path, rel: &str, text: &str) {
+    pub(super) fn write(root: &std::path::Path, rel: &str, text: &str) {
         let p = root.join(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, text).unwrap();

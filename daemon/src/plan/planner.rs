@@ -537,12 +537,7 @@ fn dir_label(ws: &Workspace, dir: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn write(root: &Path, rel: &str, text: &str) {
-        let p = root.join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, text).unwrap();
-    }
+    use crate::plan::tests::write;
 
     fn git(ws: &Path, args: &[&str]) {
         let ok = std::process::Command::new("git")
