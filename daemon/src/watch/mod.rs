@@ -132,30 +132,6 @@ impl Watcher {
                 let _ = raw_tx.blocking_send(ev);
             }
         };
-        let backend = match start_inotify(&cfg.roots, handler) {
-            Ok(mut w) => {
-                if let Some(dir) = fence_dir {
-                    match w.watch(&dir, RecursiveMode::NonRecursive) {
-                        Ok(()) => cfg.touched.set_fence(dir),
-                        Err(e) => tracing::warn!(
-                            "cannot watch {}: {e}; plans do not wait for the watcher",
-                            dir.display()
-                        ),
-                    }
-                }
-                Backend::Inotify(w)
-            }
-            Err(StartError::Limit(message)) => {
-                let _ = out_tx.try_send(WatchEvent::Error { message });
-                Backend::Poll(tokio::spawn(poll(
-                    cfg.roots.clone(),
-                    cfg.exclude.clone(),
-                    raw_tx,
-                    recorder.clone(),
-                )))
-            }
-            Err(StartError::Other(e)) => return Err(e),
-        };
         // Before any lease is taken: SIGIO's default action ends the process.
         let sigio = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::io()) {
             Ok(s) => {
@@ -170,7 +146,38 @@ impl Watcher {
                 None
             }
         };
-        let task = tokio::spawn(fold(cfg, recorder, raw_rx, out_tx));
+        // The fold drains events from the start: setting up the watch of a big tree makes
+        // events of its own (each directory opened while it is walked), and a queue left
+        // full meanwhile would stop notify's thread, and with it the setup, for ever.
+        let (roots, exclude, touched) = (
+            cfg.roots.clone(),
+            cfg.exclude.clone(),
+            Arc::clone(&cfg.touched),
+        );
+        let error_tx = out_tx.clone();
+        let task = tokio::spawn(fold(cfg, recorder.clone(), raw_rx, out_tx));
+        let backend = match start_inotify(&roots, handler) {
+            Ok(mut w) => {
+                if let Some(dir) = fence_dir {
+                    match w.watch(&dir, RecursiveMode::NonRecursive) {
+                        Ok(()) => touched.set_fence(dir),
+                        Err(e) => tracing::warn!(
+                            "cannot watch {}: {e}; plans do not wait for the watcher",
+                            dir.display()
+                        ),
+                    }
+                }
+                Backend::Inotify(w)
+            }
+            Err(StartError::Limit(message)) => {
+                let _ = error_tx.try_send(WatchEvent::Error { message });
+                Backend::Poll(tokio::spawn(poll(roots, exclude, raw_tx, recorder)))
+            }
+            Err(StartError::Other(e)) => {
+                task.abort();
+                return Err(e);
+            }
+        };
         Ok((
             Watcher {
                 backend,
@@ -426,8 +433,10 @@ async fn fold(
         let quiet_until = change
             .structural
             .then(|| (change.last + cfg.quiet).min(change.first + cfg.quiet * 20));
-        let ready =
-            !change.pending.is_empty() && opened.is_none() && quiet_until.is_none_or(|t| t <= now);
+        let ready = !change.notices.is_empty()
+            || !change.pending.is_empty()
+                && opened.is_none()
+                && quiet_until.is_none_or(|t| t <= now);
         let open_until = opened.map(|t| Instant::from_std(t) + cfg.quiet);
         let wake = match (open_until, quiet_until) {
             (Some(a), Some(b)) => Some(a.max(b)),
@@ -437,6 +446,10 @@ async fn fold(
             ev = raw.recv() => ev,
             permit = out.reserve(), if ready => {
                 let Ok(permit) = permit else { return };
+                if let Some(notice) = change.notices.pop_front() {
+                    permit.send(notice);
+                    continue;
+                }
                 // Events that came while the output was full (kilnd busy with the last
                 // change) join this change before it goes: once, so that a never-ending
                 // stream still gets through.
@@ -470,9 +483,7 @@ async fn fold(
         // close and the events just before it come together), a bounded number at a
         // time so that a never-ending stream cannot hold a change back.
         for _ in 0..DRAIN {
-            if change.take(ev, &recorder, &out).await.is_err() {
-                return;
-            }
+            change.take(ev, &recorder);
             match raw.try_recv() {
                 Ok(more) => ev = more,
                 Err(_) => break,
@@ -497,6 +508,10 @@ struct Gathering {
     limit_reported: bool,
     /// Whether events that came while the output was full were taken in already.
     rechecked: bool,
+    /// Rescans and errors to report before the change. The fold never waits on the
+    /// output with events arriving: it keeps taking them in (notify's thread blocks on a
+    /// full queue, and a `watch` call waits for that thread while kilnd starts).
+    notices: std::collections::VecDeque<WatchEvent>,
 }
 
 impl Default for Gathering {
@@ -508,26 +523,28 @@ impl Default for Gathering {
             last: Instant::now(),
             limit_reported: false,
             rechecked: false,
+            notices: std::collections::VecDeque::new(),
         }
     }
 }
 
 impl Gathering {
-    /// Takes one raw event in; `Err` when kilnd stopped listening.
-    async fn take(
-        &mut self,
-        ev: Raw,
-        recorder: &Recorder,
-        out: &mpsc::Sender<WatchEvent>,
-    ) -> Result<(), mpsc::error::SendError<WatchEvent>> {
+    /// Takes one raw event in.
+    fn take(&mut self, ev: Raw, recorder: &Recorder) {
         match ev {
             Ok(ev) if ev.need_rescan() => {
-                out.send(WatchEvent::Rescan {
-                    reason: "inotify's event queue overflowed (fs.inotify.max_queued_events); \
-                             looking at everything again"
-                        .into(),
-                })
-                .await
+                // One rescan covers every overflow before it is made.
+                if !self
+                    .notices
+                    .iter()
+                    .any(|n| matches!(n, WatchEvent::Rescan { .. }))
+                {
+                    self.notices.push_back(WatchEvent::Rescan {
+                        reason: "inotify's event queue overflowed (fs.inotify.max_queued_events); \
+                                 looking at everything again"
+                            .into(),
+                    });
+                }
             }
             Ok(ev) => {
                 if is_change(&ev.kind) {
@@ -545,28 +562,31 @@ impl Gathering {
                         }
                     }
                 }
-                Ok(())
             }
             Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
                 // A directory created later could not be watched.
                 if self.limit_reported {
-                    return Ok(());
+                    return;
                 }
                 self.limit_reported = true;
                 let path = e.paths.first().cloned().unwrap_or_default();
-                out.send(WatchEvent::Error {
+                self.notices.push_back(WatchEvent::Error {
                     message: format!(
                         "{}; until then new directories are not watched",
                         limit_message(&path)
                     ),
-                })
-                .await
+                });
             }
             Err(e) => {
-                out.send(WatchEvent::Error {
-                    message: format!("file watcher: {e}"),
-                })
-                .await
+                let message = format!("file watcher: {e}");
+                // The same error again adds nothing while it waits to be reported.
+                if !self
+                    .notices
+                    .iter()
+                    .any(|n| matches!(n, WatchEvent::Error { message: m } if *m == message))
+                {
+                    self.notices.push_back(WatchEvent::Error { message });
+                }
             }
         }
     }

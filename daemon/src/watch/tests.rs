@@ -336,3 +336,65 @@ fn touched_tells_what_changed_since_a_moment() {
     t.record_unknown(planned);
     assert!(t.since(planned, &[pkg]), "lost events");
 }
+
+/// While the watch of a big tree is being set up, another process changes it (as
+/// `git gc --auto`, started in the background by a commit, packs and deletes thousands of
+/// loose objects; here: chmods, the cheapest event): more events than the queue holds. They are drained while the watch is
+/// set up, so starting returns (it used to wait for ever once the queue was full).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watching_a_tree_that_changes_meanwhile_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let ws = dir.path().join("ws");
+    for i in 0..8000 {
+        std::fs::create_dir_all(ws.join(format!("p{i}/src"))).unwrap();
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (ws, stop) = (ws.clone(), Arc::clone(&stop));
+        use std::os::unix::fs::PermissionsExt;
+        let files = [ws.join("f0"), ws.join("f1")];
+        for f in &files {
+            fs::write(f, b"x").unwrap();
+        }
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            // A burst, as a real one ends (an endless one would keep notify's thread
+            // reading events, never getting to the next `watch` call).
+            while n < 100_000 && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Two files in turn: the kernel merges an event equal to the one before.
+                let mode = 0o600 | (((n as u32 / 2) % 2) * 0o40);
+                let _ =
+                    fs::set_permissions(&files[n as usize % 2], fs::Permissions::from_mode(mode));
+                n += 1;
+            }
+            n
+        })
+    };
+    // The fence is watched after the tree: notify's thread then reads what queued up
+    // while it walked the tree, before it can answer.
+    let fence = dir.path().join("fence");
+    // On a thread of its own, so that a start that never returns fails the test.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::spawn(move || {
+        let _runtime = runtime.enter();
+        let started = Watcher::start(WatchConfig {
+            roots: vec![ws],
+            exclude: Vec::new(),
+            quiet: Duration::from_millis(50),
+            touched: Arc::default(),
+            fence_dir: Some(fence),
+        });
+        let _ = tx.send(started.map(|_| ()));
+    });
+    let started = rx.recv_timeout(Duration::from_secs(60));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = churn.join().unwrap();
+    started
+        .expect("the watcher started within a minute")
+        .unwrap();
+    assert!(
+        writes > 20_000,
+        "{writes} changes: too few to fill the queue"
+    );
+}
