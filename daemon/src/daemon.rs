@@ -18,7 +18,7 @@ use crate::cache::{Cache, CacheError};
 use crate::config::Config;
 use crate::control::{
     ControlConfig, Controller, Core, Inputs, Owned, PullMiss, QueueConfig, cache_stats, describe,
-    flush_usage, start_queue,
+    flush_usage, fold_refs, fold_refs_when_quiet, start_queue,
 };
 use crate::control::{publish_upstreams, resume_pushes};
 use crate::registry::{BoxFuture, Hooks, ManifestMiss, MissError, RegistryConfig, RegistryError};
@@ -218,11 +218,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         },
         stop.clone(),
     ));
+    tasks.spawn(fold_refs_when_quiet(Arc::clone(&cache), stop.clone()));
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     owned.shutdown(SHUTDOWN_PHASE).await;
+    // What landed or was pushed last is in index.json for other tools.
+    fold_refs(&cache).await;
     Ok(())
 }
 
@@ -266,6 +269,10 @@ async fn open_cache(
                 ),
                 Ok(_) => {}
                 Err(e) => tracing::warn!("cannot clean the cache's temp files: {e}"),
+            }
+            // Changes an earlier kilnd left in the refs journal go into index.json.
+            if let Err(e) = cache.fold_refs() {
+                tracing::warn!("cannot fold the refs journal into index.json: {e}");
             }
             // What a crashed kilnd left of its RUN steps (containers, mounts,
             // directories) goes before anything builds.
@@ -592,5 +599,6 @@ pub async fn build_once(
     }
     flush_usage(&cache).await;
     owned.shutdown(SHUTDOWN_PHASE).await;
+    fold_refs(&cache).await;
     Ok(results)
 }

@@ -1,28 +1,28 @@
 //! Group commit of reference changes, as databases commit their log: a writer hands its
 //! change to the group and waits for the commit that holds it; one writer at a time, the
-//! leader, takes every change pending, applies them in order to the index, writes
-//! `index.json` once (temp file, fsync, rename, directory fsync) under the writer lock, and
-//! wakes every writer of the batch. A landing thus costs what it adds plus its share of one
-//! write, instead of a whole write of the index each: the write is shared by all the
-//! changes that arrived while the previous one was on its way to disk.
+//! leader, takes every change pending, applies them in order to the references, commits
+//! them once under the writer lock (one record appended to the refs journal and fsynced,
+//! or a fold of the journal into `index.json` when one is due: see [`super::journal`]),
+//! and wakes every writer of the batch. The fsync is shared by all the changes that
+//! arrived while the previous one was on its way to disk.
 //!
 //! The guarantees of a single write stay: a change is acknowledged (its writer returns)
-//! only once `index.json` holding it is durable and served, readers see only whole states
-//! (the view is swapped after the rename), and a crash leaves the old file or the new one.
+//! only once the commit holding it is durable and served, readers see only whole states
+//! (the view is swapped after the fsync), and a crash leaves the old state or the new one.
 //! A change that fails (its closure returns an error, a blob it names is missing) is left
 //! out of the batch alone: each change is recorded in its own overlay and folded in only
 //! when its closure succeeded. Leadership passes on after each batch, so no writer keeps
 //! committing other writers' changes for long.
 
-use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use super::index::IndexView;
+use super::journal::Edit;
 use super::{Cache, CacheError};
-use crate::oci::{ANNOTATION_REF_NAME, Descriptor, ImageIndex};
+use crate::oci::{ANNOTATION_REF_NAME, Descriptor};
 
 /// One writer's change, applied by the leader: true when it succeeded (its overlay is
 /// folded in), false when it failed (its result, an error, is already in its slot).
@@ -73,7 +73,7 @@ pub(super) struct Group {
     queue: Mutex<Queue>,
     /// Signalled after each batch: its writers are done, and a new leader may be needed.
     turn: Condvar,
-    /// Writes of `index.json` by batches, for tests and the debug log.
+    /// Commits made by batches, for tests and the debug log.
     writes: AtomicU64,
 }
 
@@ -84,7 +84,7 @@ impl std::fmt::Debug for Group {
 }
 
 impl Group {
-    /// How many times a batch wrote `index.json`.
+    /// How many commits the batches made.
     #[cfg(test)]
     pub(super) fn writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)
@@ -100,10 +100,9 @@ impl Group {
 /// plus this change's own edits, which are folded in only if the change succeeds.
 pub struct RefEdit<'a> {
     cache: &'a Cache,
-    index: &'a ImageIndex,
-    by_name: &'a HashMap<String, usize>,
+    refs: &'a imbl::OrdMap<String, Descriptor>,
     /// This change's edits in order: a name set to a descriptor, or removed (`None`).
-    edits: Vec<(String, Option<Descriptor>)>,
+    edits: Vec<Edit>,
 }
 
 impl RefEdit<'_> {
@@ -116,7 +115,7 @@ impl RefEdit<'_> {
     pub fn get(&self, name: &str) -> Option<&Descriptor> {
         match self.edits.iter().rev().find(|(n, _)| n == name) {
             Some((_, d)) => d.as_ref(),
-            None => self.by_name.get(name).map(|&i| &self.index.manifests[i]),
+            None => self.refs.get(name),
         }
     }
 
@@ -145,56 +144,37 @@ impl RefEdit<'_> {
         existed
     }
 
+    /// The named references whose names start with `prefix`, with their descriptors,
+    /// as this change sees them.
+    pub fn refs_with_prefix(&self, prefix: &str) -> Vec<(String, Descriptor)> {
+        let mut out: std::collections::BTreeMap<String, Descriptor> = self
+            .refs
+            .range::<_, str>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(n, _)| n.starts_with(prefix))
+            .map(|(n, d)| (n.clone(), d.clone()))
+            .collect();
+        for (name, edit) in self.edits.iter().filter(|(n, _)| n.starts_with(prefix)) {
+            match edit {
+                Some(d) => out.insert(name.clone(), d.clone()),
+                None => out.remove(name),
+            };
+        }
+        out.into_iter().collect()
+    }
+
     /// Every named reference with its descriptor, as this change sees them (a scan of
     /// the whole index: for the rare changes that look for a digest, not a name).
     pub fn refs(&self) -> Vec<(String, Descriptor)> {
-        let mut out: Vec<(String, Descriptor)> = self
-            .index
-            .manifests
-            .iter()
-            .filter_map(|d| d.ref_name().map(|n| (n.to_owned(), d.clone())))
-            .collect();
-        for (name, edit) in &self.edits {
-            out.retain(|(n, _)| n != name);
-            if let Some(d) = edit {
-                out.push((name.clone(), d.clone()));
-            }
-        }
-        out
-    }
-}
-
-/// Folds one change's edits into the index and its name map.
-fn fold(
-    index: &mut ImageIndex,
-    by_name: &mut HashMap<String, usize>,
-    edits: Vec<(String, Option<Descriptor>)>,
-) {
-    for (name, edit) in edits {
-        match (edit, by_name.get(&name).copied()) {
-            (Some(desc), Some(i)) => index.manifests[i] = desc,
-            (Some(desc), None) => {
-                by_name.insert(name, index.manifests.len());
-                index.manifests.push(desc);
-            }
-            (None, Some(i)) => {
-                // Rare (a tag deleted): the positions after it move down by one.
-                index.manifests.remove(i);
-                by_name.remove(&name);
-                for slot in by_name.values_mut() {
-                    if *slot > i {
-                        *slot -= 1;
-                    }
-                }
-            }
-            (None, None) => {}
-        }
+        self.refs_with_prefix("")
     }
 }
 
 impl Cache {
     /// Changes references through the group commit: `f` sees the index as committed so
-    /// far and records its edits; it returns once `index.json` holding them is durable
+    /// far and records its edits; it returns once the commit holding them is durable
     /// and served (or with the error of `f`, in which case nothing of it was written, or
     /// of the write). Blocking: call it from a blocking thread.
     ///
@@ -274,33 +254,31 @@ impl Cache {
         }
     }
 
-    /// Applies a batch under the writer lock and writes `index.json` once if anything
-    /// changed.
+    /// Applies a batch under the writer lock and commits it once (one journal record)
+    /// if anything changed.
     fn write_batch(&self, batch: Vec<(Change, Outcome)>) -> Result<(), CacheError> {
         let _lock = self.lock()?;
-        // Under the lock the file is what the last writer (this process or another) left.
-        let base: Arc<IndexView> = self.index()?;
-        let mut index = base.index().clone();
-        let mut by_name = base.names().clone();
-        let mut changed = false;
+        // Under the lock the files are what the last writer (this process or another) left.
+        let base: Arc<IndexView> = self.index_locked()?;
+        let mut next = (*base).clone();
+        let mut edits: Vec<Edit> = Vec::new();
         let changes = batch.len();
         for (change, _) in batch {
             let mut edit = RefEdit {
                 cache: self,
-                index: &index,
-                by_name: &by_name,
+                refs: next.ref_map(),
                 edits: Vec::new(),
             };
             if change(&mut edit) {
-                let edits = edit.edits;
-                changed |= !edits.is_empty();
-                fold(&mut index, &mut by_name, edits);
+                let mine = edit.edits;
+                next.apply(mine.iter().cloned());
+                edits.extend(mine);
             }
         }
-        if changed {
-            self.write_index_with(index, by_name)?;
+        if !edits.is_empty() {
+            self.commit_refs(&base, next, &edits)?;
             let n = self.group.writes.fetch_add(1, Ordering::Relaxed) + 1;
-            tracing::debug!(changes, writes = n, "index.json committed");
+            tracing::debug!(changes, commits = n, "references committed");
         }
         Ok(())
     }

@@ -107,6 +107,8 @@ mod tests {
             )
             .unwrap();
         assert_eq!(idx.media_type, OCI_INDEX);
+        // `a` is read as any OCI layout is, through its index.json: folded.
+        a.fold_refs().unwrap();
 
         let b = Cache::open(&dir.path().join("b")).unwrap();
         let got = b

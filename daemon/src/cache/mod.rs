@@ -6,30 +6,38 @@
 //! and `fsck` checks:
 //! - a blob file's name is the sha256 of its bytes: blobs are written to a temp file,
 //!   verified, fsynced and renamed into place, and the directory is fsynced;
-//! - `index.json` never names a blob that is not on disk: it is replaced atomically
-//!   (write a temp file, fsync, rename, fsync the directory) after its blobs are durable;
+//! - the references are `index.json` with the refs journal (`.kiln/refs.journal`)
+//!   applied: a commit appends one record to the journal and fsyncs it; `index.json` is
+//!   replaced atomically (write a temp file, fsync, rename, fsync the directory) when the
+//!   journal is folded into it, and so always holds a complete, recent state that other
+//!   tools read (see [`journal`]);
+//! - the references never name a blob that is not on disk: a blob is durable before a
+//!   record or an index names it;
 //!   the one exception is a blob on demand: a config or layer of a target fetched lazily
 //!   from an upstream, recorded in `.kiln/remote.json` (durably, before the index names
 //!   the manifest that references it) and fetched on first read through
 //!   [`Cache::ensure_blob`] (see `ondemand`). The manifests and indexes the index
 //!   reaches are always on disk;
-//! - writers of `index.json` hold a POSIX `fcntl` lock on `<cache>/.lock`, as LinuxKit
-//!   does, so both tools can share one cache.
+//! - writers of `index.json` and the journal hold a POSIX `fcntl` lock on
+//!   `<cache>/.lock`, as LinuxKit does, so both tools can share one cache.
 //!
 //! A crash at any instant therefore leaves the old state or the new one, plus at most some
 //! temp files of the dead writer (under `.kiln/tmp`, `.index.json.tmp-<pid>`), which
-//! kilnd removes when it starts and `fsck` reports as a warning (see [`leftovers`]).
+//! kilnd removes when it starts and `fsck` reports as a warning (see [`leftovers`]), and
+//! at most a torn last journal record, which was never acknowledged and counts for nothing.
 //!
 //! What a reader sees, and when a write counts as done:
 //! - a blob is visible under its digest only once its bytes are verified and durable;
-//! - a reference (a tag pushed, a build landed) is visible to readers, of this process
-//!   or another, only once `index.json` holding it is durable: the in-memory view takes
-//!   the new index after the file is synced and renamed and the directory synced. There
-//!   is no window in which a pull sees a tag that a crash would lose;
+//! - a reference (a tag pushed, a build landed) is visible to this process's readers only
+//!   once the journal record or the `index.json` holding it is durable: the in-memory
+//!   view takes the change after the fsync. There is no window in which a pull sees a
+//!   tag that a crash would lose. (Another process that reads the files while this one
+//!   writes may see a record up to one fsync early.);
 //! - a manifest PUT answers 201 after that, so an acknowledged push survives a crash;
-//! - reference changes are grouped ([`commit`]): writers that arrive while `index.json`
-//!   is being written share the next write, so a landing costs what it adds plus a share
-//!   of one write, not a whole write each, and each is still acknowledged only once durable;
+//! - reference changes are grouped ([`commit`]): writers that arrive while a commit is
+//!   on its way to disk share the next one, and each is acknowledged only once durable;
+//!   a commit costs what it changes (an append to the journal, a persistent map), not
+//!   the size of the index;
 //! - gc and writers agree through the writer lock and blob mtimes (see [`gc`]): what a
 //!   writer checked under the lock stays until the index names it, and a blob a client
 //!   HEADed or mounted is leased for the grace period.
@@ -48,6 +56,7 @@ mod fsck;
 mod gc;
 mod import;
 mod index;
+mod journal;
 mod leftovers;
 mod lock;
 mod ondemand;
@@ -59,6 +68,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use kiln_shared::digest::Digest;
@@ -159,6 +169,17 @@ pub struct Cache {
     /// writers inside this process, the fcntl lock those of other processes.
     writers: Mutex<()>,
     view: RwLock<Arc<IndexView>>,
+    /// Held (written) by this process's writer while it changes `index.json` or the refs
+    /// journal on disk, until the new view is swapped in: readers that find the files
+    /// changed meanwhile serve the view before the write instead of reading a change
+    /// that is not durable yet.
+    disk_guard: RwLock<()>,
+    /// The refs journal, open for appending (see [`journal`]).
+    appender: Mutex<Option<journal::Appender>>,
+    /// The last epoch given to a view (see [`IndexView::epoch`]).
+    epochs: AtomicU64,
+    /// Bumped on every commit of references (for kilnd's fold after a quiet moment).
+    refs_committed: tokio::sync::watch::Sender<u64>,
     /// New blobs written by this process, for the cache's size without a rescan.
     added: Arc<blob::Added>,
     /// The writers waiting for the next commit of `index.json` (see [`commit`]).
@@ -229,6 +250,10 @@ impl Cache {
             blobs,
             tmp,
             writers: Mutex::new(()),
+            disk_guard: RwLock::new(()),
+            appender: Mutex::new(None),
+            epochs: AtomicU64::new(0),
+            refs_committed: tokio::sync::watch::Sender::new(0),
             group: commit::Group::default(),
             added: Arc::default(),
             usage: usage::Usage::default(),

@@ -54,7 +54,7 @@ pub fn stats(cache: &Cache) -> Result<CacheStats, CacheError> {
     let view = cache.index()?;
     let mut out = CacheStats {
         refs: view.refs().count() as u64,
-        index_entries: view.index().manifests.len() as u64,
+        index_entries: view.entry_count() as u64,
         ..CacheStats::default()
     };
     for from in cache.missing_on_demand()?.values() {

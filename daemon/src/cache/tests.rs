@@ -22,7 +22,7 @@ fn open_creates_an_empty_layout_and_reopens_it() {
         fs::read_to_string(root.join("oci-layout")).unwrap(),
         r#"{"imageLayoutVersion":"1.0.0"}"#
     );
-    assert!(cache.index().unwrap().index().manifests.is_empty());
+    assert!(cache.index().unwrap().entry_count() == 0);
     drop(cache);
     Cache::open(&root).unwrap();
     drop(dir);
@@ -217,7 +217,7 @@ fn readers_never_see_the_index_go_back_while_it_is_rewritten() {
             std::thread::spawn(move || {
                 let (mut seen, mut reads) = (0, 0u64);
                 while !done.load(std::sync::atomic::Ordering::Acquire) {
-                    let n = cache.index().unwrap().index().manifests.len();
+                    let n = cache.index().unwrap().entry_count();
                     assert!(n >= seen, "went back from {seen} to {n} references");
                     seen = n;
                     reads += 1;
@@ -235,6 +235,16 @@ fn readers_never_see_the_index_go_back_while_it_is_rewritten() {
     for r in readers {
         assert!(r.join().unwrap() > 0);
     }
+    // On disk: index.json with the journal, and index.json alone once folded.
+    assert_eq!(
+        Cache::open(cache.root())
+            .unwrap()
+            .index()
+            .unwrap()
+            .ref_count(),
+        100
+    );
+    cache.fold_refs().unwrap();
     let on_disk: crate::oci::ImageIndex =
         serde_json::from_slice(&fs::read(cache.root().join("index.json")).unwrap()).unwrap();
     assert_eq!(on_disk.manifests.len(), 100);
@@ -345,4 +355,180 @@ fn a_failed_change_leaves_the_others_of_its_batch_alone() {
         .set_ref("docker.io/a/b:later", Descriptor::new(OCI_MANIFEST, d, 2))
         .unwrap();
     assert!(cache.index().unwrap().get("docker.io/a/b:later").is_some());
+}
+
+fn journal(cache: &Cache) -> std::path::PathBuf {
+    cache.root().join(".kiln").join(journal::JOURNAL_FILE)
+}
+
+fn names_on_disk(root: &Path) -> Vec<String> {
+    let index: crate::oci::ImageIndex =
+        serde_json::from_slice(&fs::read(root.join("index.json")).unwrap()).unwrap();
+    let mut names: Vec<String> = index
+        .manifests
+        .iter()
+        .filter_map(|d| d.ref_name().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_commit_appends_to_the_journal_and_a_fold_writes_index_json_whole() {
+    let (_dir, cache) = cache();
+    let d = cache.put_blob(b"{}").unwrap();
+    let desc = Descriptor::new(OCI_MANIFEST, d, 2);
+    cache.set_ref("docker.io/a/b:1", desc.clone()).unwrap();
+    cache.set_ref("docker.io/a/b:2", desc.clone()).unwrap();
+    assert!(cache.remove_ref("docker.io/a/b:1").unwrap());
+    // index.json is the state before the journal; the journal holds the three commits.
+    assert!(names_on_disk(cache.root()).is_empty());
+    assert_eq!(cache.index().unwrap().unfolded(), 3);
+    let reopened = Cache::open(cache.root()).unwrap();
+    let names: Vec<_> = reopened
+        .index()
+        .unwrap()
+        .refs()
+        .map(|(n, _)| n.to_owned())
+        .collect();
+    assert_eq!(names, ["docker.io/a/b:2"]);
+
+    cache.fold_refs().unwrap();
+    assert_eq!(names_on_disk(cache.root()), ["docker.io/a/b:2"]);
+    assert_eq!(fs::metadata(journal(&cache)).unwrap().len(), 0);
+    assert_eq!(cache.index().unwrap().unfolded(), 0);
+    // The other instance follows the fold, and appends to the new journal.
+    reopened.set_ref("docker.io/a/b:3", desc).unwrap();
+    assert!(cache.index().unwrap().get("docker.io/a/b:3").is_some());
+}
+
+#[test]
+fn a_crash_between_the_folds_two_writes_replays_records_index_json_holds() {
+    let (_dir, cache) = cache();
+    let d = cache.put_blob(b"{}").unwrap();
+    let e = cache.put_blob(b"[]").unwrap();
+    cache
+        .set_ref(
+            "docker.io/a/b:1",
+            Descriptor::new(OCI_MANIFEST, d.clone(), 2),
+        )
+        .unwrap();
+    cache
+        .set_ref("docker.io/a/b:2", Descriptor::new(OCI_MANIFEST, d, 2))
+        .unwrap();
+    cache
+        .set_ref(
+            "docker.io/a/b:1",
+            Descriptor::new(OCI_MANIFEST, e.clone(), 2),
+        )
+        .unwrap();
+    let before = fs::read(journal(&cache)).unwrap();
+    cache.fold_refs().unwrap();
+    // The crash: index.json is new, the journal still the old one.
+    fs::write(journal(&cache), &before).unwrap();
+    let reopened = Cache::open(cache.root()).unwrap();
+    let view = reopened.index().unwrap();
+    assert_eq!(view.ref_count(), 2);
+    assert_eq!(view.get("docker.io/a/b:1").unwrap().digest, e);
+    assert!(fsck(&reopened, false).unwrap().is_clean());
+}
+
+#[test]
+fn a_torn_journal_record_counts_for_nothing_and_is_cut_off_by_the_next_commit() {
+    let (_dir, cache) = cache();
+    let d = cache.put_blob(b"{}").unwrap();
+    let desc = Descriptor::new(OCI_MANIFEST, d, 2);
+    cache.set_ref("docker.io/a/b:1", desc.clone()).unwrap();
+    cache.set_ref("docker.io/a/b:2", desc.clone()).unwrap();
+    // A crash in the middle of the second append: half of its line on disk.
+    let bytes = fs::read(journal(&cache)).unwrap();
+    let first = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+    let torn = &bytes[..first + (bytes.len() - first) / 2];
+    fs::write(journal(&cache), torn).unwrap();
+    drop(cache);
+    let (root, cache) = {
+        let root = _dir.path().join("c");
+        (root.clone(), Cache::open(&root).unwrap())
+    };
+    let names: Vec<_> = cache
+        .index()
+        .unwrap()
+        .refs()
+        .map(|(n, _)| n.to_owned())
+        .collect();
+    assert_eq!(names, ["docker.io/a/b:1"]);
+    cache.set_ref("docker.io/a/b:3", desc).unwrap();
+    let again = Cache::open(&root).unwrap();
+    let names: Vec<_> = again
+        .index()
+        .unwrap()
+        .refs()
+        .map(|(n, _)| n.to_owned())
+        .collect();
+    assert_eq!(names, ["docker.io/a/b:1", "docker.io/a/b:3"]);
+    assert!(!journal::decode(&fs::read(journal(&again)).unwrap()).torn);
+}
+
+#[test]
+fn another_writers_appends_are_read_as_they_come_and_its_rewrite_is_folded_at_once() {
+    let (_dir, a) = cache();
+    let b = Cache::open(a.root()).unwrap();
+    let d = a.put_blob(b"{}").unwrap();
+    let desc = Descriptor::new(OCI_MANIFEST, d.clone(), 2);
+    a.set_ref("docker.io/a/b:1", desc.clone()).unwrap();
+    let seen = b.index().unwrap();
+    assert!(seen.get("docker.io/a/b:1").is_some());
+    a.set_ref("docker.io/a/b:2", desc.clone()).unwrap();
+    let next = b.index().unwrap();
+    assert!(next.get("docker.io/a/b:2").is_some());
+    assert_eq!(
+        next.epoch(),
+        seen.epoch(),
+        "a grown journal is read from where it was"
+    );
+
+    // LinuxKit rewrites index.json from the file alone (it knows nothing of the journal).
+    let body = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{d}","size":2,"annotations":{{"org.opencontainers.image.ref.name":"docker.io/lk/img:1"}}}}]}}"#
+    );
+    write_atomic(a.root(), "index.json", body.as_bytes()).unwrap();
+    let view = a.index().unwrap();
+    assert_eq!(view.ref_count(), 3, "its name and the journal's");
+    a.set_ref("docker.io/a/b:3", desc).unwrap();
+    assert_eq!(
+        a.index().unwrap().unfolded(),
+        0,
+        "folded at the first commit after it"
+    );
+    assert_eq!(
+        names_on_disk(a.root()),
+        [
+            "docker.io/a/b:1",
+            "docker.io/a/b:2",
+            "docker.io/a/b:3",
+            "docker.io/lk/img:1"
+        ]
+    );
+}
+
+#[test]
+fn the_journal_is_folded_when_it_has_grown() {
+    let (_dir, cache) = cache();
+    let d = cache.put_blob(b"{}").unwrap();
+    let desc = Descriptor::new(OCI_MANIFEST, d, 2);
+    for i in 0..600 {
+        cache
+            .set_ref(&format!("docker.io/a/b:{i}"), desc.clone())
+            .unwrap();
+        assert!(cache.index().unwrap().unfolded() < 300, "commit {i}");
+    }
+    assert!(names_on_disk(cache.root()).len() >= 300);
+    assert_eq!(
+        Cache::open(cache.root())
+            .unwrap()
+            .index()
+            .unwrap()
+            .ref_count(),
+        600
+    );
 }

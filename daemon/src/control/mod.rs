@@ -523,6 +523,44 @@ impl Controller {
     }
 }
 
+/// How long references stay unchanged before the refs journal is folded into
+/// `index.json`, and how long it may hold records while landings never pause.
+const FOLD_QUIET: Duration = Duration::from_secs(1);
+const FOLD_LAG: Duration = Duration::from_secs(10);
+
+/// Folds the cache's refs journal into `index.json` once no reference changed for
+/// [`FOLD_QUIET`] (or [`FOLD_LAG`] after the first change, while landings never pause),
+/// so tools that read `index.json` (LinuxKit, skopeo) see what kilnd built about a
+/// second after it: the landings themselves only append to the journal. Ends when
+/// `stop` fires; kilnd folds a last time once everything else has stopped.
+pub async fn fold_refs_when_quiet(cache: Arc<Cache>, stop: CancellationToken) {
+    let mut commits = cache.refs_committed();
+    loop {
+        tokio::select! {
+            changed = commits.changed() => if changed.is_err() { return },
+            () = stop.cancelled() => return,
+        }
+        let first = tokio::time::Instant::now();
+        loop {
+            match tokio::time::timeout(FOLD_QUIET, commits.changed()).await {
+                Err(_quiet) => break,
+                Ok(Err(_closed)) => return,
+                Ok(Ok(())) if first.elapsed() >= FOLD_LAG => break,
+                Ok(Ok(())) => {}
+            }
+        }
+        fold_refs(&cache).await;
+    }
+}
+
+/// Folds the cache's refs journal into `index.json` now.
+pub async fn fold_refs(cache: &Arc<Cache>) {
+    let cache = Arc::clone(cache);
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || cache.fold_refs()).await {
+        tracing::warn!("cannot fold the refs journal into index.json: {e}");
+    }
+}
+
 /// Records the cache's reference use (for LRU gc) on disk.
 pub async fn flush_usage(cache: &Arc<Cache>) {
     let cache = Arc::clone(cache);

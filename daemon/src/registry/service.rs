@@ -180,8 +180,8 @@ impl Service {
         }
     }
 
-    /// The view of the cache as it is now: the cache stats `index.json`; the view is
-    /// rebuilt only if the file changed.
+    /// The view of the cache as it is now: the cache stats its files; the view follows
+    /// only when they changed.
     pub(super) async fn view(&self) -> Result<Arc<View>, OciError> {
         let source = self.cache.index().map_err(internal)?;
         let current = self.current_view();
@@ -203,7 +203,7 @@ impl Service {
             return Ok(current);
         }
         let cache = Arc::clone(&self.cache);
-        let fresh = blocking(move || Ok(Arc::new(View::build(&cache, source, &current)))).await?;
+        let fresh = blocking(move || Ok(Arc::new(View::next(&cache, source, &current)))).await?;
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&fresh);
         Ok(fresh)
     }

@@ -3,10 +3,16 @@
 //! with its response headers ready, and the referrers of each subject. A manifest GET is
 //! a hash lookup and a reference-count increment; nothing is parsed or read per request.
 //!
-//! The view is rebuilt when the cache's `index.json` view changes (the cache stats the
-//! file per call and re-reads it only when it changed, so LinuxKit's and kilnd's own
-//! writes are both seen). Manifests are content-addressed, so a rebuild reuses every
-//! manifest the previous view already held and reads only new ones.
+//! The view follows the cache's references (the cache stats its files per call and
+//! re-reads them only when they changed, so LinuxKit's and kilnd's own writes are both
+//! seen). A version derived from the last one by names set (a landing, a push, `dev`
+//! moving) is followed by applying just those names: the maps are persistent, and the
+//! cache's reference maps diff in what changed, so a landing costs the registry what it
+//! changed, not the size of the cache. Anything else (names removed, a new epoch of the
+//! index: another writer's rewrite, gc) rebuilds the view, reusing every manifest the
+//! previous one held (they are content-addressed) and reading only new ones. Between
+//! rebuilds a manifest whose last name moved elsewhere stays servable by digest, as the
+//! distribution registry serves an untagged manifest until it is collected.
 //!
 //! Reference names (`org.opencontainers.image.ref.name` in `index.json`):
 //! - `docker.io/<repo>:<tag>`: a tag, as LinuxKit writes them (`<repo>` without the
@@ -21,7 +27,7 @@
 //!   the `:`, so it is served as `<repo>:<tag>`, unless a `docker.io/` name already
 //!   holds that tag; either way the first view that sees the name logs it once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -74,7 +80,7 @@ impl Stored {
 }
 
 /// A tag and the `index.json` name it came from.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Tagged {
     pub stored: Arc<Stored>,
     /// The reference name as `index.json` spells it, for usage records.
@@ -82,11 +88,11 @@ pub struct Tagged {
 }
 
 /// A repository's names.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Repo {
-    pub tags: BTreeMap<String, Tagged>,
+    pub tags: imbl::OrdMap<String, Tagged>,
     /// Manifests named by digest only (`<repo>@sha256:…`), with their names.
-    pub untagged: BTreeMap<Digest, String>,
+    pub untagged: imbl::OrdMap<Digest, String>,
 }
 
 /// A referrer of a subject, as the referrers API lists it.
@@ -104,13 +110,16 @@ pub struct Referrer {
 pub struct View {
     /// Names of another registry's host that were logged (served under another name,
     /// or not served): each is logged once, not on every rebuild.
-    pub foreign: std::collections::HashSet<String>,
+    pub foreign: imbl::HashSet<String>,
     /// The cache view this was built from (compared by pointer).
     pub source: Option<Arc<IndexView>>,
-    pub repos: HashMap<String, Repo>,
-    pub manifests: HashMap<Digest, Arc<Stored>>,
-    pub referrers: HashMap<Digest, Vec<Referrer>>,
+    pub repos: imbl::HashMap<String, Repo>,
+    pub manifests: imbl::HashMap<Digest, Arc<Stored>>,
+    pub referrers: imbl::HashMap<Digest, Vec<Referrer>>,
 }
+
+/// Above this many changed names, rebuilding costs no more than following them.
+const MAX_FOLLOWED: usize = 1024;
 
 /// A reference name from `index.json`, understood.
 #[derive(Debug, PartialEq, Eq)]
@@ -168,6 +177,92 @@ pub fn digest_ref_name(repo: &str, digest: &Digest) -> String {
 }
 
 impl View {
+    /// The view of `source`, from `previous`: the names that changed applied when
+    /// `source` follows `previous`'s by names set only, else built afresh. Reads manifest
+    /// blobs from disk: call from a blocking context.
+    pub fn next(cache: &Cache, source: Arc<IndexView>, previous: &View) -> View {
+        match View::follow(cache, &source, previous) {
+            Some(view) => view,
+            None => View::build(cache, source, previous),
+        }
+    }
+
+    /// `previous` with the names set between its source and `source` applied; `None`
+    /// when that is not all that changed (see the module's documentation).
+    fn follow(cache: &Cache, source: &Arc<IndexView>, previous: &View) -> Option<View> {
+        let old = previous.source.as_ref()?;
+        if old.epoch() != source.epoch() {
+            return None;
+        }
+        let mut view = View {
+            foreign: previous.foreign.clone(),
+            source: None,
+            repos: previous.repos.clone(),
+            manifests: previous.manifests.clone(),
+            referrers: previous.referrers.clone(),
+        };
+        let mut fresh = Vec::new();
+        for (i, item) in old.ref_map().diff(source.ref_map()).enumerate() {
+            let (name, desc) = match item {
+                imbl::ordmap::DiffItem::Add(n, d) => (n, d),
+                imbl::ordmap::DiffItem::Update { new: (n, d), .. } => (n, d),
+                imbl::ordmap::DiffItem::Remove(..) => return None,
+            };
+            // Names of another registry's host are served by precedence: rebuilt.
+            let parsed = RefName::parse(name)?;
+            if i >= MAX_FOLLOWED {
+                return None;
+            }
+            let mt = Some(desc.media_type.as_str());
+            let Some(stored) = view.load(cache, previous, &desc.digest, mt, 0, &mut fresh) else {
+                continue;
+            };
+            match parsed {
+                RefName::Tag { repo, tag } => {
+                    let tagged = Tagged {
+                        stored,
+                        ref_name: name.clone(),
+                    };
+                    view.repos.entry(repo).or_default().tags.insert(tag, tagged);
+                }
+                RefName::Digest { repo, digest } => {
+                    let untagged = &mut view.repos.entry(repo).or_default().untagged;
+                    untagged.insert(digest, name.clone());
+                }
+            }
+        }
+        view.add_referrers(&fresh);
+        view.source = Some(Arc::clone(source));
+        Some(view)
+    }
+
+    /// Lists `manifests` under the subjects they name.
+    fn add_referrers(&mut self, manifests: &[Arc<Stored>]) {
+        let mut touched = std::collections::HashSet::new();
+        for stored in manifests {
+            let Some(subject) = &stored.info.subject else {
+                continue;
+            };
+            self.referrers
+                .entry(subject.clone())
+                .or_default()
+                .push(Referrer {
+                    digest: stored.digest.clone(),
+                    media_type: stored.kind().media_type(),
+                    size: stored.bytes.len() as u64,
+                    artifact_type: stored.info.artifact_type.clone(),
+                    annotations: stored.info.annotations.clone(),
+                });
+            touched.insert(subject);
+        }
+        for subject in touched {
+            if let Some(list) = self.referrers.get_mut(subject) {
+                list.sort_by(|a, b| a.digest.cmp(&b.digest));
+                list.dedup_by(|a, b| a.digest == b.digest);
+            }
+        }
+    }
+
     /// Builds the view of `source`, reusing manifests of `previous`. Reads manifest blobs
     /// from disk: call from a blocking context.
     pub fn build(cache: &Cache, source: Arc<IndexView>, previous: &View) -> View {
@@ -189,8 +284,14 @@ impl View {
                 }
                 continue;
             };
-            let Some(stored) = view.load(cache, previous, &desc.digest, Some(&desc.media_type), 0)
-            else {
+            let Some(stored) = view.load(
+                cache,
+                previous,
+                &desc.digest,
+                Some(&desc.media_type),
+                0,
+                &mut Vec::new(),
+            ) else {
                 continue;
             };
             match parsed {
@@ -225,8 +326,14 @@ impl View {
                 }
                 continue;
             }
-            let Some(stored) = view.load(cache, previous, &desc.digest, Some(&desc.media_type), 0)
-            else {
+            let Some(stored) = view.load(
+                cache,
+                previous,
+                &desc.digest,
+                Some(&desc.media_type),
+                0,
+                &mut Vec::new(),
+            ) else {
                 continue;
             };
             if first {
@@ -242,28 +349,14 @@ impl View {
             };
             view.repos.entry(repo).or_default().tags.insert(tag, tagged);
         }
-        for stored in view.manifests.values() {
-            if let Some(subject) = &stored.info.subject {
-                view.referrers
-                    .entry(subject.clone())
-                    .or_default()
-                    .push(Referrer {
-                        digest: stored.digest.clone(),
-                        media_type: stored.kind().media_type(),
-                        size: stored.bytes.len() as u64,
-                        artifact_type: stored.info.artifact_type.clone(),
-                        annotations: stored.info.annotations.clone(),
-                    });
-            }
-        }
-        for list in view.referrers.values_mut() {
-            list.sort_by(|a, b| a.digest.cmp(&b.digest));
-        }
+        let all: Vec<Arc<Stored>> = view.manifests.values().cloned().collect();
+        view.add_referrers(&all);
         view.source = Some(source);
         view
     }
 
     /// Loads a manifest and, for an index, its children.
+    /// Each manifest it adds to the view goes into `fresh` too.
     fn load(
         &mut self,
         cache: &Cache,
@@ -271,6 +364,7 @@ impl View {
         digest: &Digest,
         media_type: Option<&str>,
         depth: usize,
+        fresh: &mut Vec<Arc<Stored>>,
     ) -> Option<Arc<Stored>> {
         if let Some(s) = self.manifests.get(digest) {
             return Some(Arc::clone(s));
@@ -286,6 +380,7 @@ impl View {
             },
         };
         self.manifests.insert(digest.clone(), Arc::clone(&stored));
+        fresh.push(Arc::clone(&stored));
         if depth < MAX_DEPTH {
             for child in &stored.info.children {
                 let mt = (!child.media_type.is_empty()).then_some(child.media_type.as_str());
@@ -294,7 +389,7 @@ impl View {
                 if mt.is_some_and(|mt| ManifestKind::from_media_type(mt).is_none()) {
                     continue;
                 }
-                self.load(cache, previous, &child.digest, mt, depth + 1);
+                self.load(cache, previous, &child.digest, mt, depth + 1, fresh);
             }
         }
         Some(stored)
@@ -342,6 +437,83 @@ pub fn read_stored(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::{Descriptor, OCI_MANIFEST};
+
+    /// What a view serves: each repository's tags and digest names, and the referrers.
+    fn served(view: &View) -> Vec<String> {
+        let mut out = Vec::new();
+        for name in view.repo_names() {
+            let repo = &view.repos[name];
+            for (tag, t) in &repo.tags {
+                out.push(format!("{name}:{tag} {}", t.stored.digest));
+            }
+            for d in repo.untagged.keys() {
+                out.push(format!("{name}@{d}"));
+            }
+        }
+        let mut referrers: Vec<String> = view
+            .referrers
+            .iter()
+            .map(|(s, l)| {
+                format!(
+                    "{s} <- {:?}",
+                    l.iter().map(|r| &r.digest).collect::<Vec<_>>()
+                )
+            })
+            .collect();
+        referrers.sort();
+        out.extend(referrers);
+        out
+    }
+
+    #[test]
+    fn a_followed_view_serves_what_a_rebuilt_one_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&dir.path().join("c")).unwrap();
+        let config = cache.put_blob(b"{}").unwrap();
+        let manifest = |n: u32, subject: Option<&Digest>| {
+            let subject = subject.map_or(String::new(), |s| {
+                format!(r#","subject":{{"mediaType":"{OCI_MANIFEST}","digest":"{s}","size":1}}"#)
+            });
+            let body = format!(
+                r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[],"annotations":{{"n":"{n}"}}{subject}}}"#
+            );
+            let d = cache.put_blob(body.as_bytes()).unwrap();
+            Descriptor::new(OCI_MANIFEST, d, body.len() as u64)
+        };
+        let (m1, m2) = (manifest(1, None), manifest(2, None));
+        let sig = manifest(3, Some(&m1.digest));
+        cache.set_ref("docker.io/a/b:1", m1.clone()).unwrap();
+        let v0 = View::next(&cache, cache.index().unwrap(), &View::default());
+
+        // Names set: followed (the manifest already held is the same one).
+        cache.set_ref("docker.io/a/b:2", m2.clone()).unwrap();
+        cache.set_ref("docker.io/a/b:1", m2.clone()).unwrap();
+        cache
+            .set_ref(&digest_ref_name("a/b", &sig.digest), sig.clone())
+            .unwrap();
+        cache.set_ref("docker.io/c/d:x", m1.clone()).unwrap();
+        let source = cache.index().unwrap();
+        let followed = View::follow(&cache, &source, &v0).expect("names set are followed");
+        assert!(Arc::ptr_eq(
+            &followed.manifests[&m1.digest],
+            &v0.manifests[&m1.digest]
+        ));
+        let rebuilt = View::build(&cache, Arc::clone(&source), &View::default());
+        assert_eq!(served(&followed), served(&rebuilt));
+        assert_eq!(followed.referrers[&m1.digest].len(), 1);
+
+        // A name removed: rebuilt.
+        cache.remove_ref("docker.io/a/b:2").unwrap();
+        let source = cache.index().unwrap();
+        assert!(View::follow(&cache, &source, &followed).is_none());
+        let next = View::next(&cache, Arc::clone(&source), &followed);
+        assert!(next.tag("a/b", "2").is_none());
+        assert_eq!(
+            served(&next),
+            served(&View::build(&cache, source, &View::default()))
+        );
+    }
 
     #[test]
     fn ref_names() {

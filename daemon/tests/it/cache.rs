@@ -291,7 +291,7 @@ fn a_writer_killed_at_any_moment_leaves_a_consistent_cache() {
 /// Every blob reachable from the cache's `index.json` (following the documents on disk).
 fn reachable(cache: &Cache) -> HashSet<Digest> {
     let mut seen = HashSet::new();
-    let mut stack: Vec<Descriptor> = cache.index().unwrap().index().manifests.clone();
+    let mut stack: Vec<Descriptor> = cache.index().unwrap().entries().cloned().collect();
     while let Some(d) = stack.pop() {
         if !seen.insert(d.digest.clone()) {
             continue;

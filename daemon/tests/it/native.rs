@@ -84,6 +84,9 @@ fn native(cache: &Cache, ctx: &Path, image: &str, args: &[(&str, &str)]) -> Buil
 
 /// Loads `image-<arch>` from the cache into the engine as `tag`.
 pub(crate) fn load(cache: &Cache, image: &str, arch: &str, tag: &str, cleanup: &mut Cleanup) {
+    // skopeo reads the layout's index.json, which a fold brings up to date (kilnd folds
+    // a second after its last landing).
+    cache.fold_refs().unwrap();
     run(Command::new("skopeo").args([
         "copy",
         "--quiet",

@@ -231,20 +231,35 @@ fn check(cache: &Path, acked: &[(String, String)]) -> Vec<String> {
             Ok(Ok(v)) => v,
             other => return vec![format!("index.json unreadable: {other:?}")],
         };
-    let mut stack: Vec<(String, serde_json::Value)> = index["manifests"]
+    let name_of = |d: &serde_json::Value| {
+        d["annotations"]["org.opencontainers.image.ref.name"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned()
+    };
+    let in_file: Vec<(String, serde_json::Value)> = index["manifests"]
         .as_array()
         .cloned()
         .unwrap_or_default()
         .into_iter()
-        .map(|d| {
-            (
-                d["annotations"]["org.opencontainers.image.ref.name"]
-                    .as_str()
-                    .unwrap_or("?")
-                    .to_owned(),
-                d,
-            )
-        })
+        .map(|d| (name_of(&d), d))
+        .collect();
+    // The references are index.json with the refs journal applied (ARCHITECTURE.md):
+    // both index.json alone (what other tools read) and the whole must be complete.
+    let mut names: BTreeMap<String, serde_json::Value> = in_file.iter().cloned().collect();
+    for (name, edit) in journal_records(cache) {
+        match edit {
+            serde_json::Value::Null => names.remove(&name),
+            d => names.insert(name, d),
+        };
+    }
+    let mut stack: Vec<(String, serde_json::Value)> = in_file
+        .into_iter()
+        .chain(
+            names
+                .iter()
+                .map(|(n, d)| (format!("{n} (with the journal)"), d.clone())),
+        )
         .collect();
     while let Some((from, d)) = stack.pop() {
         let digest = d["digest"].as_str().unwrap_or("").to_owned();
@@ -283,16 +298,9 @@ fn check(cache: &Path, acked: &[(String, String)]) -> Vec<String> {
             }
         }
     }
-    let names: BTreeMap<&str, &str> = index["manifests"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|d| {
-            Some((
-                d["annotations"]["org.opencontainers.image.ref.name"].as_str()?,
-                d["digest"].as_str()?,
-            ))
-        })
+    let names: BTreeMap<&str, &str> = names
+        .iter()
+        .filter_map(|(n, d)| Some((n.as_str(), d["digest"].as_str()?)))
         .collect();
     for (tag, digest) in acked {
         let name = format!("docker.io/crash/img:{tag}");
@@ -303,6 +311,30 @@ fn check(cache: &Path, acked: &[(String, String)]) -> Vec<String> {
         }
     }
     problems
+}
+
+/// The whole records of the refs journal, in order: each line is `<sha256 hex of the
+/// JSON> <JSON>`, the JSON a list of `[name, descriptor or null]`; a line that is not
+/// whole (a torn append) ends it.
+fn journal_records(cache: &Path) -> Vec<(String, serde_json::Value)> {
+    let bytes = fs::read(cache.join(".kiln/refs.journal")).unwrap_or_default();
+    let mut out = Vec::new();
+    let mut rest = &bytes[..];
+    while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+        let line = &rest[..end];
+        rest = &rest[end + 1..];
+        let (Some(sum), Some(json)) = (line.get(..64), line.get(65..)) else {
+            break;
+        };
+        if hex(&Sha256::digest(json)).as_bytes() != sum {
+            break;
+        }
+        let Ok(edits) = serde_json::from_slice::<Vec<(String, serde_json::Value)>>(json) else {
+            break;
+        };
+        out.extend(edits);
+    }
+    out
 }
 
 /// Makes every blob look an hour old, so that gc may collect what nothing references.
@@ -317,7 +349,8 @@ fn age_blobs(cache: &Path) {
 /// Blobs that no descriptor of index.json names (directly: layers are reached through
 /// manifests, which this skips; good enough to find orphans to reuse).
 fn orphans(cache: &Path) -> Vec<(String, usize)> {
-    let index = fs::read_to_string(cache.join("index.json")).unwrap_or_default();
+    let index = fs::read_to_string(cache.join("index.json")).unwrap_or_default()
+        + &fs::read_to_string(cache.join(".kiln/refs.journal")).unwrap_or_default();
     let mut out = Vec::new();
     let mut referenced = String::new();
     let Ok(listing) = fs::read_dir(cache.join("blobs/sha256")) else {

@@ -302,7 +302,7 @@ pub fn fsck(cache: &Cache, repair: bool) -> Result<FsckReport, CacheError> {
     let mut broken_entries: Vec<(Option<String>, Digest)> = Vec::new();
     // Indexes first, so a problem is reported with the longest path that reaches it
     // (`image:tag -> index -> manifest -> layer` rather than `image:tag-amd64 -> ..`).
-    let mut entries: Vec<&Descriptor> = view.index().manifests.iter().collect();
+    let mut entries: Vec<&Descriptor> = view.entries().collect();
     entries.sort_by_key(|d| (!is_index(&d.media_type), d.ref_name()));
     for d in entries {
         report.refs_checked += 1;

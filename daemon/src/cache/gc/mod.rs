@@ -177,7 +177,7 @@ pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
     // where only what changed meanwhile is read.
     roots_of(&mut graph, &*cache.index()?)?;
     let lock = cache.lock()?;
-    let view = cache.index()?;
+    let view = cache.folded_locked()?;
     let roots = roots_of(&mut graph, &view)?;
 
     let mut refs = Refs::new(&roots, &blobs, cutoff);
@@ -301,7 +301,7 @@ pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
         let mut reachable: Option<HashSet<Digest>> = None;
         for batch in old.chunks(SWEEP_BATCH) {
             let _lock = cache.lock()?;
-            let now = cache.index()?;
+            let now = cache.folded_locked()?;
             if !Arc::ptr_eq(&now, &marked) {
                 let roots = roots_of(&mut graph, &now)?;
                 reachable = Some(roots.into_iter().flat_map(|r| r.reach).collect());
@@ -324,6 +324,9 @@ pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
                 }
             }
         }
+    }
+    if report.blobs_removed > 0 && !opts.dry_run {
+        cache.new_epoch()?;
     }
     report.on_demand_dropped = forget_on_demand(cache, &mut graph, opts.dry_run)?;
     report.bytes_after = bytes_before.saturating_sub(report.bytes_freed);
@@ -370,7 +373,7 @@ fn forget_on_demand(
 fn roots_of(graph: &mut Graph<'_>, view: &IndexView) -> Result<Vec<Root>, CacheError> {
     let mut roots: Vec<Root> = Vec::new();
     let mut seen_keys = HashSet::new();
-    for d in &view.index().manifests {
+    for d in view.entries() {
         let (key, named) = match d.ref_name() {
             Some(n) => (n.to_owned(), true),
             None => (d.digest.to_string(), false),

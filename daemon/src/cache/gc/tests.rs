@@ -168,7 +168,7 @@ fn over_the_cap_the_least_recently_used_references_go_first() {
     assert!(b.iter().chain(&sig).all(|d| !exists(&cache, d)));
     assert!(c.iter().all(|d| exists(&cache, d)));
     let view = cache.index().unwrap();
-    assert_eq!(view.index().manifests.len(), 1);
+    assert_eq!(view.entry_count(), 1);
     assert!(view.get("docker.io/o/c:1").is_some());
     let usage = cache.last_used().unwrap();
     assert!(
@@ -294,5 +294,5 @@ fn a_dangling_reference_stops_gc_before_it_drops_anything() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("kiln fsck --repair"), "{err}");
-    assert_eq!(cache.index().unwrap().index().manifests.len(), 2);
+    assert_eq!(cache.index().unwrap().entry_count(), 2);
 }

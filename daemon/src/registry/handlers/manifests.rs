@@ -211,9 +211,9 @@ impl Service {
                         let prefix =
                             format!("{}/{repo_s}:", kiln_shared::reference::DEFAULT_DOMAIN);
                         let tagged = edit
-                            .refs()
+                            .refs_with_prefix(&prefix)
                             .iter()
-                            .any(|(n, d)| d.digest == named && n.starts_with(&prefix));
+                            .any(|(_, d)| d.digest == named);
                         if !tagged {
                             edit.set(&digest_ref_name(&repo_s, &named), desc)?;
                         }
