@@ -66,6 +66,8 @@ pub struct IndexView {
     /// Where the journal's whole records end, and how many there are.
     journal_end: u64,
     journal_records: u64,
+    /// Whether the journal ends in a torn record (a write cut short by a crash).
+    journal_torn: bool,
     /// Read afresh from a file another writer changed (not derived from this process's
     /// writes): the next commit folds, so the journal never spans a foreign write.
     reloaded: bool,
@@ -81,6 +83,7 @@ impl IndexView {
             disk: None,
             journal_end: 0,
             journal_records: 0,
+            journal_torn: false,
             reloaded: false,
         }
     }
@@ -189,6 +192,12 @@ impl IndexView {
     pub fn unfolded(&self) -> u64 {
         self.journal_records
     }
+
+    /// Whether the journal ends in a torn record: a write a crash cut short, never
+    /// acknowledged, which counts for nothing (the next commit or fold cuts it off).
+    pub fn journal_torn(&self) -> bool {
+        self.journal_torn
+    }
 }
 
 /// Fold when the journal holds this many records, or half as many as the index has
@@ -278,6 +287,7 @@ impl Cache {
         next.apply(read.edits);
         next.journal_end += read.valid;
         next.journal_records += read.records;
+        next.journal_torn = read.torn;
         next.disk = view.disk.map(|d| DiskKey {
             journal: Some(id),
             ..d
@@ -314,6 +324,7 @@ impl Cache {
                 view.apply(read.edits);
                 view.journal_end = read.valid;
                 view.journal_records = read.records;
+                view.journal_torn = read.torn;
                 id
             });
             view.disk = Some(DiskKey {
@@ -372,6 +383,7 @@ impl Cache {
         let end = file.append(at, size, &record, &path)?;
         next.journal_end = end;
         next.journal_records = base.journal_records + 1;
+        next.journal_torn = false;
         next.reloaded = false;
         next.disk = base.disk.map(|d| DiskKey {
             journal: Some(journal::FileId {
@@ -433,6 +445,7 @@ impl Cache {
         });
         view.journal_end = 0;
         view.journal_records = 0;
+        view.journal_torn = false;
         view.reloaded = false;
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(view);
         Ok(())
@@ -464,7 +477,7 @@ impl Cache {
     /// either (a name removed in the journal is still in the file until a fold).
     pub(super) fn folded_locked(&self) -> Result<Arc<IndexView>, CacheError> {
         let view = self.index_locked()?;
-        if view.journal_records == 0 {
+        if view.journal_records == 0 && !view.journal_torn {
             return Ok(view);
         }
         self.fold_view((*view).clone())?;

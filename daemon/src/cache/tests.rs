@@ -457,6 +457,14 @@ fn a_torn_journal_record_counts_for_nothing_and_is_cut_off_by_the_next_commit() 
         .map(|(n, _)| n.to_owned())
         .collect();
     assert_eq!(names, ["docker.io/a/b:1"]);
+    let report = fsck(&cache, false).unwrap();
+    assert!(
+        report.is_clean() && report.journal_torn && report.unfolded == 1,
+        "{report}"
+    );
+    assert!(report.to_string().contains("torn record"), "{report}");
+    let report = fsck(&cache, true).unwrap();
+    assert!(!cache.index().unwrap().journal_torn(), "{report}");
     cache.set_ref("docker.io/a/b:3", desc).unwrap();
     let again = Cache::open(&root).unwrap();
     let names: Vec<_> = again
