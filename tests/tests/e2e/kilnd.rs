@@ -3,9 +3,11 @@
 //! refuses a bad command line with a message that says what is wrong.
 
 use std::net::TcpStream;
+use std::time::Duration;
 
 use kiln_tests::kilnd::KilndError;
-use kiln_tests::{Dir, Kilnd, KilndOptions, cmd, target_bin};
+use kiln_tests::workspace::write_package;
+use kiln_tests::{Dir, Kilnd, KilndOptions, cmd, skopeo, target_bin, wait_until};
 
 #[test]
 fn starts_reports_ready_and_stops_on_sigterm() {
@@ -64,4 +66,39 @@ fn a_root_that_is_not_a_directory_is_refused() {
         Err(e) => panic!("expected kilnd to exit: {e}"),
         Ok(k) => panic!("kilnd started on a file root: {:?}", k.ready()),
     }
+}
+
+/// Other tools (LinuxKit, skopeo) read the cache's `index.json`. A landing goes into
+/// kiln's refs journal first; kilnd folds it into `index.json` about a second after its
+/// last landing, and when it stops, so other tools see what it built.
+#[test]
+fn what_kilnd_builds_reaches_index_json_for_other_tools() {
+    let ws = Dir::new("ws");
+    let image = write_package(&ws, "hello", &["amd64"], "FROM scratch\nCOPY hi.txt /\n");
+    ws.write("hello/hi.txt", "hi\n");
+    let mut kilnd = Kilnd::start(&[ws.path()], KilndOptions::default());
+    kilnd.events().wait_built(Duration::from_secs(120), &image);
+    let tag = cmd(target_bin("kiln"))
+        .arg("show-tag")
+        .arg(ws.join("hello"))
+        .stdout();
+    let name = format!("docker.io/{tag}-amd64");
+    let cache = kilnd.cache().to_owned();
+    wait_until(
+        Duration::from_secs(20),
+        format!("index.json to name {name}"),
+        || std::fs::read_to_string(cache.join("index.json")).is_ok_and(|s| s.contains(&name)),
+    );
+    let raw = skopeo()
+        .args(["inspect", "--raw"])
+        .arg(format!("oci:{}:{name}", cache.display()))
+        .stdout();
+    assert!(raw.contains("\"layers\""), "{raw}");
+    let (status, killed) = kilnd.stop();
+    assert!(status.success() && !killed, "kilnd exited with {status}");
+    let journal = std::fs::metadata(cache.join(".kiln/refs.journal")).map_or(0, |m| m.len());
+    assert_eq!(
+        journal, 0,
+        "kilnd stopped with reference changes not in index.json"
+    );
 }
