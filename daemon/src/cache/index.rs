@@ -256,6 +256,9 @@ impl Cache {
     /// unchanged and the journal only grew (another kilnd appended), everything
     /// otherwise.
     fn refresh(&self) -> Result<Arc<IndexView>, CacheError> {
+        // One reader at a time reads the files: two that read at different moments could
+        // otherwise swap in the older version last.
+        let _one = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
         let view = self.current_view();
         let disk = self.stat_disk()?;
         if view.disk == Some(disk) {

@@ -174,6 +174,8 @@ pub struct Cache {
     /// changed meanwhile serve the view before the write instead of reading a change
     /// that is not durable yet.
     disk_guard: RwLock<()>,
+    /// Held by the reader that re-reads the files (see [`Cache::index`]).
+    refreshing: Mutex<()>,
     /// The refs journal, open for appending (see [`journal`]).
     appender: Mutex<Option<journal::Appender>>,
     /// The last epoch given to a view (see [`IndexView::epoch`]).
@@ -251,6 +253,7 @@ impl Cache {
             tmp,
             writers: Mutex::new(()),
             disk_guard: RwLock::new(()),
+            refreshing: Mutex::new(()),
             appender: Mutex::new(None),
             epochs: AtomicU64::new(0),
             refs_committed: tokio::sync::watch::Sender::new(0),
