@@ -357,6 +357,22 @@ fn a_failed_change_leaves_the_others_of_its_batch_alone() {
     assert!(cache.index().unwrap().get("docker.io/a/b:later").is_some());
 }
 
+/// A manifest blob in `cache`, and its descriptor.
+fn a_manifest(cache: &Cache) -> Descriptor {
+    let d = cache.put_blob(b"{}").unwrap();
+    Descriptor::new(OCI_MANIFEST, d, 2)
+}
+
+/// The names the cache's references hold now, in order.
+fn names(cache: &Cache) -> Vec<String> {
+    cache
+        .index()
+        .unwrap()
+        .refs()
+        .map(|(n, _)| n.to_owned())
+        .collect()
+}
+
 fn journal(cache: &Cache) -> std::path::PathBuf {
     cache.root().join(".kiln").join(journal::JOURNAL_FILE)
 }
@@ -376,8 +392,7 @@ fn names_on_disk(root: &Path) -> Vec<String> {
 #[test]
 fn a_commit_appends_to_the_journal_and_a_fold_writes_index_json_whole() {
     let (_dir, cache) = cache();
-    let d = cache.put_blob(b"{}").unwrap();
-    let desc = Descriptor::new(OCI_MANIFEST, d, 2);
+    let desc = a_manifest(&cache);
     cache.set_ref("docker.io/a/b:1", desc.clone()).unwrap();
     cache.set_ref("docker.io/a/b:2", desc.clone()).unwrap();
     assert!(cache.remove_ref("docker.io/a/b:1").unwrap());
@@ -385,13 +400,7 @@ fn a_commit_appends_to_the_journal_and_a_fold_writes_index_json_whole() {
     assert!(names_on_disk(cache.root()).is_empty());
     assert_eq!(cache.index().unwrap().unfolded(), 3);
     let reopened = Cache::open(cache.root()).unwrap();
-    let names: Vec<_> = reopened
-        .index()
-        .unwrap()
-        .refs()
-        .map(|(n, _)| n.to_owned())
-        .collect();
-    assert_eq!(names, ["docker.io/a/b:2"]);
+    assert_eq!(names(&reopened), ["docker.io/a/b:2"]);
 
     cache.fold_refs().unwrap();
     assert_eq!(names_on_disk(cache.root()), ["docker.io/a/b:2"]);
@@ -436,8 +445,7 @@ fn a_crash_between_the_folds_two_writes_replays_records_index_json_holds() {
 #[test]
 fn a_torn_journal_record_counts_for_nothing_and_is_cut_off_by_the_next_commit() {
     let (_dir, cache) = cache();
-    let d = cache.put_blob(b"{}").unwrap();
-    let desc = Descriptor::new(OCI_MANIFEST, d, 2);
+    let desc = a_manifest(&cache);
     cache.set_ref("docker.io/a/b:1", desc.clone()).unwrap();
     cache.set_ref("docker.io/a/b:2", desc.clone()).unwrap();
     // A crash in the middle of the second append: half of its line on disk.
@@ -450,13 +458,7 @@ fn a_torn_journal_record_counts_for_nothing_and_is_cut_off_by_the_next_commit() 
         let root = _dir.path().join("c");
         (root.clone(), Cache::open(&root).unwrap())
     };
-    let names: Vec<_> = cache
-        .index()
-        .unwrap()
-        .refs()
-        .map(|(n, _)| n.to_owned())
-        .collect();
-    assert_eq!(names, ["docker.io/a/b:1"]);
+    assert_eq!(names(&cache), ["docker.io/a/b:1"]);
     let report = fsck(&cache, false).unwrap();
     assert!(
         report.is_clean() && report.journal_torn && report.unfolded == 1,
@@ -467,13 +469,7 @@ fn a_torn_journal_record_counts_for_nothing_and_is_cut_off_by_the_next_commit() 
     assert!(!cache.index().unwrap().journal_torn(), "{report}");
     cache.set_ref("docker.io/a/b:3", desc).unwrap();
     let again = Cache::open(&root).unwrap();
-    let names: Vec<_> = again
-        .index()
-        .unwrap()
-        .refs()
-        .map(|(n, _)| n.to_owned())
-        .collect();
-    assert_eq!(names, ["docker.io/a/b:1", "docker.io/a/b:3"]);
+    assert_eq!(names(&again), ["docker.io/a/b:1", "docker.io/a/b:3"]);
     assert!(!journal::decode(&fs::read(journal(&again)).unwrap()).torn);
 }
 
@@ -522,8 +518,7 @@ fn another_writers_appends_are_read_as_they_come_and_its_rewrite_is_folded_at_on
 #[test]
 fn the_journal_is_folded_when_it_has_grown() {
     let (_dir, cache) = cache();
-    let d = cache.put_blob(b"{}").unwrap();
-    let desc = Descriptor::new(OCI_MANIFEST, d, 2);
+    let desc = a_manifest(&cache);
     for i in 0..600 {
         cache
             .set_ref(&format!("docker.io/a/b:{i}"), desc.clone())

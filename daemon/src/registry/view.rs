@@ -213,27 +213,32 @@ impl View {
             if i >= MAX_FOLLOWED {
                 return None;
             }
-            let mt = Some(desc.media_type.as_str());
-            let Some(stored) = view.load(cache, previous, &desc.digest, mt, 0, &mut fresh) else {
+            let Some(stored) = view.load_ref(cache, previous, desc, &mut fresh) else {
                 continue;
             };
-            match parsed {
-                RefName::Tag { repo, tag } => {
-                    let tagged = Tagged {
-                        stored,
-                        ref_name: name.clone(),
-                    };
-                    view.repos.entry(repo).or_default().tags.insert(tag, tagged);
-                }
-                RefName::Digest { repo, digest } => {
-                    let untagged = &mut view.repos.entry(repo).or_default().untagged;
-                    untagged.insert(digest, name.clone());
-                }
-            }
+            view.name(parsed, name, stored);
         }
         view.add_referrers(&fresh);
         view.source = Some(Arc::clone(source));
         Some(view)
+    }
+
+    /// Serves `stored` under `name` (as `parsed`): a repository's tag, or a manifest it
+    /// keeps by digest.
+    fn name(&mut self, parsed: RefName, name: &str, stored: Arc<Stored>) {
+        match parsed {
+            RefName::Tag { repo, tag } => {
+                let tagged = Tagged {
+                    stored,
+                    ref_name: name.to_owned(),
+                };
+                self.repos.entry(repo).or_default().tags.insert(tag, tagged);
+            }
+            RefName::Digest { repo, digest } => {
+                let untagged = &mut self.repos.entry(repo).or_default().untagged;
+                untagged.insert(digest, name.to_owned());
+            }
+        }
     }
 
     /// Lists `manifests` under the subjects they name.
@@ -284,29 +289,10 @@ impl View {
                 }
                 continue;
             };
-            let Some(stored) = view.load(
-                cache,
-                previous,
-                &desc.digest,
-                Some(&desc.media_type),
-                0,
-                &mut Vec::new(),
-            ) else {
+            let Some(stored) = view.load_ref(cache, previous, desc, &mut Vec::new()) else {
                 continue;
             };
-            match parsed {
-                RefName::Tag { repo, tag } => {
-                    let tagged = Tagged {
-                        stored,
-                        ref_name: name.to_owned(),
-                    };
-                    view.repos.entry(repo).or_default().tags.insert(tag, tagged);
-                }
-                RefName::Digest { repo, digest } => {
-                    let untagged = &mut view.repos.entry(repo).or_default().untagged;
-                    untagged.insert(digest, name.to_owned());
-                }
-            }
+            view.name(parsed, name, stored);
         }
         // Names of other registries' hosts come last: a docker.io name keeps its tag.
         for (name, host, repo, tag, desc) in foreign {
@@ -326,14 +312,7 @@ impl View {
                 }
                 continue;
             }
-            let Some(stored) = view.load(
-                cache,
-                previous,
-                &desc.digest,
-                Some(&desc.media_type),
-                0,
-                &mut Vec::new(),
-            ) else {
+            let Some(stored) = view.load_ref(cache, previous, desc, &mut Vec::new()) else {
                 continue;
             };
             if first {
@@ -353,6 +332,24 @@ impl View {
         view.add_referrers(&all);
         view.source = Some(source);
         view
+    }
+
+    /// Loads the manifest a reference names (see [`View::load`]).
+    fn load_ref(
+        &mut self,
+        cache: &Cache,
+        previous: &View,
+        desc: &crate::oci::Descriptor,
+        fresh: &mut Vec<Arc<Stored>>,
+    ) -> Option<Arc<Stored>> {
+        self.load(
+            cache,
+            previous,
+            &desc.digest,
+            Some(&desc.media_type),
+            0,
+            fresh,
+        )
     }
 
     /// Loads a manifest and, for an index, its children.
