@@ -1,5 +1,6 @@
 //! The cache figures on the bus (size, blobs on demand, hits, misses, last gc), kept
-//! current from the events and cache changes that change them.
+//! current from the events and cache changes that change them; an event costs O(1)
+//! here, whatever the size of the cache.
 
 use std::sync::Arc;
 
@@ -21,6 +22,9 @@ pub async fn cache_stats(cache: Arc<Cache>, bus: Bus, cap: Option<u64>) {
     let mut sub = bus.subscribe();
     let mut on_demand = cache.on_demand_changes();
     let mut rescan = true;
+    // The blobs on demand are counted (a stat each) only when their record changed, not
+    // on every hit or miss: a team cache fetched lazily records thousands.
+    let mut recount = true;
     // The scan's figures and the writes counted when it started.
     let mut measured = (0u64, 0u64);
     let mut added_then = (0u64, 0u64);
@@ -40,7 +44,9 @@ pub async fn cache_stats(cache: Arc<Cache>, bus: Bus, cap: Option<u64>) {
         stats.references = cache
             .index()
             .map_or(stats.references, |v| v.ref_count() as u64);
-        if let Ok((blobs, bytes)) = cache.on_demand_totals() {
+        if std::mem::take(&mut recount)
+            && let Ok((blobs, bytes)) = cache.on_demand_totals()
+        {
             (stats.on_demand_blobs, stats.on_demand_bytes) = (blobs, bytes);
         }
         bus.publish(Event::CacheStats {
@@ -52,7 +58,10 @@ pub async fn cache_stats(cache: Arc<Cache>, bus: Bus, cap: Option<u64>) {
                 item = sub.next() => item,
                 // A blob on demand recorded or fetched.
                 changed = on_demand.changed() => match changed {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        recount = true;
+                        break;
+                    }
                     Err(_) => return,
                 },
             };
@@ -67,6 +76,7 @@ pub async fn cache_stats(cache: Arc<Cache>, bus: Bus, cap: Option<u64>) {
                 Event::GcFinished { gc } => {
                     stats.last_gc = Some(gc);
                     rescan = true;
+                    recount = true;
                 }
                 _ => continue,
             }
