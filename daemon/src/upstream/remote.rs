@@ -81,6 +81,9 @@ pub struct Remote {
     /// copy's sender is dropped ([`Remote::copy_blob`] copies a blob once however many
     /// ask at once).
     copying: Mutex<HashMap<Digest, watch::Receiver<()>>>,
+    /// One push of an image at a time (see [`Remote::push_target`]): the gate of each
+    /// image being pushed.
+    pushing: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
     /// The registry answered 401 to a request without credentials: from then on every
     /// request goes through `oci-client`'s token flow.
     challenged: AtomicBool,
@@ -122,6 +125,7 @@ impl Remote {
             client: OnceCell::new(),
             plain: OnceCell::new(),
             copying: Mutex::default(),
+            pushing: Mutex::default(),
             challenged: AtomicBool::new(false),
             auth,
             health: Tracker::default(),

@@ -20,15 +20,35 @@ use crate::upstream::{Pushed, UpstreamError, digest_str, read_index};
 
 impl Remote {
     /// Pushes every arch of a target the cache holds (`tag-<arch>`), then its index
-    /// (`tag`), skipping what the upstream has.
+    /// (`tag`), skipping what the upstream has. Pushes of one image go one at a time (the
+    /// push after a landing and a `kiln push` of it, say): the second then finds what the
+    /// first sent and skips it, instead of racing it blob by blob, which the distribution
+    /// registry can answer with a manifest whose blob it does not know yet.
     pub async fn push_target(
         &self,
         cache: &Arc<Cache>,
         image: &ImageRef,
         mount_from: &[RepoName],
     ) -> Result<Pushed, UpstreamError> {
-        self.challenged_once(|| self.push_target_once(cache, image, mount_from))
-            .await
+        let key = image.to_string();
+        let gate = Arc::clone(
+            self.pushing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(key.clone())
+                .or_default(),
+        );
+        let pushed = {
+            let _one = gate.lock().await;
+            self.challenged_once(|| self.push_target_once(cache, image, mount_from))
+                .await
+        };
+        let mut pushing = self.pushing.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's and this push's: no other push of the image waits.
+        if Arc::strong_count(&gate) == 2 {
+            pushing.remove(&key);
+        }
+        pushed
     }
 
     async fn push_target_once(
