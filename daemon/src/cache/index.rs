@@ -468,11 +468,7 @@ impl Cache {
             return Ok(());
         }
         let _lock = self.lock()?;
-        let view = self.index_locked()?;
-        if view.journal_records == 0 {
-            return Ok(());
-        }
-        self.fold_view((*view).clone())
+        self.folded_locked().map(drop)
     }
 
     /// The current references with the journal folded into `index.json` first, for gc,

@@ -240,15 +240,20 @@ mod tests {
         std::fs::write(p, text).unwrap();
     }
 
+    /// `base` (`FROM scratch`, a file `f`) and `app` (`FROM kiln/base`) in `ws`.
+    pub(super) fn base_and_app(ws: &std::path::Path) {
+        write(ws, "base/build.yml", "org: kiln\nimage: base\n");
+        write(ws, "base/Dockerfile", "FROM scratch\nCOPY f /f\n");
+        write(ws, "base/f", "one");
+        write(ws, "app/build.yml", "org: kiln\nimage: app\n");
+        write(ws, "app/Dockerfile", "FROM kiln/base\n");
+    }
+
     #[test]
     fn a_follower_folds_its_base_tag_and_a_pinned_from_does_not() {
         let dir = tempfile::tempdir().unwrap();
         let ws = dir.path().join("ws");
-        write(&ws, "base/build.yml", "org: kiln\nimage: base\n");
-        write(&ws, "base/Dockerfile", "FROM scratch\nCOPY f /f\n");
-        write(&ws, "base/f", "one");
-        write(&ws, "app/build.yml", "org: kiln\nimage: app\n");
-        write(&ws, "app/Dockerfile", "FROM kiln/base\n");
+        base_and_app(&ws);
         write(&ws, "pinned/build.yml", "org: kiln\nimage: pinned\n");
         write(&ws, "pinned/Dockerfile", "FROM kiln/base:v1\n");
         let dirs = [ws.join("base"), ws.join("app"), ws.join("pinned")];

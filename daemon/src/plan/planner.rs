@@ -537,7 +537,7 @@ fn dir_label(ws: &Workspace, dir: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::tests::write;
+    use crate::plan::tests::{base_and_app, write};
 
     fn git(ws: &Path, args: &[&str]) {
         let ok = std::process::Command::new("git")
@@ -555,11 +555,7 @@ mod tests {
     fn workspace(n: usize) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let ws = dir.path().join("ws");
-        write(&ws, "base/build.yml", "org: kiln\nimage: base\n");
-        write(&ws, "base/Dockerfile", "FROM scratch\nCOPY f /f\n");
-        write(&ws, "base/f", "one");
-        write(&ws, "app/build.yml", "org: kiln\nimage: app\n");
-        write(&ws, "app/Dockerfile", "FROM kiln/base\n");
+        base_and_app(&ws);
         for i in 0..n {
             write(
                 &ws,
@@ -578,6 +574,14 @@ mod tests {
         git(&ws, &["commit", "-q", "-m", "ws"]);
         let ws = std::fs::canonicalize(&ws).unwrap();
         (dir, ws)
+    }
+
+    /// [`workspace`] with a planner that has tagged every package.
+    fn tagged(n: usize) -> (tempfile::TempDir, PathBuf, Planner) {
+        let (dir, ws) = workspace(n);
+        let mut planner = Planner::new(std::slice::from_ref(&ws), Builders::default());
+        planner.tag(&planner.dirs());
+        (dir, ws, planner)
     }
 
     /// Reports a change of `rel` to the planner and plans it, as kilnd does.
@@ -642,9 +646,7 @@ mod tests {
 
     #[test]
     fn a_gitignore_above_packages_tags_them_again() {
-        let (_d, ws) = workspace(3);
-        let mut planner = Planner::new(std::slice::from_ref(&ws), Builders::default());
-        planner.tag(&planner.dirs());
+        let (_d, ws, mut planner) = tagged(3);
         let clean = tag_of(&planner, "kiln/p1");
         write(&ws, "p1/junk", "x");
         save(&mut planner, &ws, "p1/junk");
@@ -658,9 +660,7 @@ mod tests {
 
     #[test]
     fn git_add_and_commit_are_seen_without_a_changed_path() {
-        let (_d, ws) = workspace(3);
-        let mut planner = Planner::new(std::slice::from_ref(&ws), Builders::default());
-        planner.tag(&planner.dirs());
+        let (_d, ws, mut planner) = tagged(3);
         write(&ws, "p1/f", "new");
         save(&mut planner, &ws, "p1/f");
         let dirty = tag_of(&planner, "kiln/p1");
@@ -682,9 +682,7 @@ mod tests {
 
     #[test]
     fn a_base_broken_and_fixed_by_a_save_takes_its_followers_with_it() {
-        let (_d, ws) = workspace(2);
-        let mut planner = Planner::new(std::slice::from_ref(&ws), Builders::default());
-        planner.tag(&planner.dirs());
+        let (_d, ws, mut planner) = tagged(2);
         let app = tag_of(&planner, "kiln/app");
 
         std::os::unix::fs::symlink("/etc/passwd", ws.join("base/escape")).unwrap();
@@ -708,9 +706,7 @@ mod tests {
 
     #[test]
     fn a_dockerfile_edit_that_follows_another_package_plans_the_new_order() {
-        let (_d, ws) = workspace(2);
-        let mut planner = Planner::new(std::slice::from_ref(&ws), Builders::default());
-        planner.tag(&planner.dirs());
+        let (_d, ws, mut planner) = tagged(2);
         let p1 = tag_of(&planner, "kiln/p1");
         write(&ws, "p1/Dockerfile", "FROM kiln/p0\nCOPY f /f\n");
         save(&mut planner, &ws, "p1/Dockerfile");
