@@ -15,11 +15,11 @@ in one run, against its reference.
    fetches through from U with only the missing blobs, all verified), against
    `skopeo copy docker://U/... oci:LAYOUT` (the reference). Target: kilnd no slower.
 
-Fetch before build is lazy (a target lands with its index and manifests; its config and
-layers are fetched from the upstream on first read), so after "fetch all" it also times
-what that defers: `skopeo copy` of one target from kilnd B into an OCI layout (the first
-copy reads the target's blobs from the upstream through B, a second one none), with the
-blob requests each made to the upstream.
+Fetch before build is lazy (a target lands with its package's index only; its per-arch
+manifest, config and layers are fetched from the upstream on first read), so after
+"fetch all" it also times what that defers: `skopeo copy` of one target from kilnd B into
+an OCI layout (the first copy reads the target's manifest and blobs from the upstream
+through B, a second one nothing), with the requests each made to the upstream.
 
 Times are time.monotonic(). Readiness ("every target Ok") is followed on kilnd's event
 stream (`GET /api/v1/events` on its socket: a snapshot, then events), not polled, so it
@@ -314,7 +314,8 @@ def main():
               f"CPU until all served: kilnd B {b_cpu:.2f} s, upstream {up_cpu:.2f} s")
         print(f"ratio build/fetch: {build_s / fetch_s:.1f}x (target >= 20x)", flush=True)
 
-        # What the lazy fetch deferred: one target's blobs, read through B on first use.
+        # What the lazy fetch deferred: one target's manifest and blobs, read through B on
+        # first use.
         first = sorted(state["packages"])[0]
         target = f"{first}:{state['packages'][first]['tag']}-amd64"
         for attempt in ("first", "again"):
@@ -325,9 +326,12 @@ def main():
                             f"docker://{b.addr}/{target}", f"oci:{out}:x"],
                            check=True, capture_output=True)
             copy_s = time.monotonic() - t
-            blobs = sum("/blobs/" in u for u in up.requests()[seen:])
+            made = up.requests()[seen:]
+            blobs = sum("/blobs/" in u for u in made)
+            manifests = sum("/manifests/" in u for u in made)
             print(f"  deferred: skopeo copy of {target} from kilnd B ({attempt}): "
-                  f"{copy_s:.2f} s, {blobs} blob requests to the upstream")
+                  f"{copy_s:.2f} s, {manifests} manifest and {blobs} blob requests to the "
+                  f"upstream")
             shutil.rmtree(out)
 
         # The 256 MiB image.

@@ -13,11 +13,11 @@
 //!   tools read (see [`journal`]);
 //! - the references never name a blob that is not on disk: a blob is durable before a
 //!   record or an index names it;
-//!   the one exception is a blob on demand: a config or layer of a target fetched lazily
-//!   from an upstream, recorded in `.kiln/remote.json` (durably, before the index names
-//!   the manifest that references it) and fetched on first read through
-//!   [`Cache::ensure_blob`] (see `ondemand`). The manifests and indexes the index
-//!   reaches are always on disk;
+//!   the one exception is a blob on demand: a manifest, config or layer of a target
+//!   fetched lazily from an upstream, recorded in `.kiln/remote.json` (durably, before
+//!   anything on disk names it) and fetched on first read through
+//!   [`Cache::ensure_blob`] (see `ondemand`). What a manifest on demand names is
+//!   recorded when it lands;
 //! - writers of `index.json` and the journal hold a POSIX `fcntl` lock on
 //!   `<cache>/.lock`, as LinuxKit does, so both tools can share one cache.
 //!

@@ -1,21 +1,23 @@
-//! Blobs on demand: a target fetched from an upstream lands with its index and manifests
-//! only; its configs and layers stay upstream until something reads them (as BuildKit's
-//! registry cache import does). The OCI image layout allows it: "the blobs directory MAY
-//! be missing referenced blobs, in which case the missing blobs SHOULD be fulfilled by an
-//! external blob store".
+//! Blobs on demand: a target fetched from an upstream lands with its index only; its
+//! per-arch manifests, configs and layers stay upstream until something reads them (as
+//! BuildKit's registry cache import does). The OCI image layout allows it: "the blobs
+//! directory MAY be missing referenced blobs, in which case the missing blobs SHOULD be
+//! fulfilled by an external blob store".
 //!
 //! `.kiln/remote.json` records, for each such blob, where it is fulfilled from (upstream,
-//! repository there, size). It is written atomically under the writer lock BEFORE the
-//! index names the manifests that reference those blobs, so a crash leaves either no
-//! reference (an extra record entry is harmless; gc drops entries nothing reaches) or a
-//! reference whose missing blobs are all recorded.
+//! repository there, size, and for a manifest or index its media type: those are asked
+//! of the upstream's manifest endpoint). It is written atomically under the writer lock
+//! BEFORE anything local names those blobs: before the index names a fetched index, and
+//! before a manifest fetched on demand lands, the blobs it names are recorded. A crash
+//! therefore leaves either no reference (an extra record entry is harmless; gc drops
+//! entries nothing reaches) or a reference whose missing blobs are all recorded.
 //!
 //! [`Cache::ensure_blob`] is the one way to make such a blob local: it asks the
 //! [`BlobSource`] the daemon installed (the upstreams; the cache does not depend on them),
-//! which streams the blob through a verifying blob writer, and then drops its entry. The
+//! which copies the blob through a verifying blob writer, and then drops its entry. The
 //! source copies a digest once however many readers ask at once. Every reader that needs
-//! bytes goes through it (the registry's blob GET, the native builder's bases, pushes,
-//! `kiln pull`); a HEAD answers from the recorded size.
+//! bytes goes through it (the registry's manifest and blob GETs, the native builder's
+//! bases, pushes, `kiln pull`); a blob HEAD answers from the recorded size.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -26,6 +28,7 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use kiln_shared::digest::Digest;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 use super::{Cache, CacheError, MANIFEST_LIMIT, write_atomic};
 use crate::oci::{AnyManifest, Descriptor, is_index, is_manifest};
@@ -43,6 +46,19 @@ pub struct OnDemand {
     /// The repository it belongs to here (`org/image`), for messages.
     pub image: String,
     pub size: u64,
+    /// The media type of a manifest or index (asked of the manifest endpoint, which is
+    /// where registries keep them); `None` for a config or layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+}
+
+impl OnDemand {
+    /// Whether this is a manifest or an index.
+    pub fn is_document(&self) -> bool {
+        self.media_type
+            .as_deref()
+            .is_some_and(|mt| is_index(mt) || is_manifest(mt))
+    }
 }
 
 /// A blob on demand that could not be fetched (see [`CacheError::OnDemand`]).
@@ -148,6 +164,53 @@ impl Cache {
         }
         *self.remote.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(all));
         self.remote_changed.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Lands a manifest or index that a [`BlobSource`] fetched on demand as `from` says:
+    /// verified by digest and size, then the blobs it names that the cache lacks are
+    /// recorded on demand from the same place, durably, and only then is it written, so
+    /// the cache never holds a document naming a blob that is neither here nor recorded.
+    pub fn land_document(
+        &self,
+        bytes: &[u8],
+        digest: &Digest,
+        from: &OnDemand,
+    ) -> Result<(), CacheError> {
+        let actual = Digest::from_sha256_bytes(&Sha256::digest(bytes).into());
+        if actual != *digest {
+            return Err(CacheError::DigestMismatch {
+                expected: digest.clone(),
+                actual,
+            });
+        }
+        if bytes.len() as u64 != from.size {
+            return Err(CacheError::SizeMismatch {
+                expected: from.size,
+                actual: bytes.len() as u64,
+            });
+        }
+        let doc: AnyManifest =
+            serde_json::from_slice(bytes).map_err(|source| CacheError::Json {
+                path: self.blob_path(digest),
+                source,
+            })?;
+        let children: Vec<(Digest, OnDemand)> = doc
+            .children()
+            .map(|c| {
+                let is_doc = is_index(&c.media_type) || is_manifest(&c.media_type);
+                let child = OnDemand {
+                    size: c.size,
+                    media_type: is_doc.then(|| c.media_type.clone()),
+                    ..from.clone()
+                };
+                (c.digest.clone(), child)
+            })
+            .collect();
+        self.record_on_demand(&children)?;
+        let mut w = self.blob_writer()?;
+        w.write_bytes(bytes)?;
+        w.finish(Some(digest), Some(from.size))?;
         Ok(())
     }
 

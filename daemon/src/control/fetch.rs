@@ -6,8 +6,8 @@
 //! every job of the batch after it, goes to the queue as planned, so a build never
 //! starts before the bases it follows are fetched.
 //!
-//! Fetches here are lazy: a target lands with its index and manifests, its configs and
-//! layers stay upstream as blobs on demand (`cache::ondemand`), fetched when something
+//! Fetches here are lazy: a target lands with its package's index, its manifest, config
+//! and layers stay upstream as blobs on demand (`cache::ondemand`), fetched when something
 //! reads them (a pull from kilnd's registry, a build on top of it, a push elsewhere).
 //! `kiln pull` is the eager way, for a user who wants the bytes here.
 

@@ -82,9 +82,28 @@ impl Stored {
 /// A tag and the `index.json` name it came from.
 #[derive(Debug, Clone)]
 pub struct Tagged {
-    pub stored: Arc<Stored>,
+    pub target: Target,
     /// The reference name as `index.json` spells it, for usage records.
     pub ref_name: String,
+}
+
+/// What a name serves.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A manifest the view holds.
+    Held(Arc<Stored>),
+    /// A manifest on demand from an upstream (`cache::ondemand`: the per-arch manifests of
+    /// a lazily fetched index), fetched on the first GET.
+    OnDemand { digest: Digest, media_type: String },
+}
+
+impl Target {
+    pub fn digest(&self) -> &Digest {
+        match self {
+            Target::Held(stored) => &stored.digest,
+            Target::OnDemand { digest, .. } => digest,
+        }
+    }
 }
 
 /// A repository's names.
@@ -213,23 +232,23 @@ impl View {
             if i >= MAX_FOLLOWED {
                 return None;
             }
-            let Some(stored) = view.load_ref(cache, previous, desc, &mut fresh) else {
+            let Some(target) = view.load_ref(cache, previous, desc, &mut fresh) else {
                 continue;
             };
-            view.name(parsed, name, stored);
+            view.name(parsed, name, target);
         }
         view.add_referrers(&fresh);
         view.source = Some(Arc::clone(source));
         Some(view)
     }
 
-    /// Serves `stored` under `name` (as `parsed`): a repository's tag, or a manifest it
+    /// Serves `target` under `name` (as `parsed`): a repository's tag, or a manifest it
     /// keeps by digest.
-    fn name(&mut self, parsed: RefName, name: &str, stored: Arc<Stored>) {
+    fn name(&mut self, parsed: RefName, name: &str, target: Target) {
         match parsed {
             RefName::Tag { repo, tag } => {
                 let tagged = Tagged {
-                    stored,
+                    target,
                     ref_name: name.to_owned(),
                 };
                 self.repos.entry(repo).or_default().tags.insert(tag, tagged);
@@ -289,10 +308,10 @@ impl View {
                 }
                 continue;
             };
-            let Some(stored) = view.load_ref(cache, previous, desc, &mut Vec::new()) else {
+            let Some(target) = view.load_ref(cache, previous, desc, &mut Vec::new()) else {
                 continue;
             };
-            view.name(parsed, name, stored);
+            view.name(parsed, name, target);
         }
         // Names of other registries' hosts come last: a docker.io name keeps its tag.
         for (name, host, repo, tag, desc) in foreign {
@@ -312,7 +331,7 @@ impl View {
                 }
                 continue;
             }
-            let Some(stored) = view.load_ref(cache, previous, desc, &mut Vec::new()) else {
+            let Some(target) = view.load_ref(cache, previous, desc, &mut Vec::new()) else {
                 continue;
             };
             if first {
@@ -323,7 +342,7 @@ impl View {
                 );
             }
             let tagged = Tagged {
-                stored,
+                target,
                 ref_name: name.to_owned(),
             };
             view.repos.entry(repo).or_default().tags.insert(tag, tagged);
@@ -334,25 +353,32 @@ impl View {
         view
     }
 
-    /// Loads the manifest a reference names (see [`View::load`]).
+    /// Loads the manifest a reference names (see [`View::load`]), or finds it on demand.
     fn load_ref(
         &mut self,
         cache: &Cache,
         previous: &View,
         desc: &crate::oci::Descriptor,
         fresh: &mut Vec<Arc<Stored>>,
-    ) -> Option<Arc<Stored>> {
-        self.load(
+    ) -> Option<Target> {
+        if let Some(stored) = self.load(
             cache,
             previous,
             &desc.digest,
             Some(&desc.media_type),
             0,
             fresh,
-        )
+        ) {
+            return Some(Target::Held(stored));
+        }
+        is_on_demand(cache, &desc.digest).then(|| Target::OnDemand {
+            digest: desc.digest.clone(),
+            media_type: desc.media_type.clone(),
+        })
     }
 
-    /// Loads a manifest and, for an index, its children.
+    /// Loads a manifest and, for an index, its children (children on demand are left to
+    /// the manifest GET, which fetches them).
     /// Each manifest it adds to the view goes into `fresh` too.
     fn load(
         &mut self,
@@ -370,6 +396,7 @@ impl View {
             Some(s) => Arc::clone(s),
             None => match read_stored(cache, digest, media_type) {
                 Ok(s) => Arc::new(s),
+                Err(_) if is_on_demand(cache, digest) => return None,
                 Err(e) => {
                     tracing::warn!(%digest, error = %e, "cache manifest cannot be served");
                     return None;
@@ -421,6 +448,13 @@ impl View {
     }
 }
 
+/// Whether `digest` is a manifest on demand (not here, recorded as a document).
+fn is_on_demand(cache: &Cache, digest: &Digest) -> bool {
+    cache
+        .on_demand(digest)
+        .is_ok_and(|from| from.is_some_and(|f| f.is_document()))
+}
+
 /// Reads a manifest blob and checks it.
 pub fn read_stored(
     cache: &Cache,
@@ -442,7 +476,7 @@ mod tests {
         for name in view.repo_names() {
             let repo = &view.repos[name];
             for (tag, t) in &repo.tags {
-                out.push(format!("{name}:{tag} {}", t.stored.digest));
+                out.push(format!("{name}:{tag} {}", t.target.digest()));
             }
             for d in repo.untagged.keys() {
                 out.push(format!("{name}@{d}"));

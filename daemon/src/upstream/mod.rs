@@ -220,21 +220,22 @@ pub struct Fetched {
     pub elapsed: Duration,
 }
 
-/// What the upstream holds of a package's tag, now in the cache with all it reaches.
+/// What the upstream holds of a package's tag, now in the cache with all it reaches (or,
+/// lazily, with what it reaches recorded on demand).
 #[derive(Debug, Clone)]
 pub struct FetchedPackage {
     /// The upstream it came from (`registry[/prefix]`).
     pub upstream: String,
     /// The multi-arch index `tag`, as the upstream has it, when it has one (every
-    /// manifest it lists is in the cache too).
+    /// manifest it lists is in the cache too, or on demand).
     pub index: Option<Descriptor>,
     /// Each wanted arch it has: the arch suffix and the manifest's descriptor with its
     /// platform (the index's entry verbatim, when there is an index).
     pub archs: Vec<(String, Descriptor)>,
     /// Bytes that were not in the cache before.
     pub bytes: u64,
-    /// A lazy fetch's configs and layers left upstream, to record before the index names
-    /// them (see `cache::ondemand`).
+    /// What a lazy fetch left upstream (manifests, configs, layers), to record before the
+    /// index names them (see `cache::ondemand`).
     pub on_demand: Vec<(Digest, OnDemand)>,
     pub elapsed: Duration,
 }
@@ -432,13 +433,8 @@ impl BlobSource for Upstreams {
                     from.upstream
                 ));
             };
-            let desc = Descriptor::new(
-                "application/octet-stream".to_owned(),
-                digest.clone(),
-                from.size,
-            );
             remote
-                .fetch_on_demand(cache, &from.repo, &desc)
+                .fetch_on_demand(cache, digest, from)
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string())

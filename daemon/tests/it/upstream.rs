@@ -390,8 +390,8 @@ fn push_then_fetch(
         .unwrap();
     assert_eq!(got.bytes, 0);
 
-    // Lazily, into cache D: the index and manifests only, not one blob request; the
-    // configs and layers are recorded on demand, then named; fsck says where they are.
+    // Lazily, into cache D: the index only, one request; its per-arch manifests are
+    // recorded on demand (as documents), then named; fsck says where they are.
     let d = Arc::new(Cache::open(&dir.path().join("d")).unwrap());
     let upstreams = Arc::new(upstreams);
     d.set_blob_source(Arc::clone(&upstreams) as Arc<dyn kiln_daemon::cache::BlobSource>);
@@ -401,30 +401,44 @@ fn push_then_fetch(
         .unwrap()
         .expect("the upstream has it");
     let made = up.requests().split_off(before);
-    assert!(
-        !made.iter().any(|u| u.contains("/blobs/")),
-        "a lazy fetch read a blob: {made:#?}"
+    assert_eq!(
+        made.len(),
+        1,
+        "a lazy fetch asks for the index only: {made:#?}"
     );
-    // Two configs and two layers (one each per arch).
-    assert_eq!(lazy.on_demand.len(), 4, "{:?}", lazy.on_demand);
+    assert_eq!(lazy.on_demand.len(), 2, "{:?}", lazy.on_demand);
+    assert!(lazy.on_demand.iter().all(|(_, f)| f.is_document()));
     d.record_on_demand(&lazy.on_demand).unwrap();
     d.set_ref("docker.io/kiln/hello:t1", lazy.index.clone().unwrap())
         .unwrap();
+    for (arch, entry) in &lazy.archs {
+        d.set_ref(&format!("docker.io/kiln/hello:t1-{arch}"), entry.clone())
+            .unwrap();
+    }
     let report = fsck(&d, false).unwrap();
     assert!(report.is_clean(), "{report}");
-    assert_eq!(report.on_demand.values().map(|v| v.0).sum::<u64>(), 4);
+    assert_eq!(report.on_demand.values().map(|v| v.0).sum::<u64>(), 2);
     assert!(report.to_string().contains("on demand from"), "{report}");
-    // Reading them fetches each once, verified; then the cache holds everything.
+    // Reading them fetches each once, verified: a manifest from the manifest endpoint,
+    // which records its config and layer, then those; then the cache holds everything.
     let before = up.requests().len();
     let desc = lazy.index.unwrap();
     let fetched = rt.block_on(d.ensure_graph(&desc)).unwrap();
-    assert_eq!(
-        fetched,
-        lazy.on_demand.iter().map(|(_, f)| f.size).sum::<u64>()
-    );
     let made = up.requests().split_off(before);
     let blob_reads = made.iter().filter(|u| u.contains("/blobs/")).count();
-    assert_eq!(blob_reads, 4, "{made:#?}");
+    let manifest_reads = made
+        .iter()
+        .filter(|u| u.contains("/manifests/sha256:"))
+        .count();
+    // Two manifests, two configs and two layers (one each per arch).
+    assert_eq!((manifest_reads, blob_reads), (2, 4), "{made:#?}");
+    assert_eq!(made.len(), 6, "{made:#?}");
+    let mut want = 0;
+    for (_, entry) in &lazy.archs {
+        let m = d.read_manifest(&entry.digest).unwrap();
+        want += entry.size + m.children().map(|c| c.size).sum::<u64>();
+    }
+    assert_eq!(fetched, want);
     assert_eq!(rt.block_on(d.ensure_graph(&desc)).unwrap(), 0);
     assert!(d.missing_on_demand().unwrap().is_empty());
     let report = fsck(&d, false).unwrap();

@@ -7,9 +7,9 @@
 //! fetches from the upstream once, then from the cache; a failed push is retried on a
 //! timer, and one still owed when kilnd stops is pushed by the next kilnd on the cache;
 //! a base image whose registry cannot be reached fails the build naming it; a team cache
-//! is fetched lazily (manifests only) and each blob is read from the upstream once, when
-//! a client (docker, skopeo), a build or `kiln pull` first needs it, with a clear error
-//! once the upstream is gone.
+//! is fetched lazily (each package's index only) and each manifest and blob is read from
+//! the upstream once, when a client (docker, skopeo), a build or `kiln pull` first needs
+//! it, with a clear error once the upstream is gone.
 
 use std::time::Duration;
 
@@ -669,8 +669,10 @@ fn a_team_cache_is_fetched_lazily_and_each_blob_is_read_upstream_once_on_first_u
     let ws = team_workspace(&tmp);
     let two = tag_of(&a_builds_and_pushes(&up, &ws), "kiln/two");
 
-    // B fetches the workspace with no build and not one blob request: manifests only.
+    // B fetches the workspace with no build and not one blob request: each package's
+    // index only; its per-arch manifests, configs and layers stay upstream.
     let blobs_before = up.requests("GET", "/blobs/");
+    let by_digest_before = up.requests("GET", "/manifests/sha256:");
     let b = Kilnd::start(&[ws.path()], team_opts(&up));
     let b_events = b.events();
     let s = b_events.wait(TIMEOUT, "B to serve both packages", both_ok);
@@ -683,6 +685,11 @@ fn a_team_cache_is_fetched_lazily_and_each_blob_is_read_upstream_once_on_first_u
         up.requests("GET", "/blobs/"),
         blobs_before,
         "B read blobs before anything asked for them"
+    );
+    assert_eq!(
+        up.requests("GET", "/manifests/sha256:"),
+        by_digest_before,
+        "B read per-arch manifests before anything asked for them"
     );
     let kiln = || cmd(target_bin("kiln")).arg("--socket").arg(b.socket());
     // `kiln status` shows the blobs on demand apart.
@@ -700,9 +707,12 @@ fn a_team_cache_is_fetched_lazily_and_each_blob_is_read_upstream_once_on_first_u
         "{fsck}"
     );
 
-    // docker pull of one target reads exactly its blobs from the upstream, once.
+    // docker pull of one target reads exactly its manifest and blobs from the upstream,
+    // once (skopeo's look at the manifest fetches it).
     let amd64 = format!("kiln/two:{two}-amd64");
     let wanted = blobs_of(&b.registry(), &amd64);
+    let by_digest = up.requests("GET", "/manifests/sha256:");
+    assert_eq!(by_digest, by_digest_before + 1, "{}", up.log());
     let image = format!("{}/{amd64}", b.registry());
     docker().args(["pull", "-q", &image]).run();
     assert_eq!(
@@ -720,6 +730,7 @@ fn a_team_cache_is_fetched_lazily_and_each_blob_is_read_upstream_once_on_first_u
         after_first,
         "a second pull read the upstream"
     );
+    assert_eq!(up.requests("GET", "/manifests/sha256:"), by_digest);
     // skopeo (another client) reads the same target from B without the upstream.
     let layout = tmp.path().join("copy");
     skopeo()

@@ -552,9 +552,12 @@ impl Walk<'_> {
         let size = match self.cache.blob_size(&d.digest) {
             Ok(Some(size)) => size,
             Ok(None) => match self.remote.get(&d.digest) {
+                // A manifest on demand must be recorded as one: it is asked of the
+                // upstream's manifest endpoint.
                 Some(from)
                     if from.size == d.size
-                        && !(is_index(&d.media_type) || is_manifest(&d.media_type)) =>
+                        && from.is_document()
+                            == (is_index(&d.media_type) || is_manifest(&d.media_type)) =>
                 {
                     self.on_demand.insert(d.digest.clone());
                     return false;

@@ -31,6 +31,11 @@ impl BlobSource for Layout {
                 .from
                 .read_blob(digest, u64::MAX)
                 .map_err(|e| e.to_string())?;
+            if from.is_document() {
+                return cache
+                    .land_document(&bytes, digest, from)
+                    .map_err(|e| e.to_string());
+            }
             let mut w = cache.blob_writer().map_err(|e| e.to_string())?;
             w.write_bytes(&bytes).map_err(|e| e.to_string())?;
             w.finish(Some(digest), Some(from.size))
@@ -67,6 +72,7 @@ fn lazy_image(up: &Cache, here: &Cache, seed: u8) -> (Descriptor, Vec<(Digest, O
         repo: "team/org/x".into(),
         image: "org/x".into(),
         size,
+        media_type: None,
     };
     (
         Descriptor::new(OCI_MANIFEST, d, bytes.len() as u64),
@@ -210,4 +216,107 @@ fn a_crash_between_record_and_index_leaves_a_consistent_cache_and_gc_forgets_the
     want.sort();
     assert_eq!(left, want);
     assert!(fsck(&here, false).unwrap().is_clean());
+}
+
+/// An index made in `up` over one manifest (a config and a layer); `here` gets the index
+/// only and the manifest recorded on demand (as a lazy fetch lands a package's tag).
+/// Returns the index, the manifest, and the manifest's record.
+fn lazy_index(up: &Cache, here: &Cache) -> (Descriptor, Descriptor, OnDemand) {
+    let (manifest, children) = lazy_image(up, up, 7);
+    let manifest_bytes = up.read_blob(&manifest.digest, u64::MAX).unwrap();
+    let mut entry = manifest.clone();
+    entry.platform =
+        Some(serde_json::from_str(r#"{"os":"linux","architecture":"amd64"}"#).unwrap());
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": crate::oci::OCI_INDEX,
+        "manifests": [entry],
+    }))
+    .unwrap();
+    let index_d = here.put_blob(&index).unwrap();
+    up.put_blob(&index).unwrap();
+    assert_eq!(children.len(), 2);
+    let from = OnDemand {
+        upstream: "up.example:5000/team".into(),
+        repo: "team/org/x".into(),
+        image: "org/x".into(),
+        size: manifest_bytes.len() as u64,
+        media_type: Some(OCI_MANIFEST.into()),
+    };
+    (
+        Descriptor::new(crate::oci::OCI_INDEX, index_d, index.len() as u64),
+        manifest,
+        from,
+    )
+}
+
+#[test]
+fn a_manifest_on_demand_is_named_and_brings_the_record_of_its_blobs_before_it_lands() {
+    let (_dir, up, here) = caches();
+    let (index, manifest, from) = lazy_index(&up, &here);
+
+    // A name may point at a manifest on demand, never at a blob neither here nor recorded.
+    let err = here
+        .set_ref("docker.io/org/x:t-amd64", manifest.clone())
+        .unwrap_err();
+    assert!(matches!(err, CacheError::DanglingReference { .. }), "{err}");
+    here.record_on_demand(&[(manifest.digest.clone(), from.clone())])
+        .unwrap();
+    here.set_ref("docker.io/org/x:t", index.clone()).unwrap();
+    here.set_ref("docker.io/org/x:t-amd64", manifest.clone())
+        .unwrap();
+    let report = fsck(&here, false).unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(
+        report.on_demand.get("up.example:5000/team"),
+        Some(&(1, from.size))
+    );
+    let g = gc(&here, GcOptions::default()).unwrap();
+    assert_eq!((g.on_demand_dropped, g.blobs_removed), (0, 0), "{g}");
+
+    // A crash inside land_document, after its blobs were recorded and before it landed:
+    // consistent, and gc forgets the records nothing reaches (the manifest is not here).
+    let doc = up.read_blob(&manifest.digest, u64::MAX).unwrap();
+    let wrong = OnDemand {
+        size: from.size + 1,
+        ..from.clone()
+    };
+    let err = here
+        .land_document(&doc, &manifest.digest, &wrong)
+        .unwrap_err();
+    assert!(matches!(err, CacheError::SizeMismatch { .. }), "{err}");
+    assert_eq!(here.on_demand_all().unwrap().len(), 1, "nothing recorded");
+    let parsed: AnyManifest = serde_json::from_slice(&doc).unwrap();
+    let children: Vec<(Digest, OnDemand)> = parsed
+        .children()
+        .map(|c| {
+            let child = OnDemand {
+                size: c.size,
+                media_type: None,
+                ..from.clone()
+            };
+            (c.digest.clone(), child)
+        })
+        .collect();
+    here.record_on_demand(&children).unwrap();
+    assert!(fsck(&here, false).unwrap().is_clean());
+    let g = gc(&here, GcOptions::default()).unwrap();
+    assert_eq!(g.on_demand_dropped, 2, "{g}");
+
+    // Read through the index: the manifest comes first, with the record of its config
+    // and layer, then those.
+    let source = Arc::new(Layout {
+        from: Arc::clone(&up),
+        fail: None,
+        fetches: AtomicUsize::new(0),
+    });
+    here.set_blob_source(Arc::clone(&source) as Arc<dyn BlobSource>);
+    let rt = rt();
+    let fetched = rt.block_on(here.ensure_graph(&index)).unwrap();
+    let config_size = parsed.config.as_ref().unwrap().size;
+    assert_eq!(fetched, from.size + config_size + 1000);
+    assert_eq!(source.fetches.load(Ordering::SeqCst), 3);
+    assert!(here.on_demand_all().unwrap().is_empty());
+    let report = fsck(&here, false).unwrap();
+    assert!(report.is_clean() && report.on_demand.is_empty(), "{report}");
 }

@@ -17,7 +17,7 @@ use crate::registry::body::RegBody;
 use crate::registry::error::OciError;
 use crate::registry::manifest::ManifestInfo;
 use crate::registry::service::Service;
-use crate::registry::view::{self, Stored, View, digest_ref_name, tag_ref_name};
+use crate::registry::view::{self, Stored, Target, View, digest_ref_name, tag_ref_name};
 
 impl Service {
     pub(in crate::registry) async fn get_manifest(
@@ -40,7 +40,13 @@ impl Service {
                     .ok_or_else(|| manifest_unknown(repo, tag.as_str()))?;
                 // For `gc --max-size`: least recently pulled goes first. No I/O.
                 self.cache.touch_ref(&tagged.ref_name);
-                (Arc::clone(&tagged.stored), true)
+                let stored = match &tagged.target {
+                    Target::Held(stored) => Arc::clone(stored),
+                    Target::OnDemand { digest, media_type } => {
+                        self.on_demand_manifest(digest, Some(media_type)).await?
+                    }
+                };
+                (stored, true)
             }
             Reference::Digest(d) => {
                 if let Some(name) = view
@@ -125,8 +131,26 @@ impl Service {
         }
     }
 
-    /// A manifest by digest: one the view holds, or any blob of the cache that is a
-    /// manifest (blobs are shared by all repositories).
+    /// A manifest on demand (`cache::ondemand`), fetched from its upstream into the cache
+    /// (once, however many ask), then read from there. An upstream that cannot give it
+    /// is 503 with what to do, as for a blob.
+    async fn on_demand_manifest(
+        &self,
+        digest: &Digest,
+        media_type: Option<&str>,
+    ) -> Result<Arc<Stored>, OciError> {
+        self.cache.ensure_blob(digest).await.map_err(|e| match e {
+            e @ CacheError::OnDemand(_) => OciError::Unavailable(e.to_string(), digest.clone()),
+            e => internal(e),
+        })?;
+        let (cache, d) = (Arc::clone(&self.cache), digest.clone());
+        let media_type = media_type.map(str::to_owned);
+        let stored = blocking(move || view::read_stored(&cache, &d, media_type.as_deref())).await?;
+        Ok(Arc::new(stored))
+    }
+
+    /// A manifest by digest: one the view holds, any blob of the cache that is a manifest
+    /// (blobs are shared by all repositories), or a manifest on demand.
     async fn manifest_by_digest(
         &self,
         view: &View,
@@ -143,17 +167,23 @@ impl Service {
                 "manifest {digest} is not in the cache (asked as {repo}@{digest})"
             ))
         };
-        match blocking(move || {
+        let found = blocking(move || {
             Ok(match cache.blob_size(&d).map_err(internal)? {
                 Some(size) if size <= MAX_MANIFEST_SIZE as u64 => {
-                    view::read_stored(&cache, &d, None).ok()
+                    view::read_stored(&cache, &d, None).ok().map(Ok)
                 }
-                _ => None,
+                Some(_) => None,
+                None => cache
+                    .on_demand(&d)
+                    .map_err(internal)?
+                    .filter(|from| from.is_document())
+                    .map(|from| Err(from.media_type)),
             })
         })
-        .await?
-        {
-            Some(s) => Ok(Arc::new(s)),
+        .await?;
+        match found {
+            Some(Ok(s)) => Ok(Arc::new(s)),
+            Some(Err(media_type)) => self.on_demand_manifest(digest, media_type.as_deref()).await,
             None => Err(unknown()),
         }
     }
@@ -332,17 +362,25 @@ fn check_references(cache: &Cache, info: &ManifestInfo) -> Result<(), OciError> 
                 c.size
             )));
         }
-        let bytes = cache
-            .read_blob(&c.digest, MAX_MANIFEST_SIZE as u64)
-            .map_err(internal)?;
-        let child = crate::registry::manifest::parse(&bytes, None)
-            .map_err(|e| not_manifest(e.to_string()))?;
+        let kind = match cache.on_demand(&c.digest).map_err(internal)? {
+            // A manifest on demand (a lazily fetched index's child): its record says what
+            // it is; its upstream holds the bytes.
+            Some(from) if from.is_document() => from.media_type.unwrap_or_default(),
+            Some(_) => return Err(not_manifest("it is recorded as a plain blob".into())),
+            None => {
+                let bytes = cache
+                    .read_blob(&c.digest, MAX_MANIFEST_SIZE as u64)
+                    .map_err(internal)?;
+                let child = crate::registry::manifest::parse(&bytes, None)
+                    .map_err(|e| not_manifest(e.to_string()))?;
+                child.kind.media_type().to_owned()
+            }
+        };
         if let Some(mt) = declared
-            && child.kind.media_type() != mt
+            && kind != mt
         {
             return Err(not_manifest(format!(
-                "the descriptor says {mt}, the content is {}",
-                child.kind.media_type()
+                "the descriptor says {mt}, the content is {kind}"
             )));
         }
     }

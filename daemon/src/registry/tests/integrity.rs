@@ -186,6 +186,11 @@ impl crate::cache::BlobSource for Upstream {
         from: &'a crate::cache::OnDemand,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
+            if from.is_document() {
+                return cache
+                    .land_document(&self.0, digest, from)
+                    .map_err(|e| e.to_string());
+            }
             let mut w = cache.blob_writer().map_err(|e| e.to_string())?;
             w.write_bytes(&self.0).map_err(|e| e.to_string())?;
             w.finish(Some(digest), Some(from.size))
@@ -208,6 +213,7 @@ async fn a_blob_on_demand_is_headed_from_its_record_fetched_on_get_and_503_when_
                 repo: "team/org/x".into(),
                 image: "org/x".into(),
                 size: layer.len() as u64,
+                media_type: None,
             },
         )])
         .unwrap();
@@ -235,4 +241,76 @@ async fn a_blob_on_demand_is_headed_from_its_record_fetched_on_get_and_503_when_
     assert_eq!(get.body.as_ref(), layer.as_slice());
     assert_eq!(r.cache.blob_size(&d).unwrap(), Some(layer.len() as u64));
     assert!(r.cache.on_demand(&d).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_manifest_on_demand_is_named_fetched_on_get_with_the_record_of_its_blobs_and_503_when_it_cannot_be()
+ {
+    let r = Reg::new();
+    // A lazily fetched package: its index here, its manifest (and what it names) upstream.
+    let (config, layer) = (b"{}".to_vec(), b"a layer left upstream".to_vec());
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(&config).to_string(), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": sha(&layer).to_string(), "size": layer.len()}],
+    })
+    .to_string();
+    let m = sha(manifest.as_bytes());
+    let from = crate::cache::OnDemand {
+        upstream: "up.example:5000".into(),
+        repo: "team/org/x".into(),
+        image: "org/x".into(),
+        size: manifest.len() as u64,
+        media_type: Some(OCI_MANIFEST.into()),
+    };
+    r.cache
+        .record_on_demand(&[(m.clone(), from.clone())])
+        .unwrap();
+    let entry = json!({"mediaType": OCI_MANIFEST, "digest": m.to_string(), "size": manifest.len(),
+        "platform": {"os": "linux", "architecture": "amd64"}});
+    let index =
+        json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}).to_string();
+    // A client may push an index naming it: the record says it is a manifest.
+    let put = r.push_manifest("org/x", "t", OCI_INDEX, &index).await;
+    assert_eq!(put.status, StatusCode::CREATED, "{:?}", put.body);
+    r.cache
+        .set_ref(
+            "docker.io/org/x:t-amd64",
+            Descriptor::new(OCI_MANIFEST, m.clone(), manifest.len() as u64),
+        )
+        .unwrap();
+    let tags = r.get("/v2/org/x/tags/list", &[]).await;
+    assert_eq!(tags.json()["tags"], json!(["t", "t-amd64"]));
+
+    // No upstream to fetch it from: 503 with what and what to do, by tag and by digest.
+    let accept = [("accept", OCI_MANIFEST)];
+    for reference in ["t-amd64".to_owned(), m.to_string()] {
+        let get = r
+            .get(&format!("/v2/org/x/manifests/{reference}"), &accept)
+            .await;
+        get.is_error(503, "UNAVAILABLE");
+        let message = get.json()["errors"][0]["message"].to_string();
+        assert!(message.contains("kiln pull org/x"), "{message}");
+    }
+    assert_eq!(r.cache.blob_size(&m).unwrap(), None);
+
+    // With its upstream: fetched, verified, served by tag and by digest; what it names is
+    // recorded on demand in turn, so the cache stays consistent.
+    r.cache
+        .set_blob_source(Arc::new(Upstream(manifest.clone().into_bytes())));
+    let get = r.get("/v2/org/x/manifests/t-amd64", &accept).await;
+    assert_eq!(get.status, StatusCode::OK);
+    assert_eq!(get.body.as_ref(), manifest.as_bytes());
+    assert_eq!(get.header("content-type"), OCI_MANIFEST);
+    assert_eq!(get.header("docker-content-digest"), m.to_string());
+    let get = r.get(&format!("/v2/org/x/manifests/{m}"), &accept).await;
+    assert_eq!(get.body.as_ref(), manifest.as_bytes());
+    assert!(r.cache.on_demand(&m).unwrap().is_none());
+    assert_eq!(
+        r.cache.on_demand(&sha(&layer)).unwrap().map(|f| f.size),
+        Some(layer.len() as u64)
+    );
+    let report = fsck(&r.cache, false).unwrap();
+    assert!(report.is_clean(), "{report}");
 }

@@ -1,9 +1,10 @@
 //! Copying from one upstream into the cache: a workspace package's tag (its whole
 //! multi-arch index in one go, as LinuxKit pushes it) or any image, every document kept
 //! bit for bit, only the blobs the cache lacks transferred, each streamed into a
-//! verifying blob writer. A package's tag may be fetched lazily: its index and manifests
-//! only, its configs and layers left upstream as blobs on demand (see `cache::ondemand`),
-//! fetched on first read through [`Remote::copy_blob`].
+//! verifying blob writer. A package's tag may be fetched lazily: its index only, what it
+//! names left upstream as blobs on demand (see `cache::ondemand`), fetched on first read
+//! through [`Remote::fetch_on_demand`]; a manifest fetched so brings the record of its
+//! own config and layers.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -11,6 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt, TryStreamExt};
+use kiln_shared::digest::Digest;
 use kiln_shared::reference::ImageRef;
 use oci_client::Reference;
 
@@ -27,8 +29,8 @@ impl Remote {
     /// A package's tag, as [`crate::upstream::Upstreams::fetch_package`] says: the index
     /// `tag` with every manifest it lists (one GET for the index, one per arch, then the
     /// missing blobs), and for a wanted arch the index lacks, the manifest `tag-<arch>`.
-    /// `lazy`: configs and layers are not copied but listed in
-    /// [`FetchedPackage::on_demand`].
+    /// `lazy`: what the index or manifest names is not copied but listed in
+    /// [`FetchedPackage::on_demand`] (one GET per package when the index is there).
     pub async fn fetch_package(
         &self,
         cache: &Arc<Cache>,
@@ -116,11 +118,13 @@ impl Remote {
             .unwrap_or_else(|p| p.into_inner())
             .into_iter()
             .map(|d| {
+                let is_doc = is_index(&d.media_type) || is_manifest(&d.media_type);
                 let from = OnDemand {
                     upstream: upstream.clone(),
                     repo: repo.clone(),
                     image: image.repo.to_string(),
                     size: d.size,
+                    media_type: is_doc.then_some(d.media_type),
                 };
                 (d.digest, from)
             })
@@ -203,7 +207,8 @@ impl Remote {
 
     /// Copies what `desc` reaches into the cache, skipping blobs it holds; returns the
     /// bytes added. Every blob is verified by digest and size before it is visible. With
-    /// `defer`, a missing config or layer is listed there instead of copied.
+    /// `defer`, a missing blob (a manifest as well as a config or layer) is listed there
+    /// instead of copied.
     fn copy_graph<'a>(
         &'a self,
         cache: &'a Arc<Cache>,
@@ -217,17 +222,17 @@ impl Remote {
                 .blob_size(&desc.digest)
                 .map_err(|e| self.cache_error(&image, e))?
                 == Some(desc.size);
-            if !(is_index(&desc.media_type) || is_manifest(&desc.media_type)) {
-                return match defer {
-                    _ if have => Ok(0),
-                    Some(list) => {
-                        list.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(desc.clone());
-                        Ok(0)
-                    }
-                    None => self.copy_blob(cache, repo, desc).await,
-                };
+            let is_doc = is_index(&desc.media_type) || is_manifest(&desc.media_type);
+            match defer {
+                Some(list) if !have => {
+                    list.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(desc.clone());
+                    return Ok(0);
+                }
+                _ if is_doc => {}
+                _ if have => return Ok(0),
+                _ => return self.copy_blob(cache, repo, desc, None).await,
             }
             // A document goes in after what it names, so the cache never holds a
             // manifest whose blobs are missing (but for those deferred).
@@ -287,17 +292,22 @@ impl Remote {
         Ok(sizes.iter().sum())
     }
 
-    /// A blob on demand of `repo` (see `cache::ondemand`), copied into the cache now;
-    /// refused at once while the upstream is down.
+    /// A blob on demand (see `cache::ondemand`), copied into the cache now; refused at
+    /// once while the upstream is down.
     pub(in crate::upstream) async fn fetch_on_demand(
         &self,
         cache: &Arc<Cache>,
-        repo: &str,
-        desc: &Descriptor,
+        digest: &Digest,
+        from: &OnDemand,
     ) -> Result<u64, UpstreamError> {
+        let media_type = from
+            .media_type
+            .clone()
+            .unwrap_or_else(|| "application/octet-stream".to_owned());
+        let desc = Descriptor::new(media_type, digest.clone(), from.size);
         self.challenged_once(|| async {
             self.ready()?;
-            self.copy_blob(cache, repo, desc).await
+            self.copy_blob(cache, &from.repo, &desc, Some(from)).await
         })
         .await
     }
@@ -305,12 +315,13 @@ impl Remote {
     /// Copies one blob, once: a copy of a blob this upstream is already copying (the
     /// layer two arches share, the base layer of packages fetched together) waits for
     /// that one, then takes the blob from the cache (or, if that copy failed, tries
-    /// itself, to report its own error).
+    /// itself, to report its own error). `on_demand`: the record it is fetched for.
     async fn copy_blob(
         &self,
         cache: &Arc<Cache>,
         repo: &str,
         desc: &Descriptor,
+        on_demand: Option<&OnDemand>,
     ) -> Result<u64, UpstreamError> {
         let turn = {
             let mut copying = self.copying.lock().unwrap_or_else(|p| p.into_inner());
@@ -326,7 +337,7 @@ impl Remote {
         };
         match turn {
             Ok(done) => {
-                let copied = self.stream_blob(cache, repo, desc).await;
+                let copied = self.transfer(cache, repo, desc, on_demand).await;
                 self.copying
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -345,10 +356,45 @@ impl Remote {
                     .map_err(|e| self.cache_error(&image, e))?
                 {
                     Some(size) if size == desc.size => Ok(0),
-                    _ => self.stream_blob(cache, repo, desc).await,
+                    _ => self.transfer(cache, repo, desc, on_demand).await,
                 }
             }
         }
+    }
+
+    /// One blob's bytes into the cache: a manifest on demand from the manifest endpoint,
+    /// landed with the record of what it names; anything else streamed.
+    async fn transfer(
+        &self,
+        cache: &Arc<Cache>,
+        repo: &str,
+        desc: &Descriptor,
+        on_demand: Option<&OnDemand>,
+    ) -> Result<u64, UpstreamError> {
+        let Some(from) = on_demand.filter(|f| f.is_document()) else {
+            return self.stream_blob(cache, repo, desc).await;
+        };
+        let image = format!("{repo}@{}", desc.digest);
+        let Some((doc, _)) = self
+            .get_manifest(&self.by_digest(repo, &desc.digest))
+            .await?
+        else {
+            return Err(UpstreamError::Registry {
+                upstream: self.spec.to_string(),
+                image,
+                detail: "the upstream names this manifest but does not have it".into(),
+            });
+        };
+        let (landing, digest, from) = (Arc::clone(cache), desc.digest.clone(), from.clone());
+        tokio::task::spawn_blocking(move || landing.land_document(&doc, &digest, &from))
+            .await
+            .map_err(|e| UpstreamError::Registry {
+                upstream: self.spec.to_string(),
+                image: image.clone(),
+                detail: format!("landing the manifest stopped: {e}"),
+            })?
+            .map_err(|e| self.cache_error(&image, e))?;
+        Ok(desc.size)
     }
 
     /// Streams one blob into the cache through a blob writer on a blocking thread (the

@@ -139,6 +139,11 @@ impl Remote {
                 Err(e) if not_found(&e) => {}
                 Err(e) => return Err(self.error(&image, e)),
             }
+            // A manifest on demand comes from its upstream first.
+            cache
+                .ensure_blob(&desc.digest)
+                .await
+                .map_err(|e| self.cache_error(&image, e))?;
             let doc = cache
                 .read_blob(&desc.digest, MANIFEST_LIMIT)
                 .map_err(|e| self.cache_error(&image, e))?;
