@@ -707,24 +707,30 @@ fn a_team_cache_is_fetched_lazily_and_each_blob_is_read_upstream_once_on_first_u
         "{fsck}"
     );
 
-    // docker pull of one target reads exactly its manifest and blobs from the upstream,
-    // once (skopeo's look at the manifest fetches it).
+    // docker pull of one platform of the index reads exactly that platform's manifest
+    // (asked of B by digest) and blobs from the upstream, once.
+    let index = format!("{}/kiln/two:{two}", b.registry());
+    docker()
+        .args(["pull", "-q", "--platform", "linux/amd64", &index])
+        .run();
     let amd64 = format!("kiln/two:{two}-amd64");
     let wanted = blobs_of(&b.registry(), &amd64);
     let by_digest = up.requests("GET", "/manifests/sha256:");
     assert_eq!(by_digest, by_digest_before + 1, "{}", up.log());
-    let image = format!("{}/{amd64}", b.registry());
-    docker().args(["pull", "-q", &image]).run();
     assert_eq!(
         up.requests("GET", "/blobs/") - blobs_before,
         wanted.len(),
         "expected exactly {wanted:?} from the upstream:\n{}",
         up.log()
     );
-    docker().args(["rmi", &image]).run();
+    docker().args(["rmi", &index]).run();
     let after_first = up.requests("GET", "/blobs/");
-    docker().args(["pull", "-q", &image]).run();
-    docker().args(["rmi", &image]).run();
+    // Again, and by the arch's own tag: nothing more from the upstream.
+    let image = format!("{}/{amd64}", b.registry());
+    for name in [&index, &image] {
+        docker().args(["pull", "-q", name]).run();
+        docker().args(["rmi", name]).run();
+    }
     assert_eq!(
         up.requests("GET", "/blobs/"),
         after_first,
