@@ -24,6 +24,7 @@ use std::fs;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
 use kiln_shared::digest::Digest;
@@ -50,6 +51,12 @@ pub struct OnDemand {
     /// where registries keep them); `None` for a config or layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
+    /// When it was last recorded, in seconds since the epoch ([`Cache::record_on_demand`]
+    /// sets it): a writer records before it names, so gc forgets a record that nothing
+    /// reaches only once it is older than the grace period, as it keeps young
+    /// unreferenced blobs.
+    #[serde(default)]
+    pub recorded: u64,
 }
 
 impl OnDemand {
@@ -122,8 +129,9 @@ impl Cache {
         Ok(known.and_then(|k| k.get(digest).cloned()))
     }
 
-    /// Records blobs on demand, durably, before any reference to them is committed.
-    /// Blobs the cache holds are left out.
+    /// Records blobs on demand, durably, before any reference to them is committed, each
+    /// stamped now (so gc leaves it for the grace period). Blobs the cache holds are left
+    /// out.
     pub fn record_on_demand(&self, blobs: &[(Digest, OnDemand)]) -> Result<(), CacheError> {
         let mut missing = Vec::new();
         for (d, from) in blobs {
@@ -134,16 +142,19 @@ impl Cache {
         if missing.is_empty() {
             return Ok(());
         }
+        let recorded = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |t| t.as_secs());
         let _lock = self.lock()?;
         self.edit_remote_locked(|all| {
-            let mut changed = false;
             for (d, from) in missing {
-                if all.get(d) != Some(from) {
-                    all.insert(d.clone(), from.clone());
-                    changed = true;
-                }
+                let from = OnDemand {
+                    recorded,
+                    ..from.clone()
+                };
+                all.insert(d.clone(), from);
             }
-            changed
+            true
         })
     }
 

@@ -1,7 +1,8 @@
 //! Garbage collection: mark every blob reachable from `index.json`, sweep the rest, and
 //! over a size cap drop references least recently used first. Blobs on demand (missing
 //! here, fetched from an upstream on first read: see `ondemand`) take no space; their
-//! records that no reference reaches any more, or whose blob is local now, are dropped.
+//! records that no reference reaches any more (once older than the grace period: a
+//! landing records before it names), or whose blob is local now, are dropped.
 //!
 //! Safety with writers of this and other processes (how gc and they agree):
 //! - a writer references blobs under the writer lock, after checking there that they are
@@ -328,7 +329,7 @@ pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
     if report.blobs_removed > 0 && !opts.dry_run {
         cache.new_epoch()?;
     }
-    report.on_demand_dropped = forget_on_demand(cache, &mut graph, opts.dry_run)?;
+    report.on_demand_dropped = forget_on_demand(cache, &mut graph, opts.dry_run, cutoff)?;
     report.bytes_after = bytes_before.saturating_sub(report.bytes_freed);
     if let Some(cap) = opts.max_size
         && report.bytes_after > cap
@@ -339,12 +340,16 @@ pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
 }
 
 /// Drops (or, in a dry run, counts) the records of blobs on demand that no reference
-/// reaches or that are local now, under the writer lock.
+/// reaches (recorded before `cutoff`) or that are local now, under the writer lock.
 fn forget_on_demand(
     cache: &Cache,
     graph: &mut Graph<'_>,
     dry_run: bool,
+    cutoff: SystemTime,
 ) -> Result<u64, CacheError> {
+    let cutoff = cutoff
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.as_secs());
     let _lock = cache.lock()?;
     let all = cache.on_demand_all()?;
     if all.is_empty() {
@@ -355,10 +360,15 @@ fn forget_on_demand(
         .into_iter()
         .flat_map(|r| r.reach)
         .collect();
+    // An unreached record younger than the grace period may belong to a landing that
+    // has recorded and not named yet: kept, as a young unreferenced blob is.
     let stale: HashSet<Digest> = all
-        .keys()
-        .filter(|d| !reachable.contains(*d) || cache.blob_size(d).ok().flatten().is_some())
-        .cloned()
+        .iter()
+        .filter(|(d, from)| {
+            (!reachable.contains(*d) && from.recorded <= cutoff)
+                || cache.blob_size(d).ok().flatten().is_some()
+        })
+        .map(|(d, _)| d.clone())
         .collect();
     if !dry_run && !stale.is_empty() {
         cache.edit_remote_locked(|all| {

@@ -2,6 +2,7 @@
 //! push came from); fetching through a real upstream is tested in `tests/it/upstream.rs`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use super::*;
 use crate::cache::{GcOptions, fsck, gc, stats};
@@ -73,6 +74,7 @@ fn lazy_image(up: &Cache, here: &Cache, seed: u8) -> (Descriptor, Vec<(Digest, O
         image: "org/x".into(),
         size,
         media_type: None,
+        recorded: 0,
     };
     (
         Descriptor::new(OCI_MANIFEST, d, bytes.len() as u64),
@@ -101,7 +103,9 @@ fn blobs_on_demand_are_consistent_counted_apart_and_fetched_once_on_read() {
     drop(here);
     let here = Arc::new(Cache::open(&dir.path().join("here")).unwrap());
     let (config, layer) = (&on_demand[0].0, &on_demand[1].0);
-    assert_eq!(here.on_demand(layer).unwrap(), Some(on_demand[1].1.clone()));
+    let got = here.on_demand(layer).unwrap().unwrap();
+    assert!(got.recorded > 0, "recorded when: {got:?}");
+    assert_eq!(OnDemand { recorded: 0, ..got }, on_demand[1].1);
     let report = fsck(&here, false).unwrap();
     assert!(report.is_clean(), "{report}");
     assert_eq!(
@@ -198,17 +202,25 @@ fn a_crash_between_record_and_index_leaves_a_consistent_cache_and_gc_forgets_the
     here.record_on_demand(&kept_blobs).unwrap();
     here.set_ref("docker.io/org/x:kept", kept).unwrap();
     here.remove_ref("docker.io/org/x:gone").unwrap();
+    // Within the grace period, a record nothing names may be a landing's that has not
+    // named it yet: kept.
+    let g = gc(&here, GcOptions::default()).unwrap();
+    assert_eq!(g.on_demand_dropped, 0, "{g}");
+    let past_grace = || GcOptions {
+        grace: Duration::ZERO,
+        ..GcOptions::default()
+    };
     let dry = gc(
         &here,
         GcOptions {
             dry_run: true,
-            ..GcOptions::default()
+            ..past_grace()
         },
     )
     .unwrap();
     assert_eq!(dry.on_demand_dropped, 4);
     assert_eq!(here.on_demand_all().unwrap().len(), 6);
-    let g = gc(&here, GcOptions::default()).unwrap();
+    let g = gc(&here, past_grace()).unwrap();
     assert_eq!(g.on_demand_dropped, 4, "{g}");
     assert!(g.to_string().contains("forgot 4 blobs on demand"), "{g}");
     let left: Vec<Digest> = here.on_demand_all().unwrap().into_keys().collect();
@@ -242,6 +254,7 @@ fn lazy_index(up: &Cache, here: &Cache) -> (Descriptor, Descriptor, OnDemand) {
         image: "org/x".into(),
         size: manifest_bytes.len() as u64,
         media_type: Some(OCI_MANIFEST.into()),
+        recorded: 0,
     };
     (
         Descriptor::new(crate::oci::OCI_INDEX, index_d, index.len() as u64),
@@ -300,7 +313,11 @@ fn a_manifest_on_demand_is_named_and_brings_the_record_of_its_blobs_before_it_la
         .collect();
     here.record_on_demand(&children).unwrap();
     assert!(fsck(&here, false).unwrap().is_clean());
-    let g = gc(&here, GcOptions::default()).unwrap();
+    let past_grace = GcOptions {
+        grace: Duration::ZERO,
+        ..GcOptions::default()
+    };
+    let g = gc(&here, past_grace).unwrap();
     assert_eq!(g.on_demand_dropped, 2, "{g}");
 
     // Read through the index: the manifest comes first, with the record of its config

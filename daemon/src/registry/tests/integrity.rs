@@ -214,6 +214,7 @@ async fn a_blob_on_demand_is_headed_from_its_record_fetched_on_get_and_503_when_
                 image: "org/x".into(),
                 size: layer.len() as u64,
                 media_type: None,
+                recorded: 0,
             },
         )])
         .unwrap();
@@ -263,6 +264,7 @@ async fn a_manifest_on_demand_is_named_fetched_on_get_with_the_record_of_its_blo
         image: "org/x".into(),
         size: manifest.len() as u64,
         media_type: Some(OCI_MANIFEST.into()),
+        recorded: 0,
     };
     r.cache
         .record_on_demand(&[(m.clone(), from.clone())])

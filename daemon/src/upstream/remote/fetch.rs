@@ -125,6 +125,7 @@ impl Remote {
                     image: image.repo.to_string(),
                     size: d.size,
                     media_type: is_doc.then_some(d.media_type),
+                    recorded: 0,
                 };
                 (d.digest, from)
             })
