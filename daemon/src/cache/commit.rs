@@ -123,9 +123,7 @@ impl RefEdit<'_> {
     /// demand (an index never names a blob that is neither). The check is made under the
     /// writer lock, so gc cannot take the blob before the index names it.
     pub fn set(&mut self, name: &str, mut desc: Descriptor) -> Result<(), CacheError> {
-        if self.cache.blob_size(&desc.digest)?.is_none()
-            && self.cache.on_demand(&desc.digest)?.is_none()
-        {
+        if !self.cache.is_held(&desc.digest)? {
             return Err(CacheError::DanglingReference {
                 name: name.to_owned(),
                 digest: desc.digest,

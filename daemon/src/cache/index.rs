@@ -498,9 +498,9 @@ impl Cache {
 
     /// Rewrites `index.json` whole, for a caller that holds the writer lock and changes
     /// many references at once (gc, fsck): applies `f` to the current index (the file and
-    /// the journal), checks that every descriptor names a blob on disk, and writes it as
-    /// a fold does. If `f` fails, nothing is written. Writers of a few references use
-    /// [`Cache::update_refs`], which groups them.
+    /// the journal), checks that every descriptor names a blob on disk or on demand, and
+    /// writes it as a fold does. If `f` fails, nothing is written. Writers of a few
+    /// references use [`Cache::update_refs`], which groups them.
     pub fn update_index_locked<R>(
         &self,
         f: impl FnOnce(&mut ImageIndex) -> Result<R, CacheError>,
@@ -508,7 +508,7 @@ impl Cache {
         let mut index = self.index_locked()?.to_image_index();
         let result = f(&mut index)?;
         for d in &index.manifests {
-            if self.blob_size(&d.digest)?.is_none() {
+            if !self.is_held(&d.digest)? {
                 return Err(CacheError::DanglingReference {
                     name: d.ref_name().unwrap_or("<unnamed>").to_owned(),
                     digest: d.digest.clone(),

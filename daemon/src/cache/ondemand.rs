@@ -37,8 +37,8 @@ use crate::oci::{AnyManifest, Descriptor, is_index, is_manifest};
 const REMOTE_FILE: &str = "remote.json";
 
 /// Where a blob on demand is fulfilled from.
+/// Fields a later kilnd adds are ignored, not refused: the cache outlives versions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct OnDemand {
     /// The upstream as configured (`registry[/prefix]`).
     pub upstream: String,
@@ -111,6 +111,11 @@ impl Cache {
         }
     }
 
+    /// Whether the cache holds `digest` or records it on demand: what a reference may name.
+    pub fn is_held(&self, digest: &Digest) -> Result<bool, CacheError> {
+        Ok(self.blob_size(digest)?.is_some() || self.on_demand(digest)?.is_some())
+    }
+
     /// Where `digest` is fulfilled from, if it is a blob on demand not local yet.
     pub fn on_demand(&self, digest: &Digest) -> Result<Option<OnDemand>, CacheError> {
         if self.blob_size(digest)?.is_some() {
@@ -179,9 +184,10 @@ impl Cache {
     }
 
     /// Lands a manifest or index that a [`BlobSource`] fetched on demand as `from` says:
-    /// verified by digest and size, then the blobs it names that the cache lacks are
-    /// recorded on demand from the same place, durably, and only then is it written, so
-    /// the cache never holds a document naming a blob that is neither here nor recorded.
+    /// verified by digest and size, then the blobs it names are made safe (those here
+    /// leased from gc, as a manifest PUT does; the others recorded on demand from the
+    /// same place, durably), and only then is it written, so the cache never holds a
+    /// document naming a blob that is neither here nor recorded.
     pub fn land_document(
         &self,
         bytes: &[u8],
@@ -206,19 +212,22 @@ impl Cache {
                 path: self.blob_path(digest),
                 source,
             })?;
-        let children: Vec<(Digest, OnDemand)> = doc
-            .children()
-            .map(|c| {
-                let is_doc = is_index(&c.media_type) || is_manifest(&c.media_type);
-                let child = OnDemand {
-                    size: c.size,
-                    media_type: is_doc.then(|| c.media_type.clone()),
-                    ..from.clone()
-                };
-                (c.digest.clone(), child)
-            })
-            .collect();
-        self.record_on_demand(&children)?;
+        let mut missing = Vec::new();
+        for c in doc.children() {
+            // A blob here may be old garbage to gc: the lease keeps it (gc checks the
+            // mtime again before it removes a blob); one gone meanwhile is recorded.
+            if self.touch_blob(&c.digest)?.is_some() {
+                continue;
+            }
+            let is_doc = is_index(&c.media_type) || is_manifest(&c.media_type);
+            let child = OnDemand {
+                size: c.size,
+                media_type: is_doc.then(|| c.media_type.clone()),
+                ..from.clone()
+            };
+            missing.push((c.digest.clone(), child));
+        }
+        self.record_on_demand(&missing)?;
         let mut w = self.blob_writer()?;
         w.write_bytes(bytes)?;
         w.finish(Some(digest), Some(from.size))?;

@@ -135,6 +135,9 @@ pub struct View {
     pub repos: imbl::HashMap<String, Repo>,
     pub manifests: imbl::HashMap<Digest, Arc<Stored>>,
     pub referrers: imbl::HashMap<Digest, Vec<Referrer>>,
+    /// Manifests named or listed while they were on demand: once fetched they are on
+    /// disk, but not in `manifests` until the view is rebuilt.
+    pub on_demand: imbl::HashSet<Digest>,
 }
 
 /// Above this many changed names, rebuilding costs no more than following them.
@@ -219,6 +222,7 @@ impl View {
             repos: previous.repos.clone(),
             manifests: previous.manifests.clone(),
             referrers: previous.referrers.clone(),
+            on_demand: previous.on_demand.clone(),
         };
         let mut fresh = Vec::new();
         for (i, item) in old.ref_map().diff(source.ref_map()).enumerate() {
@@ -396,7 +400,10 @@ impl View {
             Some(s) => Arc::clone(s),
             None => match read_stored(cache, digest, media_type) {
                 Ok(s) => Arc::new(s),
-                Err(_) if is_on_demand(cache, digest) => return None,
+                Err(_) if is_on_demand(cache, digest) => {
+                    self.on_demand.insert(digest.clone());
+                    return None;
+                }
                 Err(e) => {
                     tracing::warn!(%digest, error = %e, "cache manifest cannot be served");
                     return None;
@@ -431,18 +438,27 @@ impl View {
         names
     }
 
-    /// Which reference names a blob, if any manifest of the view uses it.
-    pub fn users_of(&self, blob: &Digest) -> Vec<Digest> {
+    /// The manifests of the view that use a blob, those fetched on demand since it was
+    /// built included (read from disk: call from a blocking context).
+    pub fn users_of(&self, cache: &Cache, blob: &Digest) -> Vec<Digest> {
+        let uses = |m: &Stored| {
+            m.digest == *blob
+                || m.info.blobs.iter().any(|b| b.digest == *blob)
+                || m.info.children.iter().any(|c| c.digest == *blob)
+        };
         let mut users: Vec<Digest> = self
             .manifests
             .values()
-            .filter(|m| {
-                m.digest == *blob
-                    || m.info.blobs.iter().any(|b| b.digest == *blob)
-                    || m.info.children.iter().any(|c| c.digest == *blob)
-            })
+            .filter(|m| uses(m))
             .map(|m| m.digest.clone())
             .collect();
+        for d in &self.on_demand {
+            if let Ok(m) = read_stored(cache, d, None)
+                && uses(&m)
+            {
+                users.push(d.clone());
+            }
+        }
         users.sort();
         users
     }

@@ -186,11 +186,17 @@ pub fn gc(cache: &Cache, opts: GcOptions) -> Result<GcReport, CacheError> {
         && refs.projected > cap
     {
         let usage = cache.last_used()?;
+        let on_demand = cache.on_demand_all()?;
+        // Never pulled: as old as its blob, or for one on demand, its record.
         let last_used = |r: &Root| {
             usage
                 .get(&r.key)
                 .copied()
                 .or_else(|| blobs.get(&r.digest).map(|b| b.mtime))
+                .or_else(|| {
+                    let recorded = on_demand.get(&r.digest)?.recorded;
+                    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(recorded))
+                })
                 .unwrap_or(SystemTime::UNIX_EPOCH)
         };
         let mut order: Vec<usize> = (0..roots.len()).collect();

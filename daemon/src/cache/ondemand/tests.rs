@@ -337,3 +337,97 @@ fn a_manifest_on_demand_is_named_and_brings_the_record_of_its_blobs_before_it_la
     let report = fsck(&here, false).unwrap();
     assert!(report.is_clean() && report.on_demand.is_empty(), "{report}");
 }
+
+#[test]
+fn a_capped_gc_and_a_repair_rewrite_an_index_that_names_manifests_on_demand() {
+    let (_dir, up, here) = caches();
+    let (index, manifest, from) = lazy_index(&up, &here);
+    here.record_on_demand(&[(manifest.digest.clone(), from)])
+        .unwrap();
+    here.set_ref("docker.io/org/x:t", index).unwrap();
+    here.set_ref("docker.io/org/x:t-amd64", manifest).unwrap();
+    // An image here, used long ago: a cap drops it and keeps the lazy one, which takes
+    // (almost) no space.
+    let (old, old_blobs) = lazy_image(&up, &here, 9);
+    for (d, _) in &old_blobs {
+        let bytes = up.read_blob(d, u64::MAX).unwrap();
+        here.put_blob(&bytes).unwrap();
+    }
+    here.set_ref("docker.io/org/y:old", old).unwrap();
+    let long_ago = std::time::SystemTime::now() - Duration::from_secs(86_400);
+    here.touch_ref_at("docker.io/org/y:old", long_ago);
+    let g = gc(
+        &here,
+        GcOptions {
+            max_size: Some(1000),
+            grace: Duration::ZERO,
+            ..GcOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        g.refs_dropped,
+        vec!["docker.io/org/y:old".to_owned()],
+        "{g}"
+    );
+    let index = here.index().unwrap();
+    assert!(index.get("docker.io/org/x:t-amd64").is_some());
+    assert!(fsck(&here, false).unwrap().is_clean());
+
+    // A broken reference beside them: repair drops it and keeps the lazy ones.
+    let lost = up.put_blob(b"lost").unwrap();
+    here.put_blob(b"lost").unwrap();
+    here.set_ref(
+        "docker.io/org/z:lost",
+        Descriptor::new(OCI_MANIFEST, lost.clone(), 4),
+    )
+    .unwrap();
+    std::fs::remove_file(here.blob_path(&lost)).unwrap();
+    let report = fsck(&here, true).unwrap();
+    assert!(
+        report
+            .to_string()
+            .contains("dropped reference docker.io/org/z:lost"),
+        "{report}"
+    );
+    let index = here.index().unwrap();
+    assert!(index.get("docker.io/org/z:lost").is_none());
+    assert!(index.get("docker.io/org/x:t-amd64").is_some());
+    assert!(fsck(&here, false).unwrap().is_clean());
+}
+
+#[test]
+fn a_manifest_landing_on_demand_leases_the_blobs_it_names_that_are_here_from_gc() {
+    let (_dir, up, here) = caches();
+    let (_, manifest, from) = lazy_index(&up, &here);
+    let doc = up.read_blob(&manifest.digest, u64::MAX).unwrap();
+    let parsed: AnyManifest = serde_json::from_slice(&doc).unwrap();
+    // Its config is here already, old garbage to gc (a dropped image shared it).
+    let config = parsed.config.clone().unwrap();
+    let bytes = up.read_blob(&config.digest, u64::MAX).unwrap();
+    here.put_blob(&bytes).unwrap();
+    let long_ago = std::time::SystemTime::now() - Duration::from_secs(86_400);
+    let file = std::fs::File::options()
+        .write(true)
+        .open(here.blob_path(&config.digest))
+        .unwrap();
+    file.set_modified(long_ago).unwrap();
+    here.record_on_demand(&[(manifest.digest.clone(), from.clone())])
+        .unwrap();
+
+    here.land_document(&doc, &manifest.digest, &from).unwrap();
+    let mtime = std::fs::metadata(here.blob_path(&config.digest))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert!(mtime > long_ago + Duration::from_secs(3600), "not leased");
+    assert!(here.on_demand(&config.digest).unwrap().is_none());
+    let layer = &parsed.layers[0].digest;
+    assert_eq!(here.on_demand(layer).unwrap().map(|f| f.size), Some(1000));
+    // Nothing names them yet: gc within the grace period takes neither the config nor
+    // the layer's record (only the manifest's own, which is here now).
+    let g = gc(&here, GcOptions::default()).unwrap();
+    assert_eq!((g.blobs_removed, g.on_demand_dropped), (0, 1), "{g}");
+    assert!(here.blob_size(&config.digest).unwrap().is_some());
+    assert!(here.on_demand(layer).unwrap().is_some());
+}

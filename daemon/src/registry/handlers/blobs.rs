@@ -140,7 +140,8 @@ impl Service {
         digest: &Digest,
     ) -> Result<Resp, OciError> {
         let view = self.view().await?;
-        let users = view.users_of(digest);
+        let (cache, d) = (Arc::clone(&self.cache), digest.clone());
+        let users = blocking(move || Ok(view.users_of(&cache, &d))).await?;
         if !users.is_empty() {
             return Err(OciError::Unsupported(format!(
                 "blob {digest} is used by manifest {} (kiln's cache shares blobs between \

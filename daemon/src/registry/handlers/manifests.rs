@@ -139,10 +139,16 @@ impl Service {
         digest: &Digest,
         media_type: Option<&str>,
     ) -> Result<Arc<Stored>, OciError> {
-        self.cache.ensure_blob(digest).await.map_err(|e| match e {
+        let held = self.cache.ensure_blob(digest).await.map_err(|e| match e {
             e @ CacheError::OnDemand(_) => OciError::Unavailable(e.to_string(), digest.clone()),
             e => internal(e),
         })?;
+        if held.is_none() {
+            // Neither here nor recorded any more (gc went by): as if never named.
+            return Err(OciError::ManifestUnknown(format!(
+                "manifest {digest} is not in the cache"
+            )));
+        }
         let (cache, d) = (Arc::clone(&self.cache), digest.clone());
         let media_type = media_type.map(str::to_owned);
         let stored = blocking(move || view::read_stored(&cache, &d, media_type.as_deref())).await?;

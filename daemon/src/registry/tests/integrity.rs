@@ -315,4 +315,16 @@ async fn a_manifest_on_demand_is_named_fetched_on_get_with_the_record_of_its_blo
     );
     let report = fsck(&r.cache, false).unwrap();
     assert!(report.is_clean(), "{report}");
+    // Its layer here now: a blob DELETE sees the manifest fetched since the view was
+    // built as a user, and refuses.
+    r.cache.put_blob(&layer).unwrap();
+    r.req(
+        Method::DELETE,
+        &format!("/v2/org/x/blobs/{}", sha(&layer)),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .is_error(405, "UNSUPPORTED");
+    assert!(r.cache.blob_size(&sha(&layer)).unwrap().is_some());
 }

@@ -190,8 +190,9 @@ impl Remote {
         doc: &[u8],
         desc: &Descriptor,
     ) -> Result<u64, UpstreamError> {
+        // One here is leased from gc until the landing names it.
         if cache
-            .blob_size(&desc.digest)
+            .touch_blob(&desc.digest)
             .map_err(|e| self.cache_error(image, e))?
             == Some(desc.size)
         {
@@ -219,8 +220,9 @@ impl Remote {
     ) -> BoxFuture<'a, Result<u64, UpstreamError>> {
         async move {
             let image = format!("{repo}@{}", desc.digest);
+            // A blob here is leased from gc until the landing names it.
             let have = cache
-                .blob_size(&desc.digest)
+                .touch_blob(&desc.digest)
                 .map_err(|e| self.cache_error(&image, e))?
                 == Some(desc.size);
             let is_doc = is_index(&desc.media_type) || is_manifest(&desc.media_type);
