@@ -46,6 +46,17 @@ impl BlobSource for Layout {
     }
 }
 
+/// Installs `up` as the source of `here`'s blobs on demand; returns it, to count fetches.
+fn serve_from(up: &Arc<Cache>, here: &Cache) -> Arc<Layout> {
+    let source = Arc::new(Layout {
+        from: Arc::clone(up),
+        fail: None,
+        fetches: AtomicUsize::new(0),
+    });
+    here.set_blob_source(Arc::clone(&source) as Arc<dyn BlobSource>);
+    source
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -124,12 +135,7 @@ fn blobs_on_demand_are_consistent_counted_apart_and_fetched_once_on_read() {
     let g = gc(&here, GcOptions::default()).unwrap();
     assert_eq!((g.on_demand_dropped, g.blobs_removed), (0, 0), "{g}");
 
-    let source = Arc::new(Layout {
-        from: Arc::clone(&up),
-        fail: None,
-        fetches: AtomicUsize::new(0),
-    });
-    here.set_blob_source(Arc::clone(&source) as Arc<dyn BlobSource>);
+    let source = serve_from(&up, &here);
     let rt = rt();
     assert_eq!(
         rt.block_on(here.ensure_blob(config)).unwrap(),
@@ -322,12 +328,7 @@ fn a_manifest_on_demand_is_named_and_brings_the_record_of_its_blobs_before_it_la
 
     // Read through the index: the manifest comes first, with the record of its config
     // and layer, then those.
-    let source = Arc::new(Layout {
-        from: Arc::clone(&up),
-        fail: None,
-        fetches: AtomicUsize::new(0),
-    });
-    here.set_blob_source(Arc::clone(&source) as Arc<dyn BlobSource>);
+    let source = serve_from(&up, &here);
     let rt = rt();
     let fetched = rt.block_on(here.ensure_graph(&index)).unwrap();
     let config_size = parsed.config.as_ref().unwrap().size;

@@ -245,16 +245,7 @@ impl Remote {
                     .map_err(|e| self.cache_error(&image, e))?;
                 (doc, None)
             } else {
-                let Some((doc, mut got)) = self
-                    .get_manifest(&self.by_digest(repo, &desc.digest))
-                    .await?
-                else {
-                    return Err(UpstreamError::Registry {
-                        upstream: self.spec.to_string(),
-                        image,
-                        detail: "the upstream names this manifest but does not have it".into(),
-                    });
-                };
+                let (doc, mut got) = self.named_manifest(repo, desc).await?;
                 got.size = desc.size;
                 (doc, Some(got))
             };
@@ -365,6 +356,22 @@ impl Remote {
         }
     }
 
+    /// A manifest by digest that something the upstream served names: its absence is an
+    /// error of the upstream.
+    async fn named_manifest(
+        &self,
+        repo: &str,
+        desc: &Descriptor,
+    ) -> Result<(Vec<u8>, Descriptor), UpstreamError> {
+        self.get_manifest(&self.by_digest(repo, &desc.digest))
+            .await?
+            .ok_or_else(|| UpstreamError::Registry {
+                upstream: self.spec.to_string(),
+                image: format!("{repo}@{}", desc.digest),
+                detail: "the upstream names this manifest but does not have it".into(),
+            })
+    }
+
     /// One blob's bytes into the cache: a manifest on demand from the manifest endpoint,
     /// landed with the record of what it names; anything else streamed.
     async fn transfer(
@@ -378,16 +385,7 @@ impl Remote {
             return self.stream_blob(cache, repo, desc).await;
         };
         let image = format!("{repo}@{}", desc.digest);
-        let Some((doc, _)) = self
-            .get_manifest(&self.by_digest(repo, &desc.digest))
-            .await?
-        else {
-            return Err(UpstreamError::Registry {
-                upstream: self.spec.to_string(),
-                image,
-                detail: "the upstream names this manifest but does not have it".into(),
-            });
-        };
+        let (doc, _) = self.named_manifest(repo, desc).await?;
         let (landing, digest, from) = (Arc::clone(cache), desc.digest.clone(), from.clone());
         tokio::task::spawn_blocking(move || landing.land_document(&doc, &digest, &from))
             .await
