@@ -37,6 +37,11 @@ pub fn is_manifest(media_type: &str) -> bool {
     media_type == OCI_MANIFEST || media_type == DOCKER_MANIFEST
 }
 
+/// Whether a media type is a document that names other blobs (a manifest or an index).
+pub fn is_document(media_type: &str) -> bool {
+    is_index(media_type) || is_manifest(media_type)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Descriptor {

@@ -7,7 +7,7 @@ use std::io::Read;
 use std::path::Path;
 
 use super::{Cache, CacheError};
-use crate::oci::{AnyManifest, Descriptor, ImageIndex, is_index, is_manifest};
+use crate::oci::{AnyManifest, Descriptor, ImageIndex, is_document};
 
 impl Cache {
     /// Copies the image that `src_ref` names in the layout at `src` (its
@@ -49,7 +49,7 @@ impl Cache {
     }
 
     fn import_graph(&self, src: &Path, desc: &Descriptor) -> Result<(), CacheError> {
-        if is_index(&desc.media_type) || is_manifest(&desc.media_type) {
+        if is_document(&desc.media_type) {
             let path = src.join("blobs/sha256").join(desc.digest.hex());
             let bytes = std::fs::read(&path).map_err(CacheError::io(&path))?;
             let doc: AnyManifest =

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::{Cache, CacheError, MANIFEST_LIMIT, write_atomic};
-use crate::oci::{AnyManifest, Descriptor, is_index, is_manifest};
+use crate::oci::{AnyManifest, Descriptor, is_document};
 
 const REMOTE_FILE: &str = "remote.json";
 
@@ -62,9 +62,7 @@ pub struct OnDemand {
 impl OnDemand {
     /// Whether this is a manifest or an index.
     pub fn is_document(&self) -> bool {
-        self.media_type
-            .as_deref()
-            .is_some_and(|mt| is_index(mt) || is_manifest(mt))
+        self.media_type.as_deref().is_some_and(is_document)
     }
 }
 
@@ -219,7 +217,7 @@ impl Cache {
             if self.touch_blob(&c.digest)?.is_some() {
                 continue;
             }
-            let is_doc = is_index(&c.media_type) || is_manifest(&c.media_type);
+            let is_doc = is_document(&c.media_type);
             let child = OnDemand {
                 size: c.size,
                 media_type: is_doc.then(|| c.media_type.clone()),
@@ -315,7 +313,7 @@ impl Cache {
                     None => return Err(CacheError::BlobUnknown(d.digest.clone())),
                 }
             }
-            if is_index(&d.media_type) || is_manifest(&d.media_type) {
+            if is_document(&d.media_type) {
                 let bytes = self.read_blob(&d.digest, MANIFEST_LIMIT)?;
                 let doc: AnyManifest =
                     serde_json::from_slice(&bytes).map_err(|source| CacheError::Json {

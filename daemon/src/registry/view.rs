@@ -375,10 +375,12 @@ impl View {
         ) {
             return Some(Target::Held(stored));
         }
-        is_on_demand(cache, &desc.digest).then(|| Target::OnDemand {
-            digest: desc.digest.clone(),
-            media_type: desc.media_type.clone(),
-        })
+        self.on_demand
+            .contains(&desc.digest)
+            .then(|| Target::OnDemand {
+                digest: desc.digest.clone(),
+                media_type: desc.media_type.clone(),
+            })
     }
 
     /// Loads a manifest and, for an index, its children (children on demand are left to
@@ -406,6 +408,7 @@ impl View {
                 }
                 Err(e) => {
                     tracing::warn!(%digest, error = %e, "cache manifest cannot be served");
+                    self.on_demand.remove(digest);
                     return None;
                 }
             },

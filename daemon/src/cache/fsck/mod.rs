@@ -21,7 +21,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::leftovers::{self, FOREIGN_MAX_AGE, Leftover, age, tree_size};
 use super::{Cache, CacheError, OnDemand};
-use crate::oci::{AnyManifest, Descriptor, is_index, is_manifest};
+use crate::oci::{AnyManifest, Descriptor, is_document, is_index, is_manifest};
 use kiln_shared::size::format_size;
 
 const READ_BUFFER: usize = 1024 * 1024;
@@ -555,9 +555,7 @@ impl Walk<'_> {
                 // A manifest on demand must be recorded as one: it is asked of the
                 // upstream's manifest endpoint.
                 Some(from)
-                    if from.size == d.size
-                        && from.is_document()
-                            == (is_index(&d.media_type) || is_manifest(&d.media_type)) =>
+                    if from.size == d.size && from.is_document() == is_document(&d.media_type) =>
                 {
                     self.on_demand.insert(d.digest.clone());
                     return false;
@@ -572,7 +570,7 @@ impl Walk<'_> {
                 actual: size,
             });
         }
-        if !(is_index(&d.media_type) || is_manifest(&d.media_type)) {
+        if !is_document(&d.media_type) {
             self.reached.insert(d.digest.clone());
             return false;
         }

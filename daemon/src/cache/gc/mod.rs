@@ -34,7 +34,7 @@ use std::time::{Duration, SystemTime};
 use kiln_shared::digest::Digest;
 
 use super::{Cache, CacheError, IndexView};
-use crate::oci::{AnyManifest, Descriptor, is_index, is_manifest};
+use crate::oci::{AnyManifest, Descriptor, is_document};
 use kiln_shared::size::format_size;
 
 /// How old an unreferenced blob must be before gc removes it, by default: long enough for
@@ -585,7 +585,7 @@ impl Graph<'_> {
                 continue;
             }
             out.push(d.digest.clone());
-            if is_index(&d.media_type) || is_manifest(&d.media_type) {
+            if is_document(&d.media_type) {
                 self.load(&d)?;
                 if let Some(Some(doc)) = self.docs.get(&d.digest) {
                     stack.extend(doc.children.iter().cloned());
@@ -596,7 +596,7 @@ impl Graph<'_> {
     }
 
     fn subject_of(&mut self, d: &Descriptor) -> Result<Option<Digest>, CacheError> {
-        if !(is_index(&d.media_type) || is_manifest(&d.media_type)) {
+        if !is_document(&d.media_type) {
             return Ok(None);
         }
         self.load(d)?;

@@ -173,23 +173,31 @@ impl Service {
                 "manifest {digest} is not in the cache (asked as {repo}@{digest})"
             ))
         };
+        enum Found {
+            Here(Arc<Stored>),
+            OnDemand(Option<String>),
+        }
         let found = blocking(move || {
             Ok(match cache.blob_size(&d).map_err(internal)? {
                 Some(size) if size <= MAX_MANIFEST_SIZE as u64 => {
-                    view::read_stored(&cache, &d, None).ok().map(Ok)
+                    view::read_stored(&cache, &d, None)
+                        .ok()
+                        .map(|s| Found::Here(Arc::new(s)))
                 }
                 Some(_) => None,
                 None => cache
                     .on_demand(&d)
                     .map_err(internal)?
                     .filter(|from| from.is_document())
-                    .map(|from| Err(from.media_type)),
+                    .map(|from| Found::OnDemand(from.media_type)),
             })
         })
         .await?;
         match found {
-            Some(Ok(s)) => Ok(Arc::new(s)),
-            Some(Err(media_type)) => self.on_demand_manifest(digest, media_type.as_deref()).await,
+            Some(Found::Here(s)) => Ok(s),
+            Some(Found::OnDemand(media_type)) => {
+                self.on_demand_manifest(digest, media_type.as_deref()).await
+            }
             None => Err(unknown()),
         }
     }

@@ -18,7 +18,9 @@ use oci_client::Reference;
 
 use super::{PARALLEL, Remote, oci_descriptor};
 use crate::cache::{Cache, CacheError, MANIFEST_LIMIT, OnDemand};
-use crate::oci::{AnyManifest, Descriptor, ImageIndex, Platform, is_index, is_manifest};
+use crate::oci::{
+    AnyManifest, Descriptor, ImageIndex, Platform, is_document, is_index, is_manifest,
+};
 use crate::upstream::{Fetched, FetchedPackage, UpstreamError, cache_name};
 
 /// Where a lazy fetch puts the blobs it leaves upstream (`None`: an eager fetch copies
@@ -118,7 +120,7 @@ impl Remote {
             .unwrap_or_else(|p| p.into_inner())
             .into_iter()
             .map(|d| {
-                let is_doc = is_index(&d.media_type) || is_manifest(&d.media_type);
+                let is_doc = is_document(&d.media_type);
                 let from = OnDemand {
                     upstream: upstream.clone(),
                     repo: repo.clone(),
@@ -225,7 +227,7 @@ impl Remote {
                 .touch_blob(&desc.digest)
                 .map_err(|e| self.cache_error(&image, e))?
                 == Some(desc.size);
-            let is_doc = is_index(&desc.media_type) || is_manifest(&desc.media_type);
+            let is_doc = is_document(&desc.media_type);
             match defer {
                 Some(list) if !have => {
                     list.lock()

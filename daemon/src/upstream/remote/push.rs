@@ -15,7 +15,7 @@ use oci_client::errors::OciDistributionError;
 
 use super::{PARALLEL, Remote, not_found, oci_descriptor};
 use crate::cache::{Cache, CacheError, MANIFEST_LIMIT};
-use crate::oci::{AnyManifest, Descriptor, is_index, is_manifest};
+use crate::oci::{AnyManifest, Descriptor, is_document};
 use crate::upstream::{Pushed, UpstreamError, digest_str, read_index};
 
 impl Remote {
@@ -125,7 +125,7 @@ impl Remote {
     ) -> BoxFuture<'a, Result<u64, UpstreamError>> {
         async move {
             let image = format!("{repo}@{}", desc.digest);
-            if !(is_index(&desc.media_type) || is_manifest(&desc.media_type)) {
+            if !is_document(&desc.media_type) {
                 return self.push_blob(cache, repo, desc, mounts).await;
             }
             let reference = match tag {
